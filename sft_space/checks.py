@@ -43,11 +43,11 @@ PROBLEM_CODES = {
     "too_long": "longer than the maximum length in the model's tokens",
     "nothing_to_train": "zero tokens would be trained (e.g. every assistant turn has weight 0)",
     "duplicate": "an exact copy of an earlier row",
+    "unusable_source": "the source as a whole cannot be used (missing, unreadable, unrecognised); row is null",
     # warnings: worth knowing, the row is still trained on
     "few_examples": "fewer than 10 valid examples in the whole file",
     "all_tokens_trained": "plain text data: every token is trained, there is no assistant mask",
 }
-WARNING_CODES = {"few_examples", "all_tokens_trained"}
 
 
 @dataclass

@@ -57,7 +57,8 @@ def _format_distribution(name: str, values: dict[str, Any]) -> str:
     return f"  {name:<22}" + "".join(f"{values[k]:>8}" for k in ("min", "p10", "median", "p90", "max"))
 
 
-def print_report(report: checks.Report, out: Any = sys.stdout) -> None:
+def print_report(report: checks.Report, out: Any = None) -> None:
+    out = out or sys.stdout
     stats = report.stats()
     print(f"{report.source}: {data.FORMAT_NAMES[report.format]}, {report.rows} rows, "
           f"{report.valid_rows} valid, {report.invalid_rows} with errors", file=out)

@@ -11,6 +11,7 @@ import importlib.util
 import os
 import re
 import shutil
+from functools import lru_cache
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -178,3 +179,9 @@ def load_causal_lm(name: str, **kwargs: Any) -> Any:
         return AutoModelForCausalLM.from_pretrained(location, use_safetensors=True, **kwargs)
     except Exception as err:
         raise _explain_load_failure(name, err) from None
+
+
+@lru_cache(maxsize=4)
+def cached_tokenizer(name: str) -> Any:
+    """load_tokenizer, kept for reuse by the app (render and check only read it, never change it)."""
+    return load_tokenizer(name)

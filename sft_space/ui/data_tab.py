@@ -1,0 +1,165 @@
+"""Data tab: pick a source, see every problem, and see examples as the model sees them.
+
+The functions above `build` take and return plain values (tests call them directly); `build` only lays out
+widgets and wires them to those functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from .. import checks, data, models, render
+from ..errors import UserError
+from ..settings import DataSettings
+
+SAMPLE_DATA = Path(__file__).resolve().parent.parent / "samples" / "captain_byte.jsonl"
+HISTOGRAM_BINS = 20
+HELP = {f: DataSettings.__dataclass_fields__[f].metadata["help"] for f in DataSettings.__dataclass_fields__}
+
+
+def summary_markdown(report: checks.Report) -> str:
+    stats = report.stats()
+    verdict = (
+        f"✅ All {report.valid_rows} rows are valid." if not report.errors
+        else f"⚠️ {report.invalid_rows} of {report.rows} rows have errors; {report.valid_rows} are valid. "
+        "Fix them in your file, or tick *Skip invalid rows* to train on the valid ones."
+    )
+    lines = [
+        f"**{report.source}** · {data.FORMAT_NAMES[report.format]} · {report.rows} rows",
+        "",
+        verdict,
+        "",
+        f"Trained tokens: **{stats['total_trained_tokens']:,}** of {stats['total_tokens']:,} · "
+        f"median example {stats['tokens_per_example']['median']} tokens · "
+        f"rows over the maximum length ({report.max_length}): {stats['rows_over_max_length']}",
+    ]
+    lines += [f"- ⚠️ {w.message}" for w in report.warnings if w.row is None]
+    return "\n".join(lines)
+
+
+def problem_counts_table(report: checks.Report) -> pd.DataFrame:
+    rows = [(code, n, checks.PROBLEM_CODES[code]) for code, n in sorted(report.error_counts().items())]
+    return pd.DataFrame(rows, columns=["code", "rows", "meaning"])
+
+
+def problem_rows_table(report: checks.Report) -> pd.DataFrame:
+    problems = [("error", p) for p in report.errors] + [("warning", p) for p in report.warnings if p.row is not None]
+    rows = [(p.row, kind, p.code, p.message) for kind, p in sorted(problems, key=lambda kp: kp[1].row or 0)]
+    return pd.DataFrame(rows, columns=["row", "severity", "code", "what to do"])
+
+
+def statistics_table(report: checks.Report) -> pd.DataFrame:
+    stats = report.stats()
+    keys = ("min", "p10", "median", "p90", "max")
+    rows = [
+        (label, *(stats[name][k] for k in keys))
+        for label, name in (("turns per example", "turns_per_example"), ("tokens per example", "tokens_per_example"),
+                            ("trained tokens per example", "trained_tokens_per_example"))
+    ]
+    return pd.DataFrame(rows, columns=["", *keys])
+
+
+def token_histogram(report: checks.Report) -> pd.DataFrame:
+    """Examples per token-count bin, for all tokens and trained tokens (long format for gr.BarPlot)."""
+    frames = []
+    for index, label in ((1, "all tokens"), (2, "trained tokens")):
+        values = pd.Series([counts[index] for counts in report.token_counts], dtype="int64")
+        if values.empty:
+            continue
+        width = max(1, -(-(int(values.max()) + 1) // HISTOGRAM_BINS))
+        starts = (values // width) * width
+        counted = starts.value_counts().sort_index()
+        frames.append(pd.DataFrame({"tokens": counted.index.astype(int), "examples": counted.values, "kind": label}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"tokens": [], "examples": [], "kind": []})
+
+
+def check_source(
+    source: str, model: str, columns: str, hub_config: str, hub_split: str, max_length: int
+) -> checks.Report:
+    settings = DataSettings(
+        source=source, columns=columns or "", hub_config=hub_config or "", hub_split=hub_split or "train",
+        max_length=int(max_length),
+    )
+    return checks.check_data(settings, models.cached_tokenizer(model))
+
+
+def preview_html(report: checks.Report | None, model: str, number: int) -> str:
+    """Example `number` (1-based, among the valid examples) rendered with trained tokens highlighted."""
+    if report is None or not report.valid_examples:
+        return "<p>No valid example to show yet.</p>"
+    number = min(max(int(number), 1), report.valid_rows)
+    example = report.valid_examples[number - 1]
+    rendered = render.render_example(models.cached_tokenizer(model), example)
+    return f"<p><b>Example {number} of {report.valid_rows}</b> (row {example.row} of the file)</p>" + render.to_html(rendered)
+
+
+# ----------------------------------------------------------------------------------------------- layout
+
+
+def _on_check(upload: str | None, hub_id: str, use_sample: bool, model: str, columns: str, hub_config: str,
+              hub_split: str, max_length: int) -> tuple:
+    source = str(SAMPLE_DATA) if use_sample else (upload or (hub_id or "").strip())
+    if not source:
+        raise gr.Error("Upload a file, name a Hub dataset, or pick the sample dataset first.")
+    try:
+        report = check_source(source, model, columns, hub_config, hub_split, max_length)
+    except UserError as err:
+        raise gr.Error(str(err)) from None
+    return (
+        report,
+        summary_markdown(report),
+        problem_counts_table(report),
+        problem_rows_table(report),
+        statistics_table(report),
+        token_histogram(report),
+        gr.Number(value=1, minimum=1, maximum=max(report.valid_rows, 1), label=f"Example (1–{max(report.valid_rows, 1)})"),
+        preview_html(report, model, 1),
+    )
+
+
+def build(model: gr.Textbox | gr.Dropdown) -> tuple[gr.State, gr.Checkbox]:
+    """Lay out the Data tab; return the current report's state and the skip-invalid choice for other tabs."""
+    report_state = gr.State(None)
+    with gr.Row():
+        with gr.Column(scale=2):
+            upload = gr.File(label="Your data (.jsonl, .json, .csv, .parquet)", file_types=list(data.FILE_SUFFIXES),
+                             type="filepath")
+            hub_id = gr.Textbox(label="…or a Hub dataset id", placeholder="owner/name")
+            use_sample = gr.Checkbox(label="Use the sample dataset (Captain Byte, 160 pirate-flavoured conversations)")
+        with gr.Column(scale=1):
+            max_length = gr.Number(label="Maximum length (tokens)", value=DataSettings.max_length, precision=0,
+                                   info=HELP["max_length"])
+            with gr.Accordion("Column mapping and Hub options", open=False):
+                columns = gr.Textbox(label="Column mapping", info=HELP["columns"])
+                hub_config = gr.Textbox(label="Hub config", info=HELP["hub_config"])
+                hub_split = gr.Textbox(label="Split", value=DataSettings.hub_split, info=HELP["hub_split"])
+            check = gr.Button("Check data", variant="primary", elem_id="check-data")
+    summary = gr.Markdown(elem_id="data-summary")
+    skip_invalid = gr.Checkbox(label="Skip invalid rows", value=DataSettings.skip_invalid_rows,
+                               info=HELP["skip_invalid_rows"])
+    with gr.Row():
+        counts = gr.Dataframe(label="Problems by code", interactive=False, elem_id="problem-counts")
+        statistics = gr.Dataframe(label="Statistics (valid examples)", interactive=False)
+    histogram = gr.BarPlot(x="tokens", y="examples", color="kind", label="Tokens per example", height=220)
+    problems = gr.Dataframe(label="Problem rows", interactive=False, wrap=True, elem_id="problem-rows", max_height=320)
+    gr.Markdown("### Preview: what the model sees (trained tokens highlighted)")
+    with gr.Row():
+        previous_example = gr.Button("◀ Previous", size="sm", scale=0)
+        example_number = gr.Number(label="Example", value=1, minimum=1, precision=0, scale=1)
+        next_example = gr.Button("Next ▶", size="sm", scale=0)
+    preview = gr.HTML(elem_id="chatml-preview")
+
+    check.click(
+        _on_check,
+        inputs=[upload, hub_id, use_sample, model, columns, hub_config, hub_split, max_length],
+        outputs=[report_state, summary, counts, problems, statistics, histogram, example_number, preview],
+    )
+    example_number.change(preview_html, inputs=[report_state, model, example_number], outputs=preview)
+    previous_example.click(lambda n: max(int(n or 1) - 1, 1), inputs=example_number, outputs=example_number)
+    next_example.click(lambda report, n: min(int(n or 1) + 1, max(report.valid_rows if report else 1, 1)),
+                       inputs=[report_state, example_number], outputs=example_number)
+    return report_state, skip_invalid

@@ -1,0 +1,84 @@
+"""The command line: exit codes, exactly one JSON object, and never a traceback for bad data."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from builders import SAMPLE_DATA, chat, distinct_chats
+
+from sft_space import cli
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "sft_space", *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_validate_json_is_one_object_with_rows_codes_and_stats(write_jsonl, tiny_model_dir):
+    path = write_jsonl(distinct_chats(10) + ['{"messages": [', {"messages": [{"role": "user", "content": "Hi"}]}])
+    result = run_cli("validate", path, "--model", tiny_model_dir, "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)  # fails unless stdout is exactly one JSON document
+    assert report["format"] == "openai" and report["rows"] == 12 and report["valid_rows"] == 10
+    assert [(e["row"], e["code"]) for e in report["errors"]] == [(11, "unreadable_row"), (12, "no_assistant_turn")]
+    assert report["warnings"] == []
+    assert set(report["stats"]) >= {"examples", "turns_per_example", "tokens_per_example",
+                                     "trained_tokens_per_example", "rows_over_max_length", "total_trained_tokens"}
+    assert "Traceback" not in result.stderr
+
+
+def test_validate_exit_zero_and_readable_report(write_jsonl, tiny_model_dir, capsys):
+    path = write_jsonl(distinct_chats(12))
+    assert cli.main(["validate", str(path), "--model", str(tiny_model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "12 rows, 12 valid, 0 with errors" in out
+    assert "tokens per example" in out and "total trained tokens" in out
+
+
+def test_validate_human_report_lists_rows_and_fixes(write_jsonl, tiny_model_dir, capsys):
+    path = write_jsonl(distinct_chats(3) + [{"messages": [{"role": "user", "content": "Hi"}, {"role": "asistant", "content": "x"}]}])
+    assert cli.main(["validate", str(path), "--model", str(tiny_model_dir), "--max-length", "512"]) == 1
+    out = capsys.readouterr().out
+    assert "[unknown_role] row 4, message 2: role 'asistant'" in out and "did you mean 'assistant'?" in out
+
+
+@pytest.mark.parametrize("args", [[], ["validate"], ["validate", "x.jsonl", "--max-length", "many"], ["frobnicate"]])
+def test_bad_usage_exits_2(args):
+    result = run_cli(*args)
+    assert result.returncode == 2 and "usage:" in result.stderr
+
+
+@pytest.mark.parametrize("source", ["missing.jsonl", "no such thing"])
+def test_unusable_source_exits_1_without_traceback(source, tiny_model_dir):
+    result = run_cli("validate", source, "--model", tiny_model_dir)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    as_json = run_cli("validate", source, "--model", tiny_model_dir, "--json")
+    assert as_json.returncode == 1 and json.loads(as_json.stdout)["errors"][0]["code"] == "unusable_source"
+
+
+def test_unknown_model_is_a_clear_error(write_jsonl):
+    result = run_cli("validate", write_jsonl(distinct_chats(2)), "--model", "not a model")
+    assert result.returncode == 1 and "neither a folder here nor a Hub model id" in result.stderr
+    offline = run_cli("validate", write_jsonl(distinct_chats(2)), "--model", "someone/some-model")
+    assert offline.returncode == 1 and "Could not reach the Hugging Face Hub" in offline.stderr
+    assert "Traceback" not in offline.stderr
+
+
+def test_preview_on_embedded_default_marks_assistant_spans(write_jsonl):
+    path = write_jsonl([chat(("What is 2+2?", "Four."), ("And 3+3?", "Six.")), chat(("Hi", "Hello!"), system="Be brief.")])
+    result = run_cli("preview", path, "-n", "2")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "── example 1 of 2 (row 1)" in out and "── example 2 of 2 (row 2)" in out
+    assert "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n⟦Four.<|im_end|>⟧\n" in out
+    assert "<|im_start|>assistant\n⟦Six.<|im_end|>⟧" in out
+    assert "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>" in out
+    assert out.count("⟦") == 3 + 2  # three replies, plus the "⟦marked⟧" legend in each header
+
+
+def test_sample_dataset_is_clean(tiny_model_dir, capsys):
+    assert cli.main(["validate", str(SAMPLE_DATA), "--model", str(tiny_model_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 100 <= report["rows"] <= 300 and report["valid_rows"] == report["rows"]
+    assert report["warnings"] == [] and report["stats"]["turns_per_example"]["max"] >= 4
