@@ -2,6 +2,9 @@
 
     python -m sft_space validate DATA [--model M] [--max-length N] [--json]
     python -m sft_space preview DATA [--model M] [-n N]
+    python -m sft_space train DATA [--preset P] [--epochs E | --max-steps S] [...] [--config FILE]
+    python -m sft_space train --resume RUN_DIR
+    python -m sft_space chat RUN_DIR [--prompt TEXT] [--compare]
 
 Exit status: 0 all rows valid; 1 some rows invalid or the source unusable; 2 bad command-line usage.
 Bad data never produces a traceback: problems are printed as the person can act on them.
@@ -15,8 +18,10 @@ import sys
 from typing import Any
 
 from . import checks, data, models, render
+from .chat import GenerationSettings
 from .errors import UserError
-from .settings import DataSettings, add_arguments, from_arguments
+from .settings import (PRESET_NAMES, DataSettings, RunSettings, add_arguments, explicit_arguments, field_help,
+                       from_arguments, run_settings, settings_from_file, to_command_line)
 
 MAX_LISTED_PROBLEMS = 50
 
@@ -44,7 +49,39 @@ def build_parser() -> argparse.ArgumentParser:
     preview = commands.add_parser("preview", help="Show examples as the model sees them, trained tokens marked ⟦like this⟧.")
     _data_arguments(preview)
     preview.add_argument("-n", type=int, default=3, help="How many examples to show (default 3).")
+    _train_parser(commands)
+    _chat_parser(commands)
     return parser
+
+
+# Flags of `train` that are spelled differently from their settings field, or set by hand below.
+TRAIN_FLAGS_BY_HAND = {"source", "output_dir", "preset", "epochs", "max_steps"}
+
+
+def _train_parser(commands: Any) -> None:
+    train = commands.add_parser("train", help="Fine-tune a LoRA adapter on a dataset.",
+                                description="Fine-tune a LoRA adapter. Settings come from the preset, then --config, "
+                                            "then the flags given here.")
+    train.add_argument("source", metavar="DATA", nargs="?", help=field_help(RunSettings, "source"))
+    train.add_argument("--preset", choices=PRESET_NAMES, default=None, help=field_help(RunSettings, "preset"))
+    train.add_argument("--config", metavar="FILE", help="JSON file of settings (field names as keys), or a run.json.")
+    train.add_argument("--resume", metavar="RUN_DIR", help="Continue a stopped or interrupted run from its last "
+                       "checkpoint, with its own settings.")
+    train.add_argument("--output", dest="output_dir", default=argparse.SUPPRESS, metavar="DIR",
+                       help=field_help(RunSettings, "output_dir"))
+    train.add_argument("--run-name", help="Name of the run folder (default: date, time and data file name).")
+    length = train.add_mutually_exclusive_group()
+    add_arguments(length, RunSettings, ["epochs", "max_steps"], explicit_only=True)
+    names = [f for f in RunSettings.__dataclass_fields__ if f not in TRAIN_FLAGS_BY_HAND]
+    add_arguments(train, RunSettings, names, explicit_only=True)
+
+
+def _chat_parser(commands: Any) -> None:
+    chat = commands.add_parser("chat", help="Talk to a trained run (or compare it with its base model).")
+    chat.add_argument("run_dir", metavar="RUN_DIR", help="A run folder, e.g. runs/20261125-101500-captain_byte.")
+    chat.add_argument("--prompt", help="Answer this one message and exit (otherwise: an interactive loop).")
+    chat.add_argument("--compare", action="store_true", help="Also answer with the base model (adapter off).")
+    add_arguments(chat, GenerationSettings, ["system_prompt", "max_new_tokens", "temperature"])
 
 
 def _report(args: argparse.Namespace) -> checks.Report:
@@ -112,11 +149,86 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_settings(args: argparse.Namespace) -> RunSettings:
+    """Preset, then --config, then explicit flags: the later wins."""
+    values = settings_from_file(args.config) if args.config else {}
+    values.update(explicit_arguments(RunSettings, args))
+    if args.source:
+        values["source"] = args.source
+    if not values.get("source"):
+        raise UserError("Name the data to train on (a file, folder or Hub dataset id), or --resume a run.")
+    preset = args.preset or values.pop("preset", None) or "balanced"
+    values.pop("preset", None)
+    return run_settings(preset, **values)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainingJob, train
+
+    if args.resume:
+        job = TrainingJob(RunSettings(), resume=args.resume)
+    else:
+        settings = train_settings(args)
+        job = TrainingJob(settings, run_id=args.run_name)
+        flags = " ".join(to_command_line(settings))
+        print(f"python -m sft_space train {settings.source} --preset {settings.preset} {flags}".rstrip())
+    job.show_progress = True
+    job.on_status = lambda message: print(message, file=sys.stderr)
+    try:
+        folder = train(job)
+    except KeyboardInterrupt:
+        print("\nStopped. Continue later with: python -m sft_space train --resume RUN_DIR "
+              "(the run folder is under the output folder).", file=sys.stderr)
+        return 130
+    record = folder.read()
+    final = record.get("final_metrics", {})
+    print(f"Run {record['status']}: {folder.path}")
+    print(f"  train loss {final.get('loss')}, validation loss {final.get('eval_loss')}, "
+          f"{final.get('train_runtime_seconds')} s, {final.get('tokens_per_second')} tokens/s")
+    print(f"  adapter: {folder.adapter_path}")
+    print(f"  chat with it: python -m sft_space chat {folder.path} --compare")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import load_chat_model
+
+    settings = from_arguments(GenerationSettings, args)
+    print("Loading the model…", file=sys.stderr)
+    chat_model = load_chat_model(args.run_dir)
+
+    def answer(history: list[dict[str, str]]) -> str:
+        reply = chat_model.reply(history, settings)
+        if args.compare:
+            base = chat_model.reply(history, settings, use_adapter=False)
+            print(f"base:       {base}\nfine-tuned: {reply}")
+        else:
+            print(reply)
+        return reply
+
+    if args.prompt is not None:
+        answer([{"role": "user", "content": args.prompt}])
+        return 0
+    history: list[dict[str, str]] = []
+    print("Type a message (an empty line or Ctrl+D ends the chat).", file=sys.stderr)
+    while True:
+        try:
+            message = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not message:
+            break
+        history.append({"role": "user", "content": message})
+        history.append({"role": "assistant", "content": answer(history)})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        return {"validate": cmd_validate, "preview": cmd_preview}[args.command](args)
+        commands = {"validate": cmd_validate, "preview": cmd_preview, "train": cmd_train, "chat": cmd_chat}
+        return commands[args.command](args)
     except UserError as err:
         if getattr(args, "json", False):
             print(json.dumps({"format": None, "rows": 0, "valid_rows": 0,

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from .errors import UserError
 
 
 def setting(default: Any, help: str, **extra: Any) -> Any:
@@ -37,20 +41,117 @@ class DataSettings:
     )
 
 
-def add_arguments(parser: argparse.ArgumentParser, settings_class: type, names: list[str]) -> None:
-    """Add `--field-name` flags for the named fields, with defaults and help from the dataclass."""
+PRESET_NAMES = ("quick", "balanced", "thorough")
+AUTO = "auto"
+
+
+@dataclass
+class RunSettings(DataSettings):
+    """Everything that defines a training run. Saved in the run's run.json; a resume reuses it unchanged.
+
+    "auto" fields are decided for the hardware at start (see `hardware.plan_training`) and the decision is
+    recorded in the run beside these settings.
+    """
+
+    model: str = setting("", "Base model: the embedded default (empty), a local folder, or a Hub id (owner/name).",
+                         group="model")
+    preset: str = setting("balanced", "Starting point for the training settings below; any field set explicitly wins.",
+                          choices=PRESET_NAMES, group="model")
+    lora_r: int = setting(16, "LoRA rank: the adapter's capacity. 8-16 suits style and format; 32-64 for new knowledge.",
+                          group="lora")
+    lora_alpha: int = setting(32, "LoRA scaling (alpha); twice the rank is a good default.", group="lora")
+    lora_dropout: float = setting(0.05, "Dropout on the LoRA path; helps small datasets generalise.", group="lora")
+    target_modules: str = setting("all-linear", "Layers that get adapters: 'all-linear', or names separated by "
+                                  "commas (e.g. 'q_proj,v_proj').", group="lora")
+    quantization: str = setting(AUTO, "Load the base model in 4-bit (QLoRA) to save memory: 'auto' uses 4-bit only "
+                                "when the model would not fit otherwise (needs a CUDA GPU).",
+                                choices=(AUTO, "none", "4bit"), group="hardware")
+    epochs: float = setting(3.0, "Passes over the training data (ignored when max steps is set).", group="schedule")
+    max_steps: int = setting(0, "Stop after this many optimizer steps (0: use epochs).", group="schedule")
+    learning_rate: float = setting(2e-4, "Peak learning rate of the adapter.", group="schedule")
+    lr_scheduler: str = setting("cosine", "How the learning rate falls after warm-up.",
+                                choices=("cosine", "linear", "constant_with_warmup"), group="schedule")
+    warmup_ratio: float = setting(0.05, "Share of steps spent warming the learning rate up.", group="schedule")
+    batch_size: int = setting(0, "Examples per device step (0: chosen to fit the hardware).", group="schedule")
+    gradient_accumulation: int = setting(1, "Steps whose gradients add up before each optimizer update.",
+                                         group="schedule")
+    packing: bool = setting(True, "Pack several examples into each sequence (no padding, each example still "
+                            "attends only to itself): faster, same loss.", group="hardware")
+    precision: str = setting(AUTO, "Number format for training: 'auto' picks bf16 on Ampere or newer GPUs, fp16 on "
+                             "older ones (T4), fp32 on CPU.", choices=(AUTO, "fp32", "fp16", "bf16"), group="hardware")
+    gradient_checkpointing: str = setting(AUTO, "Recompute activations to save memory at ~2x the compute: 'auto' "
+                                          "turns it on only when memory requires it.", choices=(AUTO, "on", "off"),
+                                          group="hardware")
+    save_every: int = setting(0, "Save a resumable checkpoint every this many steps (0: about every 10% of the run).",
+                              group="schedule")
+    eval_every: int = setting(0, "Compute validation loss every this many steps (0: about every 10% of the run).",
+                              group="schedule")
+    sample_prompts: int = setting(3, "Held-out prompts answered before and after training, saved with the run.",
+                                  group="schedule")
+    output_dir: str = setting("runs", "Folder that holds the run folders.", group="model")
+    trust_remote_code: bool = setting(False, "Run Python code shipped with a Hub model. Only for models you trust: "
+                                      "it can do anything your account can.", group="model")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A first look in minutes: one pass, a small adapter, a brisk learning rate.
+    "quick": {"epochs": 1.0, "lora_r": 8, "lora_alpha": 16, "learning_rate": 3e-4},
+    "balanced": {"epochs": 3.0, "lora_r": 16, "lora_alpha": 32, "learning_rate": 2e-4},
+    # More passes and capacity, a gentler rate: for datasets of a few thousand examples.
+    "thorough": {"epochs": 5.0, "lora_r": 32, "lora_alpha": 64, "learning_rate": 1e-4},
+}
+
+
+def run_settings(preset: str = "balanced", **values: Any) -> RunSettings:
+    """RunSettings from a preset, with `values` (explicit choices) taking precedence."""
+    if preset not in PRESETS:
+        raise UserError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}.")
+    known = {f.name for f in dataclasses.fields(RunSettings)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"Unknown setting(s): {', '.join(unknown)}. Known settings: {', '.join(sorted(known))}.")
+    return RunSettings(**{**PRESETS[preset], **values, "preset": preset})
+
+
+def settings_from_file(path: str | Path) -> dict[str, Any]:
+    """Settings values from a JSON file: a flat object of field names, or a run.json (its "settings")."""
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"Could not read the settings file {path}: {err.strerror}.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}); write the settings as one JSON object.") from None
+    if isinstance(values, dict) and isinstance(values.get("settings"), dict):
+        values = values["settings"]
+    if not isinstance(values, dict):
+        raise UserError(f"{path} must hold one JSON object of settings, e.g. {{\"epochs\": 2}}.")
+    return values
+
+
+def field_help(settings_class: type, name: str) -> str:
+    return settings_class.__dataclass_fields__[name].metadata["help"]
+
+
+def add_arguments(parser: argparse.ArgumentParser, settings_class: type, names: list[str],
+                  explicit_only: bool = False) -> None:
+    """Add `--field-name` flags for the named fields, with help (and defaults) from the dataclass.
+
+    With `explicit_only`, a flag the user leaves out sets nothing, so presets and config files can fill it.
+    """
     fields = {f.name: f for f in dataclasses.fields(settings_class)}
     for name in names:
         spec = fields[name]
         flag = "--" + name.replace("_", "-")
-        kwargs: dict[str, Any] = {"default": spec.default, "help": spec.metadata["help"], "dest": name}
+        default = argparse.SUPPRESS if explicit_only else spec.default
+        kwargs: dict[str, Any] = {"default": default, "help": spec.metadata["help"].replace("%", "%%"), "dest": name}
         if spec.type in ("bool", bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = {"int": int, "float": float}.get(str(spec.type), str)
-            kwargs["metavar"] = name.upper()
-        if "choices" in spec.metadata:
-            kwargs["choices"] = spec.metadata["choices"]
+            if "choices" in spec.metadata:
+                kwargs["choices"] = spec.metadata["choices"]
+            else:
+                kwargs["metavar"] = name.upper()
         parser.add_argument(flag, **kwargs)
 
 
@@ -59,3 +160,26 @@ def from_arguments(settings_class: type, namespace: argparse.Namespace, **overri
     names = {f.name for f in dataclasses.fields(settings_class)}
     values = {k: v for k, v in vars(namespace).items() if k in names}
     return settings_class(**{**values, **overrides})
+
+
+def explicit_arguments(settings_class: type, namespace: argparse.Namespace) -> dict[str, Any]:
+    """The settings the user gave on the command line (flags added with `explicit_only`)."""
+    names = {f.name for f in dataclasses.fields(settings_class)}
+    return {k: v for k, v in vars(namespace).items() if k in names}
+
+
+def to_command_line(settings: Any, base: Any = None) -> list[str]:
+    """Flags that reproduce `settings`: those that differ from `base` (by default, the preset's values)."""
+    if base is None:
+        base = run_settings(settings.preset) if isinstance(settings, RunSettings) else type(settings)()
+    flags = []
+    for spec in dataclasses.fields(settings):
+        value = getattr(settings, spec.name)
+        if spec.name in ("source", "preset") or value == getattr(base, spec.name):
+            continue
+        flag = "--" + spec.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + spec.name.replace("_", "-"))
+        else:
+            flags += [flag, str(value)]
+    return flags

@@ -46,6 +46,9 @@ def tiny_model_dir(tmp_path_factory, embedded_tokenizer):
         num_key_value_heads=2,
         max_position_embeddings=4096,
         tie_word_embeddings=True,
+        # Wide enough initial embeddings that a LoRA adapter can make confident predictions (with the usual
+        # 0.02 the logits of a width-64 model cannot stray far from uniform, whatever is learned).
+        initializer_range=0.15,
         bos_token_id=embedded_tokenizer.bos_token_id,
         eos_token_id=embedded_tokenizer.eos_token_id,
         pad_token_id=embedded_tokenizer.pad_token_id,

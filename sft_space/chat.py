@@ -1,0 +1,151 @@
+"""Talk to a model: the base model, or the base with a run's adapter — one copy of the weights for both.
+
+The adapter can be switched off for a reply (`use_adapter=False`), so "base vs fine-tuned" side by side needs
+only one model in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import models
+from .errors import UserError
+from .render import render_chat
+from .runs import RunFolder
+from .settings import setting
+
+
+@dataclass
+class GenerationSettings:
+    """How replies are sampled."""
+
+    max_new_tokens: int = setting(256, "Longest reply, in tokens.")
+    temperature: float = setting(0.0, "0 answers deterministically (greedy); higher values vary the wording.")
+    top_p: float = setting(0.95, "Sample only from the most likely tokens that make up this probability.")
+    system_prompt: str = setting("", "Instructions placed before the conversation (leave empty for none).")
+
+
+def _generate_kwargs(tokenizer: Any, settings: GenerationSettings) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
+    if settings.temperature > 0:
+        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def _prompt_ids(model: Any, tokenizer: Any, messages: list[dict[str, Any]], settings: GenerationSettings) -> Any:
+    if settings.system_prompt and not (messages and messages[0]["role"] == "system"):
+        messages = [{"role": "system", "content": settings.system_prompt}, *messages]
+    text = render_chat(tokenizer, messages, add_generation_prompt=True)
+    encoded = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    return encoded.to(model.device)
+
+
+def _adapter_switch(model: Any, use_adapter: bool) -> contextlib.AbstractContextManager:
+    if not use_adapter and hasattr(model, "disable_adapter"):
+        return model.disable_adapter()
+    return contextlib.nullcontext()
+
+
+def generate_reply(model: Any, tokenizer: Any, messages: list[dict[str, Any]],
+                   settings: GenerationSettings | None = None, use_adapter: bool = True) -> str:
+    """The model's whole reply to `messages` (OpenAI-style), as text."""
+    import torch
+
+    settings = settings or GenerationSettings()
+    inputs = _prompt_ids(model, tokenizer, messages, settings)
+    with torch.inference_mode(), _adapter_switch(model, use_adapter):
+        output = model.generate(**inputs, **_generate_kwargs(tokenizer, settings))
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def stream_reply(model: Any, tokenizer: Any, messages: list[dict[str, Any]],
+                 settings: GenerationSettings | None = None, use_adapter: bool = True) -> Iterator[str]:
+    """Yield the reply so far, growing as tokens arrive (for the app's streaming chat)."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    settings = settings or GenerationSettings()
+    inputs = _prompt_ids(model, tokenizer, messages, settings)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.inference_mode(), _adapter_switch(model, use_adapter):
+                model.generate(**inputs, **_generate_kwargs(tokenizer, settings), streamer=streamer)
+        except BaseException as err:  # handed to the consumer below
+            errors.append(err)
+            streamer.end()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    reply = ""
+    for piece in streamer:
+        reply += piece
+        yield reply.strip()
+    worker.join()
+    if errors:
+        raise errors[0]
+
+
+@dataclass
+class ChatModel:
+    """A base model with, optionally, a run's adapter on top."""
+
+    model: Any
+    tokenizer: Any
+    base_model: str
+    run: RunFolder | None = None
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.run is not None
+
+    def reply(self, messages: list[dict[str, Any]], settings: GenerationSettings | None = None,
+              use_adapter: bool = True) -> str:
+        return generate_reply(self.model, self.tokenizer, messages, settings, use_adapter and self.has_adapter)
+
+    def stream(self, messages: list[dict[str, Any]], settings: GenerationSettings | None = None,
+               use_adapter: bool = True) -> Iterator[str]:
+        return stream_reply(self.model, self.tokenizer, messages, settings, use_adapter and self.has_adapter)
+
+
+def _inference_dtype() -> Any:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_chat_model(run_dir: str | Path | None = None, base_model: str | None = None) -> ChatModel:
+    """The base model of a run with its adapter, or a bare base model when no run is given."""
+    import torch
+
+    run = None
+    trust_remote_code = False
+    if run_dir is not None:
+        run = RunFolder.open(run_dir)
+        record = run.read()
+        if not (run.adapter_path / "adapter_config.json").is_file():
+            raise UserError(f"Run {run.run_id} has no adapter yet (status: {record.get('status')}); "
+                            "wait for it to finish, or stop it to save the adapter.")
+        base_model = record["settings"]["model"]
+        trust_remote_code = bool(record["settings"].get("trust_remote_code"))
+    base_model = base_model or models.default_model()
+    tokenizer = models.load_tokenizer(str(run.adapter_path) if run else base_model)
+    device_map = {"": 0} if torch.cuda.is_available() else None
+    model = models.load_causal_lm(base_model, dtype=_inference_dtype(), device_map=device_map,
+                                  trust_remote_code=trust_remote_code)
+    if run is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, run.adapter_path)
+    model.eval()
+    return ChatModel(model, tokenizer, base_model, run)

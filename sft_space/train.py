@@ -1,0 +1,423 @@
+"""The training engine: LoRA/QLoRA SFT with TRL, shared by the app, the CLI and the benchmark.
+
+The data is tokenized here with the same renderer as the preview (`render.render_example`), and handed to
+TRL's SFTTrainer already tokenized with its `assistant_masks` column, so the tokens that carry loss are
+exactly the ones the preview highlights — for any chat template, with or without generation markers.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from . import checks, data, models, runs
+from .chat import GenerationSettings, generate_reply
+from .errors import UserError
+from .hardware import Hardware, TrainingPlan, detect_hardware, plan_training
+from .memory import ModelShape
+from .render import render_example
+from .runs import RunFolder
+from .settings import RunSettings
+
+LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
+# Logging, evaluation and checkpoints as a share of the run's steps, so that a 20-step run logs every step
+# and a 2,000-step run every 20.
+LOG_EVERY_FRACTION = 0.01
+EVAL_EVERY_FRACTION = 0.1
+SAVE_EVERY_FRACTION = 0.1
+KEEP_CHECKPOINTS = 2
+SAMPLE_MAX_NEW_TOKENS = 96
+FAILURE_FILE = "failure.txt"
+OOM_ADVICE = ("Out of memory. Lower the maximum length, set the batch size to 1, turn gradient checkpointing on, "
+              "or load the model in 4-bit (QLoRA); a smaller model also helps.")
+
+
+class TrainingFailed(UserError):
+    """A run that started and could not finish; its run.json says why."""
+
+
+@dataclass
+class PreparedData:
+    report: checks.Report
+    train: list[data.Example]
+    validation: list[data.Example]
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever the examples trained on change (content, order or split)."""
+        digest = hashlib.sha256()
+        for split, examples in (("train", self.train), ("validation", self.validation)):
+            for example in examples:
+                digest.update(split.encode())
+                digest.update(json.dumps(example.messages if example.messages is not None else example.text,
+                                         sort_keys=True, ensure_ascii=False).encode())
+        return "sha256:" + digest.hexdigest()
+
+    def summary(self) -> dict[str, Any]:
+        return {"source": self.report.source, "format": self.report.format, "rows": self.report.rows,
+                "invalid_rows_skipped": self.report.invalid_rows, "train_examples": len(self.train),
+                "validation_examples": len(self.validation), "fingerprint": self.fingerprint,
+                "stats": self.report.stats()}
+
+
+def prepare_data(settings: RunSettings, tokenizer: Any) -> PreparedData:
+    """Check the data and split it; invalid rows stop the run unless the user chose to skip them."""
+    report = checks.check_data(settings, tokenizer)
+    if report.errors and not settings.skip_invalid_rows:
+        counts = ", ".join(f"{code} ×{n}" for code, n in sorted(report.error_counts().items()))
+        first = report.errors[0].message
+        raise UserError(f"{report.source}: {report.invalid_rows} of {report.rows} rows have errors ({counts}); "
+                        f"the first: {first} Fix them, or choose to skip invalid rows and train on the "
+                        f"{report.valid_rows} valid ones.")
+    if not report.valid_examples:
+        raise UserError(f"{report.source}: no valid example to train on.")
+    train, validation = data.split_train_validation(report.valid_examples, settings.validation_fraction,
+                                                     settings.seed)
+    return PreparedData(report, train, validation)
+
+
+def tokenize_examples(tokenizer: Any, examples: list[data.Example]) -> Any:
+    """A datasets.Dataset of `input_ids` and `assistant_masks` (1 = trained), rendered like the preview."""
+    from datasets import Dataset
+
+    input_ids, masks = [], []
+    for example in examples:
+        rendered = render_example(tokenizer, example)
+        input_ids.append(rendered.input_ids)
+        masks.append([int(trained) for trained in rendered.trained])
+    return Dataset.from_dict({"input_ids": input_ids, "assistant_masks": masks})
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def model_shape(model_name: str, trust_remote_code: bool = False) -> ModelShape:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(models.resolve_model(model_name), trust_remote_code=trust_remote_code)
+    except UserError:
+        raise
+    except Exception as err:
+        raise models._explain_load_failure(model_name, err) from None
+    return ModelShape.from_config(config)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def sample_prompts(prepared: PreparedData, count: int) -> list[dict[str, Any]]:
+    """The opening of a few held-out conversations (up to the first reply), with the reply they had."""
+    pool = [e for e in (prepared.validation or prepared.train) if e.messages is not None]
+    samples = []
+    for example in pool[:count]:
+        first_reply = next(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
+        prompt = [{"role": m["role"], "content": m["content"]} for m in example.messages[:first_reply]]
+        samples.append({"row": example.row, "prompt": prompt, "reference": example.messages[first_reply]["content"]})
+    return samples
+
+
+def answer_samples(model: Any, tokenizer: Any, samples: list[dict[str, Any]], key: str) -> None:
+    settings = GenerationSettings(max_new_tokens=SAMPLE_MAX_NEW_TOKENS)
+    was_training = model.training
+    model.eval()
+    for sample in samples:
+        sample[key] = generate_reply(model, tokenizer, sample["prompt"], settings)
+    model.train(was_training)
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def load_model_for_training(settings: RunSettings, plan: TrainingPlan) -> Any:
+    import torch
+
+    kwargs: dict[str, Any] = {"dtype": _torch_dtype(plan.load_dtype), "attn_implementation": "sdpa",
+                              "trust_remote_code": settings.trust_remote_code}
+    if plan.four_bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_torch_dtype(plan.precision if plan.precision != "fp32" else "fp16"))
+    if plan.device == "cuda":
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    return models.load_causal_lm(settings.model, **kwargs)
+
+
+def lora_config(settings: RunSettings) -> Any:
+    from peft import LoraConfig
+
+    targets: Any = settings.target_modules.strip() or "all-linear"
+    if targets != "all-linear":
+        targets = [name.strip() for name in targets.split(",") if name.strip()]
+    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM", bias="none")
+
+
+def trainer_arguments(settings: RunSettings, plan: TrainingPlan, folder: RunFolder, has_validation: bool,
+                      show_progress: bool) -> Any:
+    from trl import SFTConfig
+
+    evaluate = has_validation
+    return SFTConfig(
+        output_dir=str(folder.path),
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps if settings.max_steps > 0 else -1,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=settings.warmup_ratio,
+        per_device_train_batch_size=plan.batch_size,
+        per_device_eval_batch_size=plan.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation,
+        max_length=plan.sequence_length,
+        packing=settings.packing,
+        packing_strategy="bfd",
+        # Each example is checked and tokenized by us; TRL only builds labels from our mask and packs.
+        assistant_only_loss=False,
+        completion_only_loss=False,
+        bf16=plan.precision == "bf16",
+        fp16=plan.precision == "fp16",
+        use_cpu=plan.device == "cpu",
+        activation_checkpointing=plan.gradient_checkpointing,
+        logging_steps=LOG_EVERY_FRACTION,
+        logging_first_step=True,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=(settings.eval_every or EVAL_EVERY_FRACTION) if evaluate else None,
+        save_strategy="steps",
+        save_steps=settings.save_every or SAVE_EVERY_FRACTION,
+        save_total_limit=KEEP_CHECKPOINTS,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        report_to="none",
+        disable_tqdm=not show_progress,
+        dataloader_pin_memory=plan.device == "cuda",
+    )
+
+
+def build_trainer(settings: RunSettings, plan: TrainingPlan, folder: RunFolder, model: Any, tokenizer: Any,
+                  prepared: PreparedData, show_progress: bool = False) -> Any:
+    """TRL's SFTTrainer over our tokenized examples and mask, with a LoRA adapter on `model`."""
+    from trl import SFTTrainer
+
+    train_dataset = tokenize_examples(tokenizer, prepared.train)
+    eval_dataset = tokenize_examples(tokenizer, prepared.validation) if prepared.validation else None
+    args = trainer_arguments(settings, plan, folder, eval_dataset is not None, show_progress)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=tokenizer, peft_config=lora_config(settings))
+    if plan.precision == "fp16":
+        # fp16 mixed precision scales the loss; the trainable (adapter) weights must stay in fp32 for that.
+        for parameter in trainer.model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+    return trainer
+
+
+class RunMonitor:
+    """Writes each logged step to metrics.jsonl (and to `on_metrics`), and stops the run on request."""
+
+    def __init__(self, folder: RunFolder, tokens_per_epoch: int, stop_event: threading.Event,
+                 on_metrics: Callable[[dict[str, Any]], None] | None):
+        from transformers import TrainerCallback
+
+        monitor = self
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                monitor.started = time.monotonic()
+                monitor.first_step = state.global_step
+                monitor.first_epoch = state.epoch or 0.0
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if monitor.stop_event.is_set():
+                    # Save a resumable checkpoint at this step, then leave the training loop.
+                    monitor.stopped = True
+                    control.should_save = True
+                    control.should_training_stop = True
+                return control
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                monitor.record(state, logs or {})
+
+        self.callback = Callback()
+        self.folder = folder
+        self.tokens_per_epoch = tokens_per_epoch
+        self.stop_event = stop_event
+        self.on_metrics = on_metrics
+        self.started = time.monotonic()
+        self.first_step = 0
+        self.first_epoch = 0.0
+        self.stopped = False
+        self.last: dict[str, Any] = {}
+
+    def record(self, state: Any, logs: dict[str, Any]) -> None:
+        import torch
+
+        if "loss" not in logs and "eval_loss" not in logs:
+            return  # the trainer's end-of-run summary; the run record keeps it
+        elapsed = time.monotonic() - self.started
+        steps_done = state.global_step - self.first_step
+        entry: dict[str, Any] = {"step": state.global_step, "max_steps": state.max_steps,
+                                 "epoch": round(state.epoch or 0.0, 4)}
+        for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
+            if key in logs:
+                entry[key] = float(logs[key])
+        entry["elapsed_seconds"] = round(elapsed, 2)
+        entry["eta_seconds"] = round(elapsed / steps_done * (state.max_steps - state.global_step), 1) if steps_done else None
+        if elapsed > 0:
+            # Every token is real: examples are tokenized without padding, and packing adds none.
+            tokens = ((state.epoch or 0.0) - self.first_epoch) * self.tokens_per_epoch
+            entry["tokens_per_second"] = round(tokens / elapsed, 1)
+        if torch.cuda.is_available():
+            entry["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+        self.last.update(entry)
+        self.folder.append_metrics(entry)
+        if self.on_metrics is not None:
+            self.on_metrics(entry)
+
+
+@dataclass
+class TrainingJob:
+    """Inputs of one call to `train`; `stop_event` may be set from another thread to stop and keep the adapter."""
+
+    settings: RunSettings
+    resume: str | Path | None = None
+    run_id: str | None = None
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    on_metrics: Callable[[dict[str, Any]], None] | None = None
+    on_status: Callable[[str], None] | None = None
+    show_progress: bool = False
+    extra_callbacks: list[Any] = field(default_factory=list)
+    hardware: Hardware | None = None
+
+
+def _status(job: TrainingJob, message: str) -> None:
+    if job.on_status is not None:
+        job.on_status(message)
+
+
+def _open_resumable(path: str | Path) -> tuple[RunFolder, RunSettings, Path]:
+    folder = RunFolder.open(path)
+    record = folder.read()
+    if record.get("status") == runs.FINISHED:
+        raise UserError(f"Run {folder.run_id} already finished; start a new run to train more.")
+    checkpoint = folder.last_checkpoint()
+    if checkpoint is None:
+        raise UserError(f"Run {folder.run_id} has no checkpoint to resume from (it stopped before its first save); "
+                        "start it again as a new run.")
+    return folder, RunSettings(**record["settings"]), checkpoint
+
+
+def train(job: TrainingJob) -> RunFolder:
+    """Run (or resume) one training run to the end, a stop, or a failure recorded in its run folder."""
+    settings = job.settings
+    checkpoint = None
+    if job.resume is not None:
+        folder, settings, checkpoint = _open_resumable(job.resume)
+    else:
+        settings = RunSettings(**{**asdict(settings), "model": settings.model or models.default_model()})
+    hardware = job.hardware or detect_hardware()
+
+    # Everything that can be wrong with the inputs is found before a run folder exists.
+    _status(job, "Checking the data…")
+    tokenizer = models.load_tokenizer(settings.model)
+    prepared = prepare_data(settings, tokenizer)
+    shape = model_shape(settings.model, settings.trust_remote_code)
+    stats = prepared.report.stats()
+    plan = plan_training(settings, hardware, shape, stats["total_tokens"], stats["tokens_per_example"]["max"])
+    if job.resume is not None:
+        record = folder.read()
+        if record.get("data", {}).get("fingerprint") != prepared.fingerprint:
+            raise UserError(f"The data of run {folder.run_id} changed since it started ({prepared.report.source}); "
+                            "resuming would train on different examples. Start a new run instead.")
+        folder.update(status=runs.RUNNING, error=None, resumed_from=checkpoint.name)
+    else:
+        folder = RunFolder.create(settings.output_dir, job.run_id or runs.new_run_id(settings.source))
+        folder.write({
+            "run_id": folder.run_id, "status": runs.RUNNING, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "settings": asdict(settings), "plan": plan.to_dict(), "data": prepared.summary(),
+            "hardware": hardware.to_dict(), "versions": library_versions(), "base_model": settings.model,
+            "final_metrics": {}, "error": None,
+        })
+
+    model = trainer = None
+    failure = None
+    monitor = None
+    try:
+        _status(job, f"Loading {settings.model}…")
+        model = load_model_for_training(settings, plan)
+        samples = sample_prompts(prepared, settings.sample_prompts)
+        if samples and job.resume is None:
+            _status(job, "Answering held-out prompts before training…")
+            answer_samples(model, tokenizer, samples, "before")
+            runs.write_json_atomic(folder.samples_path, samples)
+        trainer = build_trainer(settings, plan, folder, model, tokenizer, prepared, job.show_progress)
+        tokens_per_epoch = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+        monitor = RunMonitor(folder, tokens_per_epoch, job.stop_event, job.on_metrics)
+        trainer.add_callback(monitor.callback)
+        for callback in job.extra_callbacks:
+            trainer.add_callback(callback)
+        _status(job, "Training…")
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        _status(job, "Saving the adapter…")
+        trainer.model.save_pretrained(folder.adapter_path, safe_serialization=True)
+        tokenizer.save_pretrained(folder.adapter_path)
+        if samples:
+            _status(job, "Answering held-out prompts after training…")
+            previous = {s["row"]: s for s in json.loads(folder.samples_path.read_text())} \
+                if folder.samples_path.is_file() else {}
+            for sample in samples:
+                sample["before"] = previous.get(sample["row"], {}).get("before")
+            answer_samples(trainer.model, tokenizer, samples, "after")
+            runs.write_json_atomic(folder.samples_path, samples)
+        final = {k: monitor.last.get(k) for k in ("loss", "eval_loss", "step", "epoch", "tokens_per_second")}
+        final.update(train_runtime_seconds=round(output.metrics.get("train_runtime", 0.0), 1),
+                     train_loss=output.metrics.get("train_loss"))
+        status = runs.STOPPED if monitor.stopped else runs.FINISHED
+        folder.update(status=status, final_metrics=final, error=None)
+    except KeyboardInterrupt:
+        folder.update(status=runs.STOPPED, error="Interrupted; resume continues from the last checkpoint.")
+        raise
+    except Exception as err:
+        failure = OOM_ADVICE if is_out_of_memory(err) else f"{type(err).__name__}: {err}"
+        # The full traceback is for whoever debugs the tool; the run record keeps the readable reason.
+        (folder.path / FAILURE_FILE).write_text(traceback.format_exc(), encoding="utf-8")
+    finally:
+        # Dropping every reference before collecting is what actually frees the GPU for the next run.
+        del model, trainer
+        release_memory()
+    if failure is not None:
+        folder.update(status=runs.FAILED, error=failure,
+                      final_metrics={k: monitor.last.get(k) for k in ("loss", "step")} if monitor else {})
+        raise TrainingFailed(f"Run {folder.run_id} failed: {failure}")
+    return folder

@@ -1,0 +1,194 @@
+"""The training engine on a tiny random Llama: loss, mask, metrics, stop/resume, failures, run folder."""
+
+import dataclasses
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from builders import chat, distinct_chats
+from sft_space import render, runs
+from sft_space.chat import GenerationSettings, load_chat_model
+from sft_space.hardware import detect_hardware, plan_training
+from sft_space.settings import run_settings
+from sft_space.train import (OOM_ADVICE, TrainingFailed, TrainingJob, build_trainer, model_shape, prepare_data,
+                             train)
+
+PLANTED_TOKEN = "hf_PlantedSecretTokenForTests0123456789"
+
+
+def persona_chats(n):
+    """Conversations with one unmistakable style: a tiny model can learn the fixed opening quickly."""
+    rows = [chat((f"Question {i}: what is {i} times 3?", f"Ahoy! {i} times 3 is {3 * i}. Ahoy!")) for i in range(n)]
+    rows[0] = chat(("Hello there.", "Ahoy! Hello to you. Ahoy!"), ("How are you?", "Ahoy! Shipshape. Ahoy!"),
+                   system="You are a sailor.")
+    return rows
+
+
+@pytest.fixture
+def tiny_settings(tiny_model_dir, tmp_path, write_jsonl):
+    def make(rows=None, **values):
+        source = write_jsonl(rows if rows is not None else persona_chats(24))
+        defaults = dict(source=str(source), model=str(tiny_model_dir), output_dir=str(tmp_path / "runs"),
+                        max_steps=8, learning_rate=5e-3, warmup_ratio=0.0, lr_scheduler="constant_with_warmup",
+                        sample_prompts=1, validation_fraction=0.1, seed=0)
+        return run_settings("quick", **{**defaults, **values})
+
+    return make
+
+
+class RaiseAtStep(TrainerCallback):
+    def __init__(self, step, error):
+        self.step, self.error = step, error
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise self.error
+
+
+def test_training_drives_the_loss_down_and_fills_the_run_folder(tiny_settings, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", PLANTED_TOKEN)
+    settings = tiny_settings(max_steps=24, packing=False, batch_size=4)
+    seen_while_running = []
+
+    def on_metrics(entry):
+        # Called after the line is appended: the file must already hold it while training is under way.
+        folder = Path(settings.output_dir) / "overfit"
+        lines = (folder / runs.METRICS_FILE).read_text().splitlines()
+        seen_while_running.append((len(lines), json.loads((folder / runs.RUN_FILE).read_text())["status"]))
+
+    folder = train(TrainingJob(settings, on_metrics=on_metrics, run_id="overfit"))
+
+    metrics = folder.read_metrics()
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert metrics[0]["step"] == 1, "the curve must start at the first step"
+    assert len(losses) >= 20
+    assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3
+    assert any("eval_loss" in m for m in metrics)
+    for entry in metrics:
+        assert {"step", "epoch", "elapsed_seconds", "eta_seconds", "tokens_per_second"} <= set(entry)
+    assert seen_while_running and all(status == "running" for _, status in seen_while_running)
+    assert [n for n, _ in seen_while_running] == list(range(1, len(seen_while_running) + 1))
+
+    record = folder.read()
+    assert record["status"] == runs.FINISHED
+    assert record["settings"]["model"] == settings.model and record["settings"]["max_steps"] == 24
+    assert record["data"]["fingerprint"].startswith("sha256:")
+    assert record["data"]["train_examples"] + record["data"]["validation_examples"] == 24
+    assert {"torch", "transformers", "trl", "peft"} <= set(record["versions"])
+    assert record["hardware"]["kind"] == "cpu" and record["plan"]["precision"] == "fp32"
+    assert record["final_metrics"]["step"] == 24 and record["final_metrics"]["loss"] is not None
+    adapter = folder.adapter_path
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (adapter / name).is_file(), name
+    assert folder.checkpoints(), "resumable checkpoints are kept"
+    samples = json.loads(folder.samples_path.read_text())
+    assert samples and {"prompt", "reference", "before", "after"} <= set(samples[0])
+    for path in folder.path.rglob("*"):
+        if path.is_file():
+            assert PLANTED_TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_trained_labels_are_exactly_the_preview_mask(tiny_settings, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    rows = persona_chats(12)
+    for packing in (False, True):
+        settings = tiny_settings(rows, packing=packing, validation_fraction=0.0)
+        from sft_space import models
+
+        tokenizer = models.load_tokenizer(settings.model)
+        prepared = prepare_data(settings, tokenizer)
+        plan = plan_training(settings, detect_hardware(), model_shape(settings.model))
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        folder = runs.RunFolder.create(settings.output_dir, f"mask-{packing}")
+        trainer = build_trainer(settings, plan, folder, model, tokenizer, prepared)
+
+        expected = []
+        for example in prepared.train:
+            rendered = render.render_example(tokenizer, example)
+            expected.append([t if m else -100 for t, m in zip(rendered.input_ids, rendered.trained)])
+        got = []
+        for row in trainer.train_dataset:
+            lengths = row.get("seq_lengths", [len(row["input_ids"])])
+            start = 0
+            for length in lengths:
+                got.append(list(row["labels"][start:start + length]))
+                start += length
+        assert sorted(got) == sorted(expected)
+        # And the batches the model sees carry the same trained tokens.
+        batch_labels = torch.cat([b["labels"].flatten() for b in trainer.get_train_dataloader()])
+        assert sorted(batch_labels[batch_labels != -100].tolist()) == sorted(
+            t for labels in expected for t in labels if t != -100)
+
+
+def test_stop_then_resume_continues_the_step_count(tiny_settings):
+    settings = tiny_settings(max_steps=10, save_every=3)
+    stop = threading.Event()
+
+    def stop_after_four(entry):
+        if entry.get("step", 0) >= 4:
+            stop.set()
+
+    folder = train(TrainingJob(settings, stop_event=stop, on_metrics=stop_after_four, run_id="stoppable"))
+    record = folder.read()
+    assert record["status"] == runs.STOPPED
+    stopped_at = record["final_metrics"]["step"]
+    assert 4 <= stopped_at < 10
+    assert folder.last_checkpoint().name == f"checkpoint-{stopped_at}", "stopping saves a checkpoint at that step"
+    assert (folder.adapter_path / "adapter_model.safetensors").is_file(), "stopping keeps the adapter"
+    assert runs.resumable_runs(settings.output_dir) == [folder]
+
+    resumed = train(TrainingJob(settings, resume=folder.path))
+    assert resumed.path == folder.path
+    record = resumed.read()
+    assert record["status"] == runs.FINISHED and record["final_metrics"]["step"] == 10
+    steps = [m["step"] for m in resumed.read_metrics() if "loss" in m]
+    after = steps[steps.index(stopped_at) + 1:]
+    assert after and after[0] == stopped_at + 1 and after[-1] == 10
+    trainer_state = json.loads((resumed.last_checkpoint() / "trainer_state.json").read_text())
+    assert trainer_state["global_step"] == 10
+
+    chat_model = load_chat_model(resumed.path)
+    reply = chat_model.reply([{"role": "user", "content": "Hello"}], GenerationSettings(max_new_tokens=5))
+    assert isinstance(reply, str)
+    base_reply = chat_model.reply([{"role": "user", "content": "Hello"}], GenerationSettings(max_new_tokens=5),
+                                  use_adapter=False)
+    assert isinstance(base_reply, str)
+
+
+def test_out_of_memory_marks_the_run_failed_and_the_next_run_works(tiny_settings):
+    settings = tiny_settings(max_steps=4)
+    oom = RaiseAtStep(2, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    with pytest.raises(TrainingFailed, match="Out of memory"):
+        train(TrainingJob(settings, extra_callbacks=[oom], run_id="oom"))
+    failed = runs.RunFolder.open(os.path.join(settings.output_dir, "oom")).read()
+    assert failed["status"] == runs.FAILED and failed["error"] == OOM_ADVICE
+
+    folder = train(TrainingJob(settings, run_id="after-oom"))
+    assert folder.read()["status"] == runs.FINISHED
+
+
+def test_invalid_rows_stop_training_before_a_run_folder_exists(tiny_settings, tmp_path):
+    rows = persona_chats(12) + [{"messages": [{"role": "user", "content": "no reply"}]}]
+    settings = tiny_settings(rows)
+    from sft_space.errors import UserError
+
+    with pytest.raises(UserError, match="row 13.*skip invalid rows"):
+        train(TrainingJob(settings))
+    assert not (tmp_path / "runs").exists()
+    folder = train(TrainingJob(dataclasses.replace(settings, skip_invalid_rows=True, max_steps=2)))
+    assert folder.read()["data"]["invalid_rows_skipped"] == 1
+
+
+def test_small_datasets_get_enough_steps_per_epoch(tiny_settings):
+    settings = tiny_settings(distinct_chats(60), max_steps=0, epochs=1.0)
+    folder = train(TrainingJob(settings, run_id="small"))
+    record = folder.read()
+    assert record["plan"]["sequence_length"] < settings.max_length
+    # 54 training examples of ~50 tokens: packed into 2048-token sequences they would make 2 steps.
+    assert record["final_metrics"]["step"] >= 20
