@@ -63,7 +63,7 @@ def _train_parser(commands: Any) -> None:
                                 description="Fine-tune a LoRA adapter. Settings come from the preset, then --config, "
                                             "then the flags given here.")
     train.add_argument("source", metavar="DATA", nargs="?", help=field_help(RunSettings, "source"))
-    train.add_argument("--preset", choices=PRESET_NAMES, default=None, help=field_help(RunSettings, "preset"))
+    train.add_argument("--preset", choices=PRESET_NAMES, default=argparse.SUPPRESS, help=field_help(RunSettings, "preset"))
     train.add_argument("--config", metavar="FILE", help="JSON file of settings (field names as keys), or a run.json.")
     train.add_argument("--resume", metavar="RUN_DIR", help="Continue a stopped or interrupted run from its last "
                        "checkpoint, with its own settings.")
@@ -157,8 +157,7 @@ def train_settings(args: argparse.Namespace) -> RunSettings:
         values["source"] = args.source
     if not values.get("source"):
         raise UserError("Name the data to train on (a file, folder or Hub dataset id), or --resume a run.")
-    preset = args.preset or values.pop("preset", None) or "balanced"
-    values.pop("preset", None)
+    preset = values.pop("preset", None) or "balanced"
     return run_settings(preset, **values)
 
 

@@ -82,3 +82,32 @@ def test_sample_dataset_is_clean(tiny_model_dir, capsys):
     report = json.loads(capsys.readouterr().out)
     assert 100 <= report["rows"] <= 300 and report["valid_rows"] == report["rows"]
     assert report["warnings"] == [] and report["stats"]["turns_per_example"]["max"] >= 4
+
+
+def test_train_then_chat_from_the_command_line(write_jsonl, tiny_model_dir, tmp_path):
+    path = write_jsonl(distinct_chats(12))
+    runs_dir = tmp_path / "runs"
+    result = run_cli("train", path, "--model", tiny_model_dir, "--output", runs_dir, "--preset", "quick",
+                     "--max-steps", "3", "--lora-r", "4", "--sample-prompts", "0", "--run-name", "cli-run")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("python -m sft_space train ")
+    assert "--max-steps 3" in result.stdout and "--lora-r 4" in result.stdout
+    assert "Run finished" in result.stdout
+    record = json.loads((runs_dir / "cli-run" / "run.json").read_text())
+    assert record["settings"]["lora_r"] == 4 and record["status"] == "finished"
+
+    result = run_cli("chat", runs_dir / "cli-run", "--prompt", "What is 2 plus 2?", "--compare",
+                     "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert "base:" in result.stdout and "fine-tuned:" in result.stdout
+
+
+def test_train_reports_bad_data_and_missing_runs_without_traceback(write_jsonl, tiny_model_dir, tmp_path):
+    path = write_jsonl(distinct_chats(10) + [{"messages": [{"role": "user", "content": "Hi"}]}])
+    result = run_cli("train", path, "--model", tiny_model_dir, "--output", tmp_path / "runs")
+    assert result.returncode == 1
+    assert "row 11" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("train", "--resume", tmp_path / "nowhere")
+    assert result.returncode == 1 and "not a run folder" in result.stderr
+    result = run_cli("chat", tmp_path / "nowhere", "--prompt", "hi")
+    assert result.returncode == 1 and "not a run folder" in result.stderr

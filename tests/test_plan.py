@@ -1,0 +1,114 @@
+"""Settings, presets and the hardware plan: the decisions users of other tools see crash on their GPU."""
+
+import dataclasses
+import json
+
+import pytest
+from transformers import LlamaConfig, Qwen2Config
+
+from sft_space import cli
+from sft_space.errors import UserError
+from sft_space.hardware import KNOWN_HARDWARE, Hardware, plan_training
+from sft_space.memory import ModelShape, estimate_memory
+from sft_space.settings import PRESETS, RunSettings, run_settings, to_command_line
+
+CPU = Hardware("cpu", "CPU", 16.0, None, 2)
+T4, A10G, H100 = KNOWN_HARDWARE["T4 (16 GB)"], KNOWN_HARDWARE["A10G (24 GB)"], KNOWN_HARDWARE["H100 (80 GB)"]
+
+SMOLLM_135M = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                          num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+LLAMA_1B = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                       num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True)
+QWEN_7B = Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                      num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return {name: ModelShape.from_config(config)
+            for name, config in (("135m", SMOLLM_135M), ("1b", LLAMA_1B), ("7b", QWEN_7B))}
+
+
+def test_model_shapes_count_parameters_exactly(shapes):
+    assert 134_000_000 < shapes["135m"].parameters < 135_000_000
+    assert 1_230_000_000 < shapes["1b"].parameters < 1_240_000_000
+    assert 7_600_000_000 < shapes["7b"].parameters < 7_700_000_000
+    # LoRA r=16 on all linear layers of SmolLM2-135M: 4.9M parameters (what PEFT reports).
+    assert shapes["135m"].lora_parameters(16) == 4_884_480
+
+
+@pytest.mark.parametrize("hardware, precision", [(CPU, "fp32"), (T4, "fp16"), (A10G, "bf16"), (H100, "bf16")])
+def test_precision_follows_the_hardware(shapes, hardware, precision):
+    plan = plan_training(RunSettings(), hardware, shapes["135m"])
+    assert plan.precision == precision
+    assert not plan.four_bit and not plan.gradient_checkpointing
+
+
+def test_bf16_on_a_t4_and_fp16_on_cpu_are_refused_with_a_reason(shapes):
+    with pytest.raises(UserError, match="cannot train in bf16"):
+        plan_training(RunSettings(precision="bf16"), T4, shapes["135m"])
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        plan_training(RunSettings(precision="fp16"), CPU, shapes["135m"])
+    with pytest.raises(UserError, match="4-bit"):
+        plan_training(RunSettings(quantization="4bit"), CPU, shapes["135m"])
+
+
+def test_memory_decides_checkpointing_and_four_bit(shapes):
+    small = plan_training(RunSettings(max_length=2048), T4, shapes["135m"])
+    assert not small.gradient_checkpointing and not small.four_bit and small.fits
+    seven_b = plan_training(RunSettings(max_length=2048), T4, shapes["7b"])
+    assert seven_b.four_bit, "a 7B model in 16 bit (15 GiB of weights) cannot train on a 16 GB T4"
+    assert seven_b.estimated_peak_gib <= T4.memory_gib * 0.85
+    assert any("4-bit" in reason for reason in seven_b.reasons)
+    roomy = plan_training(RunSettings(max_length=2048), H100, shapes["7b"])
+    assert not roomy.four_bit and not roomy.gradient_checkpointing
+    forced = plan_training(RunSettings(gradient_checkpointing="on", quantization="none"), H100, shapes["1b"])
+    assert forced.gradient_checkpointing and not forced.four_bit
+
+
+def test_estimates_grow_with_tokens_and_shrink_with_checkpointing_and_four_bit(shapes):
+    shape = shapes["1b"]
+    base = estimate_memory(shape, 4096, "bf16").total_gib
+    assert estimate_memory(shape, 8192, "bf16").total_gib > base
+    assert estimate_memory(shape, 4096, "bf16", gradient_checkpointing=True).total_gib < base
+    assert estimate_memory(shape, 4096, "bf16", four_bit=True).total_gib < base
+
+
+def test_presets_fill_settings_and_explicit_values_win():
+    quick = run_settings("quick")
+    assert (quick.epochs, quick.lora_r) == (PRESETS["quick"]["epochs"], PRESETS["quick"]["lora_r"])
+    assert run_settings("thorough", lora_r=4).lora_r == 4
+    with pytest.raises(UserError, match="Unknown setting"):
+        run_settings("quick", lora_rank=4)
+    with pytest.raises(UserError, match="Unknown preset"):
+        run_settings("fastest")
+
+
+def test_every_setting_has_help_and_a_cli_flag():
+    parser = cli.build_parser()
+    train_parser = parser._subparsers._group_actions[0].choices["train"]
+    destinations = {action.dest for action in train_parser._actions}
+    for spec in dataclasses.fields(RunSettings):
+        assert spec.metadata["help"], spec.name
+        assert spec.name in destinations, f"--{spec.name} missing from 'train'"
+
+
+def test_the_shown_command_line_reproduces_the_settings(tmp_path):
+    settings = run_settings("quick", source="data.jsonl", lora_r=4, packing=False, learning_rate=1e-3)
+    argv = ["train", "data.jsonl", "--preset", "quick", *to_command_line(settings)]
+    assert cli.train_settings(cli.build_parser().parse_args(argv)) == settings
+
+
+def test_config_file_sits_between_preset_and_flags(tmp_path):
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps({"lora_r": 64, "epochs": 2, "preset": "thorough"}))
+    args = cli.build_parser().parse_args(["train", "d.jsonl", "--config", str(config), "--epochs", "1"])
+    settings = cli.train_settings(args)
+    assert (settings.preset, settings.lora_r, settings.epochs) == ("thorough", 64, 1.0)
+    assert settings.learning_rate == PRESETS["thorough"]["learning_rate"]
+
+
+def test_epochs_and_max_steps_are_exclusive_on_the_command_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "d.jsonl", "--epochs", "1", "--max-steps", "5"])
+    assert exit_info.value.code == 2
