@@ -316,6 +316,8 @@ class TrainingJob:
     stop_event: threading.Event = field(default_factory=threading.Event)
     on_metrics: Callable[[dict[str, Any]], None] | None = None
     on_status: Callable[[str], None] | None = None
+    # Called once the run folder exists (the inputs have passed their checks): where to watch the run.
+    on_folder: Callable[[RunFolder], None] | None = None
     show_progress: bool = False
     extra_callbacks: list[Any] = field(default_factory=list)
     hardware: Hardware | None = None
@@ -370,6 +372,8 @@ def train(job: TrainingJob) -> RunFolder:
             "final_metrics": {}, "error": None,
         })
 
+    if job.on_folder is not None:
+        job.on_folder(folder)
     model = trainer = None
     failure = None
     monitor = None

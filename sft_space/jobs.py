@@ -1,0 +1,160 @@
+"""One training job per GPU, shared by every visitor of the app.
+
+A job runs in a background thread, so closing the browser tab does not stop it; its run folder is the
+source of truth, so a reloaded page re-attaches by reading it. A second visitor's Start waits in a short
+queue (and is told its position) or is refused when the queue is full; it never disturbs the running job.
+Only the visitor who started a job can stop it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import runs
+from .errors import UserError
+from .settings import RunSettings
+
+QUEUED, PREPARING, RUNNING, FINISHED, STOPPED, FAILED = "queued", "preparing", "running", "finished", "stopped", "failed"
+DONE = (FINISHED, STOPPED, FAILED)
+MAX_QUEUED_JOBS = 3
+
+
+@dataclass
+class Job:
+    job_id: str
+    owner: str
+    settings: RunSettings
+    resume: str | None = None
+    state: str = QUEUED
+    message: str = "Waiting for the GPU."
+    run_dir: Path | None = None
+    error: str | None = None
+    submitted_at: float = field(default_factory=time.time)
+    stop_event: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def done(self) -> bool:
+        return self.state in DONE
+
+
+# Trains one job to its end; replaced in tests by a stand-in that needs no model.
+Trainer = Callable[["Job", Callable[[str], None], Callable[[Path], None]], Path]
+
+
+def run_training(job: Job, on_status: Callable[[str], None], on_folder: Callable[[Path], None]) -> Path:
+    from .train import TrainingJob, train
+
+    training = TrainingJob(job.settings, resume=job.resume, run_id=job.job_id if job.resume is None else None,
+                           stop_event=job.stop_event, on_status=on_status,
+                           on_folder=lambda folder: on_folder(folder.path))
+    folder = train(training)
+    return folder.path
+
+
+class JobManager:
+    def __init__(self, trainer: Trainer = run_training, max_queued: int = MAX_QUEUED_JOBS):
+        self._trainer = trainer
+        self._max_queued = max_queued
+        self._lock = threading.Lock()
+        self._queue: list[Job] = []
+        self._current: Job | None = None
+        self._jobs: dict[str, Job] = {}
+
+    def submit(self, settings: RunSettings, owner: str, resume: str | None = None) -> Job:
+        with self._lock:
+            if any(j.owner == owner and not j.done for j in self._jobs.values()):
+                raise UserError("You already have a run in progress or waiting; stop it before starting another.")
+            if self._current is not None and len(self._queue) >= self._max_queued:
+                raise UserError(f"The GPU is busy and {len(self._queue)} runs are already waiting; "
+                                "try again when one finishes.")
+            job_id = Path(resume).name if resume else runs.new_run_id(settings.source) + "-" + uuid.uuid4().hex[:4]
+            job = Job(job_id, owner, settings, resume=resume)
+            if resume:
+                job.run_dir = Path(resume)
+            self._jobs[job.job_id] = job
+            if self._current is None:
+                self._start(job)
+            else:
+                self._queue.append(job)
+                job.message = f"Waiting for the GPU: position {len(self._queue)} in the queue."
+            return job
+
+    def _start(self, job: Job) -> None:
+        self._current = job
+        job.state = PREPARING
+        job.message = "Starting…"
+        threading.Thread(target=self._run, args=(job,), name=f"train-{job.job_id}", daemon=True).start()
+
+    def _run(self, job: Job) -> None:
+        def on_status(message: str) -> None:
+            job.message = message
+            if message.startswith("Training"):
+                job.state = RUNNING
+
+        def on_folder(path: Path) -> None:
+            job.run_dir = path
+
+        outcome: tuple[str, str, str | None]
+        try:
+            job.run_dir = self._trainer(job, on_status, on_folder)
+            stopped = runs.RunFolder(job.run_dir).read().get("status") == runs.STOPPED
+            outcome = (STOPPED, "Stopped; the adapter so far is saved.", None) if stopped else (FINISHED, "Finished.", None)
+        except UserError as err:
+            outcome = (FAILED, str(err), str(err))
+        except Exception as err:  # a bug, not the user's doing: still end the job and free the GPU
+            reason = f"{type(err).__name__}: {err}"
+            outcome = (FAILED, f"The run failed unexpectedly: {reason}", reason)
+        with self._lock:
+            # The GPU is released before the job reads as done, so whoever sees it done can start another.
+            self._current = None
+            job.state, job.message, job.error = outcome
+            if self._queue:
+                self._start(self._queue.pop(0))
+            for position, waiting in enumerate(self._queue, start=1):
+                waiting.message = f"Waiting for the GPU: position {position} in the queue."
+
+    def stop(self, job_id: str, owner: str) -> Job:
+        job = self.get(job_id, owner)
+        with self._lock:
+            if job in self._queue:
+                self._queue.remove(job)
+                job.state, job.message = STOPPED, "Removed from the queue before it started."
+                return job
+        job.stop_event.set()
+        job.message = "Stopping at the end of this step…"
+        return job
+
+    def get(self, job_id: str, owner: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None or job.owner != owner:
+            raise UserError("No such run of yours.")
+        return job
+
+    def latest_for(self, owner: str) -> Job | None:
+        """The owner's most recent job: what a reloaded page re-attaches to."""
+        mine = [j for j in self._jobs.values() if j.owner == owner]
+        return max(mine, key=lambda j: j.submitted_at) if mine else None
+
+    def current(self) -> Job | None:
+        return self._current
+
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    def wait(self, job: Job, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not job.done and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return job.done
+
+
+def describe(job: Job | None) -> dict[str, Any]:
+    if job is None:
+        return {}
+    return {"job_id": job.job_id, "state": job.state, "message": job.message,
+            "run_dir": str(job.run_dir) if job.run_dir else None, "error": job.error}
