@@ -77,16 +77,6 @@ def token_histogram(report: checks.Report) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"tokens": [], "examples": [], "kind": []})
 
 
-def check_source(
-    source: str, model: str, columns: str, hub_config: str, hub_split: str, max_length: int
-) -> checks.Report:
-    settings = DataSettings(
-        source=source, columns=columns or "", hub_config=hub_config or "", hub_split=hub_split or "train",
-        max_length=int(max_length),
-    )
-    return checks.check_data(settings, models.cached_tokenizer(model))
-
-
 def preview_html(report: checks.Report | None, model: str, number: int) -> str:
     """Example `number` (1-based, among the valid examples) rendered with trained tokens highlighted."""
     if report is None or not report.valid_examples:
@@ -105,12 +95,15 @@ def _on_check(upload: str | None, hub_id: str, use_sample: bool, model: str, col
     source = str(SAMPLE_DATA) if use_sample else (upload or (hub_id or "").strip())
     if not source:
         raise gr.Error("Upload a file, name a Hub dataset, or pick the sample dataset first.")
+    settings = DataSettings(source=source, columns=columns or "", hub_config=hub_config or "",
+                            hub_split=hub_split or "train", max_length=int(max_length))
     try:
-        report = check_source(source, model, columns, hub_config, hub_split, max_length)
+        report = checks.check_data(settings, models.cached_tokenizer(model))
     except UserError as err:
         raise gr.Error(str(err)) from None
     return (
         report,
+        settings,
         summary_markdown(report),
         problem_counts_table(report),
         problem_rows_table(report),
@@ -121,9 +114,10 @@ def _on_check(upload: str | None, hub_id: str, use_sample: bool, model: str, col
     )
 
 
-def build(model: gr.Textbox | gr.Dropdown) -> tuple[gr.State, gr.Checkbox]:
-    """Lay out the Data tab; return the current report's state and the skip-invalid choice for other tabs."""
+def build(model: gr.Textbox | gr.Dropdown) -> tuple[gr.State, gr.State, gr.Checkbox]:
+    """Lay out the Data tab; return the report, the checked data's settings and the skip-invalid choice."""
     report_state = gr.State(None)
+    settings_state = gr.State(None)
     with gr.Row():
         with gr.Column(scale=2):
             upload = gr.File(label="Your data (.jsonl, .json, .csv, .parquet)", file_types=list(data.FILE_SUFFIXES),
@@ -156,10 +150,10 @@ def build(model: gr.Textbox | gr.Dropdown) -> tuple[gr.State, gr.Checkbox]:
     check.click(
         _on_check,
         inputs=[upload, hub_id, use_sample, model, columns, hub_config, hub_split, max_length],
-        outputs=[report_state, summary, counts, problems, statistics, histogram, example_number, preview],
+        outputs=[report_state, settings_state, summary, counts, problems, statistics, histogram, example_number, preview],
     )
     example_number.change(preview_html, inputs=[report_state, model, example_number], outputs=preview)
     previous_example.click(lambda n: max(int(n or 1) - 1, 1), inputs=example_number, outputs=example_number)
     next_example.click(lambda report, n: min(int(n or 1) + 1, max(report.valid_rows if report else 1, 1)),
                        inputs=[report_state, example_number], outputs=example_number)
-    return report_state, skip_invalid
+    return report_state, settings_state, skip_invalid

@@ -1,0 +1,124 @@
+"""Chat tab: the fine-tuned model and its base side by side, from one copy of the weights.
+
+Generation is wrapped with `spaces.GPU`, so on ZeroGPU hardware a GPU is attached for each reply; elsewhere
+the decorator does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import gradio as gr
+import spaces
+
+from .. import runs
+from ..chat import ChatModel, GenerationSettings, load_chat_model
+from ..errors import UserError
+
+BASE_ONLY = "(base model only)"
+_loaded: dict[str, ChatModel] = {}
+_loading = threading.Lock()
+
+
+def chat_model_for(run_dir: str | None, base_model: str) -> ChatModel:
+    """Keep one model in memory: loading another run (or base) replaces it."""
+    key = run_dir or f"base:{base_model}"
+    with _loading:
+        if key not in _loaded:
+            _loaded.clear()
+            _loaded[key] = load_chat_model(run_dir) if run_dir else load_chat_model(None, base_model)
+        return _loaded[key]
+
+
+def run_choices(runs_dir: str) -> list[tuple[str, str]]:
+    """Runs that have an adapter to chat with, newest first."""
+    choices = []
+    for folder, record in runs.list_runs(runs_dir):
+        if (folder.adapter_path / "adapter_config.json").is_file():
+            loss = (record.get("final_metrics") or {}).get("loss")
+            label = f"{folder.run_id} · {record.get('status')}" + (f" · loss {loss:.3f}" if loss else "")
+            choices.append((label, str(folder.path)))
+    return choices + [(BASE_ONLY, BASE_ONLY)]
+
+
+def suggestion(run_dir: str | None) -> str:
+    """A random held-out prompt of the run (what it was not trained on)."""
+    if not run_dir or run_dir == BASE_ONLY:
+        return "Tell me something interesting about the sea."
+    path = Path(run_dir) / runs.SAMPLES_FILE
+    try:
+        samples = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        samples = []
+    prompts = [m["content"] for s in samples for m in s["prompt"] if m["role"] == "user"]
+    return random.choice(prompts) if prompts else "Hello! Who are you?"
+
+
+def _as_messages(history: list[dict[str, Any]]) -> list[dict[str, str]]:
+    return [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else str(m["content"])}
+            for m in history]
+
+
+@spaces.GPU
+def respond(message: str, tuned_history: list, base_history: list, run_dir: str | None, base_model: str,
+            system_prompt: str, temperature: float, max_new_tokens: int) -> Iterator[tuple[list, list, str]]:
+    """Stream the fine-tuned reply, then the base model's reply to the same conversation."""
+    message = (message or "").strip()
+    if not message:
+        raise gr.Error("Type a message first.")
+    run_dir = None if run_dir in (None, "", BASE_ONLY) else run_dir
+    try:
+        model = chat_model_for(run_dir, base_model)
+    except UserError as err:
+        raise gr.Error(str(err)) from None
+    settings = GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                                  system_prompt=system_prompt or "")
+    tuned_history = list(tuned_history or []) + [{"role": "user", "content": message}]
+    base_history = list(base_history or []) + [{"role": "user", "content": message}]
+    targets = [(tuned_history, True)] if model.has_adapter else []
+    targets.append((base_history, False))
+    for history, use_adapter in targets:
+        conversation = _as_messages(history)
+        history.append({"role": "assistant", "content": ""})
+        for partial in model.stream(conversation, settings, use_adapter=use_adapter):
+            history[-1]["content"] = partial
+            yield tuned_history, base_history, ""
+    yield tuned_history, base_history, ""
+
+
+def build(runs_dir: str, model: gr.Dropdown) -> dict[str, Any]:
+    with gr.Row():
+        run = gr.Dropdown(run_choices(runs_dir), label="Chat with", elem_id="chat-run", scale=3,
+                          info="A run's adapter on its base model, or the base model alone (the model picker above).")
+        refresh = gr.Button("↻ Runs", size="sm", scale=0)
+    with gr.Accordion("Generation", open=False):
+        defaults = GenerationSettings()
+        help_of = {f: GenerationSettings.__dataclass_fields__[f].metadata["help"] for f in ("system_prompt",
+                   "temperature", "max_new_tokens")}
+        system_prompt = gr.Textbox(label="System prompt", value=defaults.system_prompt, info=help_of["system_prompt"])
+        with gr.Row():
+            temperature = gr.Slider(0, 1.5, value=defaults.temperature, step=0.05, label="Temperature",
+                                    info=help_of["temperature"])
+            max_new_tokens = gr.Slider(16, 1024, value=defaults.max_new_tokens, step=16, label="Max new tokens",
+                                       info=help_of["max_new_tokens"])
+    with gr.Row():
+        tuned = gr.Chatbot(label="Fine-tuned", elem_id="chat-tuned", height=360)
+        base = gr.Chatbot(label="Base model", elem_id="chat-base", height=360)
+    with gr.Row():
+        message = gr.Textbox(placeholder="Message…", show_label=False, scale=5, elem_id="chat-message")
+        send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+    with gr.Row():
+        suggest = gr.Button("💡 Try a held-out prompt", size="sm", elem_id="chat-suggest")
+        clear = gr.Button("Clear", size="sm")
+
+    inputs = [message, tuned, base, run, model, system_prompt, temperature, max_new_tokens]
+    send.click(respond, inputs=inputs, outputs=[tuned, base, message])
+    message.submit(respond, inputs=inputs, outputs=[tuned, base, message])
+    suggest.click(suggestion, inputs=run, outputs=message)
+    clear.click(lambda: ([], []), outputs=[tuned, base])
+    refresh.click(lambda: gr.update(choices=run_choices(runs_dir)), outputs=run)
+    return {"run": run, "refresh": refresh}

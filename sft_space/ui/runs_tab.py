@@ -1,0 +1,60 @@
+"""Runs tab: past runs with their settings, final loss and curve; open one to chat with it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from .. import runs
+from .train_tab import EMPTY_CURVE, loss_curve
+
+
+def runs_table(runs_dir: str) -> pd.DataFrame:
+    rows = []
+    for folder, record in runs.list_runs(runs_dir):
+        final = record.get("final_metrics") or {}
+        data = record.get("data") or {}
+        rows.append((folder.run_id, record.get("status"), record.get("base_model"), data.get("source"),
+                     data.get("train_examples"), final.get("step"), final.get("loss"), final.get("eval_loss"),
+                     record.get("created_at")))
+    return pd.DataFrame(rows, columns=["run", "status", "model", "data", "examples", "steps", "train loss",
+                                       "validation loss", "started"])
+
+
+def run_details(runs_dir: str, run_id: str | None) -> tuple[str, pd.DataFrame]:
+    if not run_id:
+        return "Pick a run.", EMPTY_CURVE
+    try:
+        folder = runs.RunFolder.open(Path(runs_dir) / runs.validate_run_id(run_id))
+    except Exception as err:
+        return f"❌ {err}", EMPTY_CURVE
+    record = folder.read()
+    settings = json.dumps(record.get("settings", {}), indent=2)
+    text = (f"**{folder.run_id}** · {record.get('status')}"
+            + (f" · {record['error']}" if record.get("error") else "")
+            + f"\n\nPlan: {'; '.join((record.get('plan') or {}).get('reasons', []))}"
+            + f"\n\n```json\n{settings}\n```")
+    return text, loss_curve(folder.path)
+
+
+def build(runs_dir: str) -> dict[str, Any]:
+    refresh = gr.Button("↻ Refresh", size="sm")
+    table = gr.Dataframe(runs_table(runs_dir), interactive=False, elem_id="runs-table")
+    with gr.Row():
+        run_id = gr.Dropdown([r for r in runs_table(runs_dir)["run"]], label="Run", allow_custom_value=False, scale=3)
+        open_chat = gr.Button("Chat with this run", scale=1, elem_id="open-in-chat")
+    with gr.Row():
+        details = gr.Markdown()
+        curve = gr.LinePlot(EMPTY_CURVE, x="step", y="loss", color="split", label="Loss", height=220)
+
+    def on_refresh():
+        frame = runs_table(runs_dir)
+        return frame, gr.update(choices=list(frame["run"]))
+
+    refresh.click(on_refresh, outputs=[table, run_id])
+    run_id.change(lambda r: run_details(runs_dir, r), inputs=run_id, outputs=[details, curve])
+    return {"run_id": run_id, "open_chat": open_chat, "refresh": refresh, "table": table}

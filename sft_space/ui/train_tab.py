@@ -1,0 +1,200 @@
+"""Train tab: model, preset, advanced settings generated from RunSettings, Start/Stop/Resume, live plot.
+
+The job runs in the shared JobManager; this tab only submits it and re-reads its run folder every second, so a
+reloaded page (same browser) re-attaches to the running job's curve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from .. import catalog, jobs, runs
+from ..errors import UserError
+from ..hardware import detect_hardware
+from ..settings import PRESET_NAMES, PRESETS, DataSettings, RunSettings, run_settings, to_command_line
+
+ADVANCED_GROUPS = (("lora", "LoRA"), ("schedule", "Schedule"), ("hardware", "Speed and memory"))
+# No data is None, not an empty frame: a plot first drawn from an empty frame never shows its lines later.
+EMPTY_CURVE = None
+
+
+def advanced_fields() -> list[dataclasses.Field]:
+    groups = {name for name, _ in ADVANCED_GROUPS}
+    return [f for f in dataclasses.fields(RunSettings) if f.metadata.get("group") in groups]
+
+
+def settings_from_form(data_settings: DataSettings | None, skip_invalid: bool, model: str, preset: str,
+                       runs_dir: str, advanced: dict[str, Any]) -> RunSettings:
+    if data_settings is None or not data_settings.source:
+        raise UserError("Check your data in the Data tab first.")
+    values = {f.name: getattr(data_settings, f.name) for f in dataclasses.fields(DataSettings)}
+    values.update(skip_invalid_rows=bool(skip_invalid), model=model or "", output_dir=runs_dir)
+    for spec in advanced_fields():
+        value = advanced[spec.name]
+        values[spec.name] = {"int": int, "float": float, "bool": bool}.get(str(spec.type), str)(value)
+    return run_settings(preset, **values)
+
+
+def cli_command(settings: RunSettings) -> str:
+    flags = to_command_line(settings)
+    return shlex.join(["python", "-m", "sft_space", "train", settings.source, "--preset", settings.preset, *flags])
+
+
+def loss_curve(run_dir: str | Path | None) -> pd.DataFrame | None:
+    """Train and validation loss by step, long format for gr.LinePlot."""
+    if not run_dir:
+        return EMPTY_CURVE
+    points = []
+    for entry in runs.RunFolder(Path(run_dir)).read_metrics():
+        if "loss" in entry:
+            points.append((entry["step"], entry["loss"], "train"))
+        if "eval_loss" in entry:
+            points.append((entry["step"], entry["eval_loss"], "validation"))
+    return pd.DataFrame(points, columns=["step", "loss", "split"]) if points else EMPTY_CURVE
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "…"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m {seconds % 60:02d}s"
+
+
+def progress_markdown(job: jobs.Job | None) -> str:
+    if job is None:
+        return "No run yet. Check your data, pick a model and press **Start**."
+    lines = [f"**{job.state.capitalize()}** · {job.message}"]
+    if job.run_dir is not None and (Path(job.run_dir) / runs.RUN_FILE).is_file():
+        folder = runs.RunFolder(Path(job.run_dir))
+        metrics = [m for m in folder.read_metrics() if "loss" in m]
+        if metrics:
+            last = metrics[-1]
+            parts = [f"step {last['step']} of {last['max_steps']}", f"loss {last['loss']:.3f}",
+                     f"elapsed {_duration(last.get('elapsed_seconds'))}"]
+            if not job.done:
+                parts.append(f"ETA {_duration(last.get('eta_seconds'))}")
+            if last.get("tokens_per_second"):
+                parts.append(f"{last['tokens_per_second']:,.0f} tokens/s")
+            if last.get("peak_gpu_memory_gib") is not None:
+                parts.append(f"GPU memory {last['peak_gpu_memory_gib']:.1f} GiB")
+            lines.append(" · ".join(parts))
+        plan = folder.read().get("plan", {})
+        if plan.get("reasons"):
+            lines.append("Plan: " + "; ".join(plan["reasons"]))
+        lines.append(f"Run folder: `{folder.path}`")
+    if job.error:
+        lines.append(f"❌ {job.error}")
+    return "\n\n".join(lines)
+
+
+def _component_for(spec: dataclasses.Field) -> gr.components.Component:
+    label = spec.name.replace("_", " ").capitalize()
+    info = spec.metadata["help"]
+    if "choices" in spec.metadata:
+        return gr.Dropdown(list(spec.metadata["choices"]), value=spec.default, label=label, info=info)
+    if str(spec.type) == "bool":
+        return gr.Checkbox(value=spec.default, label=label, info=info)
+    if str(spec.type) in ("int", "float"):
+        return gr.Number(value=spec.default, label=label, info=info, precision=0 if str(spec.type) == "int" else None)
+    return gr.Textbox(value=spec.default, label=label, info=info)
+
+
+def model_picker(default: str | None = None) -> gr.Dropdown:
+    """The model dropdown shared by every tab: each entry says its size and whether it fits this machine."""
+    hardware = detect_hardware()
+    choices = catalog.picker_choices(hardware)
+    if default and default not in [value for _, value in choices]:
+        choices.insert(0, (default, default))
+    return gr.Dropdown(choices, value=default or choices[0][1], allow_custom_value=True, label="Model",
+                       elem_id="model-picker",
+                       info=f"Hardware: {hardware.describe()}. Pick a listed model (size · whether it fits), "
+                            "or type any Hub id or local folder.")
+
+
+def build(manager: jobs.JobManager, runs_dir: str, owner: gr.BrowserState, model: gr.Dropdown,
+          data_settings: gr.State, skip_invalid: gr.Checkbox) -> dict[str, Any]:
+    """Lay out the Train tab; returns components other tabs use."""
+    job_id = gr.State("")
+    preset = gr.Radio(list(PRESET_NAMES), value="balanced", label="Preset",
+                      info=RunSettings.__dataclass_fields__["preset"].metadata["help"])
+    advanced: dict[str, gr.components.Component] = {}
+    with gr.Accordion("Advanced", open=False):
+        for group, title in ADVANCED_GROUPS:
+            gr.Markdown(f"**{title}**")
+            with gr.Row():
+                for spec in advanced_fields():
+                    if spec.metadata.get("group") == group:
+                        advanced[spec.name] = _component_for(spec)
+    names = list(advanced)
+    with gr.Row():
+        start = gr.Button("Start", variant="primary", elem_id="start-training")
+        stop = gr.Button("Stop", variant="stop", elem_id="stop-training")
+        resume = gr.Button("Resume", elem_id="resume-training")
+    progress = gr.Markdown(progress_markdown(None), elem_id="train-progress")
+    curve = gr.LinePlot(EMPTY_CURVE, x="step", y="loss", color="split", label="Loss", height=280,
+                        elem_id="loss-plot", x_title="step", y_title="loss")
+    command = gr.Code(label="The same run from the command line", language="shell", interactive=False)
+    timer = gr.Timer(1.0, active=True)
+
+    def on_preset(name: str) -> list[Any]:
+        values = run_settings(name)
+        return [gr.update(value=getattr(values, n)) for n in names]
+
+    preset.change(on_preset, inputs=preset, outputs=[advanced[n] for n in names])
+
+    def on_start(owner_id, data_value, skip, model_name, preset_name, *advanced_values):
+        try:
+            settings = settings_from_form(data_value, skip, model_name, preset_name, runs_dir,
+                                          dict(zip(names, advanced_values)))
+            job = manager.submit(settings, owner_id)
+        except UserError as err:
+            raise gr.Error(str(err)) from None
+        return job.job_id, progress_markdown(job), cli_command(settings)
+
+    start.click(on_start, inputs=[owner, data_settings, skip_invalid, model, preset, *advanced.values()],
+                outputs=[job_id, progress, command])
+
+    def on_stop(owner_id, current):
+        try:
+            job = manager.get(current, owner_id) if current else manager.latest_for(owner_id)
+            if job is None:
+                raise UserError("You have no run to stop.")
+            manager.stop(job.job_id, owner_id)
+        except UserError as err:
+            raise gr.Error(str(err)) from None
+        return progress_markdown(job)
+
+    stop.click(on_stop, inputs=[owner, job_id], outputs=progress)
+
+    def on_resume(owner_id, current):
+        job = manager.get(current, owner_id) if current else manager.latest_for(owner_id)
+        if job is None or job.run_dir is None or not job.done:
+            raise gr.Error("Nothing to resume: resume a stopped or failed run of yours once it has stopped.")
+        try:
+            folder, record = runs.RunFolder.open(job.run_dir), None
+            record = folder.read()
+            settings = RunSettings(**record["settings"])
+            resumed = manager.submit(settings, owner_id, resume=str(folder.path))
+        except UserError as err:
+            raise gr.Error(str(err)) from None
+        return resumed.job_id, progress_markdown(resumed)
+
+    resume.click(on_resume, inputs=[owner, job_id], outputs=[job_id, progress])
+
+    def refresh(owner_id, current):
+        job = None
+        if owner_id:
+            try:
+                job = manager.get(current, owner_id) if current else manager.latest_for(owner_id)
+            except UserError:
+                job = manager.latest_for(owner_id)
+        return (job.job_id if job else current), progress_markdown(job), loss_curve(job.run_dir if job else None)
+
+    timer.tick(refresh, inputs=[owner, job_id], outputs=[job_id, progress, curve], show_progress="hidden")
+    return {"job_id": job_id}
