@@ -161,6 +161,22 @@ def train_settings(args: argparse.Namespace) -> RunSettings:
     return run_settings(preset, **values)
 
 
+def progress_line(entry: dict[str, Any]) -> str:
+    """One line per logged step: where the run is, its loss, speed and time left."""
+    done = entry["step"] / entry["max_steps"] if entry.get("max_steps") else 0
+    bar = "█" * round(done * 20) + "·" * (20 - round(done * 20))
+    parts = [f"{bar} step {entry['step']}/{entry.get('max_steps')}"]
+    if "loss" in entry:
+        parts.append(f"loss {entry['loss']:.4f}")
+    if "eval_loss" in entry:
+        parts.append(f"validation loss {entry['eval_loss']:.4f}")
+    if entry.get("tokens_per_second"):
+        parts.append(f"{entry['tokens_per_second']:,.0f} tokens/s")
+    if entry.get("eta_seconds") is not None:
+        parts.append(f"ETA {entry['eta_seconds']:.0f} s")
+    return " · ".join(parts)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainingJob, train
 
@@ -171,8 +187,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         job = TrainingJob(settings, run_id=args.run_name)
         flags = " ".join(to_command_line(settings))
         print(f"python -m sft_space train {settings.source} --preset {settings.preset} {flags}".rstrip())
-    job.show_progress = True
     job.on_status = lambda message: print(message, file=sys.stderr)
+    job.on_metrics = lambda entry: print(progress_line(entry), file=sys.stderr, flush=True)
     try:
         folder = train(job)
     except KeyboardInterrupt:

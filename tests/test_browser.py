@@ -1,0 +1,120 @@
+"""The app end to end in a real browser: Data → Train → (reload) → Chat, on the sample dataset and a tiny model.
+
+Needs Chromium (Debian: `apt-get install chromium`). Skipped without it, unless SFT_SPACE_REQUIRE_BROWSER=1
+(as in CI), where a missing browser is a failure.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+if CHROMIUM is None:
+    if os.environ.get("SFT_SPACE_REQUIRE_BROWSER"):
+        raise RuntimeError("The browser test needs Chromium: apt-get install chromium")
+    pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
+
+from playwright.sync_api import expect, sync_playwright  # noqa: E402
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_model_dir, tmp_path_factory):
+    runs_dir = tmp_path_factory.mktemp("app-runs")
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+           "SFT_SPACE_RUNS": str(runs_dir), "SFT_SPACE_DEFAULT_MODEL": str(tiny_model_dir),
+           "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = (runs_dir / "app.log").open("w")
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError((runs_dir / "app.log").read_text())
+            time.sleep(0.5)
+    yield url, runs_dir
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def test_data_train_reload_and_chat(app_url, browser, tmp_path):
+    url, runs_dir = app_url
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.goto(url)
+
+    # Data: the sample dataset is read, checked and previewed with the trained tokens highlighted.
+    page.get_by_label("Use the sample dataset").check()
+    page.click("#check-data")
+    expect(page.locator("#data-summary")).to_contain_text("All 160 rows are valid", timeout=60_000)
+    expect(page.locator("#chatml-preview mark.sft-trained").first).to_be_visible()
+    page.screenshot(path=str(tmp_path / "data.png"), full_page=True)
+
+    # Train: a short run from the Advanced settings; the loss plot draws while it runs and at the end.
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_text("Advanced").click()
+    max_steps = page.get_by_label("Max steps")
+    max_steps.fill("6")
+    max_steps.press("Tab")
+    page.click("#start-training")
+    expect(page.locator("#train-progress")).to_contain_text("Finished", timeout=240_000)
+    expect(page.locator("#train-progress")).to_contain_text("step 6 of 6")
+    expect(page.locator("#loss-plot")).to_contain_text("split", timeout=10_000)  # the legend of drawn lines
+    page.screenshot(path=str(tmp_path / "train.png"), full_page=True)
+    run_folders = [p for p in runs_dir.iterdir() if (p / "run.json").is_file()]
+    assert len(run_folders) == 1
+    record = json.loads((run_folders[0] / "run.json").read_text())
+    assert record["status"] == "finished" and record["settings"]["max_steps"] == 6
+
+    # A reload re-attaches to this visitor's run (the browser keeps the visitor id).
+    page.reload()
+    page.get_by_role("tab", name="Train").click()
+    expect(page.locator("#train-progress")).to_contain_text(run_folders[0].name, timeout=15_000)
+
+    # Chat: the fine-tuned model and the base answer the same message side by side.
+    page.get_by_role("tab", name="Chat").click()
+    page.get_by_role("button", name="↻ Runs").click()
+    page.locator("#chat-run input").click()
+    page.get_by_role("option", name=run_folders[0].name, exact=False).first.click()
+    page.locator("#chat-message textarea").fill("Ahoy! What is the capital of France?")
+    page.click("#chat-send")
+    expect(page.locator("#chat-tuned .bot, #chat-tuned [data-testid='bot']").first).to_be_visible(timeout=60_000)
+    expect(page.locator("#chat-base .bot, #chat-base [data-testid='bot']").first).to_be_visible(timeout=60_000)
+    page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+
+    # A second visitor (another browser profile) sees no run of the first, and cannot stop it.
+    stranger = browser.new_context().new_page()
+    stranger.goto(url)
+    stranger.get_by_role("tab", name="Train").click()
+    expect(stranger.locator("#train-progress")).to_contain_text("No run yet", timeout=15_000)
+    context.close()
