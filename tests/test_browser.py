@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_DATA = ROOT / "sft_space" / "samples" / "captain_byte.jsonl"
+# Long enough on two CPU cores for a second visitor to act while the run is under way.
+STEPS = 30
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
@@ -73,28 +76,50 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     page = context.new_page()
     page.goto(url)
 
-    # Data: the sample dataset is read, checked and previewed with the trained tokens highlighted.
-    page.get_by_label("Use the sample dataset").check()
+    # Data: the sample dataset, uploaded as a user's JSONL, is checked and previewed with trained tokens highlighted.
+    page.set_input_files("#data-upload input[type=file]", str(SAMPLE_DATA))
+    expect(page.locator("#data-upload")).to_contain_text("captain_byte.jsonl", timeout=15_000)
     page.click("#check-data")
     expect(page.locator("#data-summary")).to_contain_text("All 160 rows are valid", timeout=60_000)
     expect(page.locator("#chatml-preview mark.sft-trained").first).to_be_visible()
     page.screenshot(path=str(tmp_path / "data.png"), full_page=True)
 
-    # Train: a short run from the Advanced settings; the loss plot draws while it runs and at the end.
+    # Train: a run from the Advanced settings; the loss plot draws from the first steps while it runs.
     page.get_by_role("tab", name="Train").click()
     page.get_by_text("Advanced").click()
     max_steps = page.get_by_label("Max steps")
-    max_steps.fill("6")
+    max_steps.fill(str(STEPS))
     max_steps.press("Tab")
     page.click("#start-training")
-    expect(page.locator("#train-progress")).to_contain_text("Finished", timeout=240_000)
-    expect(page.locator("#train-progress")).to_contain_text("step 6 of 6")
+    expect(page.locator("#train-progress")).to_contain_text("step ", timeout=120_000)
     expect(page.locator("#loss-plot")).to_contain_text("split", timeout=10_000)  # the legend of drawn lines
+
+    # Meanwhile a second visitor (another browser profile, so another visitor id) cannot stop it, and their
+    # own Start waits in the queue instead of disturbing it.
+    stranger_context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    stranger = stranger_context.new_page()
+    stranger.goto(url)
+    stranger.get_by_label("Use the sample dataset").check()
+    stranger.click("#check-data")
+    expect(stranger.locator("#data-summary")).to_contain_text("All 160 rows are valid", timeout=60_000)
+    stranger.get_by_role("tab", name="Train").click()
+    expect(stranger.locator("#train-progress")).to_contain_text("No run yet")
+    stranger.click("#stop-training")
+    expect(stranger.get_by_text("You have no run to stop.")).to_be_visible(timeout=10_000)
+    stranger.click("#start-training")
+    expect(stranger.locator("#train-progress")).to_contain_text("position 1 in the queue", timeout=10_000)
+    stranger.screenshot(path=str(tmp_path / "second-visitor.png"), full_page=True)
+    stranger.click("#stop-training")
+    expect(stranger.locator("#train-progress")).to_contain_text("Removed from the queue", timeout=10_000)
+
+    expect(page.locator("#train-progress")).to_contain_text("Finished", timeout=240_000)
+    expect(page.locator("#train-progress")).to_contain_text(f"step {STEPS} of {STEPS}")
     page.screenshot(path=str(tmp_path / "train.png"), full_page=True)
     run_folders = [p for p in runs_dir.iterdir() if (p / "run.json").is_file()]
     assert len(run_folders) == 1
     record = json.loads((run_folders[0] / "run.json").read_text())
-    assert record["status"] == "finished" and record["settings"]["max_steps"] == 6
+    assert record["status"] == "finished" and record["settings"]["max_steps"] == STEPS
+    assert record["final_metrics"]["step"] == STEPS, "the second visitor did not stop or disturb the run"
 
     # A reload re-attaches to this visitor's run (the browser keeps the visitor id).
     page.reload()
@@ -112,9 +137,10 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     expect(page.locator("#chat-base .bot, #chat-base [data-testid='bot']").first).to_be_visible(timeout=60_000)
     page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
 
-    # A second visitor (another browser profile) sees no run of the first, and cannot stop it.
-    stranger = browser.new_context().new_page()
-    stranger.goto(url)
-    stranger.get_by_role("tab", name="Train").click()
-    expect(stranger.locator("#train-progress")).to_contain_text("No run yet", timeout=15_000)
+    # Runs: the finished run is listed with its curve.
+    page.get_by_role("tab", name="Runs").click()
+    page.get_by_role("button", name="↻ Refresh").click()
+    expect(page.locator("#runs-table")).to_contain_text(run_folders[0].name, timeout=10_000)
+    page.screenshot(path=str(tmp_path / "runs.png"), full_page=True)
+    stranger_context.close()
     context.close()

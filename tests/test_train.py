@@ -192,3 +192,12 @@ def test_small_datasets_get_enough_steps_per_epoch(tiny_settings):
     assert record["plan"]["sequence_length"] < settings.max_length
     # 54 training examples of ~50 tokens: packed into 2048-token sequences they would make 2 steps.
     assert record["final_metrics"]["step"] >= 20
+
+
+def test_a_missing_hub_model_is_reported_before_a_run_folder_exists(tiny_settings, tmp_path):
+    from sft_space.errors import UserError
+
+    settings = tiny_settings(model="nobody-here/no-such-model")
+    with pytest.raises(UserError, match="no-such-model"):
+        train(TrainingJob(settings))
+    assert not (tmp_path / "runs").exists()

@@ -39,10 +39,13 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
                 _, data_settings, skip_invalid = data_tab.build(model)
             with gr.Tab("Train", id="train"):
                 train_tab.build(manager, folder, owner, model, data_settings, skip_invalid)
-            with gr.Tab("Chat", id="chat"):
+            with gr.Tab("Chat", id="chat") as chat_item:
                 chat = chat_tab.build(folder, model)
-            with gr.Tab("Runs", id="runs"):
+            with gr.Tab("Runs", id="runs") as runs_item:
                 past = runs_tab.build(folder)
+        # Runs finish while the page is open: the lists are read again whenever their tab is opened.
+        chat_item.select(chat["on_refresh"], inputs=chat["run"], outputs=chat["run"])
+        runs_item.select(past["on_refresh"], outputs=past["refresh_outputs"])
 
         def open_in_chat(run_id):
             choices = chat_tab.run_choices(folder)

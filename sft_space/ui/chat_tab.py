@@ -120,5 +120,10 @@ def build(runs_dir: str, model: gr.Dropdown) -> dict[str, Any]:
     message.submit(respond, inputs=inputs, outputs=[tuned, base, message])
     suggest.click(suggestion, inputs=run, outputs=message)
     clear.click(lambda: ([], []), outputs=[tuned, base])
-    refresh.click(lambda: gr.update(choices=run_choices(runs_dir)), outputs=run)
-    return {"run": run, "refresh": refresh}
+    def on_refresh(current):
+        choices = run_choices(runs_dir)
+        values = [value for _, value in choices]
+        return gr.update(choices=choices, value=current if current in values else values[0])
+
+    refresh.click(on_refresh, inputs=run, outputs=run)
+    return {"run": run, "on_refresh": on_refresh}

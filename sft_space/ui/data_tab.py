@@ -121,7 +121,7 @@ def build(model: gr.Textbox | gr.Dropdown) -> tuple[gr.State, gr.State, gr.Check
     with gr.Row():
         with gr.Column(scale=2):
             upload = gr.File(label="Your data (.jsonl, .json, .csv, .parquet)", file_types=list(data.FILE_SUFFIXES),
-                             type="filepath")
+                             type="filepath", elem_id="data-upload")
             hub_id = gr.Textbox(label="…or a Hub dataset id", placeholder="owner/name")
             use_sample = gr.Checkbox(label="Use the sample dataset (Captain Byte, 160 pirate-flavoured conversations)")
         with gr.Column(scale=1):

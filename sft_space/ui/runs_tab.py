@@ -57,4 +57,4 @@ def build(runs_dir: str) -> dict[str, Any]:
 
     refresh.click(on_refresh, outputs=[table, run_id])
     run_id.change(lambda r: run_details(runs_dir, r), inputs=run_id, outputs=[details, curve])
-    return {"run_id": run_id, "open_chat": open_chat, "refresh": refresh, "table": table}
+    return {"run_id": run_id, "open_chat": open_chat, "on_refresh": on_refresh, "refresh_outputs": [table, run_id]}
