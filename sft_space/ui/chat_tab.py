@@ -20,6 +20,7 @@ from ..chat import ChatModel, GenerationSettings, load_chat_model
 from ..errors import UserError
 
 BASE_ONLY = "(base model only)"
+NO_RUN_CHOSEN = "No fine-tuned run chosen: pick one under *Chat with* to compare."
 _loaded: dict[str, ChatModel] = {}
 _loading = threading.Lock()
 
@@ -81,6 +82,8 @@ def respond(message: str, tuned_history: list, base_history: list, run_dir: str 
     base_history = list(base_history or []) + [{"role": "user", "content": message}]
     targets = [(tuned_history, True)] if model.has_adapter else []
     targets.append((base_history, False))
+    if not model.has_adapter:
+        tuned_history.append({"role": "assistant", "content": NO_RUN_CHOSEN})
     for history, use_adapter in targets:
         conversation = _as_messages(history)
         history.append({"role": "assistant", "content": ""})
@@ -92,7 +95,7 @@ def respond(message: str, tuned_history: list, base_history: list, run_dir: str 
 
 def build(runs_dir: str, model: gr.Dropdown) -> dict[str, Any]:
     with gr.Row():
-        run = gr.Dropdown(run_choices(runs_dir), label="Chat with", elem_id="chat-run", scale=3,
+        run = gr.Dropdown(run_choices(runs_dir), value=None, label="Chat with", elem_id="chat-run", scale=3,
                           info="A run's adapter on its base model, or the base model alone (the model picker above).")
         refresh = gr.Button("↻ Runs", size="sm", scale=0)
     with gr.Accordion("Generation", open=False):

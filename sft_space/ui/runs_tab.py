@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from .. import runs
-from .train_tab import EMPTY_CURVE, loss_curve
+from .train_tab import CURVE_COLOURS, EMPTY_CURVE, loss_curve
 
 
 def runs_table(runs_dir: str) -> pd.DataFrame:
@@ -49,7 +49,8 @@ def build(runs_dir: str) -> dict[str, Any]:
         open_chat = gr.Button("Chat with this run", scale=1, elem_id="open-in-chat")
     with gr.Row():
         details = gr.Markdown()
-        curve = gr.LinePlot(EMPTY_CURVE, x="step", y="loss", color="split", label="Loss", height=220)
+        curve = gr.LinePlot(EMPTY_CURVE, x="step", y="loss", color="split", label="Loss", height=220,
+                            color_map=CURVE_COLOURS)
 
     def on_refresh():
         frame = runs_table(runs_dir)

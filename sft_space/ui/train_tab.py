@@ -22,6 +22,8 @@ from ..settings import PRESET_NAMES, PRESETS, DataSettings, RunSettings, run_set
 ADVANCED_GROUPS = (("lora", "LoRA"), ("schedule", "Schedule"), ("hardware", "Speed and memory"))
 # No data is None, not an empty frame: a plot first drawn from an empty frame never shows its lines later.
 EMPTY_CURVE = None
+# Both series named up front: the plot fixes its colour legend at the first draw, before any validation point.
+CURVE_COLOURS = {"train": "#4f46e5", "validation": "#f97316"}
 
 
 def advanced_fields() -> list[dataclasses.Field]:
@@ -138,7 +140,7 @@ def build(manager: jobs.JobManager, runs_dir: str, owner: gr.BrowserState, model
         resume = gr.Button("Resume", elem_id="resume-training")
     progress = gr.Markdown(progress_markdown(None), elem_id="train-progress")
     curve = gr.LinePlot(EMPTY_CURVE, x="step", y="loss", color="split", label="Loss", height=280,
-                        elem_id="loss-plot", x_title="step", y_title="loss")
+                        elem_id="loss-plot", x_title="step", y_title="loss", color_map=CURVE_COLOURS)
     command = gr.Code(label="The same run from the command line", language="shell", interactive=False)
     timer = gr.Timer(1.0, active=True)
 
