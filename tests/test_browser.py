@@ -144,3 +144,4 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     page.screenshot(path=str(tmp_path / "runs.png"), full_page=True)
     stranger_context.close()
     context.close()
+

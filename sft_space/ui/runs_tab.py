@@ -13,13 +13,17 @@ from .. import runs
 from .train_tab import CURVE_COLOURS, EMPTY_CURVE, loss_curve
 
 
+def _rounded(value: float | None) -> float | None:
+    return round(value, 4) if isinstance(value, (int, float)) else None
+
+
 def runs_table(runs_dir: str) -> pd.DataFrame:
     rows = []
     for folder, record in runs.list_runs(runs_dir):
         final = record.get("final_metrics") or {}
         data = record.get("data") or {}
         rows.append((folder.run_id, record.get("status"), record.get("base_model"), data.get("source"),
-                     data.get("train_examples"), final.get("step"), final.get("loss"), final.get("eval_loss"),
+                     data.get("train_examples"), final.get("step"), _rounded(final.get("loss")), _rounded(final.get("eval_loss")),
                      record.get("created_at")))
     return pd.DataFrame(rows, columns=["run", "status", "model", "data", "examples", "steps", "train loss",
                                        "validation loss", "started"])
@@ -54,7 +58,8 @@ def build(runs_dir: str) -> dict[str, Any]:
 
     def on_refresh():
         frame = runs_table(runs_dir)
-        return frame, gr.update(choices=list(frame["run"]))
+        names = list(frame["run"])
+        return frame, gr.update(choices=names, value=names[0] if names else None)
 
     refresh.click(on_refresh, outputs=[table, run_id])
     run_id.change(lambda r: run_details(runs_dir, r), inputs=run_id, outputs=[details, curve])

@@ -22,7 +22,6 @@ from ..settings import PRESET_NAMES, PRESETS, DataSettings, RunSettings, run_set
 ADVANCED_GROUPS = (("lora", "LoRA"), ("schedule", "Schedule"), ("hardware", "Speed and memory"))
 # No data is None, not an empty frame: a plot first drawn from an empty frame never shows its lines later.
 EMPTY_CURVE = None
-# Both series named up front: the plot fixes its colour legend at the first draw, before any validation point.
 CURVE_COLOURS = {"train": "#4f46e5", "validation": "#f97316"}
 
 
@@ -52,13 +51,24 @@ def loss_curve(run_dir: str | Path | None) -> pd.DataFrame | None:
     """Train and validation loss by step, long format for gr.LinePlot."""
     if not run_dir:
         return EMPTY_CURVE
+    folder = runs.RunFolder(Path(run_dir))
     points = []
-    for entry in runs.RunFolder(Path(run_dir)).read_metrics():
+    for entry in folder.read_metrics():
         if "loss" in entry:
             points.append((entry["step"], entry["loss"], "train"))
         if "eval_loss" in entry:
             points.append((entry["step"], entry["eval_loss"], "validation"))
-    return pd.DataFrame(points, columns=["step", "loss", "split"]) if points else EMPTY_CURVE
+    if not points:
+        return EMPTY_CURVE
+    try:
+        validates = (folder.read().get("data") or {}).get("validation_examples", 0) > 0
+    except UserError:
+        validates = False
+    if validates and not any(split == "validation" for _, _, split in points):
+        # The plot fixes its series at the first draw: name the validation series with an empty point now, so
+        # its line appears when the first validation loss arrives.
+        points.append((points[0][0], float("nan"), "validation"))
+    return pd.DataFrame(points, columns=["step", "loss", "split"])
 
 
 def _duration(seconds: float | None) -> str:

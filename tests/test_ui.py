@@ -1,0 +1,14 @@
+"""UI helpers that need no browser."""
+
+
+def test_loss_curve_names_the_validation_series_before_its_first_point(tmp_path):
+    from sft_space import runs
+    from sft_space.ui.train_tab import loss_curve
+
+    folder = runs.RunFolder.create(tmp_path, "r")
+    folder.write({"data": {"validation_examples": 3}})
+    folder.append_metrics({"step": 1, "loss": 2.0})
+    curve = loss_curve(folder.path)
+    assert set(curve["split"]) == {"train", "validation"} and curve["loss"].isna().sum() == 1
+    folder.append_metrics({"step": 1, "eval_loss": 2.5})
+    assert not loss_curve(folder.path)["loss"].isna().any()
