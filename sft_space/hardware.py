@@ -89,9 +89,6 @@ class TrainingPlan:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def summary(self) -> str:
-        return "; ".join(self.reasons)
-
 
 def _precision(settings: RunSettings, hardware: Hardware, reasons: list[str]) -> str:
     if settings.precision != AUTO:

@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from . import runs
 from .errors import UserError
@@ -142,19 +142,3 @@ class JobManager:
 
     def current(self) -> Job | None:
         return self._current
-
-    def queue_length(self) -> int:
-        return len(self._queue)
-
-    def wait(self, job: Job, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not job.done and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return job.done
-
-
-def describe(job: Job | None) -> dict[str, Any]:
-    if job is None:
-        return {}
-    return {"job_id": job.job_id, "state": job.state, "message": job.message,
-            "run_dir": str(job.run_dir) if job.run_dir else None, "error": job.error}

@@ -8,7 +8,7 @@ size; the app shows it beside each model.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 GIB = 1024**3
@@ -70,9 +70,6 @@ class MemoryEstimate:
     activations_gib: float
     logits_gib: float
     total_gib: float
-
-    def to_dict(self) -> dict[str, float]:
-        return {k: round(v, 2) for k, v in asdict(self).items()}
 
 
 def estimate_memory(

@@ -185,11 +185,9 @@ def lora_config(settings: RunSettings) -> Any:
                       target_modules=targets, task_type="CAUSAL_LM", bias="none")
 
 
-def trainer_arguments(settings: RunSettings, plan: TrainingPlan, folder: RunFolder, has_validation: bool,
-                      show_progress: bool) -> Any:
+def trainer_arguments(settings: RunSettings, plan: TrainingPlan, folder: RunFolder, evaluate: bool) -> Any:
     from trl import SFTConfig
 
-    evaluate = has_validation
     return SFTConfig(
         output_dir=str(folder.path),
         num_train_epochs=settings.epochs,
@@ -220,19 +218,20 @@ def trainer_arguments(settings: RunSettings, plan: TrainingPlan, folder: RunFold
         seed=settings.seed,
         data_seed=settings.seed,
         report_to="none",
-        disable_tqdm=not show_progress,
+        # Progress goes to metrics.jsonl and `on_metrics` (the CLI's lines, the app's plot), not to tqdm.
+        disable_tqdm=True,
         dataloader_pin_memory=plan.device == "cuda",
     )
 
 
 def build_trainer(settings: RunSettings, plan: TrainingPlan, folder: RunFolder, model: Any, tokenizer: Any,
-                  prepared: PreparedData, show_progress: bool = False) -> Any:
+                  prepared: PreparedData) -> Any:
     """TRL's SFTTrainer over our tokenized examples and mask, with a LoRA adapter on `model`."""
     from trl import SFTTrainer
 
     train_dataset = tokenize_examples(tokenizer, prepared.train)
     eval_dataset = tokenize_examples(tokenizer, prepared.validation) if prepared.validation else None
-    args = trainer_arguments(settings, plan, folder, eval_dataset is not None, show_progress)
+    args = trainer_arguments(settings, plan, folder, eval_dataset is not None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=tokenizer, peft_config=lora_config(settings))
     if plan.precision == "fp16":
@@ -318,7 +317,6 @@ class TrainingJob:
     on_status: Callable[[str], None] | None = None
     # Called once the run folder exists (the inputs have passed their checks): where to watch the run.
     on_folder: Callable[[RunFolder], None] | None = None
-    show_progress: bool = False
     extra_callbacks: list[Any] = field(default_factory=list)
     hardware: Hardware | None = None
 
@@ -385,7 +383,7 @@ def train(job: TrainingJob) -> RunFolder:
             _status(job, "Answering held-out prompts before training…")
             answer_samples(model, tokenizer, samples, "before")
             runs.write_json_atomic(folder.samples_path, samples)
-        trainer = build_trainer(settings, plan, folder, model, tokenizer, prepared, job.show_progress)
+        trainer = build_trainer(settings, plan, folder, model, tokenizer, prepared)
         tokens_per_epoch = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
         monitor = RunMonitor(folder, tokens_per_epoch, job.stop_event, job.on_metrics)
         trainer.add_callback(monitor.callback)

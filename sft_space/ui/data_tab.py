@@ -7,7 +7,6 @@ widgets and wires them to those functions.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import gradio as gr
 import pandas as pd

@@ -17,7 +17,7 @@ import pandas as pd
 from .. import catalog, jobs, runs
 from ..errors import UserError
 from ..hardware import detect_hardware
-from ..settings import PRESET_NAMES, PRESETS, DataSettings, RunSettings, run_settings, to_command_line
+from ..settings import PRESET_NAMES, DataSettings, RunSettings, run_settings, to_command_line
 
 ADVANCED_GROUPS = (("lora", "LoRA"), ("schedule", "Schedule"), ("hardware", "Speed and memory"))
 # No data is None, not an empty frame: a plot first drawn from an empty frame never shows its lines later.
@@ -189,9 +189,8 @@ def build(manager: jobs.JobManager, runs_dir: str, owner: gr.BrowserState, model
         if job is None or job.run_dir is None or not job.done:
             raise gr.Error("Nothing to resume: resume a stopped or failed run of yours once it has stopped.")
         try:
-            folder, record = runs.RunFolder.open(job.run_dir), None
-            record = folder.read()
-            settings = RunSettings(**record["settings"])
+            folder = runs.RunFolder.open(job.run_dir)
+            settings = RunSettings(**folder.read()["settings"])
             resumed = manager.submit(settings, owner_id, resume=str(folder.path))
         except UserError as err:
             raise gr.Error(str(err)) from None
