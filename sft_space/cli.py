@@ -21,7 +21,7 @@ from . import checks, data, models, render
 from .chat import GenerationSettings
 from .errors import UserError
 from .settings import (PRESET_NAMES, DataSettings, RunSettings, add_arguments, explicit_arguments, field_help,
-                       from_arguments, run_settings, settings_from_file, to_command_line)
+                       from_arguments, run_settings, settings_from_file, train_command)
 
 MAX_LISTED_PROBLEMS = 50
 
@@ -34,7 +34,7 @@ def _quiet_libraries() -> None:
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", metavar="DATA", help=DataSettings.__dataclass_fields__["source"].metadata["help"])
+    parser.add_argument("source", metavar="DATA", help=field_help(DataSettings, "source"))
     parser.add_argument("--model", default=None, help=f"Model whose tokenizer and chat template to use: "
                         f"{models.EMBEDDED_MODEL} (the default when installed), a local folder, or a Hub id.")
     add_arguments(parser, DataSettings, ["columns", "hub_config", "hub_split", "max_length"])
@@ -185,8 +185,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         settings = train_settings(args)
         job = TrainingJob(settings, run_id=args.run_name)
-        flags = " ".join(to_command_line(settings))
-        print(f"python -m sft_space train {settings.source} --preset {settings.preset} {flags}".rstrip())
+        print(train_command(settings))
     job.on_status = lambda message: print(message, file=sys.stderr)
     job.on_metrics = lambda entry: print(progress_line(entry), file=sys.stderr, flush=True)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,11 @@ def field_help(settings_class: type, name: str) -> str:
     return settings_class.__dataclass_fields__[name].metadata["help"]
 
 
+def field_type(spec: dataclasses.Field) -> type:
+    """The Python type of a settings field (annotations are strings here, from `from __future__ import annotations`)."""
+    return {"int": int, "float": float, "bool": bool}.get(str(spec.type), str)
+
+
 def add_arguments(parser: argparse.ArgumentParser, settings_class: type, names: list[str],
                   explicit_only: bool = False) -> None:
     """Add `--field-name` flags for the named fields, with help (and defaults) from the dataclass.
@@ -144,10 +150,10 @@ def add_arguments(parser: argparse.ArgumentParser, settings_class: type, names: 
         flag = "--" + name.replace("_", "-")
         default = argparse.SUPPRESS if explicit_only else spec.default
         kwargs: dict[str, Any] = {"default": default, "help": spec.metadata["help"].replace("%", "%%"), "dest": name}
-        if spec.type in ("bool", bool):
+        if field_type(spec) is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = {"int": int, "float": float}.get(str(spec.type), str)
+            kwargs["type"] = field_type(spec)
             if "choices" in spec.metadata:
                 kwargs["choices"] = spec.metadata["choices"]
             else:
@@ -155,17 +161,15 @@ def add_arguments(parser: argparse.ArgumentParser, settings_class: type, names: 
         parser.add_argument(flag, **kwargs)
 
 
-def from_arguments(settings_class: type, namespace: argparse.Namespace, **overrides: Any) -> Any:
-    """Build the settings object from parsed flags (fields without a flag keep their defaults)."""
-    names = {f.name for f in dataclasses.fields(settings_class)}
-    values = {k: v for k, v in vars(namespace).items() if k in names}
-    return settings_class(**{**values, **overrides})
-
-
 def explicit_arguments(settings_class: type, namespace: argparse.Namespace) -> dict[str, Any]:
-    """The settings the user gave on the command line (flags added with `explicit_only`)."""
+    """The settings values in parsed flags (with `explicit_only`, just the ones the user gave)."""
     names = {f.name for f in dataclasses.fields(settings_class)}
     return {k: v for k, v in vars(namespace).items() if k in names}
+
+
+def from_arguments(settings_class: type, namespace: argparse.Namespace, **overrides: Any) -> Any:
+    """Build the settings object from parsed flags (fields without a flag keep their defaults)."""
+    return settings_class(**{**explicit_arguments(settings_class, namespace), **overrides})
 
 
 def to_command_line(settings: Any, base: Any = None) -> list[str]:
@@ -183,3 +187,9 @@ def to_command_line(settings: Any, base: Any = None) -> list[str]:
         else:
             flags += [flag, str(value)]
     return flags
+
+
+def train_command(settings: RunSettings) -> str:
+    """The shell command that starts the same run: printed by the CLI, shown by the app."""
+    return shlex.join(["python", "-m", "sft_space", "train", settings.source, "--preset", settings.preset,
+                       *to_command_line(settings)])

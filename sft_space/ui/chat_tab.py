@@ -18,6 +18,7 @@ import spaces
 from .. import runs
 from ..chat import ChatModel, GenerationSettings, load_chat_model
 from ..errors import UserError
+from ..settings import field_help
 
 BASE_ONLY = "(base model only)"
 NO_RUN_CHOSEN = "No fine-tuned run chosen: pick one under *Chat with* to compare."
@@ -100,14 +101,13 @@ def build(runs_dir: str, model: gr.Dropdown) -> dict[str, Any]:
         refresh = gr.Button("↻ Runs", size="sm", scale=0)
     with gr.Accordion("Generation", open=False):
         defaults = GenerationSettings()
-        help_of = {f: GenerationSettings.__dataclass_fields__[f].metadata["help"] for f in ("system_prompt",
-                   "temperature", "max_new_tokens")}
-        system_prompt = gr.Textbox(label="System prompt", value=defaults.system_prompt, info=help_of["system_prompt"])
+        system_prompt = gr.Textbox(label="System prompt", value=defaults.system_prompt,
+                                   info=field_help(GenerationSettings, "system_prompt"))
         with gr.Row():
             temperature = gr.Slider(0, 1.5, value=defaults.temperature, step=0.05, label="Temperature",
-                                    info=help_of["temperature"])
+                                    info=field_help(GenerationSettings, "temperature"))
             max_new_tokens = gr.Slider(16, 1024, value=defaults.max_new_tokens, step=16, label="Max new tokens",
-                                       info=help_of["max_new_tokens"])
+                                       info=field_help(GenerationSettings, "max_new_tokens"))
     with gr.Row():
         tuned = gr.Chatbot(label="Fine-tuned", elem_id="chat-tuned", height=360)
         base = gr.Chatbot(label="Base model", elem_id="chat-base", height=360)

@@ -6,6 +6,7 @@ widgets and wires them to those functions.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import gradio as gr
@@ -13,11 +14,11 @@ import pandas as pd
 
 from .. import checks, data, models, render
 from ..errors import UserError
-from ..settings import DataSettings
+from ..settings import DataSettings, field_help
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "samples" / "captain_byte.jsonl"
 HISTOGRAM_BINS = 20
-HELP = {f: DataSettings.__dataclass_fields__[f].metadata["help"] for f in DataSettings.__dataclass_fields__}
+HELP = {f.name: field_help(DataSettings, f.name) for f in dataclasses.fields(DataSettings)}
 
 
 def summary_markdown(report: checks.Report) -> str:

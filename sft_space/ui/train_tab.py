@@ -7,7 +7,6 @@ reloaded page (same browser) re-attaches to the running job's curve.
 from __future__ import annotations
 
 import dataclasses
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import pandas as pd
 from .. import catalog, jobs, runs
 from ..errors import UserError
 from ..hardware import detect_hardware
-from ..settings import PRESET_NAMES, DataSettings, RunSettings, run_settings, to_command_line
+from ..settings import PRESET_NAMES, DataSettings, RunSettings, field_help, field_type, run_settings, train_command
 
 ADVANCED_GROUPS = (("lora", "LoRA"), ("schedule", "Schedule"), ("hardware", "Speed and memory"))
 # No data is None, not an empty frame: a plot first drawn from an empty frame never shows its lines later.
@@ -38,13 +37,8 @@ def settings_from_form(data_settings: DataSettings | None, skip_invalid: bool, m
     values.update(skip_invalid_rows=bool(skip_invalid), model=model or "", output_dir=runs_dir)
     for spec in advanced_fields():
         value = advanced[spec.name]
-        values[spec.name] = {"int": int, "float": float, "bool": bool}.get(str(spec.type), str)(value)
+        values[spec.name] = field_type(spec)(value)
     return run_settings(preset, **values)
-
-
-def cli_command(settings: RunSettings) -> str:
-    flags = to_command_line(settings)
-    return shlex.join(["python", "-m", "sft_space", "train", settings.source, "--preset", settings.preset, *flags])
 
 
 def loss_curve(run_dir: str | Path | None) -> pd.DataFrame | None:
@@ -108,12 +102,13 @@ def progress_markdown(job: jobs.Job | None) -> str:
 def _component_for(spec: dataclasses.Field) -> gr.components.Component:
     label = spec.name.replace("_", " ").capitalize()
     info = spec.metadata["help"]
+    kind = field_type(spec)
     if "choices" in spec.metadata:
         return gr.Dropdown(list(spec.metadata["choices"]), value=spec.default, label=label, info=info)
-    if str(spec.type) == "bool":
+    if kind is bool:
         return gr.Checkbox(value=spec.default, label=label, info=info)
-    if str(spec.type) in ("int", "float"):
-        return gr.Number(value=spec.default, label=label, info=info, precision=0 if str(spec.type) == "int" else None)
+    if kind in (int, float):
+        return gr.Number(value=spec.default, label=label, info=info, precision=0 if kind is int else None)
     return gr.Textbox(value=spec.default, label=label, info=info)
 
 
@@ -134,7 +129,7 @@ def build(manager: jobs.JobManager, runs_dir: str, owner: gr.BrowserState, model
     """Lay out the Train tab; returns components other tabs use."""
     job_id = gr.State("")
     preset = gr.Radio(list(PRESET_NAMES), value="balanced", label="Preset",
-                      info=RunSettings.__dataclass_fields__["preset"].metadata["help"])
+                      info=field_help(RunSettings, "preset"))
     advanced: dict[str, gr.components.Component] = {}
     with gr.Accordion("Advanced", open=False):
         for group, title in ADVANCED_GROUPS:
@@ -167,7 +162,7 @@ def build(manager: jobs.JobManager, runs_dir: str, owner: gr.BrowserState, model
             job = manager.submit(settings, owner_id)
         except UserError as err:
             raise gr.Error(str(err)) from None
-        return job.job_id, progress_markdown(job), cli_command(settings)
+        return job.job_id, progress_markdown(job), train_command(settings)
 
     start.click(on_start, inputs=[owner, data_settings, skip_invalid, model, preset, *advanced.values()],
                 outputs=[job_id, progress, command])
