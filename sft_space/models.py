@@ -181,6 +181,18 @@ def load_causal_lm(name: str, **kwargs: Any) -> Any:
         raise _explain_load_failure(name, err) from None
 
 
+def load_config(name: str, trust_remote_code: bool = False) -> Any:
+    """The model's config (its shape), without its weights."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    except ModelLoadError:
+        raise
+    except Exception as err:
+        raise _explain_load_failure(name, err) from None
+
+
 @lru_cache(maxsize=4)
 def cached_tokenizer(name: str) -> Any:
     """load_tokenizer, kept for reuse by the app (render and check only read it, never change it)."""

@@ -107,15 +107,7 @@ def library_versions() -> dict[str, str]:
 
 
 def model_shape(model_name: str, trust_remote_code: bool = False) -> ModelShape:
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(models.resolve_model(model_name), trust_remote_code=trust_remote_code)
-    except UserError:
-        raise
-    except Exception as err:
-        raise models._explain_load_failure(model_name, err) from None
-    return ModelShape.from_config(config)
+    return ModelShape.from_config(models.load_config(model_name, trust_remote_code))
 
 
 def is_out_of_memory(err: BaseException) -> bool:

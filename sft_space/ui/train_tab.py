@@ -99,6 +99,11 @@ def progress_markdown(job: jobs.Job | None) -> str:
     return "\n\n".join(lines)
 
 
+def visitor_job(manager: jobs.JobManager, owner: str, job_id: str) -> jobs.Job | None:
+    """The job this page shows: the one it started, else the visitor's latest (after a reload)."""
+    return manager.get(job_id, owner) if job_id else manager.latest_for(owner)
+
+
 def _component_for(spec: dataclasses.Field) -> gr.components.Component:
     label = spec.name.replace("_", " ").capitalize()
     info = spec.metadata["help"]
@@ -169,7 +174,7 @@ def build(manager: jobs.JobManager, runs_dir: str, owner: gr.BrowserState, model
 
     def on_stop(owner_id, current):
         try:
-            job = manager.get(current, owner_id) if current else manager.latest_for(owner_id)
+            job = visitor_job(manager, owner_id, current)
             if job is None:
                 raise UserError("You have no run to stop.")
             manager.stop(job.job_id, owner_id)
@@ -180,7 +185,10 @@ def build(manager: jobs.JobManager, runs_dir: str, owner: gr.BrowserState, model
     stop.click(on_stop, inputs=[owner, job_id], outputs=progress)
 
     def on_resume(owner_id, current):
-        job = manager.get(current, owner_id) if current else manager.latest_for(owner_id)
+        try:
+            job = visitor_job(manager, owner_id, current)
+        except UserError as err:
+            raise gr.Error(str(err)) from None
         if job is None or job.run_dir is None or not job.done:
             raise gr.Error("Nothing to resume: resume a stopped or failed run of yours once it has stopped.")
         try:
@@ -197,7 +205,7 @@ def build(manager: jobs.JobManager, runs_dir: str, owner: gr.BrowserState, model
         job = None
         if owner_id:
             try:
-                job = manager.get(current, owner_id) if current else manager.latest_for(owner_id)
+                job = visitor_job(manager, owner_id, current)
             except UserError:
                 job = manager.latest_for(owner_id)
         return (job.job_id if job else current), progress_markdown(job), loss_curve(job.run_dir if job else None)
