@@ -76,8 +76,7 @@ class TrainingPlan:
     """The resolved settings a run trains with, and why each was chosen."""
 
     device: str
-    precision: str  # fp32 / fp16 / bf16: the training compute dtype
-    load_dtype: str  # dtype the base weights are loaded in
+    precision: str  # fp32 / fp16 / bf16: the training compute dtype, and the dtype the base weights load in
     four_bit: bool
     gradient_checkpointing: bool
     batch_size: int
@@ -174,6 +173,5 @@ def plan_training(settings: RunSettings, hardware: Hardware, shape: ModelShape, 
         reasons.append(f"estimated peak {peak:.1f} GiB of {hardware.memory_gib:.0f} GiB")
         if not fits:
             reasons.append("may not fit: shorten the maximum length or choose a smaller model")
-    load_dtype = "fp32" if precision == "fp32" else precision
-    return TrainingPlan(hardware.kind, precision, load_dtype, four_bit, checkpointing, batch, length,
+    return TrainingPlan(hardware.kind, precision, four_bit, checkpointing, batch, length,
                         round(peak, 2), fits, reasons)

@@ -154,7 +154,7 @@ def _torch_dtype(name: str) -> Any:
 def load_model_for_training(settings: RunSettings, plan: TrainingPlan) -> Any:
     import torch
 
-    kwargs: dict[str, Any] = {"dtype": _torch_dtype(plan.load_dtype), "attn_implementation": "sdpa",
+    kwargs: dict[str, Any] = {"dtype": _torch_dtype(plan.precision), "attn_implementation": "sdpa",
                               "trust_remote_code": settings.trust_remote_code}
     if plan.four_bit:
         from transformers import BitsAndBytesConfig
