@@ -60,9 +60,19 @@ def suggestion(run_dir: str | None) -> str:
     return random.choice(prompts) if prompts else "Hello! Who are you?"
 
 
+def message_text(content: Any) -> str:
+    """A chat message's text: Gradio hands earlier turns back as a list of parts ({"type": "text", "text": …})."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    if isinstance(content, (list, tuple)):
+        return "".join(message_text(part) for part in content)
+    return ""
+
+
 def _as_messages(history: list[dict[str, Any]]) -> list[dict[str, str]]:
-    return [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else str(m["content"])}
-            for m in history]
+    return [{"role": m["role"], "content": message_text(m["content"])} for m in history]
 
 
 @spaces.GPU
