@@ -5,6 +5,8 @@
     python -m sft_space train DATA [--preset P] [--epochs E | --max-steps S] [...] [--config FILE]
     python -m sft_space train --resume RUN_DIR
     python -m sft_space chat RUN_DIR [--prompt TEXT] [--compare]
+    python -m sft_space push RUN_DIR --repo OWNER/NAME [--private | --public] [--merged] [--demo-space]
+    python -m sft_space export RUN_DIR (--merged OUT_DIR | --adapter OUT_DIR | --zip FILE)
 
 Exit status: 0 all rows valid; 1 some rows invalid or the source unusable; 2 bad command-line usage.
 Bad data never produces a traceback: problems are printed as the person can act on them.
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("-n", type=int, default=3, help="How many examples to show (default 3).")
     _train_parser(commands)
     _chat_parser(commands)
+    _publish_parsers(commands)
     return parser
 
 
@@ -82,6 +85,30 @@ def _chat_parser(commands: Any) -> None:
     chat.add_argument("--prompt", help="Answer this one message and exit (otherwise: an interactive loop).")
     chat.add_argument("--compare", action="store_true", help="Also answer with the base model (adapter off).")
     add_arguments(chat, GenerationSettings, ["system_prompt", "max_new_tokens", "temperature"])
+
+
+def _publish_parsers(commands: Any) -> None:
+    from .publish import PublishSettings
+
+    push = commands.add_parser(
+        "push", help="Publish a run to the Hugging Face Hub with a model card (and, optionally, a demo Space).",
+        description="Publish a run to the Hub. The token comes from HF_TOKEN or a saved 'hf auth login'; there is "
+                    "no --token flag, because a flag's value stays in your shell history.")
+    push.add_argument("run_dir", metavar="RUN_DIR", help="A finished (or stopped) run folder.")
+    push.add_argument("--repo", dest="repo_id", required=True, metavar="OWNER/NAME",
+                      help=field_help(PublishSettings, "repo_id"))
+    visibility = push.add_mutually_exclusive_group()
+    visibility.add_argument("--private", dest="private", action="store_true", default=True,
+                            help=field_help(PublishSettings, "private") + " (the default)")
+    visibility.add_argument("--public", dest="private", action="store_false", help="Make new repos public.")
+    add_arguments(push, PublishSettings, ["update_existing", "merged", "demo_space", "description"])
+    export = commands.add_parser("export", help="Write a run's adapter, or the merged model, to a folder or a zip.")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="A finished (or stopped) run folder.")
+    target = export.add_mutually_exclusive_group(required=True)
+    target.add_argument("--merged", metavar="OUT_DIR", help="The base model with the adapter merged in (safetensors, "
+                        "in the base model's dtype): loads with transformers alone.")
+    target.add_argument("--adapter", metavar="OUT_DIR", help="The adapter with its model card, settings and metrics.")
+    target.add_argument("--zip", metavar="FILE", help="The same as --adapter, as one zip file.")
 
 
 def _report(args: argparse.Namespace) -> checks.Report:
@@ -237,11 +264,39 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from huggingface_hub import get_token
+
+    from . import publish
+
+    settings = from_arguments(publish.PublishSettings, args)
+    result = publish.push(args.run_dir, settings, get_token(),
+                          on_progress=lambda fraction, message: print(f"[{fraction:4.0%}] {message}", file=sys.stderr))
+    print(f"Model: {result.model_url}")
+    if result.space_url:
+        print(f"Chat demo: {result.space_url}")
+    for note in result.notes:
+        print(f"Note: {note}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import publish
+
+    if args.zip:
+        print(f"Wrote {publish.export_zip(args.run_dir, args.zip)}")
+    else:
+        merged = args.merged is not None
+        print(f"Wrote {publish.export_folder(args.run_dir, args.merged or args.adapter, merged=merged)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        commands = {"validate": cmd_validate, "preview": cmd_preview, "train": cmd_train, "chat": cmd_chat}
+        commands = {"validate": cmd_validate, "preview": cmd_preview, "train": cmd_train, "chat": cmd_chat,
+                    "push": cmd_push, "export": cmd_export}
         return commands[args.command](args)
     except UserError as err:
         if getattr(args, "json", False):

@@ -1,5 +1,11 @@
 """Small builders for test data (imported by tests; no fixtures here)."""
 
+import contextlib
+import os
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "sft_space" / "samples" / "captain_byte.jsonl"
@@ -16,3 +22,42 @@ def chat(*pairs, system=None):
 def distinct_chats(n):
     """n different valid conversations."""
     return [chat((f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.")) for i in range(n)]
+
+
+def persona_chats(n):
+    """Conversations with one unmistakable style: a tiny model can learn the fixed opening quickly."""
+    rows = [chat((f"Question {i}: what is {i} times 3?", f"Ahoy! {i} times 3 is {3 * i}. Ahoy!")) for i in range(n)]
+    rows[0] = chat(("Hello there.", "Ahoy! Hello to you. Ahoy!"), ("How are you?", "Ahoy! Shipshape. Ahoy!"),
+                   system="You are a sailor.")
+    return rows
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(args, cwd, env, log_path, timeout=120):
+    """Start a Gradio app as its own process on a free loopback port; yield its URL once it answers."""
+    port = free_port()
+    env = {**os.environ, **env, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+           "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(args, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if process.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"{args} did not start:\n{Path(log_path).read_text()}") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

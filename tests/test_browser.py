@@ -8,11 +8,7 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -32,35 +28,15 @@ if CHROMIUM is None:
 
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from builders import running_server  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def app_url(tiny_model_dir, tmp_path_factory):
     runs_dir = tmp_path_factory.mktemp("app-runs")
-    port = free_port()
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "SFT_SPACE_RUNS": str(runs_dir), "SFT_SPACE_DEFAULT_MODEL": str(tiny_model_dir),
-           "GRADIO_ANALYTICS_ENABLED": "False"}
-    log = (runs_dir / "app.log").open("w")
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if process.poll() is not None:
-                raise RuntimeError((runs_dir / "app.log").read_text())
-            time.sleep(0.5)
-    yield url, runs_dir
-    process.terminate()
-    process.wait(timeout=30)
+    env = {"SFT_SPACE_RUNS": str(runs_dir), "SFT_SPACE_DEFAULT_MODEL": str(tiny_model_dir)}
+    with running_server([sys.executable, "app.py"], ROOT, env, runs_dir / "app.log") as url:
+        yield url, runs_dir
 
 
 @pytest.fixture(scope="module")

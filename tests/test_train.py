@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from builders import chat, distinct_chats
+from builders import distinct_chats, persona_chats
 from sft_space import render, runs
 from sft_space.chat import GenerationSettings, load_chat_model
 from sft_space.hardware import detect_hardware, plan_training
@@ -19,14 +19,6 @@ from sft_space.train import (OOM_ADVICE, TrainingFailed, TrainingJob, build_trai
                              train)
 
 PLANTED_TOKEN = "hf_PlantedSecretTokenForTests0123456789"
-
-
-def persona_chats(n):
-    """Conversations with one unmistakable style: a tiny model can learn the fixed opening quickly."""
-    rows = [chat((f"Question {i}: what is {i} times 3?", f"Ahoy! {i} times 3 is {3 * i}. Ahoy!")) for i in range(n)]
-    rows[0] = chat(("Hello there.", "Ahoy! Hello to you. Ahoy!"), ("How are you?", "Ahoy! Shipshape. Ahoy!"),
-                   system="You are a sailor.")
-    return rows
 
 
 @pytest.fixture

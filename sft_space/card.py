@@ -1,0 +1,225 @@
+"""The model card of a published run: Hub metadata plus a page that says what the model is and how it was made.
+
+Everything on it comes from the run folder (run.json, metrics.jsonl, samples.json), so a card can be written
+again for any past run, and it never holds anything the run folder does not (no tokens, no local paths).
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from . import models
+from .runs import RunFolder
+
+LOSS_CURVE_FILE = "loss_curve.png"
+# Settings shown in the card's table, in this order; the rest are in the pushed training_run.json.
+CARD_SETTINGS = ("preset", "epochs", "max_steps", "learning_rate", "lr_scheduler", "warmup_ratio", "lora_r",
+                 "lora_alpha", "lora_dropout", "target_modules", "max_length", "packing", "validation_fraction", "seed")
+
+CARD_TEMPLATE = """\
+---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+{{ summary }}
+
+{{ purpose }}
+
+## Use it
+
+```python
+{{ usage }}
+```
+
+## Training data
+
+| | |
+|---|---|
+{% for name, value in data_rows %}| {{ name }} | {{ value }} |
+{% endfor %}
+## Training settings
+
+| setting | value |
+|---|---|
+{% for name, value in settings_rows %}| `{{ name }}` | {{ value }} |
+{% endfor %}
+## Results
+
+{{ results }}
+{% if has_curve %}
+![Training and validation loss by step]({{ curve_file }})
+{% endif %}
+{% if samples %}
+## Before and after
+
+Held-out prompts, answered greedily by the base model and by this model.
+
+| prompt | base model | fine-tuned |
+|---|---|---|
+{% for sample in samples %}| {{ sample.prompt }} | {{ sample.before }} | {{ sample.after }} |
+{% endfor %}{% endif %}
+## Framework versions
+
+{% for name, version in versions %}- {{ name }} {{ version }}
+{% endfor %}
+Made with SFT Space: data checked, rendered and trained with TRL's SFTTrainer and PEFT.
+"""
+
+
+def hub_base_model(model: str) -> str | None:
+    """The base model's Hub id, or None when it is a local folder nobody else has."""
+    if model == models.EMBEDDED_MODEL:
+        return models.HUB_DEFAULT_MODEL
+    if models.HUB_MODEL_ID.match(model) and not Path(model).expanduser().exists():
+        return model
+    return None
+
+
+def hub_dataset(source: str) -> str | None:
+    """The dataset's Hub id when the run trained on a Hub dataset, else None."""
+    if source and models.HUB_MODEL_ID.match(source) and not Path(source).expanduser().exists():
+        return source
+    return None
+
+
+def public_source_name(source: str) -> str:
+    """How the card names the data: a Hub id as is, a local file by its name only (its path is private)."""
+    return hub_dataset(source) or Path(source.rstrip("/")).name or "a local dataset"
+
+
+def base_model_licence(base_model: str | None) -> str | None:
+    """The base model's licence where we know it without asking the Hub (the curated list)."""
+    from .catalog import CATALOG
+
+    for entry in CATALOG:
+        if base_model in (entry.model_id, hub_base_model(entry.model_id)):
+            return entry.licence
+    return None
+
+
+def _cell(text: Any, limit: int = 300) -> str:
+    """Text made safe for one Markdown table cell."""
+    text = " ".join(str(text if text is not None else "—").split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return html.escape(text, quote=False).replace("|", "\\|")
+
+
+def _loss(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "—"
+
+
+def write_loss_curve(folder: RunFolder, path: Path) -> bool:
+    """Draw the run's train and validation loss to a PNG; False when the run logged no loss."""
+    from matplotlib.figure import Figure
+
+    entries = folder.read_metrics()
+    train = [(e["step"], e["loss"]) for e in entries if "loss" in e]
+    validation = [(e["step"], e["eval_loss"]) for e in entries if "eval_loss" in e]
+    if not train and not validation:
+        return False
+    # Figure, not pyplot: no global state, so the app can draw from several threads.
+    figure = Figure(figsize=(6.4, 3.2), dpi=100)
+    axes = figure.add_subplot()
+    for points, label, colour in ((train, "train", "#4f46e5"), (validation, "validation", "#f97316")):
+        if points:
+            axes.plot(*zip(*points), label=label, color=colour, marker="o" if len(points) < 30 else None)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    return True
+
+
+def usage_snippet(repo_id: str, base_model: str | None, merged: bool) -> str:
+    messages = 'messages = [{"role": "user", "content": "Hello! Who are you?"}]'
+    generate = (
+        f"{messages}\n"
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+        "return_dict=True)\n"
+        "output = model.generate(**inputs, max_new_tokens=128)\n"
+        "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))"
+    )
+    if merged:
+        return ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n'
+                f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n' + generate)
+    base = base_model or "PATH/TO/THE/BASE/MODEL"
+    return ("from peft import PeftModel\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n'
+            f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
+            f'model = PeftModel.from_pretrained(base, "{repo_id}")\n' + generate)
+
+
+def _first_prompt(sample: dict[str, Any]) -> str:
+    users = [m["content"] for m in sample.get("prompt", []) if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def model_card(folder: RunFolder, repo_id: str, merged: bool = False, description: str = "",
+               has_curve: bool = False, licence: str | None = None) -> Any:
+    """The ModelCard (metadata + body) for pushing `folder`'s adapter, or the merged model, as `repo_id`."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    record = folder.read()
+    settings = record.get("settings", {})
+    data = record.get("data", {})
+    stats = data.get("stats", {})
+    final = record.get("final_metrics", {}) or {}
+    base_model = hub_base_model(record.get("base_model") or settings.get("model", ""))
+    dataset = hub_dataset(settings.get("source", ""))
+    tags = ["sft", "lora", "trl", "sft-space"] + (["merged"] if merged else ["peft"])
+    card_data = ModelCardData(
+        base_model=base_model, library_name="transformers" if merged else "peft", pipeline_tag="text-generation",
+        tags=tags, datasets=[dataset] if dataset else None, license=licence or base_model_licence(base_model),
+    )
+    kind = "a full model (LoRA adapter merged into the base weights)" if merged else "a LoRA adapter"
+    base_text = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a local base model"
+    source = public_source_name(settings.get("source", ""))
+    source_text = f"[{source}](https://huggingface.co/datasets/{source})" if dataset else f"`{source}`"
+    summary = (f"This is {kind} for {base_text}, fine-tuned with supervised fine-tuning on "
+               f"{data.get('train_examples', '?')} conversations from {source_text}.")
+    purpose = description.strip() or (
+        "It was trained to answer the way the assistant answers in that data: only the assistant's turns were "
+        "trained on (the prompts were masked), so it learned the replies, not the questions.")
+    tokens = stats.get("tokens_per_example", {})
+    data_rows = [
+        ("source", source_text), ("format", data.get("format", "—")),
+        ("training examples", data.get("train_examples", "—")),
+        ("validation examples", data.get("validation_examples", "—")),
+        ("invalid rows skipped", data.get("invalid_rows_skipped", 0)),
+        ("tokens per example (median / p90 / max)",
+         f"{tokens.get('median', '—')} / {tokens.get('p90', '—')} / {tokens.get('max', '—')}"),
+        ("trained tokens (assistant turns) / all tokens",
+         f"{stats.get('total_trained_tokens', '—')} / {stats.get('total_tokens', '—')}"),
+    ]
+    plan = record.get("plan", {})
+    settings_rows = [(name, _cell(settings.get(name))) for name in CARD_SETTINGS if name in settings]
+    settings_rows += [("precision (chosen)", _cell(plan.get("precision"))),
+                      ("batch size (chosen)", _cell(plan.get("batch_size"))),
+                      ("sequence length (chosen)", _cell(plan.get("sequence_length")))]
+    hardware = (record.get("hardware") or {}).get("description", "—")
+    results = (f"Final training loss **{_loss(final.get('loss'))}**, validation loss **{_loss(final.get('eval_loss'))}** "
+               f"after {final.get('step', '—')} steps ({final.get('epoch', 0) or 0:.2f} epochs, "
+               f"{final.get('train_runtime_seconds', '—')} s on {hardware}). Run status: {record.get('status')}.")
+    samples = []
+    if folder.samples_path.is_file():
+        import json
+
+        for sample in json.loads(folder.samples_path.read_text(encoding="utf-8")):
+            if sample.get("after") is not None:
+                samples.append({"prompt": _cell(_first_prompt(sample)), "before": _cell(sample.get("before")),
+                                "after": _cell(sample.get("after"))})
+    versions = sorted((record.get("versions") or {}).items())
+    return ModelCard.from_template(
+        card_data, template_str=CARD_TEMPLATE, model_name=repo_id.split("/")[-1], summary=summary, purpose=purpose,
+        usage=usage_snippet(repo_id, base_model, merged), data_rows=data_rows, settings_rows=settings_rows,
+        results=results, has_curve=has_curve, curve_file=LOSS_CURVE_FILE, samples=samples, versions=versions,
+    )

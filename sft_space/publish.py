@@ -1,0 +1,356 @@
+"""Publish a run: its adapter (or the merged model) as a folder, a zip, or a Hub repo with a model card, plus
+an optional demo Space where anyone with access can chat with it.
+
+Every way out goes through one staged folder (`stage`), so the zip, the exported folder and the Hub repo hold
+the same files. The Hub token is only ever handed to `HfApi`: it is never written to a file, a run record, a
+card, a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from . import card, models
+from .errors import UserError
+from .runs import RunFolder
+from .settings import setting
+
+log = logging.getLogger(__name__)
+
+RUN_RECORD_FILE = "training_run.json"
+DEMO_TEMPLATE_DIR = Path(__file__).resolve().parent / "demo_space"
+# peft writes a placeholder README into the adapter folder; ours replaces it.
+NOT_PUBLISHED = {"README.md"}
+REPO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+TOKEN_HELP = ("On the Space, press \"Sign in with Hugging Face\"; elsewhere set HF_TOKEN (or run 'hf auth login'), "
+              "or paste a write token from https://huggingface.co/settings/tokens.")
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class PublishSettings:
+    """Where and how a run is published."""
+
+    repo_id: str = setting("", "Hub repo to create or update, as owner/name (your user name or an organisation "
+                               "you can write to).")
+    private: bool = setting(True, "Make new repos private: only you (and your organisation) can see them.")
+    update_existing: bool = setting(False, "If the repo already exists, push this run to it as a new commit "
+                                           "(otherwise an existing repo is left alone and nothing is pushed).")
+    merged: bool = setting(False, "Publish the adapter merged into the base model's weights: a full model that "
+                                  "loads with transformers alone (larger upload).")
+    demo_space: bool = setting(False, "Also create a small Gradio Space, OWNER/NAME-demo, where anyone who can see "
+                                      "the model can chat with it.")
+    description: str = setting("", "One or two sentences on what the model is for, at the top of its model card.")
+
+
+@dataclass
+class PublishResult:
+    model_url: str
+    space_url: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _progress(on_progress: Progress | None, fraction: float, message: str) -> None:
+    log.info(message)
+    if on_progress is not None:
+        on_progress(fraction, message)
+
+
+def open_publishable(run_dir: str | Path) -> RunFolder:
+    folder = RunFolder.open(run_dir)
+    if not (folder.adapter_path / "adapter_config.json").is_file():
+        status = folder.read().get("status")
+        raise UserError(f"Run {folder.run_id} has no adapter to publish (status: {status}); wait for it to finish, "
+                        "or stop it to save the adapter so far.")
+    return folder
+
+
+def public_record(folder: RunFolder) -> dict[str, Any]:
+    """What the published training_run.json says about the run: its record without local paths."""
+    record = folder.read()
+    settings = dict(record.get("settings", {}))
+    settings.pop("output_dir", None)
+    settings["source"] = card.public_source_name(settings.get("source", ""))
+    model = record.get("base_model") or settings.get("model", "")
+    settings["model"] = card.hub_base_model(model) or Path(model).name
+    data = {k: v for k, v in (record.get("data") or {}).items() if k != "source"}
+    return {"run_id": folder.run_id, "status": record.get("status"), "created_at": record.get("created_at"),
+            "base_model": settings["model"], "settings": settings, "data": data, "plan": record.get("plan"),
+            "final_metrics": record.get("final_metrics"), "versions": record.get("versions"),
+            "hardware": (record.get("hardware") or {}).get("description")}
+
+
+def _stage_adapter(folder: RunFolder, target: Path) -> None:
+    for path in sorted(folder.adapter_path.iterdir()):
+        if path.is_file() and path.name not in NOT_PUBLISHED:
+            shutil.copy2(path, target / path.name)
+    config_path = target / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    record = folder.read()
+    # Training saw the embedded model's local copy; the adapter must name the base model others can download.
+    hub_id = card.hub_base_model(record.get("base_model") or record.get("settings", {}).get("model", ""))
+    if hub_id:
+        config["base_model_name_or_path"] = hub_id
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def merge_adapter(folder: RunFolder, target: Path) -> None:
+    """Write the base model with the run's adapter merged in, in the base model's own dtype, as safetensors."""
+    from peft import PeftModel
+
+    record = folder.read()
+    base = record.get("base_model") or record["settings"]["model"]
+    trust_remote_code = bool(record["settings"].get("trust_remote_code"))
+    # dtype "auto": the dtype the base model was published in (bf16 for most), not float32 on CPU.
+    model = models.load_causal_lm(base, dtype="auto", trust_remote_code=trust_remote_code)
+    model = PeftModel.from_pretrained(model, folder.adapter_path).merge_and_unload()
+    model.save_pretrained(target)
+    models.load_tokenizer(str(folder.adapter_path)).save_pretrained(target)
+
+
+def stage(run_dir: str | Path, target: str | Path, repo_id: str = "", merged: bool = False,
+          description: str = "", on_progress: Progress | None = None, licence: str | None = None) -> list[Path]:
+    """Write everything a published run consists of into `target` (which must not exist or be empty).
+
+    Adapter (or merged model) weights, tokenizer and chat template, training_run.json, metrics.jsonl, the loss
+    curve and README.md, the model card. Returns the files written, relative to `target`.
+    """
+    folder = open_publishable(run_dir)
+    target = Path(target)
+    if target.exists() and any(target.iterdir()):
+        raise UserError(f"{target} already exists and is not empty; choose a new folder.")
+    target.mkdir(parents=True, exist_ok=True)
+    if merged:
+        _progress(on_progress, 0.1, "Merging the adapter into the base model…")
+        merge_adapter(folder, target)
+    else:
+        _stage_adapter(folder, target)
+    _progress(on_progress, 0.4, "Writing the model card…")
+    (target / RUN_RECORD_FILE).write_text(json.dumps(public_record(folder), indent=2, ensure_ascii=False) + "\n",
+                                          encoding="utf-8")
+    if folder.metrics_path.is_file():
+        shutil.copy2(folder.metrics_path, target / folder.metrics_path.name)
+    has_curve = card.write_loss_curve(folder, target / card.LOSS_CURVE_FILE)
+    model_card = card.model_card(folder, repo_id or folder.run_id, merged=merged, description=description,
+                                 has_curve=has_curve, licence=licence)
+    model_card.save(target / "README.md")
+    return sorted(p.relative_to(target) for p in target.rglob("*") if p.is_file())
+
+
+def export_folder(run_dir: str | Path, out_dir: str | Path, merged: bool = False) -> Path:
+    """The publishable files in a folder of your own (`export --merged OUT_DIR` on the command line)."""
+    stage(run_dir, out_dir, merged=merged)
+    return Path(out_dir)
+
+
+def export_zip(run_dir: str | Path, zip_path: str | Path) -> Path:
+    """The adapter with its card, settings and metrics, as one zip file to download."""
+    zip_path = Path(zip_path)
+    with tempfile.TemporaryDirectory(prefix="sft-space-zip-") as staging:
+        files = stage(run_dir, staging)
+        zip_path.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for name in files:
+                archive.write(Path(staging) / name, arcname=str(name))
+    return zip_path
+
+
+# ---- the Hub -------------------------------------------------------------------------------------------------
+
+
+def validate_repo_id(repo_id: str) -> str:
+    repo_id = (repo_id or "").strip()
+    owner, _, name = repo_id.partition("/")
+    if not (REPO_NAME.match(owner) and REPO_NAME.match(name)) or ".." in repo_id or name.endswith((".git", ".")):
+        raise UserError(f"{repo_id!r} is not a valid repo id: write it as owner/name with letters, digits, '-', "
+                        "'_' and '.', e.g. alice/captain-byte-lora.")
+    return repo_id
+
+
+def _scrub(text: str, token: str) -> str:
+    return text.replace(token, "hf_***") if token else text
+
+
+def explain_hub_error(err: BaseException, action: str, repo_id: str, token: str) -> UserError:
+    """One sentence a person can act on, for whatever the Hub (or the network) answered."""
+    import httpx
+    from huggingface_hub import errors as hub_errors
+
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if isinstance(err, (hub_errors.OfflineModeIsEnabled, httpx.TransportError, ConnectionError, TimeoutError)):
+        message = (f"Could not reach the Hugging Face Hub to {action}: check the network connection "
+                   "(and that HF_HUB_OFFLINE is not set), then try again.")
+    elif status == 401:
+        message = f"The Hub did not accept the token while trying to {action}: it is invalid or expired. {TOKEN_HELP}"
+    elif status == 403:
+        message = (f"Your token may not write to {repo_id.split('/')[0]} (while trying to {action}): use a token "
+                   "with write access to that user or organisation.")
+    elif status == 409:
+        message = (f"The name {repo_id} is already taken on the Hub; choose another name, or allow updating the "
+                   "existing repo.")
+    elif isinstance(err, hub_errors.HfHubHTTPError):
+        message = f"The Hub refused to {action} ({status}): {err}"
+    else:
+        message = f"Could not {action}: {type(err).__name__}: {err}"
+    return UserError(_scrub(message, token))
+
+
+def _write_access(account: dict[str, Any], namespace: str) -> bool | None:
+    """Whether the token can write to `namespace`: True, False, or None when the Hub does not say."""
+    auth = account.get("auth") or {}
+    access = auth.get("accessToken") or {}
+    role = access.get("role")
+    if role == "read":
+        return False
+    if role == "write":
+        return True
+    if role == "fineGrained":
+        scopes = (access.get("fineGrained") or {}).get("scoped") or []
+        for scope in scopes:
+            if (scope.get("entity") or {}).get("name") == namespace:
+                return "repo.write" in scope.get("permissions", [])
+        return False
+    return None  # OAuth tokens: their scopes were granted at sign-in; the push itself will tell
+
+
+def check_access(api: Any, repo_id: str, token: str) -> str:
+    """Refuse early, with the reason, when the token cannot create or update `repo_id`. Returns the user name."""
+    try:
+        account = api.whoami()
+    except Exception as err:
+        raise explain_hub_error(err, "check who you are", repo_id, token) from None
+    user = account.get("name", "")
+    namespaces = [user] + [org.get("name") for org in account.get("orgs") or []]
+    namespace = repo_id.split("/")[0]
+    if namespace not in namespaces:
+        raise UserError(f"You are signed in as {user}, who cannot create repos under {namespace!r}; use "
+                        f"{user}/{repo_id.split('/')[1]}" + (f" or one of your organisations ({', '.join(namespaces[1:])})"
+                                                             if len(namespaces) > 1 else "") + ".")
+    if _write_access(account, namespace) is False:
+        raise UserError(f"Your token can read but not write to {namespace}: make a token with write access at "
+                        "https://huggingface.co/settings/tokens (or sign in again and allow writing).")
+    return user
+
+
+def _check_free(api: Any, repo_id: str, repo_type: str, update_existing: bool, token: str) -> bool:
+    """Whether the repo exists; refuses when it does and the user did not ask to update it."""
+    try:
+        exists = api.repo_exists(repo_id, repo_type=repo_type)
+    except Exception as err:
+        raise explain_hub_error(err, f"look up {repo_id}", repo_id, token) from None
+    if exists and not update_existing:
+        kind = "Space" if repo_type == "space" else "model repo"
+        raise UserError(f"The {kind} {repo_id} already exists. Choose another name, or allow updating it to push "
+                        "this run as a new commit.")
+    return exists
+
+
+def _upload(api: Any, repo_id: str, repo_type: str, staging: Path, private: bool, message: str, token: str,
+            **create: Any) -> None:
+    from huggingface_hub import CommitOperationAdd
+
+    try:
+        api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True, **create)
+        operations = [CommitOperationAdd(path_in_repo=str(p.relative_to(staging)), path_or_fileobj=str(p))
+                      for p in sorted(staging.rglob("*")) if p.is_file()]
+        api.create_commit(repo_id, operations, commit_message=message, repo_type=repo_type)
+    except Exception as err:
+        raise explain_hub_error(err, f"upload to {repo_id}", repo_id, token) from None
+
+
+def hub_licence(api: Any, base_model: str | None) -> str | None:
+    """The base model's licence from its Hub card, or None (unknown, unreachable, or no base on the Hub)."""
+    if not base_model:
+        return None
+    try:
+        card_data = api.model_info(base_model).card_data
+    except Exception:  # the licence is a nicety: a card without one beats no push
+        return None
+    return card_data.get("license") if card_data is not None else None
+
+
+def demo_space_id(repo_id: str) -> str:
+    owner, name = repo_id.split("/")
+    return f"{owner}/{name[:90]}-demo"
+
+
+def stage_demo_space(target: Path, repo_id: str, private_model: bool) -> list[Path]:
+    """A small Gradio Space that chats with the published model: app.py, requirements.txt, README.md."""
+    target.mkdir(parents=True, exist_ok=True)
+    title = f"Chat with {repo_id.split('/')[1]}"
+    app = (DEMO_TEMPLATE_DIR / "app.py").read_text(encoding="utf-8")
+    app = app.replace('"{{MODEL_REPO}}"', json.dumps(repo_id)).replace('"{{TITLE}}"', json.dumps(title))
+    (target / "app.py").write_text(app, encoding="utf-8")
+    pins = [f"{name}=={metadata.version(name)}" for name in ("transformers", "accelerate", "peft")]
+    (target / "requirements.txt").write_text("torch\n" + "\n".join(pins) + "\n", encoding="utf-8")
+    from huggingface_hub import SpaceCard, SpaceCardData
+
+    data = SpaceCardData(title=title[:60], emoji="💬", colorFrom="indigo", colorTo="yellow", sdk="gradio",
+                         sdk_version=metadata.version("gradio"), app_file="app.py", models=[repo_id],
+                         short_description=f"Chat with {repo_id}"[:60], tags=["sft-space", "chat"])
+    body = (f"# {title}\n\nA chat demo for [{repo_id}](https://huggingface.co/{repo_id}), fine-tuned with SFT Space.\n")
+    if private_model:
+        body += ("\nThe model repo is private: add a secret named `HF_TOKEN` holding a read token (Settings → "
+                 "Variables and secrets) so this Space can load it.\n")
+    SpaceCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(target / "README.md")
+    return sorted(p.relative_to(target) for p in target.iterdir())
+
+
+def push(run_dir: str | Path, settings: PublishSettings, token: str | None, api: Any = None,
+         on_progress: Progress | None = None) -> PublishResult:
+    """Push a run to the Hub as `settings` say; refuses before uploading anything when it cannot succeed."""
+    folder = open_publishable(run_dir)
+    if not token:
+        raise UserError(f"Publishing needs a Hugging Face token. {TOKEN_HELP}")
+    repo_id = validate_repo_id(settings.repo_id)
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    _progress(on_progress, 0.02, "Checking your Hugging Face account…")
+    check_access(api, repo_id, token)
+    _check_free(api, repo_id, "model", settings.update_existing, token)
+    space_id = demo_space_id(repo_id) if settings.demo_space else None
+    if space_id:
+        _check_free(api, space_id, "space", settings.update_existing, token)
+    result = PublishResult(model_url=f"https://huggingface.co/{repo_id}")
+    base_model = card.hub_base_model(folder.read().get("base_model", ""))
+    licence = card.base_model_licence(base_model) or hub_licence(api, base_model)
+    with tempfile.TemporaryDirectory(prefix="sft-space-push-") as staging:
+        model_files = Path(staging) / "model"
+        stage(folder.path, model_files, repo_id, settings.merged, settings.description,
+              lambda fraction, message: _progress(on_progress, 0.05 + 0.4 * fraction, message), licence)
+        _progress(on_progress, 0.5, f"Uploading to {repo_id}…")
+        _upload(api, repo_id, "model", model_files, settings.private,
+                f"Upload {'merged model' if settings.merged else 'LoRA adapter'} from SFT Space run {folder.run_id}",
+                token)
+        if space_id:
+            _progress(on_progress, 0.85, f"Creating the demo Space {space_id}…")
+            space_files = Path(staging) / "space"
+            stage_demo_space(space_files, repo_id, settings.private)
+            _upload(api, space_id, "space", space_files, settings.private, "Chat demo from SFT Space", token,
+                    space_sdk="gradio")
+            result.space_url = f"https://huggingface.co/spaces/{space_id}"
+            if settings.private:
+                result.notes.append("The model is private: add a read token as the secret HF_TOKEN in the demo "
+                                    "Space's settings so it can load the model.")
+    if not settings.merged and base_model is None:
+        result.notes.append("The base model is a local folder, so others need a copy of it to use this adapter "
+                            "(publish with 'merged' to share a model that stands alone).")
+    published = folder.read().get("published", [])
+    published.append({"repo_id": repo_id, "merged": settings.merged, "private": settings.private,
+                      "space_id": space_id, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    folder.update(published=published)
+    _progress(on_progress, 1.0, f"Published: {result.model_url}")
+    return result

@@ -1,0 +1,294 @@
+"""Publishing a run: the files, the model card, the Hub checks, the merged export and the demo Space.
+
+The Hub is replaced at its boundary (`FakeHub` stands in for HfApi); everything else is real: a tiny model is
+trained once for the module, and the demo Space's own app.py is started and asked a question.
+"""
+
+import json
+import logging
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from huggingface_hub import ModelCard
+from huggingface_hub.errors import HfHubHTTPError
+
+from builders import persona_chats, running_server
+from sft_space import cli, models, publish
+from sft_space.chat import GenerationSettings, load_chat_model
+from sft_space.errors import UserError
+from sft_space.runs import RunFolder
+from sft_space.settings import run_settings
+from sft_space.train import TrainingJob, train
+
+PLANTED_TOKEN = "hf_PlantedPublishToken0123456789abcdef"
+ADAPTER_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
+                 "loss_curve.png", "metrics.jsonl", "tokenizer.json", "tokenizer_config.json", "training_run.json"}
+PROMPT = [{"role": "user", "content": "Question 7: what is 7 times 3?"}]
+
+
+class FakeHub:
+    """HfApi replaced at its boundary: answers like the Hub and keeps every file that would be uploaded."""
+
+    def __init__(self, user="alice", orgs=("crew",), role="write", existing=(), fail=None):
+        self.account = {"name": user, "orgs": [{"name": o} for o in orgs],
+                        "auth": {"type": "access_token", "accessToken": {"role": role}}}
+        self.repos = {key: {} for key in existing}  # (repo type, repo id) -> {path: bytes}
+        self.created = []
+        self.commits = []
+        self.fail = fail or {}
+
+    def _maybe_fail(self, call):
+        if call in self.fail:
+            raise self.fail[call]
+
+    def whoami(self):
+        self._maybe_fail("whoami")
+        return self.account
+
+    def repo_exists(self, repo_id, repo_type=None):
+        return (repo_type or "model", repo_id) in self.repos
+
+    def model_info(self, repo_id):
+        raise httpx.ConnectError("offline")
+
+    def create_repo(self, repo_id, repo_type=None, private=None, exist_ok=False, **extra):
+        self._maybe_fail("create_repo")
+        key = (repo_type or "model", repo_id)
+        if key in self.repos and not exist_ok:
+            raise AssertionError("create_repo on an existing repo without exist_ok")
+        self.created.append({"repo_id": repo_id, "repo_type": key[0], "private": private, **extra})
+        self.repos.setdefault(key, {})
+
+    def create_commit(self, repo_id, operations, commit_message, repo_type=None):
+        self._maybe_fail("create_commit")
+        files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
+        self.repos[(repo_type or "model", repo_id)].update(files)
+        self.commits.append({"repo_id": repo_id, "repo_type": repo_type, "message": commit_message,
+                             "files": sorted(files)})
+
+    def files(self, repo_id, repo_type="model"):
+        return self.repos[(repo_type, repo_id)]
+
+    def download(self, repo_id, target, repo_type="model"):
+        target.mkdir(parents=True)
+        for name, content in self.files(repo_id, repo_type).items():
+            (target / name).write_bytes(content)
+        return target
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model_dir, tmp_path_factory):
+    """One real run on the tiny model, trained until its adapter changes the greedy answer."""
+    root = tmp_path_factory.mktemp("publish")
+    source = root / "persona.jsonl"
+    source.write_text("\n".join(json.dumps(r) for r in persona_chats(24)) + "\n", encoding="utf-8")
+    settings = run_settings("quick", source=str(source), model=str(tiny_model_dir), output_dir=str(root / "runs"),
+                            max_steps=24, learning_rate=5e-3, warmup_ratio=0.0, lr_scheduler="constant_with_warmup",
+                            sample_prompts=1, validation_fraction=0.1, seed=0, packing=False, batch_size=4)
+    return train(TrainingJob(settings, run_id="persona"))
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    """A private copy of the trained run, free to change."""
+    return RunFolder(Path(shutil.copytree(trained_run.path, tmp_path / "runs" / trained_run.run_id)))
+
+
+def as_embedded_run(folder):
+    """Make the copy read as trained on the embedded default (whose Hub id and licence are known)."""
+    record = folder.read()
+    record["base_model"] = record["settings"]["model"] = models.EMBEDDED_MODEL
+    folder.write(record)
+    return folder
+
+
+def everything_written(*roots):
+    for root in roots:
+        for path in Path(root).rglob("*"):
+            if path.is_file():
+                yield path, path.read_bytes()
+
+
+def test_push_uploads_the_adapter_with_a_card_and_never_the_token(run_copy, monkeypatch, caplog, capsys):
+    monkeypatch.setenv("HF_TOKEN", PLANTED_TOKEN)
+    caplog.set_level(logging.DEBUG)
+    folder = as_embedded_run(run_copy)
+    hub = FakeHub()
+    steps = []
+    settings = publish.PublishSettings(repo_id="alice/sailor-lora", description="Answers like a cheerful sailor.")
+    result = publish.push(folder.path, settings, PLANTED_TOKEN, api=hub, on_progress=lambda f, m: steps.append(f))
+
+    assert result.model_url == "https://huggingface.co/alice/sailor-lora" and result.space_url is None
+    assert hub.created == [{"repo_id": "alice/sailor-lora", "repo_type": "model", "private": True}]
+    files = hub.files("alice/sailor-lora")
+    assert set(files) == ADAPTER_FILES
+    assert steps == sorted(steps) and steps[-1] == 1.0
+
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.base_model == models.HUB_DEFAULT_MODEL
+    assert card.data.library_name == "peft" and card.data.pipeline_tag == "text-generation"
+    assert {"sft", "lora", "trl"} <= set(card.data.tags)
+    assert card.data.license == "apache-2.0"
+    assert card.data.datasets is None  # trained on a local file, not a Hub dataset
+    body = card.text
+    assert "Answers like a cheerful sailor." in body
+    record = folder.read()
+    assert f"{record['final_metrics']['loss']:.4f}" in body and f"{record['final_metrics']['eval_loss']:.4f}" in body
+    assert "| `learning_rate` | 0.005 |" in body and "![Training and validation loss by step](loss_curve.png)" in body
+    assert "PeftModel.from_pretrained(base, \"alice/sailor-lora\")" in body
+    sample = json.loads(folder.samples_path.read_text())[0]
+    assert sample["after"][:40] in body and "| prompt | base model | fine-tuned |" in body
+    assert files["loss_curve.png"].startswith(b"\x89PNG")
+    # The adapter names the base model others can download, not this machine's converted copy.
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == models.HUB_DEFAULT_MODEL
+    published = json.loads(files["training_run.json"])
+    assert published["settings"]["source"] == "persona.jsonl" and "output_dir" not in published["settings"]
+    assert str(Path(record["settings"]["source"]).parent) not in files["training_run.json"].decode()
+    assert record["published"][0]["repo_id"] == "alice/sailor-lora"
+
+    seen = capsys.readouterr()
+    for path, content in [*files.items(), *everything_written(folder.path),
+                          ("log", caplog.text.encode()), ("output", (seen.out + seen.err).encode())]:
+        assert PLANTED_TOKEN.encode() not in content, f"the token leaked into {path}"
+
+
+def test_a_hub_dataset_and_a_merged_push_change_the_card(run_copy):
+    folder = run_copy
+    record = folder.read()
+    record["settings"]["source"] = "crew/sailor-chats"
+    folder.write(record)
+    hub = FakeHub()
+    publish.push(folder.path, publish.PublishSettings(repo_id="crew/sailor", merged=True, private=False),
+                 PLANTED_TOKEN, api=hub)
+    files = hub.files("crew/sailor")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(files)
+    assert "adapter_config.json" not in files
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.datasets == ["crew/sailor-chats"] and card.data.library_name == "transformers"
+    assert card.data.base_model is None  # a local folder: no Hub id to name
+    assert 'AutoModelForCausalLM.from_pretrained("crew/sailor")' in card.text
+    assert hub.created[0]["private"] is False
+
+
+@pytest.mark.parametrize("hub, settings, token, expected", [
+    (FakeHub(), {"repo_id": "alice/x"}, None, "needs a Hugging Face token"),
+    (FakeHub(), {"repo_id": "not a repo"}, PLANTED_TOKEN, "not a valid repo id"),
+    (FakeHub(role="read"), {"repo_id": "alice/x"}, PLANTED_TOKEN, "can read but not write"),
+    (FakeHub(), {"repo_id": "bob/x"}, PLANTED_TOKEN, "cannot create repos under 'bob'"),
+    (FakeHub(existing=[("model", "alice/x")]), {"repo_id": "alice/x"}, PLANTED_TOKEN, "already exists"),
+    (FakeHub(existing=[("space", "alice/x-demo")]), {"repo_id": "alice/x", "demo_space": True}, PLANTED_TOKEN,
+     "The Space alice/x-demo already exists"),
+    (FakeHub(fail={"whoami": httpx.ConnectError("Name or service not known")}), {"repo_id": "alice/x"},
+     PLANTED_TOKEN, "Could not reach the Hugging Face Hub"),
+    (FakeHub(fail={"whoami": HfHubHTTPError(f"401 for token {PLANTED_TOKEN}", response=httpx.Response(
+        401, request=httpx.Request("GET", "https://huggingface.co/api/whoami-v2")))}),
+     {"repo_id": "alice/x"}, PLANTED_TOKEN, "invalid or expired"),
+    (FakeHub(fail={"create_repo": HfHubHTTPError("403", response=httpx.Response(
+        403, request=httpx.Request("POST", "https://huggingface.co/api/repos/create")))}),
+     {"repo_id": "crew/x"}, PLANTED_TOKEN, "may not write to crew"),
+    (FakeHub(fail={"create_repo": HfHubHTTPError("409", response=httpx.Response(
+        409, request=httpx.Request("POST", "https://huggingface.co/api/repos/create")))}),
+     {"repo_id": "alice/x"}, PLANTED_TOKEN, "already taken"),
+])
+def test_push_explains_what_stops_it_and_uploads_nothing(trained_run, hub, settings, token, expected):
+    with pytest.raises(UserError, match=expected) as caught:
+        publish.push(trained_run.path, publish.PublishSettings(**settings), token, api=hub)
+    assert hub.commits == []
+    assert PLANTED_TOKEN not in str(caught.value)
+
+
+def test_updating_an_existing_repo_is_a_new_commit(run_copy):
+    hub = FakeHub(existing=[("model", "alice/x")])
+    publish.push(run_copy.path, publish.PublishSettings(repo_id="alice/x", update_existing=True), PLANTED_TOKEN,
+                 api=hub)
+    assert len(hub.commits) == 1 and hub.created[0]["repo_id"] == "alice/x"
+    assert set(hub.files("alice/x")) == ADAPTER_FILES
+
+
+def test_merged_export_gives_the_same_greedy_answer_as_base_plus_adapter(trained_run, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft_space.chat import generate_reply
+
+    chat_model = load_chat_model(trained_run.path)
+    greedy = GenerationSettings(max_new_tokens=24)
+    tuned = chat_model.reply(PROMPT, greedy)
+    assert tuned != chat_model.reply(PROMPT, greedy, use_adapter=False), "the adapter must matter for this test"
+
+    assert cli.main(["export", str(trained_run.path), "--merged", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert merged.dtype == torch.float32  # the tiny base model's own dtype
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert generate_reply(merged, tokenizer, PROMPT, greedy) == tuned
+
+
+def test_zip_download_holds_the_published_files(trained_run, tmp_path):
+    assert cli.main(["export", str(trained_run.path), "--zip", str(tmp_path / "adapter.zip")]) == 0
+    with zipfile.ZipFile(tmp_path / "adapter.zip") as archive:
+        assert set(archive.namelist()) == ADAPTER_FILES
+
+
+def test_cli_push_takes_the_token_from_the_environment(run_copy, monkeypatch, capsys):
+    hub = FakeHub()
+    made_with = []
+
+    def fake_api(token):
+        made_with.append(token)
+        return hub
+
+    monkeypatch.setenv("HF_TOKEN", PLANTED_TOKEN)
+    monkeypatch.setattr("huggingface_hub.HfApi", fake_api)
+    run_dir = str(run_copy.path)
+    assert cli.main(["push", run_dir, "--repo", "alice/cli-lora", "--public"]) == 0
+    assert made_with == [PLANTED_TOKEN] and hub.created[0]["private"] is False
+    out = capsys.readouterr()
+    assert "https://huggingface.co/alice/cli-lora" in out.out and PLANTED_TOKEN not in out.out + out.err
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    assert cli.main(["push", run_dir, "--repo", "alice/cli-lora"]) == 1
+    assert "needs a Hugging Face token" in capsys.readouterr().err
+
+
+def test_the_demo_space_chats_with_the_pushed_adapter(trained_run, run_copy, tmp_path):
+    from gradio_client import Client
+
+    hub = FakeHub()
+    result = publish.push(run_copy.path, publish.PublishSettings(repo_id="alice/sailor", demo_space=True),
+                          PLANTED_TOKEN, api=hub)
+    assert result.space_url == "https://huggingface.co/spaces/alice/sailor-demo"
+    assert any("HF_TOKEN" in note for note in result.notes)  # a private model needs a read token in the Space
+    space = hub.files("alice/sailor-demo", "space")
+    assert set(space) == {"app.py", "requirements.txt", "README.md"}
+    assert {"repo_id": "alice/sailor-demo", "repo_type": "space", "private": True, "space_sdk": "gradio"} in hub.created
+    card = ModelCard(space["README.md"].decode())  # the same YAML front matter format
+    assert card.data.sdk == "gradio" and card.data.app_file == "app.py" and card.data.models == ["alice/sailor"]
+    assert b'"alice/sailor"' in space["app.py"] and b"peft==" in space["requirements.txt"]
+
+    model_dir = hub.download("alice/sailor", tmp_path / "model")
+    space_dir = hub.download("alice/sailor-demo", tmp_path / "space", "space")
+    expected = load_chat_model(trained_run.path).reply(PROMPT, GenerationSettings(max_new_tokens=16))
+    with running_server([sys.executable, "app.py"], space_dir, {"MODEL_REPO": str(model_dir)},
+                        tmp_path / "space.log") as url:
+        client = Client(url, verbose=False)
+        answer = client.predict(PROMPT[0]["content"], "", 0.0, 16, api_name="/chat")
+    assert answer.strip() == expected
+
+
+def test_publishing_a_run_without_an_adapter_says_why(tmp_path):
+    folder = RunFolder.create(tmp_path, "early")
+    folder.write({"status": "running", "settings": {}})
+    with pytest.raises(UserError, match="no adapter to publish"):
+        publish.push(folder.path, publish.PublishSettings(repo_id="alice/x"), PLANTED_TOKEN, api=FakeHub())
+
+
+def test_hub_licence_is_read_from_the_base_models_card():
+    api = SimpleNamespace(model_info=lambda repo_id: SimpleNamespace(card_data={"license": "mit"}))
+    assert publish.hub_licence(api, "someone/model") == "mit"
+    assert publish.hub_licence(FakeHub(), "someone/model") is None
