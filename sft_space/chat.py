@@ -133,7 +133,7 @@ def load_chat_model(run_dir: str | Path | None = None, base_model: str | None = 
     if run_dir is not None:
         run = RunFolder.open(run_dir)
         record = run.read()
-        if not (run.adapter_path / "adapter_config.json").is_file():
+        if not run.has_adapter:
             raise UserError(f"Run {run.run_id} has no adapter yet (status: {record.get('status')}); "
                             "wait for it to finish, or stop it to save the adapter.")
         base_model = record["settings"]["model"]

@@ -265,12 +265,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from huggingface_hub import get_token
-
     from . import publish
 
     settings = from_arguments(publish.PublishSettings, args)
-    result = publish.push(args.run_dir, settings, get_token(),
+    result = publish.push(args.run_dir, settings, publish.resolve_token(),
                           on_progress=lambda fraction, message: print(f"[{fraction:4.0%}] {message}", file=sys.stderr))
     print(f"Model: {result.model_url}")
     if result.space_url:

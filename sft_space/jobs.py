@@ -72,6 +72,8 @@ class JobManager:
             if self._current is not None and len(self._queue) >= self._max_queued:
                 raise UserError(f"The GPU is busy and {len(self._queue)} runs are already waiting; "
                                 "try again when one finishes.")
+            if resume:
+                self._check_resumable(resume, owner)
             job_id = Path(resume).name if resume else runs.new_run_id(settings.source) + "-" + uuid.uuid4().hex[:4]
             job = Job(job_id, owner, settings, resume=resume)
             if resume:
@@ -83,6 +85,15 @@ class JobManager:
                 self._queue.append(job)
                 job.message = f"Waiting for the GPU: position {len(self._queue)} in the queue."
             return job
+
+    def _check_resumable(self, run_dir: str, owner: str) -> None:
+        folder = runs.RunFolder.open(run_dir)
+        target = folder.path.resolve()
+        if any(j.run_dir is not None and Path(j.run_dir).resolve() == target and not j.done for j in self._jobs.values()):
+            raise UserError(f"Run {folder.run_id} is already training or waiting to; it cannot be resumed twice.")
+        started_by = folder.read().get("owner")
+        if started_by and started_by != owner:
+            raise UserError(f"Run {folder.run_id} was started by another visitor; only they can resume it.")
 
     def _start(self, job: Job) -> None:
         self._current = job
@@ -98,6 +109,8 @@ class JobManager:
 
         def on_folder(path: Path) -> None:
             job.run_dir = path
+            # Kept in the run record so that, after a restart, only the same visitor can resume the run.
+            runs.RunFolder(path).update(owner=job.owner)
 
         outcome: tuple[str, str, str | None]
         try:

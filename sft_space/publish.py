@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -69,7 +70,7 @@ def _progress(on_progress: Progress | None, fraction: float, message: str) -> No
 
 def open_publishable(run_dir: str | Path) -> RunFolder:
     folder = RunFolder.open(run_dir)
-    if not (folder.adapter_path / "adapter_config.json").is_file():
+    if not folder.has_adapter:
         status = folder.read().get("status")
         raise UserError(f"Run {folder.run_id} has no adapter to publish (status: {status}); wait for it to finish, "
                         "or stop it to save the adapter so far.")
@@ -176,6 +177,28 @@ def validate_repo_id(repo_id: str) -> str:
         raise UserError(f"{repo_id!r} is not a valid repo id: write it as owner/name with letters, digits, '-', "
                         "'_' and '.', e.g. alice/captain-byte-lora.")
     return repo_id
+
+
+def running_on_space() -> bool:
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def resolve_token(typed: str | None = None, signed_in: str | None = None) -> str | None:
+    """The token to push with: one pasted for this push, else the visitor's sign-in, else (only on your own
+    machine) HF_TOKEN or the saved login.
+
+    On a Space the Space's own HF_TOKEN secret is never used: it belongs to the Space's owner, and any visitor
+    could otherwise publish into the owner's account.
+    """
+    if typed and typed.strip():
+        return typed.strip()
+    if signed_in:
+        return signed_in
+    if running_on_space():
+        return None
+    from huggingface_hub import get_token
+
+    return get_token()
 
 
 def _scrub(text: str, token: str) -> str:

@@ -63,6 +63,9 @@ def validate_run_id(run_id: str) -> str:
 class RunFolder:
     path: Path
 
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+
     @property
     def run_id(self) -> str:
         return self.path.name
@@ -82,6 +85,11 @@ class RunFolder:
     @property
     def samples_path(self) -> Path:
         return self.path / SAMPLES_FILE
+
+    @property
+    def has_adapter(self) -> bool:
+        """Whether the run saved an adapter (at its end, or when stopped) to chat with or publish."""
+        return (self.adapter_path / "adapter_config.json").is_file()
 
     @classmethod
     def create(cls, runs_dir: str | Path, run_id: str) -> RunFolder:

@@ -34,7 +34,9 @@ from builders import running_server  # noqa: E402
 @pytest.fixture(scope="module")
 def app_url(tiny_model_dir, tmp_path_factory):
     runs_dir = tmp_path_factory.mktemp("app-runs")
-    env = {"SFT_SPACE_RUNS": str(runs_dir), "SFT_SPACE_DEFAULT_MODEL": str(tiny_model_dir)}
+    # No Hub token of the developer's reaches the app: publishing must ask for one.
+    env = {"SFT_SPACE_RUNS": str(runs_dir), "SFT_SPACE_DEFAULT_MODEL": str(tiny_model_dir), "HF_TOKEN": "",
+           "HF_HOME": str(runs_dir / "hf-home")}
     with running_server([sys.executable, "app.py"], ROOT, env, runs_dir / "app.log") as url:
         yield url, runs_dir
 
@@ -124,6 +126,19 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     page.get_by_role("button", name="↻ Refresh").click()
     expect(page.locator("#runs-table")).to_contain_text(run_folders[0].name, timeout=10_000)
     page.screenshot(path=str(tmp_path / "runs.png"), full_page=True)
+
+    # Publish, opened from the Runs tab: the adapter downloads as a zip; pushing without a token says what to do.
+    page.locator("#runs-run input").click()
+    page.get_by_role("option", name=run_folders[0].name).click()
+    page.click("#open-in-publish")
+    expect(page.locator("#publish-run input")).to_have_value(re.compile(run_folders[0].name), timeout=10_000)
+    page.click("#publish-zip")
+    expect(page.locator("#publish-file")).to_contain_text(re.compile(rf"{run_folders[0].name}-adapter\s*\.zip"),
+                                                          timeout=60_000)
+    page.locator("#publish-repo textarea, #publish-repo input").first.fill("alice/captain-byte")
+    page.click("#publish-push")
+    expect(page.get_by_text("Publishing needs a Hugging Face token")).to_be_visible(timeout=30_000)
+    page.screenshot(path=str(tmp_path / "publish.png"), full_page=True)
     stranger_context.close()
     context.close()
 

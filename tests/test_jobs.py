@@ -19,8 +19,12 @@ class GatedTrainer:
         self.started = []
 
     def __call__(self, job, on_status, on_folder):
-        folder = runs.RunFolder.create(self.root, job.job_id)
-        folder.write({"run_id": job.job_id, "status": runs.RUNNING})
+        if job.resume:
+            folder = runs.RunFolder.open(job.resume)
+            folder.update(status=runs.RUNNING)
+        else:
+            folder = runs.RunFolder.create(self.root, job.job_id)
+            folder.write({"run_id": job.job_id, "status": runs.RUNNING})
         on_folder(folder.path)
         on_status("Training…")
         self.started.append(job.job_id)
@@ -100,3 +104,25 @@ def test_a_failing_job_frees_the_gpu_for_the_next(tmp_path):
     assert job.state == jobs.FAILED and job.error == "data went missing"
     assert manager.current() is None
     assert manager.submit(RunSettings(source="b.jsonl"), owner="alice").job_id != job.job_id
+
+
+def test_a_run_from_before_a_restart_is_resumed_only_by_its_owner_and_once(manager, tmp_path):
+    manager, trainer = manager
+    job = manager.submit(RunSettings(source="a.jsonl"), owner="alice")
+    assert wait_until(lambda: job.state == jobs.RUNNING)
+    manager.stop(job.job_id, owner="alice")
+    assert wait_until(lambda: job.state == jobs.STOPPED)
+    assert runs.RunFolder(job.run_dir).read()["owner"] == "alice"
+
+    restarted = jobs.JobManager(trainer)  # a new process: it knows no jobs, only run folders
+    with pytest.raises(UserError, match="started by another visitor"):
+        restarted.submit(RunSettings(source="a.jsonl"), owner="mallory", resume=str(job.run_dir))
+    resumed = restarted.submit(RunSettings(source="a.jsonl"), owner="alice", resume=str(job.run_dir))
+    assert wait_until(lambda: resumed.state == jobs.RUNNING) and resumed.run_dir == job.run_dir
+    restarted.stop(resumed.job_id, owner="alice")
+    assert wait_until(lambda: resumed.done)
+    again = restarted.submit(RunSettings(source="a.jsonl"), owner="alice", resume=str(job.run_dir))
+    with pytest.raises(UserError, match="already training"):
+        restarted.submit(RunSettings(source="a.jsonl"), owner="bob", resume=str(job.run_dir))
+    restarted.stop(again.job_id, owner="alice")
+    assert wait_until(lambda: again.done)

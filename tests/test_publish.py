@@ -292,3 +292,31 @@ def test_hub_licence_is_read_from_the_base_models_card():
     api = SimpleNamespace(model_info=lambda repo_id: SimpleNamespace(card_data={"license": "mit"}))
     assert publish.hub_licence(api, "someone/model") == "mit"
     assert publish.hub_licence(FakeHub(), "someone/model") is None
+
+
+def test_the_publish_tab_pushes_with_a_pasted_token_and_links_the_result(run_copy, monkeypatch):
+    import gradio as gr
+
+    from sft_space.ui import publish_tab
+
+    hub = FakeHub()
+    values = dict(private=True, update_existing=False, merged=False, demo_space=True, description="")
+    shown = publish_tab.publish_run(str(run_copy.path), " alice/from-the-app ", PLANTED_TOKEN, None, values,
+                                    api=hub)
+    assert "[alice/from-the-app](https://huggingface.co/alice/from-the-app)" in shown
+    assert "https://huggingface.co/spaces/alice/from-the-app-demo" in shown and PLANTED_TOKEN not in shown
+    # On a Space, the Space owner's own token is never used for a visitor's push.
+    monkeypatch.setenv("SPACE_ID", "owner/sft-space")
+    monkeypatch.setenv("HF_TOKEN", PLANTED_TOKEN)
+    with pytest.raises(gr.Error, match="needs a Hugging Face token"):
+        publish_tab.publish_run(str(run_copy.path), "alice/other", "", None, values, api=FakeHub())
+    assert publish.resolve_token("", "oauth-token-of-the-visitor") == "oauth-token-of-the-visitor"
+    monkeypatch.delenv("SPACE_ID")
+    assert publish.resolve_token("", None) == PLANTED_TOKEN  # on your own machine HF_TOKEN is yours
+
+
+def test_the_publish_tab_zips_a_run_for_download(trained_run):
+    from sft_space.ui import publish_tab
+
+    with zipfile.ZipFile(publish_tab.zip_run(str(trained_run.path))) as archive:
+        assert "adapter_model.safetensors" in archive.namelist()

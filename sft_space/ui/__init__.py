@@ -1,6 +1,6 @@
 """The Gradio app: one module per tab, each a thin skin over the core.
 
-Data → Train → Chat, plus Runs. Every visitor gets an id kept in their browser (localStorage), so a page
+Data → Train → Chat → Publish, plus Runs. Every visitor gets an id kept in their browser (localStorage), so a page
 reload re-attaches to their job and nobody else can stop it.
 """
 
@@ -11,14 +11,17 @@ import uuid
 
 import gradio as gr
 
-from .. import jobs, models
-from . import chat_tab, data_tab, runs_tab, train_tab
+from .. import jobs, models, runs
+from ..errors import UserError
+from ..settings import RunSettings
+from . import chat_tab, data_tab, publish_tab, runs_tab, train_tab
 
 TITLE = "SFT Space"
 INTRO = (
     "Turn your own prompt/response data into your assistant. "
     "**Data** → see every problem and what the model will be trained on · **Train** a LoRA adapter and watch "
-    "the loss · **Chat** with it beside the base model."
+    "the loss · **Chat** with it beside the base model · **Publish** it to the Hub with a model card and a chat "
+    "demo anyone can open."
 )
 
 
@@ -38,13 +41,16 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
             with gr.Tab("Data", id="data"):
                 _, data_settings, skip_invalid = data_tab.build(model)
             with gr.Tab("Train", id="train"):
-                train_tab.build(manager, folder, owner, model, data_settings, skip_invalid)
+                training = train_tab.build(manager, folder, owner, model, data_settings, skip_invalid)
             with gr.Tab("Chat", id="chat") as chat_item:
                 chat = chat_tab.build(folder, model)
+            with gr.Tab("Publish", id="publish") as publish_item:
+                publishing = publish_tab.build(folder)
             with gr.Tab("Runs", id="runs") as runs_item:
                 past = runs_tab.build(folder)
         # Runs finish while the page is open: the lists are read again whenever their tab is opened.
         chat_item.select(chat["on_refresh"], inputs=chat["run"], outputs=chat["run"])
+        publish_item.select(publishing["on_refresh"], inputs=publishing["run"], outputs=publishing["run"])
         runs_item.select(past["on_refresh"], outputs=past["refresh_outputs"])
 
         def open_in_chat(run_id):
@@ -53,6 +59,29 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
             return gr.update(choices=choices, value=value), gr.Tabs(selected="chat")
 
         past["open_chat"].click(open_in_chat, inputs=past["run_id"], outputs=[chat["run"], tabs])
+
+        def open_in_publish(run_id):
+            if not run_id:
+                raise gr.Error("Pick a run to publish.")
+            path = os.path.join(folder, runs.validate_run_id(run_id))
+            if not runs.RunFolder(path).has_adapter:
+                raise gr.Error(f"Run {run_id} has no adapter to publish yet: wait for it to finish, or stop it.")
+            return publishing["on_refresh"](path), gr.Tabs(selected="publish")
+
+        past["publish"].click(open_in_publish, inputs=past["run_id"], outputs=[publishing["run"], tabs])
+
+        def resume_run(visitor, run_id):
+            # Any stopped or interrupted run, also one from before the app restarted; only its starter may.
+            if not run_id:
+                raise gr.Error("Pick a run to resume.")
+            try:
+                record = runs.RunFolder.open(os.path.join(folder, runs.validate_run_id(run_id))).read()
+                job = manager.submit(RunSettings(**record["settings"]), visitor, resume=os.path.join(folder, run_id))
+            except UserError as err:
+                raise gr.Error(str(err)) from None
+            return job.job_id, gr.Tabs(selected="train")
+
+        past["resume"].click(resume_run, inputs=[owner, past["run_id"]], outputs=[training["job_id"], tabs])
         app.load(lambda visitor: visitor or uuid.uuid4().hex, inputs=owner, outputs=owner)
     return app
 

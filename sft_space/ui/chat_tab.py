@@ -19,6 +19,7 @@ from .. import runs
 from ..chat import ChatModel, GenerationSettings, load_chat_model
 from ..errors import UserError
 from ..settings import field_help
+from .common import adapter_run_choices
 
 BASE_ONLY = "(base model only)"
 NO_RUN_CHOSEN = "No fine-tuned run chosen: pick one under *Chat with* to compare."
@@ -37,14 +38,8 @@ def chat_model_for(run_dir: str | None, base_model: str) -> ChatModel:
 
 
 def run_choices(runs_dir: str) -> list[tuple[str, str]]:
-    """Runs that have an adapter to chat with, newest first."""
-    choices = []
-    for folder, record in runs.list_runs(runs_dir):
-        if (folder.adapter_path / "adapter_config.json").is_file():
-            loss = (record.get("final_metrics") or {}).get("loss")
-            label = f"{folder.run_id} · {record.get('status')}" + (f" · loss {loss:.3f}" if loss else "")
-            choices.append((label, str(folder.path)))
-    return choices + [(BASE_ONLY, BASE_ONLY)]
+    """Runs that have an adapter to chat with, newest first, then the base model alone."""
+    return adapter_run_choices(runs_dir) + [(BASE_ONLY, BASE_ONLY)]
 
 
 def suggestion(run_dir: str | None) -> str:

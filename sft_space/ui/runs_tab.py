@@ -1,4 +1,4 @@
-"""Runs tab: past runs with their settings, final loss and curve; open one to chat with it."""
+"""Runs tab: past runs with their settings, final loss and curve; open one to chat with, resume or publish."""
 
 from __future__ import annotations
 
@@ -49,8 +49,11 @@ def build(runs_dir: str) -> dict[str, Any]:
     refresh = gr.Button("↻ Refresh", size="sm")
     table = gr.Dataframe(runs_table(runs_dir), interactive=False, elem_id="runs-table")
     with gr.Row():
-        run_id = gr.Dropdown([r for r in runs_table(runs_dir)["run"]], label="Run", allow_custom_value=False, scale=3)
-        open_chat = gr.Button("Chat with this run", scale=1, elem_id="open-in-chat")
+        run_id = gr.Dropdown([r for r in runs_table(runs_dir)["run"]], label="Run", allow_custom_value=False, scale=3,
+                             elem_id="runs-run")
+        open_chat = gr.Button("Chat with it", scale=1, elem_id="open-in-chat")
+        resume = gr.Button("Resume it", scale=1, elem_id="runs-resume")
+        publish = gr.Button("Publish it", scale=1, elem_id="open-in-publish")
     with gr.Row():
         details = gr.Markdown()
         curve = gr.LinePlot(EMPTY_CURVE, x="step", y="loss", color="split", label="Loss", height=220,
@@ -63,4 +66,5 @@ def build(runs_dir: str) -> dict[str, Any]:
 
     refresh.click(on_refresh, outputs=[table, run_id])
     run_id.change(lambda r: run_details(runs_dir, r), inputs=run_id, outputs=[details, curve])
-    return {"run_id": run_id, "open_chat": open_chat, "on_refresh": on_refresh, "refresh_outputs": [table, run_id]}
+    return {"run_id": run_id, "open_chat": open_chat, "resume": resume, "publish": publish, "on_refresh": on_refresh,
+            "refresh_outputs": [table, run_id]}

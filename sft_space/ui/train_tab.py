@@ -17,6 +17,7 @@ from .. import catalog, jobs, runs
 from ..errors import UserError
 from ..hardware import detect_hardware
 from ..settings import PRESET_NAMES, DataSettings, RunSettings, field_help, field_type, run_settings, train_command
+from .common import settings_component
 
 ADVANCED_GROUPS = (("lora", "LoRA"), ("schedule", "Schedule"), ("hardware", "Speed and memory"))
 # No data is None, not an empty frame: a plot first drawn from an empty frame never shows its lines later.
@@ -104,19 +105,6 @@ def visitor_job(manager: jobs.JobManager, owner: str, job_id: str) -> jobs.Job |
     return manager.get(job_id, owner) if job_id else manager.latest_for(owner)
 
 
-def _component_for(spec: dataclasses.Field) -> gr.components.Component:
-    label = spec.name.replace("_", " ").capitalize()
-    info = spec.metadata["help"]
-    kind = field_type(spec)
-    if "choices" in spec.metadata:
-        return gr.Dropdown(list(spec.metadata["choices"]), value=spec.default, label=label, info=info)
-    if kind is bool:
-        return gr.Checkbox(value=spec.default, label=label, info=info)
-    if kind in (int, float):
-        return gr.Number(value=spec.default, label=label, info=info, precision=0 if kind is int else None)
-    return gr.Textbox(value=spec.default, label=label, info=info)
-
-
 def model_picker(default: str | None = None) -> gr.Dropdown:
     """The model dropdown shared by every tab: each entry says its size and whether it fits this machine."""
     hardware = detect_hardware()
@@ -142,7 +130,7 @@ def build(manager: jobs.JobManager, runs_dir: str, owner: gr.BrowserState, model
             with gr.Row():
                 for spec in advanced_fields():
                     if spec.metadata.get("group") == group:
-                        advanced[spec.name] = _component_for(spec)
+                        advanced[spec.name] = settings_component(spec)
     names = list(advanced)
     with gr.Row():
         start = gr.Button("Start", variant="primary", elem_id="start-training")

@@ -1,0 +1,35 @@
+"""Pieces several tabs share: form controls generated from settings fields, and the list of trained runs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gradio as gr
+
+from .. import runs
+from ..settings import field_type
+
+
+def settings_component(spec: dataclasses.Field) -> gr.components.Component:
+    """The form control for one settings field, labelled and explained from its declaration."""
+    label = spec.name.replace("_", " ").capitalize()
+    info = spec.metadata["help"]
+    kind = field_type(spec)
+    if "choices" in spec.metadata:
+        return gr.Dropdown(list(spec.metadata["choices"]), value=spec.default, label=label, info=info)
+    if kind is bool:
+        return gr.Checkbox(value=spec.default, label=label, info=info)
+    if kind in (int, float):
+        return gr.Number(value=spec.default, label=label, info=info, precision=0 if kind is int else None)
+    return gr.Textbox(value=spec.default, label=label, info=info)
+
+
+def adapter_run_choices(runs_dir: str) -> list[tuple[str, str]]:
+    """(label, run folder) for every run with an adapter to chat with or publish, newest first."""
+    choices = []
+    for folder, record in runs.list_runs(runs_dir):
+        if folder.has_adapter:
+            loss = (record.get("final_metrics") or {}).get("loss")
+            label = f"{folder.run_id} · {record.get('status')}" + (f" · loss {loss:.3f}" if loss else "")
+            choices.append((label, str(folder.path)))
+    return choices

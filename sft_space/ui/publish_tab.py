@@ -1,0 +1,115 @@
+"""Publish tab: push a run to the Hub with its model card (and a demo Space), or download it as a zip.
+
+On a Space with `hf_oauth`, visitors sign in with the LoginButton and push with their own OAuth token; a token
+can also be pasted for one push. The token is used for that push only: it is not kept in any state, file or
+page output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from .. import publish
+from ..errors import UserError
+from .common import adapter_run_choices, settings_component
+
+FORM_FIELDS = ("private", "update_existing", "merged", "demo_space", "description")
+
+
+def oauth_enabled() -> bool:
+    """Sign-in with Hugging Face works only on a Space with `hf_oauth: true` (Gradio then sets these)."""
+    return publish.running_on_space() and bool(os.environ.get("OAUTH_CLIENT_ID"))
+
+
+def publish_run(run_dir: str | None, repo_id: str, typed_token: str, signed_in_token: str | None,
+                values: dict[str, Any], progress: Any = None, api: Any = None) -> str:
+    """Push and describe the outcome in Markdown; every failure becomes a readable gr.Error."""
+    if not run_dir:
+        raise gr.Error("Pick a run to publish.")
+    settings = publish.PublishSettings(repo_id=(repo_id or "").strip(), **values)
+    token = publish.resolve_token(typed_token, signed_in_token)
+
+    def on_progress(fraction: float, message: str) -> None:
+        if progress is not None:
+            progress(fraction, desc=message)
+
+    try:
+        result = publish.push(run_dir, settings, token, api=api, on_progress=on_progress)
+    except UserError as err:
+        raise gr.Error(str(err)) from None
+    lines = [f"✅ Published **[{settings.repo_id}]({result.model_url})**"
+             + (" (private)" if settings.private else "")]
+    if result.space_url:
+        lines.append(f"💬 Chat demo: **[{result.space_url}]({result.space_url})** (it takes a few minutes to build)")
+    lines += [f"ℹ️ {note}" for note in result.notes]
+    return "\n\n".join(lines)
+
+
+def zip_run(run_dir: str | None) -> str:
+    if not run_dir:
+        raise gr.Error("Pick a run to download.")
+    # A fresh temporary folder: Gradio serves files from there, and two downloads never collide.
+    target = Path(tempfile.mkdtemp(prefix="sft-space-download-")) / f"{Path(run_dir).name}-adapter.zip"
+    try:
+        return str(publish.export_zip(run_dir, target))
+    except UserError as err:
+        raise gr.Error(str(err)) from None
+
+
+def build(runs_dir: str) -> dict[str, Any]:
+    specs = {f.name: f for f in dataclasses.fields(publish.PublishSettings)}
+    with gr.Row():
+        run = gr.Dropdown(adapter_run_choices(runs_dir), value=None, label="Run", scale=3, elem_id="publish-run",
+                          info="A finished run, or a stopped one (its adapter so far).")
+        refresh = gr.Button("↻ Runs", size="sm", scale=0)
+    with gr.Group():
+        if oauth_enabled():
+            gr.LoginButton()
+        token = gr.Textbox(label="Hugging Face token", type="password", elem_id="publish-token",
+                           placeholder="hf_…", info=("Sign in above, or paste a token with write access. It is used "
+                                                     "for this push only and never saved."
+                                                     if oauth_enabled() else
+                                                     "A token with write access, used for this push only and never "
+                                                     "saved. Leave empty to use HF_TOKEN or your saved login."))
+        repo_id = gr.Textbox(label="Repo", placeholder="your-name/my-assistant", elem_id="publish-repo",
+                             info=specs["repo_id"].metadata["help"])
+    with gr.Row():
+        form = {name: settings_component(specs[name]) for name in FORM_FIELDS if name != "description"}
+    form["description"] = settings_component(specs["description"])
+    with gr.Row():
+        push = gr.Button("Publish to the Hub", variant="primary", elem_id="publish-push")
+        make_zip = gr.Button("Download the adapter (.zip)", elem_id="publish-zip")
+    outcome = gr.Markdown(elem_id="publish-outcome")
+    download = gr.File(label="Adapter zip", interactive=False, elem_id="publish-file")
+
+    if oauth_enabled():
+        # Gradio fills an OAuthToken parameter with the signed-in visitor's token (None when signed out); it
+        # finds it by its annotation, so the parameters are spelled out rather than taken as *args.
+        def on_push(run_dir, repo, typed, private, update_existing, merged, demo_space, description,
+                    oauth_token: gr.OAuthToken | None, progress=gr.Progress()):
+            values = dict(private=private, update_existing=update_existing, merged=merged, demo_space=demo_space,
+                          description=description)
+            return publish_run(run_dir, repo, typed, oauth_token.token if oauth_token else None, values, progress)
+    else:
+        def on_push(run_dir, repo, typed, private, update_existing, merged, demo_space, description,
+                    progress=gr.Progress()):
+            values = dict(private=private, update_existing=update_existing, merged=merged, demo_space=demo_space,
+                          description=description)
+            return publish_run(run_dir, repo, typed, None, values, progress)
+
+    push.click(on_push, inputs=[run, repo_id, token, *(form[name] for name in FORM_FIELDS)], outputs=outcome)
+    make_zip.click(zip_run, inputs=run, outputs=download)
+
+    def on_refresh(current=None):
+        choices = adapter_run_choices(runs_dir)
+        values = [value for _, value in choices]
+        return gr.update(choices=choices, value=current if current in values else (values[0] if values else None))
+
+    refresh.click(on_refresh, inputs=run, outputs=run)
+    return {"run": run, "on_refresh": on_refresh}
