@@ -25,3 +25,26 @@ def test_earlier_chat_turns_reach_the_model_as_their_text():
                                                       {"role": "assistant", "content": "Ahoy!"}]))
     assert _as_messages(history) == [{"role": "user", "content": "Hi there"},
                                      {"role": "assistant", "content": "Ahoy!"}]
+
+
+def test_sign_in_with_hugging_face_is_wired_only_on_a_space(monkeypatch, tiny_model_dir, tmp_path):
+    """On a Space with hf_oauth the Publish button receives the visitor's OAuth token; elsewhere the app must not
+    ask for OAuth at all (Gradio would then demand a logged-in machine just to start)."""
+    from sft_space import jobs
+    from sft_space.ui import build_app
+
+    monkeypatch.setenv("SFT_SPACE_RUNS", str(tmp_path))
+    local = build_app(jobs.JobManager(), default_model=str(tiny_model_dir))
+    assert not local.expects_oauth
+    monkeypatch.setenv("SYSTEM", "spaces")
+    monkeypatch.setenv("SPACE_ID", "alice/sft-space")
+    monkeypatch.setenv("OAUTH_CLIENT_ID", "client-id")
+    # What a Space with hf_oauth sets; Gradio reads these when it is first imported.
+    for name, value in (("OAUTH_CLIENT_ID", "client-id"), ("OAUTH_CLIENT_SECRET", "secret"),
+                        ("OAUTH_SCOPES", "openid profile write-repos manage-repos"),
+                        ("OPENID_PROVIDER_URL", "https://huggingface.co")):
+        monkeypatch.setattr(f"gradio.oauth.{name}", value)
+    on_space = build_app(jobs.JobManager(), default_model=str(tiny_model_dir))
+    assert on_space.expects_oauth
+    push = [f for f in on_space.fns.values() if getattr(f.fn, "__name__", "") == "on_push"]
+    assert len(push) == 1 and "oauth_token" in push[0].fn.__code__.co_varnames

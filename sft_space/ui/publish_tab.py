@@ -23,8 +23,9 @@ FORM_FIELDS = ("private", "update_existing", "merged", "demo_space", "descriptio
 
 
 def oauth_enabled() -> bool:
-    """Sign-in with Hugging Face works only on a Space with `hf_oauth: true` (Gradio then sets these)."""
-    return publish.running_on_space() and bool(os.environ.get("OAUTH_CLIENT_ID"))
+    """Sign-in with Hugging Face works only on a Space with `hf_oauth: true`: the Space sets SYSTEM=spaces
+    (how Gradio recognises a Space) and OAUTH_CLIENT_ID. Elsewhere Gradio would demand a logged-in machine."""
+    return os.environ.get("SYSTEM") == "spaces" and bool(os.environ.get("OAUTH_CLIENT_ID"))
 
 
 def publish_run(run_dir: str | None, repo_id: str, typed_token: str, signed_in_token: str | None,
