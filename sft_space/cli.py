@@ -101,7 +101,7 @@ def _publish_parsers(commands: Any) -> None:
     visibility.add_argument("--private", dest="private", action="store_true", default=True,
                             help=field_help(PublishSettings, "private") + " (the default)")
     visibility.add_argument("--public", dest="private", action="store_false", help="Make new repos public.")
-    add_arguments(push, PublishSettings, ["update_existing", "merged", "demo_space", "description"])
+    add_arguments(push, PublishSettings, ["update_existing", "merged", "merged_dtype", "demo_space", "description"])
     export = commands.add_parser("export", help="Write a run's adapter, or the merged model, to a folder or a zip.")
     export.add_argument("run_dir", metavar="RUN_DIR", help="A finished (or stopped) run folder.")
     target = export.add_mutually_exclusive_group(required=True)
@@ -109,6 +109,7 @@ def _publish_parsers(commands: Any) -> None:
                         "in the base model's dtype): loads with transformers alone.")
     target.add_argument("--adapter", metavar="OUT_DIR", help="The adapter with its model card, settings and metrics.")
     target.add_argument("--zip", metavar="FILE", help="The same as --adapter, as one zip file.")
+    add_arguments(export, PublishSettings, ["merged_dtype"])
 
 
 def _report(args: argparse.Namespace) -> checks.Report:
@@ -284,8 +285,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.zip:
         print(f"Wrote {publish.export_zip(args.run_dir, args.zip)}")
     else:
-        merged = args.merged is not None
-        print(f"Wrote {publish.export_folder(args.run_dir, args.merged or args.adapter, merged=merged)}")
+        settings = publish.PublishSettings(merged=args.merged is not None, merged_dtype=args.merged_dtype)
+        print(f"Wrote {publish.export_folder(args.run_dir, args.merged or args.adapter, settings)}")
     return 0
 
 

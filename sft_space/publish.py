@@ -50,6 +50,9 @@ class PublishSettings:
                                            "(otherwise an existing repo is left alone and nothing is pushed).")
     merged: bool = setting(False, "Publish the adapter merged into the base model's weights: a full model that "
                                   "loads with transformers alone (larger upload).")
+    merged_dtype: str = setting("auto", "Weights dtype of a merged model: auto keeps the base model's own (bf16 for "
+                                        "most, half the size of float32); float32 reproduces a model trained in "
+                                        "float32 (on CPU) exactly.", choices=("auto", "float32", "bfloat16", "float16"))
     demo_space: bool = setting(False, "Also create a small Gradio Space, OWNER/NAME-demo, where anyone who can see "
                                       "the model can chat with it.")
     description: str = setting("", "One or two sentences on what the model is for, at the top of its model card.")
@@ -106,35 +109,42 @@ def _stage_adapter(folder: RunFolder, target: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def merge_adapter(folder: RunFolder, target: Path) -> None:
-    """Write the base model with the run's adapter merged in, in the base model's own dtype, as safetensors."""
+def merge_adapter(folder: RunFolder, target: Path, dtype: str = "auto") -> None:
+    """Write the base model with the run's adapter merged in, as safetensors, in `dtype` ("auto": the base
+    model's own)."""
+    import torch
     from peft import PeftModel
 
     record = folder.read()
     base = record.get("base_model") or record["settings"]["model"]
     trust_remote_code = bool(record["settings"].get("trust_remote_code"))
-    # dtype "auto": the dtype the base model was published in (bf16 for most), not float32 on CPU.
-    model = models.load_causal_lm(base, dtype="auto", trust_remote_code=trust_remote_code)
+    if dtype == "auto":
+        dtype = getattr(models.load_config(base, trust_remote_code), "dtype", None) or torch.float32
+    stored_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    # Merged in float32 and rounded once to the published dtype (bf16 for most): merging in bf16 rounds the
+    # small LoRA update twice, enough to change greedy answers.
+    model = models.load_causal_lm(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(model, folder.adapter_path).merge_and_unload()
-    model.save_pretrained(target)
+    model.to(stored_dtype).save_pretrained(target)
     models.load_tokenizer(str(folder.adapter_path)).save_pretrained(target)
 
 
-def stage(run_dir: str | Path, target: str | Path, repo_id: str = "", merged: bool = False,
-          description: str = "", on_progress: Progress | None = None, licence: str | None = None) -> list[Path]:
+def stage(run_dir: str | Path, target: str | Path, settings: PublishSettings | None = None,
+          on_progress: Progress | None = None, licence: str | None = None) -> list[Path]:
     """Write everything a published run consists of into `target` (which must not exist or be empty).
 
     Adapter (or merged model) weights, tokenizer and chat template, training_run.json, metrics.jsonl, the loss
     curve and README.md, the model card. Returns the files written, relative to `target`.
     """
+    settings = settings or PublishSettings()
     folder = open_publishable(run_dir)
     target = Path(target)
     if target.exists() and any(target.iterdir()):
         raise UserError(f"{target} already exists and is not empty; choose a new folder.")
     target.mkdir(parents=True, exist_ok=True)
-    if merged:
+    if settings.merged:
         _progress(on_progress, 0.1, "Merging the adapter into the base model…")
-        merge_adapter(folder, target)
+        merge_adapter(folder, target, settings.merged_dtype)
     else:
         _stage_adapter(folder, target)
     _progress(on_progress, 0.4, "Writing the model card…")
@@ -143,15 +153,15 @@ def stage(run_dir: str | Path, target: str | Path, repo_id: str = "", merged: bo
     if folder.metrics_path.is_file():
         shutil.copy2(folder.metrics_path, target / folder.metrics_path.name)
     has_curve = card.write_loss_curve(folder, target / card.LOSS_CURVE_FILE)
-    model_card = card.model_card(folder, repo_id or folder.run_id, merged=merged, description=description,
-                                 has_curve=has_curve, licence=licence)
+    model_card = card.model_card(folder, settings.repo_id or folder.run_id, merged=settings.merged,
+                                 description=settings.description, has_curve=has_curve, licence=licence)
     model_card.save(target / "README.md")
     return sorted(p.relative_to(target) for p in target.rglob("*") if p.is_file())
 
 
-def export_folder(run_dir: str | Path, out_dir: str | Path, merged: bool = False) -> Path:
+def export_folder(run_dir: str | Path, out_dir: str | Path, settings: PublishSettings | None = None) -> Path:
     """The publishable files in a folder of your own (`export --merged OUT_DIR` on the command line)."""
-    stage(run_dir, out_dir, merged=merged)
+    stage(run_dir, out_dir, settings)
     return Path(out_dir)
 
 
@@ -352,7 +362,7 @@ def push(run_dir: str | Path, settings: PublishSettings, token: str | None, api:
     licence = card.base_model_licence(base_model) or hub_licence(api, base_model)
     with tempfile.TemporaryDirectory(prefix="sft-space-push-") as staging:
         model_files = Path(staging) / "model"
-        stage(folder.path, model_files, repo_id, settings.merged, settings.description,
+        stage(folder.path, model_files, settings,
               lambda fraction, message: _progress(on_progress, 0.05 + 0.4 * fraction, message), licence)
         _progress(on_progress, 0.5, f"Uploading to {repo_id}…")
         _upload(api, repo_id, "model", model_files, settings.private,

@@ -228,6 +228,10 @@ def test_merged_export_gives_the_same_greedy_answer_as_base_plus_adapter(trained
     assert not any("lora" in name for name, _ in merged.named_parameters())
     assert generate_reply(merged, tokenizer, PROMPT, greedy) == tuned
 
+    assert cli.main(["export", str(trained_run.path), "--merged", str(tmp_path / "half"), "--merged-dtype",
+                     "bfloat16"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "half").dtype == torch.bfloat16
+
 
 def test_zip_download_holds_the_published_files(trained_run, tmp_path):
     assert cli.main(["export", str(trained_run.path), "--zip", str(tmp_path / "adapter.zip")]) == 0
@@ -300,7 +304,8 @@ def test_the_publish_tab_pushes_with_a_pasted_token_and_links_the_result(run_cop
     from sft_space.ui import publish_tab
 
     hub = FakeHub()
-    values = dict(private=True, update_existing=False, merged=False, demo_space=True, description="")
+    values = dict(private=True, update_existing=False, merged=False, merged_dtype="auto", demo_space=True,
+                  description="")
     shown = publish_tab.publish_run(str(run_copy.path), " alice/from-the-app ", PLANTED_TOKEN, None, values,
                                     api=hub)
     assert "[alice/from-the-app](https://huggingface.co/alice/from-the-app)" in shown

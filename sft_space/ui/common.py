@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import gradio as gr
 
@@ -10,18 +11,19 @@ from .. import runs
 from ..settings import field_type
 
 
-def settings_component(spec: dataclasses.Field) -> gr.components.Component:
-    """The form control for one settings field, labelled and explained from its declaration."""
+def settings_component(spec: dataclasses.Field, **options: Any) -> gr.components.Component:
+    """The form control for one settings field, labelled and explained from its declaration; `options` go to
+    the component (visible=False, ...)."""
     label = spec.name.replace("_", " ").capitalize()
     info = spec.metadata["help"]
     kind = field_type(spec)
     if "choices" in spec.metadata:
-        return gr.Dropdown(list(spec.metadata["choices"]), value=spec.default, label=label, info=info)
+        return gr.Dropdown(list(spec.metadata["choices"]), value=spec.default, label=label, info=info, **options)
     if kind is bool:
-        return gr.Checkbox(value=spec.default, label=label, info=info)
+        return gr.Checkbox(value=spec.default, label=label, info=info, **options)
     if kind in (int, float):
-        return gr.Number(value=spec.default, label=label, info=info, precision=0 if kind is int else None)
-    return gr.Textbox(value=spec.default, label=label, info=info)
+        return gr.Number(value=spec.default, label=label, info=info, precision=0 if kind is int else None, **options)
+    return gr.Textbox(value=spec.default, label=label, info=info, **options)
 
 
 def adapter_run_choices(runs_dir: str) -> list[tuple[str, str]]:

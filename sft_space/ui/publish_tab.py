@@ -19,7 +19,7 @@ from .. import publish
 from ..errors import UserError
 from .common import adapter_run_choices, settings_component
 
-FORM_FIELDS = ("private", "update_existing", "merged", "demo_space", "description")
+FORM_FIELDS = ("private", "update_existing", "merged", "merged_dtype", "demo_space", "description")
 
 
 def oauth_enabled() -> bool:
@@ -81,7 +81,9 @@ def build(runs_dir: str) -> dict[str, Any]:
         repo_id = gr.Textbox(label="Repo", placeholder="your-name/my-assistant", elem_id="publish-repo",
                              info=specs["repo_id"].metadata["help"])
     with gr.Row():
-        form = {name: settings_component(specs[name]) for name in FORM_FIELDS if name != "description"}
+        form = {name: settings_component(specs[name]) for name in ("private", "update_existing", "merged",
+                                                                   "demo_space")}
+        form["merged_dtype"] = settings_component(specs["merged_dtype"], visible=False)
     form["description"] = settings_component(specs["description"])
     with gr.Row():
         push = gr.Button("Publish to the Hub", variant="primary", elem_id="publish-push")
@@ -92,18 +94,19 @@ def build(runs_dir: str) -> dict[str, Any]:
     if oauth_enabled():
         # Gradio fills an OAuthToken parameter with the signed-in visitor's token (None when signed out); it
         # finds it by its annotation, so the parameters are spelled out rather than taken as *args.
-        def on_push(run_dir, repo, typed, private, update_existing, merged, demo_space, description,
+        def on_push(run_dir, repo, typed, private, update_existing, merged, merged_dtype, demo_space, description,
                     oauth_token: gr.OAuthToken | None, progress=gr.Progress()):
-            values = dict(private=private, update_existing=update_existing, merged=merged, demo_space=demo_space,
-                          description=description)
+            values = dict(private=private, update_existing=update_existing, merged=merged, merged_dtype=merged_dtype,
+                          demo_space=demo_space, description=description)
             return publish_run(run_dir, repo, typed, oauth_token.token if oauth_token else None, values, progress)
     else:
-        def on_push(run_dir, repo, typed, private, update_existing, merged, demo_space, description,
+        def on_push(run_dir, repo, typed, private, update_existing, merged, merged_dtype, demo_space, description,
                     progress=gr.Progress()):
-            values = dict(private=private, update_existing=update_existing, merged=merged, demo_space=demo_space,
-                          description=description)
+            values = dict(private=private, update_existing=update_existing, merged=merged, merged_dtype=merged_dtype,
+                          demo_space=demo_space, description=description)
             return publish_run(run_dir, repo, typed, None, values, progress)
 
+    form["merged"].change(lambda merged: gr.update(visible=merged), inputs=form["merged"], outputs=form["merged_dtype"])
     push.click(on_push, inputs=[run, repo_id, token, *(form[name] for name in FORM_FIELDS)], outputs=outcome)
     make_zip.click(zip_run, inputs=run, outputs=download)
 
