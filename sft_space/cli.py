@@ -7,6 +7,7 @@
     python -m sft_space chat RUN_DIR [--prompt TEXT] [--compare]
     python -m sft_space push RUN_DIR --repo OWNER/NAME [--private | --public] [--merged] [--demo-space]
     python -m sft_space export RUN_DIR (--merged OUT_DIR | --adapter OUT_DIR | --zip FILE)
+    python -m sft_space bench [--shape NAME] [--steps N] [--json]
 
 Exit status: 0 all rows valid; 1 some rows invalid or the source unusable; 2 bad command-line usage.
 Bad data never produces a traceback: problems are printed as the person can act on them.
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(commands)
     _chat_parser(commands)
     _publish_parsers(commands)
+    _bench_parser(commands)
     return parser
 
 
@@ -110,6 +112,17 @@ def _publish_parsers(commands: Any) -> None:
     target.add_argument("--adapter", metavar="OUT_DIR", help="The adapter with its model card, settings and metrics.")
     target.add_argument("--zip", metavar="FILE", help="The same as --adapter, as one zip file.")
     add_arguments(export, PublishSettings, ["merged_dtype"])
+
+
+def _bench_parser(commands: Any) -> None:
+    from .bench import BenchSettings
+
+    bench = commands.add_parser("bench", help="Measure our default training path against TRL's defaults.",
+                                description="Train the default path and a plain TRL SFTTrainer (TRL's defaults) on "
+                                            "the same synthetic data and model shape; print tokens/s, peak memory, "
+                                            "MFU and the speed-up.")
+    add_arguments(bench, BenchSettings, ["shape", "steps", "warmup_steps", "max_length", "seed"])
+    bench.add_argument("--json", action="store_true", help="Print exactly one JSON object (for scripts).")
 
 
 def _report(args: argparse.Namespace) -> checks.Report:
@@ -290,12 +303,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchSettings, format_report, run_bench
+
+    result = run_bench(from_arguments(BenchSettings, args))
+    print(json.dumps(result) if args.json else format_report(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
         commands = {"validate": cmd_validate, "preview": cmd_preview, "train": cmd_train, "chat": cmd_chat,
-                    "push": cmd_push, "export": cmd_export}
+                    "push": cmd_push, "export": cmd_export, "bench": cmd_bench}
         return commands[args.command](args)
     except UserError as err:
         if getattr(args, "json", False):

@@ -219,6 +219,7 @@ def trainer_arguments(settings: RunSettings, plan: TrainingPlan, folder: RunFold
 def build_trainer(settings: RunSettings, plan: TrainingPlan, folder: RunFolder, model: Any, tokenizer: Any,
                   prepared: PreparedData) -> Any:
     """TRL's SFTTrainer over our tokenized examples and mask, with a LoRA adapter on `model`."""
+    from transformers import PrinterCallback
     from trl import SFTTrainer
 
     train_dataset = tokenize_examples(tokenizer, prepared.train)
@@ -226,6 +227,8 @@ def build_trainer(settings: RunSettings, plan: TrainingPlan, folder: RunFolder, 
     args = trainer_arguments(settings, plan, folder, eval_dataset is not None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=tokenizer, peft_config=lora_config(settings))
+    # Without tqdm the trainer prints every log as a raw dict on stdout; RunMonitor reports progress instead.
+    trainer.remove_callback(PrinterCallback)
     if plan.precision == "fp16":
         # fp16 mixed precision scales the loss; the trainable (adapter) weights must stay in fp32 for that.
         for parameter in trainer.model.parameters():

@@ -93,6 +93,8 @@ def test_train_then_chat_from_the_command_line(write_jsonl, tiny_model_dir, tmp_
     assert result.stdout.startswith("python -m sft_space train ")
     assert "--max-steps 3" in result.stdout and "--lora-r 4" in result.stdout
     assert "Run finished" in result.stdout
+    assert "{'loss'" not in result.stdout, "the trainer's raw log dicts stay out of the output"
+    assert "step 3/3" in result.stderr  # our progress lines instead
     record = json.loads((runs_dir / "cli-run" / "run.json").read_text())
     assert record["settings"]["lora_r"] == 4 and record["status"] == "finished"
 

@@ -11,7 +11,7 @@ import torch
 from transformers import TrainerCallback
 
 from builders import distinct_chats, persona_chats
-from sft_space import render, runs
+from sft_space import models, render, runs
 from sft_space.chat import GenerationSettings, load_chat_model
 from sft_space.hardware import detect_hardware, plan_training
 from sft_space.settings import run_settings
@@ -91,8 +91,6 @@ def test_trained_labels_are_exactly_the_preview_mask(tiny_settings, tiny_model_d
     rows = persona_chats(12)
     for packing in (False, True):
         settings = tiny_settings(rows, packing=packing, validation_fraction=0.0)
-        from sft_space import models
-
         tokenizer = models.load_tokenizer(settings.model)
         prepared = prepare_data(settings, tokenizer)
         plan = plan_training(settings, detect_hardware(), model_shape(settings.model))
@@ -193,3 +191,29 @@ def test_a_missing_hub_model_is_reported_before_a_run_folder_exists(tiny_setting
     with pytest.raises(UserError, match="no-such-model"):
         train(TrainingJob(settings))
     assert not (tmp_path / "runs").exists()
+
+
+def test_packed_batches_give_the_same_loss_as_unpacked(tiny_settings, tiny_model_dir):
+    """Packing puts several examples in one sequence; each must still attend only to itself, so the loss over
+    the same examples is the same packed or padded (a leak across examples would change it)."""
+    from transformers import AutoModelForCausalLM
+
+    rows = persona_chats(6)
+    losses = {}
+    for packing in (True, False):
+        settings = tiny_settings(rows, packing=packing, validation_fraction=0.0, max_steps=1)
+        tokenizer = models.load_tokenizer(settings.model)
+        prepared = prepare_data(settings, tokenizer)
+        plan = plan_training(settings, detect_hardware(), model_shape(settings.model))
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+        folder = runs.RunFolder.create(settings.output_dir, f"loss-{packing}")
+        trainer = build_trainer(settings, plan, folder, model, tokenizer, prepared)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+        if packing:
+            assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch, "one packed sequence"
+        else:
+            assert batch["input_ids"].shape[0] == len(prepared.train) and (batch["attention_mask"] == 0).any()
+        trainer.model.eval()
+        with torch.no_grad():
+            losses[packing] = trainer.model(**batch).loss.item()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
