@@ -72,7 +72,7 @@ def _train_parser(commands: Any) -> None:
     train.add_argument("--config", metavar="FILE", help="JSON file of settings (field names as keys), or a run.json.")
     train.add_argument("--resume", metavar="RUN_DIR", help="Continue a stopped or interrupted run from its last "
                        "checkpoint, with its own settings.")
-    train.add_argument("--output", dest="output_dir", default=argparse.SUPPRESS, metavar="DIR",
+    train.add_argument("--output-dir", "--output", dest="output_dir", default=argparse.SUPPRESS, metavar="DIR",
                        help=field_help(RunSettings, "output_dir"))
     train.add_argument("--run-name", help="Name of the run folder (default: date, time and data file name).")
     length = train.add_mutually_exclusive_group()

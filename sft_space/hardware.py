@@ -23,6 +23,11 @@ CPU_BATCH_SIZE = 1
 # Small datasets packed into max-length sequences would give a handful of optimizer steps per epoch, too
 # few to learn from; their packs are made shorter (never shorter than the longest example) to give this many.
 MIN_PACKS_PER_EPOCH = 48
+# On a CPU, attention over a packed sequence is computed in full under a block-diagonal mask, so a long pack
+# costs more than its examples one by one; short packs of short examples still win by saving per-step overhead.
+# Measured (docs/BENCHMARKS.md): conversations of ~250 tokens in 1024-token packs trained at 0.65x TRL's
+# unpacked defaults and at 1.4-1.5x one by one; the sample data (~85 tokens) trains fastest in packs of ~320.
+CPU_PACK_LENGTH = 384
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,7 @@ class TrainingPlan:
     gradient_checkpointing: bool
     batch_size: int
     sequence_length: int  # tokens per packed sequence (or the longest sequence when not packing)
+    packing: bool
     estimated_peak_gib: float
     fits: bool
     reasons: list[str] = field(default_factory=list)
@@ -108,11 +114,14 @@ def _precision(settings: RunSettings, hardware: Hardware, reasons: list[str]) ->
     return "fp16"
 
 
-def sequence_length(settings: RunSettings, total_tokens: int | None, longest_example: int | None) -> int:
-    """Tokens per training sequence: the maximum length, or shorter packs for a small dataset."""
-    if not settings.packing or not total_tokens or not longest_example:
+def sequence_length(settings: RunSettings, packing: bool, total_tokens: int | None,
+                    longest_example: int | None, longest_pack: int | None = None) -> int:
+    """Tokens per training sequence: the maximum length, or shorter packs for a small dataset or a CPU."""
+    if not packing or not total_tokens or not longest_example:
         return settings.max_length
     target = -(-total_tokens // MIN_PACKS_PER_EPOCH)
+    if longest_pack:
+        target = min(target, longest_pack)
     # Rounded up to a multiple of 64, which GPU kernels prefer.
     target = -(-max(target, longest_example) // 64) * 64
     return max(longest_example, min(settings.max_length, target))
@@ -125,7 +134,9 @@ def plan_training(settings: RunSettings, hardware: Hardware, shape: ModelShape, 
     precision = _precision(settings, hardware, reasons)
     gpu = hardware.kind == "cuda"
     budget = hardware.memory_gib * USABLE_MEMORY_FRACTION
-    length = sequence_length(settings, total_tokens, longest_example)
+    short_examples = longest_example is not None and longest_example <= CPU_PACK_LENGTH
+    packing = settings.packing and (gpu or short_examples)
+    length = sequence_length(settings, packing, total_tokens, longest_example, None if gpu else CPU_PACK_LENGTH)
 
     def estimate(batch: int, four_bit: bool, checkpointing: bool) -> float:
         return estimate_memory(shape, batch * length, precision, four_bit, checkpointing,
@@ -166,12 +177,16 @@ def plan_training(settings: RunSettings, hardware: Hardware, shape: ModelShape, 
     elif settings.gradient_checkpointing == AUTO:
         reasons.append("no gradient checkpointing (memory allows, ~2x faster)")
     reasons.append(f"batch size {batch}" + (" as chosen" if settings.batch_size else " (fits memory)" if gpu else ""))
-    if settings.packing:
-        reasons.append(f"examples packed into sequences of {length} tokens"
-                       + (" (shorter packs give a small dataset enough steps)" if length < settings.max_length else ""))
+    if packing:
+        why = (" (short packs on a CPU)" if not gpu else
+               " (shorter packs give a small dataset enough steps)" if length < settings.max_length else "")
+        reasons.append(f"examples packed into sequences of {length} tokens{why}")
+    elif settings.packing:
+        reasons.append(f"no packing on CPU: with examples up to {longest_example} tokens a pack costs more there "
+                       "than its examples one by one")
     if gpu:
         reasons.append(f"estimated peak {peak:.1f} GiB of {hardware.memory_gib:.0f} GiB")
         if not fits:
             reasons.append("may not fit: shorten the maximum length or choose a smaller model")
-    return TrainingPlan(hardware.kind, precision, four_bit, checkpointing, batch, length,
+    return TrainingPlan(hardware.kind, precision, four_bit, checkpointing, batch, length, packing,
                         round(peak, 2), fits, reasons)

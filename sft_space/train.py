@@ -191,7 +191,7 @@ def trainer_arguments(settings: RunSettings, plan: TrainingPlan, folder: RunFold
         per_device_eval_batch_size=plan.batch_size,
         gradient_accumulation_steps=settings.gradient_accumulation,
         max_length=plan.sequence_length,
-        packing=settings.packing,
+        packing=plan.packing,
         packing_strategy="bfd",
         # Each example is checked and tokenized by us; TRL only builds labels from our mask and packs.
         assistant_only_loss=False,

@@ -94,7 +94,8 @@ def test_every_setting_has_help_and_a_cli_flag():
 
 
 def test_the_shown_command_line_reproduces_the_settings(tmp_path):
-    settings = run_settings("quick", source="data.jsonl", lora_r=4, packing=False, learning_rate=1e-3)
+    settings = run_settings("quick", source="data.jsonl", lora_r=4, packing=False, learning_rate=1e-3,
+                            output_dir=str(tmp_path / "elsewhere"), max_steps=7, trust_remote_code=True)
     argv = ["train", "data.jsonl", "--preset", "quick", *to_command_line(settings)]
     assert cli.train_settings(cli.build_parser().parse_args(argv)) == settings
 
@@ -112,3 +113,20 @@ def test_epochs_and_max_steps_are_exclusive_on_the_command_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["train", "d.jsonl", "--epochs", "1", "--max-steps", "5"])
     assert exit_info.value.code == 2
+
+
+def test_a_gpu_packs_and_a_cpu_packs_only_short_examples(shapes):
+    from sft_space.hardware import CPU_PACK_LENGTH
+
+    settings = run_settings("balanced", max_length=2048)
+    long_examples = dict(total_tokens=2_000_000, longest_example=800)
+    on_gpu = plan_training(settings, H100, shapes["135m"], **long_examples)
+    assert on_gpu.packing and on_gpu.sequence_length == 2048
+    small = plan_training(settings, H100, shapes["135m"], total_tokens=48 * 500, longest_example=300)
+    assert small.packing and small.sequence_length == 512, "a small dataset gets shorter packs, more steps"
+    on_cpu = plan_training(settings, CPU, shapes["135m"], **long_examples)
+    assert not on_cpu.packing and any("no packing on CPU" in r for r in on_cpu.reasons)
+    short_on_cpu = plan_training(settings, CPU, shapes["135m"], total_tokens=2_000_000, longest_example=200)
+    assert short_on_cpu.packing and short_on_cpu.sequence_length == CPU_PACK_LENGTH
+    unpacked = run_settings("balanced", max_length=2048, packing=False)
+    assert not plan_training(unpacked, H100, shapes["135m"], **long_examples).packing
