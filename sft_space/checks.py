@@ -32,6 +32,7 @@ PROBLEM_CODES = {
     "missing_content": "a message has no content",
     "empty_content": "a message's content is empty or only whitespace",
     "non_string_content": "a message's content is not text (a number, an image part, ...)",
+    "invalid_text": "the text holds a character that is not valid Unicode (a lone surrogate escape such as \\ud800)",
     "invalid_weight": "a weight other than 0 or 1, or on a message that is not the assistant's",
     "tool_turn_unsupported": "a tool turn, and the model's chat template cannot show tool turns",
     "system_not_first": "a system message after the first message",
@@ -171,6 +172,15 @@ def _content_problem(row: int, where: str, message: dict[str, Any]) -> Problem |
         )
     if not content.strip():
         return Problem(row, "empty_content", f"row {row}, {where}: content is empty; write the text or remove the message.")
+    return _invalid_text_problem(row, where, content)
+
+
+def _invalid_text_problem(row: int, where: str, text: str) -> Problem | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return Problem(row, "invalid_text", f"row {row}, {where}: character {err.start + 1} is not valid Unicode "
+                                            f"({text[err.start]!r}, a lone surrogate escape); remove or fix it.")
     return None
 
 
@@ -242,7 +252,8 @@ def _text_problems(row: int, text: Any) -> list[Problem]:
         return [Problem(row, "non_string_content", f"row {row}: 'text' is a {type(text).__name__}, not text; write it as a string.")]
     if not text.strip():
         return [Problem(row, "empty_content", f"row {row}: 'text' is empty; write the text or remove the row.")]
-    return []
+    invalid = _invalid_text_problem(row, "'text'", text)
+    return [invalid] if invalid else []
 
 
 # ------------------------------------------------------------------------------------------- report

@@ -142,6 +142,8 @@ def read_records(source: str, hub_config: str | None = None, hub_split: str = "t
         return
     if path.is_file():
         suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".json", ".csv"):
+            _refuse_binary(path)
         if suffix == ".jsonl":
             yield from _read_json_lines(path)
         elif suffix == ".json":
@@ -166,6 +168,29 @@ def read_records(source: str, hub_config: str | None = None, hub_split: str = "t
     )
 
 
+# What a file named .jsonl/.json/.csv really is when its first bytes say so.
+BINARY_SIGNATURES = (
+    (b"\x1f\x8b", "a gzip archive; decompress it first (gunzip FILE)"),
+    (b"PK\x03\x04", "a zip archive (or an Excel/Office file); extract it, or export the sheet as .csv"),
+    (b"PAR1", "a Parquet file; name it .parquet"),
+    (b"\x89PNG", "a PNG image"),
+    (b"%PDF", "a PDF document"),
+    (b"\xff\xfe", "UTF-16 text; save it as UTF-8"),
+    (b"\xfe\xff", "UTF-16 text; save it as UTF-8"),
+)
+
+
+def _refuse_binary(path: Path) -> None:
+    with path.open("rb") as f:
+        head = f.read(4096)
+    for signature, what in BINARY_SIGNATURES:
+        if head.startswith(signature):
+            raise DataSourceError(f"{path.name}: this file is {what}, not {path.suffix} text.")
+    if b"\x00" in head:
+        raise DataSourceError(f"{path.name}: this file holds binary data (zero bytes), not {path.suffix} text; "
+                              "check that you picked the right file.")
+
+
 def _decode_line(raw: bytes, row: int, strip_bom: bool) -> tuple[int, Any]:
     try:
         text = raw.decode("utf-8-sig" if strip_bom else "utf-8")
@@ -179,6 +204,9 @@ def _decode_line(raw: bytes, row: int, strip_bom: bool) -> tuple[int, Any]:
         return row, RowProblem(
             row, "unreadable_row", f"row {row}: not valid JSON ({err.msg} at column {err.colno}); fix or remove the line."
         )
+    except RecursionError:
+        return row, RowProblem(row, "unreadable_row", f"row {row}: JSON nested too deeply to read; a training "
+                                                      "example needs a few levels at most.")
 
 
 def _read_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
@@ -204,6 +232,9 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
             f"{path.name}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
             "fix the file, or save it as JSONL (one object per line) so one bad row does not spoil the rest."
         ) from None
+    except RecursionError:
+        raise DataSourceError(f"{path.name}: JSON nested too deeply to read; a training example needs a few "
+                              "levels at most.") from None
     yield from enumerate(records, start=1)
 
 
@@ -233,7 +264,7 @@ def _maybe_json_list(value: str) -> Any:
     if stripped.startswith("[") and stripped.endswith("]"):
         try:
             return json.loads(stripped)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return value
     return value
 
@@ -305,7 +336,7 @@ def detect_row_format(record: dict[str, Any]) -> str | None:
         return SHAREGPT
     if "instruction" in record and "output" in record:
         return ALPACA
-    if "prompt" in record and "completion" in record:
+    if "prompt" in record and ("completion" in record or "response" in record):
         return PROMPT_COMPLETION
     if "text" in record:
         return TEXT
@@ -322,7 +353,8 @@ def normalise(record: dict[str, Any], row_format: str, mapping: ColumnMapping | 
     if row_format == ALPACA:
         return Example(0, ALPACA, messages=_alpaca_messages(record))
     if row_format == PROMPT_COMPLETION:
-        return Example(0, PROMPT_COMPLETION, messages=_prompt_completion_messages(record["prompt"], record["completion"]))
+        reply = record["completion"] if "completion" in record else record["response"]
+        return Example(0, PROMPT_COMPLETION, messages=_prompt_completion_messages(record["prompt"], reply))
     if row_format == TEXT:
         return Example(0, TEXT, text=record["text"])
     if row_format == MAPPED and mapping is not None:
@@ -431,7 +463,7 @@ def load_data(
         raise DataSourceError(
             f"{_display_name(source)}: could not recognise the format from the columns {', '.join(map(repr, keys))}. "
             "Expected 'messages' (OpenAI chat), 'conversations' (ShareGPT), 'instruction'+'output' (Alpaca), "
-            "'prompt'+'completion', or 'text'. Map your columns, e.g. --columns prompt=question,response=answer."
+            "'prompt'+'completion' (or 'response'), or 'text'. Map your columns, e.g. --columns prompt=question,response=answer."
         )
     file_format = counts.most_common(1)[0][0] if counts else OPENAI
 

@@ -1,6 +1,7 @@
 """Every problem code, each triggered by a file, with the exact row; and the statistics."""
 
 import copy
+import json
 
 import pytest
 from builders import chat, distinct_chats
@@ -41,6 +42,8 @@ ERROR_CASES = {
     "missing_content": ({"messages": [{"role": "user"}, A]}, None, 2048),
     "empty_content": ({"messages": [U, {"role": "assistant", "content": "  \n"}]}, None, 2048),
     "non_string_content": ({"messages": [U, {"role": "assistant", "content": 42}]}, None, 2048),
+    # Written as the JSON escape it arrives as (a lone surrogate cannot be stored as UTF-8).
+    "invalid_text": (json.dumps({"messages": [U, {"role": "assistant", "content": "ok \ud800"}]}), None, 2048),
     "invalid_weight": ({"messages": [U, {**A, "weight": 2}]}, None, 2048),
     "tool_turn_unsupported": ({"messages": [U, A, T, A]}, NO_TOOLS, 2048),
     "system_not_first": ({"messages": [U, {"role": "system", "content": "Be kind."}, A]}, None, 2048),

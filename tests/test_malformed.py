@@ -1,0 +1,85 @@
+"""Every malformed input of the corpus gets a clear answer, never a traceback: in the CLI and in the app."""
+
+import json
+
+import gradio as gr
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from malformed_corpus import cases, write_corpus
+from sft_space import checks, cli, models
+from sft_space.errors import UserError
+from sft_space.settings import DataSettings
+from sft_space.ui import data_tab
+
+NAMES = [name for name, _, _ in cases()]
+
+
+def test_the_corpus_has_at_least_fifty_inputs():
+    assert len(NAMES) >= 50 and len(set(NAMES)) == len(NAMES)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return dict(write_corpus(tmp_path_factory.mktemp("malformed")))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cli_answers_every_malformed_input_with_one_json_report(name, corpus, tiny_model_dir, capsys):
+    status = cli.main(["validate", str(corpus[name]), "--model", str(tiny_model_dir), "--json"])
+    out = capsys.readouterr().out
+    report = json.loads(out)  # exactly one JSON document, even for an unusable file
+    assert status in (0, 1)
+    if status == 1:
+        assert report["errors"], "a failing file names its problems"
+        for problem in report["errors"]:
+            assert problem["message"] and "Traceback" not in problem["message"]
+    else:
+        assert report["valid_rows"] >= 1
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_app_answers_every_malformed_input_with_a_report_or_a_message(name, corpus, tiny_model_dir):
+    try:
+        outputs = data_tab._on_check(str(corpus[name]), "", False, str(tiny_model_dir), "", "", "train", 2048)
+    except gr.Error as err:
+        assert str(err).strip() and "Traceback" not in str(err)
+    else:
+        assert isinstance(outputs[0], checks.Report)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.binary(max_size=2000) | st.text(max_size=2000).map(str.encode))
+def test_any_bytes_give_a_report_or_a_user_error(content, tmp_path, embedded_tokenizer):
+    path = tmp_path / "fuzz.jsonl"
+    path.write_bytes(content)
+    try:
+        report = checks.check_data(DataSettings(source=str(path)), embedded_tokenizer)
+    except UserError as err:
+        assert str(err)
+    else:
+        assert report.rows == report.valid_rows + report.invalid_rows
+
+
+@pytest.mark.parametrize("name, says", [
+    ("gzip renamed .jsonl", "gzip archive"), ("zip renamed .jsonl", "zip archive"), ("UTF-16 with BOM", "UTF-16"),
+    ("CSV in UTF-16", "UTF-16"), ("PNG renamed .jsonl", "PNG image"), ("zero bytes", "binary data"),
+    ("random binary", "binary data"), ("deeply nested JSON", "nested too deeply"),
+    ("image parts in content", "text-only"), ("unsupported suffix", "unsupported file type"),
+    ("surrogate escapes", "not valid Unicode"),
+])
+def test_the_message_says_what_the_file_really_is(name, says, corpus, tiny_model_dir):
+    try:
+        report = checks.check_data(DataSettings(source=str(corpus[name])), models.load_tokenizer(str(tiny_model_dir)))
+        messages = [problem.message for problem in report.errors]
+    except UserError as err:
+        messages = [str(err)]
+    assert any(says in message for message in messages), messages
+
+
+def test_prompt_response_columns_are_read_as_prompt_and_reply(write_jsonl, embedded_tokenizer):
+    path = write_jsonl([{"prompt": "Hi", "response": "Hello!"}, {"prompt": "Bye", "response": "Farewell!"}])
+    report = checks.check_data(DataSettings(source=str(path)), embedded_tokenizer)
+    assert report.valid_rows == 2
+    assert report.valid_examples[0].messages == [{"role": "user", "content": "Hi"},
+                                                 {"role": "assistant", "content": "Hello!"}]
