@@ -312,5 +312,6 @@ def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int) -> Re
 
 def check_data(settings: Any, tokenizer: Any) -> Report:
     """Read the source named by `settings` (a DataSettings) and build its report."""
-    loaded = data.load_data(settings.source, settings.columns or None, settings.hub_config or None, settings.hub_split)
+    loaded = data.load_data(settings.source, settings.columns or None, settings.hub_config or None, settings.hub_split,
+                            max_rows=settings.max_rows, max_file_mb=settings.max_file_mb)
     return build_report(loaded, tokenizer, settings.max_length)

@@ -134,13 +134,18 @@ class LoadedData:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def read_records(source: str, hub_config: str | None = None, hub_split: str = "train") -> Iterator[tuple[int, Any]]:
+def read_records(source: str, hub_config: str | None = None, hub_split: str = "train",
+                 max_file_mb: float | None = None) -> Iterator[tuple[int, Any]]:
     """Yield (row number, record) for every row; a record is a parsed value or a RowProblem."""
     path = Path(source).expanduser()
     if path.is_dir():
         yield from _read_dataset_folder(path, hub_split)
         return
     if path.is_file():
+        size_mb = path.stat().st_size / 2**20
+        if max_file_mb is not None and size_mb > max_file_mb:
+            raise DataSourceError(f"{path.name}: {size_mb:,.1f} MB, over the limit of {max_file_mb:,g} MB (the "
+                                  "max_file_mb setting, --max-file-mb); use a smaller sample or raise the limit.")
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".json", ".csv"):
             _refuse_binary(path)
@@ -436,12 +441,20 @@ def load_data(
     columns: str | ColumnMapping | None = None,
     hub_config: str | None = None,
     hub_split: str = "train",
+    max_rows: int | None = None,
+    max_file_mb: float | None = None,
 ) -> LoadedData:
-    """Read a source and normalise every row; rows that cannot be read become problems, never exceptions."""
+    """Read a source and normalise every row; rows that cannot be read become problems, never exceptions.
+
+    Reading stops at `max_rows` (and a file over `max_file_mb` is not read), so memory stays bounded.
+    """
     mapping = ColumnMapping.parse(columns) if isinstance(columns, str) or columns is None else columns
     records: list[tuple[int, Any]] = []
     problems: list[RowProblem] = []
-    for row, record in read_records(source, hub_config, hub_split):
+    for count, (row, record) in enumerate(read_records(source, hub_config, hub_split, max_file_mb), start=1):
+        if max_rows is not None and count > max_rows:
+            raise DataSourceError(f"{_display_name(source)}: more than {max_rows:,} rows, the limit (the max_rows "
+                                  "setting, --max-rows); train on a sample, or raise the limit.")
         if isinstance(record, RowProblem):
             problems.append(record)
         elif not isinstance(record, dict):

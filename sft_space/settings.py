@@ -35,6 +35,9 @@ class DataSettings:
     hub_config: str = setting("", "Hub dataset configuration (subset) name, if it has several.")
     hub_split: str = setting("train", "Hub dataset or dataset folder split to read.")
     max_length: int = setting(2048, "Maximum example length in the model's tokens; longer examples are reported.")
+    max_rows: int = setting(200_000, "Most rows read from a dataset; a larger one is refused, naming this limit "
+                                     "(a LoRA learns from hundreds to thousands of good rows).")
+    max_file_mb: float = setting(1024.0, "Largest data file read, in MB; a larger one is refused, naming this limit.")
     validation_fraction: float = setting(0.1, "Share of valid examples held out for validation loss (0 to turn off).")
     seed: int = setting(42, "Random seed for the train/validation split (and training).")
     skip_invalid_rows: bool = setting(

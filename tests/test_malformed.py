@@ -83,3 +83,35 @@ def test_prompt_response_columns_are_read_as_prompt_and_reply(write_jsonl, embed
     assert report.valid_rows == 2
     assert report.valid_examples[0].messages == [{"role": "user", "content": "Hi"},
                                                  {"role": "assistant", "content": "Hello!"}]
+
+
+def test_row_and_file_size_limits_are_named_in_the_error(write_jsonl, embedded_tokenizer, tiny_model_dir, capsys):
+    from builders import distinct_chats
+
+    path = write_jsonl(distinct_chats(12))
+    with pytest.raises(UserError, match=r"more than 10 rows, the limit \(the max_rows setting, --max-rows\)"):
+        checks.check_data(DataSettings(source=str(path), max_rows=10), embedded_tokenizer)
+    assert checks.check_data(DataSettings(source=str(path), max_rows=12), embedded_tokenizer).valid_rows == 12
+    with pytest.raises(UserError, match=r"over the limit of 0.001 MB \(the max_file_mb setting"):
+        checks.check_data(DataSettings(source=str(path), max_file_mb=0.001), embedded_tokenizer)
+    assert cli.main(["validate", str(path), "--model", str(tiny_model_dir), "--max-rows", "5"]) == 1
+    assert "--max-rows" in capsys.readouterr().err
+
+
+def test_reading_stops_at_the_row_limit(tmp_path, embedded_tokenizer):
+    """A file far over the limit is not read to its end: memory stays bounded by the limit."""
+    from sft_space import data
+
+    served = []
+
+    def endless(*args, **kwargs):
+        for row in range(1, 10**9):
+            served.append(row)
+            yield row, {"text": "x"}
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(data, "read_records", endless):
+        with pytest.raises(UserError, match="more than 100 rows"):
+            data.load_data("anything.jsonl", max_rows=100)
+    assert len(served) == 101

@@ -13,7 +13,7 @@ import gradio as gr
 
 from .. import jobs, models, runs
 from ..errors import UserError
-from ..settings import RunSettings
+from ..settings import DataSettings, RunSettings
 from . import chat_tab, data_tab, publish_tab, runs_tab, train_tab
 
 TITLE = "SFT Space"
@@ -88,4 +88,6 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
 
 def launch(app: gr.Blocks, **kwargs) -> None:
     # server name and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT when not given.
+    # Uploads over the data limit are refused by Gradio before they fill the disk.
+    kwargs.setdefault("max_file_size", f"{int(DataSettings.max_file_mb)}mb")
     app.queue(default_concurrency_limit=4).launch(theme=gr.themes.Soft(), **kwargs)
