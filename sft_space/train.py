@@ -40,6 +40,10 @@ OOM_ADVICE = ("Out of memory. Lower the maximum length, set the batch size to 1,
               "or load the model in 4-bit (QLoRA); a smaller model also helps.")
 
 
+DISK_FULL_ADVICE = ("The disk is full: the last checkpoint could not be saved (the incomplete one is ignored). "
+                    "Free space, e.g. delete old runs or their checkpoint folders, then resume this run.")
+
+
 class TrainingFailed(UserError):
     """A run that started and could not finish; its run.json says why."""
 
@@ -114,6 +118,16 @@ def is_out_of_memory(err: BaseException) -> bool:
     import torch
 
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def is_disk_full(err: BaseException) -> bool:
+    import errno
+
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def release_memory() -> None:
@@ -406,7 +420,8 @@ def train(job: TrainingJob) -> RunFolder:
         folder.update(status=runs.STOPPED, error="Interrupted; resume continues from the last checkpoint.")
         raise
     except Exception as err:
-        failure = OOM_ADVICE if is_out_of_memory(err) else f"{type(err).__name__}: {err}"
+        failure = (OOM_ADVICE if is_out_of_memory(err) else DISK_FULL_ADVICE if is_disk_full(err)
+                   else f"{type(err).__name__}: {err}")
         # The full traceback is for whoever debugs the tool; the run record keeps the readable reason.
         (folder.path / FAILURE_FILE).write_text(traceback.format_exc(), encoding="utf-8")
     finally:

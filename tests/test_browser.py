@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DATA = ROOT / "sft_space" / "samples" / "captain_byte.jsonl"
 # Long enough on two CPU cores for a second visitor to act while the run is under way.
 STEPS = 30
+PLANTED_TOKEN = "hf_PlantedBrowserToken0123456789abcdef"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
@@ -34,8 +35,8 @@ from builders import running_server  # noqa: E402
 @pytest.fixture(scope="module")
 def app_url(tiny_model_dir, tmp_path_factory):
     runs_dir = tmp_path_factory.mktemp("app-runs")
-    # No Hub token of the developer's reaches the app: publishing must ask for one.
-    env = {"SFT_SPACE_RUNS": str(runs_dir), "SFT_SPACE_DEFAULT_MODEL": str(tiny_model_dir), "HF_TOKEN": "",
+    # A planted token (never the developer's): it must show up nowhere, not in the page, not in the server log.
+    env = {"SFT_SPACE_RUNS": str(runs_dir), "SFT_SPACE_DEFAULT_MODEL": str(tiny_model_dir), "HF_TOKEN": PLANTED_TOKEN,
            "HF_HOME": str(runs_dir / "hf-home")}
     with running_server([sys.executable, "app.py"], ROOT, env, runs_dir / "app.log") as url:
         yield url, runs_dir
@@ -127,7 +128,8 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     expect(page.locator("#runs-table")).to_contain_text(run_folders[0].name, timeout=10_000)
     page.screenshot(path=str(tmp_path / "runs.png"), full_page=True)
 
-    # Publish, opened from the Runs tab: the adapter downloads as a zip; pushing without a token says what to do.
+    # Publish, opened from the Runs tab: the adapter downloads as a zip; a push (with the planted HF_TOKEN, and
+    # no Hub here) says what went wrong.
     page.locator("#runs-run input").click()
     page.get_by_role("option", name=run_folders[0].name).click()
     page.click("#open-in-publish")
@@ -137,8 +139,13 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
                                                           timeout=60_000)
     page.locator("#publish-repo textarea, #publish-repo input").first.fill("alice/captain-byte")
     page.click("#publish-push")
-    expect(page.get_by_text("Publishing needs a Hugging Face token")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("Could not reach the Hugging Face Hub")).to_be_visible(timeout=30_000)
     page.screenshot(path=str(tmp_path / "publish.png"), full_page=True)
+    assert PLANTED_TOKEN not in page.content() and PLANTED_TOKEN not in stranger.content()
+    assert PLANTED_TOKEN not in (runs_dir / "app.log").read_text()
+    for path in runs_dir.rglob("*"):
+        if path.is_file():
+            assert PLANTED_TOKEN.encode() not in path.read_bytes(), path
     stranger_context.close()
     context.close()
 

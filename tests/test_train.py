@@ -220,3 +220,27 @@ def test_packed_batches_give_the_same_loss_as_unpacked(tiny_settings, tiny_model
         with torch.no_grad():
             losses[packing] = trainer.model(**batch).loss.item()
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_a_full_disk_while_saving_fails_clearly_and_marks_no_checkpoint_good(tiny_settings, monkeypatch):
+    import errno
+
+    from sft_space.train import DISK_FULL_ADVICE
+
+    settings = tiny_settings(max_steps=8, save_every=3)
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        # The optimizer state is written after the adapter weights and before trainer_state.json.
+        if "optimizer" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(TrainingFailed, match="disk is full"):
+        train(TrainingJob(settings, run_id="full-disk"))
+    folder = runs.RunFolder(Path(settings.output_dir) / "full-disk")
+    record = folder.read()
+    assert record["status"] == runs.FAILED and record["error"] == DISK_FULL_ADVICE
+    assert (folder.path / "checkpoint-3").is_dir(), "the save had started"
+    assert folder.checkpoints() == [], "the incomplete checkpoint is not taken for a good one"
