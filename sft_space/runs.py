@@ -172,6 +172,28 @@ def list_runs(runs_dir: str | Path) -> list[tuple[RunFolder, dict[str, Any]]]:
     return runs
 
 
+def visible_to(record: dict[str, Any], visitor: str | None) -> bool:
+    """Runs started in the app belong to the browser that started them; runs without an owner (started from the
+    command line) are everyone's."""
+    owner = record.get("owner")
+    return not owner or owner == visitor
+
+
+def visible_runs(runs_dir: str | Path, visitor: str | None) -> list[tuple[RunFolder, dict[str, Any]]]:
+    return [(folder, record) for folder, record in list_runs(runs_dir) if visible_to(record, visitor)]
+
+
+def open_visible(runs_dir: str | Path, run_ref: str | Path, visitor: str | None) -> RunFolder:
+    """The run named by `run_ref` (its id or its folder, as a page sends it) inside `runs_dir`, if `visitor` may
+    see it. Only the name is used, so a path sent by a page can never point outside the runs folder."""
+    run_id = validate_run_id(Path(str(run_ref)).name)
+    folder = RunFolder(Path(runs_dir) / run_id)
+    record = folder.read() if folder.record_path.is_file() else None
+    if record is None or not visible_to(record, visitor):
+        raise UserError(f"There is no run {run_id} of yours here.")
+    return folder
+
+
 def resumable_runs(runs_dir: str | Path) -> list[RunFolder]:
     """Runs a restarted process can continue: stopped, failed, or left "running" by a process that died."""
     return [folder for folder, record in list_runs(runs_dir)

@@ -142,6 +142,12 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     expect(page.get_by_text("Could not reach the Hugging Face Hub")).to_be_visible(timeout=30_000)
     page.screenshot(path=str(tmp_path / "publish.png"), full_page=True)
     assert PLANTED_TOKEN not in page.content() and PLANTED_TOKEN not in stranger.content()
+
+    # The other visitor does not see this visitor's run on the Runs tab.
+    stranger.get_by_role("tab", name="Runs").click()
+    stranger.get_by_role("button", name="↻ Refresh").click()
+    stranger.wait_for_timeout(2_000)  # the refresh has answered by then (an absence cannot be waited for)
+    expect(stranger.locator("#runs-table")).not_to_contain_text(run_folders[0].name)
     assert PLANTED_TOKEN not in (runs_dir / "app.log").read_text()
     for path in runs_dir.rglob("*"):
         if path.is_file():

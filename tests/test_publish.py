@@ -306,22 +306,34 @@ def test_the_publish_tab_pushes_with_a_pasted_token_and_links_the_result(run_cop
     hub = FakeHub()
     values = dict(private=True, update_existing=False, merged=False, merged_dtype="auto", demo_space=True,
                   description="")
-    shown = publish_tab.publish_run(str(run_copy.path), " alice/from-the-app ", PLANTED_TOKEN, None, values,
-                                    api=hub)
+    runs_dir = str(run_copy.path.parent)
+    shown = publish_tab.publish_run(runs_dir, str(run_copy.path), "visitor-1", " alice/from-the-app ", PLANTED_TOKEN,
+                                    None, values, api=hub)
     assert "[alice/from-the-app](https://huggingface.co/alice/from-the-app)" in shown
     assert "https://huggingface.co/spaces/alice/from-the-app-demo" in shown and PLANTED_TOKEN not in shown
     # On a Space, the Space owner's own token is never used for a visitor's push.
     monkeypatch.setenv("SPACE_ID", "owner/sft-space")
     monkeypatch.setenv("HF_TOKEN", PLANTED_TOKEN)
     with pytest.raises(gr.Error, match="needs a Hugging Face token"):
-        publish_tab.publish_run(str(run_copy.path), "alice/other", "", None, values, api=FakeHub())
+        publish_tab.publish_run(runs_dir, str(run_copy.path), "visitor-1", "alice/other", "", None, values,
+                                api=FakeHub())
     assert publish.resolve_token("", "oauth-token-of-the-visitor") == "oauth-token-of-the-visitor"
     monkeypatch.delenv("SPACE_ID")
     assert publish.resolve_token("", None) == PLANTED_TOKEN  # on your own machine HF_TOKEN is yours
 
 
-def test_the_publish_tab_zips_a_run_for_download(trained_run):
+def test_the_publish_tab_zips_only_the_visitors_own_runs(run_copy):
+    import gradio as gr
+
     from sft_space.ui import publish_tab
 
-    with zipfile.ZipFile(publish_tab.zip_run(str(trained_run.path))) as archive:
+    runs_dir = str(run_copy.path.parent)
+    with zipfile.ZipFile(publish_tab.zip_run(runs_dir, run_copy.run_id, "alice")) as archive:
         assert "adapter_model.safetensors" in archive.namelist()
+    run_copy.update(owner="alice")  # started in the app by alice's browser
+    with pytest.raises(gr.Error, match="no run"):
+        publish_tab.zip_run(runs_dir, run_copy.run_id, "mallory")
+    with pytest.raises(gr.Error, match="no run"):
+        publish_tab.publish_run(runs_dir, str(run_copy.path), "mallory", "mallory/stolen", PLANTED_TOKEN, None,
+                                {}, api=FakeHub())
+    assert publish_tab.zip_run(runs_dir, str(run_copy.path), "alice").endswith(".zip")

@@ -48,3 +48,33 @@ def test_sign_in_with_hugging_face_is_wired_only_on_a_space(monkeypatch, tiny_mo
     assert on_space.expects_oauth
     push = [f for f in on_space.fns.values() if getattr(f.fn, "__name__", "") == "on_push"]
     assert len(push) == 1 and "oauth_token" in push[0].fn.__code__.co_varnames
+
+
+def test_a_visitor_sees_and_opens_only_their_own_runs(tmp_path):
+    """On a shared Space every visitor's runs sit in one folder: each sees their own (and command-line runs)."""
+    import gradio as gr
+    import pytest
+
+    from sft_space import runs
+    from sft_space.errors import UserError
+    from sft_space.ui import chat_tab, runs_tab
+
+    for run_id, owner in (("alices", "alice"), ("bobs", "bob"), ("from-cli", None)):
+        folder = runs.RunFolder.create(tmp_path, run_id)
+        folder.write({"run_id": run_id, "status": "finished", "owner": owner, "settings": {}})
+        (folder.adapter_path).mkdir()
+        (folder.adapter_path / "adapter_config.json").write_text("{}")
+    assert set(runs_tab.runs_table(str(tmp_path), "alice")["run"]) == {"alices", "from-cli"}
+    assert {v for _, v in chat_tab.run_choices(str(tmp_path), "bob")} == {
+        str(tmp_path / "bobs"), str(tmp_path / "from-cli"), chat_tab.BASE_ONLY}
+    assert runs_tab.run_details(str(tmp_path), "bobs", "alice")[0].startswith("❌")
+    with pytest.raises(gr.Error, match="no run bobs of yours"):
+        chat_tab.own_run_dir(str(tmp_path), str(tmp_path / "bobs"), "alice")
+    # A page can send any value: only the name counts, and it must be a run here.
+    for forged in ("../alices", str(tmp_path.parent / "elsewhere" / "alices"), "/etc/passwd"):
+        try:
+            assert runs.open_visible(str(tmp_path), forged, "alice").path.parent == tmp_path
+        except UserError:
+            pass
+    with pytest.raises(UserError):
+        runs.open_visible(str(tmp_path), "..", "alice")

@@ -43,40 +43,47 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
             with gr.Tab("Train", id="train"):
                 training = train_tab.build(manager, folder, owner, model, data_settings, skip_invalid)
             with gr.Tab("Chat", id="chat") as chat_item:
-                chat = chat_tab.build(folder, model)
+                chat = chat_tab.build(folder, model, owner)
             with gr.Tab("Publish", id="publish") as publish_item:
-                publishing = publish_tab.build(folder)
+                publishing = publish_tab.build(folder, owner)
             with gr.Tab("Runs", id="runs") as runs_item:
-                past = runs_tab.build(folder)
+                past = runs_tab.build(folder, owner)
         # Runs finish while the page is open: the lists are read again whenever their tab is opened.
-        chat_item.select(chat["on_refresh"], inputs=chat["run"], outputs=chat["run"])
-        publish_item.select(publishing["on_refresh"], inputs=publishing["run"], outputs=publishing["run"])
-        runs_item.select(past["on_refresh"], outputs=past["refresh_outputs"])
+        # The lists show only the visitor's own runs, so they are read when a tab opens (the visitor id is known
+        # by then, and runs finish while the page is open).
+        chat_item.select(chat["on_refresh"], inputs=[chat["run"], owner], outputs=chat["run"])
+        publish_item.select(publishing["on_refresh"], inputs=[publishing["run"], owner], outputs=publishing["run"])
+        runs_item.select(past["on_refresh"], inputs=owner, outputs=past["refresh_outputs"])
 
-        def open_in_chat(run_id):
-            choices = chat_tab.run_choices(folder)
-            value = next((v for _, v in choices if os.path.basename(v) == run_id), None)
-            return gr.update(choices=choices, value=value), gr.Tabs(selected="chat")
-
-        past["open_chat"].click(open_in_chat, inputs=past["run_id"], outputs=[chat["run"], tabs])
-
-        def open_in_publish(run_id):
+        def own_run(run_id, visitor):
             if not run_id:
-                raise gr.Error("Pick a run to publish.")
-            path = os.path.join(folder, runs.validate_run_id(run_id))
-            if not runs.RunFolder(path).has_adapter:
-                raise gr.Error(f"Run {run_id} has no adapter to publish yet: wait for it to finish, or stop it.")
-            return publishing["on_refresh"](path), gr.Tabs(selected="publish")
+                raise gr.Error("Pick a run first.")
+            try:
+                return runs.open_visible(folder, run_id, visitor)
+            except UserError as err:
+                raise gr.Error(str(err)) from None
 
-        past["publish"].click(open_in_publish, inputs=past["run_id"], outputs=[publishing["run"], tabs])
+        def open_in_chat(run_id, visitor):
+            run = own_run(run_id, visitor)
+            if not run.has_adapter:
+                raise gr.Error(f"Run {run_id} has no adapter to chat with yet: wait for it to finish, or stop it.")
+            return chat["on_refresh"](str(run.path), visitor), gr.Tabs(selected="chat")
+
+        past["open_chat"].click(open_in_chat, inputs=[past["run_id"], owner], outputs=[chat["run"], tabs])
+
+        def open_in_publish(run_id, visitor):
+            run = own_run(run_id, visitor)
+            if not run.has_adapter:
+                raise gr.Error(f"Run {run_id} has no adapter to publish yet: wait for it to finish, or stop it.")
+            return publishing["on_refresh"](str(run.path), visitor), gr.Tabs(selected="publish")
+
+        past["publish"].click(open_in_publish, inputs=[past["run_id"], owner], outputs=[publishing["run"], tabs])
 
         def resume_run(visitor, run_id):
             # Any stopped or interrupted run, also one from before the app restarted; only its starter may.
-            if not run_id:
-                raise gr.Error("Pick a run to resume.")
+            run = own_run(run_id, visitor)
             try:
-                record = runs.RunFolder.open(os.path.join(folder, runs.validate_run_id(run_id))).read()
-                job = manager.submit(RunSettings(**record["settings"]), visitor, resume=os.path.join(folder, run_id))
+                job = manager.submit(RunSettings(**run.read()["settings"]), visitor, resume=str(run.path))
             except UserError as err:
                 raise gr.Error(str(err)) from None
             return job.job_id, gr.Tabs(selected="train")

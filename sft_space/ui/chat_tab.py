@@ -37,14 +37,25 @@ def chat_model_for(run_dir: str | None, base_model: str) -> ChatModel:
         return _loaded[key]
 
 
-def run_choices(runs_dir: str) -> list[tuple[str, str]]:
-    """Runs that have an adapter to chat with, newest first, then the base model alone."""
-    return adapter_run_choices(runs_dir) + [(BASE_ONLY, BASE_ONLY)]
+def run_choices(runs_dir: str, visitor: str | None) -> list[tuple[str, str]]:
+    """The visitor's runs that have an adapter to chat with, newest first, then the base model alone."""
+    return adapter_run_choices(runs_dir, visitor) + [(BASE_ONLY, BASE_ONLY)]
 
 
-def suggestion(run_dir: str | None) -> str:
-    """A random held-out prompt of the run (what it was not trained on)."""
+def own_run_dir(runs_dir: str, run_dir: str | None, visitor: str | None) -> str | None:
+    """The chosen run's folder, checked to be the visitor's (a page can send any value); None for the base."""
     if not run_dir or run_dir == BASE_ONLY:
+        return None
+    try:
+        return str(runs.open_visible(runs_dir, run_dir, visitor).path)
+    except UserError as err:
+        raise gr.Error(str(err)) from None
+
+
+def suggestion(runs_dir: str, run_dir: str | None, visitor: str | None) -> str:
+    """A random held-out prompt of the run (what it was not trained on)."""
+    run_dir = own_run_dir(runs_dir, run_dir, visitor)
+    if run_dir is None:
         return "Tell me something interesting about the sea."
     path = Path(run_dir) / runs.SAMPLES_FILE
     try:
@@ -71,13 +82,14 @@ def _as_messages(history: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 @spaces.GPU
-def respond(message: str, tuned_history: list, base_history: list, run_dir: str | None, base_model: str,
-            system_prompt: str, temperature: float, max_new_tokens: int) -> Iterator[tuple[list, list, str]]:
+def respond(runs_dir: str, message: str, tuned_history: list, base_history: list, run_dir: str | None,
+            base_model: str, system_prompt: str, temperature: float, max_new_tokens: int,
+            visitor: str | None) -> Iterator[tuple[list, list, str]]:
     """Stream the fine-tuned reply, then the base model's reply to the same conversation."""
     message = (message or "").strip()
     if not message:
         raise gr.Error("Type a message first.")
-    run_dir = None if run_dir in (None, "", BASE_ONLY) else run_dir
+    run_dir = own_run_dir(runs_dir, run_dir, visitor)
     try:
         model = chat_model_for(run_dir, base_model)
     except UserError as err:
@@ -99,9 +111,9 @@ def respond(message: str, tuned_history: list, base_history: list, run_dir: str 
     yield tuned_history, base_history, ""
 
 
-def build(runs_dir: str, model: gr.Dropdown) -> dict[str, Any]:
+def build(runs_dir: str, model: gr.Dropdown, owner: gr.BrowserState) -> dict[str, Any]:
     with gr.Row():
-        run = gr.Dropdown(run_choices(runs_dir), value=None, label="Chat with", elem_id="chat-run", scale=3,
+        run = gr.Dropdown(run_choices(runs_dir, None), value=None, label="Chat with", elem_id="chat-run", scale=3,
                           info="A run's adapter on its base model, or the base model alone (the model picker above).")
         refresh = gr.Button("↻ Runs", size="sm", scale=0)
     with gr.Accordion("Generation", open=False):
@@ -123,15 +135,19 @@ def build(runs_dir: str, model: gr.Dropdown) -> dict[str, Any]:
         suggest = gr.Button("💡 Try a held-out prompt", size="sm", elem_id="chat-suggest")
         clear = gr.Button("Clear", size="sm")
 
-    inputs = [message, tuned, base, run, model, system_prompt, temperature, max_new_tokens]
-    send.click(respond, inputs=inputs, outputs=[tuned, base, message])
-    message.submit(respond, inputs=inputs, outputs=[tuned, base, message])
-    suggest.click(suggestion, inputs=run, outputs=message)
+    inputs = [message, tuned, base, run, model, system_prompt, temperature, max_new_tokens, owner]
+
+    def on_send(*values):
+        yield from respond(runs_dir, *values)
+
+    send.click(on_send, inputs=inputs, outputs=[tuned, base, message])
+    message.submit(on_send, inputs=inputs, outputs=[tuned, base, message])
+    suggest.click(lambda r, visitor: suggestion(runs_dir, r, visitor), inputs=[run, owner], outputs=message)
     clear.click(lambda: ([], []), outputs=[tuned, base])
-    def on_refresh(current):
-        choices = run_choices(runs_dir)
+    def on_refresh(current, visitor):
+        choices = run_choices(runs_dir, visitor)
         values = [value for _, value in choices]
         return gr.update(choices=choices, value=current if current in values else values[0])
 
-    refresh.click(on_refresh, inputs=run, outputs=run)
+    refresh.click(on_refresh, inputs=[run, owner], outputs=run)
     return {"run": run, "on_refresh": on_refresh}

@@ -26,10 +26,10 @@ def settings_component(spec: dataclasses.Field, **options: Any) -> gr.components
     return gr.Textbox(value=spec.default, label=label, info=info, **options)
 
 
-def adapter_run_choices(runs_dir: str) -> list[tuple[str, str]]:
-    """(label, run folder) for every run with an adapter to chat with or publish, newest first."""
+def adapter_run_choices(runs_dir: str, visitor: str | None) -> list[tuple[str, str]]:
+    """(label, run folder) for every run of this visitor with an adapter to chat with or publish, newest first."""
     choices = []
-    for folder, record in runs.list_runs(runs_dir):
+    for folder, record in runs.visible_runs(runs_dir, visitor):
         if folder.has_adapter:
             loss = (record.get("final_metrics") or {}).get("loss")
             label = f"{folder.run_id} · {record.get('status')}" + (f" · loss {loss:.3f}" if loss else "")

@@ -15,7 +15,7 @@ from typing import Any
 
 import gradio as gr
 
-from .. import publish
+from .. import publish, runs
 from ..errors import UserError
 from .common import adapter_run_choices, settings_component
 
@@ -28,11 +28,20 @@ def oauth_enabled() -> bool:
     return os.environ.get("SYSTEM") == "spaces" and bool(os.environ.get("OAUTH_CLIENT_ID"))
 
 
-def publish_run(run_dir: str | None, repo_id: str, typed_token: str, signed_in_token: str | None,
-                values: dict[str, Any], progress: Any = None, api: Any = None) -> str:
-    """Push and describe the outcome in Markdown; every failure becomes a readable gr.Error."""
+def own_run(runs_dir: str, run_dir: str | None, visitor: str | None) -> str:
+    """The chosen run's folder, checked to be the visitor's (a page can send any value)."""
     if not run_dir:
-        raise gr.Error("Pick a run to publish.")
+        raise gr.Error("Pick a run first.")
+    try:
+        return str(runs.open_visible(runs_dir, run_dir, visitor).path)
+    except UserError as err:
+        raise gr.Error(str(err)) from None
+
+
+def publish_run(runs_dir: str, run_dir: str | None, visitor: str | None, repo_id: str, typed_token: str,
+                signed_in_token: str | None, values: dict[str, Any], progress: Any = None, api: Any = None) -> str:
+    """Push and describe the outcome in Markdown; every failure becomes a readable gr.Error."""
+    run_dir = own_run(runs_dir, run_dir, visitor)
     settings = publish.PublishSettings(repo_id=(repo_id or "").strip(), **values)
     token = publish.resolve_token(typed_token, signed_in_token)
 
@@ -52,9 +61,8 @@ def publish_run(run_dir: str | None, repo_id: str, typed_token: str, signed_in_t
     return "\n\n".join(lines)
 
 
-def zip_run(run_dir: str | None) -> str:
-    if not run_dir:
-        raise gr.Error("Pick a run to download.")
+def zip_run(runs_dir: str, run_dir: str | None, visitor: str | None) -> str:
+    run_dir = own_run(runs_dir, run_dir, visitor)
     # A fresh temporary folder: Gradio serves files from there, and two downloads never collide.
     target = Path(tempfile.mkdtemp(prefix="sft-space-download-")) / f"{Path(run_dir).name}-adapter.zip"
     try:
@@ -63,10 +71,10 @@ def zip_run(run_dir: str | None) -> str:
         raise gr.Error(str(err)) from None
 
 
-def build(runs_dir: str) -> dict[str, Any]:
+def build(runs_dir: str, owner: gr.BrowserState) -> dict[str, Any]:
     specs = {f.name: f for f in dataclasses.fields(publish.PublishSettings)}
     with gr.Row():
-        run = gr.Dropdown(adapter_run_choices(runs_dir), value=None, label="Run", scale=3, elem_id="publish-run",
+        run = gr.Dropdown(adapter_run_choices(runs_dir, None), value=None, label="Run", scale=3, elem_id="publish-run",
                           info="A finished run, or a stopped one (its adapter so far).")
         refresh = gr.Button("↻ Runs", size="sm", scale=0)
     with gr.Group():
@@ -94,26 +102,28 @@ def build(runs_dir: str) -> dict[str, Any]:
     if oauth_enabled():
         # Gradio fills an OAuthToken parameter with the signed-in visitor's token (None when signed out); it
         # finds it by its annotation, so the parameters are spelled out rather than taken as *args.
-        def on_push(run_dir, repo, typed, private, update_existing, merged, merged_dtype, demo_space, description,
-                    oauth_token: gr.OAuthToken | None, progress=gr.Progress()):
+        def on_push(run_dir, visitor, repo, typed, private, update_existing, merged, merged_dtype, demo_space,
+                    description, oauth_token: gr.OAuthToken | None, progress=gr.Progress()):
             values = dict(private=private, update_existing=update_existing, merged=merged, merged_dtype=merged_dtype,
                           demo_space=demo_space, description=description)
-            return publish_run(run_dir, repo, typed, oauth_token.token if oauth_token else None, values, progress)
+            return publish_run(runs_dir, run_dir, visitor, repo, typed, oauth_token.token if oauth_token else None,
+                               values, progress)
     else:
-        def on_push(run_dir, repo, typed, private, update_existing, merged, merged_dtype, demo_space, description,
-                    progress=gr.Progress()):
+        def on_push(run_dir, visitor, repo, typed, private, update_existing, merged, merged_dtype, demo_space,
+                    description, progress=gr.Progress()):
             values = dict(private=private, update_existing=update_existing, merged=merged, merged_dtype=merged_dtype,
                           demo_space=demo_space, description=description)
-            return publish_run(run_dir, repo, typed, None, values, progress)
+            return publish_run(runs_dir, run_dir, visitor, repo, typed, None, values, progress)
 
     form["merged"].change(lambda merged: gr.update(visible=merged), inputs=form["merged"], outputs=form["merged_dtype"])
-    push.click(on_push, inputs=[run, repo_id, token, *(form[name] for name in FORM_FIELDS)], outputs=outcome)
-    make_zip.click(zip_run, inputs=run, outputs=download)
+    push.click(on_push, inputs=[run, owner, repo_id, token, *(form[name] for name in FORM_FIELDS)], outputs=outcome)
+    make_zip.click(lambda run_dir, visitor: zip_run(runs_dir, run_dir, visitor), inputs=[run, owner],
+                   outputs=download)
 
-    def on_refresh(current=None):
-        choices = adapter_run_choices(runs_dir)
+    def on_refresh(current, visitor):
+        choices = adapter_run_choices(runs_dir, visitor)
         values = [value for _, value in choices]
         return gr.update(choices=choices, value=current if current in values else (values[0] if values else None))
 
-    refresh.click(on_refresh, inputs=run, outputs=run)
+    refresh.click(on_refresh, inputs=[run, owner], outputs=run)
     return {"run": run, "on_refresh": on_refresh}

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
 from .. import runs
+from ..errors import UserError
 from .train_tab import CURVE_COLOURS, EMPTY_CURVE, loss_curve
 
 
@@ -17,9 +17,10 @@ def _rounded(value: float | None) -> float | None:
     return round(value, 4) if isinstance(value, (int, float)) else None
 
 
-def runs_table(runs_dir: str) -> pd.DataFrame:
+def runs_table(runs_dir: str, visitor: str | None) -> pd.DataFrame:
+    """The visitor's runs (and those started from the command line), newest first."""
     rows = []
-    for folder, record in runs.list_runs(runs_dir):
+    for folder, record in runs.visible_runs(runs_dir, visitor):
         final = record.get("final_metrics") or {}
         data = record.get("data") or {}
         rows.append((folder.run_id, record.get("status"), record.get("base_model"), data.get("source"),
@@ -29,12 +30,12 @@ def runs_table(runs_dir: str) -> pd.DataFrame:
                                        "validation loss", "started"])
 
 
-def run_details(runs_dir: str, run_id: str | None) -> tuple[str, pd.DataFrame]:
+def run_details(runs_dir: str, run_id: str | None, visitor: str | None) -> tuple[str, pd.DataFrame]:
     if not run_id:
         return "Pick a run.", EMPTY_CURVE
     try:
-        folder = runs.RunFolder.open(Path(runs_dir) / runs.validate_run_id(run_id))
-    except Exception as err:
+        folder = runs.open_visible(runs_dir, run_id, visitor)
+    except UserError as err:
         return f"❌ {err}", EMPTY_CURVE
     record = folder.read()
     settings = json.dumps(record.get("settings", {}), indent=2)
@@ -45,11 +46,12 @@ def run_details(runs_dir: str, run_id: str | None) -> tuple[str, pd.DataFrame]:
     return text, loss_curve(folder.path)
 
 
-def build(runs_dir: str) -> dict[str, Any]:
+def build(runs_dir: str, owner: gr.BrowserState) -> dict[str, Any]:
     refresh = gr.Button("↻ Refresh", size="sm")
-    table = gr.Dataframe(runs_table(runs_dir), interactive=False, elem_id="runs-table")
+    initial = runs_table(runs_dir, None)
+    table = gr.Dataframe(initial, interactive=False, elem_id="runs-table")
     with gr.Row():
-        run_id = gr.Dropdown([r for r in runs_table(runs_dir)["run"]], label="Run", allow_custom_value=False, scale=3,
+        run_id = gr.Dropdown(list(initial["run"]), label="Run", allow_custom_value=False, scale=3,
                              elem_id="runs-run")
         open_chat = gr.Button("Chat with it", scale=1, elem_id="open-in-chat")
         resume = gr.Button("Resume it", scale=1, elem_id="runs-resume")
@@ -59,12 +61,13 @@ def build(runs_dir: str) -> dict[str, Any]:
         curve = gr.LinePlot(EMPTY_CURVE, x="step", y="loss", color="split", label="Loss", height=220,
                             color_map=CURVE_COLOURS)
 
-    def on_refresh():
-        frame = runs_table(runs_dir)
+    def on_refresh(visitor):
+        frame = runs_table(runs_dir, visitor)
         names = list(frame["run"])
         return frame, gr.update(choices=names, value=names[0] if names else None)
 
-    refresh.click(on_refresh, outputs=[table, run_id])
-    run_id.change(lambda r: run_details(runs_dir, r), inputs=run_id, outputs=[details, curve])
+    refresh.click(on_refresh, inputs=owner, outputs=[table, run_id])
+    run_id.change(lambda r, visitor: run_details(runs_dir, r, visitor), inputs=[run_id, owner],
+                  outputs=[details, curve])
     return {"run_id": run_id, "open_chat": open_chat, "resume": resume, "publish": publish, "on_refresh": on_refresh,
             "refresh_outputs": [table, run_id]}
