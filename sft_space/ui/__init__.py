@@ -11,10 +11,11 @@ import uuid
 
 import gradio as gr
 
-from .. import jobs, models, runs
+from .. import jobs, models
 from ..errors import UserError
 from ..settings import DataSettings, RunSettings
 from . import chat_tab, data_tab, publish_tab, runs_tab, train_tab
+from .common import own_run
 
 TITLE = "SFT Space"
 INTRO = (
@@ -55,33 +56,20 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
         publish_item.select(publishing["on_refresh"], inputs=[publishing["run"], owner], outputs=publishing["run"])
         runs_item.select(past["on_refresh"], inputs=owner, outputs=past["refresh_outputs"])
 
-        def own_run(run_id, visitor):
-            if not run_id:
-                raise gr.Error("Pick a run first.")
-            try:
-                return runs.open_visible(folder, run_id, visitor)
-            except UserError as err:
-                raise gr.Error(str(err)) from None
+        def open_in(tab_id, tab, purpose):
+            def open_run(run_id, visitor):
+                run = own_run(folder, run_id, visitor, need_adapter=purpose)
+                return tab["on_refresh"](str(run.path), visitor), gr.Tabs(selected=tab_id)
+            return open_run
 
-        def open_in_chat(run_id, visitor):
-            run = own_run(run_id, visitor)
-            if not run.has_adapter:
-                raise gr.Error(f"Run {run_id} has no adapter to chat with yet: wait for it to finish, or stop it.")
-            return chat["on_refresh"](str(run.path), visitor), gr.Tabs(selected="chat")
-
-        past["open_chat"].click(open_in_chat, inputs=[past["run_id"], owner], outputs=[chat["run"], tabs])
-
-        def open_in_publish(run_id, visitor):
-            run = own_run(run_id, visitor)
-            if not run.has_adapter:
-                raise gr.Error(f"Run {run_id} has no adapter to publish yet: wait for it to finish, or stop it.")
-            return publishing["on_refresh"](str(run.path), visitor), gr.Tabs(selected="publish")
-
-        past["publish"].click(open_in_publish, inputs=[past["run_id"], owner], outputs=[publishing["run"], tabs])
+        past["open_chat"].click(open_in("chat", chat, "chat with"), inputs=[past["run_id"], owner],
+                                outputs=[chat["run"], tabs])
+        past["publish"].click(open_in("publish", publishing, "publish"), inputs=[past["run_id"], owner],
+                              outputs=[publishing["run"], tabs])
 
         def resume_run(visitor, run_id):
             # Any stopped or interrupted run, also one from before the app restarted; only its starter may.
-            run = own_run(run_id, visitor)
+            run = own_run(folder, run_id, visitor)
             try:
                 job = manager.submit(RunSettings(**run.read()["settings"]), visitor, resume=str(run.path))
             except UserError as err:

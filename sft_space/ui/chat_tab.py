@@ -19,7 +19,7 @@ from .. import runs
 from ..chat import ChatModel, GenerationSettings, load_chat_model
 from ..errors import UserError
 from ..settings import field_help
-from .common import adapter_run_choices
+from .common import adapter_run_choices, own_run
 
 BASE_ONLY = "(base model only)"
 NO_RUN_CHOSEN = "No fine-tuned run chosen: pick one under *Chat with* to compare."
@@ -46,10 +46,7 @@ def own_run_dir(runs_dir: str, run_dir: str | None, visitor: str | None) -> str 
     """The chosen run's folder, checked to be the visitor's (a page can send any value); None for the base."""
     if not run_dir or run_dir == BASE_ONLY:
         return None
-    try:
-        return str(runs.open_visible(runs_dir, run_dir, visitor).path)
-    except UserError as err:
-        raise gr.Error(str(err)) from None
+    return str(own_run(runs_dir, run_dir, visitor).path)
 
 
 def suggestion(runs_dir: str, run_dir: str | None, visitor: str | None) -> str:

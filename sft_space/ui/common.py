@@ -8,6 +8,7 @@ from typing import Any
 import gradio as gr
 
 from .. import runs
+from ..errors import UserError
 from ..settings import field_type
 
 
@@ -24,6 +25,20 @@ def settings_component(spec: dataclasses.Field, **options: Any) -> gr.components
     if kind in (int, float):
         return gr.Number(value=spec.default, label=label, info=info, precision=0 if kind is int else None, **options)
     return gr.Textbox(value=spec.default, label=label, info=info, **options)
+
+
+def own_run(runs_dir: str, run_ref: str | None, visitor: str | None, need_adapter: str = "") -> runs.RunFolder:
+    """The run a page chose, checked to be the visitor's (a page can send any value); `need_adapter` names what
+    the adapter is needed for, when it is."""
+    if not run_ref:
+        raise gr.Error("Pick a run first.")
+    try:
+        run = runs.open_visible(runs_dir, run_ref, visitor)
+    except UserError as err:
+        raise gr.Error(str(err)) from None
+    if need_adapter and not run.has_adapter:
+        raise gr.Error(f"Run {run.run_id} has no adapter to {need_adapter} yet: wait for it to finish, or stop it.")
+    return run
 
 
 def adapter_run_choices(runs_dir: str, visitor: str | None) -> list[tuple[str, str]]:

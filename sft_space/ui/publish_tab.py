@@ -15,9 +15,9 @@ from typing import Any
 
 import gradio as gr
 
-from .. import publish, runs
+from .. import publish
 from ..errors import UserError
-from .common import adapter_run_choices, settings_component
+from .common import adapter_run_choices, own_run, settings_component
 
 FORM_FIELDS = ("private", "update_existing", "merged", "merged_dtype", "demo_space", "description")
 
@@ -28,20 +28,10 @@ def oauth_enabled() -> bool:
     return os.environ.get("SYSTEM") == "spaces" and bool(os.environ.get("OAUTH_CLIENT_ID"))
 
 
-def own_run(runs_dir: str, run_dir: str | None, visitor: str | None) -> str:
-    """The chosen run's folder, checked to be the visitor's (a page can send any value)."""
-    if not run_dir:
-        raise gr.Error("Pick a run first.")
-    try:
-        return str(runs.open_visible(runs_dir, run_dir, visitor).path)
-    except UserError as err:
-        raise gr.Error(str(err)) from None
-
-
 def publish_run(runs_dir: str, run_dir: str | None, visitor: str | None, repo_id: str, typed_token: str,
                 signed_in_token: str | None, values: dict[str, Any], progress: Any = None, api: Any = None) -> str:
     """Push and describe the outcome in Markdown; every failure becomes a readable gr.Error."""
-    run_dir = own_run(runs_dir, run_dir, visitor)
+    run_dir = str(own_run(runs_dir, run_dir, visitor).path)
     settings = publish.PublishSettings(repo_id=(repo_id or "").strip(), **values)
     token = publish.resolve_token(typed_token, signed_in_token)
 
@@ -62,7 +52,7 @@ def publish_run(runs_dir: str, run_dir: str | None, visitor: str | None, repo_id
 
 
 def zip_run(runs_dir: str, run_dir: str | None, visitor: str | None) -> str:
-    run_dir = own_run(runs_dir, run_dir, visitor)
+    run_dir = str(own_run(runs_dir, run_dir, visitor).path)
     # A fresh temporary folder: Gradio serves files from there, and two downloads never collide.
     target = Path(tempfile.mkdtemp(prefix="sft-space-download-")) / f"{Path(run_dir).name}-adapter.zip"
     try:
