@@ -12,7 +12,6 @@ row with a misspelled role is carried through as it is and reported there.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import random
 import re
@@ -244,23 +243,27 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, Any]]:
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataSourceError(f"{path.name}: not valid UTF-8 (byte {err.start + 1}); save the file as UTF-8.") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if not reader.fieldnames:
-        raise DataSourceError(f"{path.name}: empty CSV file; the first line must name the columns.")
-    for index, record in enumerate(reader, start=1):
-        if None in record or None in record.values():
-            more_or_fewer = "more" if None in record else "fewer"
-            yield index, RowProblem(
-                index, "unreadable_row",
-                f"row {index}: has {more_or_fewer} values than the {len(reader.fieldnames)} columns in the header; "
-                "quote cells that contain commas, and give every row one value per column.",
-            )
-            continue
-        yield index, {key: _maybe_json_list(value) for key, value in record.items()}
+    # Read row by row from the file, not as one string: memory stays bounded by the rows kept.
+    with path.open("r", encoding="utf-8-sig", newline="") as handle:
+        try:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames:
+                raise DataSourceError(f"{path.name}: empty CSV file; the first line must name the columns.")
+            for index, record in enumerate(reader, start=1):
+                if None in record or None in record.values():
+                    more_or_fewer = "more" if None in record else "fewer"
+                    yield index, RowProblem(
+                        index, "unreadable_row",
+                        f"row {index}: has {more_or_fewer} values than the {len(reader.fieldnames)} columns in the "
+                        "header; quote cells that contain commas, and give every row one value per column.",
+                    )
+                    continue
+                yield index, {key: _maybe_json_list(value) for key, value in record.items()}
+        except UnicodeDecodeError:
+            raise DataSourceError(f"{path.name}: not valid UTF-8; save it as UTF-8 (in Excel: Save As, "
+                                  "\"CSV UTF-8\").") from None
+        except csv.Error as err:
+            raise DataSourceError(f"{path.name}: not a readable CSV file ({err}).") from None
 
 
 def _maybe_json_list(value: str) -> Any:
