@@ -281,10 +281,18 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        parquet = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several unrelated types for damaged files
         raise DataSourceError(f"{path.name}: not a readable Parquet file ({err}).") from None
-    yield from enumerate(table.to_pylist(), start=1)
+    # Batch by batch, so memory is bounded by the rows kept rather than the file.
+    row = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record
+    except Exception as err:  # a damaged row group
+        raise DataSourceError(f"{path.name}: could not read the Parquet file after row {row} ({err}).") from None
 
 
 def _read_dataset_folder(path: Path, split: str) -> Iterator[tuple[int, Any]]:

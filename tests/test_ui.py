@@ -78,3 +78,21 @@ def test_a_visitor_sees_and_opens_only_their_own_runs(tmp_path):
             pass
     with pytest.raises(UserError):
         runs.open_visible(str(tmp_path), "..", "alice")
+
+
+def test_the_app_caps_uploads_at_the_data_file_limit():
+    """Gradio refuses larger uploads before they fill the disk; the cap is the data settings' own limit."""
+    from sft_space.settings import DataSettings
+    from sft_space.ui import launch
+
+    captured = {}
+
+    class StandIn:
+        def queue(self, **kwargs):
+            return self
+
+        def launch(self, **kwargs):
+            captured.update(kwargs)
+
+    launch(StandIn())
+    assert captured["max_file_size"] == f"{int(DataSettings.max_file_mb)}mb"
