@@ -228,18 +228,69 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
         yield from _read_json_lines(path)
         return
     try:
-        records = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError as err:
-        raise DataSourceError(f"{path.name}: not valid UTF-8 (byte {err.start + 1}); save the file as UTF-8.") from None
+        yield from enumerate(_json_array_items(path), start=1)
+    except UnicodeDecodeError:
+        raise DataSourceError(f"{path.name}: not valid UTF-8; save the file as UTF-8.") from None
     except json.JSONDecodeError as err:
         raise DataSourceError(
-            f"{path.name}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
-            "fix the file, or save it as JSONL (one object per line) so one bad row does not spoil the rest."
+            f"{path.name}: not valid JSON ({err.msg}); fix the file, or save it as JSONL (one object per line) so "
+            "one bad row does not spoil the rest."
         ) from None
     except RecursionError:
         raise DataSourceError(f"{path.name}: JSON nested too deeply to read; a training example needs a few "
                               "levels at most.") from None
-    yield from enumerate(records, start=1)
+
+
+JSON_CHUNK = 1 << 20
+
+
+def _json_array_items(path: Path) -> Iterator[Any]:
+    """The items of a top-level JSON array, decoded one at a time from a buffered read (memory stays bounded by
+    the largest item, not the file)."""
+    decoder = json.JSONDecoder()
+    with path.open("r", encoding="utf-8-sig") as handle:
+        buffer = handle.read(JSON_CHUNK).lstrip()
+        if not buffer.startswith("["):
+            raise json.JSONDecodeError("the file does not start with '['", buffer, 0)
+        buffer = buffer[1:]
+        at_end = False
+        expecting_item = True
+        while True:
+            buffer = buffer.lstrip()
+            if not buffer and not at_end:
+                more = handle.read(JSON_CHUNK)
+                at_end = not more
+                buffer += more
+                continue
+            if buffer.startswith("]"):
+                return
+            if buffer.startswith(","):
+                if expecting_item:
+                    raise json.JSONDecodeError("unexpected ','", buffer, 0)
+                buffer, expecting_item = buffer[1:], True
+                continue
+            if not buffer:
+                raise json.JSONDecodeError("the array is not closed with ']'", buffer, 0)
+            if not expecting_item:
+                raise json.JSONDecodeError("expected ',' or ']' between records", buffer, 0)
+            try:
+                item, end = decoder.raw_decode(buffer)
+            except json.JSONDecodeError:
+                if at_end:
+                    raise
+                more = handle.read(JSON_CHUNK)
+                at_end = not more
+                buffer += more
+                continue
+            if end == len(buffer) and not at_end:
+                # A number may continue in the next chunk: decode again with more text.
+                more = handle.read(JSON_CHUNK)
+                if more:
+                    buffer += more
+                    continue
+                at_end = True
+            yield item
+            buffer, expecting_item = buffer[end:], False
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, Any]]:

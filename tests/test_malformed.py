@@ -115,3 +115,19 @@ def test_reading_stops_at_the_row_limit(tmp_path, embedded_tokenizer):
         with pytest.raises(UserError, match="more than 100 rows"):
             data.load_data("anything.jsonl", max_rows=100)
     assert len(served) == 101
+
+
+def test_json_arrays_are_read_item_by_item_across_chunk_boundaries(tmp_path, monkeypatch):
+    """A .json array is decoded one record at a time from small reads, so a huge file never sits in memory."""
+    from sft_space import data
+
+    monkeypatch.setattr(data, "JSON_CHUNK", 7)  # every record straddles several reads
+    records = [item for i in range(3) for item in ({"prompt": f"q{i}" * 5, "response": "r" * 40}, 123456789, "t")]
+    path = tmp_path / "array.json"
+    path.write_text(json.dumps(records, indent=1))
+    assert list(data._json_array_items(path)) == records
+    for broken, says in (('[{"a": 1}, {"b": 2', "delimiter"), ('[{"a": 1}', "not closed"),
+                         ('[{"a": 1} {"b": 2}]', "expected ','")):
+        path.write_text(broken)
+        with pytest.raises(json.JSONDecodeError, match=says):
+            list(data._json_array_items(path))
