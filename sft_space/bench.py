@@ -11,6 +11,7 @@ steps (logging, syncs) counts against it. Checkpoint saving is off for both.
 
 from __future__ import annotations
 
+import json
 import random
 import tempfile
 import time
@@ -166,7 +167,7 @@ def run_bench(settings: BenchSettings, hardware: Hardware | None = None) -> dict
     from datasets import Dataset
 
     from .runs import RunFolder
-    from .train import build_trainer, load_model_for_training, lora_config, prepare_data
+    from .train import build_trainer, load_model_for_training, lora_config, prepare_data, release_memory, torch_dtype
 
     hardware = hardware or detect_hardware()
     tokenizer = models.load_tokenizer(models.EMBEDDED_MODEL)
@@ -179,8 +180,6 @@ def run_bench(settings: BenchSettings, hardware: Hardware | None = None) -> dict
         # Enough conversations that neither path runs out in `total_steps` at batch 8 of max-length packs.
         rows = synthetic_chats(total_steps * 8 * max(1, settings.max_length // 150) + 32, settings.seed)
         source = work / "bench.jsonl"
-        import json
-
         source.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
         run = run_settings("quick", source=str(source), model=models.EMBEDDED_MODEL if embedded else "bench",
                            max_length=settings.max_length, max_steps=total_steps, validation_fraction=0.0,
@@ -189,7 +188,7 @@ def run_bench(settings: BenchSettings, hardware: Hardware | None = None) -> dict
         prepared = prepare_data(run, tokenizer)
         stats = prepared.report.stats()
         plan = plan_training(run, hardware, shape, stats["total_tokens"], stats["tokens_per_example"]["max"])
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[plan.precision]
+        dtype = torch_dtype(plan.precision)
         device = "cuda" if plan.device == "cuda" else "cpu"
 
         def fresh_model() -> Any:
@@ -204,7 +203,7 @@ def run_bench(settings: BenchSettings, hardware: Hardware | None = None) -> dict
         ours_result = _measure("SFT Space default", ours, settings, hardware, shape, plan.sequence_length,
                                "; ".join(plan.reasons))
         del ours
-        _release()
+        release_memory()
 
         baseline_args = SFTConfig(
             output_dir=str(work / "baseline"), max_length=settings.max_length, max_steps=total_steps,
@@ -222,20 +221,10 @@ def run_bench(settings: BenchSettings, hardware: Hardware | None = None) -> dict
                                    f"padding to the longest in each batch, gradient checkpointing {checkpointing}, "
                                    "loss on every token")
         del baseline
-        _release()
+        release_memory()
     return {"settings": asdict(settings), "hardware": hardware.describe(), "parameters": shape.parameters,
             "precision": plan.precision, "paths": [asdict(ours_result), asdict(baseline_result)],
             "speedup": round(ours_result.tokens_per_second / baseline_result.tokens_per_second, 2)}
-
-
-def _release() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def format_report(result: dict[str, Any]) -> str:

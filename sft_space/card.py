@@ -7,6 +7,7 @@ again for any past run, and it never holds anything the run folder does not (no 
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 from typing import Any
 
@@ -70,20 +71,26 @@ Made with SFT Space: data checked, rendered and trained with TRL's SFTTrainer an
 """
 
 
+def _hub_id(name: str) -> str | None:
+    """`name` when it is a Hub id (owner/name) and not a folder here that happens to look like one."""
+    if name and models.HUB_MODEL_ID.match(name) and not Path(name).expanduser().exists():
+        return name
+    return None
+
+
+def base_model_of(record: dict[str, Any]) -> str:
+    """The base model a run record names, as the run was trained on it."""
+    return record.get("base_model") or (record.get("settings") or {}).get("model", "")
+
+
 def hub_base_model(model: str) -> str | None:
     """The base model's Hub id, or None when it is a local folder nobody else has."""
-    if model == models.EMBEDDED_MODEL:
-        return models.HUB_DEFAULT_MODEL
-    if models.HUB_MODEL_ID.match(model) and not Path(model).expanduser().exists():
-        return model
-    return None
+    return models.HUB_DEFAULT_MODEL if model == models.EMBEDDED_MODEL else _hub_id(model)
 
 
 def hub_dataset(source: str) -> str | None:
     """The dataset's Hub id when the run trained on a Hub dataset, else None."""
-    if source and models.HUB_MODEL_ID.match(source) and not Path(source).expanduser().exists():
-        return source
-    return None
+    return _hub_id(source)
 
 
 def public_source_name(source: str) -> str:
@@ -173,7 +180,7 @@ def model_card(folder: RunFolder, repo_id: str, merged: bool = False, descriptio
     data = record.get("data", {})
     stats = data.get("stats", {})
     final = record.get("final_metrics", {}) or {}
-    base_model = hub_base_model(record.get("base_model") or settings.get("model", ""))
+    base_model = hub_base_model(base_model_of(record))
     dataset = hub_dataset(settings.get("source", ""))
     tags = ["sft", "lora", "trl", "sft-space"] + (["merged"] if merged else ["peft"])
     card_data = ModelCardData(
@@ -211,8 +218,6 @@ def model_card(folder: RunFolder, repo_id: str, merged: bool = False, descriptio
                f"{final.get('train_runtime_seconds', '—')} s on {hardware}). Run status: {record.get('status')}.")
     samples = []
     if folder.samples_path.is_file():
-        import json
-
         for sample in json.loads(folder.samples_path.read_text(encoding="utf-8")):
             if sample.get("after") is not None:
                 samples.append({"prompt": _cell(_first_prompt(sample)), "before": _cell(sample.get("before")),

@@ -249,18 +249,25 @@ def _json_array_items(path: Path) -> Iterator[Any]:
     the largest item, not the file)."""
     decoder = json.JSONDecoder()
     with path.open("r", encoding="utf-8-sig") as handle:
-        buffer = handle.read(JSON_CHUNK).lstrip()
+        buffer, at_end = "", False
+
+        def read_more() -> bool:
+            nonlocal buffer, at_end
+            more = handle.read(JSON_CHUNK)
+            at_end = not more
+            buffer += more
+            return not at_end
+
+        read_more()
+        buffer = buffer.lstrip()
         if not buffer.startswith("["):
             raise json.JSONDecodeError("the file does not start with '['", buffer, 0)
         buffer = buffer[1:]
-        at_end = False
         expecting_item = True
         while True:
             buffer = buffer.lstrip()
             if not buffer and not at_end:
-                more = handle.read(JSON_CHUNK)
-                at_end = not more
-                buffer += more
+                read_more()
                 continue
             if buffer.startswith("]"):
                 return
@@ -278,17 +285,11 @@ def _json_array_items(path: Path) -> Iterator[Any]:
             except json.JSONDecodeError:
                 if at_end:
                     raise
-                more = handle.read(JSON_CHUNK)
-                at_end = not more
-                buffer += more
+                read_more()
                 continue
-            if end == len(buffer) and not at_end:
-                # A number may continue in the next chunk: decode again with more text.
-                more = handle.read(JSON_CHUNK)
-                if more:
-                    buffer += more
-                    continue
-                at_end = True
+            # A record ending exactly at the end of the text read may be a number cut short: read on and decode again.
+            if end == len(buffer) and not at_end and read_more():
+                continue
             yield item
             buffer, expecting_item = buffer[end:], False
 

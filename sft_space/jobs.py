@@ -91,8 +91,7 @@ class JobManager:
         target = folder.path.resolve()
         if any(j.run_dir is not None and Path(j.run_dir).resolve() == target and not j.done for j in self._jobs.values()):
             raise UserError(f"Run {folder.run_id} is already training or waiting to; it cannot be resumed twice.")
-        started_by = folder.read().get("owner")
-        if started_by and started_by != owner:
+        if not runs.visible_to(folder.read(), owner):
             raise UserError(f"Run {folder.run_id} was started by another visitor; only they can resume it.")
 
     def _start(self, job: Job) -> None:

@@ -11,17 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
-import time
 import zipfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from . import card, models
+from . import card, models, runs
 from .errors import UserError
 from .runs import RunFolder
 from .settings import setting
@@ -32,7 +30,6 @@ RUN_RECORD_FILE = "training_run.json"
 DEMO_TEMPLATE_DIR = Path(__file__).resolve().parent / "demo_space"
 # peft writes a placeholder README into the adapter folder; ours replaces it.
 NOT_PUBLISHED = {"README.md"}
-REPO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 TOKEN_HELP = ("On the Space, press \"Sign in with Hugging Face\"; elsewhere set HF_TOKEN (or run 'hf auth login'), "
               "or paste a write token from https://huggingface.co/settings/tokens.")
 
@@ -86,7 +83,7 @@ def public_record(folder: RunFolder) -> dict[str, Any]:
     settings = dict(record.get("settings", {}))
     settings.pop("output_dir", None)
     settings["source"] = card.public_source_name(settings.get("source", ""))
-    model = record.get("base_model") or settings.get("model", "")
+    model = card.base_model_of(record)
     settings["model"] = card.hub_base_model(model) or Path(model).name
     data = {k: v for k, v in (record.get("data") or {}).items() if k != "source"}
     return {"run_id": folder.run_id, "status": record.get("status"), "created_at": record.get("created_at"),
@@ -103,7 +100,7 @@ def _stage_adapter(folder: RunFolder, target: Path) -> None:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     record = folder.read()
     # Training saw the embedded model's local copy; the adapter must name the base model others can download.
-    hub_id = card.hub_base_model(record.get("base_model") or record.get("settings", {}).get("model", ""))
+    hub_id = card.hub_base_model(card.base_model_of(record))
     if hub_id:
         config["base_model_name_or_path"] = hub_id
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -116,7 +113,7 @@ def merge_adapter(folder: RunFolder, target: Path, dtype: str = "auto") -> None:
     from peft import PeftModel
 
     record = folder.read()
-    base = record.get("base_model") or record["settings"]["model"]
+    base = card.base_model_of(record)
     trust_remote_code = bool(record["settings"].get("trust_remote_code"))
     if dtype == "auto":
         dtype = getattr(models.load_config(base, trust_remote_code), "dtype", None) or torch.float32
@@ -182,8 +179,8 @@ def export_zip(run_dir: str | Path, zip_path: str | Path) -> Path:
 
 def validate_repo_id(repo_id: str) -> str:
     repo_id = (repo_id or "").strip()
-    owner, _, name = repo_id.partition("/")
-    if not (REPO_NAME.match(owner) and REPO_NAME.match(name)) or ".." in repo_id or name.endswith((".git", ".")):
+    name = repo_id.partition("/")[2]
+    if not models.HUB_MODEL_ID.match(repo_id) or ".." in repo_id or name.endswith((".git", ".")):
         raise UserError(f"{repo_id!r} is not a valid repo id: write it as owner/name with letters, digits, '-', "
                         "'_' and '.', e.g. alice/captain-byte-lora.")
     return repo_id
@@ -257,8 +254,8 @@ def _write_access(account: dict[str, Any], namespace: str) -> bool | None:
     return None  # OAuth tokens: their scopes were granted at sign-in; the push itself will tell
 
 
-def check_access(api: Any, repo_id: str, token: str) -> str:
-    """Refuse early, with the reason, when the token cannot create or update `repo_id`. Returns the user name."""
+def check_access(api: Any, repo_id: str, token: str) -> None:
+    """Refuse early, with the reason, when the token cannot create or update `repo_id`."""
     try:
         account = api.whoami()
     except Exception as err:
@@ -273,11 +270,10 @@ def check_access(api: Any, repo_id: str, token: str) -> str:
     if _write_access(account, namespace) is False:
         raise UserError(f"Your token can read but not write to {namespace}: make a token with write access at "
                         "https://huggingface.co/settings/tokens (or sign in again and allow writing).")
-    return user
 
 
-def _check_free(api: Any, repo_id: str, repo_type: str, update_existing: bool, token: str) -> bool:
-    """Whether the repo exists; refuses when it does and the user did not ask to update it."""
+def _check_free(api: Any, repo_id: str, repo_type: str, update_existing: bool, token: str) -> None:
+    """Refuse when the repo exists and the user did not ask to update it."""
     try:
         exists = api.repo_exists(repo_id, repo_type=repo_type)
     except Exception as err:
@@ -286,7 +282,6 @@ def _check_free(api: Any, repo_id: str, repo_type: str, update_existing: bool, t
         kind = "Space" if repo_type == "space" else "model repo"
         raise UserError(f"The {kind} {repo_id} already exists. Choose another name, or allow updating it to push "
                         "this run as a new commit.")
-    return exists
 
 
 def _upload(api: Any, repo_id: str, repo_type: str, staging: Path, private: bool, message: str, token: str,
@@ -318,7 +313,7 @@ def demo_space_id(repo_id: str) -> str:
     return f"{owner}/{name[:90]}-demo"
 
 
-def stage_demo_space(target: Path, repo_id: str, private_model: bool) -> list[Path]:
+def stage_demo_space(target: Path, repo_id: str, private_model: bool) -> None:
     """A small Gradio Space that chats with the published model: app.py, requirements.txt, README.md."""
     target.mkdir(parents=True, exist_ok=True)
     title = f"Chat with {repo_id.split('/')[1]}"
@@ -337,7 +332,6 @@ def stage_demo_space(target: Path, repo_id: str, private_model: bool) -> list[Pa
         body += ("\nThe model repo is private: add a secret named `HF_TOKEN` holding a read token (Settings → "
                  "Variables and secrets) so this Space can load it.\n")
     SpaceCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(target / "README.md")
-    return sorted(p.relative_to(target) for p in target.iterdir())
 
 
 def push(run_dir: str | Path, settings: PublishSettings, token: str | None, api: Any = None,
@@ -358,7 +352,7 @@ def push(run_dir: str | Path, settings: PublishSettings, token: str | None, api:
     if space_id:
         _check_free(api, space_id, "space", settings.update_existing, token)
     result = PublishResult(model_url=f"https://huggingface.co/{repo_id}")
-    base_model = card.hub_base_model(folder.read().get("base_model", ""))
+    base_model = card.hub_base_model(card.base_model_of(folder.read()))
     licence = card.base_model_licence(base_model) or hub_licence(api, base_model)
     with tempfile.TemporaryDirectory(prefix="sft-space-push-") as staging:
         model_files = Path(staging) / "model"
@@ -383,7 +377,7 @@ def push(run_dir: str | Path, settings: PublishSettings, token: str | None, api:
                             "(publish with 'merged' to share a model that stands alone).")
     published = folder.read().get("published", [])
     published.append({"repo_id": repo_id, "merged": settings.merged, "private": settings.private,
-                      "space_id": space_id, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                      "space_id": space_id, "at": runs.timestamp()})
     folder.update(published=published)
     _progress(on_progress, 1.0, f"Published: {result.model_url}")
     return result

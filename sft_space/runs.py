@@ -48,6 +48,11 @@ def write_json_atomic(path: Path, value: Any) -> None:
         raise
 
 
+def timestamp() -> str:
+    """Now, as run records write it (local time with its UTC offset)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
 def new_run_id(source: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(source.rstrip("/")).stem or "data").strip("-._")[:40] or "data"
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}"
@@ -118,7 +123,7 @@ class RunFolder:
     def update(self, **changes: Any) -> dict[str, Any]:
         record = self.read()
         record.update(changes)
-        record["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        record["updated_at"] = timestamp()
         self.write(record)
         return record
 

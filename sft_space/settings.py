@@ -79,8 +79,9 @@ class RunSettings(DataSettings):
     batch_size: int = setting(0, "Examples per device step (0: chosen to fit the hardware).", group="schedule")
     gradient_accumulation: int = setting(1, "Steps whose gradients add up before each optimizer update.",
                                          group="schedule")
-    packing: bool = setting(True, "Pack several examples into each sequence on a GPU (no padding, each example "
-                            "still attends only to itself): faster, same loss. A CPU trains examples one by one.", group="hardware")
+    packing: bool = setting(True, "Pack several examples into each sequence (no padding, each example still "
+                            "attends only to itself): faster, same loss. A CPU packs only short examples, "
+                            "into short packs.", group="hardware")
     precision: str = setting(AUTO, "Number format for training: 'auto' picks bf16 on Ampere or newer GPUs, fp16 on "
                              "older ones (T4), fp32 on CPU.", choices=(AUTO, "fp32", "fp16", "bf16"), group="hardware")
     gradient_checkpointing: str = setting(AUTO, "Recompute activations to save memory at ~2x the compute: 'auto' "

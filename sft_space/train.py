@@ -159,7 +159,7 @@ def answer_samples(model: Any, tokenizer: Any, samples: list[dict[str, Any]], ke
     model.train(was_training)
 
 
-def _torch_dtype(name: str) -> Any:
+def torch_dtype(name: str) -> Any:
     import torch
 
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
@@ -168,14 +168,14 @@ def _torch_dtype(name: str) -> Any:
 def load_model_for_training(settings: RunSettings, plan: TrainingPlan) -> Any:
     import torch
 
-    kwargs: dict[str, Any] = {"dtype": _torch_dtype(plan.precision), "attn_implementation": "sdpa",
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(plan.precision), "attn_implementation": "sdpa",
                               "trust_remote_code": settings.trust_remote_code}
     if plan.four_bit:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=_torch_dtype(plan.precision if plan.precision != "fp32" else "fp16"))
+            bnb_4bit_compute_dtype=torch_dtype(plan.precision if plan.precision != "fp32" else "fp16"))
     if plan.device == "cuda":
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     return models.load_causal_lm(settings.model, **kwargs)
@@ -373,7 +373,7 @@ def train(job: TrainingJob) -> RunFolder:
     else:
         folder = RunFolder.create(settings.output_dir, job.run_id or runs.new_run_id(settings.source))
         folder.write({
-            "run_id": folder.run_id, "status": runs.RUNNING, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "run_id": folder.run_id, "status": runs.RUNNING, "created_at": runs.timestamp(),
             "settings": asdict(settings), "plan": plan.to_dict(), "data": prepared.summary(),
             "hardware": hardware.to_dict(), "versions": library_versions(), "base_model": settings.model,
             "final_metrics": {}, "error": None,

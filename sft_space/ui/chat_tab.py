@@ -19,7 +19,7 @@ from .. import runs
 from ..chat import ChatModel, GenerationSettings, load_chat_model
 from ..errors import UserError
 from ..settings import field_help
-from .common import adapter_run_choices, own_run
+from .common import adapter_run_choices, keep_choice, own_run
 
 BASE_ONLY = "(base model only)"
 NO_RUN_CHOSEN = "No fine-tuned run chosen: pick one under *Chat with* to compare."
@@ -142,9 +142,7 @@ def build(runs_dir: str, model: gr.Dropdown, owner: gr.BrowserState) -> dict[str
     suggest.click(lambda r, visitor: suggestion(runs_dir, r, visitor), inputs=[run, owner], outputs=message)
     clear.click(lambda: ([], []), outputs=[tuned, base])
     def on_refresh(current, visitor):
-        choices = run_choices(runs_dir, visitor)
-        values = [value for _, value in choices]
-        return gr.update(choices=choices, value=current if current in values else values[0])
+        return keep_choice(run_choices(runs_dir, visitor), current)
 
     refresh.click(on_refresh, inputs=[run, owner], outputs=run)
     return {"run": run, "on_refresh": on_refresh}

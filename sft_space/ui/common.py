@@ -50,3 +50,9 @@ def adapter_run_choices(runs_dir: str, visitor: str | None) -> list[tuple[str, s
             label = f"{folder.run_id} · {record.get('status')}" + (f" · loss {loss:.3f}" if loss else "")
             choices.append((label, str(folder.path)))
     return choices
+
+
+def keep_choice(choices: list[tuple[str, str]], current: str | None) -> Any:
+    """A refreshed run list that keeps the current pick while it is still there, else picks the first."""
+    values = [value for _, value in choices]
+    return gr.update(choices=choices, value=current if current in values else (values[0] if values else None))

@@ -17,7 +17,7 @@ import gradio as gr
 
 from .. import publish
 from ..errors import UserError
-from .common import adapter_run_choices, own_run, settings_component
+from .common import adapter_run_choices, keep_choice, own_run, settings_component
 
 FORM_FIELDS = ("private", "update_existing", "merged", "merged_dtype", "demo_space", "description")
 
@@ -94,16 +94,12 @@ def build(runs_dir: str, owner: gr.BrowserState) -> dict[str, Any]:
         # finds it by its annotation, so the parameters are spelled out rather than taken as *args.
         def on_push(run_dir, visitor, repo, typed, private, update_existing, merged, merged_dtype, demo_space,
                     description, oauth_token: gr.OAuthToken | None, progress=gr.Progress()):
-            values = dict(private=private, update_existing=update_existing, merged=merged, merged_dtype=merged_dtype,
-                          demo_space=demo_space, description=description)
+            values = (private, update_existing, merged, merged_dtype, demo_space, description)
             return publish_run(runs_dir, run_dir, visitor, repo, typed, oauth_token.token if oauth_token else None,
-                               values, progress)
+                               dict(zip(FORM_FIELDS, values)), progress)
     else:
-        def on_push(run_dir, visitor, repo, typed, private, update_existing, merged, merged_dtype, demo_space,
-                    description, progress=gr.Progress()):
-            values = dict(private=private, update_existing=update_existing, merged=merged, merged_dtype=merged_dtype,
-                          demo_space=demo_space, description=description)
-            return publish_run(runs_dir, run_dir, visitor, repo, typed, None, values, progress)
+        def on_push(run_dir, visitor, repo, typed, *values, progress=gr.Progress()):
+            return publish_run(runs_dir, run_dir, visitor, repo, typed, None, dict(zip(FORM_FIELDS, values)), progress)
 
     form["merged"].change(lambda merged: gr.update(visible=merged), inputs=form["merged"], outputs=form["merged_dtype"])
     push.click(on_push, inputs=[run, owner, repo_id, token, *(form[name] for name in FORM_FIELDS)], outputs=outcome)
@@ -111,9 +107,7 @@ def build(runs_dir: str, owner: gr.BrowserState) -> dict[str, Any]:
                    outputs=download)
 
     def on_refresh(current, visitor):
-        choices = adapter_run_choices(runs_dir, visitor)
-        values = [value for _, value in choices]
-        return gr.update(choices=choices, value=current if current in values else (values[0] if values else None))
+        return keep_choice(adapter_run_choices(runs_dir, visitor), current)
 
     refresh.click(on_refresh, inputs=[run, owner], outputs=run)
     return {"run": run, "on_refresh": on_refresh}
