@@ -3,13 +3,20 @@
 The data is tokenized here with the same renderer as the preview (`render.render_example`), and handed to
 TRL's SFTTrainer already tokenized with its `assistant_masks` column, so the tokens that carry loss are
 exactly the ones the preview highlights — for any chat template, with or without generation markers.
+
+A run holds its folder's lock (`RunFolder.locked`) from the moment the folder is chosen until `train` returns,
+so two processes never train the same run. A failure is recorded in run.json first (small, and what the app and
+the command line read), and only then, room permitting, the traceback: on a full disk the reason still reaches
+the person as a TrainingFailed, never as the disk error of the handler itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
+import shutil
 import threading
 import time
 import traceback
@@ -25,7 +32,7 @@ from .hardware import Hardware, TrainingPlan, detect_hardware, plan_training
 from .memory import ModelShape
 from .render import render_example
 from .runs import RunFolder
-from .settings import RunSettings
+from .settings import RunSettings, run_settings
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
 # Logging, evaluation and checkpoints as a share of the run's steps, so that a 20-step run logs every step
@@ -42,6 +49,17 @@ OOM_ADVICE = ("Out of memory. Lower the maximum length, set the batch size to 1,
 
 DISK_FULL_ADVICE = ("The disk is full: the last checkpoint could not be saved (the incomplete one is ignored). "
                     "Free space, e.g. delete old runs or their checkpoint folders, then resume this run.")
+MB = 1024**2
+# What a run writes, per trainable (LoRA) parameter: a checkpoint holds its fp32 weight and AdamW's two fp32
+# moments; the final adapter only the weight. Each also holds the tokenizer, scheduler, RNG and trainer state.
+CHECKPOINT_BYTES_PER_PARAMETER = 4 + 4 + 4
+ADAPTER_BYTES_PER_PARAMETER = 4
+SMALL_FILES_BYTES = 32 * MB
+# run.json, metrics.jsonl, samples.json and the slack a filesystem needs.
+DISK_MARGIN_BYTES = 64 * MB
+# Savers that are not Python (safetensors, torch's zip writer) report a full disk without an errno: a failed
+# write with less than this free is taken for one.
+NEARLY_FULL_BYTES = 16 * MB
 
 
 class TrainingFailed(UserError):
@@ -120,14 +138,44 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def is_disk_full(err: BaseException) -> bool:
+def is_disk_full(err: BaseException, where: Path | None = None) -> bool:
+    """Whether `err` (or an error it was raised from) is a full disk; `where`: a folder on the disk written to."""
     import errno
 
+    write_error = False
     while err is not None:
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
+        message = str(err).lower()
+        if "no space left" in message or "quota exceeded" in message:
+            return True
+        write_error = write_error or isinstance(err, OSError) or "write" in message or "ioerror" in message
         err = err.__cause__ or err.__context__
-    return False
+    if not write_error or where is None:
+        return False
+    try:
+        return shutil.disk_usage(where).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+def disk_needed(lora_parameters: int, checkpoints: int = KEEP_CHECKPOINTS + 1) -> int:
+    """Bytes a run writes at its peak: `checkpoints` trainer checkpoints (those kept, plus the one being saved
+    before the oldest is deleted), the final adapter, and a margin."""
+    checkpoint = lora_parameters * CHECKPOINT_BYTES_PER_PARAMETER + SMALL_FILES_BYTES
+    adapter = lora_parameters * ADAPTER_BYTES_PER_PARAMETER + SMALL_FILES_BYTES
+    return checkpoints * checkpoint + adapter + DISK_MARGIN_BYTES
+
+
+def check_free_disk(runs_dir: str | Path, needed: int) -> None:
+    """Refuse a run the disk under `runs_dir` has no room for, before it writes anything."""
+    runs_dir = Path(runs_dir)
+    existing = next(p for p in (runs_dir, *runs_dir.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise UserError(f"Not enough free disk space for this run: {existing} has {free / MB:.0f} MB free, and the "
+                        f"run needs about {needed / MB:.0f} MB for its checkpoints and adapter. Free space (delete "
+                        "old runs or their checkpoint folders), or choose an output folder on a larger disk.")
 
 
 def release_memory() -> None:
@@ -335,8 +383,8 @@ def _status(job: TrainingJob, message: str) -> None:
         job.on_status(message)
 
 
-def _open_resumable(path: str | Path) -> tuple[RunFolder, RunSettings, Path]:
-    folder = RunFolder.open(path)
+def _resumable(folder: RunFolder) -> tuple[RunSettings, Path]:
+    """The settings and last checkpoint of a run that may be resumed (UserError saying why otherwise)."""
     record = folder.read()
     if record.get("status") == runs.FINISHED:
         raise UserError(f"Run {folder.run_id} already finished; start a new run to train more.")
@@ -344,43 +392,73 @@ def _open_resumable(path: str | Path) -> tuple[RunFolder, RunSettings, Path]:
     if checkpoint is None:
         raise UserError(f"Run {folder.run_id} has no checkpoint to resume from (it stopped before its first save); "
                         "start it again as a new run.")
-    return folder, RunSettings(**record["settings"]), checkpoint
+    values = dict(record.get("settings") or {})
+    if not values.get("source"):
+        raise UserError(f"run.json of run {folder.run_id} names no data in its 'settings', so the run cannot be "
+                        "resumed; start a new run instead.")
+    return run_settings(values.pop("preset", None) or "balanced", **values), checkpoint
 
 
 def train(job: TrainingJob) -> RunFolder:
     """Run (or resume) one training run to the end, a stop, or a failure recorded in its run folder."""
-    settings = job.settings
-    checkpoint = None
-    if job.resume is not None:
-        folder, settings, checkpoint = _open_resumable(job.resume)
-    else:
-        settings = RunSettings(**{**asdict(settings), "model": settings.model or models.default_model()})
-    hardware = job.hardware or detect_hardware()
+    with contextlib.ExitStack() as held:
+        settings = job.settings
+        checkpoint = None
+        if job.resume is not None:
+            folder = RunFolder.open(job.resume)
+            # Taken before the (slow) data checks: a second resume of the same run is refused at once.
+            held.enter_context(folder.locked())
+            settings, checkpoint = _resumable(folder)
+        else:
+            settings = RunSettings(**{**asdict(settings), "model": settings.model or models.default_model()})
+        hardware = job.hardware or detect_hardware()
 
-    # Everything that can be wrong with the inputs is found before a run folder exists.
-    _status(job, "Checking the data…")
-    tokenizer = models.load_tokenizer(settings.model)
-    prepared = prepare_data(settings, tokenizer)
-    shape = model_shape(settings.model, settings.trust_remote_code)
-    stats = prepared.report.stats()
-    plan = plan_training(settings, hardware, shape, stats["total_tokens"], stats["tokens_per_example"]["max"])
-    if job.resume is not None:
-        record = folder.read()
-        if record.get("data", {}).get("fingerprint") != prepared.fingerprint:
-            raise UserError(f"The data of run {folder.run_id} changed since it started ({prepared.report.source}); "
-                            "resuming would train on different examples. Start a new run instead.")
-        folder.update(status=runs.RUNNING, error=None, resumed_from=checkpoint.name)
-    else:
-        folder = RunFolder.create(settings.output_dir, job.run_id or runs.new_run_id(settings.source))
-        folder.write({
-            "run_id": folder.run_id, "status": runs.RUNNING, "created_at": runs.timestamp(),
-            "settings": asdict(settings), "plan": plan.to_dict(), "data": prepared.summary(),
-            "hardware": hardware.to_dict(), "versions": library_versions(), "base_model": settings.model,
-            "final_metrics": {}, "error": None,
-        })
+        # Everything that can be wrong with the inputs is found before a run folder exists.
+        _status(job, "Checking the data…")
+        tokenizer = models.load_tokenizer(settings.model)
+        prepared = prepare_data(settings, tokenizer)
+        shape = model_shape(settings.model, settings.trust_remote_code)
+        stats = prepared.report.stats()
+        plan = plan_training(settings, hardware, shape, stats["total_tokens"], stats["tokens_per_example"]["max"])
+        lora_parameters = shape.lora_parameters(settings.lora_r)
+        if job.resume is not None:
+            record = folder.read()
+            if (record.get("data") or {}).get("fingerprint") != prepared.fingerprint:
+                raise UserError(f"The data of run {folder.run_id} changed since it started "
+                                f"({prepared.report.source}); resuming would train on different examples. Start a "
+                                "new run instead.")
+            # The checkpoints it has already take their room; only the ones still to come need more.
+            check_free_disk(folder.path, disk_needed(lora_parameters,
+                                                     max(1, KEEP_CHECKPOINTS + 1 - len(folder.checkpoints()))))
+            folder.update(status=runs.RUNNING, error=None, resumed_from=checkpoint.name)
+        else:
+            check_free_disk(settings.output_dir, disk_needed(lora_parameters))
+            folder = RunFolder.create(settings.output_dir, job.run_id or runs.new_run_id(settings.source))
+            held.enter_context(folder.locked())
+            folder.write({
+                "run_id": folder.run_id, "status": runs.RUNNING, "created_at": runs.timestamp(),
+                "settings": asdict(settings), "plan": plan.to_dict(), "data": prepared.summary(),
+                "hardware": hardware.to_dict(), "versions": library_versions(), "base_model": settings.model,
+                "final_metrics": {}, "error": None,
+            })
 
-    if job.on_folder is not None:
-        job.on_folder(folder)
+        if job.on_folder is not None:
+            job.on_folder(folder)
+        return _run(job, folder, settings, plan, tokenizer, prepared, checkpoint)
+
+
+def _record_end(folder: RunFolder, **changes: Any) -> OSError | None:
+    """Write how the run ended into run.json; the error when even that cannot be written (a full disk)."""
+    try:
+        folder.update(**changes)
+    except OSError as err:
+        return err
+    return None
+
+
+def _run(job: TrainingJob, folder: RunFolder, settings: RunSettings, plan: TrainingPlan, tokenizer: Any,
+         prepared: PreparedData, checkpoint: Path | None) -> RunFolder:
+    """Load, train, save and answer the held-out prompts; record how the run ended."""
     model = trainer = None
     failure = None
     monitor = None
@@ -417,19 +495,29 @@ def train(job: TrainingJob) -> RunFolder:
         status = runs.STOPPED if monitor.stopped else runs.FINISHED
         folder.update(status=status, final_metrics=final, error=None)
     except KeyboardInterrupt:
-        folder.update(status=runs.STOPPED, error="Interrupted; resume continues from the last checkpoint.")
+        _record_end(folder, status=runs.STOPPED, error="Interrupted; resume continues from the last checkpoint.")
         raise
     except Exception as err:
-        failure = (OOM_ADVICE if is_out_of_memory(err) else DISK_FULL_ADVICE if is_disk_full(err)
+        failure = (OOM_ADVICE if is_out_of_memory(err) else DISK_FULL_ADVICE if is_disk_full(err, folder.path)
                    else f"{type(err).__name__}: {err}")
-        # The full traceback is for whoever debugs the tool; the run record keeps the readable reason.
-        (folder.path / FAILURE_FILE).write_text(traceback.format_exc(), encoding="utf-8")
+        details = traceback.format_exc()
     finally:
         # Dropping every reference before collecting is what actually frees the GPU for the next run.
         del model, trainer
         release_memory()
     if failure is not None:
-        folder.update(status=runs.FAILED, error=failure,
-                      final_metrics={k: monitor.last.get(k) for k in ("loss", "step")} if monitor else {})
+        # The run record first: it is small, and it is what the app and the command line read.
+        unrecorded = _record_end(folder, status=runs.FAILED, error=failure,
+                                 final_metrics={k: monitor.last.get(k) for k in ("loss", "step")} if monitor else {})
+        if unrecorded is None:
+            # The full traceback is for whoever debugs the tool, if there is room for it.
+            failure_file = folder.path / FAILURE_FILE
+            try:
+                failure_file.write_text(details, encoding="utf-8")
+            except OSError:
+                failure_file.unlink(missing_ok=True)
+        elif failure != DISK_FULL_ADVICE:
+            failure += " Its run.json could not be updated either: " + (
+                DISK_FULL_ADVICE if is_disk_full(unrecorded) else f"{unrecorded.strerror or unrecorded}.")
         raise TrainingFailed(f"Run {folder.run_id} failed: {failure}")
     return folder
