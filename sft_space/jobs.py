@@ -8,6 +8,7 @@ Only the visitor who started a job can stop it.
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 import uuid
@@ -57,9 +58,10 @@ def run_training(job: Job, on_status: Callable[[str], None], on_folder: Callable
 
 
 class JobManager:
-    def __init__(self, trainer: Trainer = run_training, max_queued: int = MAX_QUEUED_JOBS):
+    def __init__(self, trainer: Trainer = run_training, max_queued: int = MAX_QUEUED_JOBS, runs_per_owner: int = 0):
         self._trainer = trainer
         self._max_queued = max_queued
+        self._runs_per_owner = runs_per_owner
         self._lock = threading.Lock()
         self._queue: list[Job] = []
         self._current: Job | None = None
@@ -74,6 +76,8 @@ class JobManager:
                                 "try again when one finishes.")
             if resume:
                 self._check_resumable(resume, owner)
+            else:
+                self._check_quota(settings.output_dir, owner)
             job_id = Path(resume).name if resume else runs.new_run_id(settings.source) + "-" + uuid.uuid4().hex[:4]
             job = Job(job_id, owner, settings, resume=resume)
             if resume:
@@ -93,6 +97,31 @@ class JobManager:
             raise UserError(f"Run {folder.run_id} is already training or waiting to; it cannot be resumed twice.")
         if not runs.visible_to(folder.read(), owner):
             raise UserError(f"Run {folder.run_id} was started by another visitor; only they can resume it.")
+        if folder.lock_holder() is not None:
+            # Another process (the command line, or an app before a restart) is training it right now.
+            raise UserError(f"Run {folder.run_id} is already training in another process; it cannot be resumed "
+                            "twice at once.")
+
+    def _check_quota(self, runs_dir: str, owner: str) -> None:
+        if not self._runs_per_owner:
+            return
+        kept = sum(1 for _, record in runs.list_runs(runs_dir) if record.get("owner") == owner)
+        if kept >= self._runs_per_owner:
+            raise UserError(f"You have {kept} runs here, the most this app keeps per visitor; delete one in the "
+                            "Runs tab (publish or download it first if you want to keep it), then start again.")
+
+    def delete(self, runs_dir: str, run_ref: str, owner: str) -> str:
+        """Delete a run of the owner's that is not training; returns its id. Command-line runs are not theirs."""
+        folder = runs.open_visible(runs_dir, run_ref, owner)
+        if folder.read().get("owner") != owner:
+            raise UserError(f"Run {folder.run_id} was started from the command line; delete it there.")
+        with self._lock:
+            target = folder.path.resolve()
+            if any(j.run_dir is not None and Path(j.run_dir).resolve() == target and not j.done
+                   for j in self._jobs.values()):
+                raise UserError(f"Run {folder.run_id} is training or waiting to; stop it before deleting it.")
+            shutil.rmtree(folder.path)
+        return folder.run_id
 
     def _start(self, job: Job) -> None:
         self._current = job
@@ -108,8 +137,10 @@ class JobManager:
 
         def on_folder(path: Path) -> None:
             job.run_dir = path
-            # Kept in the run record so that, after a restart, only the same visitor can resume the run.
-            runs.RunFolder(path).update(owner=job.owner)
+            # Kept in the run record so that, after a restart, only the same visitor can resume the run. A resumed
+            # run keeps the owner it has: resuming a command-line run does not make it the visitor's.
+            if job.resume is None:
+                runs.RunFolder(path).update(owner=job.owner)
 
         outcome: tuple[str, str, str | None]
         try:

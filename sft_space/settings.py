@@ -98,6 +98,21 @@ class RunSettings(DataSettings):
                                       "it can do anything your account can.", group="model")
 
 
+@dataclass
+class AccessSettings:
+    """What the app's visitors may reach and keep on this machine. Set by whoever runs the app, through
+    environment variables named SFT_SPACE_<FIELD> (e.g. SFT_SPACE_LOCAL_PATHS=1), never by the page."""
+
+    local_paths: bool = setting(False, "Let the app's visitors name files and folders on this machine as data or "
+                                       "model. For a single-user machine only: it is ignored on a Space, where "
+                                       "visitors are strangers.")
+    uploads_per_visitor: int = setting(5, "Uploaded data files kept per visitor; beyond it the oldest upload that "
+                                          "no unfinished run needs is deleted.")
+    upload_mb_per_visitor: float = setting(2048.0, "Megabytes of uploaded data kept per visitor.")
+    runs_per_visitor: int = setting(10, "Runs kept per visitor (0: no limit); at the limit, Start asks the visitor "
+                                        "to delete one of their runs first.")
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # A first look in minutes: one pass, a small adapter, a brisk learning rate.
     "quick": {"epochs": 1.0, "lora_r": 8, "lora_alpha": 16, "learning_rate": 3e-4},

@@ -126,3 +126,59 @@ def test_a_run_from_before_a_restart_is_resumed_only_by_its_owner_and_once(manag
         restarted.submit(RunSettings(source="a.jsonl"), owner="bob", resume=str(job.run_dir))
     restarted.stop(again.job_id, owner="alice")
     assert wait_until(lambda: again.done)
+
+
+def test_resuming_a_command_line_run_does_not_make_it_the_visitors(manager):
+    """A run started from the command line has no owner and is everyone's; a visitor who resumes it in the app
+    must not become its owner (it would then vanish for everyone else)."""
+    manager, trainer = manager
+    folder = runs.RunFolder.create(trainer.root, "from-cli")
+    folder.write({"run_id": "from-cli", "status": runs.STOPPED, "owner": None})
+    resumed = manager.submit(RunSettings(source="a.jsonl"), owner="alice", resume=str(folder.path))
+    assert wait_until(lambda: resumed.state == jobs.RUNNING)
+    manager.stop(resumed.job_id, owner="alice")
+    assert wait_until(lambda: resumed.done)
+    assert folder.read()["owner"] is None
+    assert [f.run_id for f, _ in runs.visible_runs(trainer.root, "bob")] == ["from-cli"]
+
+
+def test_a_run_another_process_trains_is_not_resumed_by_the_app(manager):
+    """The command line (or an app from before a restart) holds the run's lock: the app refuses to resume it."""
+    manager, trainer = manager
+    folder = runs.RunFolder.create(trainer.root, "busy")
+    folder.write({"run_id": "busy", "status": runs.RUNNING, "owner": "alice"})
+    with folder.locked():
+        with pytest.raises(UserError, match="already training in another process"):
+            manager.submit(RunSettings(source="a.jsonl"), owner="alice", resume=str(folder.path))
+    assert manager.latest_for("alice") is None
+
+
+def test_runs_per_visitor_are_capped_and_a_visitor_deletes_only_their_own_idle_runs(tmp_path):
+    trainer = GatedTrainer(tmp_path / "runs")
+    manager = jobs.JobManager(trainer, runs_per_owner=2)
+    settings = RunSettings(source="a.jsonl", output_dir=str(trainer.root))
+    first = manager.submit(settings, owner="alice")
+    assert wait_until(lambda: first.state == jobs.RUNNING)
+    with pytest.raises(UserError, match="stop it before deleting"):
+        manager.delete(str(trainer.root), first.job_id, "alice")
+    trainer.finish(first)
+    assert wait_until(lambda: first.done)
+    second = manager.submit(settings, owner="alice")
+    trainer.finish(second)
+    assert wait_until(lambda: second.done)
+    with pytest.raises(UserError, match="most this app keeps per visitor"):
+        manager.submit(settings, owner="alice")
+    bobs = manager.submit(settings, owner="bob")  # the cap is per visitor
+    trainer.finish(bobs)
+    assert wait_until(lambda: bobs.done)
+    with pytest.raises(UserError, match="no run"):
+        manager.delete(str(trainer.root), first.job_id, "bob")
+    cli = runs.RunFolder.create(trainer.root, "from-cli")
+    cli.write({"run_id": "from-cli", "status": runs.FINISHED, "owner": None})
+    with pytest.raises(UserError, match="command line"):
+        manager.delete(str(trainer.root), "from-cli", "alice")
+    assert manager.delete(str(trainer.root), first.job_id, "alice") == first.job_id
+    assert not Path(first.run_dir).exists() and cli.path.exists()
+    third = manager.submit(settings, owner="alice")
+    trainer.finish(third)
+    assert wait_until(lambda: third.done)

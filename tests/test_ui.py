@@ -64,6 +64,7 @@ def test_a_visitor_sees_and_opens_only_their_own_runs(tmp_path):
         folder.write({"run_id": run_id, "status": "finished", "owner": owner, "settings": {}})
         (folder.adapter_path).mkdir()
         (folder.adapter_path / "adapter_config.json").write_text("{}")
+        (folder.adapter_path / "adapter_model.safetensors").write_bytes(b"")
     assert set(runs_tab.runs_table(str(tmp_path), "alice")["run"]) == {"alices", "from-cli"}
     assert {v for _, v in chat_tab.run_choices(str(tmp_path), "bob")} == {
         str(tmp_path / "bobs"), str(tmp_path / "from-cli"), chat_tab.BASE_ONLY}
@@ -96,3 +97,83 @@ def test_the_app_caps_uploads_at_the_data_file_limit():
 
     launch(StandIn())
     assert captured["max_file_size"] == f"{int(DataSettings.max_file_mb)}mb"
+
+
+def test_the_app_starts_and_lists_runs_whose_records_are_broken(monkeypatch, tmp_path, tiny_model_dir):
+    """One broken run.json must not stop the app (its Runs table is built at start-up), nor hide the run."""
+    from sft_space import jobs, runs
+    from sft_space.ui import build_app, chat_tab, runs_tab
+
+    monkeypatch.setenv("SFT_SPACE_RUNS", str(tmp_path))
+    for run_id, text in (("empty-list", "[]"), ("cut-off", '{"run_id": "cut-off", "sta'),
+                         ("wrong-types", '{"run_id": "wrong-types", "status": "finished", "created_at": 5, '
+                                         '"final_metrics": {"loss": "low"}, "settings": null}')):
+        folder = runs.RunFolder.create(tmp_path, run_id)
+        folder.record_path.write_text(text)
+        folder.adapter_path.mkdir()
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            (folder.adapter_path / name).write_text("{}")
+    build_app(jobs.JobManager(), default_model=str(tiny_model_dir))
+    table = runs_tab.runs_table(str(tmp_path), None)
+    assert set(table["run"]) == {"empty-list", "cut-off", "wrong-types"}
+    assert all(status.startswith("unreadable: ") for status in table["status"])
+    assert chat_tab.run_choices(str(tmp_path), None) == [(chat_tab.BASE_ONLY, chat_tab.BASE_ONLY)]
+    assert runs_tab.run_details(str(tmp_path), "wrong-types", None)[0].startswith("❌")
+
+
+def test_two_visitors_in_one_app_reach_only_their_own_uploads_and_models(tmp_path, tiny_model_dir):
+    import gradio as gr
+    import pytest
+
+    from sft_space import access
+    from sft_space.ui import data_tab
+    from sft_space.ui.common import Gate
+
+    gate = Gate(str(tmp_path / "runs"), access.Identity.for_runs(tmp_path / "runs"),
+                offered_models={str(tiny_model_dir)})
+    uploaded = tmp_path / "gradio" / "captain.jsonl"
+    uploaded.parent.mkdir()
+    uploaded.write_text(data_tab.SAMPLE_DATA.read_text())
+    handle = data_tab.keep_upload(gate, "alice", str(uploaded))
+    check = ("", False, str(tiny_model_dir), "", "", "train", 2048)
+    report = data_tab.check_source(gate, "alice", handle, *check)[0]
+    assert report.valid_rows == 160
+    with pytest.raises(gr.Error, match="upload the file again"):
+        data_tab.check_source(gate, "bob", handle, *check)
+    # Typed into the Hub box instead: a path is never read, whoever types it.
+    with pytest.raises(gr.Error, match="not a Hub dataset id"):
+        data_tab.check_source(gate, "alice", None, handle, False, str(tiny_model_dir), "", "", "train", 2048)
+    # Another visitor's adapter (or any folder) is not a model a visitor may name.
+    with pytest.raises(gr.Error, match="not a Hub model id"):
+        data_tab.check_source(gate, "bob", None, "", True, str(tmp_path / "runs"), "", "", "train", 2048)
+
+
+def test_every_handler_of_the_app_refuses_a_forged_visitor_id(monkeypatch, tmp_path, tiny_model_dir):
+    """Any HTTP client can call any handler with any values: with a forged id (a visitor's bare id, as written in
+    run records) nothing acts; the read-only refreshes show only what an anonymous page sees."""
+    import gradio as gr
+    import pytest
+
+    from sft_space import jobs
+    from sft_space.ui import build_app
+
+    monkeypatch.setenv("SFT_SPACE_RUNS", str(tmp_path))
+    app = build_app(jobs.JobManager(), default_model=str(tiny_model_dir))
+    handlers = {f.fn.__name__: f.fn for f in app.fns.values() if f.fn is not None}
+    identify = handlers["on_load"]
+    alice = identify("")
+    forged = alice.split(".")[1]
+    calls = {
+        "on_start": (forged, None, False, str(tiny_model_dir), "quick") + (None,) * 20,
+        "on_stop": (forged, ""),
+        "on_resume": (forged, ""),
+        "on_push": ("run", forged, "alice/x", "", True, False, False, "auto", False, ""),
+        "resume_run": (forged, "run"),
+        "on_delete": ("run", forged),
+    }
+    for name, args in calls.items():
+        with pytest.raises(gr.Error, match="reload the page"):
+            handlers[name](*args[:handlers[name].__code__.co_argcount])
+    with pytest.raises(gr.Error, match="reload the page"):
+        next(handlers["on_send"]("hi", [], [], None, str(tiny_model_dir), "", 0.7, 16, forged))
+    assert identify(forged) != forged and identify(alice) == alice

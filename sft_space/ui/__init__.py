@@ -1,21 +1,20 @@
 """The Gradio app: one module per tab, each a thin skin over the core.
 
-Data → Train → Chat → Publish, plus Runs. Every visitor gets an id kept in their browser (localStorage), so a page
-reload re-attaches to their job and nobody else can stop it.
+Data → Train → Chat → Publish, plus Runs. Every visitor gets an id signed by the server and kept in their browser
+(localStorage), so a page reload re-attaches to their job and nobody else can act on it (see `access`).
 """
 
 from __future__ import annotations
 
 import os
-import uuid
 
 import gradio as gr
 
-from .. import jobs, models
+from .. import access, jobs, models
 from ..errors import UserError
 from ..settings import DataSettings, RunSettings
 from . import chat_tab, data_tab, publish_tab, runs_tab, train_tab
-from .common import own_run
+from .common import Gate, own_run
 
 TITLE = "SFT Space"
 INTRO = (
@@ -31,44 +30,49 @@ def runs_dir() -> str:
 
 
 def build_app(manager: jobs.JobManager | None = None, default_model: str | None = None) -> gr.Blocks:
-    manager = manager or jobs.JobManager()
     folder = runs_dir()
+    settings = access.access_settings()
+    manager = manager or jobs.JobManager(runs_per_owner=settings.runs_per_visitor)
     default_model = default_model or os.environ.get("SFT_SPACE_DEFAULT_MODEL") or models.default_model()
+    picker = train_tab.model_picker(default_model, render=False, local_paths=settings.local_paths)
+    # The models the page offers (and the operator's default) may be named without being Hub ids.
+    gate = Gate(folder, access.Identity.for_runs(folder), settings, {value for _, value in picker.choices})
     with gr.Blocks(title=TITLE) as app:
-        owner = gr.BrowserState("", storage_key="sft-space-visitor")
+        # The visitor's signed id, kept by their browser so that a reload re-attaches to their run.
+        session = gr.BrowserState("", storage_key="sft-space-visitor")
         gr.Markdown(f"# {TITLE}\n{INTRO}")
-        model = train_tab.model_picker(default_model)
+        model = picker.render()
         with gr.Tabs() as tabs:
             with gr.Tab("Data", id="data"):
-                _, data_settings, skip_invalid = data_tab.build(model)
+                _, data_settings, skip_invalid = data_tab.build(gate, model, session)
             with gr.Tab("Train", id="train"):
-                training = train_tab.build(manager, folder, owner, model, data_settings, skip_invalid)
+                training = train_tab.build(manager, gate, session, model, data_settings, skip_invalid)
             with gr.Tab("Chat", id="chat") as chat_item:
-                chat = chat_tab.build(folder, model, owner)
+                chat = chat_tab.build(gate, model, session)
             with gr.Tab("Publish", id="publish") as publish_item:
-                publishing = publish_tab.build(folder, owner)
+                publishing = publish_tab.build(gate, session)
             with gr.Tab("Runs", id="runs") as runs_item:
-                past = runs_tab.build(folder, owner)
-        # Runs finish while the page is open: the lists are read again whenever their tab is opened.
+                past = runs_tab.build(manager, gate, session)
         # The lists show only the visitor's own runs, so they are read when a tab opens (the visitor id is known
         # by then, and runs finish while the page is open).
-        chat_item.select(chat["on_refresh"], inputs=[chat["run"], owner], outputs=chat["run"])
-        publish_item.select(publishing["on_refresh"], inputs=[publishing["run"], owner], outputs=publishing["run"])
-        runs_item.select(past["on_refresh"], inputs=owner, outputs=past["refresh_outputs"])
+        chat_item.select(chat["on_refresh"], inputs=[chat["run"], session], outputs=chat["run"])
+        publish_item.select(publishing["on_refresh"], inputs=[publishing["run"], session], outputs=publishing["run"])
+        runs_item.select(past["on_refresh"], inputs=[past["run_id"], session], outputs=past["refresh_outputs"])
 
         def open_in(tab_id, tab, purpose):
-            def open_run(run_id, visitor):
-                run = own_run(folder, run_id, visitor, need_adapter=purpose)
-                return tab["on_refresh"](str(run.path), visitor), gr.Tabs(selected=tab_id)
+            def open_run(run_id, token):
+                run = own_run(folder, run_id, gate.visitor(token), need_adapter=purpose)
+                return tab["on_refresh"](str(run.path), token), gr.Tabs(selected=tab_id)
             return open_run
 
-        past["open_chat"].click(open_in("chat", chat, "chat with"), inputs=[past["run_id"], owner],
+        past["open_chat"].click(open_in("chat", chat, "chat with"), inputs=[past["run_id"], session],
                                 outputs=[chat["run"], tabs])
-        past["publish"].click(open_in("publish", publishing, "publish"), inputs=[past["run_id"], owner],
+        past["publish"].click(open_in("publish", publishing, "publish"), inputs=[past["run_id"], session],
                               outputs=[publishing["run"], tabs])
 
-        def resume_run(visitor, run_id):
+        def resume_run(token, run_id):
             # Any stopped or interrupted run, also one from before the app restarted; only its starter may.
+            visitor = gate.visitor(token)
             run = own_run(folder, run_id, visitor)
             try:
                 job = manager.submit(RunSettings(**run.read()["settings"]), visitor, resume=str(run.path))
@@ -76,9 +80,21 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
                 raise gr.Error(str(err)) from None
             return job.job_id, gr.Tabs(selected="train")
 
-        past["resume"].click(resume_run, inputs=[owner, past["run_id"]], outputs=[training["job_id"], tabs])
-        app.load(lambda visitor: visitor or uuid.uuid4().hex, inputs=owner, outputs=owner)
+        past["resume"].click(resume_run, inputs=[session, past["run_id"]], outputs=[training["job_id"], tabs])
+        app.load(identify(gate), inputs=session, outputs=session)
     return app
+
+
+def identify(gate: Gate):
+    """The page-load handler that gives the browser its signed visitor id: on a Space with sign-in, the signed-in
+    user's (Gradio fills the profile from its own session cookie, which a page cannot forge)."""
+    if publish_tab.oauth_enabled():
+        def on_load(token: str, profile: gr.OAuthProfile | None) -> str:
+            return gate.identity.issue(token, profile.username if profile else None)
+    else:
+        def on_load(token: str) -> str:
+            return gate.identity.issue(token)
+    return on_load
 
 
 def launch(app: gr.Blocks, **kwargs) -> None:

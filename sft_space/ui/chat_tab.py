@@ -19,7 +19,7 @@ from .. import runs
 from ..chat import ChatModel, GenerationSettings, load_chat_model
 from ..errors import UserError
 from ..settings import field_help
-from .common import adapter_run_choices, keep_choice, own_run
+from .common import Gate, adapter_run_choices, keep_choice, own_run
 
 BASE_ONLY = "(base model only)"
 NO_RUN_CHOSEN = "No fine-tuned run chosen: pick one under *Chat with* to compare."
@@ -108,7 +108,8 @@ def respond(runs_dir: str, message: str, tuned_history: list, base_history: list
     yield tuned_history, base_history, ""
 
 
-def build(runs_dir: str, model: gr.Dropdown, owner: gr.BrowserState) -> dict[str, Any]:
+def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> dict[str, Any]:
+    runs_dir = gate.runs_dir
     with gr.Row():
         run = gr.Dropdown(run_choices(runs_dir, None), value=None, label="Chat with", elem_id="chat-run", scale=3,
                           info="A run's adapter on its base model, or the base model alone (the model picker above).")
@@ -132,17 +133,19 @@ def build(runs_dir: str, model: gr.Dropdown, owner: gr.BrowserState) -> dict[str
         suggest = gr.Button("💡 Try a held-out prompt", size="sm", elem_id="chat-suggest")
         clear = gr.Button("Clear", size="sm")
 
-    inputs = [message, tuned, base, run, model, system_prompt, temperature, max_new_tokens, owner]
+    inputs = [message, tuned, base, run, model, system_prompt, temperature, max_new_tokens, session]
 
-    def on_send(*values):
-        yield from respond(runs_dir, *values)
+    def on_send(message, tuned, base, run, model_name, system_prompt, temperature, max_new_tokens, token):
+        yield from respond(runs_dir, message, tuned, base, run, gate.model(model_name), system_prompt, temperature,
+                           max_new_tokens, gate.visitor(token))
 
     send.click(on_send, inputs=inputs, outputs=[tuned, base, message])
     message.submit(on_send, inputs=inputs, outputs=[tuned, base, message])
-    suggest.click(lambda r, visitor: suggestion(runs_dir, r, visitor), inputs=[run, owner], outputs=message)
+    suggest.click(lambda r, token: suggestion(runs_dir, r, gate.visitor(token)), inputs=[run, session],
+                  outputs=message)
     clear.click(lambda: ([], []), outputs=[tuned, base])
-    def on_refresh(current, visitor):
-        return keep_choice(run_choices(runs_dir, visitor), current)
+    def on_refresh(current, token):
+        return keep_choice(run_choices(runs_dir, gate.known_visitor(token)), current)
 
-    refresh.click(on_refresh, inputs=[run, owner], outputs=run)
+    refresh.click(on_refresh, inputs=[run, session], outputs=run)
     return {"run": run, "on_refresh": on_refresh}

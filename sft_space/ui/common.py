@@ -3,13 +3,44 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
 
-from .. import runs
+from .. import access, runs
 from ..errors import UserError
-from ..settings import field_type
+from ..settings import AccessSettings, field_type
+
+
+@dataclass
+class Gate:
+    """What every handler asks before acting: who the page's visitor is (from the signed token it sends), and
+    whether the model it names may be used. The decisions themselves are `access`'s."""
+
+    runs_dir: str
+    identity: access.Identity
+    settings: AccessSettings = field(default_factory=AccessSettings)
+    offered_models: set[str] = field(default_factory=set)
+
+    def visitor(self, token: str | None) -> str:
+        try:
+            return self.identity.visitor(token)
+        except UserError as err:
+            raise gr.Error(str(err)) from None
+
+    def known_visitor(self, token: str | None) -> str | None:
+        """The visitor, or None for a page that has no valid token yet (for read-only refreshes)."""
+        try:
+            return self.identity.visitor(token)
+        except UserError:
+            return None
+
+    def model(self, name: str | None) -> str:
+        try:
+            return access.model_name(name, self.offered_models, self.settings)
+        except UserError as err:
+            raise gr.Error(str(err)) from None
 
 
 def settings_component(spec: dataclasses.Field, **options: Any) -> gr.components.Component:
@@ -45,7 +76,7 @@ def adapter_run_choices(runs_dir: str, visitor: str | None) -> list[tuple[str, s
     """(label, run folder) for every run of this visitor with an adapter to chat with or publish, newest first."""
     choices = []
     for folder, record in runs.visible_runs(runs_dir, visitor):
-        if folder.has_adapter:
+        if folder.has_adapter and record.get("status") != runs.UNREADABLE:
             loss = (record.get("final_metrics") or {}).get("loss")
             label = f"{folder.run_id} · {record.get('status')}" + (f" · loss {loss:.3f}" if loss else "")
             choices.append((label, str(folder.path)))

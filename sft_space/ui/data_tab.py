@@ -12,9 +12,10 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from .. import checks, data, models, render
+from .. import access, checks, data, models, render
 from ..errors import UserError
 from ..settings import DataSettings, field_help
+from .common import Gate
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "samples" / "captain_byte.jsonl"
 HISTOGRAM_BINS = 20
@@ -90,14 +91,18 @@ def preview_html(report: checks.Report | None, model: str, number: int) -> str:
 # ----------------------------------------------------------------------------------------------- layout
 
 
-def _on_check(upload: str | None, hub_id: str, use_sample: bool, model: str, columns: str, hub_config: str,
-              hub_split: str, max_length: int) -> tuple:
-    source = str(SAMPLE_DATA) if use_sample else (upload or (hub_id or "").strip())
-    if not source:
+def check_source(gate: Gate, visitor: str, upload: str | None, hub_id: str, use_sample: bool, model: str,
+                 columns: str, hub_config: str, hub_split: str, max_length: int) -> tuple:
+    """Check what the visitor chose: the sample, their own upload (the handle its upload returned), or a Hub id."""
+    if not (use_sample or upload or (hub_id or "").strip()):
         raise gr.Error("Upload a file, name a Hub dataset, or pick the sample dataset first.")
-    settings = DataSettings(source=source, columns=columns or "", hub_config=hub_config or "",
-                            hub_split=hub_split or "train", max_length=int(max_length))
+    kind = "sample" if use_sample else "upload" if upload else "hub"
+    model = gate.model(model)
     try:
+        source = access.data_source(kind, upload if upload else hub_id, visitor, gate.runs_dir, gate.settings,
+                                    SAMPLE_DATA)
+        settings = DataSettings(source=source, columns=columns or "", hub_config=hub_config or "",
+                                hub_split=hub_split or "train", max_length=int(max_length))
         report = checks.check_data(settings, models.cached_tokenizer(model))
     except UserError as err:
         raise gr.Error(str(err)) from None
@@ -114,15 +119,29 @@ def _on_check(upload: str | None, hub_id: str, use_sample: bool, model: str, col
     )
 
 
-def build(model: gr.Textbox | gr.Dropdown) -> tuple[gr.State, gr.State, gr.Checkbox]:
+def keep_upload(gate: Gate, visitor: str, uploaded: str | None) -> str | None:
+    """The handle of the visitor's own copy of what they uploaded (None when the file was removed)."""
+    if not uploaded:
+        return None
+    try:
+        return str(access.keep_upload(gate.runs_dir, visitor, uploaded, gate.settings))
+    except UserError as err:
+        raise gr.Error(str(err)) from None
+
+
+def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> tuple[gr.State, gr.State, gr.Checkbox]:
     """Lay out the Data tab; return the report, the checked data's settings and the skip-invalid choice."""
     report_state = gr.State(None)
     settings_state = gr.State(None)
+    # Server-side: the handle of this page's upload. The page cannot set it; only the upload handler does.
+    upload_handle = gr.State(None)
     with gr.Row():
         with gr.Column(scale=2):
             upload = gr.File(label="Your data (.jsonl, .json, .csv, .parquet)", file_types=list(data.FILE_SUFFIXES),
                              type="filepath", elem_id="data-upload")
-            hub_id = gr.Textbox(label="…or a Hub dataset id", placeholder="owner/name")
+            hub_id = gr.Textbox(label="…or a Hub dataset id", placeholder="owner/name",
+                                info=("a Hub id, or a file or folder on this machine" if gate.settings.local_paths
+                                      else None))
             use_sample = gr.Checkbox(label="Use the sample dataset (Captain Byte, 160 pirate-flavoured conversations)")
         with gr.Column(scale=1):
             max_length = gr.Number(label="Maximum length (tokens)", value=DataSettings.max_length, precision=0,
@@ -147,12 +166,16 @@ def build(model: gr.Textbox | gr.Dropdown) -> tuple[gr.State, gr.State, gr.Check
         next_example = gr.Button("Next ▶", size="sm", scale=0)
     preview = gr.HTML(elem_id="chatml-preview")
 
+    upload.upload(lambda path, token: keep_upload(gate, gate.visitor(token), path), inputs=[upload, session],
+                  outputs=upload_handle)
+    upload.clear(lambda: None, outputs=upload_handle)
     check.click(
-        _on_check,
-        inputs=[upload, hub_id, use_sample, model, columns, hub_config, hub_split, max_length],
+        lambda token, *values: check_source(gate, gate.visitor(token), *values),
+        inputs=[session, upload_handle, hub_id, use_sample, model, columns, hub_config, hub_split, max_length],
         outputs=[report_state, settings_state, summary, counts, problems, statistics, histogram, example_number, preview],
     )
-    example_number.change(preview_html, inputs=[report_state, model, example_number], outputs=preview)
+    example_number.change(lambda report, name, n: preview_html(report, gate.model(name), n),
+                          inputs=[report_state, model, example_number], outputs=preview)
     previous_example.click(lambda n: max(int(n or 1) - 1, 1), inputs=example_number, outputs=example_number)
     next_example.click(lambda report, n: min(int(n or 1) + 1, max(report.valid_rows if report else 1, 1)),
                        inputs=[report_state, example_number], outputs=example_number)

@@ -17,7 +17,7 @@ import gradio as gr
 
 from .. import publish
 from ..errors import UserError
-from .common import adapter_run_choices, keep_choice, own_run, settings_component
+from .common import Gate, adapter_run_choices, keep_choice, own_run, settings_component
 
 FORM_FIELDS = ("private", "update_existing", "merged", "merged_dtype", "demo_space", "description")
 
@@ -61,7 +61,8 @@ def zip_run(runs_dir: str, run_dir: str | None, visitor: str | None) -> str:
         raise gr.Error(str(err)) from None
 
 
-def build(runs_dir: str, owner: gr.BrowserState) -> dict[str, Any]:
+def build(gate: Gate, session: gr.BrowserState) -> dict[str, Any]:
+    runs_dir = gate.runs_dir
     specs = {f.name: f for f in dataclasses.fields(publish.PublishSettings)}
     with gr.Row():
         run = gr.Dropdown(adapter_run_choices(runs_dir, None), value=None, label="Run", scale=3, elem_id="publish-run",
@@ -92,22 +93,22 @@ def build(runs_dir: str, owner: gr.BrowserState) -> dict[str, Any]:
     if oauth_enabled():
         # Gradio fills an OAuthToken parameter with the signed-in visitor's token (None when signed out); it
         # finds it by its annotation, so the parameters are spelled out rather than taken as *args.
-        def on_push(run_dir, visitor, repo, typed, private, update_existing, merged, merged_dtype, demo_space,
+        def on_push(run_dir, token, repo, typed, private, update_existing, merged, merged_dtype, demo_space,
                     description, oauth_token: gr.OAuthToken | None, progress=gr.Progress()):
             values = (private, update_existing, merged, merged_dtype, demo_space, description)
-            return publish_run(runs_dir, run_dir, visitor, repo, typed, oauth_token.token if oauth_token else None,
+            return publish_run(runs_dir, run_dir, gate.visitor(token), repo, typed, oauth_token.token if oauth_token else None,
                                dict(zip(FORM_FIELDS, values)), progress)
     else:
-        def on_push(run_dir, visitor, repo, typed, *values, progress=gr.Progress()):
-            return publish_run(runs_dir, run_dir, visitor, repo, typed, None, dict(zip(FORM_FIELDS, values)), progress)
+        def on_push(run_dir, token, repo, typed, *values, progress=gr.Progress()):
+            return publish_run(runs_dir, run_dir, gate.visitor(token), repo, typed, None, dict(zip(FORM_FIELDS, values)), progress)
 
     form["merged"].change(lambda merged: gr.update(visible=merged), inputs=form["merged"], outputs=form["merged_dtype"])
-    push.click(on_push, inputs=[run, owner, repo_id, token, *(form[name] for name in FORM_FIELDS)], outputs=outcome)
-    make_zip.click(lambda run_dir, visitor: zip_run(runs_dir, run_dir, visitor), inputs=[run, owner],
+    push.click(on_push, inputs=[run, session, repo_id, token, *(form[name] for name in FORM_FIELDS)], outputs=outcome)
+    make_zip.click(lambda run_dir, token: zip_run(runs_dir, run_dir, gate.visitor(token)), inputs=[run, session],
                    outputs=download)
 
-    def on_refresh(current, visitor):
-        return keep_choice(adapter_run_choices(runs_dir, visitor), current)
+    def on_refresh(current, token):
+        return keep_choice(adapter_run_choices(runs_dir, gate.known_visitor(token)), current)
 
-    refresh.click(on_refresh, inputs=[run, owner], outputs=run)
+    refresh.click(on_refresh, inputs=[run, session], outputs=run)
     return {"run": run, "on_refresh": on_refresh}

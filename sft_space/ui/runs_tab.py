@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from .. import runs
+from .. import jobs, runs
 from ..errors import UserError
+from .common import Gate
 from .train_tab import CURVE_COLOURS, EMPTY_CURVE, loss_curve
 
 
@@ -23,7 +25,11 @@ def runs_table(runs_dir: str, visitor: str | None) -> pd.DataFrame:
     for folder, record in runs.visible_runs(runs_dir, visitor):
         final = record.get("final_metrics") or {}
         data = record.get("data") or {}
-        rows.append((folder.run_id, record.get("status"), record.get("base_model"), data.get("source"),
+        status = record.get("status")
+        if status == runs.UNREADABLE:
+            status = f"{status}: {record.get('error')}"
+        source = str(data.get("source") or "")
+        rows.append((folder.run_id, status, record.get("base_model"), Path(source).name if Path(source).is_absolute() else source,
                      data.get("train_examples"), final.get("step"), _rounded(final.get("loss")), _rounded(final.get("eval_loss")),
                      record.get("created_at")))
     return pd.DataFrame(rows, columns=["run", "status", "model", "data", "examples", "steps", "train loss",
@@ -46,7 +52,8 @@ def run_details(runs_dir: str, run_id: str | None, visitor: str | None) -> tuple
     return text, loss_curve(folder.path)
 
 
-def build(runs_dir: str, owner: gr.BrowserState) -> dict[str, Any]:
+def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState) -> dict[str, Any]:
+    runs_dir = gate.runs_dir
     refresh = gr.Button("↻ Refresh", size="sm")
     initial = runs_table(runs_dir, None)
     table = gr.Dataframe(initial, interactive=False, elem_id="runs-table")
@@ -56,18 +63,28 @@ def build(runs_dir: str, owner: gr.BrowserState) -> dict[str, Any]:
         open_chat = gr.Button("Chat with it", scale=1, elem_id="open-in-chat")
         resume = gr.Button("Resume it", scale=1, elem_id="runs-resume")
         publish = gr.Button("Publish it", scale=1, elem_id="open-in-publish")
+        delete = gr.Button("Delete it", scale=1, variant="stop", elem_id="runs-delete")
     with gr.Row():
-        details = gr.Markdown()
+        details = gr.Markdown(elem_id="runs-details")
         curve = gr.LinePlot(EMPTY_CURVE, x="step", y="loss", color="split", label="Loss", height=220,
                             color_map=CURVE_COLOURS)
 
-    def on_refresh(visitor):
-        frame = runs_table(runs_dir, visitor)
+    def on_refresh(current, token):
+        frame = runs_table(runs_dir, gate.known_visitor(token))
         names = list(frame["run"])
-        return frame, gr.update(choices=names, value=names[0] if names else None)
+        return frame, gr.update(choices=names, value=current if current in names else (names[0] if names else None))
 
-    refresh.click(on_refresh, inputs=owner, outputs=[table, run_id])
-    run_id.change(lambda r, visitor: run_details(runs_dir, r, visitor), inputs=[run_id, owner],
+    def on_delete(current, token):
+        try:
+            deleted = manager.delete(runs_dir, current, gate.visitor(token)) if current else None
+        except UserError as err:
+            raise gr.Error(str(err)) from None
+        frame, choice = on_refresh(None, token)
+        return frame, choice, f"🗑️ Deleted run {deleted}." if deleted else "Pick a run."
+
+    refresh.click(on_refresh, inputs=[run_id, session], outputs=[table, run_id])
+    delete.click(on_delete, inputs=[run_id, session], outputs=[table, run_id, details])
+    run_id.change(lambda r, token: run_details(runs_dir, r, gate.known_visitor(token)), inputs=[run_id, session],
                   outputs=[details, curve])
     return {"run_id": run_id, "open_chat": open_chat, "resume": resume, "publish": publish, "on_refresh": on_refresh,
             "refresh_outputs": [table, run_id]}

@@ -17,7 +17,7 @@ from .. import catalog, jobs, runs
 from ..errors import UserError
 from ..hardware import detect_hardware
 from ..settings import PRESET_NAMES, DataSettings, RunSettings, field_help, field_type, run_settings, train_command
-from .common import settings_component
+from .common import Gate, settings_component
 
 ADVANCED_GROUPS = (("lora", "LoRA"), ("schedule", "Schedule"), ("hardware", "Speed and memory"))
 # No data is None, not an empty frame: a plot first drawn from an empty frame never shows its lines later.
@@ -105,19 +105,19 @@ def visitor_job(manager: jobs.JobManager, owner: str, job_id: str) -> jobs.Job |
     return manager.get(job_id, owner) if job_id else manager.latest_for(owner)
 
 
-def model_picker(default: str | None = None) -> gr.Dropdown:
+def model_picker(default: str | None = None, render: bool = True, local_paths: bool = False) -> gr.Dropdown:
     """The model dropdown shared by every tab: each entry says its size and whether it fits this machine."""
     hardware = detect_hardware()
     choices = catalog.picker_choices(hardware)
     if default and default not in [value for _, value in choices]:
         choices.insert(0, (default, default))
     return gr.Dropdown(choices, value=default or choices[0][1], allow_custom_value=True, label="Model",
-                       elem_id="model-picker",
+                       elem_id="model-picker", render=render,
                        info=f"Hardware: {hardware.describe()}. Pick a listed model (size · whether it fits), "
-                            "or type any Hub id or local folder.")
+                            "or type any Hub model id (owner/name)" + (" or local folder." if local_paths else "."))
 
 
-def build(manager: jobs.JobManager, runs_dir: str, owner: gr.BrowserState, model: gr.Dropdown,
+def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model: gr.Dropdown,
           data_settings: gr.State, skip_invalid: gr.Checkbox) -> dict[str, Any]:
     """Lay out the Train tab; returns components other tabs use."""
     job_id = gr.State("")
@@ -148,19 +148,21 @@ def build(manager: jobs.JobManager, runs_dir: str, owner: gr.BrowserState, model
 
     preset.change(on_preset, inputs=preset, outputs=[advanced[n] for n in names])
 
-    def on_start(owner_id, data_value, skip, model_name, preset_name, *advanced_values):
+    def on_start(token, data_value, skip, model_name, preset_name, *advanced_values):
+        owner_id = gate.visitor(token)
         try:
-            settings = settings_from_form(data_value, skip, model_name, preset_name, runs_dir,
+            settings = settings_from_form(data_value, skip, gate.model(model_name), preset_name, gate.runs_dir,
                                           dict(zip(names, advanced_values)))
             job = manager.submit(settings, owner_id)
         except UserError as err:
             raise gr.Error(str(err)) from None
         return job.job_id, progress_markdown(job), train_command(settings)
 
-    start.click(on_start, inputs=[owner, data_settings, skip_invalid, model, preset, *advanced.values()],
+    start.click(on_start, inputs=[session, data_settings, skip_invalid, model, preset, *advanced.values()],
                 outputs=[job_id, progress, command])
 
-    def on_stop(owner_id, current):
+    def on_stop(token, current):
+        owner_id = gate.visitor(token)
         try:
             job = visitor_job(manager, owner_id, current)
             if job is None:
@@ -170,9 +172,10 @@ def build(manager: jobs.JobManager, runs_dir: str, owner: gr.BrowserState, model
             raise gr.Error(str(err)) from None
         return progress_markdown(job)
 
-    stop.click(on_stop, inputs=[owner, job_id], outputs=progress)
+    stop.click(on_stop, inputs=[session, job_id], outputs=progress)
 
-    def on_resume(owner_id, current):
+    def on_resume(token, current):
+        owner_id = gate.visitor(token)
         try:
             job = visitor_job(manager, owner_id, current)
         except UserError as err:
@@ -187,9 +190,10 @@ def build(manager: jobs.JobManager, runs_dir: str, owner: gr.BrowserState, model
             raise gr.Error(str(err)) from None
         return resumed.job_id, progress_markdown(resumed)
 
-    resume.click(on_resume, inputs=[owner, job_id], outputs=[job_id, progress])
+    resume.click(on_resume, inputs=[session, job_id], outputs=[job_id, progress])
 
-    def refresh(owner_id, current):
+    def refresh(token, current):
+        owner_id = gate.known_visitor(token)
         job = None
         if owner_id:
             try:
@@ -198,5 +202,5 @@ def build(manager: jobs.JobManager, runs_dir: str, owner: gr.BrowserState, model
                 job = manager.latest_for(owner_id)
         return (job.job_id if job else current), progress_markdown(job), loss_curve(job.run_dir if job else None)
 
-    timer.tick(refresh, inputs=[owner, job_id], outputs=[job_id, progress, curve], show_progress="hidden")
+    timer.tick(refresh, inputs=[session, job_id], outputs=[job_id, progress, curve], show_progress="hidden")
     return {"job_id": job_id}

@@ -1,0 +1,226 @@
+"""Trust, decided at the edge: who a visitor of the app is, and what they may name.
+
+A public Space is one server shared by strangers, and every value a page sends can be forged by any HTTP client.
+This module is the one place that turns those values into checked ones, so the core never receives a raw path
+from the page:
+
+- identity: a visitor id signed by the server and kept in the browser (`v1.<id>.<signature>`); on a Space with
+  sign-in, the Hugging Face user name. Knowing someone's id (it is written in their runs' records) is not enough
+  to act as them: only this server can sign one.
+- data: the visitor's own uploads (moved out of Gradio's shared upload folder into a folder of their own, and
+  referred to by the handle their upload returned), Hub dataset ids, and the bundled sample;
+- models: the models the app offers, the operator's default, and Hub ids;
+- local paths (any file or folder on the machine): only from the command line, or in the app when the operator
+  turns local access on for single-user use (`SFT_SPACE_LOCAL_PATHS=1`; never on a Space).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from pathlib import Path
+
+from . import runs
+from .errors import UserError
+from .settings import AccessSettings, field_type
+
+log = logging.getLogger(__name__)
+
+SECRET_FILE = ".visitor-secret"
+UPLOADS_DIR = ".uploads"
+TOKEN_VERSION = "v1"
+SIGNED_IN = "hf:"
+ENV_PREFIX = "SFT_SPACE_"
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+SESSION_UNKNOWN = "This page's visitor id is not one this server issued; reload the page to get a new one."
+
+
+def running_on_space() -> bool:
+    """Spaces set SPACE_ID (and SPACE_AUTHOR_NAME) in every Space's environment."""
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def access_settings() -> AccessSettings:
+    """The operator's settings, from SFT_SPACE_<FIELD> environment variables (never from the page)."""
+    values = {}
+    for spec in dataclasses.fields(AccessSettings):
+        raw = os.environ.get(ENV_PREFIX + spec.name.upper())
+        if raw is None or not raw.strip():
+            continue
+        kind = field_type(spec)
+        try:
+            values[spec.name] = raw.strip().lower() in ("1", "true", "yes", "on") if kind is bool else kind(raw)
+        except ValueError:
+            raise UserError(f"{ENV_PREFIX}{spec.name.upper()}={raw!r} is not a valid {kind.__name__}.") from None
+    settings = AccessSettings(**values)
+    if settings.local_paths and running_on_space():
+        # On a Space the visitors are strangers: the operator's wish cannot open the machine's files to them.
+        log.warning("%sLOCAL_PATHS is ignored on a Space: visitors there are strangers.", ENV_PREFIX)
+        settings.local_paths = False
+    return settings
+
+
+# --------------------------------------------------------------------------------------------- identity
+
+
+def _server_secret(runs_dir: str | Path) -> bytes:
+    """SFT_SPACE_SECRET, else a random secret kept beside the runs (so ids survive a restart, as runs do)."""
+    configured = os.environ.get(ENV_PREFIX + "SECRET")
+    if configured:
+        return configured.encode()
+    path = Path(runs_dir) / SECRET_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    secret = path.read_text().strip()
+    if len(secret) < 32:
+        raise UserError(f"{path} holds no usable secret; delete it and restart the app to make a new one.")
+    return secret.encode()
+
+
+class Identity:
+    """Issues and checks the signed visitor ids that browsers keep."""
+
+    def __init__(self, secret: bytes):
+        self._secret = secret
+
+    @classmethod
+    def for_runs(cls, runs_dir: str | Path) -> Identity:
+        return cls(_server_secret(runs_dir))
+
+    def _signature(self, visitor: str) -> str:
+        return hmac.new(self._secret, visitor.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def sign(self, visitor: str) -> str:
+        return f"{TOKEN_VERSION}.{visitor}.{self._signature(visitor)}"
+
+    def visitor(self, token: str | None) -> str:
+        """The visitor id inside a token the page sent; a token this server did not sign is refused."""
+        version, _, rest = (token or "").partition(".")
+        visitor, _, signature = rest.rpartition(".")
+        if version != TOKEN_VERSION or not visitor or not hmac.compare_digest(signature, self._signature(visitor)):
+            raise UserError(SESSION_UNKNOWN)
+        return visitor
+
+    def issue(self, token: str | None, username: str | None = None) -> str:
+        """The token a page should keep: the signed-in user's, else its own if valid, else a new anonymous one."""
+        try:
+            current = self.visitor(token)
+        except UserError:
+            current = None
+        if username:
+            wanted = SIGNED_IN + username
+            return token if current == wanted else self.sign(wanted)
+        if current and not current.startswith(SIGNED_IN):
+            return token
+        # Signed out (or never signed): a fresh anonymous id, never the previous user's.
+        return self.sign(secrets.token_hex(16))
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _visitor_folder(runs_dir: str | Path, visitor: str) -> Path:
+    # A digest, not the id, names the folder: paths are shown on the page and the id must not be.
+    return Path(runs_dir) / UPLOADS_DIR / hashlib.sha256(visitor.encode()).hexdigest()[:24]
+
+
+def _safe_name(name: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name).name).strip("-.") or "data"
+    return stem[-100:]
+
+
+def keep_upload(runs_dir: str | Path, visitor: str, uploaded: str | Path, settings: AccessSettings) -> Path:
+    """Move a file the visitor just uploaded out of Gradio's shared upload folder into their own, and return the
+    handle (its new path) the page keeps in server-side state. Older uploads go beyond the visitor's quota."""
+    source = Path(uploaded)
+    size = source.stat().st_size
+    limit = int(settings.upload_mb_per_visitor * 2**20)
+    if size > limit:
+        source.unlink(missing_ok=True)
+        raise UserError(f"{source.name}: {size / 2**20:,.1f} MB, over the {settings.upload_mb_per_visitor:,g} MB "
+                        "this app keeps per visitor; upload a smaller sample.")
+    target = _visitor_folder(runs_dir, visitor) / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+    target.mkdir(parents=True)
+    kept = target / _safe_name(source.name)
+    shutil.move(str(source), kept)
+    _prune_uploads(runs_dir, visitor, settings, keep=kept)
+    return kept
+
+
+def _prune_uploads(runs_dir: str | Path, visitor: str, settings: AccessSettings, keep: Path) -> None:
+    """Delete the visitor's oldest uploads beyond the quota, except the newest and those a run may resume from."""
+    in_use = {str(record.get("settings", {}).get("source")) for _, record in runs.list_runs(runs_dir)
+              if record.get("status") != runs.FINISHED}
+    uploads = sorted((p for p in _visitor_folder(runs_dir, visitor).glob("*/*") if p.is_file()),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+    needed = [p for p in uploads if p == keep or str(p) in in_use]
+    kept, kept_bytes = len(needed), sum(p.stat().st_size for p in needed)
+    for path in uploads:
+        if path in needed:
+            continue
+        size = path.stat().st_size
+        if kept < settings.uploads_per_visitor and kept_bytes + size <= settings.upload_mb_per_visitor * 2**20:
+            kept, kept_bytes = kept + 1, kept_bytes + size
+        else:
+            shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def own_upload(runs_dir: str | Path, visitor: str, handle: str | Path | None) -> Path:
+    """An upload handle the page holds, checked to be this visitor's and still there."""
+    folder = _visitor_folder(runs_dir, visitor).resolve()
+    path = Path(handle or "").resolve()
+    if not handle or not path.is_relative_to(folder) or not path.is_file():
+        raise UserError("That upload is not available any more; upload the file again.")
+    return path
+
+
+def hub_id(value: str, what: str) -> str:
+    """A Hub repo id (owner/name) as typed; never a path on this server, even one shaped like an id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    value = (value or "").strip()
+    example = "HuggingFaceH4/no_robots" if what == "dataset" else "HuggingFaceTB/SmolLM2-360M-Instruct"
+    refusal = UserError(f"{value!r} is not a Hub {what} id: write it as owner/name, for example {example}.")
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        raise refusal from None
+    # Loaders look for a local folder of that name first, so a relative path shaped like owner/name (runs/<id>)
+    # must not reach one. The test is on the first part, whose names in the app's folder are public (the Space's
+    # files, runs), so the refusal says nothing about which runs or files exist below it.
+    if not HUB_ID.match(value) or Path(value.partition("/")[0]).exists():
+        raise refusal
+    return value
+
+
+def data_source(kind: str, value: str | None, visitor: str, runs_dir: str | Path, settings: AccessSettings,
+                sample: Path) -> str:
+    """The data a visitor asked for, as a source the core may read: `kind` is "upload", "hub" or "sample"."""
+    if kind == "sample":
+        return str(sample)
+    if kind == "upload":
+        return str(own_upload(runs_dir, visitor, value))
+    if settings.local_paths and value and value.strip():
+        return value.strip()
+    return hub_id(value or "", "dataset")
+
+
+def model_name(value: str | None, offered: set[str], settings: AccessSettings) -> str:
+    """A model a visitor may train or chat with: one the app offers, a Hub id, or (local access on) any folder."""
+    value = (value or "").strip()
+    if value in offered or (settings.local_paths and value):
+        return value
+    return hub_id(value, "model")
