@@ -299,6 +299,11 @@ class RunFolder:
                 found.append((int(step), child))
         return [path for _, path in sorted(found)]
 
+    def incomplete_checkpoints(self) -> list[Path]:
+        """Checkpoint folders whose save was cut short (no trainer state): never resumed from."""
+        complete = set(self.checkpoints())
+        return [path for path in sorted(self.path.glob("checkpoint-*")) if path.is_dir() and path not in complete]
+
     def last_checkpoint(self) -> Path | None:
         checkpoints = self.checkpoints()
         return checkpoints[-1] if checkpoints else None

@@ -448,7 +448,20 @@ def train(job: TrainingJob) -> RunFolder:
 
 
 def _record_end(folder: RunFolder, **changes: Any) -> OSError | None:
-    """Write how the run ended into run.json; the error when even that cannot be written (a full disk)."""
+    """Write how the run ended into run.json; the error when even that cannot be written.
+
+    On a disk that filled up while a checkpoint was saved, the partial checkpoint took the last free bytes; it
+    is never resumed from, so it makes way for the record.
+    """
+    try:
+        folder.update(**changes)
+        return None
+    except OSError as err:
+        partial = folder.incomplete_checkpoints()
+        if not partial or not is_disk_full(err, folder.path):
+            return err
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
     try:
         folder.update(**changes)
     except OSError as err:

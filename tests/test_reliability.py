@@ -1,9 +1,11 @@
-"""Faults and safety: a killed training process resumes, run ids cannot escape the runs folder, remote code and
-pickled weights are refused unless asked for."""
+"""Faults and safety: a killed training process resumes, a full disk ends in a clear failure, run ids cannot
+escape the runs folder, remote code and pickled weights are refused unless asked for."""
 
+import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,8 +16,10 @@ import pytest
 
 from builders import persona_chats
 from sft_space import models, runs
+from sft_space import train as train_module
 from sft_space.errors import UserError
-from sft_space.settings import RunSettings
+from sft_space.settings import RunSettings, run_settings
+from sft_space.train import DISK_FULL_ADVICE, TrainingFailed, TrainingJob, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,3 +108,75 @@ def test_run_record_is_replaced_atomically(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert folder.read() == {"status": "running", "step": 1}
     assert [p.name for p in folder.path.iterdir()] == ["run.json"], "no temporary file is left behind"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 6 MB filesystem (tmpfs), where the machine lets the tests mount one (as root); skipped elsewhere."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a small filesystem needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(disk, leave):
+    """Write a file that leaves about `leave` bytes free on `disk` (none when `leave` is 0)."""
+    with open(disk / "filler", "wb") as handle:
+        try:
+            while shutil.disk_usage(disk).free > leave:
+                handle.write(b"\0" * min(1 << 20, max(4096, shutil.disk_usage(disk).free - leave)))
+                handle.flush()
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+
+
+def small_run(tiny_model_dir, write_jsonl, output_dir, **values):
+    settings = run_settings("quick", source=str(write_jsonl(persona_chats(12))), model=str(tiny_model_dir),
+                            output_dir=str(output_dir), max_steps=6, save_every=2, sample_prompts=0,
+                            validation_fraction=0.0, seed=0)
+    return TrainingJob(settings, run_id="full", **values)
+
+
+@pytest.mark.parametrize("room", [100_000, 0], ids=["room-for-the-record", "no-room-at-all"])
+def test_a_really_full_disk_ends_in_the_advice_not_a_traceback(small_disk, room, tiny_model_dir, write_jsonl,
+                                                             monkeypatch):
+    # The check before a run would refuse a 6 MB disk; this is about a disk that fills once the run has started.
+    monkeypatch.setattr(train_module, "check_free_disk", lambda runs_dir, needed: None)
+    job = small_run(tiny_model_dir, write_jsonl, small_disk / "runs", on_folder=lambda folder: fill(small_disk, room))
+    with pytest.raises(TrainingFailed, match="The disk is full"):
+        train(job)
+    folder = runs.RunFolder(small_disk / "runs" / "full")
+    record = folder.read()  # never half a record: the old one or the new one
+    if room:
+        # The partial checkpoint took the last free bytes; it is never resumed from, so it made way for the record.
+        assert record["status"] == runs.FAILED and record["error"] == DISK_FULL_ADVICE
+        assert folder.incomplete_checkpoints() == []
+    else:
+        assert record["status"] in (runs.RUNNING, runs.FAILED)
+    assert not folder.lock_path.exists(), "the lock is released whatever happened"
+
+
+def test_when_no_write_succeeds_after_the_start_the_failure_is_still_reported(tiny_model_dir, write_jsonl, tmp_path,
+                                                                            monkeypatch):
+    import torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def no_more_writes(folder):
+        monkeypatch.setattr(os, "fsync", disk_full)  # run.json, replaced atomically
+        monkeypatch.setattr(Path, "write_text", disk_full)  # failure.txt
+        monkeypatch.setattr(torch, "save", disk_full)  # checkpoints
+
+    with pytest.raises(TrainingFailed, match="The disk is full"):
+        train(small_run(tiny_model_dir, write_jsonl, tmp_path / "runs", on_folder=no_more_writes))
+    monkeypatch.undo()
+    folder = runs.RunFolder(tmp_path / "runs" / "full")
+    assert folder.read()["status"] == runs.RUNNING, "the record that could not be replaced is still whole"
+    assert not (folder.path / train_module.FAILURE_FILE).exists() and not folder.lock_path.exists()
