@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import models
+from . import card, models
 from .errors import UserError
 from .render import render_chat
 from .runs import RunFolder
@@ -132,12 +132,13 @@ def load_chat_model(run_dir: str | Path | None = None, base_model: str | None = 
     trust_remote_code = False
     if run_dir is not None:
         run = RunFolder.open(run_dir)
+        run.require_adapter("chat with")
         record = run.read()
-        if not run.has_adapter:
-            raise UserError(f"Run {run.run_id} has no adapter yet (status: {record.get('status')}); "
-                            "wait for it to finish, or stop it to save the adapter.")
-        base_model = record["settings"]["model"]
-        trust_remote_code = bool(record["settings"].get("trust_remote_code"))
+        base_model = card.base_model_of(record)
+        if not base_model:
+            raise UserError(f"run.json of run {run.run_id} does not name its base model ('base_model' or the "
+                            "settings' 'model'), so its adapter cannot be loaded.")
+        trust_remote_code = bool((record.get("settings") or {}).get("trust_remote_code"))
     base_model = base_model or models.default_model()
     tokenizer = models.load_tokenizer(str(run.adapter_path) if run else base_model)
     device_map = {"": 0} if torch.cuda.is_available() else None

@@ -2,8 +2,8 @@
 an optional demo Space where anyone with access can chat with it.
 
 Every way out goes through one staged folder (`stage`), so the zip, the exported folder and the Hub repo hold
-the same files. The Hub token is only ever handed to `HfApi`: it is never written to a file, a run record, a
-card, a log line or an error message.
+the same files, and a pickle file (which could run code when loaded) is never among them. The Hub token is only
+ever handed to `HfApi`: it is never written to a file, a run record, a card, a log line or an error message.
 """
 
 from __future__ import annotations
@@ -70,10 +70,7 @@ def _progress(on_progress: Progress | None, fraction: float, message: str) -> No
 
 def open_publishable(run_dir: str | Path) -> RunFolder:
     folder = RunFolder.open(run_dir)
-    if not folder.has_adapter:
-        status = folder.read().get("status")
-        raise UserError(f"Run {folder.run_id} has no adapter to publish (status: {status}); wait for it to finish, "
-                        "or stop it to save the adapter so far.")
+    folder.require_adapter("publish")
     return folder
 
 
@@ -94,7 +91,7 @@ def public_record(folder: RunFolder) -> dict[str, Any]:
 
 def _stage_adapter(folder: RunFolder, target: Path) -> None:
     for path in sorted(folder.adapter_path.iterdir()):
-        if path.is_file() and path.name not in NOT_PUBLISHED:
+        if path.is_file() and path.name not in NOT_PUBLISHED and path.suffix.lower() not in runs.PICKLE_SUFFIXES:
             shutil.copy2(path, target / path.name)
     config_path = target / "adapter_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -112,9 +109,10 @@ def merge_adapter(folder: RunFolder, target: Path, dtype: str = "auto") -> None:
     import torch
     from peft import PeftModel
 
+    folder.require_adapter("merge")
     record = folder.read()
     base = card.base_model_of(record)
-    trust_remote_code = bool(record["settings"].get("trust_remote_code"))
+    trust_remote_code = bool((record.get("settings") or {}).get("trust_remote_code"))
     if dtype == "auto":
         dtype = getattr(models.load_config(base, trust_remote_code), "dtype", None) or torch.float32
     stored_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype

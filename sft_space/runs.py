@@ -198,7 +198,7 @@ class RunFolder:
         if self.has_adapter:
             return
         config = (self.adapter_path / ADAPTER_CONFIG).is_file()
-        pickles = sorted(p.name for p in self.adapter_path.glob("*") if p.suffix in PICKLE_SUFFIXES) \
+        pickles = sorted(p.name for p in self.adapter_path.glob("*") if p.suffix.lower() in PICKLE_SUFFIXES) \
             if self.adapter_path.is_dir() else []
         weights = (self.adapter_path / ADAPTER_WEIGHTS).is_file()
         if not config and not weights and not pickles:

@@ -337,3 +337,49 @@ def test_the_publish_tab_zips_only_the_visitors_own_runs(run_copy):
         publish_tab.publish_run(runs_dir, str(run_copy.path), "mallory", "mallory/stolen", PLANTED_TOKEN, None,
                                 {}, api=FakeHub())
     assert publish_tab.zip_run(runs_dir, str(run_copy.path), "alice").endswith(".zip")
+
+
+@pytest.mark.parametrize("command", [
+    ["chat", "{run}", "--prompt", "hi"],
+    ["export", "{run}", "--merged", "{tmp}/merged"],
+    ["export", "{run}", "--adapter", "{tmp}/adapter"],
+    ["export", "{run}", "--zip", "{tmp}/out.zip"],
+    ["push", "{run}", "--repo", "alice/x"],
+])
+def test_an_adapter_without_its_weights_is_refused_before_any_work(run_copy, tmp_path, capsys, monkeypatch, command):
+    monkeypatch.setenv("HF_TOKEN", PLANTED_TOKEN)
+    (run_copy.adapter_path / "adapter_model.safetensors").unlink()
+    assert not run_copy.has_adapter
+    argv = [part.format(run=run_copy.path, tmp=tmp_path) for part in command]
+    assert cli.main(argv) == 1  # a traceback would escape main
+    err = capsys.readouterr().err
+    assert f"error: Run persona's adapter is incomplete: {run_copy.adapter_path / 'adapter_model.safetensors'} " \
+           "is missing" in err
+    assert f"from {run_copy.last_checkpoint()}" in err, "it says where a copy of the adapter is"
+    assert not any((tmp_path / name).exists() for name in ("merged", "adapter", "out.zip"))
+
+
+def test_the_adapter_is_checked_by_every_reader(run_copy, tmp_path):
+    (run_copy.adapter_path / "adapter_model.safetensors").unlink()
+    for attempt in (lambda: publish.export_zip(run_copy.path, tmp_path / "out.zip"),
+                    lambda: publish.merge_adapter(run_copy, tmp_path / "merged"),
+                    lambda: load_chat_model(run_copy.path)):
+        with pytest.raises(UserError, match="adapter is incomplete"):
+            attempt()
+    assert not (tmp_path / "out.zip").exists() and not (tmp_path / "merged").exists()
+
+
+def test_pickle_files_are_never_shipped_and_pickle_only_adapters_are_refused(run_copy, tmp_path, capsys):
+    for name in ("adapter_model.bin", "optimizer.pt", "extra.pkl"):
+        (run_copy.adapter_path / name).write_bytes(b"a pickle could run code here")
+    with zipfile.ZipFile(publish.export_zip(run_copy.path, tmp_path / "out.zip")) as archive:
+        assert set(archive.namelist()) == ADAPTER_FILES
+    hub = FakeHub()
+    publish.push(run_copy.path, publish.PublishSettings(repo_id="alice/clean"), PLANTED_TOKEN, api=hub)
+    assert set(hub.files("alice/clean")) == ADAPTER_FILES
+
+    (run_copy.adapter_path / "adapter_model.safetensors").unlink()
+    with pytest.raises(UserError, match=r"only pickle weights \(adapter_model.bin, extra.pkl, optimizer.pt\)"):
+        publish.export_zip(run_copy.path, tmp_path / "pickled.zip")
+    assert cli.main(["chat", str(run_copy.path), "--prompt", "hi"]) == 1
+    assert "unpickling can run arbitrary code" in capsys.readouterr().err
