@@ -164,5 +164,13 @@ def test_the_gate_turns_a_forged_token_into_a_message(tmp_path):
     with pytest.raises(gr.Error, match="reload the page"):
         gate.visitor(gate.identity.visitor(token))
     assert gate.known_visitor("forged") is None
+    with pytest.raises(gr.Error, match="still loading"):
+        gate.visitor("")
+    # A page's first upload may come before its load event gave it an id: it gets a new one, owning nothing.
+    visitor, new_token = gate.visitor_or_new("")
+    assert gate.visitor(new_token) == visitor != gate.visitor(token)
+    assert gate.visitor_or_new(token) == (gate.visitor(token), token)
+    with pytest.raises(gr.Error, match="reload the page"):
+        gate.visitor_or_new("forged")
     with pytest.raises(gr.Error, match="not a Hub model id"):
         gate.model(str(tmp_path))

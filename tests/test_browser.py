@@ -50,11 +50,18 @@ def browser():
         browser.close()
 
 
+def open_as_visitor(page, url):
+    """Open the app and wait until the server has given this browser its signed visitor id (as a person would
+    before acting: the page's load event hands it out)."""
+    page.goto(url)
+    page.wait_for_function("localStorage.getItem('sft-space-visitor')", timeout=30_000)
+
+
 def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     url, runs_dir = app_url
     context = browser.new_context(viewport={"width": 1280, "height": 1000})
     page = context.new_page()
-    page.goto(url)
+    open_as_visitor(page, url)
 
     # Data: the sample dataset, uploaded as a user's JSONL, is checked and previewed with trained tokens highlighted.
     page.set_input_files("#data-upload input[type=file]", str(SAMPLE_DATA))
@@ -83,7 +90,15 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     # own Start waits in the queue instead of disturbing it.
     stranger_context = browser.new_context(viewport={"width": 1280, "height": 1000})
     stranger = stranger_context.new_page()
-    stranger.goto(url)
+    open_as_visitor(stranger, url)
+    # The first visitor's upload sits on this server: typed as a "Hub dataset", its path is not read.
+    uploads = [p for p in (runs_dir / ".uploads").rglob("*.jsonl")]
+    assert len(uploads) == 1 and not any(PLANTED_TOKEN in str(p) for p in uploads)
+    stranger.get_by_label("…or a Hub dataset id").fill(str(uploads[0]))
+    stranger.click("#check-data")
+    expect(stranger.get_by_text("is not a Hub dataset id").first).to_be_visible(timeout=30_000)
+    expect(stranger.locator("#data-summary")).not_to_contain_text("rows")
+    stranger.get_by_label("…or a Hub dataset id").fill("")
     stranger.get_by_label("Use the sample dataset").check()
     stranger.click("#check-data")
     expect(stranger.locator("#data-summary")).to_contain_text("All 160 rows are valid", timeout=60_000)
@@ -148,6 +163,13 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     stranger.get_by_role("button", name="↻ Refresh").click()
     stranger.wait_for_timeout(2_000)  # the refresh has answered by then (an absence cannot be waited for)
     expect(stranger.locator("#runs-table")).not_to_contain_text(run_folders[0].name)
+    # Nor can they chat with its adapter by naming its folder as the model.
+    stranger.locator("#model-picker input").fill(str(run_folders[0] / "adapter"))
+    stranger.locator("#model-picker input").press("Enter")
+    stranger.get_by_role("tab", name="Data").click()
+    stranger.click("#check-data")
+    expect(stranger.get_by_text("is not a Hub model id").first).to_be_visible(timeout=30_000)
+    stranger.screenshot(path=str(tmp_path / "stranger-refused.png"), full_page=True)
     assert PLANTED_TOKEN not in (runs_dir / "app.log").read_text()
     for path in runs_dir.rglob("*"):
         if path.is_file():

@@ -24,10 +24,18 @@ class Gate:
     offered_models: set[str] = field(default_factory=set)
 
     def visitor(self, token: str | None) -> str:
+        if not token:
+            raise gr.Error("The page is still loading; try again in a moment.")
         try:
             return self.identity.visitor(token)
         except UserError as err:
             raise gr.Error(str(err)) from None
+
+    def visitor_or_new(self, token: str | None) -> tuple[str, str]:
+        """(visitor, token) for a page's first action, which may come before its load event gave it an id: a
+        page without one gets a new anonymous id (owning nothing) instead of a refusal."""
+        token = token or self.identity.issue(None)
+        return self.visitor(token), token
 
     def known_visitor(self, token: str | None) -> str | None:
         """The visitor, or None for a page that has no valid token yet (for read-only refreshes)."""

@@ -166,8 +166,11 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> tuple[gr.
         next_example = gr.Button("Next ▶", size="sm", scale=0)
     preview = gr.HTML(elem_id="chatml-preview")
 
-    upload.upload(lambda path, token: keep_upload(gate, gate.visitor(token), path), inputs=[upload, session],
-                  outputs=upload_handle)
+    def on_upload(path, token):
+        visitor, token = gate.visitor_or_new(token)
+        return keep_upload(gate, visitor, path), token
+
+    upload.upload(on_upload, inputs=[upload, session], outputs=[upload_handle, session])
     upload.clear(lambda: None, outputs=upload_handle)
     check.click(
         lambda token, *values: check_source(gate, gate.visitor(token), *values),
