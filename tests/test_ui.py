@@ -177,3 +177,13 @@ def test_every_handler_of_the_app_refuses_a_forged_visitor_id(monkeypatch, tmp_p
     with pytest.raises(gr.Error, match="reload the page"):
         next(handlers["on_send"]("hi", [], [], None, str(tiny_model_dir), "", 0.7, 16, forged))
     assert identify(forged) != forged and identify(alice) == alice
+
+
+def test_only_the_named_handlers_are_offered_as_an_api(monkeypatch, tmp_path, tiny_model_dir):
+    """The page's own events stay off the API page and out of the Gradio clients; the API has stable names."""
+    from sft_space import jobs
+    from sft_space.ui import PUBLIC_API, build_app
+
+    monkeypatch.setenv("SFT_SPACE_RUNS", str(tmp_path))
+    app = build_app(jobs.JobManager(), default_model=str(tiny_model_dir))
+    assert set(app.get_api_info()["named_endpoints"]) == {f"/{name}" for name in PUBLIC_API}

@@ -25,6 +25,10 @@ INTRO = (
 )
 
 
+# identify → a visitor token; check_data (a Hub dataset or the sample) and chat take it as their first value.
+PUBLIC_API = ("identify", "check_data", "chat")
+
+
 def runs_dir() -> str:
     return os.environ.get("SFT_SPACE_RUNS", "runs")
 
@@ -81,7 +85,12 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
             return job.job_id, gr.Tabs(selected="train")
 
         past["resume"].click(resume_run, inputs=[session, past["run_id"]], outputs=[training["job_id"], tabs])
-        app.load(identify(gate), inputs=session, outputs=session)
+        app.load(identify(gate), inputs=session, outputs=session, api_name="identify")
+    # Every event is also an HTTP endpoint. These are offered as an API, under stable names; the rest serve the
+    # page only and are kept out of the API page and the Gradio clients (their handlers check the visitor anyway).
+    for handler in app.fns.values():
+        if handler.api_name not in PUBLIC_API:
+            handler.api_visibility = "private"
     return app
 
 

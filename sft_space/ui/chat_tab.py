@@ -139,7 +139,7 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> dict[str,
         yield from respond(runs_dir, message, tuned, base, run, gate.model(model_name), system_prompt, temperature,
                            max_new_tokens, gate.visitor(token))
 
-    send.click(on_send, inputs=inputs, outputs=[tuned, base, message])
+    send.click(on_send, inputs=inputs, outputs=[tuned, base, message], api_name="chat")
     message.submit(on_send, inputs=inputs, outputs=[tuned, base, message])
     suggest.click(lambda r, token: suggestion(runs_dir, r, gate.visitor(token)), inputs=[run, session],
                   outputs=message)

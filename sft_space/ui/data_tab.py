@@ -176,6 +176,7 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> tuple[gr.
         lambda token, *values: check_source(gate, gate.visitor(token), *values),
         inputs=[session, upload_handle, hub_id, use_sample, model, columns, hub_config, hub_split, max_length],
         outputs=[report_state, settings_state, summary, counts, problems, statistics, histogram, example_number, preview],
+        api_name="check_data",
     )
     example_number.change(lambda report, name, n: preview_html(report, gate.model(name), n),
                           inputs=[report_state, model, example_number], outputs=preview)
