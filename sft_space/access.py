@@ -39,6 +39,9 @@ TOKEN_VERSION = "v1"
 SIGNED_IN = "hf:"
 ENV_PREFIX = "SFT_SPACE_"
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+# A chat is answered on the shared hardware: its whole conversation (both sides, the system prompt and the new
+# message) is bounded so that no page can make one reply take minutes of everyone's time or gigabytes of memory.
+MAX_CHAT_CHARACTERS = 32_000
 SESSION_UNKNOWN = "This page's visitor id is not one this server issued; reload the page to get a new one."
 
 
@@ -224,3 +227,11 @@ def model_name(value: str | None, offered: set[str], settings: AccessSettings) -
     if value in offered or (settings.local_paths and value):
         return value
     return hub_id(value, "model")
+
+
+def check_conversation(texts: list[str]) -> None:
+    """Refuse a chat conversation longer than the app answers (every text of it counts)."""
+    size = sum(len(text) for text in texts)
+    if size > MAX_CHAT_CHARACTERS:
+        raise UserError(f"This conversation is {size:,} characters long, more than the {MAX_CHAT_CHARACTERS:,} the "
+                        "chat answers; press Clear to start a new one (or shorten the message).")

@@ -187,3 +187,17 @@ def test_only_the_named_handlers_are_offered_as_an_api(monkeypatch, tmp_path, ti
     monkeypatch.setenv("SFT_SPACE_RUNS", str(tmp_path))
     app = build_app(jobs.JobManager(), default_model=str(tiny_model_dir))
     assert set(app.get_api_info()["named_endpoints"]) == {f"/{name}" for name in PUBLIC_API}
+
+
+def test_a_chat_conversation_is_bounded_before_any_model_is_loaded(tmp_path):
+    """A page can send any history: one too long for the shared hardware is refused, whatever its shape."""
+    import gradio as gr
+    import pytest
+
+    from sft_space import access
+    from sft_space.ui import chat_tab
+
+    long_history = [{"role": "user", "content": [{"type": "text", "text": "x" * access.MAX_CHAT_CHARACTERS}]}]
+    for message, history in (("y" * (access.MAX_CHAT_CHARACTERS + 1), []), ("hi", long_history)):
+        with pytest.raises(gr.Error, match="press Clear"):
+            next(chat_tab.respond(str(tmp_path), message, history, [], None, "no/such-model", "", 0.0, 16, "alice"))

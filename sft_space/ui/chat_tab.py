@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import gradio as gr
 import spaces
 
-from .. import runs
+from .. import access, runs
 from ..chat import ChatModel, GenerationSettings, load_chat_model
 from ..errors import UserError
 from ..settings import field_help
@@ -86,8 +86,11 @@ def respond(runs_dir: str, message: str, tuned_history: list, base_history: list
     message = (message or "").strip()
     if not message:
         raise gr.Error("Type a message first.")
-    run_dir = own_run_dir(runs_dir, run_dir, visitor)
     try:
+        earlier = [*(tuned_history or []), *(base_history or [])]
+        access.check_conversation([message, system_prompt or ""]
+                                  + [message_text(m.get("content") if isinstance(m, dict) else m) for m in earlier])
+        run_dir = own_run_dir(runs_dir, run_dir, visitor)
         model = chat_model_for(run_dir, base_model)
     except UserError as err:
         raise gr.Error(str(err)) from None
