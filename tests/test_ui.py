@@ -187,6 +187,8 @@ def test_only_the_named_handlers_are_offered_as_an_api(monkeypatch, tmp_path, ti
     monkeypatch.setenv("SFT_SPACE_RUNS", str(tmp_path))
     app = build_app(jobs.JobManager(), default_model=str(tiny_model_dir))
     assert set(app.get_api_info()["named_endpoints"]) == {f"/{name}" for name in PUBLIC_API}
+    # Files any client posts to Gradio's upload route, unused, do not pile up in the shared folder.
+    assert app.delete_cache == (900, 3600)
 
 
 def test_a_chat_conversation_is_bounded_before_any_model_is_loaded(tmp_path):

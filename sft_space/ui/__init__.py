@@ -27,6 +27,8 @@ INTRO = (
 
 # identify → a visitor token; check_data (a Hub dataset or the sample) and chat take it as their first value.
 PUBLIC_API = ("identify", "check_data", "chat")
+# (how often, how old) in seconds: Gradio's own sweep of its upload and download folder.
+GRADIO_CACHE_SWEEP = (900, 3600)
 
 
 def runs_dir() -> str:
@@ -41,7 +43,9 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
     picker = train_tab.model_picker(default_model, render=False, local_paths=settings.local_paths)
     # The models the page offers (and the operator's default) may be named without being Hub ids.
     gate = Gate(folder, access.Identity.for_runs(folder), settings, {value for _, value in picker.choices})
-    with gr.Blocks(title=TITLE) as app:
+    # Files posted to Gradio's upload route without a use (any client can) are deleted after an hour, so the
+    # shared upload folder cannot fill the disk; a visitor's data is moved out of it as soon as it arrives.
+    with gr.Blocks(title=TITLE, delete_cache=GRADIO_CACHE_SWEEP) as app:
         # The visitor's signed id, kept by their browser so that a reload re-attaches to their run.
         session = gr.BrowserState("", storage_key="sft-space-visitor")
         gr.Markdown(f"# {TITLE}\n{INTRO}")
