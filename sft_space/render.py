@@ -6,12 +6,19 @@ Instead we use a property nearly every template has: a conversation cut after me
 of the whole conversation. The text between "history + generation prompt" and "history + the reply" is the
 reply itself plus its end-of-turn marker; the tokens that overlap it are the trained tokens. Training uses
 this same function, so what the preview highlights is what the loss sees.
+
+Rendering every prefix costs time quadratic in the number of turns (4,000 short turns took over a minute), so
+`render_conversation` first tries a linear way to the same answer (`_block_layout`): it renders the conversation
+once more with a placeholder for each content, learns from a few short prefixes what the template writes between
+two messages, and checks that every gap in this conversation is exactly that. Only when a check fails (templates
+that rewrite earlier turns, trim contents, fold one message into another, ...) does it render every prefix.
 """
 
 from __future__ import annotations
 
 import bisect
 import html
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,16 +156,152 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], full: str) -
 
 def _role_segments(tokenizer: Any, messages: list[dict[str, Any]], full: str) -> list[tuple[int, int, str]]:
     """Split the text into per-message pieces; a message whose prefix is not stable merges into the next."""
-    segments = []
-    start = 0
+    prefix_ends = []
     for k in range(1, len(messages) + 1):
         prefix = full if k == len(messages) else render_chat(tokenizer, messages[:k])
-        if full.startswith(prefix) and len(prefix) > start:
-            segments.append((start, len(prefix), str(messages[k - 1].get("role"))))
-            start = len(prefix)
+        prefix_ends.append(len(prefix) if full.startswith(prefix) else None)
+    return _segments(messages, full, prefix_ends)
+
+
+def _segments(messages: list[dict[str, Any]], full: str, prefix_ends: list[int | None]) -> list[tuple[int, int, str]]:
+    """Role segments from where each prefix of the conversation ends in `full` (None: not a prefix of it)."""
+    segments = []
+    start = 0
+    for message, end in zip(messages, prefix_ends):
+        if end is not None and end > start:
+            segments.append((start, end, str(message.get("role"))))
+            start = end
     if start < len(full):
         segments.append((start, len(full), segments[-1][2] if segments else "text"))
     return segments
+
+
+# ------------------------------------------------------------------------------- linear message layout
+
+
+@dataclass
+class _Layout:
+    """Where the template puts each message, found in linear time (see `_block_layout`).
+
+    `prefix_ends[k]` is the length of the first k+1 messages rendered alone, which is a prefix of the whole
+    text; `generation_prompt` is what "add_generation_prompt" appends to such a prefix.
+    """
+
+    prefix_ends: list[int]
+    generation_prompt: str | None
+
+
+def _placeholder(index: int) -> str:
+    # Private-use characters: no template writes them, no tokenizer is asked to read them.
+    return f"\ue000{index}\ue001"
+
+
+def _content_positions(tokenizer: Any, messages: list[dict[str, Any]], full: str) -> list[int] | None:
+    """Where each message's content starts in `full`, when the template writes every content once, verbatim and in
+    order, and nothing else depends on it (rendering placeholders instead gives the same text around them)."""
+    if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+        return None
+    try:
+        marked = render_chat(tokenizer, [{**m, "content": _placeholder(i)} for i, m in enumerate(messages)])
+    except TemplateError:
+        return None
+    starts, cursor, shift = [], 0, 0  # shift: how far `full` runs ahead of `marked` at the cursor
+    for index, message in enumerate(messages):
+        mark, content = _placeholder(index), message["content"]
+        at = marked.find(mark, cursor)
+        if at < 0 or not full.startswith(marked[cursor:at], cursor + shift):
+            return None
+        start = at + shift
+        if not full.startswith(content, start):
+            return None
+        starts.append(start)
+        cursor, shift = at + len(mark), shift + len(content) - len(mark)
+    if len(full) != len(marked) + shift or not full.endswith(marked[cursor:]):
+        return None
+    return starts
+
+
+def _block_layout(tokenizer: Any, messages: list[dict[str, Any]], full: str) -> _Layout | None:
+    """The prefix ends and generation prompt of `messages`, in time linear in its length; None when this
+    template does not render the conversation as blocks that can be checked that way.
+
+    Between the contents of messages k and k+1 a template writes message k's closing (its suffix: e.g.
+    "<|im_end|>\n") and message k+1's opening (its header: "<|im_start|>assistant\n"). Both are learned per
+    role from the first message of that role, by rendering the prefixes around it (a few short renders), and
+    every gap of this conversation must then be exactly suffix + header. A prefix then ends after its last
+    message's suffix, as rendering it would show.
+    """
+    starts = _content_positions(tokenizer, messages, full)
+    if not starts:
+        return None
+    ends = [start + len(m["content"]) for start, m in zip(starts, messages)]
+    roles = [m.get("role") for m in messages]
+    prefixes: dict[int, str] = {0: ""}
+
+    def prefix(k: int, generation_prompt: bool = False) -> str | None:
+        """The first k messages rendered alone, when that is a prefix of `full` (otherwise None)."""
+        if generation_prompt:
+            return render_chat(tokenizer, messages[:k], add_generation_prompt=True)
+        if k not in prefixes:
+            text = render_chat(tokenizer, messages[:k])
+            prefixes[k] = text if full.startswith(text) else None
+        return prefixes[k]
+
+    try:
+        suffixes: dict[Any, str] = {}
+        headers: dict[Any, str] = {}
+        for k in range(len(messages) - 1):  # 0-based: the gap after message k, before message k + 1
+            if roles[k] not in suffixes:
+                through = prefix(k + 1)
+                if through is None or len(through) < ends[k]:
+                    return None
+                suffixes[roles[k]] = through[ends[k]:]
+            if roles[k + 1] not in headers:
+                before = prefix(k + 1)
+                if before is None or len(before) > starts[k + 1]:
+                    return None
+                headers[roles[k + 1]] = full[len(before):starts[k + 1]]
+            suffix, header = suffixes[roles[k]], headers[roles[k + 1]]
+            if (ends[k] + len(suffix) + len(header) != starts[k + 1] or not full.startswith(suffix, ends[k])
+                    or not full.startswith(header, ends[k] + len(suffix))):
+                return None
+        prefix_ends = [end + len(suffixes[role]) for end, role in zip(ends[:-1], roles)] + [len(full)]
+        generation_prompt = None
+        first_reply = next((i for i, m in enumerate(messages) if _is_trained_reply(m)), None)
+        if first_reply is not None:
+            history = prefix(first_reply)
+            prompted = prefix(first_reply, generation_prompt=True)
+            if history is None or not prompted.startswith(history):
+                return None
+            generation_prompt = prompted[len(history):]
+    except TemplateError:
+        return None  # the prefix method renders the same prefixes, and reports the error as it always has
+    return _Layout(prefix_ends, generation_prompt)
+
+
+def _is_trained_reply(message: dict[str, Any]) -> bool:
+    return message.get("role") == "assistant" and message.get("weight", 1) != 0
+
+
+def _layout_spans(layout: _Layout, messages: list[dict[str, Any]], full: str) -> list[tuple[int, int]] | None:
+    """`assistant_spans` read off the layout; None where a reply is not "prefix + generation prompt" (the
+    prefix method then decides, as it always has)."""
+    spans = []
+    cursor = 0
+    for i, message in enumerate(messages):
+        if not _is_trained_reply(message):
+            continue
+        history_end = layout.prefix_ends[i - 1] if i else 0
+        start, through_end = history_end + len(layout.generation_prompt), layout.prefix_ends[i]
+        if not (full.startswith(layout.generation_prompt, history_end) and start <= through_end and start >= cursor):
+            return None
+        end = through_end
+        while end > 0 and full[end - 1].isspace():  # the prefix's text.rstrip(), without copying it
+            end -= 1
+        if end > start:
+            spans.append((start, end))
+        cursor = max(cursor, end)
+    return spans
 
 
 def _tokenize(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -169,14 +312,34 @@ def _tokenize(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int
     return list(encoding["input_ids"]), [tuple(o) for o in encoding["offset_mapping"]]
 
 
-def render_conversation(tokenizer: Any, messages: list[dict[str, Any]]) -> Rendered:
+def trained_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+    """Whether each token overlaps a reply span: a token that merges the template's space with the reply's first
+    word still has to be predicted to produce the reply.
+
+    The spans are sorted and do not overlap (each starts at or after the previous one's end), so their ends
+    are sorted too: one binary search per token finds the only span that can overlap it.
+    """
+    span_ends = [end for _, end in spans]
+    trained = []
+    for start, end in offsets:
+        index = bisect.bisect_right(span_ends, start)  # the first span ending after the token starts
+        trained.append(index < len(spans) and spans[index][0] < end)
+    return trained
+
+
+def render_conversation(tokenizer: Any, messages: list[dict[str, Any]], by_prefixes: bool = False) -> Rendered:
+    """Render and mask a conversation. `by_prefixes` forces the quadratic method that renders every prefix (the
+    linear one falls back to it by itself; tests compare the two)."""
     full = render_chat(tokenizer, messages)
-    spans = assistant_spans(tokenizer, messages, full)
+    layout = None if by_prefixes else _block_layout(tokenizer, messages, full)
+    spans = _layout_spans(layout, messages, full) if layout else None
+    if spans is None:
+        layout = None
+        spans = assistant_spans(tokenizer, messages, full)
     input_ids, offsets = _tokenize(tokenizer, full)
-    # A token is trained when it overlaps a reply: a token that merges the template's space with the
-    # reply's first word still has to be predicted to produce the reply.
-    trained = [any(start < span_end and end > span_start for span_start, span_end in spans) for start, end in offsets]
-    return Rendered(full, input_ids, offsets, trained, _role_segments(tokenizer, messages, full))
+    segments = (_segments(messages, full, layout.prefix_ends) if layout
+                else _role_segments(tokenizer, messages, full))
+    return Rendered(full, input_ids, offsets, trained_mask(offsets, spans), segments)
 
 
 def render_text(tokenizer: Any, text: str) -> Rendered:
@@ -229,13 +392,9 @@ def _token_pieces(rendered: Rendered) -> list[tuple[str, str, bool]]:
         cursor = end
     if cursor < len(rendered.text):
         runs.append((rendered.text[cursor:], role_at(cursor), False))
-    merged: list[tuple[str, str, bool]] = []
-    for text, role, trained in runs:
-        if merged and merged[-1][1:] == (role, trained):
-            merged[-1] = (merged[-1][0] + text, role, trained)
-        else:
-            merged.append((text, role, trained))
-    return merged
+    # Joined once per run of equal neighbours: adding text to the last run token by token would copy it each time.
+    return [("".join(text for text, _, _ in group), role, trained)
+            for (role, trained), group in itertools.groupby(runs, key=lambda run: run[1:])]
 
 
 def to_html(rendered: Rendered) -> str:

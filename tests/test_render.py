@@ -125,3 +125,128 @@ def _with_template(tokenizer, template):
     clone = copy.deepcopy(tokenizer)
     clone.chat_template = template
     return clone
+
+
+# ------------------------------------------------------------- the linear layout gives the prefix method's answer
+
+U, A = "user", "assistant"
+EQUIVALENCE = {
+    **CONVERSATIONS,
+    "one pair": [{"role": U, "content": "Hi"}, {"role": A, "content": "Hello!"}],
+    "weight 0 turns": [{"role": U, "content": "a"}, {"role": A, "content": "b", "weight": 0},
+                       {"role": U, "content": "c"}, {"role": A, "content": "d"},
+                       {"role": U, "content": "e"}, {"role": A, "content": "f", "weight": 0},
+                       {"role": U, "content": "g"}, {"role": A, "content": "h"}],
+    "tool turns": [{"role": "system", "content": "Use tools."}, {"role": U, "content": "Weather?"},
+                   {"role": A, "content": '{"name": "weather"}'}, {"role": "tool", "content": "sunny, 21 °C"},
+                   {"role": "tool", "content": "wind 3 m/s"}, {"role": A, "content": "Sunny and calm."}],
+    "unicode": [{"role": U, "content": "Wie heißt 東京 auf Ελληνικά? 🙂"},
+                {"role": A, "content": "Τόκιο — 東京 🗼\u200d"}, {"role": U, "content": "Danke ✓"},
+                {"role": A, "content": "Bitte schön."}],
+    "identical contents": [{"role": U, "content": "same"}, {"role": A, "content": "same"},
+                           {"role": U, "content": "same"}, {"role": A, "content": "same"}],
+    "contents that look like the template": [
+        {"role": U, "content": "<|im_end|>\n<|im_start|>assistant\nfake"},
+        {"role": A, "content": "<|im_start|>user\nnot a turn<|im_end|>"}],
+    "whitespace around contents": [{"role": U, "content": "  padded\n"}, {"role": A, "content": "\n reply \n\n"},
+                                   {"role": U, "content": "\t"}, {"role": A, "content": " ok"}],
+    "two user turns": [{"role": U, "content": "Hello?"}, {"role": U, "content": "Anyone?"},
+                       {"role": A, "content": "Here."}],
+    "ends with a weight 0 reply": [{"role": U, "content": "x"}, {"role": A, "content": "y"},
+                                   {"role": U, "content": "z"}, {"role": A, "content": "w", "weight": 0}],
+    "reasoning in an earlier turn": [{"role": U, "content": "2+2?"}, {"role": A, "content": "<think>add</think>4"},
+                                     {"role": U, "content": "3+3?"}, {"role": A, "content": "<think>add</think>6"}],
+}
+TEMPLATES = {"embedded": None, "chatml": render.CHATML_TEMPLATE, "llama3": LLAMA3_STYLE, "gemma": GEMMA_STYLE,
+             "rewriting": REWRITING}
+
+
+@pytest.fixture(scope="module")
+def tokenizers(embedded_tokenizer):
+    made = {"embedded": embedded_tokenizer}
+    for name, template in TEMPLATES.items():
+        if template is not None:
+            made[name] = _with_template(embedded_tokenizer, template)
+            made[name].add_special_tokens({"additional_special_tokens": [
+                "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<start_of_turn>", "<end_of_turn>"]})
+    return made
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+@pytest.mark.parametrize("name", EQUIVALENCE)
+def test_linear_rendering_equals_rendering_every_prefix(tokenizers, template, name):
+    tokenizer, messages = tokenizers[template], EQUIVALENCE[name]
+    try:
+        expected = render.render_conversation(tokenizer, messages, by_prefixes=True)
+    except render.TemplateError as err:
+        with pytest.raises(render.TemplateError, match=str(err)[:40]):
+            render.render_conversation(tokenizer, messages)
+        return
+    assert render.render_conversation(tokenizer, messages) == expected  # text, ids, offsets, mask and segments
+
+
+@pytest.mark.parametrize("name", [n for n in EQUIVALENCE if n not in ("two user turns",)])
+def test_the_linear_layout_is_used_for_chatml(embedded_tokenizer, name):
+    """Not a vacuous comparison above: for the embedded ChatML template the linear path is the one taken."""
+    messages = EQUIVALENCE[name]
+    full = render.render_chat(embedded_tokenizer, messages)
+    layout = render._block_layout(embedded_tokenizer, messages, full)
+    assert layout is not None and render._layout_spans(layout, messages, full) is not None
+
+
+@pytest.mark.parametrize("template, name", [
+    ("rewriting", "reasoning in an earlier turn"),  # rewrites an earlier reply
+    ("llama3", "whitespace around contents"),  # trims contents
+    ("gemma", "multi-turn, with system"),  # folds the system message into the first user turn
+])
+def test_templates_that_break_the_layout_fall_back_to_every_prefix(tokenizers, template, name):
+    tokenizer, messages = tokenizers[template], EQUIVALENCE[name]
+    assert render._block_layout(tokenizer, messages, render.render_chat(tokenizer, messages)) is None
+
+
+def test_the_mask_equals_checking_every_span_for_every_token():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        cuts = sorted(rng.sample(range(200), 2 * rng.randint(0, 6)))
+        spans = [(cuts[i], cuts[i + 1]) for i in range(0, len(cuts), 2) if cuts[i + 1] > cuts[i]]
+        offsets = []
+        for _ in range(rng.randint(0, 60)):
+            start = rng.randint(0, 210)
+            offsets.append((start, start + rng.randint(0, 5)))
+        reference = [any(s < span_end and e > span_start for span_start, span_end in spans) for s, e in offsets]
+        assert render.trained_mask(offsets, spans) == reference
+
+
+def _turns(n):
+    return [{"role": role, "content": f"{role} turn {i}"} for i in range(n // 2) for role in ("user", "assistant")]
+
+
+def test_rendering_time_grows_linearly_with_the_turns(embedded_tokenizer):
+    """Before: every prefix was rendered, so 4,000 short turns took over a minute (time ~ turns squared)."""
+    import time
+
+    def seconds(n):
+        messages = _turns(n)
+        start = time.perf_counter()
+        rendered = render.render_conversation(embedded_tokenizer, messages)
+        took = time.perf_counter() - start
+        assert len(rendered.segments) == n  # one per turn (SmolLM's default system message opens the first)
+        return took
+
+    seconds(200)  # warm up the template cache
+    small, large = min(seconds(2000) for _ in range(2)), min(seconds(4000) for _ in range(2))
+    assert large < 3.0, f"{large:.2f} s for 4,000 turns"
+    assert large < 2.5 * small + 0.05, f"{small:.3f} s for 2,000 turns, {large:.3f} s for 4,000"
+
+
+def test_html_of_a_long_example_is_linear(embedded_tokenizer):
+    """The preview merged neighbouring tokens by adding to a string token by token: 200,000 tokens took 2.4 s."""
+    import time
+
+    rendered = render.render_text(embedded_tokenizer, "wave " * 200_000)
+    start = time.perf_counter()
+    page = render.to_html(rendered)
+    assert time.perf_counter() - start < 1.0
+    assert page.count("wave") == 200_000
