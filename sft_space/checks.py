@@ -22,6 +22,8 @@ FEW_EXAMPLES = 10
 PROBLEM_CODES = {
     # errors: the row is not trained on
     "unreadable_row": "the row is not valid JSON, not valid UTF-8, or a ragged CSV line",
+    "row_too_large": "the row is over the size limit per row (max_row_kb); it is not parsed",
+    "too_many_messages": "the row has more messages than the limit per row (max_messages); it is not rendered",
     "not_an_object": "the row is a JSON value other than an object",
     "unknown_format": "the row's keys match no known format (and no column mapping covers it)",
     "mixed_formats": "the row is in another format than most of the file",
@@ -313,5 +315,6 @@ def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int) -> Re
 def check_data(settings: Any, tokenizer: Any) -> Report:
     """Read the source named by `settings` (a DataSettings) and build its report."""
     loaded = data.load_data(settings.source, settings.columns or None, settings.hub_config or None, settings.hub_split,
-                            max_rows=settings.max_rows, max_file_mb=settings.max_file_mb)
+                            max_rows=settings.max_rows, max_file_mb=settings.max_file_mb,
+                            max_row_kb=settings.max_row_kb, max_messages=settings.max_messages)
     return build_report(loaded, tokenizer, settings.max_length)

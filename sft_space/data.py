@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 import re
 from collections import Counter
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataSourceError
+from .settings import DataSettings
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -134,11 +136,15 @@ class LoadedData:
 
 
 def read_records(source: str, hub_config: str | None = None, hub_split: str = "train",
-                 max_file_mb: float | None = None) -> Iterator[tuple[int, Any]]:
-    """Yield (row number, record) for every row; a record is a parsed value or a RowProblem."""
+                 max_file_mb: float | None = None, max_row_kb: float | None = None) -> Iterator[tuple[int, Any]]:
+    """Yield (row number, record) for every row; a record is a parsed value or a RowProblem.
+
+    A row over `max_row_kb` becomes a `row_too_large` problem: a JSONL line is measured as it is read and never
+    held whole; other sources are measured as each record arrives (as compact JSON), before anything else sees it.
+    """
     path = Path(source).expanduser()
     if path.is_dir():
-        yield from _read_dataset_folder(path, hub_split)
+        yield from _bounded(_read_dataset_folder(path, hub_split), max_row_kb)
         return
     if path.is_file():
         size_mb = path.stat().st_size / 2**20
@@ -149,13 +155,13 @@ def read_records(source: str, hub_config: str | None = None, hub_split: str = "t
         if suffix in (".jsonl", ".json", ".csv"):
             _refuse_binary(path)
         if suffix == ".jsonl":
-            yield from _read_json_lines(path)
+            yield from _read_json_lines(path, max_row_kb)
         elif suffix == ".json":
-            yield from _read_json(path)
+            yield from _read_json(path, max_row_kb)
         elif suffix == ".csv":
-            yield from _read_csv(path)
+            yield from _bounded(_read_csv(path, max_row_kb), max_row_kb)
         elif suffix == ".parquet":
-            yield from _read_parquet(path)
+            yield from _bounded(_read_parquet(path), max_row_kb)
         else:
             raise DataSourceError(
                 f"{path.name}: unsupported file type {path.suffix or '(none)'!r}. "
@@ -165,7 +171,7 @@ def read_records(source: str, hub_config: str | None = None, hub_split: str = "t
     if path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")):
         raise DataSourceError(f"{source}: no such file. Check the path, or upload the file again.")
     if HUB_ID.match(source):
-        yield from _read_hub_dataset(source, hub_config, hub_split)
+        yield from _bounded(_read_hub_dataset(source, hub_config, hub_split), max_row_kb)
         return
     raise DataSourceError(
         f"{source!r} is neither a file nor a folder here, nor a Hub dataset id of the form owner/name."
@@ -213,22 +219,76 @@ def _decode_line(raw: bytes, row: int, strip_bom: bool) -> tuple[int, Any]:
                                                       "example needs a few levels at most.")
 
 
-def _read_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+def _row_bytes(max_row_kb: float | None) -> int | None:
+    return None if max_row_kb is None else max(0, int(max_row_kb * 1024))
+
+
+def _row_too_large(row: int, size: int, max_row_kb: float) -> RowProblem:
+    # Rounded up, so that a row just over the limit never reads as the limit itself.
+    shown = f"{size / 2**20:,.1f} MB" if size >= 10 * 2**20 else f"{math.ceil(size / 1024):,} KB"
+    return RowProblem(row, "row_too_large", f"row {row} is {shown}, over the limit of {max_row_kb:,g} KB per row "
+                                            "(max_row_kb, --max-row-kb); split it or raise the limit.")
+
+
+def _bounded(records: Iterator[tuple[int, Any]], max_row_kb: float | None) -> Iterator[tuple[int, Any]]:
+    """Records over the row limit, measured as compact JSON, replaced by a row_too_large problem.
+
+    For readers that hand over whole records (JSON arrays, CSV, Parquet, datasets): the record is already in
+    memory, but it goes no further, so nothing downstream (normalising, the chat template, the tokenizer) sees it.
+    """
+    limit = _row_bytes(max_row_kb)
+    for row, record in records:
+        if limit is not None and not isinstance(record, RowProblem):
+            try:
+                size = len(json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8"))
+            except RecursionError:
+                record = RowProblem(row, "unreadable_row", f"row {row}: nested too deeply to read; a training "
+                                                           "example needs a few levels at most.")
+            else:
+                if size > limit:
+                    record = _row_too_large(row, size, max_row_kb)
+        yield row, record
+
+
+def _lines(handle: Any, limit: int | None) -> Iterator[tuple[bytes | None, int]]:
+    """(line, size without its line end) for every line of a binary file; a line over `limit` bytes comes as
+    (None, size). It is read and dropped piece by piece, so it is never in memory whole."""
+    def line_end(raw: bytes) -> int:
+        return len(raw) - len(raw.removesuffix(b"\n").removesuffix(b"\r"))
+
+    if limit is None:
+        for raw in handle:
+            yield raw, len(raw) - line_end(raw)
+        return
+    while raw := handle.readline(limit + 2):  # room for the longest line allowed and its "\r\n"
+        if raw.endswith(b"\n") or len(raw) < limit + 2:  # the whole line (the last one may have no "\n")
+            size = len(raw) - line_end(raw)
+            yield (raw if size <= limit else None), size
+            continue
+        size = len(raw)
+        while not raw.endswith(b"\n") and (raw := handle.readline(max(limit + 2, JSON_CHUNK))):
+            size += len(raw)
+        yield None, size - line_end(raw)
+
+
+def _read_json_lines(path: Path, max_row_kb: float | None = None) -> Iterator[tuple[int, Any]]:
     with path.open("rb") as f:
-        for line_number, raw in enumerate(f, start=1):
-            if raw.strip():
+        for line_number, (raw, size) in enumerate(_lines(f, _row_bytes(max_row_kb)), start=1):
+            if raw is None:
+                yield line_number, _row_too_large(line_number, size, max_row_kb)
+            elif raw.strip():
                 yield _decode_line(raw, line_number, strip_bom=line_number == 1)
 
 
-def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
+def _read_json(path: Path, max_row_kb: float | None = None) -> Iterator[tuple[int, Any]]:
     with path.open("rb") as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     if not head.startswith(b"["):
         # One object per line, as many tools write "JSON".
-        yield from _read_json_lines(path)
+        yield from _read_json_lines(path, max_row_kb)
         return
     try:
-        yield from enumerate(_json_array_items(path), start=1)
+        yield from _bounded(enumerate(_json_array_items(path), start=1), max_row_kb)
     except UnicodeDecodeError:
         raise DataSourceError(f"{path.name}: not valid UTF-8; save the file as UTF-8.") from None
     except json.JSONDecodeError as err:
@@ -242,46 +302,56 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 JSON_CHUNK = 1 << 20
+_SPACE = re.compile(r"\s*")
 
 
 def _json_array_items(path: Path) -> Iterator[Any]:
     """The items of a top-level JSON array, decoded one at a time from a buffered read (memory stays bounded by
-    the largest item, not the file)."""
+    the largest item, not the file).
+
+    The buffer is walked with a position rather than sliced after every item (slicing copies what is left: quadratic
+    in the items per read), and a record that does not fit is read on by as much again as is held, so that decoding
+    a large record is retried a logarithmic number of times, not once per chunk.
+    """
     decoder = json.JSONDecoder()
     with path.open("r", encoding="utf-8-sig") as handle:
-        buffer, at_end = "", False
+        buffer, at, at_end = "", 0, False
 
         def read_more() -> bool:
-            nonlocal buffer, at_end
-            more = handle.read(JSON_CHUNK)
+            nonlocal buffer, at, at_end
+            more = handle.read(max(JSON_CHUNK, len(buffer) - at))
             at_end = not more
-            buffer += more
+            buffer, at = buffer[at:] + more, 0
             return not at_end
 
+        def skip_space() -> None:
+            nonlocal at
+            at = _SPACE.match(buffer, at).end()
+
         read_more()
-        buffer = buffer.lstrip()
-        if not buffer.startswith("["):
-            raise json.JSONDecodeError("the file does not start with '['", buffer, 0)
-        buffer = buffer[1:]
+        skip_space()
+        if not buffer.startswith("[", at):
+            raise json.JSONDecodeError("the file does not start with '['", buffer, at)
+        at += 1
         expecting_item = True
         while True:
-            buffer = buffer.lstrip()
-            if not buffer and not at_end:
+            skip_space()
+            if at == len(buffer) and not at_end:
                 read_more()
                 continue
-            if buffer.startswith("]"):
+            if buffer.startswith("]", at):
                 return
-            if buffer.startswith(","):
+            if buffer.startswith(",", at):
                 if expecting_item:
-                    raise json.JSONDecodeError("unexpected ','", buffer, 0)
-                buffer, expecting_item = buffer[1:], True
+                    raise json.JSONDecodeError("unexpected ','", buffer, at)
+                at, expecting_item = at + 1, True
                 continue
-            if not buffer:
-                raise json.JSONDecodeError("the array is not closed with ']'", buffer, 0)
+            if at == len(buffer):
+                raise json.JSONDecodeError("the array is not closed with ']'", buffer, at)
             if not expecting_item:
-                raise json.JSONDecodeError("expected ',' or ']' between records", buffer, 0)
+                raise json.JSONDecodeError("expected ',' or ']' between records", buffer, at)
             try:
-                item, end = decoder.raw_decode(buffer)
+                item, end = decoder.raw_decode(buffer, at)
             except json.JSONDecodeError:
                 if at_end:
                     raise
@@ -291,12 +361,18 @@ def _json_array_items(path: Path) -> Iterator[Any]:
             if end == len(buffer) and not at_end and read_more():
                 continue
             yield item
-            buffer, expecting_item = buffer[end:], False
+            at, expecting_item = end, False
 
 
-def _read_csv(path: Path) -> Iterator[tuple[int, Any]]:
+def _read_csv(path: Path, max_row_kb: float | None = None) -> Iterator[tuple[int, Any]]:
+    # Python's csv refuses cells over 128 KB, under the row limit: let it read cells up to the row limit (only ever
+    # raised, as the setting is the whole process's), so that such rows are measured and reported like any other.
+    limit = _row_bytes(max_row_kb)
+    if limit is not None:
+        csv.field_size_limit(max(csv.field_size_limit(), limit))
     # Read row by row from the file, not as one string: memory stays bounded by the rows kept.
     with path.open("r", encoding="utf-8-sig", newline="") as handle:
+        index = 0
         try:
             reader = csv.DictReader(handle)
             if not reader.fieldnames:
@@ -315,6 +391,10 @@ def _read_csv(path: Path) -> Iterator[tuple[int, Any]]:
             raise DataSourceError(f"{path.name}: not valid UTF-8; save it as UTF-8 (in Excel: Save As, "
                                   "\"CSV UTF-8\").") from None
         except csv.Error as err:
+            if "field larger than field limit" in str(err) and max_row_kb is not None:
+                # The csv module cannot skip the cell and carry on, so the file stops here, naming the row.
+                raise DataSourceError(f"{path.name}: row {index + 1} has a cell over the limit of {max_row_kb:,g} KB "
+                                      "per row (max_row_kb, --max-row-kb); split it or raise the limit.") from None
             raise DataSourceError(f"{path.name}: not a readable CSV file ({err}).") from None
 
 
@@ -506,15 +586,21 @@ def load_data(
     hub_split: str = "train",
     max_rows: int | None = None,
     max_file_mb: float | None = None,
+    max_row_kb: float | None = DataSettings.max_row_kb,
+    max_messages: int | None = DataSettings.max_messages,
 ) -> LoadedData:
     """Read a source and normalise every row; rows that cannot be read become problems, never exceptions.
 
-    Reading stops at `max_rows` (and a file over `max_file_mb` is not read), so memory stays bounded.
+    Reading stops at `max_rows` (and a file over `max_file_mb` is not read), so memory stays bounded. A row over
+    `max_row_kb` is reported unparsed, and a row of more than `max_messages` messages is reported before anything
+    renders it: the cost of checking a row is bounded too. These two default to the settings' defaults, as one
+    upload must not be able to exhaust the Space whichever caller reads it.
     """
     mapping = ColumnMapping.parse(columns) if isinstance(columns, str) or columns is None else columns
     records: list[tuple[int, Any]] = []
     problems: list[RowProblem] = []
-    for count, (row, record) in enumerate(read_records(source, hub_config, hub_split, max_file_mb), start=1):
+    for count, (row, record) in enumerate(read_records(source, hub_config, hub_split, max_file_mb, max_row_kb),
+                                          start=1):
         if max_rows is not None and count > max_rows:
             raise DataSourceError(f"{_display_name(source)}: more than {max_rows:,} rows, the limit (the max_rows "
                                   "setting, --max-rows); train on a sample, or raise the limit.")
@@ -562,6 +648,12 @@ def load_data(
             example = normalise(record, row_format, mapping)
             if isinstance(example, str):
                 problems.append(RowProblem(row, "unknown_format", f"row {row}: {example}."))
+            elif max_messages is not None and isinstance(example.messages, list) and len(example.messages) > max_messages:
+                problems.append(RowProblem(
+                    row, "too_many_messages",
+                    f"row {row} has {len(example.messages):,} messages, over the limit of {max_messages:,} per row "
+                    "(max_messages, --max-messages); split the conversation or raise the limit.",
+                ))
             else:
                 example.row = row
                 examples.append(example)

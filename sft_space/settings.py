@@ -38,6 +38,13 @@ class DataSettings:
     max_rows: int = setting(200_000, "Most rows read from a dataset; a larger one is refused, naming this limit "
                                      "(a LoRA learns from hundreds to thousands of good rows).")
     max_file_mb: float = setting(1024.0, "Largest data file read, in MB; a larger one is refused, naming this limit.")
+    max_row_kb: int = setting(1024, "Largest row read, in KB (the JSONL line, or the record as compact JSON); a "
+                                    "larger row is reported (row_too_large) and skipped unparsed, and the rest of the "
+                                    "file is checked. A long reasoning trace is about 100 KB, and 1,024 KB is already "
+                                    "hundreds of thousands of tokens, far past any maximum length.")
+    max_messages: int = setting(512, "Most messages in one row; a row with more is reported (too_many_messages) "
+                                     "before it is rendered. Real conversations, tool-calling traces included, "
+                                     "have a few to a few dozen; 512 turns do not fit a 2,048-token example anyway.")
     validation_fraction: float = setting(0.1, "Share of valid examples held out for validation loss (0 to turn off).")
     seed: int = setting(42, "Random seed for the train/validation split (and training).")
     skip_invalid_rows: bool = setting(

@@ -51,6 +51,8 @@ def cases():
         ("truncated JSON array", "truncated.json", text("[" + GOOD_LINE + ", " + GOOD_LINE[:20])),
         ("one row only", "one.jsonl", lines(GOOD_LINE)),
         ("a 10 MB single line", "long.jsonl", lines(json.dumps({"prompt": "x" * 10_000_000, "response": "y"}))),
+        ("4,000 messages in one row", "turns.jsonl", lines(json.dumps({"messages": [
+            {"role": role, "content": f"turn {i}"} for i in range(2000) for role in ("user", "assistant")]}))),
         ("deeply nested JSON", "nested.jsonl", lines(_nested(100_000))),
         ("deeply nested object in content", "nested2.jsonl",
          lines(json.dumps({"prompt": "hi", "response": "ok", "extra": json.loads(_nested(500))}))),

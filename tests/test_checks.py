@@ -54,6 +54,9 @@ ERROR_CASES = {
     "too_long": (chat(("Hi", "word " * 200)), None, 120),
     "nothing_to_train": ({"messages": [U, {**A, "weight": 0}]}, None, 2048),
     "duplicate": (distinct_chats(1)[0], None, 2048),
+    # Over the default limits of DataSettings (1,024 KB and 512 messages per row).
+    "row_too_large": (chat(("Hi", "x" * 1_100_000)), None, 2048),
+    "too_many_messages": (chat(*[(f"q{i}", f"a{i}") for i in range(257)]), None, 2048),
 }
 WARNING_CASES = {"few_examples", "all_tokens_trained", "roles_not_alternating"}
 # Source-level problems, tested in test_cli.py::test_unusable_source_exits_1_without_traceback.

@@ -186,3 +186,107 @@ def test_split_is_deterministic_and_disjoint(write_jsonl):
     assert [e.row for e in validation] != [e.row for e in other[1]]
     assert data.split_train_validation(examples[:3], 0.01, seed=1)[1]  # a tiny fraction still holds one out
     assert data.split_train_validation(examples, 0.0, seed=1) == (examples, [])
+
+
+# ------------------------------------------------------------------------------------- per-row bounds
+
+
+def big_row(n_bytes):
+    """A valid chat row of exactly `n_bytes` bytes as compact JSON (what JSONL and the other readers measure)."""
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}
+    row["messages"][1]["content"] = "x" * (n_bytes - len(json.dumps(row, separators=(",", ":"))))
+    return row
+
+
+def compact(row):
+    return json.dumps(row, separators=(",", ":"))
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_a_jsonl_row_over_max_row_kb_is_reported_and_the_rest_is_read(tmp_path, newline):
+    path = tmp_path / "d.jsonl"
+    rows = [compact({"messages": HELLO}), compact(big_row(2048)), compact(big_row(2049)), compact(big_row(10_000)),
+            compact({"messages": HELLO[:1]})]
+    path.write_text(newline.join(rows) + newline, encoding="utf-8", newline="")
+    loaded = data.load_data(str(path), max_row_kb=2)
+    assert [(p.row, p.code) for p in loaded.problems] == [(3, "row_too_large"), (4, "row_too_large")]
+    assert [e.row for e in loaded.examples] == [1, 2, 5]  # exactly at the limit is fine; the rows after are read
+    # Sizes round up, so a row just over the limit never reads as equal to it.
+    assert loaded.problems[0].message == ("row 3 is 3 KB, over the limit of 2 KB per row (max_row_kb, "
+                                          "--max-row-kb); split it or raise the limit.")
+    assert loaded.problems[1].message.startswith("row 4 is 10 KB, over the limit of 2 KB per row")
+
+
+def test_a_jsonl_row_over_the_limit_is_never_held_whole(tmp_path, monkeypatch):
+    """The reader asks for the limit (plus a line end) at a time, and skips the rest of a longer line in pieces."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(compact(big_row(3 * data.JSON_CHUNK + 300_000)) + "\n" + compact({"messages": HELLO}) + "\n")
+    asked = []
+    real_open = type(path).open
+
+    def spying_open(self, mode="r", *args, **kwargs):
+        handle = real_open(self, mode, *args, **kwargs)
+        real_readline = handle.readline
+
+        class Spy:
+            def __getattr__(self, name):
+                return getattr(handle, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                handle.close()
+
+            def readline(self, size=-1):
+                asked.append(size)
+                return real_readline(size)
+
+        return Spy()
+
+    monkeypatch.setattr(type(path), "open", spying_open)
+    loaded = data.load_data(str(path), max_row_kb=4)
+    assert [(p.row, p.code) for p in loaded.problems] == [(1, "row_too_large")]
+    assert "3,365 KB" in loaded.problems[0].message and [e.row for e in loaded.examples] == [2]
+    assert asked and all(0 < size <= data.JSON_CHUNK for size in asked)  # never the 3.3 MB line at once
+
+
+def test_rows_over_max_row_kb_in_json_arrays_csv_parquet_and_datasets(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"messages": HELLO}, big_row(5000), {"messages": HELLO}]
+    (tmp_path / "d.json").write_text(json.dumps(records, indent=2))
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "d.parquet")
+    datasets.Dataset.from_list(records).save_to_disk(tmp_path / "ds")
+    with (tmp_path / "d.csv").open("w", newline="") as f:
+        f.write("prompt,completion\nHi,Hello!\n")
+        f.write("Hi," + "y" * 5000 + "\nHi,Hello!\n")
+    for name in ("d.json", "d.parquet", "ds", "d.csv"):
+        loaded = data.load_data(str(tmp_path / name), max_row_kb=4)
+        assert [(p.row, p.code) for p in loaded.problems] == [(2, "row_too_large")], name
+        assert loaded.problems[0].message.startswith("row 2 is 5 KB, over the limit of 4 KB per row"), name
+        assert [e.row for e in loaded.examples] == [1, 3], name
+
+
+def test_a_csv_cell_larger_than_the_csv_module_default_is_read_when_under_max_row_kb(tmp_path):
+    """Python's csv refuses cells over 128 KB by default; a 200 KB reasoning trace is a real row under the limit."""
+    path = tmp_path / "d.csv"
+    with path.open("w", newline="") as f:
+        f.write("prompt,completion\nHi," + "y" * 200_000 + "\n")
+    loaded = data.load_data(str(path), max_row_kb=1024)
+    assert not loaded.problems and len(loaded.examples[0].messages[1]["content"]) == 200_000
+
+
+def test_a_row_over_max_messages_is_reported_after_normalising(write_jsonl):
+    long_chat = {"messages": [HELLO[i % 2] for i in range(6)]}
+    sharegpt = {"conversations": [{"from": "human" if i % 2 == 0 else "gpt", "value": "x"} for i in range(6)]}
+    loaded = data.load_data(str(write_jsonl([{"messages": HELLO * 2}, long_chat])), max_messages=4)
+    assert [(p.row, p.code) for p in loaded.problems] == [(2, "too_many_messages")]
+    assert loaded.problems[0].message == ("row 2 has 6 messages, over the limit of 4 per row (max_messages, "
+                                          "--max-messages); split the conversation or raise the limit.")
+    assert [e.row for e in loaded.examples] == [1]
+    # Counted on the normalised messages, whatever the format (ShareGPT, Alpaca history, ...).
+    loaded = data.load_data(str(write_jsonl([sharegpt], "s.jsonl")), max_messages=5)
+    assert [(p.row, p.code) for p in loaded.problems] == [(1, "too_many_messages")]

@@ -38,10 +38,25 @@ def test_cli_answers_every_malformed_input_with_one_json_report(name, corpus, ti
         assert report["valid_rows"] >= 1
 
 
+@pytest.fixture(scope="module")
+def gate(tmp_path_factory, tiny_model_dir):
+    from sft_space import access
+    from sft_space.ui.common import Gate
+
+    runs_dir = tmp_path_factory.mktemp("app") / "runs"
+    return Gate(str(runs_dir), access.Identity.for_runs(runs_dir), offered_models={str(tiny_model_dir)})
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_app_answers_every_malformed_input_with_a_report_or_a_message(name, corpus, tiny_model_dir):
+def test_app_answers_every_malformed_input_with_a_report_or_a_message(name, corpus, gate, tiny_model_dir, tmp_path):
+    import shutil
+
+    uploaded = tmp_path / "gradio" / corpus[name].name  # the app keeps (moves) an upload: give it a copy
+    uploaded.parent.mkdir()
+    shutil.copyfile(corpus[name], uploaded)
     try:
-        outputs = data_tab._on_check(str(corpus[name]), "", False, str(tiny_model_dir), "", "", "train", 2048)
+        handle = data_tab.keep_upload(gate, "visitor", str(uploaded))
+        outputs = data_tab.check_source(gate, "visitor", handle, "", False, str(tiny_model_dir), "", "", "train", 2048)
     except gr.Error as err:
         assert str(err).strip() and "Traceback" not in str(err)
     else:
@@ -131,3 +146,57 @@ def test_json_arrays_are_read_item_by_item_across_chunk_boundaries(tmp_path, mon
         path.write_text(broken)
         with pytest.raises(json.JSONDecodeError, match=says):
             list(data._json_array_items(path))
+
+
+# ---------------------------------------------------------------------- one row cannot exhaust the Space
+
+
+def _check_within_budget(path, tokenizer, seconds=2.0, megabytes=300, **limits):
+    """check_data's report, asserting it took under `seconds` and allocated under `megabytes` at its peak."""
+    import time
+    import tracemalloc
+
+    settings = DataSettings(source=str(path), **limits)
+    start = time.perf_counter()
+    report = checks.check_data(settings, tokenizer)
+    took = time.perf_counter() - start
+    # Memory in a second pass: tracemalloc slows Python down, so it would blur the time above.
+    tracemalloc.start()
+    try:
+        checks.check_data(settings, tokenizer)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert took < seconds, f"{took:.1f} s"
+    assert peak < megabytes * 2**20, f"{peak / 2**20:.0f} MB"
+    return report
+
+
+def test_a_50_mb_row_is_answered_in_seconds_without_reading_it_whole(tmp_path, embedded_tokenizer):
+    """Measured before the bound: a 50 MB row (far under the 1 GB file limit) took 176 s and 13 GB to check."""
+    from builders import distinct_chats
+
+    path = tmp_path / "huge_row.jsonl"
+    huge = {"messages": [{"role": "user", "content": "Summarise:" + "x" * 50 * 2**20},
+                         {"role": "assistant", "content": "Too long."}]}
+    with path.open("w") as f:
+        for row in distinct_chats(3) + [huge] + distinct_chats(14)[3:]:
+            f.write(json.dumps(row) + "\n")
+    report = _check_within_budget(path, embedded_tokenizer)
+    assert [(p.row, p.code) for p in report.errors] == [(4, "row_too_large")]
+    assert report.errors[0].message == ("row 4 is 50.0 MB, over the limit of 1,024 KB per row (max_row_kb, "
+                                        "--max-row-kb); split it or raise the limit.")
+    assert report.valid_rows == 14  # the rest of the file is still checked
+
+
+def test_a_row_of_4000_messages_is_answered_in_seconds(tmp_path, embedded_tokenizer):
+    """Measured before the bound: one 160 KB row of 4,000 short messages took 87 s to check."""
+    path = tmp_path / "many_turns.jsonl"
+    turns = [{"role": role, "content": f"{role} turn {i}"} for i in range(2000) for role in ("user", "assistant")]
+    path.write_text(json.dumps({"messages": turns}) + "\n")
+    report = _check_within_budget(path, embedded_tokenizer)
+    assert [(p.row, p.code) for p in report.errors] == [(1, "too_many_messages")]
+    assert report.errors[0].message.startswith("row 1 has 4,000 messages, over the limit of 512 per row")
+    # With the limit raised, the same row is rendered and checked, still in seconds (rendering is linear).
+    report = _check_within_budget(path, embedded_tokenizer, seconds=5.0, max_messages=4000, max_length=100_000)
+    assert report.valid_rows == 1 and report.token_counts[0][0] == 4000
