@@ -40,7 +40,8 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="DATA", help=field_help(DataSettings, "source"))
     parser.add_argument("--model", default=None, help=f"Model whose tokenizer and chat template to use: "
                         f"{models.EMBEDDED_MODEL} (the default when installed), a local folder, or a Hub id.")
-    add_arguments(parser, DataSettings, ["columns", "hub_config", "hub_split", "max_length", "max_rows", "max_file_mb"])
+    add_arguments(parser, DataSettings, ["columns", "hub_config", "hub_split", "max_length", "max_rows", "max_file_mb",
+                                         "max_row_kb", "max_messages"])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -113,3 +113,14 @@ def test_train_reports_bad_data_and_missing_runs_without_traceback(write_jsonl, 
     assert result.returncode == 1 and "not a run folder" in result.stderr
     result = run_cli("chat", tmp_path / "nowhere", "--prompt", "hi")
     assert result.returncode == 1 and "not a run folder" in result.stderr
+
+
+def test_validate_takes_the_row_limits_its_messages_name(write_jsonl, tiny_model_dir, capsys):
+    """The messages of row_too_large and too_many_messages tell the person to raise --max-row-kb and
+    --max-messages: validate must accept both."""
+    row = chat(*[(f"question {i}", f"answer {i}") for i in range(4)])
+    path = write_jsonl(distinct_chats(10) + [row, {"text": "x" * 3000}])
+    assert cli.main(["validate", str(path), "--model", str(tiny_model_dir), "--json", "--max-messages", "6",
+                     "--max-row-kb", "2"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert [(e["row"], e["code"]) for e in report["errors"]] == [(11, "too_many_messages"), (12, "row_too_large")]
