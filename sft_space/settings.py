@@ -18,8 +18,21 @@ from .errors import UserError
 
 
 def setting(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field with the help text the CLI and the UI show."""
+    """A dataclass field with the help text the CLI and the UI show. `bounds=(low, high)` (inclusive) is enforced
+    when the settings are made and given to the app's number boxes, which Gradio then enforces for any client."""
     return field(default=default, metadata={"help": help, **extra})
+
+
+def check_bounds(settings: Any) -> None:
+    """Refuse a number outside its field's bounds: a page or a config file may send anything."""
+    for spec in dataclasses.fields(settings):
+        if "bounds" not in spec.metadata:
+            continue
+        low, high = spec.metadata["bounds"]
+        value = getattr(settings, spec.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise UserError(f"{spec.name} = {value!r} is out of range: use a number from {low:,} to {high:,} "
+                            f"(--{spec.name.replace('_', '-')}).")
 
 
 @dataclass
@@ -34,22 +47,31 @@ class DataSettings:
     )
     hub_config: str = setting("", "Hub dataset configuration (subset) name, if it has several.")
     hub_split: str = setting("train", "Hub dataset or dataset folder split to read.")
-    max_length: int = setting(2048, "Maximum example length in the model's tokens; longer examples are reported.")
+    max_length: int = setting(2048, "Maximum example length in the model's tokens; longer examples are reported.",
+                              bounds=(16, 1_048_576))
     max_rows: int = setting(200_000, "Most rows read from a dataset; a larger one is refused, naming this limit "
-                                     "(a LoRA learns from hundreds to thousands of good rows).")
-    max_file_mb: float = setting(1024.0, "Largest data file read, in MB; a larger one is refused, naming this limit.")
+                                     "(a LoRA learns from hundreds to thousands of good rows).",
+                                     bounds=(1, 100_000_000))
+    max_file_mb: float = setting(1024.0, "Largest data file read, in MB; a larger one is refused, naming this limit.",
+                                 bounds=(0.0001, 1_000_000))
     max_row_kb: int = setting(1024, "Largest row read, in KB (the JSONL line, or the record as compact JSON); a "
                                     "larger row is reported (row_too_large) and skipped unparsed, and the rest of the "
                                     "file is checked. A long reasoning trace is about 100 KB, and 1,024 KB is already "
-                                    "hundreds of thousands of tokens, far past any maximum length.")
+                                    "hundreds of thousands of tokens, far past any maximum length.",
+                                    bounds=(1, 1_048_576))
     max_messages: int = setting(512, "Most messages in one row; a row with more is reported (too_many_messages) "
                                      "before it is rendered. Real conversations, tool-calling traces included, "
-                                     "have a few to a few dozen; 512 turns do not fit a 2,048-token example anyway.")
-    validation_fraction: float = setting(0.1, "Share of valid examples held out for validation loss (0 to turn off).")
-    seed: int = setting(42, "Random seed for the train/validation split (and training).")
+                                     "have a few to a few dozen; 512 turns do not fit a 2,048-token example anyway.",
+                                     bounds=(2, 1_000_000))
+    validation_fraction: float = setting(0.1, "Share of valid examples held out for validation loss (0 to turn off).",
+                                         bounds=(0, 0.9))
+    seed: int = setting(42, "Random seed for the train/validation split (and training).", bounds=(0, 4_294_967_295))
     skip_invalid_rows: bool = setting(
         False, "Train on the valid rows when some rows have errors (otherwise invalid rows stop training)."
     )
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 PRESET_NAMES = ("quick", "balanced", "thorough")
@@ -69,23 +91,29 @@ class RunSettings(DataSettings):
     preset: str = setting("balanced", "Starting point for the training settings below; any field set explicitly wins.",
                           choices=PRESET_NAMES, group="model")
     lora_r: int = setting(16, "LoRA rank: the adapter's capacity. 8-16 suits style and format; 32-64 for new knowledge.",
-                          group="lora")
-    lora_alpha: int = setting(32, "LoRA scaling (alpha); twice the rank is a good default.", group="lora")
-    lora_dropout: float = setting(0.05, "Dropout on the LoRA path; helps small datasets generalise.", group="lora")
+                          group="lora", bounds=(1, 1024))
+    lora_alpha: int = setting(32, "LoRA scaling (alpha); twice the rank is a good default.", group="lora",
+                              bounds=(1, 8192))
+    lora_dropout: float = setting(0.05, "Dropout on the LoRA path; helps small datasets generalise.", group="lora",
+                                  bounds=(0, 0.9))
     target_modules: str = setting("all-linear", "Layers that get adapters: 'all-linear', or names separated by "
                                   "commas (e.g. 'q_proj,v_proj').", group="lora")
     quantization: str = setting(AUTO, "Load the base model in 4-bit (QLoRA) to save memory: 'auto' uses 4-bit only "
                                 "when the model would not fit otherwise (needs a CUDA GPU).",
                                 choices=(AUTO, "none", "4bit"), group="hardware")
-    epochs: float = setting(3.0, "Passes over the training data (ignored when max steps is set).", group="schedule")
-    max_steps: int = setting(0, "Stop after this many optimizer steps (0: use epochs).", group="schedule")
-    learning_rate: float = setting(2e-4, "Peak learning rate of the adapter.", group="schedule")
+    epochs: float = setting(3.0, "Passes over the training data (ignored when max steps is set).", group="schedule",
+                            bounds=(0, 1000))
+    max_steps: int = setting(0, "Stop after this many optimizer steps (0: use epochs).", group="schedule",
+                             bounds=(0, 2_147_483_647))
+    learning_rate: float = setting(2e-4, "Peak learning rate of the adapter.", group="schedule", bounds=(1e-09, 1))
     lr_scheduler: str = setting("cosine", "How the learning rate falls after warm-up.",
                                 choices=("cosine", "linear", "constant_with_warmup"), group="schedule")
-    warmup_ratio: float = setting(0.05, "Share of steps spent warming the learning rate up.", group="schedule")
-    batch_size: int = setting(0, "Examples per device step (0: chosen to fit the hardware).", group="schedule")
+    warmup_ratio: float = setting(0.05, "Share of steps spent warming the learning rate up.", group="schedule",
+                                  bounds=(0, 0.9))
+    batch_size: int = setting(0, "Examples per device step (0: chosen to fit the hardware).", group="schedule",
+                              bounds=(0, 4096))
     gradient_accumulation: int = setting(1, "Steps whose gradients add up before each optimizer update.",
-                                         group="schedule")
+                                         group="schedule", bounds=(1, 4096))
     packing: bool = setting(True, "Pack several examples into each sequence (no padding, each example still "
                             "attends only to itself): faster, same loss. A CPU packs only short examples, "
                             "into short packs.", group="hardware")
@@ -95,11 +123,11 @@ class RunSettings(DataSettings):
                                           "turns it on only when memory requires it.", choices=(AUTO, "on", "off"),
                                           group="hardware")
     save_every: int = setting(0, "Save a resumable checkpoint every this many steps (0: about every 10% of the run).",
-                              group="schedule")
+                              group="schedule", bounds=(0, 2_147_483_647))
     eval_every: int = setting(0, "Compute validation loss every this many steps (0: about every 10% of the run).",
-                              group="schedule")
+                              group="schedule", bounds=(0, 2_147_483_647))
     sample_prompts: int = setting(3, "Held-out prompts answered before and after training, saved with the run.",
-                                  group="schedule")
+                                  group="schedule", bounds=(0, 20))
     output_dir: str = setting("runs", "Folder that holds the run folders.", group="model")
     trust_remote_code: bool = setting(False, "Run Python code shipped with a Hub model. Only for models you trust: "
                                       "it can do anything your account can.", group="model")
@@ -114,10 +142,14 @@ class AccessSettings:
                                        "model. For a single-user machine only: it is ignored on a Space, where "
                                        "visitors are strangers.")
     uploads_per_visitor: int = setting(5, "Uploaded data files kept per visitor; beyond it the oldest upload that "
-                                          "no unfinished run needs is deleted.")
-    upload_mb_per_visitor: float = setting(2048.0, "Megabytes of uploaded data kept per visitor.")
+                                          "no unfinished run needs is deleted.", bounds=(1, 10_000))
+    upload_mb_per_visitor: float = setting(2048.0, "Megabytes of uploaded data kept per visitor.",
+                                           bounds=(1, 10_000_000))
     runs_per_visitor: int = setting(10, "Runs kept per visitor (0: no limit); at the limit, Start asks the visitor "
-                                        "to delete one of their runs first.")
+                                        "to delete one of their runs first.", bounds=(0, 1_000_000))
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -203,3 +203,27 @@ def test_a_chat_conversation_is_bounded_before_any_model_is_loaded(tmp_path):
     for message, history in (("y" * (access.MAX_CHAT_CHARACTERS + 1), []), ("hi", long_history)):
         with pytest.raises(gr.Error, match="press Clear"):
             next(chat_tab.respond(str(tmp_path), message, history, [], None, "no/such-model", "", 0.0, 16, "alice"))
+
+
+def test_the_forms_number_boxes_refuse_what_the_settings_refuse():
+    """Numbers from the page are bounded where the settings declare it: Gradio enforces a number box's bounds
+    for any client, and the settings refuse the same values from the command line or a config file."""
+    import pytest
+
+    from sft_space.errors import UserError
+    from sft_space.settings import RunSettings, run_settings
+    from sft_space.ui.common import settings_component
+    from sft_space.ui.train_tab import advanced_fields
+
+    bounded = [spec for spec in advanced_fields() if "bounds" in spec.metadata]
+    assert {"lora_r", "epochs", "max_steps", "batch_size", "sample_prompts"} <= {spec.name for spec in bounded}
+    for spec in bounded:
+        low, high = spec.metadata["bounds"]
+        box = settings_component(spec, render=False)
+        assert box.preprocess(high) == high
+        with pytest.raises(Exception, match="greater than maximum"):
+            box.preprocess(high + 1)
+        with pytest.raises(UserError, match=f"{spec.name} = .* out of range"):
+            run_settings("quick", **{spec.name: high * 2 + 1})
+    with pytest.raises(UserError, match="max_length"):
+        RunSettings(max_length=10**9)

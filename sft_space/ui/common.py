@@ -54,7 +54,7 @@ class Gate:
 def settings_component(spec: dataclasses.Field, **options: Any) -> gr.components.Component:
     """The form control for one settings field, labelled and explained from its declaration; `options` go to
     the component (visible=False, ...)."""
-    label = spec.name.replace("_", " ").capitalize()
+    label = options.pop("label", None) or spec.name.replace("_", " ").capitalize()
     info = spec.metadata["help"]
     kind = field_type(spec)
     if "choices" in spec.metadata:
@@ -62,7 +62,9 @@ def settings_component(spec: dataclasses.Field, **options: Any) -> gr.components
     if kind is bool:
         return gr.Checkbox(value=spec.default, label=label, info=info, **options)
     if kind in (int, float):
-        return gr.Number(value=spec.default, label=label, info=info, precision=0 if kind is int else None, **options)
+        low, high = spec.metadata.get("bounds", (None, None))
+        return gr.Number(value=spec.default, label=label, info=info, precision=0 if kind is int else None,
+                         minimum=low, maximum=high, **options)
     return gr.Textbox(value=spec.default, label=label, info=info, **options)
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 from .. import access, checks, data, models, render
 from ..errors import UserError
 from ..settings import DataSettings, field_help
-from .common import Gate
+from .common import Gate, settings_component
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "samples" / "captain_byte.jsonl"
 HISTOGRAM_BINS = 20
@@ -144,8 +144,8 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> tuple[gr.
                                       else None))
             use_sample = gr.Checkbox(label="Use the sample dataset (Captain Byte, 160 pirate-flavoured conversations)")
         with gr.Column(scale=1):
-            max_length = gr.Number(label="Maximum length (tokens)", value=DataSettings.max_length, precision=0,
-                                   info=HELP["max_length"])
+            max_length = settings_component(DataSettings.__dataclass_fields__["max_length"],
+                                            label="Maximum length (tokens)")
             with gr.Accordion("Column mapping and Hub options", open=False):
                 columns = gr.Textbox(label="Column mapping", info=HELP["columns"])
                 hub_config = gr.Textbox(label="Hub config", info=HELP["hub_config"])
