@@ -75,15 +75,17 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState) -> dic
         return frame, gr.update(choices=names, value=current if current in names else (names[0] if names else None))
 
     def on_delete(current, token):
+        if not current:
+            raise gr.Error("Pick a run first.")
         try:
-            deleted = manager.delete(runs_dir, current, gate.visitor(token)) if current else None
+            deleted = manager.delete(runs_dir, current, gate.visitor(token))
         except UserError as err:
             raise gr.Error(str(err)) from None
-        frame, choice = on_refresh(None, token)
-        return frame, choice, f"🗑️ Deleted run {deleted}." if deleted else "Pick a run."
+        gr.Info(f"Deleted run {deleted}.")
+        return on_refresh(None, token)
 
     refresh.click(on_refresh, inputs=[run_id, session], outputs=[table, run_id])
-    delete.click(on_delete, inputs=[run_id, session], outputs=[table, run_id, details])
+    delete.click(on_delete, inputs=[run_id, session], outputs=[table, run_id])
     run_id.change(lambda r, token: run_details(runs_dir, r, gate.known_visitor(token)), inputs=[run_id, session],
                   outputs=[details, curve])
     return {"run_id": run_id, "open_chat": open_chat, "resume": resume, "publish": publish, "on_refresh": on_refresh,
