@@ -1,7 +1,8 @@
 """One training job per GPU, shared by every visitor of the app.
 
-A job runs in a background thread, so closing the browser tab does not stop it; its run folder is the
-source of truth, so a reloaded page re-attaches by reading it. A second visitor's Start waits in a short
+A job trains in a child process (`child.Supervisor`), so closing the browser tab does not stop it and a crash of
+the run cannot take the app down; its run folder is the source of truth, so a reloaded page re-attaches by reading
+it, and a restarted app finds a child that is still training through the run's lock (`adopt`). A second visitor's Start waits in a short
 queue (and is told its position) or is refused when the queue is full; it never disturbs the running job.
 Only the visitor who started a job can stop it.
 """
@@ -9,6 +10,7 @@ Only the visitor who started a job can stop it.
 from __future__ import annotations
 
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import runs
+from . import child, runs
 from .errors import UserError
 from .settings import RunSettings
 
@@ -37,29 +39,26 @@ class Job:
     error: str | None = None
     submitted_at: float = field(default_factory=time.time)
     stop_event: threading.Event = field(default_factory=threading.Event)
+    # How many times Stop was pressed: the second one kills the training process at once.
+    stop_requests: int = 0
+    pid: int | None = None
+    killed_after_stop: bool = False
 
     @property
     def done(self) -> bool:
         return self.state in DONE
 
 
-# Trains one job to its end; replaced in tests by a stand-in that needs no model.
-Trainer = Callable[["Job", Callable[[str], None], Callable[[Path], None]], Path]
-
-
-def run_training(job: Job, on_status: Callable[[str], None], on_folder: Callable[[Path], None]) -> Path:
-    from .train import TrainingJob, train
-
-    training = TrainingJob(job.settings, resume=job.resume, run_id=job.job_id if job.resume is None else None,
-                           stop_event=job.stop_event, on_status=on_status,
-                           on_folder=lambda folder: on_folder(folder.path))
-    folder = train(training)
-    return folder.path
+# Trains one job to its end and returns its run folder (None: stopped before it had one); UserError when it
+# fails. Replaced in tests by a stand-in that needs no model.
+Trainer = Callable[["Job", Callable[[str], None], Callable[[Path], None]], "Path | None"]
 
 
 class JobManager:
-    def __init__(self, trainer: Trainer = run_training, max_queued: int = MAX_QUEUED_JOBS, runs_per_owner: int = 0):
-        self._trainer = trainer
+    def __init__(self, trainer: Trainer | None = None, max_queued: int = MAX_QUEUED_JOBS, runs_per_owner: int = 0,
+                 supervisor: child.Supervisor | None = None):
+        self._supervisor = supervisor or child.Supervisor()
+        self._trainer = trainer or self._supervisor.run
         self._max_queued = max_queued
         self._runs_per_owner = runs_per_owner
         self._lock = threading.Lock()
@@ -123,13 +122,40 @@ class JobManager:
             shutil.rmtree(folder.path)
         return folder.run_id
 
+    def adopt(self, runs_dir: str | Path) -> list[Job]:
+        """After a restart: follow every run a child of an earlier app process is still training (found through
+        the run's lock), and mark a run left `running` by a process that is gone as failed, saying why."""
+        adopted = []
+        for folder, record in runs.list_runs(runs_dir):
+            if record.get("status") != runs.RUNNING:
+                continue
+            holder = folder.lock_holder()
+            if holder is None:
+                child.settle(folder, None, [], killed_after_stop=False)
+                continue
+            if holder.get("host") != socket.gethostname() or not holder.get("pid"):
+                continue  # trained elsewhere (a shared disk): nothing here can follow or stop it
+            with self._lock:
+                if folder.run_id in self._jobs:
+                    continue
+                # Command-line runs have no owner: the GPU is busy, and no visitor may stop them.
+                job = Job(folder.run_id, record.get("owner") or "", RunSettings(output_dir=str(folder.path.parent)),
+                          state=RUNNING, message="Training (re-attached after the app restarted)…",
+                          run_dir=folder.path, pid=holder["pid"])
+                self._jobs[job.job_id] = job
+                self._current = job
+                threading.Thread(target=self._run, args=(job, self._supervisor.follow), name=f"follow-{job.job_id}",
+                                 daemon=True).start()
+            adopted.append(job)
+        return adopted
+
     def _start(self, job: Job) -> None:
         self._current = job
         job.state = PREPARING
         job.message = "Starting…"
         threading.Thread(target=self._run, args=(job,), name=f"train-{job.job_id}", daemon=True).start()
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job, trainer: Trainer | None = None) -> None:
         def on_status(message: str) -> None:
             job.message = message
             if message.startswith("Training"):
@@ -137,16 +163,11 @@ class JobManager:
 
         def on_folder(path: Path) -> None:
             job.run_dir = path
-            # Kept in the run record so that, after a restart, only the same visitor can resume the run. A resumed
-            # run keeps the owner it has: resuming a command-line run does not make it the visitor's.
-            if job.resume is None:
-                runs.RunFolder(path).update(owner=job.owner)
 
         outcome: tuple[str, str, str | None]
         try:
-            job.run_dir = self._trainer(job, on_status, on_folder)
-            stopped = runs.RunFolder(job.run_dir).read().get("status") == runs.STOPPED
-            outcome = (STOPPED, "Stopped; the adapter so far is saved.", None) if stopped else (FINISHED, "Finished.", None)
+            job.run_dir = (trainer or self._trainer)(job, on_status, on_folder)
+            outcome = self._outcome(job)
         except UserError as err:
             outcome = (FAILED, str(err), str(err))
         except Exception as err:  # a bug, not the user's doing: still end the job and free the GPU
@@ -161,15 +182,29 @@ class JobManager:
             for position, waiting in enumerate(self._queue, start=1):
                 waiting.message = f"Waiting for the GPU: position {position} in the queue."
 
+    @staticmethod
+    def _outcome(job: Job) -> tuple[str, str, str | None]:
+        if job.run_dir is None:
+            return STOPPED, "Stopped before the run started; nothing was saved.", None
+        record = runs.RunFolder(job.run_dir).read()
+        if record.get("status") == runs.STOPPED:
+            return STOPPED, record.get("error") or "Stopped; the adapter so far is saved.", None
+        return FINISHED, "Finished.", None
+
     def stop(self, job_id: str, owner: str) -> Job:
+        """Ask the job to stop (it saves a checkpoint and the adapter first); a second Stop kills it at once."""
         job = self.get(job_id, owner)
         with self._lock:
             if job in self._queue:
                 self._queue.remove(job)
                 job.state, job.message = STOPPED, "Removed from the queue before it started."
                 return job
+        if job.done:
+            return job
+        job.stop_requests += 1
         job.stop_event.set()
-        job.message = "Stopping at the end of this step…"
+        job.message = ("Stopping: saving a checkpoint and the adapter at this step…" if job.stop_requests == 1
+                       else "Stopping now: the training process is being killed (the last checkpoint is kept).")
         return job
 
     def get(self, job_id: str, owner: str) -> Job:

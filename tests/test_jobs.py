@@ -24,7 +24,8 @@ class GatedTrainer:
             folder.update(status=runs.RUNNING)
         else:
             folder = runs.RunFolder.create(self.root, job.job_id)
-            folder.write({"run_id": job.job_id, "status": runs.RUNNING})
+            # As the command line does with --owner: the owner is in the record from the start.
+            folder.write({"run_id": job.job_id, "status": runs.RUNNING, "owner": job.owner})
         on_folder(folder.path)
         on_status("Training…")
         self.started.append(job.job_id)

@@ -39,6 +39,8 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
     folder = runs_dir()
     settings = access.access_settings()
     manager = manager or jobs.JobManager(runs_per_owner=settings.runs_per_visitor)
+    # Runs a child of an earlier app process still trains are followed again; ones left by a dead one are marked.
+    manager.adopt(folder)
     default_model = default_model or os.environ.get("SFT_SPACE_DEFAULT_MODEL") or models.default_model()
     picker = train_tab.model_picker(default_model, render=False, local_paths=settings.local_paths)
     # The models the page offers (and the operator's default) may be named without being Hub ids.

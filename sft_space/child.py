@@ -1,0 +1,189 @@
+"""One run as a child process of our own command line, supervised.
+
+The app never trains in its own process: a crash inside a kernel, the kernel's OOM killer or a leak in one run
+would take the whole Space down for every visitor. Each run is `python -m sft_space train …` in a process group
+of its own; the run folder is the channel between the two (run.json for the outcome, metrics.jsonl for the
+curve), and the child's output lines are its live status.
+
+Stop is a signal: SIGINT asks the child to save a checkpoint and the adapter at the current step and exit. If it
+has not exited after a grace period, or on a second Stop, the whole group is killed and the run is `stopped` at
+its last checkpoint. A child that dies otherwise (SIGKILL, SIGSEGV, the OOM killer) leaves its run `failed`
+with the signal and the tail of its output in failure.txt.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+from . import runs
+from .errors import UserError
+
+JOBS_DIR = ".jobs"
+STOP_GRACE_SECONDS = 30.0
+LOG_TAIL_LINES = 40
+PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+# Lines the command line prints that are not status messages: the progress bar and its own command.
+NOT_STATUS = ("█", "·", "python -m", "  ", "Run ")
+SIGNAL_MEANING = {
+    signal.SIGKILL: "SIGKILL (killed: often the kernel's out-of-memory killer)",
+    signal.SIGSEGV: "SIGSEGV (a crash inside native code)",
+    signal.SIGABRT: "SIGABRT (aborted inside native code)",
+    signal.SIGBUS: "SIGBUS (a crash inside native code)",
+    signal.SIGTERM: "SIGTERM (terminated from outside)",
+}
+
+
+def command(job: Any, settings_path: Path | None) -> list[str]:
+    """The command line that runs `job`: a resume, or a new run with its settings file, name and owner."""
+    if job.resume:
+        arguments = ["train", "--resume", str(job.resume)]
+    else:
+        arguments = ["train", "--config", str(settings_path), "--run-name", job.job_id, "--owner", job.owner]
+    return [sys.executable, "-m", "sft_space", *arguments]
+
+
+def signal_group(pid: int, sig: int) -> None:
+    """Signal the child's whole process group (it leads its own session, so the group id is its pid)."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        number = -returncode
+        try:
+            meaning = SIGNAL_MEANING.get(signal.Signals(number), signal.Signals(number).name)
+        except ValueError:
+            meaning = f"signal {number}"
+        return f"The training process was killed by {meaning}"
+    return f"The training process ended with exit code {returncode}"
+
+
+def settle(folder: runs.RunFolder, returncode: int | None, tail: list[str], killed_after_stop: bool) -> None:
+    """Mark a run honestly when its process ended without recording an outcome (it still reads `running`)."""
+    try:
+        record = folder.read()
+    except UserError:
+        return
+    if record.get("status") != runs.RUNNING:
+        return
+    checkpoint = folder.last_checkpoint()
+    resume = (f"resume continues from {checkpoint.name}" if checkpoint is not None
+              else "it had saved no checkpoint yet; start it again")
+    if killed_after_stop:
+        folder.update(status=runs.STOPPED, error=f"Stopped: the process did not exit in time and was killed; {resume}.")
+        return
+    why = describe_exit(returncode) if returncode is not None else "The training process ended without recording an outcome"
+    (folder.path / "failure.txt").write_text("".join(tail), encoding="utf-8")
+    folder.update(status=runs.FAILED, error=f"{why}; {resume}. Its last output is in failure.txt.")
+
+
+class Supervisor:
+    """Runs jobs as child processes (`run`), and follows one a previous app process started (`follow`); both are
+    trainers for `jobs.JobManager`."""
+
+    def __init__(self, grace_seconds: float = STOP_GRACE_SECONDS,
+                 command: Callable[[Any, Path | None], list[str]] = command):
+        self.grace_seconds = grace_seconds
+        self.command = command
+
+    def run(self, job: Any, on_status: Callable[[str], None], on_folder: Callable[[Path], None]) -> Path | None:
+        """Run `job` to its end in a child process; the run folder, or None when it stopped before having one."""
+        runs_dir = Path(job.settings.output_dir)
+        work = runs_dir / JOBS_DIR
+        work.mkdir(parents=True, exist_ok=True)
+        settings_path = None
+        if not job.resume:
+            settings_path = work / f"{job.job_id}.json"
+            runs.write_json_atomic(settings_path, asdict(job.settings))
+        folder = runs.RunFolder(Path(job.resume) if job.resume else runs_dir / job.job_id)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": os.pathsep.join(p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p)}
+        log_path = log_file(runs_dir, folder.run_id)
+        offset = log_path.stat().st_size if log_path.is_file() else 0
+        # The child writes to a file, not a pipe: it keeps training if this process (the app) dies, and a
+        # restarted app follows the same file.
+        with open(log_path, "a", encoding="utf-8") as log:
+            process = subprocess.Popen(self.command(job, settings_path), stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        job.pid = process.pid
+        errors, tail = self._follow(job, folder, log_path, offset, lambda: process.poll() is None, on_status, on_folder)
+        returncode = process.wait()
+        if not folder.record_path.is_file():
+            if errors:
+                raise UserError(errors[-1])
+            if job.stop_event.is_set():
+                return None
+            raise UserError(f"{describe_exit(returncode)} before the run started; its output is in {log_path}.")
+        return self._outcome(job, folder, returncode, errors, tail)
+
+    def follow(self, job: Any, on_status: Callable[[str], None], on_folder: Callable[[Path], None]) -> Path:
+        """Follow a run whose child a previous app process started; it is alive while it holds the run's lock."""
+        folder = runs.RunFolder(job.run_dir)
+        log_path = log_file(folder.path.parent, folder.run_id)
+        log_path.touch()
+        errors, tail = self._follow(job, folder, log_path, 0, lambda: folder.lock_holder() is not None, on_status,
+                                    on_folder)
+        return self._outcome(job, folder, None, errors, tail)
+
+    def _outcome(self, job: Any, folder: runs.RunFolder, returncode: int | None, errors: list[str],
+                 tail: list[str]) -> Path:
+        settle(folder, returncode, tail, job.killed_after_stop)
+        record = folder.read()
+        if record.get("status") == runs.FAILED:
+            raise UserError(record.get("error") or (errors[-1] if errors else describe_exit(returncode or 1)))
+        return folder.path
+
+    def _follow(self, job: Any, folder: runs.RunFolder, log_path: Path, offset: int, alive: Callable[[], bool],
+                on_status: Callable[[str], None], on_folder: Callable[[Path], None]) -> tuple[list[str], list[str]]:
+        """Read the child's output as it comes (status lines, errors), tell when its run folder appears, and turn
+        Stop into signals, until it ends. Returns the error lines and the output's tail."""
+        tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        errors: list[str] = []
+        announced = False
+        stop_sent_at = None
+        pending = ""
+        with open(log_path, encoding="utf-8", errors="replace") as reader:
+            reader.seek(offset)
+            while True:
+                running = alive()
+                pending += reader.read()
+                *lines, pending = pending.split("\n")
+                for line in lines:
+                    tail.append(line + "\n")
+                    text = line.strip()
+                    if text.startswith("error: "):
+                        errors.append(text.removeprefix("error: "))
+                    elif text and not text.startswith(NOT_STATUS):
+                        on_status(text)
+                if not announced and folder.record_path.is_file():
+                    announced = True
+                    on_folder(folder.path)
+                if not running:
+                    break
+                if job.stop_event.is_set():
+                    if stop_sent_at is None:
+                        stop_sent_at = time.monotonic()
+                        signal_group(job.pid, signal.SIGINT)
+                    elif job.stop_requests >= 2 or time.monotonic() - stop_sent_at > self.grace_seconds:
+                        job.killed_after_stop = True
+                        signal_group(job.pid, signal.SIGKILL)
+                time.sleep(0.2)
+        if pending:
+            tail.append(pending)
+        return errors, list(tail)
+
+
+def log_file(runs_dir: str | Path, run_id: str) -> Path:
+    """The child's output, kept beside the runs: one file per run, a resume appending to it."""
+    return Path(runs_dir) / JOBS_DIR / f"{run_id}.log"

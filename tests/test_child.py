@@ -1,0 +1,173 @@
+"""Each run in its own supervised process: stop by signal, kill after a grace period, crashes isolated, and a
+restarted app re-attaching to a child that is still training.
+
+Most tests run a stand-in child (a few lines of Python that keep a run folder as the command line does), so the
+supervisor is tested fast and exactly; the last ones run the real command line on the tiny model."""
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sft_space import child, jobs, runs
+from sft_space.settings import RunSettings
+
+# What `python -m sft_space train` does, as far as the supervisor can see: a run folder with its owner and its
+# lock, status lines, and on SIGINT a stopped run (exit 130). Modes: "train" (stops on SIGINT), "stubborn"
+# (ignores SIGINT), "refuse" (fails before any folder, as bad data does), "finish".
+STAND_IN = r"""
+import signal, sys, time
+from sft_space import runs
+runs_dir, run_id, owner, mode = sys.argv[1:5]
+if mode == "refuse":
+    print("Checking the data…", flush=True)
+    print("error: row 3: the last message is from the user.", flush=True)
+    sys.exit(1)
+stop = []
+signal.signal(signal.SIGINT, signal.SIG_IGN if mode == "stubborn" else lambda *_: stop.append(1))
+folder = runs.RunFolder.create(runs_dir, run_id)
+folder.write({"run_id": run_id, "status": runs.RUNNING, "owner": owner or None, "created_at": runs.timestamp()})
+with folder.locked():
+    print("Loading the model…", flush=True)
+    print("Training…", flush=True)
+    for step in range(1, 100000):
+        print(f"█████··· step {step}/100000", flush=True)
+        if stop:
+            folder.update(status=runs.STOPPED, error=None)
+            print("Stopping: saving a checkpoint and the adapter…", flush=True)
+            sys.exit(130)
+        if mode == "finish" and step == 3:
+            folder.update(status=runs.FINISHED)
+            sys.exit(0)
+        time.sleep(0.05)
+"""
+
+
+def stand_in(mode):
+    def command(job, settings_path):
+        return [sys.executable, "-c", STAND_IN, job.settings.output_dir, job.job_id, job.owner, mode]
+    return command
+
+
+def wait_until(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def manager_for(mode, grace=30.0):
+    return jobs.JobManager(supervisor=child.Supervisor(grace_seconds=grace, command=stand_in(mode)))
+
+
+def start(manager, tmp_path, owner="alice"):
+    job = manager.submit(RunSettings(source="a.jsonl", output_dir=str(tmp_path / "runs")), owner=owner)
+    assert wait_until(lambda: job.state == jobs.RUNNING and job.run_dir is not None), job.message
+    return job
+
+
+def test_a_run_trains_in_its_own_process_group_and_its_status_lines_reach_the_page(tmp_path):
+    manager = manager_for("finish")
+    job = start(manager, tmp_path)
+    assert job.pid != os.getpid() and os.getpgid(job.pid) == job.pid  # its own group, not the app's
+    assert wait_until(lambda: job.done)
+    assert job.state == jobs.FINISHED and runs.RunFolder(job.run_dir).read()["owner"] == "alice"
+    log = child.log_file(tmp_path / "runs", job.job_id).read_text()
+    assert "Loading the model…" in log and "step 3/" in log
+
+
+def test_stop_is_a_signal_and_the_run_stops_within_a_second(tmp_path):
+    manager = manager_for("train")
+    job = start(manager, tmp_path)
+    pressed = time.monotonic()
+    manager.stop(job.job_id, "alice")
+    assert wait_until(lambda: job.done, timeout=10)
+    assert time.monotonic() - pressed < 2.0
+    assert job.state == jobs.STOPPED and runs.RunFolder(job.run_dir).read()["status"] == runs.STOPPED
+    assert manager.current() is None
+
+
+def test_a_child_that_ignores_stop_is_killed_after_the_grace_period_or_a_second_stop(tmp_path):
+    manager = manager_for("stubborn", grace=1.0)
+    job = start(manager, tmp_path)
+    manager.stop(job.job_id, "alice")
+    assert wait_until(lambda: job.done, timeout=10)
+    record = runs.RunFolder(job.run_dir).read()
+    assert job.state == jobs.STOPPED and record["status"] == runs.STOPPED
+    assert "did not exit in time" in record["error"] and "start it again" in record["error"]
+
+    patient = manager_for("stubborn", grace=600.0)
+    second = start(patient, tmp_path / "again")
+    patient.stop(second.job_id, "alice")
+    time.sleep(0.5)
+    assert not second.done, "one Stop waits for the child to save"
+    patient.stop(second.job_id, "alice")
+    assert wait_until(lambda: second.done, timeout=10)
+    assert runs.RunFolder(second.run_dir).read()["status"] == runs.STOPPED
+
+
+@pytest.mark.parametrize("sig, named", [(signal.SIGKILL, "SIGKILL"), (signal.SIGSEGV, "SIGSEGV")])
+def test_a_child_that_dies_fails_its_run_and_the_app_goes_on(tmp_path, sig, named):
+    """The kernel's OOM killer or a crash inside a kernel ends the child, never the app."""
+    manager = manager_for("train")
+    job = start(manager, tmp_path)
+    os.kill(job.pid, sig)
+    assert wait_until(lambda: job.done, timeout=10)
+    folder = runs.RunFolder(job.run_dir)
+    record = folder.read()
+    assert job.state == jobs.FAILED and record["status"] == runs.FAILED
+    assert named in record["error"] and named in job.error
+    assert "step " in (folder.path / "failure.txt").read_text()  # the tail of its output
+    assert manager.current() is None
+    following = start(manager, tmp_path, owner="bob")  # the next run starts normally
+    manager.stop(following.job_id, "bob")
+    assert wait_until(lambda: following.done)
+
+
+def test_a_run_refused_before_it_starts_says_why(tmp_path):
+    manager = manager_for("refuse")
+    job = manager.submit(RunSettings(source="a.jsonl", output_dir=str(tmp_path / "runs")), owner="alice")
+    assert wait_until(lambda: job.done)
+    assert job.state == jobs.FAILED and job.error == "row 3: the last message is from the user."
+    assert not any((tmp_path / "runs").glob("*/run.json"))
+
+
+def test_a_restarted_app_re_attaches_to_a_child_still_training_and_marks_dead_ones(tmp_path):
+    first_app = manager_for("train")
+    job = start(first_app, tmp_path)
+    dead = runs.RunFolder.create(tmp_path / "runs", "left-running")
+    dead.write({"run_id": "left-running", "status": runs.RUNNING, "owner": "bob", "created_at": runs.timestamp()})
+
+    restarted = manager_for("train")  # a new app process: it knows no jobs, only run folders
+    adopted = restarted.adopt(tmp_path / "runs")
+    assert [j.job_id for j in adopted] == [job.job_id]
+    assert restarted.latest_for("alice").job_id == job.job_id and restarted.current() is adopted[0]
+    record = dead.read()
+    assert record["status"] == runs.FAILED and "ended without recording an outcome" in record["error"]
+    with pytest.raises(Exception, match="No such run of yours"):
+        restarted.stop(job.job_id, "mallory")
+    restarted.stop(job.job_id, "alice")
+    assert wait_until(lambda: adopted[0].done, timeout=10)
+    assert adopted[0].state == jobs.STOPPED and runs.RunFolder(job.run_dir).read()["status"] == runs.STOPPED
+    assert wait_until(lambda: job.done)
+
+
+def test_the_app_builds_the_command_line_that_the_cli_parses(tmp_path):
+    from sft_space import cli
+
+    job = jobs.Job("20261125-0000-a-1234", "visitor", RunSettings(source="a.jsonl", output_dir=str(tmp_path)))
+    settings_path = tmp_path / "settings.json"
+    settings_path.write_text(json.dumps({"source": "a.jsonl", "max_steps": 3}))
+    arguments = child.command(job, settings_path)
+    assert arguments[:3] == [sys.executable, "-m", "sft_space"]
+    parsed = cli.build_parser().parse_args(arguments[3:])
+    assert parsed.run_name == job.job_id and parsed.owner == "visitor" and parsed.config == str(settings_path)
+    resume = jobs.Job("r", "visitor", RunSettings(), resume=str(tmp_path / "r"))
+    assert cli.build_parser().parse_args(child.command(resume, None)[3:]).resume == str(tmp_path / "r")
