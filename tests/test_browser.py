@@ -97,7 +97,10 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     stranger.get_by_label("…or a Hub dataset id").fill(str(uploads[0]))
     stranger.click("#check-data")
     expect(stranger.get_by_text("is not a Hub dataset id").first).to_be_visible(timeout=30_000)
+    # A refusal is a message: no output is left with a red "Error" badge, as if the page had crashed.
     expect(stranger.locator("#data-summary")).not_to_contain_text("rows")
+    expect(stranger.locator("#data-summary")).not_to_contain_text("Error")
+    expect(stranger.locator("#chatml-preview")).not_to_contain_text("Error")
     stranger.get_by_label("…or a Hub dataset id").fill("")
     stranger.get_by_label("Use the sample dataset").check()
     stranger.click("#check-data")

@@ -47,7 +47,12 @@ def test_sign_in_with_hugging_face_is_wired_only_on_a_space(monkeypatch, tiny_mo
     on_space = build_app(jobs.JobManager(), default_model=str(tiny_model_dir))
     assert on_space.expects_oauth
     push = [f for f in on_space.fns.values() if getattr(f.fn, "__name__", "") == "on_push"]
-    assert len(push) == 1 and "oauth_token" in push[0].fn.__code__.co_varnames
+    assert len(push) == 1
+    # Gradio finds the parameter it fills by its annotation, through any wrapper of the handler.
+    import gradio as gr
+    from gradio.utils import get_type_hints
+
+    assert get_type_hints(push[0].fn)["oauth_token"] == (gr.OAuthToken | None)
 
 
 def test_a_visitor_sees_and_opens_only_their_own_runs(tmp_path):
@@ -151,6 +156,8 @@ def test_two_visitors_in_one_app_reach_only_their_own_uploads_and_models(tmp_pat
 def test_every_handler_of_the_app_refuses_a_forged_visitor_id(monkeypatch, tmp_path, tiny_model_dir):
     """Any HTTP client can call any handler with any values: with a forged id (a visitor's bare id, as written in
     run records) nothing acts; the read-only refreshes show only what an anonymous page sees."""
+    import inspect
+
     import gradio as gr
     import pytest
 
@@ -172,9 +179,13 @@ def test_every_handler_of_the_app_refuses_a_forged_visitor_id(monkeypatch, tmp_p
         "on_delete": ("run", forged),
     }
     for name, args in calls.items():
-        with pytest.raises(gr.Error, match="reload the page"):
-            handlers[name](*args[:handlers[name].__code__.co_argcount])
-    with pytest.raises(gr.Error, match="reload the page"):
+        handler = handlers[name]
+        with pytest.warns(UserWarning, match="reload the page"):
+            unchanged = handler(*args[:len(inspect.signature(handler).parameters)])
+        # A refusal is a message: every output is left as it was (no red error badge on it).
+        outputs = unchanged if isinstance(unchanged, tuple) else (unchanged,)
+        assert all(isinstance(output, type(gr.skip())) for output in outputs), name
+    with pytest.warns(UserWarning, match="reload the page"):
         next(handlers["on_send"]("hi", [], [], None, str(tiny_model_dir), "", 0.7, 16, forged))
     assert identify(forged) != forged and identify(alice) == alice
 

@@ -14,7 +14,7 @@ from .. import access, jobs, models
 from ..errors import UserError
 from ..settings import DataSettings, RunSettings
 from . import chat_tab, data_tab, publish_tab, runs_tab, train_tab
-from .common import Gate, own_run
+from .common import Gate, own_run, refusals_as_messages
 
 TITLE = "SFT Space"
 INTRO = (
@@ -97,6 +97,8 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
     for handler in app.fns.values():
         if handler.api_name not in PUBLIC_API:
             handler.api_visibility = "private"
+        if handler.fn is not None:
+            handler.fn = refusals_as_messages(handler.fn, len(handler.outputs))
     return app
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 
@@ -97,3 +99,34 @@ def keep_choice(choices: list[tuple[str, str]], current: str | None) -> Any:
     """A refreshed run list that keeps the current pick while it is still there, else picks the first."""
     values = [value for _, value in choices]
     return gr.update(choices=choices, value=current if current in values else (values[0] if values else None))
+
+
+def _unchanged(outputs: int) -> Any:
+    """What a handler returns to leave each of its outputs as it is."""
+    return gr.skip() if outputs == 1 else tuple(gr.skip() for _ in range(outputs))
+
+
+def refusals_as_messages(fn: Callable, outputs: int) -> Callable:
+    """`fn`, with its refusals (gr.Error, UserError) shown as a warning that fades, and every output left as it
+    was. Raised from a handler, gr.Error would also put a red "Error" badge on each output, which stays and looks
+    like a crash; a refusal is a message."""
+    def refuse(err: Exception) -> Any:
+        gr.Warning(err.message if isinstance(err, gr.Error) else str(err))
+        return _unchanged(outputs)
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def streaming(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except (gr.Error, UserError) as err:
+                yield refuse(err)
+        return streaming
+
+    @functools.wraps(fn)
+    def handler(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (gr.Error, UserError) as err:
+            return refuse(err)
+    return handler
