@@ -23,7 +23,9 @@ from .errors import UserError
 from .settings import RunSettings
 
 QUEUED, PREPARING, RUNNING, FINISHED, STOPPED, FAILED = "queued", "preparing", "running", "finished", "stopped", "failed"
-DONE = (FINISHED, STOPPED, FAILED)
+# Refused before anything was trained (bad data, a finished run to resume, ...): not a failure of a run.
+REFUSED = "refused"
+DONE = (FINISHED, STOPPED, FAILED, REFUSED)
 MAX_QUEUED_JOBS = 3
 
 
@@ -169,7 +171,7 @@ class JobManager:
             job.run_dir = (trainer or self._trainer)(job, on_status, on_folder)
             outcome = self._outcome(job)
         except UserError as err:
-            outcome = (FAILED, str(err), str(err))
+            outcome = (FAILED if self._run_failed(job) else REFUSED, str(err), str(err))
         except Exception as err:  # a bug, not the user's doing: still end the job and free the GPU
             reason = f"{type(err).__name__}: {err}"
             outcome = (FAILED, f"The run failed unexpectedly: {reason}", reason)
@@ -181,6 +183,16 @@ class JobManager:
                 self._start(self._queue.pop(0))
             for position, waiting in enumerate(self._queue, start=1):
                 waiting.message = f"Waiting for the GPU: position {position} in the queue."
+
+    @staticmethod
+    def _run_failed(job: Job) -> bool:
+        """Whether the job's run itself failed (its record says so), rather than being refused before it ran."""
+        if job.run_dir is None:
+            return False
+        try:
+            return runs.RunFolder(job.run_dir).read().get("status") == runs.FAILED
+        except UserError:
+            return False
 
     @staticmethod
     def _outcome(job: Job) -> tuple[str, str, str | None]:

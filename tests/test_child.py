@@ -41,7 +41,7 @@ with folder.locked():
             folder.update(status=runs.STOPPED, error=None)
             print("Stopping: saving a checkpoint and the adapter…", flush=True)
             sys.exit(130)
-        if mode == "finish" and step == 3:
+        if mode == "finish" and step == 30:
             folder.update(status=runs.FINISHED)
             sys.exit(0)
         time.sleep(0.05)
@@ -80,7 +80,7 @@ def test_a_run_trains_in_its_own_process_group_and_its_status_lines_reach_the_pa
     assert wait_until(lambda: job.done)
     assert job.state == jobs.FINISHED and runs.RunFolder(job.run_dir).read()["owner"] == "alice"
     log = child.log_file(tmp_path / "runs", job.job_id).read_text()
-    assert "Loading the model…" in log and "step 3/" in log
+    assert "Loading the model…" in log and "step 30/" in log
 
 
 def test_stop_is_a_signal_and_the_run_stops_within_a_second(tmp_path):
@@ -135,7 +135,7 @@ def test_a_run_refused_before_it_starts_says_why(tmp_path):
     manager = manager_for("refuse")
     job = manager.submit(RunSettings(source="a.jsonl", output_dir=str(tmp_path / "runs")), owner="alice")
     assert wait_until(lambda: job.done)
-    assert job.state == jobs.FAILED and job.error == "row 3: the last message is from the user."
+    assert job.state == jobs.REFUSED and job.error == "row 3: the last message is from the user."
     assert not any((tmp_path / "runs").glob("*/run.json"))
 
 

@@ -95,14 +95,26 @@ def test_a_reloaded_page_finds_its_job_and_one_job_per_visitor(manager):
     assert wait_until(lambda: job.done)
 
 
-def test_a_failing_job_frees_the_gpu_for_the_next(tmp_path):
-    def broken(job, on_status, on_folder):
+def test_a_failing_job_frees_the_gpu_for_the_next_and_a_refusal_is_not_called_a_failure(tmp_path):
+    def refused(job, on_status, on_folder):
         raise UserError("data went missing")
+
+    manager = jobs.JobManager(refused)
+    job = manager.submit(RunSettings(source="a.jsonl"), owner="alice")
+    assert wait_until(lambda: job.done)
+    assert job.state == jobs.REFUSED and job.error == "data went missing"
+    assert manager.current() is None
+
+    def broken(job, on_status, on_folder):
+        folder = runs.RunFolder.create(tmp_path, job.job_id)
+        folder.write({"run_id": job.job_id, "status": runs.FAILED, "owner": job.owner, "error": "out of memory"})
+        on_folder(folder.path)
+        raise UserError("out of memory")
 
     manager = jobs.JobManager(broken)
     job = manager.submit(RunSettings(source="a.jsonl"), owner="alice")
     assert wait_until(lambda: job.done)
-    assert job.state == jobs.FAILED and job.error == "data went missing"
+    assert job.state == jobs.FAILED and job.error == "out of memory"
     assert manager.current() is None
     assert manager.submit(RunSettings(source="b.jsonl"), owner="alice").job_id != job.job_id
 

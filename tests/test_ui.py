@@ -171,7 +171,7 @@ def test_every_handler_of_the_app_refuses_a_forged_visitor_id(monkeypatch, tmp_p
     alice = identify("")
     forged = alice.split(".")[1]
     calls = {
-        "on_start": (forged, None, False, str(tiny_model_dir), "quick") + (None,) * 20,
+        "on_start": (forged, None, None, False, str(tiny_model_dir), "quick") + (None,) * 20,
         "on_stop": (forged, ""),
         "on_resume": (forged, ""),
         "on_push": ("run", forged, "alice/x", "", True, False, False, "auto", False, ""),
@@ -238,3 +238,26 @@ def test_the_forms_number_boxes_refuse_what_the_settings_refuse():
             run_settings("quick", **{spec.name: high * 2 + 1})
     with pytest.raises(UserError, match="max_length"):
         RunSettings(max_length=10**9)
+
+
+def test_start_with_invalid_rows_is_refused_before_any_run_and_says_what_to_do(tmp_path, write_jsonl,
+                                                                              tiny_model_dir, embedded_tokenizer):
+    import pytest
+
+    from sft_space import checks, jobs
+    from sft_space.errors import UserError
+    from sft_space.settings import DataSettings
+    from sft_space.ui import train_tab
+    from builders import distinct_chats
+
+    path = write_jsonl(distinct_chats(10) + [{"messages": [{"role": "user", "content": "Hi"}]}])
+    settings = DataSettings(source=str(path))
+    report = checks.check_data(settings, embedded_tokenizer)
+    advanced = {spec.name: spec.default for spec in train_tab.advanced_fields()}
+    with pytest.raises(UserError, match="1 of 11 rows have errors .* tick Skip invalid rows .* 10 valid"):
+        train_tab.settings_from_form(settings, False, str(tiny_model_dir), "quick", str(tmp_path), advanced, report)
+    assert train_tab.settings_from_form(settings, True, str(tiny_model_dir), "quick", str(tmp_path), advanced, report)
+    # A refused job reads "Refused", and its reason once.
+    job = jobs.Job("j", "alice", settings, state=jobs.REFUSED, message="bad data", error="bad data")
+    shown = train_tab.progress_markdown(job)
+    assert shown.startswith("**Refused**") and shown.count("bad data") == 1

@@ -54,9 +54,9 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
         model = picker.render()
         with gr.Tabs() as tabs:
             with gr.Tab("Data", id="data"):
-                _, data_settings, skip_invalid = data_tab.build(gate, model, session)
+                report, data_settings, skip_invalid = data_tab.build(gate, model, session)
             with gr.Tab("Train", id="train"):
-                training = train_tab.build(manager, gate, session, model, data_settings, skip_invalid)
+                training = train_tab.build(manager, gate, session, model, report, data_settings, skip_invalid)
             with gr.Tab("Chat", id="chat") as chat_item:
                 chat = chat_tab.build(gate, model, session)
             with gr.Tab("Publish", id="publish") as publish_item:

@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from .. import catalog, jobs, runs
+from .. import catalog, checks, jobs, runs
 from ..errors import UserError
 from ..hardware import detect_hardware
 from ..settings import PRESET_NAMES, DataSettings, RunSettings, field_help, field_type, run_settings, train_command
@@ -31,9 +31,13 @@ def advanced_fields() -> list[dataclasses.Field]:
 
 
 def settings_from_form(data_settings: DataSettings | None, skip_invalid: bool, model: str, preset: str,
-                       runs_dir: str, advanced: dict[str, Any]) -> RunSettings:
+                       runs_dir: str, advanced: dict[str, Any], report: checks.Report | None = None) -> RunSettings:
     if data_settings is None or not data_settings.source:
         raise UserError("Check your data in the Data tab first.")
+    if report is not None and report.errors and not skip_invalid:
+        # Said here, before a run is started only to be refused.
+        raise UserError(f"{report.invalid_rows} of {report.rows} rows have errors (see the Data tab): fix them in "
+                        f"your file, or tick Skip invalid rows to train on the {report.valid_rows} valid ones.")
     values = {f.name: getattr(data_settings, f.name) for f in dataclasses.fields(DataSettings)}
     values.update(skip_invalid_rows=bool(skip_invalid), model=model or "", output_dir=runs_dir)
     for spec in advanced_fields():
@@ -76,7 +80,8 @@ def _duration(seconds: float | None) -> str:
 def progress_markdown(job: jobs.Job | None) -> str:
     if job is None:
         return "No run yet. Check your data, pick a model and press **Start**."
-    lines = [f"**{job.state.capitalize()}** · {job.message}"]
+    # A failure's reason is shown once, below; the first line then says only what happened.
+    lines = [f"**{job.state.capitalize()}**" + ("" if job.error and job.message == job.error else f" · {job.message}")]
     if job.run_dir is not None and (Path(job.run_dir) / runs.RUN_FILE).is_file():
         folder = runs.RunFolder(Path(job.run_dir))
         metrics = [m for m in folder.read_metrics() if "loss" in m]
@@ -118,7 +123,7 @@ def model_picker(default: str | None = None, render: bool = True, local_paths: b
 
 
 def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model: gr.Dropdown,
-          data_settings: gr.State, skip_invalid: gr.Checkbox) -> dict[str, Any]:
+          report: gr.State, data_settings: gr.State, skip_invalid: gr.Checkbox) -> dict[str, Any]:
     """Lay out the Train tab; returns components other tabs use."""
     job_id = gr.State("")
     preset = gr.Radio(list(PRESET_NAMES), value="balanced", label="Preset",
@@ -148,17 +153,17 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
 
     preset.change(on_preset, inputs=preset, outputs=[advanced[n] for n in names])
 
-    def on_start(token, data_value, skip, model_name, preset_name, *advanced_values):
+    def on_start(token, report_value, data_value, skip, model_name, preset_name, *advanced_values):
         owner_id = gate.visitor(token)
         try:
             settings = settings_from_form(data_value, skip, gate.model(model_name), preset_name, gate.runs_dir,
-                                          dict(zip(names, advanced_values)))
+                                          dict(zip(names, advanced_values)), report_value)
             job = manager.submit(settings, owner_id)
         except UserError as err:
             raise gr.Error(str(err)) from None
         return job.job_id, progress_markdown(job), train_command(settings)
 
-    start.click(on_start, inputs=[session, data_settings, skip_invalid, model, preset, *advanced.values()],
+    start.click(on_start, inputs=[session, report, data_settings, skip_invalid, model, preset, *advanced.values()],
                 outputs=[job_id, progress, command])
 
     def on_stop(token, current):
