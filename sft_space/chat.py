@@ -52,15 +52,32 @@ def _adapter_switch(model: Any, use_adapter: bool) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def _stop_when_set(stop_event: threading.Event) -> Any:
+    """Stopping criteria that end generation at the next token once `stop_event` is set."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopWhenSet(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return torch.full((input_ids.shape[0],), stop_event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopWhenSet()])
+
+
 def generate_reply(model: Any, tokenizer: Any, messages: list[dict[str, Any]],
-                   settings: GenerationSettings | None = None, use_adapter: bool = True) -> str:
-    """The model's whole reply to `messages` (OpenAI-style), as text."""
+                   settings: GenerationSettings | None = None, use_adapter: bool = True,
+                   stop_event: threading.Event | None = None) -> str:
+    """The model's whole reply to `messages` (OpenAI-style), as text; setting `stop_event` ends it at the next
+    token (the reply so far is returned)."""
     import torch
 
     settings = settings or GenerationSettings()
     inputs = _prompt_ids(model, tokenizer, messages, settings)
+    kwargs = _generate_kwargs(tokenizer, settings)
+    if stop_event is not None:
+        kwargs["stopping_criteria"] = _stop_when_set(stop_event)
     with torch.inference_mode(), _adapter_switch(model, use_adapter):
-        output = model.generate(**inputs, **_generate_kwargs(tokenizer, settings))
+        output = model.generate(**inputs, **kwargs)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 

@@ -8,6 +8,20 @@ A run holds its folder's lock (`RunFolder.locked`) from the moment the folder is
 so two processes never train the same run. A failure is recorded in run.json first (small, and what the app and
 the command line read), and only then, room permitting, the traceback: on a full disk the reason still reaches
 the person as a TrainingFailed, never as the disk error of the handler itself.
+
+A stop (`TrainingJob.stop_event`, set from another thread or by the command line's Ctrl+C) is heard in every
+stage, within about one training step:
+  - before the run folder exists (checking the data, or a resume's checks): `train` raises `TrainingStopped`, and
+    nothing was written;
+  - after it, before the first optimizer step (loading the model, the held-out answers before training, building
+    the trainer): the run is `stopped` with the error STOPPED_BEFORE_FIRST_STEP and has no adapter (a resume
+    stopped here keeps the checkpoint it resumed from);
+  - while training: at the end of the current step (or at the next batch of an evaluation), a resumable
+    checkpoint and the adapter are saved at that step, and the run is `stopped`;
+  - while saving or answering after training: the answers left are skipped; the run is `finished` if every step
+    was done.
+A reply being generated ends at its next token. The slow stages that cannot look at the event themselves (the data
+checks, loading the model) run in a helper thread that is left to finish alone when a stop comes.
 """
 
 from __future__ import annotations
@@ -23,7 +37,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from . import checks, data, models, runs
 from .chat import GenerationSettings, generate_reply
@@ -60,10 +74,23 @@ DISK_MARGIN_BYTES = 64 * MB
 # Savers that are not Python (safetensors, torch's zip writer) report a full disk without an errno: a failed
 # write with less than this free is taken for one.
 NEARLY_FULL_BYTES = 16 * MB
+STOPPED_BEFORE_START = "Stopped before the run started; nothing was written."
+STOPPED_BEFORE_FIRST_STEP = "The run was stopped before its first step; start it again."
+# How often a stage run in a helper thread looks at the stop event.
+STOP_POLL_SECONDS = 0.1
+T = TypeVar("T")
 
 
 class TrainingFailed(UserError):
     """A run that started and could not finish; its run.json says why."""
+
+
+class TrainingStopped(UserError):
+    """Stopped on request before the run folder existed (or before a resume changed it): nothing was written."""
+
+
+class _EvaluationStopped(Exception):
+    """Raised between evaluation batches when a stop is requested; the trainer catches it (see build_trainer)."""
 
 
 @dataclass
@@ -198,13 +225,25 @@ def sample_prompts(prepared: PreparedData, count: int) -> list[dict[str, Any]]:
     return samples
 
 
-def answer_samples(model: Any, tokenizer: Any, samples: list[dict[str, Any]], key: str) -> None:
+def answer_samples(model: Any, tokenizer: Any, samples: list[dict[str, Any]], key: str,
+                   stop_event: threading.Event | None = None) -> bool:
+    """Answer each sample's prompt into `sample[key]`; False if `stop_event` cut the answers short (a reply cut
+    off mid-way is not kept)."""
     settings = GenerationSettings(max_new_tokens=SAMPLE_MAX_NEW_TOKENS)
+    stop_event = stop_event or threading.Event()
     was_training = model.training
     model.eval()
-    for sample in samples:
-        sample[key] = generate_reply(model, tokenizer, sample["prompt"], settings)
-    model.train(was_training)
+    try:
+        for sample in samples:
+            if stop_event.is_set():
+                return False
+            reply = generate_reply(model, tokenizer, sample["prompt"], settings, stop_event=stop_event)
+            if stop_event.is_set():
+                return False
+            sample[key] = reply
+        return True
+    finally:
+        model.train(was_training)
 
 
 def torch_dtype(name: str) -> Any:
@@ -279,16 +318,35 @@ def trainer_arguments(settings: RunSettings, plan: TrainingPlan, folder: RunFold
 
 
 def build_trainer(settings: RunSettings, plan: TrainingPlan, folder: RunFolder, model: Any, tokenizer: Any,
-                  prepared: PreparedData) -> Any:
-    """TRL's SFTTrainer over our tokenized examples and mask, with a LoRA adapter on `model`."""
+                  prepared: PreparedData, stop_event: threading.Event | None = None) -> Any:
+    """TRL's SFTTrainer over our tokenized examples and mask, with a LoRA adapter on `model`.
+
+    Setting `stop_event` ends an evaluation at its next batch: the step it follows is saved as a checkpoint
+    (without its validation loss) and training stops. On a CPU an evaluation can take longer than many steps.
+    """
     from transformers import PrinterCallback
     from trl import SFTTrainer
+
+    class StoppableSFTTrainer(SFTTrainer):
+        def prediction_step(self, *args: Any, **kwargs: Any) -> Any:
+            if stop_event is not None and stop_event.is_set():
+                raise _EvaluationStopped
+            return super().prediction_step(*args, **kwargs)
+
+        def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+            try:
+                return super().evaluate(*args, **kwargs)
+            except _EvaluationStopped:
+                # The trainer saves (and then stops) right after the evaluation it ran at the end of a step.
+                self.control.should_save = True
+                self.control.should_training_stop = True
+                return {}
 
     train_dataset = tokenize_examples(tokenizer, prepared.train)
     eval_dataset = tokenize_examples(tokenizer, prepared.validation) if prepared.validation else None
     args = trainer_arguments(settings, plan, folder, eval_dataset is not None)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=tokenizer, peft_config=lora_config(settings))
+    trainer = StoppableSFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                                  processing_class=tokenizer, peft_config=lora_config(settings))
     # Without tqdm the trainer prints every log as a raw dict on stdout; RunMonitor reports progress instead.
     trainer.remove_callback(PrinterCallback)
     if plan.precision == "fp16":
@@ -316,10 +374,12 @@ class RunMonitor:
 
             def on_step_end(self, args, state, control, **kwargs):
                 if monitor.stop_event.is_set():
-                    # Save a resumable checkpoint at this step, then leave the training loop.
+                    # Save a resumable checkpoint at this step, then leave the training loop; the validation
+                    # loss due at this step is skipped (it can take longer than the step).
                     monitor.stopped = True
                     control.should_save = True
                     control.should_training_stop = True
+                    control.should_evaluate = False
                 return control
 
             def on_log(self, args, state, control, logs=None, **kwargs):
@@ -376,11 +436,51 @@ class TrainingJob:
     on_folder: Callable[[RunFolder], None] | None = None
     extra_callbacks: list[Any] = field(default_factory=list)
     hardware: Hardware | None = None
+    # Recorded in a new run's run.json (whose run it is in the app); a resume keeps the run's owner.
+    owner: str | None = None
 
 
 def _status(job: TrainingJob, message: str) -> None:
     if job.on_status is not None:
         job.on_status(message)
+
+
+def _stop_here_if_asked(job: TrainingJob) -> None:
+    """TrainingStopped if a stop was requested (`_run` records what it means once the run folder exists)."""
+    if job.stop_event.is_set():
+        raise TrainingStopped(STOPPED_BEFORE_START)
+
+
+def _unless_stopped(job: TrainingJob, work: Callable[[], T]) -> T:
+    """`work()`, or TrainingStopped as soon as the job's stop event is set, even while `work` runs.
+
+    For the stages that cannot look at the event themselves (the data checks, loading a model): `work` runs in a
+    helper thread, and on a stop it is left to finish alone; what it returns is dropped.
+    """
+    _stop_here_if_asked(job)
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as err:  # handed to the caller below
+            outcome["error"] = err
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="sft-space-stage", daemon=True).start()
+    while not done.wait(STOP_POLL_SECONDS):
+        _stop_here_if_asked(job)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _check_new_run_name(settings: RunSettings, run_id: str | None) -> None:
+    """Refuse a run name that is invalid or taken before the (slow) data checks, not after them."""
+    if run_id is not None and (Path(settings.output_dir) / runs.validate_run_id(run_id)).exists():
+        raise UserError(f"A run named {run_id} already exists in {settings.output_dir}; choose another name.")
 
 
 def _resumable(folder: RunFolder) -> tuple[RunSettings, Path]:
@@ -411,16 +511,16 @@ def train(job: TrainingJob) -> RunFolder:
             settings, checkpoint = _resumable(folder)
         else:
             settings = RunSettings(**{**asdict(settings), "model": settings.model or models.default_model()})
+            _check_new_run_name(settings, job.run_id)
         hardware = job.hardware or detect_hardware()
 
         # Everything that can be wrong with the inputs is found before a run folder exists.
         _status(job, "Checking the data…")
-        tokenizer = models.load_tokenizer(settings.model)
-        prepared = prepare_data(settings, tokenizer)
-        shape = model_shape(settings.model, settings.trust_remote_code)
+        tokenizer, prepared, shape = _unless_stopped(job, lambda: _check_inputs(settings))
         stats = prepared.report.stats()
         plan = plan_training(settings, hardware, shape, stats["total_tokens"], stats["tokens_per_example"]["max"])
         lora_parameters = shape.lora_parameters(settings.lora_r)
+        _stop_here_if_asked(job)
         if job.resume is not None:
             record = folder.read()
             if (record.get("data") or {}).get("fingerprint") != prepared.fingerprint:
@@ -435,16 +535,26 @@ def train(job: TrainingJob) -> RunFolder:
             check_free_disk(settings.output_dir, disk_needed(lora_parameters))
             folder = RunFolder.create(settings.output_dir, job.run_id or runs.new_run_id(settings.source))
             held.enter_context(folder.locked())
-            folder.write({
+            record = {
                 "run_id": folder.run_id, "status": runs.RUNNING, "created_at": runs.timestamp(),
                 "settings": asdict(settings), "plan": plan.to_dict(), "data": prepared.summary(),
                 "hardware": hardware.to_dict(), "versions": library_versions(), "base_model": settings.model,
                 "final_metrics": {}, "error": None,
-            })
+            }
+            if job.owner is not None:
+                record["owner"] = job.owner
+            folder.write(record)
 
         if job.on_folder is not None:
             job.on_folder(folder)
         return _run(job, folder, settings, plan, tokenizer, prepared, checkpoint)
+
+
+def _check_inputs(settings: RunSettings) -> tuple[Any, PreparedData, ModelShape]:
+    """The tokenizer, the checked and split data, and the model's shape: all a run needs to know before it starts."""
+    tokenizer = models.load_tokenizer(settings.model)
+    prepared = prepare_data(settings, tokenizer)
+    return tokenizer, prepared, model_shape(settings.model, settings.trust_remote_code)
 
 
 def _record_end(folder: RunFolder, **changes: Any) -> OSError | None:
@@ -475,38 +585,48 @@ def _run(job: TrainingJob, folder: RunFolder, settings: RunSettings, plan: Train
     model = trainer = None
     failure = None
     monitor = None
+    stopped_before_training = False
     try:
         _status(job, f"Loading {settings.model}…")
-        model = load_model_for_training(settings, plan)
+        model = _unless_stopped(job, lambda: load_model_for_training(settings, plan))
         samples = sample_prompts(prepared, settings.sample_prompts)
         if samples and job.resume is None:
             _status(job, "Answering held-out prompts before training…")
-            answer_samples(model, tokenizer, samples, "before")
+            if not answer_samples(model, tokenizer, samples, "before", job.stop_event):
+                raise TrainingStopped(STOPPED_BEFORE_START)
             runs.write_json_atomic(folder.samples_path, samples)
-        trainer = build_trainer(settings, plan, folder, model, tokenizer, prepared)
+        trainer = _unless_stopped(job, lambda: build_trainer(settings, plan, folder, model, tokenizer, prepared,
+                                                             job.stop_event))
         tokens_per_epoch = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
         monitor = RunMonitor(folder, tokens_per_epoch, job.stop_event, job.on_metrics)
         trainer.add_callback(monitor.callback)
         for callback in job.extra_callbacks:
             trainer.add_callback(callback)
+        _stop_here_if_asked(job)
         _status(job, "Training…")
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         _status(job, "Saving the adapter…")
         trainer.model.save_pretrained(folder.adapter_path, safe_serialization=True)
         tokenizer.save_pretrained(folder.adapter_path)
-        if samples:
+        if samples and not job.stop_event.is_set():
             _status(job, "Answering held-out prompts after training…")
             previous = {s["row"]: s for s in json.loads(folder.samples_path.read_text())} \
                 if folder.samples_path.is_file() else {}
             for sample in samples:
                 sample["before"] = previous.get(sample["row"], {}).get("before")
-            answer_samples(trainer.model, tokenizer, samples, "after")
+            answer_samples(trainer.model, tokenizer, samples, "after", job.stop_event)
             runs.write_json_atomic(folder.samples_path, samples)
         final = {k: monitor.last.get(k) for k in ("loss", "eval_loss", "step", "epoch", "tokens_per_second")}
         final.update(train_runtime_seconds=round(output.metrics.get("train_runtime", 0.0), 1),
                      train_loss=output.metrics.get("train_loss"))
-        status = runs.STOPPED if monitor.stopped else runs.FINISHED
+        # A stop after the last step (while saving or answering) leaves a finished run.
+        step, max_steps = trainer.state.global_step, trainer.state.max_steps
+        status = runs.FINISHED if step >= max_steps else runs.STOPPED
         folder.update(status=status, final_metrics=final, error=None)
+        if status == runs.STOPPED:
+            _status(job, f"Stopped at step {step} of {max_steps}: a checkpoint and the adapter are saved.")
+    except TrainingStopped:
+        stopped_before_training = True
     except KeyboardInterrupt:
         _record_end(folder, status=runs.STOPPED, error="Interrupted; resume continues from the last checkpoint.")
         raise
@@ -518,6 +638,12 @@ def _run(job: TrainingJob, folder: RunFolder, settings: RunSettings, plan: Train
         # Dropping every reference before collecting is what actually frees the GPU for the next run.
         del model, trainer
         release_memory()
+    if stopped_before_training:
+        # A resumed run still has the checkpoint it resumed from; a new one has nothing to resume.
+        _record_end(folder, status=runs.STOPPED, error=None if checkpoint else STOPPED_BEFORE_FIRST_STEP)
+        _status(job, f"Stopped before training resumed; {checkpoint.name} is kept." if checkpoint
+                else STOPPED_BEFORE_FIRST_STEP)
+        return folder
     if failure is not None:
         # The run record first: it is small, and it is what the app and the command line read.
         unrecorded = _record_end(folder, status=runs.FAILED, error=failure,

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,8 @@ from sft_space import models, render, runs
 from sft_space.chat import GenerationSettings, load_chat_model
 from sft_space.hardware import detect_hardware, plan_training
 from sft_space.settings import run_settings
-from sft_space.train import (OOM_ADVICE, TrainingFailed, TrainingJob, build_trainer, model_shape, prepare_data,
-                             train)
+from sft_space.train import (OOM_ADVICE, STOPPED_BEFORE_FIRST_STEP, TrainingFailed, TrainingJob, TrainingStopped,
+                             build_trainer, model_shape, prepare_data, train)
 
 PLANTED_TOKEN = "hf_PlantedSecretTokenForTests0123456789"
 
@@ -244,3 +245,136 @@ def test_a_full_disk_while_saving_fails_clearly_and_marks_no_checkpoint_good(tin
     assert record["status"] == runs.FAILED and record["error"] == DISK_FULL_ADVICE
     assert (folder.path / "checkpoint-3").is_dir(), "the save had started"
     assert folder.checkpoints() == [], "the incomplete checkpoint is not taken for a good one"
+
+
+# ---- a stop is heard in every stage ---------------------------------------------------------------------------
+
+# Each stage's status line (as train.py reports it), and what a stop requested as it begins must leave.
+STOP_IN_STAGE = {
+    "checking the data": ("Checking the data", "nothing"),
+    "loading the model": ("Loading ", "before the first step"),
+    "answers before training": ("Answering held-out prompts before", "before the first step"),
+    "training": ("Training", "stopped at a step"),
+    "saving the adapter": ("Saving the adapter", "finished"),
+    "answers after training": ("Answering held-out prompts after", "finished"),
+}
+
+
+def stop_when(prefix, stop, stopped_at):
+    """An on_status that, once a stage whose line starts with `prefix` is reported, has another thread stop
+    the run (and notes when)."""
+    def set_stop():
+        stopped_at.append(time.monotonic())
+        stop.set()
+
+    def on_status(message):
+        if message.startswith(prefix) and not stop.is_set():
+            helper = threading.Thread(target=set_stop)
+            helper.start()
+            helper.join()
+
+    return on_status
+
+
+@pytest.mark.parametrize("stage", list(STOP_IN_STAGE))
+def test_a_stop_in_each_stage_ends_the_run_at_once_with_what_it_has(tiny_settings, stage):
+    prefix, outcome = STOP_IN_STAGE[stage]
+    settings = tiny_settings(max_steps=8, save_every=100, sample_prompts=2)
+    stop, stopped_at = threading.Event(), []
+    job = TrainingJob(settings, stop_event=stop, on_status=stop_when(prefix, stop, stopped_at), run_id="stopped")
+    folder = runs.RunFolder(Path(settings.output_dir) / "stopped")
+    if outcome == "nothing":
+        with pytest.raises(TrainingStopped, match="nothing was written"):
+            train(job)
+        assert not Path(settings.output_dir).exists(), "a stop before the run folder exists writes nothing"
+    else:
+        assert train(job).path == folder.path
+    assert stopped_at and time.monotonic() - stopped_at[0] < 5, "train() returns within seconds of the stop"
+    if outcome == "nothing":
+        return
+    record = folder.read()
+    assert not folder.lock_path.exists()
+    if outcome == "before the first step":
+        assert record["status"] == runs.STOPPED and record["error"] == STOPPED_BEFORE_FIRST_STEP
+        assert "stopped before its first step; start it again" in record["error"]
+        assert not folder.adapter_path.exists() and folder.checkpoints() == [] and folder.read_metrics() == []
+        assert not folder.samples_path.exists(), "answers cut short by the stop are not kept"
+        return
+    assert (folder.adapter_path / runs.ADAPTER_WEIGHTS).is_file()
+    samples = json.loads(folder.samples_path.read_text())
+    assert all(sample["before"] is not None for sample in samples)
+    assert all(sample.get("after") is None for sample in samples), "no answer after training once stopped"
+    if outcome == "stopped at a step":
+        assert record["status"] == runs.STOPPED and record["error"] is None
+        assert record["final_metrics"]["step"] == 1
+        assert folder.last_checkpoint().name == "checkpoint-1", "the step it stopped at is resumable"
+        assert runs.resumable_runs(settings.output_dir) == [folder]
+    else:
+        assert record["status"] == runs.FINISHED and record["final_metrics"]["step"] == 8
+
+
+def test_a_stop_ends_a_reply_at_its_next_token(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from sft_space.chat import generate_reply
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = models.load_tokenizer(str(tiny_model_dir))
+    stop, forwards = threading.Event(), []
+
+    def count_and_stop_at_the_third(module, args, output):
+        forwards.append(1)
+        if len(forwards) == 3:
+            stop.set()
+
+    model.register_forward_hook(count_and_stop_at_the_third)
+    settings = GenerationSettings(max_new_tokens=40)
+    generate_reply(model, tokenizer, [{"role": "user", "content": "Hello"}], settings, stop_event=stop)
+    assert len(forwards) == 3, "generation ends at the token during which the stop came"
+    forwards.clear()
+    generate_reply(model, tokenizer, [{"role": "user", "content": "Hello"}], settings)
+    assert len(forwards) > 3, "without a stop the same reply goes on"
+
+
+class StopAtFirstEvaluationBatch(TrainerCallback):
+    def __init__(self, stop):
+        self.stop, self.batches = stop, 0
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        self.batches += 1
+        self.stop.set()
+
+
+def test_a_stop_during_evaluation_saves_that_step_without_its_validation_loss(tiny_settings):
+    settings = tiny_settings(persona_chats(40), max_steps=8, eval_every=3, save_every=100, validation_fraction=0.5,
+                             packing=False, batch_size=1, sample_prompts=0)
+    stop = threading.Event()
+    evaluation = StopAtFirstEvaluationBatch(stop)
+    folder = train(TrainingJob(settings, stop_event=stop, extra_callbacks=[evaluation], run_id="eval-stop"))
+    assert evaluation.batches == 1, "the evaluation (20 batches) ends at its next batch"
+    record = folder.read()
+    assert record["status"] == runs.STOPPED and record["final_metrics"]["step"] == 3
+    assert folder.last_checkpoint().name == "checkpoint-3"
+    assert (folder.adapter_path / runs.ADAPTER_WEIGHTS).is_file()
+    assert not any("eval_loss" in entry for entry in folder.read_metrics())
+
+    resumed = train(TrainingJob(settings, resume=folder.path)).read()
+    assert resumed["status"] == runs.FINISHED and resumed["final_metrics"]["step"] == 8
+
+
+def test_a_stop_while_a_large_dataset_is_checked_returns_at_once(tiny_settings):
+    settings = tiny_settings(distinct_chats(10_000))
+    stop, stopped_at = threading.Event(), []
+
+    def on_status(message):
+        if message.startswith("Checking the data"):
+            # A moment into the checks (they take seconds for 10,000 rows): the helper thread is checking.
+            timer = threading.Timer(0.3, lambda: (stopped_at.append(time.monotonic()), stop.set()))
+            timer.start()
+
+    started = time.monotonic()
+    with pytest.raises(TrainingStopped):
+        train(TrainingJob(settings, stop_event=stop, on_status=on_status))
+    assert stopped_at and time.monotonic() - stopped_at[0] < 1.0
+    assert time.monotonic() - started < 2.0
+    assert not Path(settings.output_dir).exists()
