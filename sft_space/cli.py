@@ -9,16 +9,26 @@
     python -m sft_space export RUN_DIR (--merged OUT_DIR | --adapter OUT_DIR | --zip FILE)
     python -m sft_space bench [--shape NAME] [--steps N] [--json]
 
-Exit status: 0 all rows valid; 1 some rows invalid or the source unusable; 2 bad command-line usage.
+Exit status: 0 all rows valid (validate) or the run finished (train); 1 some rows invalid, the source unusable,
+or the run failed or was refused; 2 bad command-line usage; 130 the run was stopped (Ctrl+C or SIGTERM).
 Bad data never produces a traceback: problems are printed as the person can act on them.
+
+`train` writes its status and progress to stderr, one flushed line each (a supervising process reads them as
+they come); the first Ctrl+C or SIGTERM stops the run at the end of the current step, saving a checkpoint and
+the adapter, and a second Ctrl+C aborts at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shlex
+import signal
 import sys
-from typing import Any
+import threading
+from typing import Any, Iterator
 
 from . import checks, data, models, render
 from .chat import GenerationSettings
@@ -27,6 +37,9 @@ from .settings import (PRESET_NAMES, DataSettings, RunSettings, add_arguments, e
                        from_arguments, run_settings, settings_from_file, train_command)
 
 MAX_LISTED_PROBLEMS = 50
+# Exit status of `train` when the run was stopped (as a shell reports a process ended by Ctrl+C).
+EXIT_STOPPED = 130
+STOPPING_MESSAGE = "Stopping: saving a checkpoint and the adapter…"
 
 
 def _quiet_libraries() -> None:
@@ -76,6 +89,8 @@ def _train_parser(commands: Any) -> None:
     train.add_argument("--output-dir", "--output", dest="output_dir", default=argparse.SUPPRESS, metavar="DIR",
                        help=field_help(RunSettings, "output_dir"))
     train.add_argument("--run-name", help="Name of the run folder (default: date, time and data file name).")
+    # The app's supervisor names the visitor a new run belongs to; not for people.
+    train.add_argument("--owner", help=argparse.SUPPRESS)
     length = train.add_mutually_exclusive_group()
     add_arguments(length, RunSettings, ["epochs", "max_steps"], explicit_only=True)
     names = [f for f in RunSettings.__dataclass_fields__ if f not in TRAIN_FLAGS_BY_HAND]
@@ -219,30 +234,79 @@ def progress_line(entry: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event the first Ctrl+C (SIGINT) or SIGTERM sets, so that the run stops at the end of its current step;
+    a second one raises KeyboardInterrupt at once. The previous handlers come back after the block."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        # os.write, not print: a handler that prints while the interrupted code prints fails (reentrant call).
+        os.write(sys.stderr.fileno(), f"\n{STOPPING_MESSAGE}\n".encode())
+
+    previous = {number: signal.signal(number, request_stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _status_line(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _after_stop(folder: Any) -> None:
+    """How to go on with a stopped run: the exact command, with its real folder."""
+    if folder is not None and folder.last_checkpoint() is not None:
+        _status_line(f"Continue with: python -m sft_space train --resume {shlex.quote(str(folder.path))}")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainingJob, train
+    """Train (or resume) a run: 0 finished, 130 stopped, 1 failed or refused (UserError, see `main`)."""
+    from . import runs
+    from .train import TrainingJob, TrainingStopped, train
 
     if args.resume:
+        folder = runs.RunFolder.open(args.resume)
+        if args.run_name not in (None, folder.run_id):
+            raise UserError(f"--run-name names a new run; the resumed run keeps its folder ({folder.run_id}).")
         job = TrainingJob(RunSettings(), resume=args.resume)
     else:
         settings = train_settings(args)
-        job = TrainingJob(settings, run_id=args.run_name)
-        print(train_command(settings))
-    job.on_status = lambda message: print(message, file=sys.stderr)
-    job.on_metrics = lambda entry: print(progress_line(entry), file=sys.stderr, flush=True)
+        job = TrainingJob(settings, run_id=args.run_name, owner=args.owner)
+        print(train_command(settings), flush=True)
+    job.stop_event = getattr(args, "stop_event", None) or job.stop_event
+    started = []
+    job.on_folder = started.append
+    job.on_status = _status_line
+    job.on_metrics = lambda entry: _status_line(progress_line(entry))
     try:
         folder = train(job)
+    except TrainingStopped as err:
+        _status_line(str(err))
+        return EXIT_STOPPED
     except KeyboardInterrupt:
-        print("\nStopped. Continue later with: python -m sft_space train --resume RUN_DIR "
-              "(the run folder is under the output folder).", file=sys.stderr)
-        return 130
+        _status_line("Interrupted.")
+        _after_stop(started[0] if started else None)
+        return EXIT_STOPPED
     record = folder.read()
     final = record.get("final_metrics", {})
     print(f"Run {record['status']}: {folder.path}")
-    print(f"  train loss {final.get('loss')}, validation loss {final.get('eval_loss')}, "
-          f"{final.get('train_runtime_seconds')} s, {final.get('tokens_per_second')} tokens/s")
-    print(f"  adapter: {folder.adapter_path}")
-    print(f"  chat with it: python -m sft_space chat {folder.path} --compare")
+    if record["status"] == runs.STOPPED and record.get("error"):
+        print(f"  {record['error']}")
+    if final.get("step") is not None:
+        print(f"  train loss {final.get('loss')}, validation loss {final.get('eval_loss')}, "
+              f"{final.get('train_runtime_seconds')} s, {final.get('tokens_per_second')} tokens/s")
+    if folder.has_adapter:
+        print(f"  adapter: {folder.adapter_path}")
+        print(f"  chat with it: python -m sft_space chat {shlex.quote(str(folder.path))} --compare")
+    if record["status"] == runs.STOPPED:
+        _after_stop(folder)
+        return EXIT_STOPPED
     return 0
 
 
@@ -314,11 +378,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    with contextlib.ExitStack() as stack:
+        # Before the libraries load (seconds): a Ctrl+C from the start stops the run cleanly.
+        args.stop_event = stack.enter_context(stop_on_signals()) if args.command == "train" else None
+        return _run_command(args)
+
+
+def _run_command(args: argparse.Namespace) -> int:
     try:
+        _quiet_libraries()
         commands = {"validate": cmd_validate, "preview": cmd_preview, "train": cmd_train, "chat": cmd_chat,
                     "push": cmd_push, "export": cmd_export, "bench": cmd_bench}
         return commands[args.command](args)
+    except KeyboardInterrupt:
+        if args.command != "train":
+            raise
+        _status_line("Interrupted.")
+        return EXIT_STOPPED
     except UserError as err:
         if getattr(args, "json", False):
             print(json.dumps({"format": None, "rows": 0, "valid_rows": 0,

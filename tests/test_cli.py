@@ -1,13 +1,21 @@
 """The command line: exit codes, exactly one JSON object, and never a traceback for bad data."""
 
 import json
+import queue
+import shlex
+import signal
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
-from builders import SAMPLE_DATA, chat, distinct_chats
+from builders import SAMPLE_DATA, chat, distinct_chats, persona_chats
 
-from sft_space import cli
+from sft_space import cli, runs
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_cli(*args):
@@ -124,3 +132,113 @@ def test_validate_takes_the_row_limits_its_messages_name(write_jsonl, tiny_model
                      "--max-row-kb", "2"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert [(e["row"], e["code"]) for e in report["errors"]] == [(11, "too_many_messages"), (12, "row_too_large")]
+
+
+class Training:
+    """`python -m sft_space train ...` as its own process, its stderr read line by line as it comes."""
+
+    def __init__(self, *args):
+        self.process = subprocess.Popen([sys.executable, "-m", "sft_space", "train", *map(str, args)], cwd=ROOT,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stderr:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, predicate, timeout=240):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=1)
+            except queue.Empty:
+                continue
+            assert line is not None, "the run ended first:\n" + "\n".join(self.lines)
+            self.lines.append(line)
+            if predicate(line):
+                return line
+        raise AssertionError("no such line:\n" + "\n".join(self.lines))
+
+    def finish(self, timeout=120):
+        """Exit status, stdout and every stderr line."""
+        returncode = self.process.wait(timeout=timeout)
+        stdout = self.process.stdout.read()
+        while (line := self._queue.get(timeout=10)) is not None:
+            self.lines.append(line)
+        return returncode, stdout, self.lines
+
+
+def is_progress(line):
+    return " step " in line and "█" in line
+
+
+@pytest.mark.slow  # about 20 s: two processes and 40 steps
+def test_ctrl_c_saves_a_checkpoint_and_the_adapter_and_the_printed_resume_finishes(write_jsonl, tiny_model_dir,
+                                                                                tmp_path):
+    runs_dir = tmp_path / "runs"
+    training = Training(write_jsonl(persona_chats(24)), "--model", tiny_model_dir, "--output-dir", runs_dir,
+                        "--run-name", "ctrl-c", "--owner", "visitor-7", "--preset", "quick", "--max-steps", 40,
+                        "--save-every", 5, "--sample-prompts", 0)
+    training.wait_for(is_progress)
+    training.process.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    returncode, stdout, lines = training.finish()
+    assert time.monotonic() - sent < 20
+    assert returncode == 130, "\n".join(lines)
+    assert cli.STOPPING_MESSAGE in lines and "Traceback" not in "\n".join(lines)
+
+    folder = runs.RunFolder(runs_dir / "ctrl-c")
+    record = folder.read()
+    stopped_at = record["final_metrics"]["step"]
+    assert record["status"] == runs.STOPPED and 1 <= stopped_at < 40
+    assert record["owner"] == "visitor-7" and record["run_id"] == "ctrl-c"
+    assert folder.last_checkpoint().name == f"checkpoint-{stopped_at}"
+    assert (folder.adapter_path / runs.ADAPTER_WEIGHTS).is_file()
+    assert f"Run stopped: {folder.path}" in stdout
+    resume = [line.removeprefix("Continue with: ") for line in lines if line.startswith("Continue with: ")]
+    assert resume == [f"python -m sft_space train --resume {folder.path}"]
+
+    command = shlex.split(resume[0])
+    resumed = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    record = folder.read()
+    assert record["status"] == runs.FINISHED and record["final_metrics"]["step"] == 40
+    assert record["owner"] == "visitor-7", "a resume keeps the run's owner"
+    steps = [entry["step"] for entry in folder.read_metrics() if "loss" in entry]
+    assert steps == sorted(set(steps)) and steps[-1] == 40, "no step is logged twice"
+
+
+def test_sigterm_before_the_run_folder_exists_stops_and_writes_nothing(write_jsonl, tiny_model_dir, tmp_path):
+    training = Training(write_jsonl(distinct_chats(12)), "--model", tiny_model_dir, "--output-dir",
+                        tmp_path / "runs", "--run-name", "early")
+    training.wait_for(lambda line: line.startswith("Checking the data"))
+    training.process.send_signal(signal.SIGTERM)
+    returncode, stdout, lines = training.finish()
+    assert returncode == 130, "\n".join(lines)
+    assert "Stopped before the run started; nothing was written." in lines
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_second_ctrl_c_aborts_at_once(write_jsonl, tiny_model_dir, tmp_path):
+    training = Training(write_jsonl(persona_chats(24)), "--model", tiny_model_dir, "--output-dir", tmp_path / "runs",
+                        "--run-name", "twice", "--preset", "quick", "--max-steps", 200, "--sample-prompts", 0)
+    training.wait_for(is_progress)
+    training.process.send_signal(signal.SIGINT)
+    training.wait_for(lambda line: line == cli.STOPPING_MESSAGE)
+    training.process.send_signal(signal.SIGINT)
+    returncode, stdout, lines = training.finish()
+    assert returncode == 130, "\n".join(lines)
+    assert "Interrupted." in lines and "Traceback" not in "\n".join(lines)
+    record = runs.RunFolder(tmp_path / "runs" / "twice").read()
+    assert record["status"] == runs.STOPPED
+
+
+def test_train_refuses_a_taken_run_name_before_checking_the_data(write_jsonl, tiny_model_dir, tmp_path):
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    result = run_cli("train", write_jsonl(distinct_chats(12)), "--model", tiny_model_dir, "--output-dir",
+                     tmp_path / "runs", "--run-name", "taken")
+    assert result.returncode == 1 and "A run named taken already exists" in result.stderr
+    assert "Checking the data" not in result.stderr
