@@ -8,12 +8,14 @@ the user sees it and chooses to skip it. Warnings do not invalidate a row.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import data
-from .render import Rendered, TemplateError, render_chat, render_example
+from .render import Renderer, TemplateError, render_chat
 
 ROLES = ("system", "user", "assistant", "tool")
 FEW_EXAMPLES = 10
@@ -35,22 +37,35 @@ PROBLEM_CODES = {
     "empty_content": "a message's content is empty or only whitespace",
     "non_string_content": "a message's content is not text (a number, an image part, ...)",
     "invalid_text": "the text holds a character that is not valid Unicode (a lone surrogate escape such as \\ud800)",
-    "invalid_weight": "a weight other than 0 or 1, or on a message that is not the assistant's",
+    "wrong_type": "a field holds a value of a type its place does not allow (e.g. 'history' that is not a list of "
+    "[question, answer] pairs)",
+    "invalid_weight": "a weight (weight, loss_weight or train) other than 0 or 1 (as a number, a float or a boolean), "
+    "or 1 on a message that is not the assistant's",
     "tool_turn_unsupported": "a tool turn, and the model's chat template cannot show tool turns",
     "system_not_first": "a system message after the first message",
     "no_assistant_turn": "no assistant message, so nothing to learn",
     "last_turn_not_assistant": "the conversation ends with a turn that is not the assistant's",
-    "roles_not_alternating": "two user or two assistant turns in a row (an error when the template requires "
-    "alternation, a warning otherwise)",
+    "roles_not_alternating": "two user or two assistant turns in a row with no tool turn between (an error when "
+    "the template requires alternation, a warning otherwise)",
     "template_error": "the model's chat template cannot render the conversation",
     "too_long": "longer than the maximum length in the model's tokens",
     "nothing_to_train": "zero tokens would be trained (e.g. every assistant turn has weight 0)",
-    "duplicate": "an exact copy of an earlier row",
     "unusable_source": "the source as a whole cannot be used (missing, unreadable, unrecognised); row is null",
     # warnings: worth knowing, the row is still trained on
     "few_examples": "fewer than 10 valid examples in the whole file",
     "all_tokens_trained": "plain text data: every token is trained, there is no assistant mask",
+    "duplicate": "an exact copy of an earlier row; dropped before training unless keep_duplicates is set",
+    "same_prompt_different_answers": "rows with the same prompt and different answers",
+    "same_answer_many_prompts": "one answer given to many different prompts",
+    "text_split": "plain text over the maximum length, split into chunks of the maximum length",
+    "ignored_column": "a column (or ShareGPT turn field) the format does not read; it was ignored",
+    "trailing_data": "data after the closing ']' of a JSON array; it was not read",
+    "ignored_files": "files of another format in a dataset folder; they were not read",
+    "rows_not_read": "a Hub dataset has more rows than max_rows; only the first max_rows were read",
 }
+WARNING_CODES = {"few_examples", "all_tokens_trained", "duplicate", "same_prompt_different_answers",
+                 "same_answer_many_prompts", "text_split", "ignored_column", "trailing_data", "ignored_files",
+                 "rows_not_read"}
 
 
 @dataclass
@@ -98,7 +113,12 @@ def _distribution(values: list[int]) -> dict[str, float]:
 
 @dataclass
 class Report:
-    """The validation report: what the CLI prints, the app shows, and training trusts."""
+    """The validation report: what the CLI prints, the app shows, and training trusts.
+
+    `valid_examples` is what training uses: the valid rows, exact duplicates dropped (unless kept), long plain
+    texts as their pieces. Counts per code are complete however many rows there are; `sample_rows` gives a few
+    rows of one code for a view that cannot list tens of thousands.
+    """
 
     source: str
     format: str
@@ -110,10 +130,13 @@ class Report:
     # Per valid example, in order: (messages or 1 for text, tokens, trained tokens).
     token_counts: list[tuple[int, int, int]] = field(default_factory=list)
     rows_over_max_length: int = 0
+    duplicates_dropped: int = 0
+    text_rows_split: int = 0
 
     @property
     def valid_rows(self) -> int:
-        return len(self.valid_examples)
+        """Rows without errors: the rows trained on, and the duplicates of them dropped (a repeat is not broken)."""
+        return len({e.row for e in self.valid_examples}) + self.duplicates_dropped
 
     @property
     def invalid_rows(self) -> int:
@@ -124,6 +147,22 @@ class Report:
         for problem in self.errors:
             counts[problem.code] = counts.get(problem.code, 0) + 1
         return counts
+
+    def problem_counts(self) -> dict[str, int]:
+        """How many problems of each code, errors and warnings: complete, whatever the size of the data."""
+        counts: dict[str, int] = {}
+        for problem in self.errors + self.warnings:
+            counts[problem.code] = counts.get(problem.code, 0) + 1
+        return counts
+
+    def sample_rows(self, code: str, n: int = 5) -> list[Problem]:
+        """Up to n problems of one code, spread evenly over the data (the first and the last included)."""
+        found = [p for p in self.errors + self.warnings if p.code == code]
+        if len(found) <= n:
+            return found
+        if n <= 1:
+            return found[:max(n, 0)]
+        return [found[round(i * (len(found) - 1) / (n - 1))] for i in range(n)]
 
     def stats(self) -> dict[str, Any]:
         turns = [t for t, _, _ in self.token_counts]
@@ -138,6 +177,8 @@ class Report:
             "max_length": self.max_length,
             "total_tokens": sum(tokens),
             "total_trained_tokens": sum(trained),
+            "duplicates_dropped": self.duplicates_dropped,
+            "text_rows_split": self.text_rows_split,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,6 +188,7 @@ class Report:
             "valid_rows": self.valid_rows,
             "errors": [asdict(p) for p in self.errors],
             "warnings": [asdict(p) for p in self.warnings],
+            "problem_counts": self.problem_counts(),
             "stats": self.stats(),
         }
 
@@ -161,20 +203,31 @@ def _content_problem(row: int, where: str, message: dict[str, Any]) -> Problem |
         return Problem(row, "missing_content", f"row {row}, {where}: has no content; add the text or remove the message.")
     content = message["content"]
     if isinstance(content, list):
-        kinds = sorted({str(p.get("type")) if isinstance(p, dict) else type(p).__name__ for p in content})
+        # Text parts were joined when the data was read (data._joined_parts); what is left here is not all text.
+        kinds = sorted({_part_kind(p) for p in content}) or ["no"]
         return Problem(
             row, "non_string_content",
             f"row {row}, {where}: content is a list of {', '.join(kinds)} parts; SFT Space trains text-only "
-            "models, so keep only text parts (or describe the image in words).",
+            "models, so write the content as text (parts of type 'text' with their text under 'text', 'value' or "
+            "'content' are joined; describe an image in words).",
         )
     if not isinstance(content, str):
         return Problem(
             row, "non_string_content",
-            f"row {row}, {where}: content is a {type(content).__name__}, not text; write it as a string.",
+            f"row {row}, {where}: content is a {data.type_name(content)}, not text; write it as a string.",
         )
     if not content.strip():
         return Problem(row, "empty_content", f"row {row}, {where}: content is empty; write the text or remove the message.")
     return _invalid_text_problem(row, where, content)
+
+
+def _part_kind(part: Any) -> str:
+    if not isinstance(part, dict):
+        return f"{data.type_name(part)} (not an object)"
+    kind = part.get("type", "text")
+    if kind == "text":
+        return "text (without one string under 'text', 'value' or 'content')"
+    return str(kind) if isinstance(kind, str) else data.shown(kind, 20)
 
 
 def _invalid_text_problem(row: int, where: str, text: str) -> Problem | None:
@@ -186,10 +239,29 @@ def _invalid_text_problem(row: int, where: str, text: str) -> Problem | None:
     return None
 
 
+def _weight_problem(row: int, where: str, message: dict[str, Any], role: Any) -> Problem | None:
+    """Weights were read as our 0/1 `weight` when valid (data._weighted); any weight key left is not 0/1."""
+    present = [key for key in data.WEIGHT_KEYS if key in message]
+    if not present:
+        return None
+    if len(present) > 1:
+        return Problem(row, "invalid_weight", f"row {row}, {where}: both {present[0]!r} and {present[1]!r}; give "
+                       "one weight per message.")
+    key, value = present[0], message[present[0]]
+    if key != "weight" or type(value) not in (bool, int, float) or value not in (0, 1):
+        return Problem(row, "invalid_weight", f"row {row}, {where}: {key} {data.shown(value)} on a {data.shown(role)} "
+                       f"message; a weight is 0 or 1 (also 0.0/1.0 or false/true), 0 = shown as context, not "
+                       "trained.")
+    if value == 1 and role != "assistant":
+        return Problem(row, "invalid_weight", f"row {row}, {where}: weight 1 on a {data.shown(role)} message; only "
+                       "assistant messages are trained, so put the weight on a reply.")
+    return None
+
+
 def structure_problems(row: int, messages: Any, rules: TemplateRules) -> tuple[list[Problem], list[Problem]]:
     """(errors, warnings) about the shape of one conversation, before any rendering."""
     if not isinstance(messages, list):
-        return [Problem(row, "no_messages", f"row {row}: has no list of messages (found {type(messages).__name__}); "
+        return [Problem(row, "no_messages", f"row {row}: has no list of messages (found {data.type_name(messages)}); "
                         'write it as "messages": [{"role": "user", "content": ...}, ...].')], []
     if not messages:
         return [Problem(row, "empty_messages", f"row {row}: the list of messages is empty; add the conversation or remove the row.")], []
@@ -198,22 +270,26 @@ def structure_problems(row: int, messages: Any, rules: TemplateRules) -> tuple[l
     for index, message in enumerate(messages, start=1):
         where = f"message {index}"
         if not isinstance(message, dict):
-            errors.append(Problem(row, "message_not_an_object", f"row {row}, {where}: is a {type(message).__name__}, "
+            errors.append(Problem(row, "message_not_an_object", f"row {row}, {where}: is a {data.type_name(message)}, "
                                   'not an object; write it as {"role": ..., "content": ...}.'))
             continue
         role = message.get("role")
-        if role not in ROLES:
-            guess = difflib.get_close_matches(str(role).lower(), ROLES, n=1)
+        if not isinstance(role, str) or role not in ROLES:
+            guess = difflib.get_close_matches(role.lower(), ROLES, n=1) if isinstance(role, str) else []
             hint = f"did you mean {guess[0]!r}?" if guess else f"use one of {', '.join(ROLES)}."
-            errors.append(Problem(row, "unknown_role", f"row {row}, {where}: role {role!r} is not one of "
+            errors.append(Problem(row, "unknown_role", f"row {row}, {where}: role {data.shown(role)} is not one of "
                                   f"{', '.join(ROLES)}; {hint}"))
         content_problem = _content_problem(row, where, message)
         if content_problem:
             errors.append(content_problem)
-        if "weight" in message and (role != "assistant" or message["weight"] not in (0, 1) or isinstance(message["weight"], bool)):
-            errors.append(Problem(row, "invalid_weight", f"row {row}, {where}: weight {message['weight']!r} on a "
-                                  f"{role} message; weight is 0 or 1, and only on assistant messages (0 = shown as "
-                                  "context, not trained)."))
+        weight_problem = _weight_problem(row, where, message, role)
+        if weight_problem:
+            errors.append(weight_problem)
+        if message.get("tool_calls") is not None and not (role == "assistant"
+                                                           and isinstance(message["tool_calls"], list)):
+            errors.append(Problem(row, "wrong_type", f"row {row}, {where}: tool_calls is a "
+                                  f"{data.type_name(message['tool_calls'])} on a {data.shown(role)} message; tool "
+                                  "calls are a list on an assistant message."))
         if role == "tool" and not rules.supports_tool_turns:
             errors.append(Problem(row, "tool_turn_unsupported", f"row {row}, {where}: a tool turn, but this model's "
                                   "chat template cannot show tool results; remove tool turns or pick a model with "
@@ -234,24 +310,30 @@ def structure_problems(row: int, messages: Any, rules: TemplateRules) -> tuple[l
     elif all(m.get("weight", 1) == 0 for m in messages if m["role"] == "assistant"):
         errors.append(Problem(row, "nothing_to_train", f"row {row}: every assistant message has weight 0, so no "
                               "token would be trained; set weight 1 on at least one reply."))
-    dialogue = [r for r in roles if r in ("user", "assistant")]
-    repeat = next((i for i in range(1, len(dialogue)) if dialogue[i] == dialogue[i - 1]), None)
-    starts_with_reply = bool(dialogue) and dialogue[0] == "assistant"
-    if repeat is not None or starts_with_reply:
-        what = (f"two {dialogue[repeat]} turns in a row" if repeat is not None
-                else "the conversation starts with the assistant")
+    # A tool turn sits between a call and the reply that uses its result (assistant -> tool -> assistant), so only
+    # two user or two assistant turns directly after one another are out of order.
+    turns = [r for r in roles if r != "system"]
+    repeat = next((i for i in range(1, len(turns)) if turns[i] == turns[i - 1] and turns[i] != "tool"), None)
+    starts_with_reply = bool(turns) and turns[0] == "assistant"
+    if repeat is not None:
+        what = f"two {turns[repeat]} turns in a row"
         if rules.requires_alternation:
             errors.append(Problem(row, "roles_not_alternating", f"row {row}: {what}, and this model's chat template "
                                   "requires user and assistant turns to alternate; merge or reorder the turns."))
         else:
             warnings.append(Problem(row, "roles_not_alternating", f"row {row}: {what}; this is allowed by the "
                                     "template but usually a data mistake (merge the turns if so)."))
+    elif starts_with_reply and rules.requires_alternation:
+        # A greeting before the user speaks is a real pattern; only a template that forbids it makes it an error.
+        errors.append(Problem(row, "roles_not_alternating", f"row {row}: the conversation starts with the assistant, "
+                              "and this model's chat template requires it to start with the user; add the user's "
+                              "turn first."))
     return errors, warnings
 
 
 def _text_problems(row: int, text: Any) -> list[Problem]:
     if not isinstance(text, str):
-        return [Problem(row, "non_string_content", f"row {row}: 'text' is a {type(text).__name__}, not text; write it as a string.")]
+        return [Problem(row, "non_string_content", f"row {row}: 'text' is a {data.type_name(text)}, not text; write it as a string.")]
     if not text.strip():
         return [Problem(row, "empty_content", f"row {row}: 'text' is empty; write the text or remove the row.")]
     invalid = _invalid_text_problem(row, "'text'", text)
@@ -261,12 +343,125 @@ def _text_problems(row: int, text: Any) -> list[Problem]:
 # ------------------------------------------------------------------------------------------- report
 
 
-def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int) -> Report:
-    """Check every normalised example against structure, the model's template and tokenizer, and duplicates."""
+BATCH_ROWS = 1024
+MANY_PROMPTS = 5  # one answer given to this many different prompts is reported
+LISTED_ROWS = 5
+
+
+def _digest(value: Any) -> bytes | None:
+    """A 16-byte fingerprint of a JSON-like value (rows are compared by it, not kept whole); None if it has none."""
+    try:
+        text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=repr)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _rows_named(rows: list[int], total: int) -> str:
+    shown = ", ".join(map(str, rows[:LISTED_ROWS]))
+    return shown + (f" and {total - LISTED_ROWS:,} more" if total > LISTED_ROWS else "")
+
+
+class _Repeats:
+    """Exact duplicates, the same prompt with different answers, and one answer to many prompts, by fingerprint."""
+
+    def __init__(self) -> None:
+        self.first_seen: dict[bytes, int] = {}
+        # prompt -> [rows (the first few), number of rows, distinct answers]
+        self.prompts: dict[bytes, list[Any]] = {}
+        # answer -> [rows (the first few), distinct prompts, the answer's first words]
+        self.answers: dict[bytes, list[Any]] = {}
+
+    def duplicate_of(self, example: data.Example) -> int | None:
+        """The row this example repeats exactly, or None (and it is remembered)."""
+        if example.messages is None:
+            key = _digest(example.text)
+            prompt = answer = None
+        else:
+            prompt, answer = _digest(example.messages[:-1]), _digest(example.messages[-1].get("content"))
+            key = _digest([prompt.hex() if prompt else None, example.messages[-1]])
+        if key is None:
+            return None
+        if key in self.first_seen:
+            return self.first_seen[key]
+        self.first_seen[key] = example.row
+        if prompt is not None and answer is not None:
+            entry = self.prompts.setdefault(prompt, [[], 0, set()])
+            entry[1] += 1
+            entry[2].add(answer)
+            if len(entry[0]) < LISTED_ROWS:
+                entry[0].append(example.row)
+            entry = self.answers.setdefault(answer, [[], set(), str(example.messages[-1].get("content"))[:40]])
+            entry[1].add(prompt)
+            if len(entry[0]) < LISTED_ROWS:
+                entry[0].append(example.row)
+        return None
+
+    def warnings(self) -> list[Problem]:
+        found = []
+        for rows, n, answers in self.prompts.values():
+            if len(answers) > 1:
+                found.append(Problem(rows[0], "same_prompt_different_answers", f"rows {_rows_named(rows, n)} have "
+                                     f"the same prompt and {len(answers)} different answers; if only one is right, "
+                                     "keep that one (the model learns to answer either way)."))
+        for rows, prompts, words in self.answers.values():
+            if len(prompts) >= MANY_PROMPTS:
+                found.append(Problem(rows[0], "same_answer_many_prompts", f"rows {_rows_named(rows, len(prompts))} "
+                                     f"give the same answer ({words!r}…) to {len(prompts):,} different prompts; the "
+                                     "model may learn to give it to anything (check that it fits each prompt)."))
+        return found
+
+
+def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int, keep_duplicates: bool = False,
+                 on_progress: Callable[[int, int | None], None] | None = None) -> Report:
+    """Check every normalised example against structure, the model's template and tokenizer, and repeats.
+
+    Examples are rendered and measured BATCH_ROWS at a time (one template render each, the tokenizer once per
+    batch: `render.Renderer`). Exact duplicates are dropped from the examples (the first kept) unless
+    `keep_duplicates`; `on_progress(rows checked, rows)` is called after every batch.
+    """
     rules = TemplateRules.probe(tokenizer)
+    renderer = Renderer(tokenizer)
     report = Report(loaded.source, loaded.format, loaded.rows, max_length)
     report.errors += [Problem(p.row, p.code, p.message) for p in loaded.problems]
-    first_seen: dict[str, int] = {}
+    report.warnings += [Problem(p.row, p.code, p.message) for p in loaded.warnings]
+    repeats = _Repeats()
+    split_rows: list[int] = []
+    pieces_made = 0
+    batch: list[data.Example] = []
+    done = len(loaded.problems)
+
+    def measure(examples: list[data.Example]) -> None:
+        nonlocal pieces_made
+        for example, result in zip(examples, renderer.measure_many(examples)):
+            row = example.row
+            if isinstance(result, TemplateError):
+                report.errors.append(Problem(row, "template_error", f"row {row}: {result}."))
+                continue
+            n_tokens, n_trained = result
+            if n_tokens > max_length and example.text is not None:
+                pieces = _split_text(tokenizer, renderer, example, max_length)
+                if pieces:
+                    split_rows.append(row)
+                    pieces_made += len(pieces)
+                    for piece, (tokens, trained) in pieces:
+                        report.valid_examples.append(piece)
+                        report.token_counts.append((1, tokens, trained))
+                    continue
+            if n_tokens > max_length:
+                report.rows_over_max_length += 1
+                report.errors.append(Problem(row, "too_long", f"row {row}: {n_tokens} tokens, over the maximum "
+                                             f"length of {max_length}; shorten or split the conversation, or raise the "
+                                             "maximum length (a conversation is not cut: that would cut the reply)."))
+                continue
+            if n_trained == 0:
+                report.errors.append(Problem(row, "nothing_to_train", f"row {row}: no token of this row would be "
+                                             "trained; check that the assistant replies are not empty."))
+                continue
+            turns = len(example.messages) if example.messages is not None else 1
+            report.valid_examples.append(example)
+            report.token_counts.append((turns, n_tokens, n_trained))
+
     for example in loaded.examples:
         row = example.row
         if example.messages is not None or example.text is None:
@@ -276,31 +471,31 @@ def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int) -> Re
         report.warnings += warnings
         if errors:
             report.errors += errors
-            continue
-        key = json.dumps(example.messages if example.messages is not None else example.text, sort_keys=True)
-        if key in first_seen:
-            report.errors.append(Problem(row, "duplicate", f"row {row}: an exact copy of row {first_seen[key]}; "
-                                         "remove it (repeated examples are memorised, not learned)."))
-            continue
-        first_seen[key] = row
-        try:
-            rendered: Rendered = render_example(tokenizer, example)
-        except TemplateError as err:
-            report.errors.append(Problem(row, "template_error", f"row {row}: {err}."))
-            continue
-        if rendered.n_tokens > max_length:
-            report.rows_over_max_length += 1
-            report.errors.append(Problem(row, "too_long", f"row {row}: {rendered.n_tokens} tokens, over the maximum "
-                                         f"length of {max_length}; shorten or split the conversation, or raise the "
-                                         "maximum length."))
-            continue
-        if rendered.n_trained == 0:
-            report.errors.append(Problem(row, "nothing_to_train", f"row {row}: no token of this row would be trained; "
-                                         "check that the assistant replies are not empty."))
-            continue
-        turns = len(example.messages) if example.messages is not None else 1
-        report.valid_examples.append(example)
-        report.token_counts.append((turns, rendered.n_tokens, rendered.n_trained))
+        else:
+            first = repeats.duplicate_of(example)
+            if first is not None:
+                kept = " (kept: keep_duplicates is set)" if keep_duplicates else (
+                    "; it is dropped before training (set keep_duplicates to keep repeats)")
+                report.warnings.append(Problem(row, "duplicate", f"row {row}: an exact copy of row {first}{kept}."))
+                if not keep_duplicates:
+                    report.duplicates_dropped += 1
+            if first is None or keep_duplicates:
+                batch.append(example)
+        done += 1
+        if len(batch) >= BATCH_ROWS:
+            measure(batch)
+            batch = []
+            if on_progress is not None:
+                on_progress(done, loaded.rows)
+    if batch:
+        measure(batch)
+    report.warnings += repeats.warnings()
+    if split_rows:
+        report.text_rows_split = len(split_rows)
+        report.warnings.append(Problem(None, "text_split", f"{len(split_rows):,} plain-text row(s) longer than the "
+                                       f"maximum length ({max_length} tokens) were split into {pieces_made:,} pieces "
+                                       f"of at most {max_length} tokens each (rows {_rows_named(split_rows, len(split_rows))}); "
+                                       "only the last piece of each ends with the end-of-text token."))
     report.errors.sort(key=lambda p: (p.row or 0))
     report.warnings.sort(key=lambda p: (p.row or 0))
     if loaded.format in (data.TEXT,) or any(e.text is not None for e in report.valid_examples):
@@ -309,12 +504,37 @@ def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int) -> Re
     if report.valid_rows < FEW_EXAMPLES:
         report.warnings.insert(0, Problem(None, "few_examples", f"only {report.valid_rows} valid example(s); LoRA "
                                           f"needs at least {FEW_EXAMPLES}, and a few hundred good ones work best."))
+    if on_progress is not None:
+        on_progress(loaded.rows, loaded.rows)
     return report
 
 
-def check_data(settings: Any, tokenizer: Any) -> Report:
-    """Read the source named by `settings` (a DataSettings) and build its report."""
+def _split_text(tokenizer: Any, renderer: Renderer, example: data.Example,
+                max_length: int) -> list[tuple[data.Example, tuple[int, int]]] | None:
+    """A long plain text as pieces of at most `max_length` tokens, cut at token boundaries (the pieces joined are
+    the text); only the last piece ends the document. None when a piece re-tokenizes over the limit."""
+    offsets = tokenizer(example.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    step = max_length - 1  # room for the end-of-text token on the last piece (and the same size for every piece)
+    cuts = [0] + [offsets[i][0] for i in range(step, len(offsets), step)] + [len(example.text)]
+    cuts = sorted(set(cuts))
+    pieces = [data.Example(example.row, example.format, text=example.text[a:b], ends_document=b == len(example.text))
+              for a, b in zip(cuts, cuts[1:]) if b > a]
+    measured = renderer.measure_many(pieces)
+    if any(isinstance(m, TemplateError) or m[0] > max_length or m[1] == 0 for m in measured):
+        return None
+    return list(zip(pieces, measured))
+
+
+def check_data(settings: Any, tokenizer: Any,
+               on_progress: Callable[[int, int | None], None] | None = None) -> Report:
+    """Read the source named by `settings` (a DataSettings) and build its report.
+
+    `on_progress(rows done, total or None)`, when given, is called every few thousand rows: while reading (rows
+    read, None), then while checking (rows checked, rows), last with (rows, rows).
+    """
     loaded = data.load_data(settings.source, settings.columns or None, settings.hub_config or None, settings.hub_split,
                             max_rows=settings.max_rows, max_file_mb=settings.max_file_mb,
-                            max_row_kb=settings.max_row_kb, max_messages=settings.max_messages)
-    return build_report(loaded, tokenizer, settings.max_length)
+                            max_row_kb=settings.max_row_kb, max_messages=settings.max_messages,
+                            on_progress=on_progress)
+    return build_report(loaded, tokenizer, settings.max_length, getattr(settings, "keep_duplicates", False),
+                        on_progress)

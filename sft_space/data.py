@@ -17,7 +17,7 @@ import math
 import random
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,11 +104,13 @@ class ColumnMapping:
 
 @dataclass
 class RowProblem:
-    """A problem found while reading or reshaping one row (see `checks.py` for the codes)."""
+    """A problem found while reading or reshaping one row (see `checks.py` for the codes). A warning (something
+    dropped or altered, never silently) leaves the row valid; `row` is None for one about the whole source."""
 
-    row: int
+    row: int | None
     code: str
     message: str
+    warning: bool = False
 
 
 @dataclass
@@ -119,6 +121,9 @@ class Example:
     format: str
     messages: list[dict[str, Any]] | None = None
     text: str | None = None
+    # A plain text split at the maximum length (see checks.py) is several examples; only the last ends the document
+    # (gets the end-of-sequence token).
+    ends_document: bool = True
 
 
 @dataclass
@@ -130,17 +135,22 @@ class LoadedData:
     rows: int
     examples: list[Example] = field(default_factory=list)
     problems: list[RowProblem] = field(default_factory=list)
+    warnings: list[RowProblem] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------- reading
 
 
 def read_records(source: str, hub_config: str | None = None, hub_split: str = "train",
-                 max_file_mb: float | None = None, max_row_kb: float | None = None) -> Iterator[tuple[int, Any]]:
+                 max_file_mb: float | None = None, max_row_kb: float | None = None,
+                 max_rows: int | None = None) -> Iterator[tuple[int | None, Any]]:
     """Yield (row number, record) for every row; a record is a parsed value or a RowProblem.
 
     A row over `max_row_kb` becomes a `row_too_large` problem: a JSONL line is measured as it is read and never
     held whole; other sources are measured as each record arrives (as compact JSON), before anything else sees it.
+    A RowProblem with `warning` set (row None) says what of the source was left out: data after a JSON array,
+    files of another format in a folder, the rows of a Hub dataset past `max_rows` (a Hub dataset is streamed,
+    so only the rows read are downloaded).
     """
     path = Path(source).expanduser()
     if path.is_dir():
@@ -171,7 +181,7 @@ def read_records(source: str, hub_config: str | None = None, hub_split: str = "t
     if path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")):
         raise DataSourceError(f"{source}: no such file. Check the path, or upload the file again.")
     if HUB_ID.match(source):
-        yield from _bounded(_read_hub_dataset(source, hub_config, hub_split), max_row_kb)
+        yield from _bounded(_read_hub_dataset(source, hub_config, hub_split, max_rows), max_row_kb)
         return
     raise DataSourceError(
         f"{source!r} is neither a file nor a folder here, nor a Hub dataset id of the form owner/name."
@@ -287,8 +297,17 @@ def _read_json(path: Path, max_row_kb: float | None = None) -> Iterator[tuple[in
         # One object per line, as many tools write "JSON".
         yield from _read_json_lines(path, max_row_kb)
         return
+    def numbered() -> Iterator[tuple[int | None, Any]]:
+        row = 0
+        for item in _json_array_items(path):
+            if isinstance(item, RowProblem):
+                yield None, item
+            else:
+                row += 1
+                yield row, item
+
     try:
-        yield from _bounded(enumerate(_json_array_items(path), start=1), max_row_kb)
+        yield from _bounded(numbered(), max_row_kb)
     except UnicodeDecodeError:
         raise DataSourceError(f"{path.name}: not valid UTF-8; save the file as UTF-8.") from None
     except json.JSONDecodeError as err:
@@ -340,6 +359,8 @@ def _json_array_items(path: Path) -> Iterator[Any]:
                 read_more()
                 continue
             if buffer.startswith("]", at):
+                at += 1
+                yield from _trailing_data(path, handle, buffer[at:])
                 return
             if buffer.startswith(",", at):
                 if expecting_item:
@@ -362,6 +383,19 @@ def _json_array_items(path: Path) -> Iterator[Any]:
                 continue
             yield item
             at, expecting_item = end, False
+
+
+def _trailing_data(path: Path, handle: Any, rest: str) -> Iterator[RowProblem]:
+    """A warning when anything but whitespace follows the array's closing ']' (read in pieces, never kept)."""
+    head = rest.strip()[:40]
+    size = len(rest.strip())
+    while more := handle.read(JSON_CHUNK):
+        head = head or more.strip()[:40]
+        size += len(more)
+    if head:
+        yield RowProblem(None, "trailing_data", f"{path.name}: about {size:,} characters after the closing ']' of "
+                                                f"the JSON array were not read (they start {head!r}); remove them, or "
+                                                "put every record inside the one array.", warning=True)
 
 
 def _read_csv(path: Path, max_row_kb: float | None = None) -> Iterator[tuple[int, Any]]:
@@ -436,7 +470,13 @@ def _read_dataset_folder(path: Path, split: str) -> Iterator[tuple[int, Any]]:
             if isinstance(dataset, datasets.DatasetDict):
                 dataset = _pick_split(dataset, split, str(path))
         else:
+            ignored = _other_files(path)
             dataset = datasets.load_dataset(str(path), split=split)
+            if ignored:
+                yield None, RowProblem(None, "ignored_files", f"{path.name}: {len(ignored):,} file(s) of another "
+                                       f"format were not read: {', '.join(ignored[:5])}"
+                                       f"{', …' if len(ignored) > 5 else ''}; convert them to the folder's format, "
+                                       "or point at one file.", warning=True)
     except DataSourceError:
         raise
     except Exception as err:
@@ -446,31 +486,102 @@ def _read_dataset_folder(path: Path, split: str) -> Iterator[tuple[int, Any]]:
     yield from enumerate(dataset, start=1)
 
 
+# What the datasets library reads in a plain folder (one format: the most common of these); other files are named.
+FOLDER_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".tsv", ".arrow")
+NOT_DATA = re.compile(r"^(readme|license|licence|changelog)(\.|$)|\.(md|gitattributes|lock)$", re.IGNORECASE)
+
+
+def _other_files(folder: Path) -> list[str]:
+    files = [f for f in sorted(folder.rglob("*")) if f.is_file()
+             and not any(part.startswith(".") for part in f.relative_to(folder).parts) and not NOT_DATA.search(f.name)]
+    suffixes = Counter(f.suffix.lower() for f in files if f.suffix.lower() in FOLDER_DATA_SUFFIXES)
+    if not suffixes:
+        return []
+    read = suffixes.most_common(1)[0][0]
+    return [str(f.relative_to(folder)) for f in files if f.suffix.lower() != read]
+
+
 def _pick_split(dataset_dict: Any, split: str, name: str) -> Any:
     if split not in dataset_dict:
         raise DataSourceError(f"{name}: has no split {split!r}; it has {', '.join(dataset_dict)}.")
     return dataset_dict[split]
 
 
-def _read_hub_dataset(dataset_id: str, config: str | None, split: str) -> Iterator[tuple[int, Any]]:
+def _read_hub_dataset(dataset_id: str, config: str | None, split: str,
+                      max_rows: int | None = None) -> Iterator[tuple[int | None, Any]]:
+    """The dataset streamed row by row (nothing is downloaded whole), stopping after `max_rows` rows with a
+    warning: the report starts from the first rows, whatever the dataset's size."""
     import datasets
 
-    try:
-        dataset = datasets.load_dataset(dataset_id, name=config, split=split)
-    except ConnectionError as err:
-        raise DataSourceError(
-            f"Could not reach the Hugging Face Hub to load the dataset {dataset_id!r} ({err}). "
-            "Check the network connection, or download the data and use the file instead."
-        ) from None
-    except Exception as err:
-        raise DataSourceError(
+    def failed(err: Exception) -> DataSourceError:
+        if isinstance(err, ConnectionError) or "offline" in str(err).lower():
+            return DataSourceError(
+                f"Could not reach the Hugging Face Hub to load the dataset {dataset_id!r} ({err}). "
+                "Check the network connection, or download the data and use the file instead.")
+        return DataSourceError(
             f"Could not load the Hub dataset {dataset_id!r} (config {config or 'default'}, split {split!r}): {err}. "
-            "Check the id, config and split on its Hub page; for a gated dataset accept its terms and log in."
-        ) from None
-    yield from enumerate(dataset, start=1)
+            "Check the id, config and split on its Hub page; for a gated dataset accept its terms and log in.")
+
+    try:
+        rows = iter(datasets.load_dataset(dataset_id, name=config, split=split, streaming=True))
+    except Exception as err:
+        raise failed(err) from None
+    row = 0
+    while True:
+        try:
+            record = next(rows)
+        except StopIteration:
+            return
+        except Exception as err:  # streaming reads as it goes: a dropped connection surfaces here
+            raise failed(err) from None
+        row += 1
+        if max_rows is not None and row > max_rows:
+            yield None, RowProblem(None, "rows_not_read", f"{dataset_id}: only its first {max_rows:,} rows were read "
+                                   "(max_rows, --max-rows); the rest of the dataset is not checked or trained on.",
+                                   warning=True)
+            return
+        yield row, record
 
 
 # ------------------------------------------------------------------------------------- format detection
+
+
+# Which keys each format reads; any other column is reported once per file (ignored_column), never dropped silently.
+USED_COLUMNS = {
+    OPENAI: {"messages"},
+    SHAREGPT: {"conversations", "system"},
+    ALPACA: {"instruction", "input", "output", "system", "history"},
+    PROMPT_COMPLETION: {"prompt", "completion", "response"},
+    TEXT: {"text"},
+}
+# ShareGPT turns: what a turn may carry besides its speaker and text.
+SHAREGPT_TURN_KEYS = {"from", "value"}
+# Per-message weights as other trainers write them (LLaMA-Factory's loss_weight, "train" flags): 0 or 1, as
+# numbers, floats or booleans. Read into our own `weight` (0 = context only).
+WEIGHT_KEYS = ("weight", "loss_weight", "train")
+# Keys of a content part that hold its text: OpenAI's "text", LLaMA-Factory's newer "value", and "content".
+PART_TEXT_KEYS = ("text", "value", "content")
+
+
+class RowError(Exception):
+    """A row whose shape cannot be read: becomes a per-row error with this code and detail."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code, self.detail = code, detail
+
+
+def type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A short repr for messages, whatever the value: a 10,000-digit int has no repr in Python 3.11."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        text = f"a {type_name(value)}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def detect_row_format(record: dict[str, Any]) -> str | None:
@@ -491,13 +602,28 @@ def detect_row_format(record: dict[str, Any]) -> str | None:
     return None
 
 
+def used_columns(record: dict[str, Any], row_format: str, mapping: ColumnMapping | None = None) -> set[str]:
+    if row_format == MAPPED:
+        return set(mapping.columns()) if mapping else set()
+    if row_format == OPENAI:
+        return {"messages"} if "messages" in record else {"conversations"}
+    if row_format == PROMPT_COMPLETION:
+        return {"prompt", "completion" if "completion" in record else "response"}
+    return USED_COLUMNS[row_format]
+
+
 def normalise(record: dict[str, Any], row_format: str, mapping: ColumnMapping | None = None) -> Example | str:
-    """Reshape one record into an Example, or return why its shape cannot be read (a message)."""
+    """Reshape one record into an Example, or return why its shape cannot be read (a message).
+
+    A value of a type its place does not allow raises RowError (a per-row error); values the checks judge
+    (roles, contents, weights) are carried through as written.
+    """
     if row_format == OPENAI:
         messages = record.get("messages", record.get("conversations"))
         return Example(0, OPENAI, messages=_openai_messages(messages))
     if row_format == SHAREGPT:
-        return Example(0, SHAREGPT, messages=_sharegpt_messages(record.get("conversations")))
+        messages = _sharegpt_messages(record.get("conversations"))
+        return Example(0, SHAREGPT, messages=_with_system(record.get("system"), messages, "'system'"))
     if row_format == ALPACA:
         return Example(0, ALPACA, messages=_alpaca_messages(record))
     if row_format == PROMPT_COMPLETION:
@@ -508,7 +634,8 @@ def normalise(record: dict[str, Any], row_format: str, mapping: ColumnMapping | 
     if row_format == MAPPED and mapping is not None:
         missing = [c for c in mapping.columns() if c not in record]
         if missing:
-            return f"has no column {', '.join(map(repr, missing))} named in the column mapping (it has {', '.join(map(repr, record))})"
+            return (f"has no column {', '.join(map(repr, missing))} named in the column mapping (it has "
+                    f"{', '.join(map(shown, record))})")
         if mapping.messages:
             turns = record[mapping.messages]
             if isinstance(turns, list) and turns and isinstance(turns[0], dict) and "from" in turns[0]:
@@ -516,23 +643,61 @@ def normalise(record: dict[str, Any], row_format: str, mapping: ColumnMapping | 
             return Example(0, MAPPED, messages=_openai_messages(turns))
         if mapping.text:
             return Example(0, MAPPED, text=record[mapping.text])
-        messages = [{"role": "user", "content": record[mapping.prompt]}, {"role": "assistant", "content": record[mapping.response]}]
-        if mapping.system and record[mapping.system] not in (None, ""):
-            messages.insert(0, {"role": "system", "content": record[mapping.system]})
-        return Example(0, MAPPED, messages=messages)
+        messages = [{"role": "user", "content": record[mapping.prompt]},
+                    {"role": "assistant", "content": record[mapping.response]}]
+        system = record[mapping.system] if mapping.system else None
+        return Example(0, MAPPED, messages=_with_system(system, messages, repr(mapping.system)))
     raise ValueError(f"unknown format {row_format!r}")
 
 
+def _with_system(system: Any, messages: Any, name: str) -> Any:
+    """A system column prepended as the first message; empty means none."""
+    if system is None or (isinstance(system, str) and not system.strip()):
+        return messages
+    if not isinstance(system, str):
+        raise RowError("non_string_content", f"{name} is a {type_name(system)}, not text; write it as a string")
+    return [{"role": "system", "content": system}] + messages if isinstance(messages, list) else messages
+
+
+def _joined_parts(content: Any) -> Any:
+    """A list of text parts (OpenAI's {"type": "text", "text": ...}, LLaMA-Factory's {"type": "text", "value": ...})
+    becomes one string; anything else is kept as written for the checks to name."""
+    if not isinstance(content, list) or not content:
+        return content
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type", "text") != "text":
+            return content
+        text = [part[key] for key in PART_TEXT_KEYS if isinstance(part.get(key), str)]
+        if len(text) != 1:
+            return content
+        texts.append(text[0])
+    return "".join(texts)
+
+
+def _weighted(message: dict[str, Any]) -> dict[str, Any]:
+    """The message with its weight, under any of WEIGHT_KEYS, read as our 0/1 `weight`; a value that is not 0/1
+    (in any of its spellings) is left under its own key for the checks to report."""
+    present = [key for key in WEIGHT_KEYS if key in message]
+    if not present:
+        return message
+    value = message[present[0]]
+    if len(present) == 1 and type(value) in (bool, int, float) and value in (0, 1):
+        message = {k: v for k, v in message.items() if k != present[0]}
+        message["weight"] = int(value)
+    return message
+
+
 def _openai_messages(messages: Any) -> Any:
-    """Text-part lists become one string; everything else is kept as written for the checks to judge."""
+    """Text-part lists become one string, weights are read; everything else is kept as written for the checks."""
     if not isinstance(messages, list):
         return messages
     result = []
     for message in messages:
-        if isinstance(message, dict) and isinstance(message.get("content"), list):
-            parts = message["content"]
-            if all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts):
-                message = {**message, "content": "".join(p["text"] for p in parts)}
+        if isinstance(message, dict):
+            message = _weighted(message)
+            if isinstance(message.get("content"), list):
+                message = {**message, "content": _joined_parts(message["content"])}
         result.append(message)
     return result
 
@@ -547,22 +712,36 @@ def _sharegpt_messages(turns: Any) -> Any:
             continue
         speaker = turn.get("from")
         role = SHAREGPT_ROLES.get(speaker.lower(), speaker) if isinstance(speaker, str) else speaker
-        messages.append({"role": role, "content": turn.get("value")})
+        message = {"role": role, "content": _joined_parts(turn.get("value"))}
+        message.update({key: turn[key] for key in WEIGHT_KEYS if key in turn})
+        messages.append(_weighted(message))
     return messages
 
 
+def _text_field(record: dict[str, Any], key: str) -> Any:
+    """An optional text column: None, or text; another type is an error rather than silently left out."""
+    value = record.get(key)
+    if value is not None and not isinstance(value, str):
+        raise RowError("non_string_content", f"{key!r} is a {type_name(value)}, not text; write it as a string")
+    return value
+
+
 def _alpaca_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
-    instruction, extra = record.get("instruction"), record.get("input")
+    instruction, extra = record.get("instruction"), _text_field(record, "input")
     prompt = instruction
-    if isinstance(instruction, str) and isinstance(extra, str) and extra.strip():
+    if isinstance(instruction, str) and extra and extra.strip():
         prompt = f"{instruction}\n\n{extra}"
-    messages: list[dict[str, Any]] = []
-    if isinstance(record.get("system"), str) and record["system"].strip():
-        messages.append({"role": "system", "content": record["system"]})
+    messages: list[dict[str, Any]] = _with_system(_text_field(record, "system"), [], "'system'")
     # LLaMA-Factory's Alpaca variant carries earlier turns as [[question, answer], ...].
-    for pair in record.get("history") or []:
-        if isinstance(pair, (list, tuple)) and len(pair) == 2:
-            messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    history = record.get("history")
+    if history is not None and not isinstance(history, list):
+        raise RowError("wrong_type", f"'history' is a {type_name(history)}; write it as a list of "
+                                     "[question, answer] pairs")
+    for index, pair in enumerate(history or [], start=1):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise RowError("wrong_type", f"'history' item {index} is {shown(pair, 40)}, not a [question, answer] "
+                                         "pair; fix or remove it")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": record.get("output")}]
     return messages
 
@@ -588,54 +767,91 @@ def load_data(
     max_file_mb: float | None = None,
     max_row_kb: float | None = DataSettings.max_row_kb,
     max_messages: int | None = DataSettings.max_messages,
+    on_progress: Callable[[int, int | None], None] | None = None,
 ) -> LoadedData:
     """Read a source and normalise every row; rows that cannot be read become problems, never exceptions.
 
-    Reading stops at `max_rows` (and a file over `max_file_mb` is not read), so memory stays bounded. A row over
-    `max_row_kb` is reported unparsed, and a row of more than `max_messages` messages is reported before anything
-    renders it: the cost of checking a row is bounded too. These two default to the settings' defaults, as one
-    upload must not be able to exhaust the Space whichever caller reads it.
+    Reading stops at `max_rows` (and a file over `max_file_mb` is not read), so memory stays bounded; a Hub
+    dataset is streamed and its first `max_rows` rows are read (a warning says so). A row over `max_row_kb` is
+    reported unparsed, and a row of more than `max_messages` messages is reported before anything renders it:
+    the cost of checking a row is bounded too. These two default to the settings' defaults, as one upload must
+    not be able to exhaust the Space whichever caller reads it. `on_progress(rows read, None)` is called every
+    PROGRESS_EVERY rows.
     """
     mapping = ColumnMapping.parse(columns) if isinstance(columns, str) or columns is None else columns
-    records: list[tuple[int, Any]] = []
+    records = read_records(source, hub_config, hub_split, max_file_mb, max_row_kb, max_rows=max_rows)
+    return load_records(records, _display_name(source), mapping, max_rows, max_messages, on_progress)
+
+
+PROGRESS_EVERY = 5000
+
+
+def load_records(records: Iterable[tuple[int | None, Any]], name: str, mapping: ColumnMapping | None = None,
+                 max_rows: int | None = None, max_messages: int | None = DataSettings.max_messages,
+                 on_progress: Callable[[int, int | None], None] | None = None) -> LoadedData:
+    """Normalise (row number, record) pairs as `read_records` gives them; see `load_data`.
+
+    Each record is reshaped as it arrives and only its normalised form is kept (memory stays near the size of the
+    data); whether a row is in the file's majority format is judged once every row has been seen.
+    """
+    seen: list[tuple[int, str | None, Any]] = []  # (row, its format, Example | message | RowError | its keys)
     problems: list[RowProblem] = []
-    for count, (row, record) in enumerate(read_records(source, hub_config, hub_split, max_file_mb, max_row_kb),
-                                          start=1):
-        if max_rows is not None and count > max_rows:
-            raise DataSourceError(f"{_display_name(source)}: more than {max_rows:,} rows, the limit (the max_rows "
-                                  "setting, --max-rows); train on a sample, or raise the limit.")
+    warnings: list[RowProblem] = []
+    ignored: dict[tuple[str, str], list[int]] = {}  # (format, column) -> [rows that have it, the first row]
+    unknown_keys: set[str] = set()
+    unknown_seen = 0
+    counts: Counter[str] = Counter()
+    row_count = 0
+    for row, record in records:
+        if isinstance(record, RowProblem) and record.warning:
+            warnings.append(record)
+            continue
+        row_count += 1
+        if max_rows is not None and row_count > max_rows:
+            raise DataSourceError(f"{name}: more than {max_rows:,} rows, the limit (the max_rows setting, "
+                                  "--max-rows); train on a sample, or raise the limit.")
+        if on_progress is not None and row_count % PROGRESS_EVERY == 0:
+            on_progress(row_count, None)
         if isinstance(record, RowProblem):
             problems.append(record)
-        elif not isinstance(record, dict):
+            continue
+        if not isinstance(record, dict):
             problems.append(RowProblem(
                 row, "not_an_object",
                 f"row {row}: is a JSON {type(record).__name__}, not an object; each row must be an object such as "
                 '{"messages": [...]}.',
             ))
-        else:
-            records.append((row, record))
-    row_count = len(records) + len(problems)
+            continue
+        row_format = MAPPED if mapping else detect_row_format(record)
+        if row_format is None:
+            if unknown_seen < 50:
+                unknown_keys.update(map(str, record))
+            unknown_seen += 1
+            seen.append((row, None, list(map(shown, record))))
+            continue
+        counts[row_format] += 1
+        _count_ignored(record, row_format, mapping, row, ignored)
+        try:
+            result: Any = normalise(record, row_format, mapping)
+        except RowError as err:
+            result = err
+        seen.append((row, row_format, result))
     if row_count == 0:
-        raise DataSourceError(f"{_display_name(source)}: contains no rows.")
-
-    detected = {row: (MAPPED if mapping else detect_row_format(record)) for row, record in records}
-    counts = Counter(f for f in detected.values() if f is not None)
-    if not counts and records:
-        keys = sorted({key for _, record in records[:50] for key in record})
+        raise DataSourceError(f"{name}: contains no rows.")
+    if not counts and seen:
         raise DataSourceError(
-            f"{_display_name(source)}: could not recognise the format from the columns {', '.join(map(repr, keys))}. "
+            f"{name}: could not recognise the format from the columns {', '.join(map(repr, sorted(unknown_keys)))}. "
             "Expected 'messages' (OpenAI chat), 'conversations' (ShareGPT), 'instruction'+'output' (Alpaca), "
             "'prompt'+'completion' (or 'response'), or 'text'. Map your columns, e.g. --columns prompt=question,response=answer."
         )
     file_format = counts.most_common(1)[0][0] if counts else OPENAI
 
     examples = []
-    for row, record in records:
-        row_format = detected[row]
+    for row, row_format, result in seen:
         if row_format is None:
             problems.append(RowProblem(
                 row, "unknown_format",
-                f"row {row}: its keys {', '.join(map(repr, record)) or '(none)'} match no known format while the file is "
+                f"row {row}: its keys {', '.join(result) or '(none)'} match no known format while the file is "
                 f"{FORMAT_NAMES[file_format]}; rewrite the row in that format or remove it.",
             ))
         elif row_format != file_format:
@@ -644,21 +860,41 @@ def load_data(
                 f"row {row}: is {FORMAT_NAMES[row_format]} but most of the file is {FORMAT_NAMES[file_format]}; "
                 "convert it so the whole file uses one format, or skip it.",
             ))
+        elif isinstance(result, RowError):
+            problems.append(RowProblem(row, result.code, f"row {row}: {result.detail}."))
+        elif isinstance(result, str):
+            problems.append(RowProblem(row, "unknown_format", f"row {row}: {result}."))
+        elif max_messages is not None and isinstance(result.messages, list) and len(result.messages) > max_messages:
+            problems.append(RowProblem(
+                row, "too_many_messages",
+                f"row {row} has {len(result.messages):,} messages, over the limit of {max_messages:,} per row "
+                "(max_messages, --max-messages); split the conversation or raise the limit.",
+            ))
         else:
-            example = normalise(record, row_format, mapping)
-            if isinstance(example, str):
-                problems.append(RowProblem(row, "unknown_format", f"row {row}: {example}."))
-            elif max_messages is not None and isinstance(example.messages, list) and len(example.messages) > max_messages:
-                problems.append(RowProblem(
-                    row, "too_many_messages",
-                    f"row {row} has {len(example.messages):,} messages, over the limit of {max_messages:,} per row "
-                    "(max_messages, --max-messages); split the conversation or raise the limit.",
-                ))
-            else:
-                example.row = row
-                examples.append(example)
-    problems.sort(key=lambda p: p.row)
-    return LoadedData(_display_name(source), file_format, row_count, examples, problems)
+            result.row = row
+            examples.append(result)
+    for (row_format, column), (n, first) in sorted(ignored.items(), key=lambda item: item[1][1]):
+        if row_format == file_format:
+            warnings.append(RowProblem(None, "ignored_column", f"{column} is not read in the "
+                                       f"{FORMAT_NAMES[file_format]} format and was ignored ({n:,} row(s), the first "
+                                       f"row {first}); remove it, or map your columns (--columns) if it holds the "
+                                       "data.", warning=True))
+    problems.sort(key=lambda p: p.row or 0)
+    return LoadedData(name, file_format, row_count, examples, problems, warnings)
+
+
+def _count_ignored(record: dict[str, Any], row_format: str, mapping: ColumnMapping | None, row: int,
+                   ignored: dict[tuple[str, str], list[int]]) -> None:
+    """Count the columns (and ShareGPT turn fields) that this row's format does not read."""
+    used = used_columns(record, row_format, mapping)
+    names = [f"column {shown(key)}" for key in record if key not in used]
+    if row_format == SHAREGPT and isinstance(record.get("conversations"), list):
+        fields = {key for turn in record["conversations"] if isinstance(turn, dict) for key in turn}
+        names += [f"turn field {shown(key)}" for key in fields if key not in SHAREGPT_TURN_KEYS
+                  and key not in WEIGHT_KEYS]
+    for name in names:
+        entry = ignored.setdefault((row_format, name), [0, row])
+        entry[0] += 1
 
 
 def _display_name(source: str) -> str:

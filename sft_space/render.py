@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import html
 import itertools
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +131,12 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], full: str) -
     for i, message in enumerate(messages):
         if message.get("role") != "assistant" or message.get("weight", 1) == 0:
             continue
+        if i == 0:
+            start, end = _opening_reply_span(tokenizer, messages, full)
+            if end > start:
+                spans.append((start, end))
+            cursor = max(cursor, end)
+            continue
         before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
         through = render_chat(tokenizer, messages[: i + 1])
         if full.startswith(through) and through.startswith(before) and len(before) >= cursor:
@@ -152,6 +159,22 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], full: str) -
             spans.append((start, end))
         cursor = max(cursor, end)
     return spans
+
+
+def _opening_reply_span(tokenizer: Any, messages: list[dict[str, Any]], full: str) -> tuple[int, int]:
+    """The span of a reply that opens the conversation. There is no history to add a generation prompt to
+    (templates refuse an empty conversation), so the span starts where the reply's content does, found by rendering
+    it alone with a placeholder for its content, and runs to the end of that render (its end-of-turn marker)."""
+    message, mark = messages[0], _placeholder(0)
+    through = render_chat(tokenizer, messages[:1])
+    content = message.get("content")
+    if isinstance(content, str) and full.startswith(through):
+        marked = render_chat(tokenizer, [{**message, "content": mark}])
+        at = marked.find(mark)
+        if at >= 0 and marked.count(mark) == 1 and through == marked[:at] + content + marked[at + len(mark):]:
+            return at, len(through.rstrip())
+    raise TemplateError("the chat template does not render the opening assistant message as written, so the tokens "
+                        "to train cannot be located; start the conversation with the user's turn")
 
 
 def _role_segments(tokenizer: Any, messages: list[dict[str, Any]], full: str) -> list[tuple[int, int, str]]:
@@ -342,10 +365,11 @@ def render_conversation(tokenizer: Any, messages: list[dict[str, Any]], by_prefi
     return Rendered(full, input_ids, offsets, trained_mask(offsets, spans), segments)
 
 
-def render_text(tokenizer: Any, text: str) -> Rendered:
-    """Language-model data: every token is trained, and an end-of-sequence token closes the document."""
+def render_text(tokenizer: Any, text: str, ends_document: bool = True) -> Rendered:
+    """Language-model data: every token is trained, and an end-of-sequence token closes the document (not a piece
+    of a longer document split at the maximum length, which the next piece continues)."""
     input_ids, offsets = _tokenize(tokenizer, text)
-    if tokenizer.eos_token_id is not None:
+    if ends_document and tokenizer.eos_token_id is not None:
         input_ids.append(tokenizer.eos_token_id)
         offsets.append((len(text), len(text)))
     return Rendered(text, input_ids, offsets, [True] * len(input_ids), [(0, len(text), "text")])
@@ -355,7 +379,267 @@ def render_example(tokenizer: Any, example: Any) -> Rendered:
     """Render a `data.Example` (chat messages or plain text)."""
     if example.messages is not None:
         return render_conversation(tokenizer, example.messages)
-    return render_text(tokenizer, example.text)
+    return render_text(tokenizer, example.text, getattr(example, "ends_document", True))
+
+
+# ------------------------------------------------------------------------------------ many examples at once
+
+
+@dataclass
+class _Marked:
+    """How the template lays out one shape of conversation (its roles and every field but the contents), found once
+    by rendering it with placeholders for the contents, and reused for every conversation of that shape.
+
+    `pieces` is the text between the placeholders (len(messages) + 1 pieces). Positions are in the placeholder
+    text: `prefix_ends[k]` where the first k+1 messages rendered alone end (None: not a prefix of the whole),
+    `replies[i]` the (start, end) of trained reply i as the prefix method finds it (end before stripping space).
+    """
+
+    pieces: list[str]
+    prefix_ends: list[int | None]
+    replies: dict[int, tuple[int, int]]
+
+
+class Renderer:
+    """Renders many examples for one tokenizer: one template render per conversation, the tokenizer once per batch.
+
+    A conversation whose text is exactly its shape's placeholder render with the contents put in (checked for
+    every conversation, in linear time) takes its prefix ends and reply spans from that render: the answer the
+    prefix method gives (`render_conversation`), without rendering a prefix. The first conversations of each shape
+    are also rendered the single-example way and compared, and any difference, or any conversation that does not
+    fit, goes the single-example way: the result is always `render_example`'s.
+    """
+
+    VERIFY_FIRST = 2
+    MAX_SHAPES = 4096
+    # Learning a shape renders each of its prefixes (quadratic in its length): worth it for the short shapes that
+    # repeat over a dataset; a longer conversation takes the linear single-example way (`_block_layout`).
+    MAX_SHAPE_MESSAGES = 16
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._shapes: dict[str, _Marked | None] = {}
+        self._verified: dict[str, int] = {}
+
+    # --- one conversation: text, trained spans, role segments
+
+    def _shape(self, messages: list[dict[str, Any]]) -> tuple[str, _Marked | None] | None:
+        if len(messages) > self.MAX_SHAPE_MESSAGES or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+            return None
+        try:
+            key = json.dumps([{k: v for k, v in m.items() if k != "content"} for m in messages], sort_keys=True)
+        except (TypeError, ValueError):
+            return None
+        if key not in self._shapes:
+            if len(self._shapes) >= self.MAX_SHAPES:
+                self._shapes.clear()
+                self._verified.clear()
+            self._shapes[key] = _marked_layout(self.tokenizer, messages)
+        return key, self._shapes[key]
+
+    def layout(self, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]], list[tuple[int, int, str]]]:
+        """(text, trained spans, segments) of a conversation; raises TemplateError as render_conversation does."""
+        full = render_chat(self.tokenizer, messages)
+        shape = self._shape(messages)
+        fast = _apply_marked(shape[1], messages, full) if shape and shape[1] else None
+        if fast is not None and self._verified.get(shape[0], 0) < self.VERIFY_FIRST:
+            self._verified[shape[0]] = self._verified.get(shape[0], 0) + 1
+            try:
+                slow = _slow_layout(self.tokenizer, messages, full)
+            except TemplateError:
+                self._shapes[shape[0]] = None
+                raise
+            if fast != slow:
+                self._shapes[shape[0]] = None  # this template's layout depends on more than the shape
+                fast = None
+        if fast is not None:
+            return (full, *fast)
+        return (full, *_slow_layout(self.tokenizer, messages, full))
+
+    def _prepare(self, example: Any) -> tuple[str, list[tuple[int, int]] | None, list[tuple[int, int, str]], bool]:
+        """(text, trained spans or None for every token, segments, add EOS) for an example."""
+        if example.messages is not None:
+            return (*self.layout(example.messages), False)
+        text = example.text
+        ends = getattr(example, "ends_document", True) and self.tokenizer.eos_token_id is not None
+        return text, None, [(0, len(text), "text")], ends
+
+    def _prepare_all(self, examples: list[Any]) -> list[Any]:
+        prepared: list[Any] = []
+        for example in examples:
+            try:
+                prepared.append(self._prepare(example))
+            except TemplateError as err:
+                prepared.append(err)
+        return prepared
+
+    def _encode(self, texts: list[str]) -> Any:
+        if not getattr(self.tokenizer, "is_fast", True):
+            raise TemplateError("this tokenizer has no character offsets (not a 'fast' tokenizer); pick another model")
+        return self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+
+    def render_many(self, examples: list[Any]) -> list[Rendered | TemplateError]:
+        """`render_example` for each example (or the TemplateError it raises), the tokenizer called once."""
+        prepared = self._prepare_all(examples)
+        ok = [p for p in prepared if not isinstance(p, TemplateError)]
+        encoding = self._encode([p[0] for p in ok]) if ok else {"input_ids": [], "offset_mapping": []}
+        encoded = iter(zip(encoding["input_ids"], encoding["offset_mapping"]))
+        results: list[Rendered | TemplateError] = []
+        for item in prepared:
+            if isinstance(item, TemplateError):
+                results.append(item)
+                continue
+            text, spans, segments, add_eos = item
+            ids, offsets = next(encoded)
+            input_ids, offsets = list(ids), [tuple(o) for o in offsets]
+            if add_eos:
+                input_ids.append(self.tokenizer.eos_token_id)
+                offsets.append((len(text), len(text)))
+            trained = [True] * len(input_ids) if spans is None else trained_mask(offsets, spans)
+            results.append(Rendered(text, input_ids, offsets, trained, segments))
+        return results
+
+    def measure_many(self, examples: list[Any]) -> list[tuple[int, int] | TemplateError]:
+        """(tokens, trained tokens) of each example as `render_example` would give them (or its TemplateError),
+        without building per-token lists: the mask of the whole batch is one vectorised search."""
+        import numpy as np
+
+        prepared = self._prepare_all(examples)
+        ok = [p for p in prepared if not isinstance(p, TemplateError)]
+        if not ok:
+            return prepared
+        encoding = self._encode([p[0] for p in ok])
+        lengths = np.fromiter((len(ids) for ids in encoding["input_ids"]), dtype=np.int64, count=len(ok))
+        flat = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(encoding["offset_mapping"])),
+                           dtype=np.int64, count=2 * int(lengths.sum())).reshape(-1, 2)
+        # Every example in one coordinate system, each after the previous one's end (+2 keeps them apart), so that
+        # trained_mask's rule (the first span ending after a token's start must start before its end) is one
+        # searchsorted over the batch.
+        bases = np.zeros(len(ok), dtype=np.int64)
+        bases[1:] = np.cumsum([len(p[0]) + 2 for p in ok])[:-1]
+        token_rows = np.repeat(np.arange(len(ok)), lengths)
+        starts, ends = flat[:, 0] + bases[token_rows], flat[:, 1] + bases[token_rows]
+        span_rows = [(row, s, e) for row, p in enumerate(ok) for s, e in (p[1] or [(0, len(p[0]) + 1)])]
+        span_starts = np.array([bases[r] + s for r, s, _ in span_rows], dtype=np.int64)
+        span_ends = np.array([bases[r] + e for r, _, e in span_rows], dtype=np.int64)
+        index = np.searchsorted(span_ends, starts, side="right")
+        padded = np.append(span_starts, np.iinfo(np.int64).max)
+        trained = padded[index] < ends
+        trained_per_row = np.bincount(token_rows, weights=trained, minlength=len(ok)).astype(np.int64)
+        results: list[tuple[int, int] | TemplateError] = []
+        position = 0
+        for item in prepared:
+            if isinstance(item, TemplateError):
+                results.append(item)
+                continue
+            eos = 1 if item[3] else 0
+            results.append((int(lengths[position]) + eos, int(trained_per_row[position]) + eos))
+            position += 1
+        return results
+
+
+def _slow_layout(tokenizer: Any, messages: list[dict[str, Any]],
+                 full: str) -> tuple[list[tuple[int, int]], list[tuple[int, int, str]]]:
+    """render_conversation's spans and segments for `full` (the linear layout, else every prefix)."""
+    layout = _block_layout(tokenizer, messages, full)
+    spans = _layout_spans(layout, messages, full) if layout else None
+    if spans is None:
+        return assistant_spans(tokenizer, messages, full), _role_segments(tokenizer, messages, full)
+    return spans, _segments(messages, full, layout.prefix_ends)
+
+
+def _marked_layout(tokenizer: Any, messages: list[dict[str, Any]]) -> _Marked | None:
+    """The placeholder render of this conversation's shape, read the way the prefix method reads a real one; None
+    when it cannot be (a placeholder written twice or cut by a prefix, a reply the prefix method would have to
+    search for, a template error)."""
+    marks = [_placeholder(i) for i in range(len(messages))]
+    marked = [{**m, "content": mark} for m, mark in zip(messages, marks)]
+    try:
+        full = render_chat(tokenizer, marked)
+        pieces, cursor = [], 0
+        for mark in marks:
+            at = full.find(mark, cursor)
+            if at < 0 or full.count(mark) != 1:
+                return None
+            pieces.append(full[cursor:at])
+            cursor = at + len(mark)
+        pieces.append(full[cursor:])
+        mark_spans = [(full.index(mark), full.index(mark) + len(mark)) for mark in marks]
+
+        def clean(position: int) -> bool:  # not inside a placeholder
+            return not any(start < position < end for start, end in mark_spans)
+
+        prefix_ends: list[int | None] = []
+        texts = {}
+        for k in range(1, len(messages) + 1):
+            text = full if k == len(messages) else render_chat(tokenizer, marked[:k])
+            texts[k] = text
+            end = len(text) if full.startswith(text) else None
+            if end is not None and not clean(end):
+                return None
+            prefix_ends.append(end)
+        replies, cursor = {}, 0
+        for i, message in enumerate(messages):
+            if message.get("role") != "assistant" or message.get("weight", 1) == 0:
+                continue
+            through = texts[i + 1]
+            if i == 0:
+                start = mark_spans[0][0]
+                if not full.startswith(through):
+                    return None
+            else:
+                before = render_chat(tokenizer, marked[:i], add_generation_prompt=True)
+                if not (full.startswith(through) and through.startswith(before)):
+                    return None
+                start = len(before)
+            if not (clean(start) and clean(len(through))):
+                return None
+            replies[i] = (start, len(through))
+    except TemplateError:
+        return None
+    return _Marked(pieces, prefix_ends, replies)
+
+
+def _apply_marked(shape: _Marked, messages: list[dict[str, Any]],
+                  full: str) -> tuple[list[tuple[int, int]], list[tuple[int, int, str]]] | None:
+    """Spans and segments of `full` from its shape's placeholder render; None unless `full` is exactly that render
+    with the contents put in, or where the prefix method would search for a reply."""
+    # shifts[j]: how far `full` runs ahead of the placeholder text after placeholder j (0: before any).
+    position, shifts, shift = 0, [0], 0
+    for piece, message, index in zip(shape.pieces, messages, itertools.count()):
+        content = message["content"]
+        if not full.startswith(piece, position) or not full.startswith(content, position + len(piece)):
+            return None
+        position += len(piece) + len(content)
+        shift += len(content) - len(_placeholder(index))
+        shifts.append(shift)
+    if len(full) != position + len(shape.pieces[-1]) or not full.endswith(shape.pieces[-1]):
+        return None
+    # Placeholder-text position -> position in `full`: add the shifts of every placeholder before it.
+    mark_ends, cursor = [], 0
+    for piece, index in zip(shape.pieces, itertools.count()):
+        cursor += len(piece) + len(_placeholder(index))
+        mark_ends.append(cursor)
+        if index == len(messages) - 1:
+            break
+
+    def real(position: int) -> int:
+        return position + shifts[bisect.bisect_right(mark_ends, position)]
+
+    spans, cursor = [], 0
+    for i in sorted(shape.replies):
+        start, through = shape.replies[i]
+        start, end = real(start), real(through)
+        if i and start < cursor:
+            return None  # the prefix method would search for this reply instead
+        while end > 0 and full[end - 1].isspace():
+            end -= 1
+        if end > start:
+            spans.append((start, end))
+        cursor = max(cursor, end)
+    ends = [None if end is None else real(end) for end in shape.prefix_ends]
+    return spans, _segments(messages, full, ends)
 
 
 # ------------------------------------------------------------------------------------------------ output

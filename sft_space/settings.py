@@ -69,6 +69,10 @@ class DataSettings:
     skip_invalid_rows: bool = setting(
         False, "Train on the valid rows when some rows have errors (otherwise invalid rows stop training)."
     )
+    keep_duplicates: bool = setting(
+        False, "Train on exact duplicate rows too (by default each repeat of an earlier row is dropped before "
+               "training, the first kept, and the report says how many)."
+    )
 
     def __post_init__(self) -> None:
         check_bounds(self)

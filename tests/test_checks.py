@@ -53,12 +53,14 @@ ERROR_CASES = {
     "template_error": ({"messages": [U, {"role": "assistant", "content": "FORBIDDEN"}]}, PICKY, 2048),
     "too_long": (chat(("Hi", "word " * 200)), None, 120),
     "nothing_to_train": ({"messages": [U, {**A, "weight": 0}]}, None, 2048),
-    "duplicate": (distinct_chats(1)[0], None, 2048),
+    "wrong_type": ({"messages": [{**U, "tool_calls": "lookup"}, A]}, None, 2048),
     # Over the default limits of DataSettings (1,024 KB and 512 messages per row).
     "row_too_large": (chat(("Hi", "x" * 1_100_000)), None, 2048),
     "too_many_messages": (chat(*[(f"q{i}", f"a{i}") for i in range(257)]), None, 2048),
 }
-WARNING_CASES = {"few_examples", "all_tokens_trained", "roles_not_alternating"}
+WARNING_CASES = {"few_examples", "all_tokens_trained", "roles_not_alternating", "duplicate",
+                 "same_prompt_different_answers", "same_answer_many_prompts", "text_split", "ignored_column",
+                 "trailing_data", "ignored_files", "rows_not_read"}
 # Source-level problems, tested in test_cli.py::test_unusable_source_exits_1_without_traceback.
 SOURCE_CASES = {"unusable_source"}
 

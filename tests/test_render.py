@@ -250,3 +250,42 @@ def test_html_of_a_long_example_is_linear(embedded_tokenizer):
     page = render.to_html(rendered)
     assert time.perf_counter() - start < 1.0
     assert page.count("wave") == 200_000
+
+
+# ------------------------------------------------------------------- many examples at once (what the check uses)
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_rendering_many_at_once_equals_rendering_each(tokenizers, template):
+    """One template render per conversation and one tokenizer call per batch give render_example's answer."""
+    tokenizer = tokenizers[template]
+    names = list(EQUIVALENCE)
+    # Each conversation twice over (the second time its shape's layout is reused, not verified), plus text.
+    examples = [Example(i, "openai", messages=EQUIVALENCE[n]) for i, n in enumerate(names * 4)]
+    examples += [Example(0, "text", text="Once upon a time."), Example(0, "text", text="A piece.", ends_document=False)]
+    expected = []
+    for example in examples:
+        try:
+            expected.append(render.render_example(tokenizer, example))
+        except render.TemplateError as err:
+            expected.append(str(err))
+    renderer = render.Renderer(tokenizer)
+    many = [str(r) if isinstance(r, render.TemplateError) else r for r in renderer.render_many(examples)]
+    assert many == expected
+    measured = render.Renderer(tokenizer).measure_many(examples)
+    assert [m if isinstance(m, tuple) else str(m) for m in measured] == [
+        e if isinstance(e, str) else (e.n_tokens, e.n_trained) for e in expected]
+
+
+def test_an_opening_assistant_turn_is_trained_when_the_template_allows_it(embedded_tokenizer):
+    """Before: 'Cannot apply chat template to an empty conversation' (a prompt was rendered for no history)."""
+    messages = [{"role": "assistant", "content": "Welcome aboard!"}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Ahoy."}]
+    rendered = render.render_conversation(embedded_tokenizer, messages)
+    assert trained_ids(rendered) == expected_ids(embedded_tokenizer, messages, "<|im_end|>")
+    assert render.Renderer(embedded_tokenizer).render_many([Example(1, "openai", messages=messages)]) == [rendered]
+
+
+def test_a_text_piece_that_does_not_end_the_document_has_no_eos(embedded_tokenizer):
+    rendered = render.render_example(embedded_tokenizer, Example(1, "text", text="Once upon", ends_document=False))
+    assert rendered.input_ids[-1] != embedded_tokenizer.eos_token_id and all(rendered.trained)
