@@ -81,7 +81,9 @@ def _train_parser(commands: Any) -> None:
     train = commands.add_parser("train", help="Fine-tune a LoRA adapter on a dataset.",
                                 description="Fine-tune a LoRA adapter. Settings come from the preset, then --config, "
                                             "then the flags given here.")
-    train.add_argument("source", metavar="DATA", nargs="?", help=field_help(RunSettings, "source"))
+    # Absent, not None, when not given: the data named in --config then stands.
+    train.add_argument("source", metavar="DATA", nargs="?", default=argparse.SUPPRESS,
+                       help=field_help(RunSettings, "source"))
     train.add_argument("--preset", choices=PRESET_NAMES, default=argparse.SUPPRESS, help=field_help(RunSettings, "preset"))
     train.add_argument("--config", metavar="FILE", help="JSON file of settings (field names as keys), or a run.json.")
     train.add_argument("--resume", metavar="RUN_DIR", help="Continue a stopped or interrupted run from its last "
@@ -210,8 +212,6 @@ def train_settings(args: argparse.Namespace) -> RunSettings:
     """Preset, then --config, then explicit flags: the later wins."""
     values = settings_from_file(args.config) if args.config else {}
     values.update(explicit_arguments(RunSettings, args))
-    if args.source:
-        values["source"] = args.source
     if not values.get("source"):
         raise UserError("Name the data to train on (a file, folder or Hub dataset id), or --resume a run.")
     preset = values.pop("preset", None) or "balanced"

@@ -242,3 +242,15 @@ def test_train_refuses_a_taken_run_name_before_checking_the_data(write_jsonl, ti
                      tmp_path / "runs", "--run-name", "taken")
     assert result.returncode == 1 and "A run named taken already exists" in result.stderr
     assert "Checking the data" not in result.stderr
+
+
+def test_train_takes_its_data_from_the_config_file_unless_named(tmp_path):
+    """The app's supervisor runs `train --config SETTINGS.json` with no DATA: the file's data stands."""
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps({"source": "chats.jsonl", "max_steps": 7, "lora_r": 4}))
+    settings = cli.train_settings(cli.build_parser().parse_args(["train", "--config", str(config), "--max-steps", "9"]))
+    assert settings.source == "chats.jsonl" and settings.max_steps == 9 and settings.lora_r == 4
+    named = cli.train_settings(cli.build_parser().parse_args(["train", "other.jsonl", "--config", str(config)]))
+    assert named.source == "other.jsonl"
+    with pytest.raises(cli.UserError, match="Name the data"):
+        cli.train_settings(cli.build_parser().parse_args(["train"]))
