@@ -117,9 +117,10 @@ class PreparedData:
                 "stats": self.report.stats()}
 
 
-def prepare_data(settings: RunSettings, tokenizer: Any) -> PreparedData:
+def prepare_data(settings: RunSettings, tokenizer: Any,
+                 on_progress: Callable[[int, int | None], None] | None = None) -> PreparedData:
     """Check the data and split it; invalid rows stop the run unless the user chose to skip them."""
-    report = checks.check_data(settings, tokenizer)
+    report = checks.check_data(settings, tokenizer, on_progress)
     if report.errors and not settings.skip_invalid_rows:
         counts = ", ".join(f"{code} ×{n}" for code, n in sorted(report.error_counts().items()))
         first = report.errors[0].message
@@ -516,7 +517,7 @@ def train(job: TrainingJob) -> RunFolder:
 
         # Everything that can be wrong with the inputs is found before a run folder exists.
         _status(job, "Checking the data…")
-        tokenizer, prepared, shape = _unless_stopped(job, lambda: _check_inputs(settings))
+        tokenizer, prepared, shape = _unless_stopped(job, lambda: _check_inputs(job, settings))
         stats = prepared.report.stats()
         plan = plan_training(settings, hardware, shape, stats["total_tokens"], stats["tokens_per_example"]["max"])
         lora_parameters = shape.lora_parameters(settings.lora_r)
@@ -550,10 +551,13 @@ def train(job: TrainingJob) -> RunFolder:
         return _run(job, folder, settings, plan, tokenizer, prepared, checkpoint)
 
 
-def _check_inputs(settings: RunSettings) -> tuple[Any, PreparedData, ModelShape]:
-    """The tokenizer, the checked and split data, and the model's shape: all a run needs to know before it starts."""
+def _check_inputs(job: TrainingJob, settings: RunSettings) -> tuple[Any, PreparedData, ModelShape]:
+    """The tokenizer, the checked and split data, and the model's shape: all a run needs to know before it starts.
+
+    The checks themselves end at their next batch of rows after a stop, so that a stopped run leaves no work behind.
+    """
     tokenizer = models.load_tokenizer(settings.model)
-    prepared = prepare_data(settings, tokenizer)
+    prepared = prepare_data(settings, tokenizer, on_progress=lambda done, rows: _stop_here_if_asked(job))
     return tokenizer, prepared, model_shape(settings.model, settings.trust_remote_code)
 
 

@@ -363,12 +363,12 @@ def test_a_stop_during_evaluation_saves_that_step_without_its_validation_loss(ti
 
 
 def test_a_stop_while_a_large_dataset_is_checked_returns_at_once(tiny_settings):
-    settings = tiny_settings(distinct_chats(10_000))
+    settings = tiny_settings(distinct_chats(30_000))
     stop, stopped_at = threading.Event(), []
 
     def on_status(message):
         if message.startswith("Checking the data"):
-            # A moment into the checks (they take seconds for 10,000 rows): the helper thread is checking.
+            # A moment into the checks (they take seconds for 30,000 rows): the helper thread is checking.
             timer = threading.Timer(0.3, lambda: (stopped_at.append(time.monotonic()), stop.set()))
             timer.start()
 
@@ -378,3 +378,25 @@ def test_a_stop_while_a_large_dataset_is_checked_returns_at_once(tiny_settings):
     assert stopped_at and time.monotonic() - stopped_at[0] < 1.0
     assert time.monotonic() - started < 2.0
     assert not Path(settings.output_dir).exists()
+    # And the checks themselves end at their next batch of rows: a stopped run leaves no work running.
+    deadline = time.monotonic() + 2.0
+    while any(t.name == "sft-space-stage" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "sft-space-stage" for t in threading.enumerate())
+
+
+def test_a_stage_that_cannot_hear_a_stop_is_left_to_finish_alone():
+    """Loading a model (or converting the embedded one) cannot look at the event: train() stops waiting for it."""
+    from sft_space.settings import RunSettings
+    from sft_space.train import _unless_stopped
+
+    job, release = TrainingJob(RunSettings()), threading.Event()
+    threading.Timer(0.2, job.stop_event.set).start()
+    started = time.monotonic()
+    with pytest.raises(TrainingStopped):
+        _unless_stopped(job, lambda: release.wait(30))
+    assert time.monotonic() - started < 1.0
+    release.set()
+    assert _unless_stopped(TrainingJob(RunSettings()), lambda: "done") == "done"
+    with pytest.raises(ZeroDivisionError):
+        _unless_stopped(TrainingJob(RunSettings()), lambda: 1 / 0)
