@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -231,6 +231,8 @@ def _part_kind(part: Any) -> str:
 
 
 def _invalid_text_problem(row: int, where: str, text: str) -> Problem | None:
+    if text.isascii():
+        return None  # no surrogate can hide in ASCII (and this skips encoding every text)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
@@ -378,8 +380,9 @@ class _Repeats:
             key = _digest(example.text)
             prompt = answer = None
         else:
-            prompt, answer = _digest(example.messages[:-1]), _digest(example.messages[-1].get("content"))
-            key = _digest([prompt.hex() if prompt else None, example.messages[-1]])
+            # The checks passed, so the last message is the assistant's: it stands for the answer.
+            prompt, answer = _digest(example.messages[:-1]), _digest(example.messages[-1])
+            key = prompt + answer if prompt is not None and answer is not None else None
         if key is None:
             return None
         if key in self.first_seen:
@@ -428,12 +431,10 @@ def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int, keep_
     repeats = _Repeats()
     split_rows: list[int] = []
     pieces_made = 0
-    batch: list[data.Example] = []
-    done = len(loaded.problems)
 
-    def measure(examples: list[data.Example]) -> None:
+    def measured(examples: list[data.Example], results: list[Any]) -> None:
         nonlocal pieces_made
-        for example, result in zip(examples, renderer.measure_many(examples)):
+        for example, result in zip(examples, results):
             row = example.row
             if isinstance(result, TemplateError):
                 report.errors.append(Problem(row, "template_error", f"row {row}: {result}."))
@@ -462,33 +463,42 @@ def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int, keep_
             report.valid_examples.append(example)
             report.token_counts.append((turns, n_tokens, n_trained))
 
-    for example in loaded.examples:
-        row = example.row
-        if example.messages is not None or example.text is None:
-            errors, warnings = structure_problems(row, example.messages, rules)
-        else:
-            errors, warnings = _text_problems(row, example.text), []
-        report.warnings += warnings
-        if errors:
-            report.errors += errors
-        else:
-            first = repeats.duplicate_of(example)
-            if first is not None:
-                kept = " (kept: keep_duplicates is set)" if keep_duplicates else (
-                    "; it is dropped before training (set keep_duplicates to keep repeats)")
-                report.warnings.append(Problem(row, "duplicate", f"row {row}: an exact copy of row {first}{kept}."))
-                if not keep_duplicates:
-                    report.duplicates_dropped += 1
-            if first is None or keep_duplicates:
-                batch.append(example)
-        done += 1
-        if len(batch) >= BATCH_ROWS:
-            measure(batch)
-            batch = []
-            if on_progress is not None:
-                on_progress(done, loaded.rows)
-    if batch:
-        measure(batch)
+    def batches() -> Iterator[list[data.Example]]:
+        """The examples that pass the structure checks, BATCH_ROWS at a time (a repeat of an earlier row is left
+        out unless kept)."""
+        batch: list[data.Example] = []
+        done = len(loaded.problems)
+        for example in loaded.examples:
+            row = example.row
+            if example.messages is not None or example.text is None:
+                errors, warnings = structure_problems(row, example.messages, rules)
+            else:
+                errors, warnings = _text_problems(row, example.text), []
+            report.warnings += warnings
+            if errors:
+                report.errors += errors
+            else:
+                first = repeats.duplicate_of(example)
+                if first is not None:
+                    kept = " (kept: keep_duplicates is set)" if keep_duplicates else (
+                        "; it is dropped before training (set keep_duplicates to keep repeats)")
+                    report.warnings.append(Problem(row, "duplicate", f"row {row}: an exact copy of row {first}{kept}."))
+                    if not keep_duplicates:
+                        report.duplicates_dropped += 1
+                if first is None or keep_duplicates:
+                    batch.append(example)
+            done += 1
+            if len(batch) >= BATCH_ROWS:
+                yield batch
+                batch = []
+                if on_progress is not None:
+                    on_progress(done, loaded.rows)
+        if batch:
+            yield batch
+
+    # One batch is tokenized while the next is checked and rendered (render.Renderer.measure_batches).
+    for examples, results in renderer.measure_batches(batches()):
+        measured(examples, results)
     report.warnings += repeats.warnings()
     if split_rows:
         report.text_rows_split = len(split_rows)

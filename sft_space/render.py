@@ -20,6 +20,7 @@ import bisect
 import html
 import itertools
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -427,10 +428,13 @@ class Renderer:
         if len(messages) > self.MAX_SHAPE_MESSAGES or not all(
                 isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
             return None
-        try:
-            key = json.dumps([{k: v for k, v in m.items() if k != "content"} for m in messages], sort_keys=True)
-        except (TypeError, ValueError):
-            return None
+        if all(len(m) == 2 for m in messages):  # role and content only: the roles are the shape
+            key = "\n".join(str(m.get("role")) for m in messages)
+        else:
+            try:
+                key = json.dumps([{k: v for k, v in m.items() if k != "content"} for m in messages], sort_keys=True)
+            except (TypeError, ValueError):
+                return None
         if key not in self._shapes:
             if len(self._shapes) >= self.MAX_SHAPES:
                 self._shapes.clear()
@@ -501,42 +505,89 @@ class Renderer:
         return results
 
     def measure_many(self, examples: list[Any]) -> list[tuple[int, int] | TemplateError]:
-        """(tokens, trained tokens) of each example as `render_example` would give them (or its TemplateError),
-        without building per-token lists: the mask of the whole batch is one vectorised search."""
-        import numpy as np
+        """(tokens, trained tokens) of each example as `render_example` would give them (or its TemplateError)."""
+        return next(self.measure_batches([examples]))[1]
 
-        prepared = self._prepare_all(examples)
-        ok = [p for p in prepared if not isinstance(p, TemplateError)]
-        if not ok:
-            return prepared
-        encoding = self._encode([p[0] for p in ok])
-        lengths = np.fromiter((len(ids) for ids in encoding["input_ids"]), dtype=np.int64, count=len(ok))
-        flat = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(encoding["offset_mapping"])),
-                           dtype=np.int64, count=2 * int(lengths.sum())).reshape(-1, 2)
-        # Every example in one coordinate system, each after the previous one's end (+2 keeps them apart), so that
-        # trained_mask's rule (the first span ending after a token's start must start before its end) is one
-        # searchsorted over the batch.
-        bases = np.zeros(len(ok), dtype=np.int64)
-        bases[1:] = np.cumsum([len(p[0]) + 2 for p in ok])[:-1]
-        token_rows = np.repeat(np.arange(len(ok)), lengths)
-        starts, ends = flat[:, 0] + bases[token_rows], flat[:, 1] + bases[token_rows]
-        span_rows = [(row, s, e) for row, p in enumerate(ok) for s, e in (p[1] or [(0, len(p[0]) + 1)])]
-        span_starts = np.array([bases[r] + s for r, s, _ in span_rows], dtype=np.int64)
-        span_ends = np.array([bases[r] + e for r, _, e in span_rows], dtype=np.int64)
-        index = np.searchsorted(span_ends, starts, side="right")
-        padded = np.append(span_starts, np.iinfo(np.int64).max)
-        trained = padded[index] < ends
-        trained_per_row = np.bincount(token_rows, weights=trained, minlength=len(ok)).astype(np.int64)
+    def measure_batches(self, batches: Iterable[list[Any]]
+                        ) -> Iterator[tuple[list[Any], list[tuple[int, int] | TemplateError]]]:
+        """(batch, its measures) for each batch, in order. The tokenizer (Rust, which lets go of Python's lock)
+        encodes one batch in a thread while this thread renders the next, so the two overlap on two cores."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None
+            for batch in batches:
+                prepared = self._prepare_all(batch)
+                texts = [p[0] for p in prepared if not isinstance(p, TemplateError)]
+                started = (batch, prepared, pool.submit(self._encodings, texts) if texts else None)
+                if pending is not None:
+                    yield self._measured(*pending)
+                pending = started
+            if pending is not None:
+                yield self._measured(*pending)
+
+    def _encodings(self, texts: list[str]) -> list[Any]:
+        """The backend's encodings, without converting every token's offsets to Python objects. The tokenizer's
+        own call is made once first, so that the backend is set up exactly as that call sets it up."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or not getattr(self.tokenizer, "is_fast", True):
+            raise TemplateError("this tokenizer has no character offsets (not a 'fast' tokenizer); pick another model")
+        self.tokenizer(texts[:1], add_special_tokens=False)
+        if backend.truncation is not None or backend.padding is not None:
+            return self._encode(texts).encodings
+        return backend.encode_batch(texts, add_special_tokens=False)
+
+    def _measured(self, batch: list[Any], prepared: list[Any],
+                  future: Any) -> tuple[list[Any], list[tuple[int, int] | TemplateError]]:
+        encodings = iter(future.result() if future is not None else [])
         results: list[tuple[int, int] | TemplateError] = []
-        position = 0
         for item in prepared:
             if isinstance(item, TemplateError):
                 results.append(item)
                 continue
-            eos = 1 if item[3] else 0
-            results.append((int(lengths[position]) + eos, int(trained_per_row[position]) + eos))
-            position += 1
-        return results
+            text, spans, _, add_eos = item
+            encoding = next(encodings)
+            n_tokens = len(encoding)
+            trained = n_tokens if spans is None else _trained_count(encoding, spans, n_tokens)
+            eos = 1 if add_eos else 0
+            results.append((n_tokens + eos, trained + eos))
+        return batch, results
+
+
+def _trained_count(encoding: Any, spans: list[tuple[int, int]], n_tokens: int) -> int:
+    """How many tokens overlap any of the spans (sorted, apart): `sum(trained_mask(...))`, where a token that
+    overlaps two spans counts once."""
+    count, counted_to = 0, -1
+    for start, end in spans:
+        tokens = _tokens_overlapping(encoding, start, end, n_tokens)
+        if tokens is not None:
+            first, last = max(tokens[0], counted_to + 1), tokens[1]
+            count += max(0, last - first + 1)
+            counted_to = max(counted_to, last)
+    return count
+
+
+def _tokens_overlapping(encoding: Any, start: int, end: int, n_tokens: int) -> tuple[int, int] | None:
+    """The first and last token that overlap the characters [start, end) (`trained_mask`'s rule), found from a
+    few of the encoding's own look-ups (tokens are in text order) instead of every token's offsets."""
+    first = None
+    for char in range(start, end):  # the first character a token covers (trimmed spaces are covered by none)
+        first = encoding.char_to_token(char)
+        if first is not None:
+            break
+    if first is None:
+        return None
+    last = None
+    for char in range(end - 1, start - 1, -1):
+        last = encoding.char_to_token(char)
+        if last is not None:
+            break
+    # Several tokens can share a character (the bytes of one emoji): take every token that overlaps the span.
+    while first > 0 and encoding.token_to_chars(first - 1)[1] > start:
+        first -= 1
+    while last + 1 < n_tokens and encoding.token_to_chars(last + 1)[0] < end:
+        last += 1
+    return first, last
 
 
 def _slow_layout(tokenizer: Any, messages: list[dict[str, Any]],

@@ -289,3 +289,29 @@ def test_an_opening_assistant_turn_is_trained_when_the_template_allows_it(embedd
 def test_a_text_piece_that_does_not_end_the_document_has_no_eos(embedded_tokenizer):
     rendered = render.render_example(embedded_tokenizer, Example(1, "text", text="Once upon", ends_document=False))
     assert rendered.input_ids[-1] != embedded_tokenizer.eos_token_id and all(rendered.trained)
+
+
+def test_counting_overlapping_tokens_equals_the_mask_on_any_text(embedded_tokenizer):
+    """measure_many counts trained tokens from a few look-ups per span; trained_mask checks every token."""
+    import random
+
+    rng = random.Random(1)
+    alphabet = ["a", "b", " ", "  ", "\n", "é", "東", "🙂", "🗼\u200d", "<|im_end|>", "12", "."]
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
+        encoding = embedded_tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, 2 * rng.randint(1, 3))))
+        spans = [(cuts[i], cuts[i + 1]) for i in range(0, len(cuts) - 1, 2) if cuts[i + 1] > cuts[i]]
+        expected = sum(render.trained_mask(encoding.offsets, spans))
+        counted = render._trained_count(encoding, spans, len(encoding))
+        assert counted == expected, (text, spans)
+
+
+def test_the_check_learns_each_shape_once_for_the_embedded_template(embedded_tokenizer):
+    """Not a vacuous comparison above: conversations of one shape take the one-render way."""
+    renderer = render.Renderer(embedded_tokenizer)
+    examples = [Example(i, "openai", messages=[{"role": U, "content": f"q{i}"}, {"role": A, "content": f"a{i}"}])
+                for i in range(20)]
+    expected = [render.render_example(embedded_tokenizer, e) for e in examples]
+    assert renderer.measure_many(examples) == [(r.n_tokens, r.n_trained) for r in expected]
+    assert list(renderer._shapes.values()) != [None] and len(renderer._shapes) == 1
