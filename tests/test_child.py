@@ -171,3 +171,33 @@ def test_the_app_builds_the_command_line_that_the_cli_parses(tmp_path):
     assert parsed.run_name == job.job_id and parsed.owner == "visitor" and parsed.config == str(settings_path)
     resume = jobs.Job("r", "visitor", RunSettings(), resume=str(tmp_path / "r"))
     assert cli.build_parser().parse_args(child.command(resume, None)[3:]).resume == str(tmp_path / "r")
+
+
+@pytest.mark.slow
+def test_the_app_trains_stops_and_resumes_a_real_run_in_a_child_process(tmp_path, tiny_model_dir, write_jsonl):
+    """The job manager with its real supervisor and the real command line, on the tiny model."""
+    from builders import distinct_chats
+
+    data = write_jsonl(distinct_chats(40))
+    settings = RunSettings(source=str(data), model=str(tiny_model_dir), max_steps=40, save_every=5,
+                           sample_prompts=0, output_dir=str(tmp_path / "runs"))
+    manager = jobs.JobManager()
+    job = manager.submit(settings, owner="alice")
+    assert wait_until(lambda: job.run_dir is not None and runs.RunFolder(job.run_dir).read_metrics(), timeout=300), \
+        job.message
+    assert job.state == jobs.RUNNING and job.pid != os.getpid()
+    pressed = time.monotonic()
+    manager.stop(job.job_id, "alice")
+    assert wait_until(lambda: job.done, timeout=60)
+    stopped_after = time.monotonic() - pressed
+    folder = runs.RunFolder(job.run_dir)
+    record = folder.read()
+    assert job.state == jobs.STOPPED and record["status"] == runs.STOPPED and record["owner"] == "alice"
+    assert folder.has_adapter and folder.last_checkpoint() is not None
+    assert stopped_after < 20, stopped_after
+
+    resumed = manager.submit(settings, owner="alice", resume=str(folder.path))
+    assert wait_until(lambda: resumed.done, timeout=300), resumed.message
+    assert resumed.state == jobs.FINISHED, resumed.error
+    steps = [m["step"] for m in folder.read_metrics() if "loss" in m]
+    assert steps[-1] == 40 and len(steps) == len(set(steps)), steps
