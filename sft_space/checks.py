@@ -350,13 +350,14 @@ MANY_PROMPTS = 5  # one answer given to this many different prompts is reported
 LISTED_ROWS = 5
 
 
-def _digest(value: Any) -> bytes | None:
-    """A 16-byte fingerprint of a JSON-like value (rows are compared by it, not kept whole); None if it has none."""
+def _digest(value: Any) -> int | None:
+    """A 64-bit fingerprint of a JSON-like value (rows are compared by it, not kept whole: a chance collision among
+    a million rows is about 1 in 30 million); None if the value has none."""
     try:
         text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=repr)
     except (TypeError, ValueError, RecursionError):
         return None
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
 def _rows_named(rows: list[int], total: int) -> str:
@@ -364,15 +365,32 @@ def _rows_named(rows: list[int], total: int) -> str:
     return shown + (f" and {total - LISTED_ROWS:,} more" if total > LISTED_ROWS else "")
 
 
+class _Group:
+    """Rows that share a prompt (or an answer): the first few rows, how many, and the distinct partners."""
+
+    __slots__ = ("rows", "count", "partners", "words")
+
+    def __init__(self, row: int, partner: int, words: str = "") -> None:
+        self.rows, self.count, self.partners, self.words = [row], 1, {partner}, words
+
+    def add(self, row: int, partner: int) -> None:
+        self.count += 1
+        self.partners.add(partner)
+        if len(self.rows) < LISTED_ROWS:
+            self.rows.append(row)
+
+
 class _Repeats:
-    """Exact duplicates, the same prompt with different answers, and one answer to many prompts, by fingerprint."""
+    """Exact duplicates, the same prompt with different answers, and one answer to many prompts, by fingerprint.
+
+    Memory stays small per row: a row seen once is one int per map ((partner << 32) | row); only prompts and answers
+    that repeat become a `_Group`.
+    """
 
     def __init__(self) -> None:
-        self.first_seen: dict[bytes, int] = {}
-        # prompt -> [rows (the first few), number of rows, distinct answers]
-        self.prompts: dict[bytes, list[Any]] = {}
-        # answer -> [rows (the first few), distinct prompts, the answer's first words]
-        self.answers: dict[bytes, list[Any]] = {}
+        self.first_seen: dict[tuple[int, int] | int, int] = {}
+        self.prompts: dict[int, int | _Group] = {}
+        self.answers: dict[int, int | _Group] = {}
 
     def duplicate_of(self, example: data.Example) -> int | None:
         """The row this example repeats exactly, or None (and it is remembered)."""
@@ -382,36 +400,43 @@ class _Repeats:
         else:
             # The checks passed, so the last message is the assistant's: it stands for the answer.
             prompt, answer = _digest(example.messages[:-1]), _digest(example.messages[-1])
-            key = prompt + answer if prompt is not None and answer is not None else None
+            key = (prompt, answer) if prompt is not None and answer is not None else None
         if key is None:
             return None
         if key in self.first_seen:
             return self.first_seen[key]
         self.first_seen[key] = example.row
         if prompt is not None and answer is not None:
-            entry = self.prompts.setdefault(prompt, [[], 0, set()])
-            entry[1] += 1
-            entry[2].add(answer)
-            if len(entry[0]) < LISTED_ROWS:
-                entry[0].append(example.row)
-            entry = self.answers.setdefault(answer, [[], set(), str(example.messages[-1].get("content"))[:40]])
-            entry[1].add(prompt)
-            if len(entry[0]) < LISTED_ROWS:
-                entry[0].append(example.row)
+            self._note(self.prompts, prompt, answer, example.row, "")
+            self._note(self.answers, answer, prompt, example.row, str(example.messages[-1]["content"])[:40])
         return None
+
+    @staticmethod
+    def _note(groups: dict[int, int | _Group], key: int, partner: int, row: int, words: str) -> None:
+        seen = groups.get(key)
+        if seen is None:
+            groups[key] = (partner << 32) | row
+        elif isinstance(seen, _Group):
+            seen.add(row, partner)
+        else:
+            group = _Group(seen & 0xFFFFFFFF, seen >> 32, words)
+            group.add(row, partner)
+            groups[key] = group
 
     def warnings(self) -> list[Problem]:
         found = []
-        for rows, n, answers in self.prompts.values():
-            if len(answers) > 1:
-                found.append(Problem(rows[0], "same_prompt_different_answers", f"rows {_rows_named(rows, n)} have "
-                                     f"the same prompt and {len(answers)} different answers; if only one is right, "
-                                     "keep that one (the model learns to answer either way)."))
-        for rows, prompts, words in self.answers.values():
-            if len(prompts) >= MANY_PROMPTS:
-                found.append(Problem(rows[0], "same_answer_many_prompts", f"rows {_rows_named(rows, len(prompts))} "
-                                     f"give the same answer ({words!r}…) to {len(prompts):,} different prompts; the "
-                                     "model may learn to give it to anything (check that it fits each prompt)."))
+        for group in self.prompts.values():
+            if isinstance(group, _Group) and len(group.partners) > 1:
+                found.append(Problem(group.rows[0], "same_prompt_different_answers", f"rows "
+                                     f"{_rows_named(group.rows, group.count)} have the same prompt and "
+                                     f"{len(group.partners)} different answers; if only one is right, keep that one "
+                                     "(the model learns to answer either way)."))
+        for group in self.answers.values():
+            if isinstance(group, _Group) and len(group.partners) >= MANY_PROMPTS:
+                found.append(Problem(group.rows[0], "same_answer_many_prompts", f"rows "
+                                     f"{_rows_named(group.rows, group.count)} give the same answer ({group.words!r}…) "
+                                     f"to {len(group.partners):,} different prompts; the model may learn to give it "
+                                     "to anything (check that it fits each prompt)."))
         return found
 
 
