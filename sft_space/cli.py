@@ -93,6 +93,9 @@ def _train_parser(commands: Any) -> None:
     train.add_argument("--run-name", help="Name of the run folder (default: date, time and data file name).")
     # The app's supervisor names the visitor a new run belongs to; not for people.
     train.add_argument("--owner", help=argparse.SUPPRESS)
+    train.add_argument("--processes", type=int, default=0, metavar="N",
+                       help="Train with N processes on this machine, one per GPU (default: every CUDA GPU; 1 without "
+                            "GPUs). On several machines, start this command with torchrun instead (see the README).")
     length = train.add_mutually_exclusive_group()
     add_arguments(length, RunSettings, ["epochs", "max_steps"], explicit_only=True)
     names = [f for f in RunSettings.__dataclass_fields__ if f not in TRAIN_FLAGS_BY_HAND]
@@ -267,9 +270,14 @@ def _after_stop(folder: Any) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) a run: 0 finished, 130 stopped, 1 failed or refused (UserError, see `main`)."""
-    from . import runs
+    from . import distributed, runs
     from .train import TrainingJob, TrainingStopped, train
 
+    processes = distributed.processes_wanted(args.processes)
+    if processes > 1 and not distributed.launched():
+        return distributed.run_processes(processes, args.arguments)
+    # With several processes the main one speaks for all.
+    say = _status_line if distributed.is_main() else (lambda message: None)
     if args.resume:
         folder = runs.RunFolder.open(args.resume)
         if args.run_name not in (None, folder.run_id):
@@ -278,12 +286,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         settings = train_settings(args)
         job = TrainingJob(settings, run_id=args.run_name, owner=args.owner)
-        print(train_command(settings), flush=True)
+        if distributed.is_main():
+            print(train_command(settings), flush=True)
     job.stop_event = getattr(args, "stop_event", None) or job.stop_event
     started = []
     job.on_folder = started.append
-    job.on_status = _status_line
-    job.on_metrics = lambda entry: _status_line(progress_line(entry))
+    job.on_status = say
+    job.on_metrics = lambda entry: say(progress_line(entry))
     try:
         folder = train(job)
     except TrainingStopped as err:
@@ -293,6 +302,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         _status_line("Interrupted.")
         _after_stop(started[0] if started else None)
         return EXIT_STOPPED
+    if not distributed.is_main():
+        return EXIT_STOPPED if job.stop_event.is_set() else 0
     record = folder.read()
     final = record.get("final_metrics", {})
     print(f"Run {record['status']}: {folder.path}")
@@ -378,6 +389,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # What a run on several processes starts each of them with.
+    args.arguments = list(sys.argv[1:] if argv is None else argv)
     with contextlib.ExitStack() as stack:
         # Before the libraries load (seconds): a Ctrl+C from the start stops the run cleanly.
         args.stop_event = stack.enter_context(stop_on_signals()) if args.command == "train" else None

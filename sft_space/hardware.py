@@ -37,6 +37,7 @@ class Hardware:
     memory_gib: float  # GPU memory on CUDA, system memory on CPU
     capability: tuple[int, int] | None = None
     cpu_count: int = 1
+    device_count: int = 1  # CUDA GPUs; a run uses them all, one process each (see `distributed`)
 
     @property
     def supports_bf16(self) -> bool:
@@ -45,7 +46,9 @@ class Hardware:
     def describe(self) -> str:
         if self.kind == "cuda":
             major, minor = self.capability or (0, 0)
-            return f"{self.name} ({self.memory_gib:.0f} GiB, compute capability {major}.{minor})"
+            many = f"{self.device_count} × " if self.device_count > 1 else ""
+            return f"{many}{self.name} ({self.memory_gib:.0f} GiB each, compute capability {major}.{minor})" if many \
+                else f"{self.name} ({self.memory_gib:.0f} GiB, compute capability {major}.{minor})"
         return f"CPU, {self.cpu_count} cores, {self.memory_gib:.0f} GiB memory"
 
     def to_dict(self) -> dict[str, Any]:
@@ -58,7 +61,7 @@ def detect_hardware() -> Hardware:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return Hardware("cuda", props.name, props.total_memory / 1024**3, (props.major, props.minor),
-                        os.cpu_count() or 1)
+                        os.cpu_count() or 1, torch.cuda.device_count())
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
     except (ValueError, OSError, AttributeError):

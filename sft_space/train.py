@@ -39,7 +39,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from . import checks, data, models, runs
+from . import checks, data, distributed, models, runs
 from .chat import GenerationSettings, generate_reply
 from .errors import UserError
 from .hardware import Hardware, TrainingPlan, detect_hardware, plan_training
@@ -291,7 +291,9 @@ def trainer_arguments(settings: RunSettings, plan: TrainingPlan, folder: RunFold
         warmup_steps=settings.warmup_ratio,
         per_device_train_batch_size=plan.batch_size,
         per_device_eval_batch_size=plan.batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation,
+        gradient_accumulation_steps=accumulation_per_process(settings.gradient_accumulation),
+        # LoRA trains every adapter on every step: DDP need not search for unused parameters.
+        ddp_find_unused_parameters=False,
         max_length=plan.sequence_length,
         packing=plan.packing,
         packing_strategy="bfd",
@@ -374,7 +376,8 @@ class RunMonitor:
                 monitor.first_epoch = state.epoch or 0.0
 
             def on_step_end(self, args, state, control, **kwargs):
-                if monitor.stop_event.is_set():
+                # With several processes, all stop after the same step (or the others would wait for it).
+                if distributed.any_process(monitor.stop_event.is_set()):
                     # Save a resumable checkpoint at this step, then leave the training loop; the validation
                     # loss due at this step is skipped (it can take longer than the step).
                     monitor.stopped = True
@@ -384,7 +387,8 @@ class RunMonitor:
                 return control
 
             def on_log(self, args, state, control, logs=None, **kwargs):
-                monitor.record(state, logs or {})
+                if distributed.is_main():
+                    monitor.record(state, logs or {})
 
         self.callback = Callback()
         self.folder = folder
@@ -478,6 +482,20 @@ def _unless_stopped(job: TrainingJob, work: Callable[[], T]) -> T:
     return outcome["value"]
 
 
+def accumulation_per_process(accumulation: int) -> int:
+    """Gradient accumulation for each of several processes, so that the batch of an optimizer step stays what
+    the settings make it on one device (each process contributes its own batch to every step)."""
+    return max(1, round(accumulation / distributed.world_size()))
+
+
+def processes_reason(accumulation: int, batch_size: int) -> str:
+    processes = distributed.world_size()
+    per_process = accumulation_per_process(accumulation)
+    return (f"{processes} processes, one per device: {processes} × batch {batch_size} × accumulation "
+            f"{per_process} = {processes * batch_size * per_process} examples per step (on one device: "
+            f"{batch_size} × {accumulation})")
+
+
 def _check_new_run_name(settings: RunSettings, run_id: str | None) -> None:
     """Refuse a run name that is invalid or taken before the (slow) data checks, not after them."""
     if run_id is not None and (Path(settings.output_dir) / runs.validate_run_id(run_id)).exists():
@@ -505,21 +523,29 @@ def train(job: TrainingJob) -> RunFolder:
     with contextlib.ExitStack() as held:
         settings = job.settings
         checkpoint = None
+        hardware = job.hardware or detect_hardware()
+        # Several processes (one per GPU): join them first, so they can agree on the run's folder.
+        distributed.setup(cpu=hardware.kind == "cpu")
+        main = distributed.is_main()
         if job.resume is not None:
             folder = RunFolder.open(job.resume)
             # Taken before the (slow) data checks: a second resume of the same run is refused at once.
-            held.enter_context(folder.locked())
+            if main:
+                held.enter_context(folder.locked())
             settings, checkpoint = _resumable(folder)
         else:
             settings = RunSettings(**{**asdict(settings), "model": settings.model or models.default_model()})
-            _check_new_run_name(settings, job.run_id)
-        hardware = job.hardware or detect_hardware()
+            # Every process must name the same new folder: the main one's choice is everyone's.
+            job.run_id = distributed.main_first(lambda: _check_new_run_name(settings, job.run_id)
+                                                or job.run_id or runs.new_run_id(settings.source))
 
         # Everything that can be wrong with the inputs is found before a run folder exists.
         _status(job, "Checking the data…")
         tokenizer, prepared, shape = _unless_stopped(job, lambda: _check_inputs(job, settings))
         stats = prepared.report.stats()
         plan = plan_training(settings, hardware, shape, stats["total_tokens"], stats["tokens_per_example"]["max"])
+        if distributed.world_size() > 1:
+            plan.reasons.append(processes_reason(settings.gradient_accumulation, plan.batch_size))
         lora_parameters = shape.lora_parameters(settings.lora_r)
         _stop_here_if_asked(job)
         if job.resume is not None:
@@ -529,22 +555,28 @@ def train(job: TrainingJob) -> RunFolder:
                                 f"({prepared.report.source}); resuming would train on different examples. Start a "
                                 "new run instead.")
             # The checkpoints it has already take their room; only the ones still to come need more.
-            check_free_disk(folder.path, disk_needed(lora_parameters,
-                                                     max(1, KEEP_CHECKPOINTS + 1 - len(folder.checkpoints()))))
-            folder.update(status=runs.RUNNING, error=None, resumed_from=checkpoint.name)
+            def restart() -> None:
+                check_free_disk(folder.path, disk_needed(lora_parameters,
+                                                         max(1, KEEP_CHECKPOINTS + 1 - len(folder.checkpoints()))))
+                folder.update(status=runs.RUNNING, error=None, resumed_from=checkpoint.name)
+            distributed.main_first(restart)
         else:
-            check_free_disk(settings.output_dir, disk_needed(lora_parameters))
-            folder = RunFolder.create(settings.output_dir, job.run_id or runs.new_run_id(settings.source))
-            held.enter_context(folder.locked())
-            record = {
-                "run_id": folder.run_id, "status": runs.RUNNING, "created_at": runs.timestamp(),
-                "settings": asdict(settings), "plan": plan.to_dict(), "data": prepared.summary(),
-                "hardware": hardware.to_dict(), "versions": library_versions(), "base_model": settings.model,
-                "final_metrics": {}, "error": None,
-            }
-            if job.owner is not None:
-                record["owner"] = job.owner
-            folder.write(record)
+            def create() -> RunFolder:
+                check_free_disk(settings.output_dir, disk_needed(lora_parameters))
+                created = RunFolder.create(settings.output_dir, job.run_id)
+                held.enter_context(created.locked())
+                record = {
+                    "run_id": created.run_id, "status": runs.RUNNING, "created_at": runs.timestamp(),
+                    "settings": asdict(settings), "plan": plan.to_dict(), "data": prepared.summary(),
+                    "hardware": hardware.to_dict(), "versions": library_versions(), "base_model": settings.model,
+                    "final_metrics": {}, "error": None,
+                }
+                if job.owner is not None:
+                    record["owner"] = job.owner
+                created.write(record)
+                return created
+            created = distributed.main_first(create)
+            folder = created if main else RunFolder(Path(settings.output_dir) / job.run_id)
 
         if job.on_folder is not None:
             job.on_folder(folder)
@@ -590,11 +622,13 @@ def _run(job: TrainingJob, folder: RunFolder, settings: RunSettings, plan: Train
     failure = None
     monitor = None
     stopped_before_training = False
+    # With several processes every one trains; only the main one writes the run record, samples and adapter.
+    main = distributed.is_main()
     try:
         _status(job, f"Loading {settings.model}…")
         model = _unless_stopped(job, lambda: load_model_for_training(settings, plan))
         samples = sample_prompts(prepared, settings.sample_prompts)
-        if samples and job.resume is None:
+        if samples and job.resume is None and main:
             _status(job, "Answering held-out prompts before training…")
             if not answer_samples(model, tokenizer, samples, "before", job.stop_event):
                 raise TrainingStopped(STOPPED_BEFORE_START)
@@ -609,6 +643,8 @@ def _run(job: TrainingJob, folder: RunFolder, settings: RunSettings, plan: Train
         _stop_here_if_asked(job)
         _status(job, "Training…")
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if not main:
+            return folder
         _status(job, "Saving the adapter…")
         trainer.model.save_pretrained(folder.adapter_path, safe_serialization=True)
         tokenizer.save_pretrained(folder.adapter_path)
@@ -632,7 +668,8 @@ def _run(job: TrainingJob, folder: RunFolder, settings: RunSettings, plan: Train
     except TrainingStopped:
         stopped_before_training = True
     except KeyboardInterrupt:
-        _record_end(folder, status=runs.STOPPED, error="Interrupted; resume continues from the last checkpoint.")
+        if main:
+            _record_end(folder, status=runs.STOPPED, error="Interrupted; resume continues from the last checkpoint.")
         raise
     except Exception as err:
         failure = (OOM_ADVICE if is_out_of_memory(err) else DISK_FULL_ADVICE if is_disk_full(err, folder.path)
@@ -642,6 +679,10 @@ def _run(job: TrainingJob, folder: RunFolder, settings: RunSettings, plan: Train
         # Dropping every reference before collecting is what actually frees the GPU for the next run.
         del model, trainer
         release_memory()
+    if not main:
+        if failure is not None:
+            raise TrainingFailed(f"Run {folder.run_id} failed in process {distributed.rank()}: {failure}")
+        return folder
     if stopped_before_training:
         # A resumed run still has the checkpoint it resumed from; a new one has nothing to resume.
         _record_end(folder, status=runs.STOPPED, error=None if checkpoint else STOPPED_BEFORE_FIRST_STEP)
