@@ -394,7 +394,18 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         # Before the libraries load (seconds): a Ctrl+C from the start stops the run cleanly.
         args.stop_event = stack.enter_context(stop_on_signals()) if args.command == "train" else None
-        return _run_command(args)
+        code = _run_command(args)
+    if args.command == "train":
+        from .train import stages_left_running
+
+        if stages_left_running():
+            # A stop left a stage (loading a model) running in native code, which aborts the interpreter's exit
+            # ("terminate called without an active exception", status -6). The run's record is written and its
+            # lock released: leave at once, with the status the stop deserves.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return code
 
 
 def _run_command(args: argparse.Namespace) -> int:

@@ -78,6 +78,7 @@ STOPPED_BEFORE_START = "Stopped before the run started; nothing was written."
 STOPPED_BEFORE_FIRST_STEP = "The run was stopped before its first step; start it again."
 # How often a stage run in a helper thread looks at the stop event.
 STOP_POLL_SECONDS = 0.1
+STAGE_THREAD = "sft-space-stage"
 T = TypeVar("T")
 
 
@@ -474,7 +475,7 @@ def _unless_stopped(job: TrainingJob, work: Callable[[], T]) -> T:
         finally:
             done.set()
 
-    threading.Thread(target=run, name="sft-space-stage", daemon=True).start()
+    threading.Thread(target=run, name=STAGE_THREAD, daemon=True).start()
     while not done.wait(STOP_POLL_SECONDS):
         _stop_here_if_asked(job)
     if "error" in outcome:
@@ -494,6 +495,11 @@ def processes_reason(accumulation: int, batch_size: int) -> str:
     return (f"{processes} processes, one per device: {processes} × batch {batch_size} × accumulation "
             f"{per_process} = {processes * batch_size * per_process} examples per step (on one device: "
             f"{batch_size} × {accumulation})")
+
+
+def stages_left_running() -> bool:
+    """Whether a stage that a stop left to finish alone (see `_unless_stopped`) is still running."""
+    return any(thread.name == STAGE_THREAD and thread.is_alive() for thread in threading.enumerate())
 
 
 def _check_new_run_name(settings: RunSettings, run_id: str | None) -> None:
