@@ -261,3 +261,27 @@ def test_start_with_invalid_rows_is_refused_before_any_run_and_says_what_to_do(t
     job = jobs.Job("j", "alice", settings, state=jobs.REFUSED, message="bad data", error="bad data")
     shown = train_tab.progress_markdown(job)
     assert shown.startswith("**Refused**") and shown.count("bad data") == 1
+
+
+def test_the_data_tab_shows_complete_counts_and_a_sample_of_rows_for_each_problem(write_jsonl, embedded_tokenizer):
+    """A file with thousands of problems stays readable: every count is complete, the rows are a sample per code."""
+    from builders import distinct_chats
+
+    from sft_space import checks
+    from sft_space.settings import DataSettings
+    from sft_space.ui import data_tab
+
+    rows = distinct_chats(10) + [{"messages": [{"role": "user", "content": f"Hi {i}"}]} for i in range(300)]
+    rows += [distinct_chats(1)[0]] * 30
+    calls = []
+    progress = lambda value, desc=None, unit=None: calls.append((value, desc))  # noqa: E731
+    report = checks.check_data(DataSettings(source=str(write_jsonl(rows))), embedded_tokenizer,
+                               on_progress=data_tab._progress_bar(progress))
+    counts = data_tab.problem_counts_table(report).set_index("code")
+    assert counts.loc["no_assistant_turn", "rows"] == 300 and counts.loc["no_assistant_turn", "severity"] == "error"
+    assert counts.loc["duplicate", "rows"] == 30 and counts.loc["duplicate", "severity"] == "warning"
+    shown = data_tab.problem_rows_table(report)
+    per_code = shown.groupby("code").size()
+    assert per_code["no_assistant_turn"] == data_tab.PROBLEM_ROWS_PER_CODE == per_code["duplicate"]
+    assert shown["row"].is_monotonic_increasing and shown["row"].iloc[-1] == len(rows)  # spread to the end
+    assert calls and calls[-1][0] == (len(rows), len(rows))

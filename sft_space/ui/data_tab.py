@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import pandas as pd
@@ -19,6 +20,7 @@ from .common import Gate, settings_component
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "samples" / "captain_byte.jsonl"
 HISTOGRAM_BINS = 20
+PROBLEM_ROWS_PER_CODE = 20
 HELP = {f.name: field_help(DataSettings, f.name) for f in dataclasses.fields(DataSettings)}
 
 
@@ -42,14 +44,23 @@ def summary_markdown(report: checks.Report) -> str:
     return "\n".join(lines)
 
 
+def _severity(code: str) -> str:
+    return "warning" if code in checks.WARNING_CODES else "error"
+
+
 def problem_counts_table(report: checks.Report) -> pd.DataFrame:
-    rows = [(code, n, checks.PROBLEM_CODES[code]) for code, n in sorted(report.error_counts().items())]
-    return pd.DataFrame(rows, columns=["code", "rows", "meaning"])
+    """Every problem code with its complete count, errors first."""
+    counts = sorted(report.problem_counts().items(), key=lambda item: (_severity(item[0]) != "error", item[0]))
+    rows = [(code, _severity(code), n, checks.PROBLEM_CODES[code]) for code, n in counts]
+    return pd.DataFrame(rows, columns=["code", "severity", "rows", "meaning"])
 
 
 def problem_rows_table(report: checks.Report) -> pd.DataFrame:
-    problems = [("error", p) for p in report.errors] + [("warning", p) for p in report.warnings if p.row is not None]
-    rows = [(p.row, kind, p.code, p.message) for kind, p in sorted(problems, key=lambda kp: kp[1].row or 0)]
+    """Up to PROBLEM_ROWS_PER_CODE rows of each code, spread over the data: a file with tens of thousands of
+    problems stays readable (the counts above are complete)."""
+    problems = [p for code in report.problem_counts() for p in report.sample_rows(code, PROBLEM_ROWS_PER_CODE)
+                if p.row is not None]
+    rows = [(p.row, _severity(p.code), p.code, p.message) for p in sorted(problems, key=lambda p: p.row)]
     return pd.DataFrame(rows, columns=["row", "severity", "code", "what to do"])
 
 
@@ -92,7 +103,7 @@ def preview_html(report: checks.Report | None, model: str, number: int) -> str:
 
 
 def check_source(gate: Gate, visitor: str, upload: str | None, hub_id: str, use_sample: bool, model: str,
-                 columns: str, hub_config: str, hub_split: str, max_length: int) -> tuple:
+                 columns: str, hub_config: str, hub_split: str, max_length: int, progress: Any = None) -> tuple:
     """Check what the visitor chose: the sample, their own upload (the handle its upload returned), or a Hub id."""
     if not (use_sample or upload or (hub_id or "").strip()):
         raise gr.Error("Upload a file, name a Hub dataset, or pick the sample dataset first.")
@@ -103,7 +114,7 @@ def check_source(gate: Gate, visitor: str, upload: str | None, hub_id: str, use_
                                     SAMPLE_DATA)
         settings = DataSettings(source=source, columns=columns or "", hub_config=hub_config or "",
                                 hub_split=hub_split or "train", max_length=int(max_length))
-        report = checks.check_data(settings, models.cached_tokenizer(model))
+        report = checks.check_data(settings, models.cached_tokenizer(model), on_progress=_progress_bar(progress))
     except UserError as err:
         raise gr.Error(str(err)) from None
     return (
@@ -117,6 +128,19 @@ def check_source(gate: Gate, visitor: str, upload: str | None, hub_id: str, use_
         gr.Number(value=1, minimum=1, maximum=max(report.valid_rows, 1), label=f"Example (1–{max(report.valid_rows, 1)})"),
         preview_html(report, model, 1),
     )
+
+
+def _progress_bar(progress: Any) -> Any:
+    """The check's progress, as Gradio's progress bar shows it (rows read, then rows checked of all)."""
+    if progress is None:
+        return None
+
+    def show(done: int, total: int | None) -> None:
+        if total:
+            progress((done, total), desc="Checking rows", unit="rows")
+        else:
+            progress(None, desc=f"Reading: {done:,} rows")
+    return show
 
 
 def keep_upload(gate: Gate, visitor: str, uploaded: str | None) -> str | None:
@@ -172,8 +196,13 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> tuple[gr.
 
     upload.upload(on_upload, inputs=[upload, session], outputs=[upload_handle, session])
     upload.clear(lambda: None, outputs=upload_handle)
+    def on_check(token, upload, hub, sample, model_name, columns, hub_config, hub_split, length,
+                 progress=gr.Progress()):
+        return check_source(gate, gate.visitor(token), upload, hub, sample, model_name, columns, hub_config, hub_split,
+                            length, progress)
+
     check.click(
-        lambda token, *values: check_source(gate, gate.visitor(token), *values),
+        on_check,
         inputs=[session, upload_handle, hub_id, use_sample, model, columns, hub_config, hub_split, max_length],
         outputs=[report_state, settings_state, summary, counts, problems, statistics, histogram, example_number, preview],
         api_name="check_data",
