@@ -131,6 +131,8 @@ class Supervisor:
         """Follow a run whose child a previous app process started; it is alive while it holds the run's lock."""
         folder = runs.RunFolder(job.run_dir)
         log_path = log_file(folder.path.parent, folder.run_id)
+        # A run started from the command line has no output file of ours: it is followed by its lock alone.
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.touch()
         errors, tail = self._follow(job, folder, log_path, 0, lambda: folder.lock_holder() is not None, on_status,
                                     on_folder)

@@ -7,6 +7,7 @@ supervisor is tested fast and exactly; the last ones run the real command line o
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -201,3 +202,26 @@ def test_the_app_trains_stops_and_resumes_a_real_run_in_a_child_process(tmp_path
     assert resumed.state == jobs.FINISHED, resumed.error
     steps = [m["step"] for m in folder.read_metrics() if "loss" in m]
     assert steps[-1] == 40 and len(steps) == len(set(steps)), steps
+
+
+def test_a_command_line_run_keeps_the_gpu_busy_for_the_app_and_no_visitor_may_stop_it(tmp_path):
+    runs_dir = tmp_path / "runs"
+    process = subprocess.Popen([sys.executable, "-c", STAND_IN, str(runs_dir), "from-cli", "", "train"],
+                               stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        folder = runs.RunFolder(runs_dir / "from-cli")
+        assert wait_until(lambda: folder.lock_holder() is not None)
+        manager = manager_for("train")
+        [adopted] = manager.adopt(runs_dir)
+        assert manager.current() is adopted and adopted.owner == ""
+        with pytest.raises(Exception, match="No such run of yours"):
+            manager.stop(adopted.job_id, "alice")
+        queued = manager.submit(RunSettings(source="a.jsonl", output_dir=str(runs_dir)), owner="alice")
+        assert queued.state == jobs.QUEUED
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=30)
+    assert wait_until(lambda: adopted.done) and folder.read()["status"] == runs.STOPPED
+    assert wait_until(lambda: queued.state == jobs.RUNNING)  # the GPU went to the waiting visitor
+    manager.stop(queued.job_id, "alice")
+    assert wait_until(lambda: queued.done)
