@@ -222,6 +222,20 @@ def test_sigterm_before_the_run_folder_exists_stops_and_writes_nothing(write_jso
     assert not (tmp_path / "runs").exists()
 
 
+def test_ctrl_c_before_the_first_step_leaves_a_stopped_run_to_start_again(write_jsonl, tiny_model_dir, tmp_path):
+    training = Training(write_jsonl(persona_chats(24)), "--model", tiny_model_dir, "--output-dir", tmp_path / "runs",
+                        "--run-name", "unstarted", "--preset", "quick", "--max-steps", 8, "--sample-prompts", 3)
+    training.wait_for(lambda line: line.startswith("Loading "))
+    training.process.send_signal(signal.SIGINT)
+    returncode, stdout, lines = training.finish()
+    assert returncode == 130, "\n".join(lines)
+    folder = runs.RunFolder(tmp_path / "runs" / "unstarted")
+    record = folder.read()
+    assert record["status"] == runs.STOPPED and "stopped before its first step; start it again" in record["error"]
+    assert not folder.has_adapter and folder.checkpoints() == []
+    assert not any(line.startswith("Continue with") for line in lines), "nothing to resume"
+
+
 def test_a_second_ctrl_c_aborts_at_once(write_jsonl, tiny_model_dir, tmp_path):
     training = Training(write_jsonl(persona_chats(24)), "--model", tiny_model_dir, "--output-dir", tmp_path / "runs",
                         "--run-name", "twice", "--preset", "quick", "--max-steps", 200, "--sample-prompts", 0)
