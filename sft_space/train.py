@@ -380,8 +380,9 @@ class RunMonitor:
                 # With several processes, all stop after the same step (or the others would wait for it).
                 if distributed.any_process(monitor.stop_event.is_set()):
                     # Save a resumable checkpoint at this step, then leave the training loop; the validation
-                    # loss due at this step is skipped (it can take longer than the step).
-                    monitor.stopped = True
+                    # loss due at this step is skipped (it can take longer than the step). A stop asked of another
+                    # process is this one's too from here on.
+                    monitor.stop_event.set()
                     control.should_save = True
                     control.should_training_stop = True
                     control.should_evaluate = False
@@ -399,7 +400,6 @@ class RunMonitor:
         self.started = time.monotonic()
         self.first_step = 0
         self.first_epoch = 0.0
-        self.stopped = False
         self.last: dict[str, Any] = {}
 
     def record(self, state: Any, logs: dict[str, Any]) -> None:
