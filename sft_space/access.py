@@ -27,7 +27,7 @@ import shutil
 import time
 from pathlib import Path
 
-from . import runs
+from . import models, runs
 from .errors import UserError
 from .settings import AccessSettings, field_type
 
@@ -38,7 +38,6 @@ UPLOADS_DIR = ".uploads"
 TOKEN_VERSION = "v1"
 SIGNED_IN = "hf:"
 ENV_PREFIX = "SFT_SPACE_"
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 # A chat is answered on the shared hardware: its whole conversation (both sides, the system prompt and the new
 # message) is bounded so that no page can make one reply take minutes of everyone's time or gigabytes of memory.
 MAX_CHAT_CHARACTERS = 32_000
@@ -204,7 +203,7 @@ def hub_id(value: str, what: str) -> str:
     # Loaders look for a local folder of that name first, so a relative path shaped like owner/name (runs/<id>)
     # must not reach one. The test is on the first part, whose names in the app's folder are public (the Space's
     # files, runs), so the refusal says nothing about which runs or files exist below it.
-    if not HUB_ID.match(value) or Path(value.partition("/")[0]).exists():
+    if not models.HUB_MODEL_ID.match(value) or Path(value.partition("/")[0]).exists():
         raise refusal
     return value
 

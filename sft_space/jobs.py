@@ -93,8 +93,7 @@ class JobManager:
 
     def _check_resumable(self, run_dir: str, owner: str) -> None:
         folder = runs.RunFolder.open(run_dir)
-        target = folder.path.resolve()
-        if any(j.run_dir is not None and Path(j.run_dir).resolve() == target and not j.done for j in self._jobs.values()):
+        if self._active_on(folder.path):
             raise UserError(f"Run {folder.run_id} is already training or waiting to; it cannot be resumed twice.")
         if not runs.visible_to(folder.read(), owner):
             raise UserError(f"Run {folder.run_id} was started by another visitor; only they can resume it.")
@@ -102,6 +101,12 @@ class JobManager:
             # Another process (the command line, or an app before a restart) is training it right now.
             raise UserError(f"Run {folder.run_id} is already training in another process; it cannot be resumed "
                             "twice at once.")
+
+    def _active_on(self, run_dir: Path) -> bool:
+        """Whether a job of this process is training, or waiting to train, the run in `run_dir`."""
+        target = run_dir.resolve()
+        return any(j.run_dir is not None and Path(j.run_dir).resolve() == target and not j.done
+                   for j in self._jobs.values())
 
     def _check_quota(self, runs_dir: str, owner: str) -> None:
         if not self._runs_per_owner:
@@ -117,9 +122,7 @@ class JobManager:
         if folder.read().get("owner") != owner:
             raise UserError(f"Run {folder.run_id} was started from the command line; delete it there.")
         with self._lock:
-            target = folder.path.resolve()
-            if any(j.run_dir is not None and Path(j.run_dir).resolve() == target and not j.done
-                   for j in self._jobs.values()):
+            if self._active_on(folder.path):
                 raise UserError(f"Run {folder.run_id} is training or waiting to; stop it before deleting it.")
             shutil.rmtree(folder.path)
         return folder.run_id

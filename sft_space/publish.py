@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import zipfile
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import card, models, runs
+from .access import running_on_space
 from .errors import UserError
 from .runs import RunFolder
 from .settings import setting
@@ -182,10 +182,6 @@ def validate_repo_id(repo_id: str) -> str:
         raise UserError(f"{repo_id!r} is not a valid repo id: write it as owner/name with letters, digits, '-', "
                         "'_' and '.', e.g. alice/captain-byte-lora.")
     return repo_id
-
-
-def running_on_space() -> bool:
-    return bool(os.environ.get("SPACE_ID"))
 
 
 def resolve_token(typed: str | None = None, signed_in: str | None = None) -> str | None:

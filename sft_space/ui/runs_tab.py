@@ -11,7 +11,7 @@ import pandas as pd
 
 from .. import jobs, runs
 from ..errors import UserError
-from .common import Gate
+from .common import Gate, keep_choice
 from .train_tab import CURVE_COLOURS, EMPTY_CURVE, loss_curve
 
 
@@ -71,8 +71,7 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState) -> dic
 
     def on_refresh(current, token):
         frame = runs_table(runs_dir, gate.known_visitor(token))
-        names = list(frame["run"])
-        return frame, gr.update(choices=names, value=current if current in names else (names[0] if names else None))
+        return frame, keep_choice([(name, name) for name in frame["run"]], current)
 
     def on_delete(current, token):
         if not current:
