@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import data
-from .render import Renderer, TemplateError, render_chat
+from .render import Renderer, TemplateError, Tokens, render_chat
 
 ROLES = ("system", "user", "assistant", "tool")
 FEW_EXAMPLES = 10
@@ -130,13 +130,16 @@ class Report:
     # Per valid example, in order: (messages or 1 for text, tokens, trained tokens).
     token_counts: list[tuple[int, int, int]] = field(default_factory=list)
     rows_over_max_length: int = 0
+    # Rows that passed every check (a split text counts once), counted as they pass: valid_examples may keep
+    # only a preview of them.
+    valid_row_count: int = 0
     duplicates_dropped: int = 0
     text_rows_split: int = 0
 
     @property
     def valid_rows(self) -> int:
         """Rows without errors: the rows trained on, and the duplicates of them dropped (a repeat is not broken)."""
-        return len({e.row for e in self.valid_examples}) + self.duplicates_dropped
+        return self.valid_row_count + self.duplicates_dropped
 
     @property
     def invalid_rows(self) -> int:
@@ -441,12 +444,16 @@ class _Repeats:
 
 
 def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int, keep_duplicates: bool = False,
-                 on_progress: Callable[[int, int | None], None] | None = None) -> Report:
+                 on_progress: Callable[[int, int | None], None] | None = None, keep_tokens: bool = False,
+                 keep_examples: int | None = None) -> Report:
     """Check every normalised example against structure, the model's template and tokenizer, and repeats.
 
     Examples are rendered and measured BATCH_ROWS at a time (one template render each, the tokenizer once per
     batch: `render.Renderer`). Exact duplicates are dropped from the examples (the first kept) unless
-    `keep_duplicates`; `on_progress(rows checked, rows)` is called after every batch.
+    `keep_duplicates`; `on_progress(rows checked, rows)` is called after every batch. With `keep_tokens` each
+    valid example carries its `render.Tokens`, which training uses instead of rendering again. `keep_examples`
+    keeps only the first that many valid examples (a preview, or none for a report alone): every count and
+    statistic still covers all of them, and memory stays that of the counts.
     """
     rules = TemplateRules.probe(tokenizer)
     renderer = Renderer(tokenizer)
@@ -457,6 +464,13 @@ def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int, keep_
     split_rows: list[int] = []
     pieces_made = 0
 
+    def keep(example: data.Example, counts: tuple[int, int, int], tokens: Tokens | None) -> None:
+        if keep_examples is None or len(report.valid_examples) < keep_examples:
+            if tokens is not None:
+                example.tokens = tokens
+            report.valid_examples.append(example)
+        report.token_counts.append(counts)
+
     def measured(examples: list[data.Example], results: list[Any]) -> None:
         nonlocal pieces_made
         for example, result in zip(examples, results):
@@ -464,15 +478,19 @@ def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int, keep_
             if isinstance(result, TemplateError):
                 report.errors.append(Problem(row, "template_error", f"row {row}: {result}."))
                 continue
-            n_tokens, n_trained = result
+            tokens = result if isinstance(result, Tokens) else None
+            n_tokens, n_trained = (tokens.n_tokens, tokens.n_trained) if tokens else result
             if n_tokens > max_length and example.text is not None:
-                pieces = _split_text(tokenizer, renderer, example, max_length)
+                pieces = _split_text(tokenizer, renderer, example, max_length, keep_tokens)
                 if pieces:
                     split_rows.append(row)
                     pieces_made += len(pieces)
-                    for piece, (tokens, trained) in pieces:
-                        report.valid_examples.append(piece)
-                        report.token_counts.append((1, tokens, trained))
+                    report.valid_row_count += 1
+                    for piece, piece_result in pieces:
+                        piece_tokens = piece_result if isinstance(piece_result, Tokens) else None
+                        counts = ((1, piece_tokens.n_tokens, piece_tokens.n_trained) if piece_tokens
+                                  else (1, *piece_result))
+                        keep(piece, counts, piece_tokens)
                     continue
             if n_tokens > max_length:
                 report.rows_over_max_length += 1
@@ -485,8 +503,8 @@ def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int, keep_
                                              "trained; check that the assistant replies are not empty."))
                 continue
             turns = len(example.messages) if example.messages is not None else 1
-            report.valid_examples.append(example)
-            report.token_counts.append((turns, n_tokens, n_trained))
+            report.valid_row_count += 1
+            keep(example, (turns, n_tokens, n_trained), tokens)
 
     def batches() -> Iterator[list[data.Example]]:
         """The examples that pass the structure checks, BATCH_ROWS at a time (a repeat of an earlier row is left
@@ -522,7 +540,7 @@ def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int, keep_
             yield batch
 
     # One batch is tokenized while the next is checked and rendered (render.Renderer.measure_batches).
-    for examples, results in renderer.measure_batches(batches()):
+    for examples, results in renderer.measure_batches(batches(), keep_tokens):
         measured(examples, results)
     report.warnings += repeats.warnings()
     if split_rows:
@@ -544,8 +562,8 @@ def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int, keep_
     return report
 
 
-def _split_text(tokenizer: Any, renderer: Renderer, example: data.Example,
-                max_length: int) -> list[tuple[data.Example, tuple[int, int]]] | None:
+def _split_text(tokenizer: Any, renderer: Renderer, example: data.Example, max_length: int,
+                keep_tokens: bool = False) -> list[tuple[data.Example, tuple[int, int] | Tokens]] | None:
     """A long plain text as pieces of at most `max_length` tokens, cut at token boundaries (the pieces joined are
     the text); only the last piece ends the document. None when a piece re-tokenizes over the limit."""
     offsets = tokenizer(example.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
@@ -554,15 +572,17 @@ def _split_text(tokenizer: Any, renderer: Renderer, example: data.Example,
     cuts = sorted(set(cuts))
     pieces = [data.Example(example.row, example.format, text=example.text[a:b], ends_document=b == len(example.text))
               for a, b in zip(cuts, cuts[1:]) if b > a]
-    measured = renderer.measure_many(pieces)
-    if any(isinstance(m, TemplateError) or m[0] > max_length or m[1] == 0 for m in measured):
+    measured = renderer.measure_many(pieces, keep_tokens)
+    counts = [m if not isinstance(m, Tokens) else (m.n_tokens, m.n_trained) for m in measured]
+    if any(isinstance(m, TemplateError) or m[0] > max_length or m[1] == 0 for m in counts):
         return None
     return list(zip(pieces, measured))
 
 
-def check_data(settings: Any, tokenizer: Any,
-               on_progress: Callable[[int, int | None], None] | None = None) -> Report:
-    """Read the source named by `settings` (a DataSettings) and build its report.
+def check_data(settings: Any, tokenizer: Any, on_progress: Callable[[int, int | None], None] | None = None,
+               keep_tokens: bool = False, keep_examples: int | None = None) -> Report:
+    """Read the source named by `settings` (a DataSettings) and build its report (`build_report` says what
+    `keep_tokens` and `keep_examples` keep).
 
     `on_progress(rows done, total or None)`, when given, is called every few thousand rows: while reading (rows
     read, None), then while checking (rows checked, rows), last with (rows, rows).
@@ -572,4 +592,4 @@ def check_data(settings: Any, tokenizer: Any,
                             max_row_kb=settings.max_row_kb, max_messages=settings.max_messages,
                             on_progress=on_progress)
     return build_report(loaded, tokenizer, settings.max_length, getattr(settings, "keep_duplicates", False),
-                        on_progress)
+                        on_progress, keep_tokens, keep_examples)

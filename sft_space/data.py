@@ -124,6 +124,8 @@ class Example:
     # A plain text split at the maximum length (see checks.py) is several examples; only the last ends the document
     # (gets the end-of-sequence token).
     ends_document: bool = True
+    # The example's `render.Tokens`, when the check kept them for training (see checks.build_report).
+    tokens: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass

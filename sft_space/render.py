@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import html
+from array import array
 import itertools
 import json
 from collections.abc import Iterable, Iterator
@@ -79,6 +80,24 @@ class Rendered:
             else:
                 spans.append((start, end))
         return spans
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """An example as training needs it, compact: token ids (4 bytes each) and a trained flag per token (1 byte),
+    exactly `Rendered.input_ids` and `Rendered.trained`. The check keeps these for training, so nothing is
+    rendered or tokenized twice."""
+
+    ids: array
+    trained: bytes
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_trained(self) -> int:
+        return self.trained.count(1)
 
 
 def ensure_chat_template(tokenizer: Any) -> list[str]:
@@ -504,14 +523,17 @@ class Renderer:
             results.append(Rendered(text, input_ids, offsets, trained, segments))
         return results
 
-    def measure_many(self, examples: list[Any]) -> list[tuple[int, int] | TemplateError]:
-        """(tokens, trained tokens) of each example as `render_example` would give them (or its TemplateError)."""
-        return next(self.measure_batches([examples]))[1]
+    def measure_many(self, examples: list[Any], keep_tokens: bool = False
+                     ) -> list[tuple[int, int] | Tokens | TemplateError]:
+        """(tokens, trained tokens) of each example as `render_example` would give them (or its TemplateError);
+        with `keep_tokens`, its `Tokens` instead."""
+        return next(self.measure_batches([examples], keep_tokens))[1]
 
-    def measure_batches(self, batches: Iterable[list[Any]]
-                        ) -> Iterator[tuple[list[Any], list[tuple[int, int] | TemplateError]]]:
-        """(batch, its measures) for each batch, in order. The tokenizer (Rust, which lets go of Python's lock)
-        encodes one batch in a thread while this thread renders the next, so the two overlap on two cores."""
+    def measure_batches(self, batches: Iterable[list[Any]], keep_tokens: bool = False
+                        ) -> Iterator[tuple[list[Any], list[tuple[int, int] | Tokens | TemplateError]]]:
+        """(batch, its measures) for each batch, in order: as `measure_many` gives them. The tokenizer (Rust,
+        which lets go of Python's lock) encodes one batch in a thread while this thread renders the next, so the
+        two overlap on two cores."""
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -519,7 +541,7 @@ class Renderer:
             for batch in batches:
                 prepared = self._prepare_all(batch)
                 texts = [p[0] for p in prepared if not isinstance(p, TemplateError)]
-                started = (batch, prepared, pool.submit(self._encodings, texts) if texts else None)
+                started = (batch, prepared, pool.submit(self._encodings, texts) if texts else None, keep_tokens)
                 if pending is not None:
                     yield self._measured(*pending)
                 pending = started
@@ -537,10 +559,10 @@ class Renderer:
             return self._encode(texts).encodings
         return backend.encode_batch(texts, add_special_tokens=False)
 
-    def _measured(self, batch: list[Any], prepared: list[Any],
-                  future: Any) -> tuple[list[Any], list[tuple[int, int] | TemplateError]]:
+    def _measured(self, batch: list[Any], prepared: list[Any], future: Any, keep_tokens: bool
+                  ) -> tuple[list[Any], list[tuple[int, int] | Tokens | TemplateError]]:
         encodings = iter(future.result() if future is not None else [])
-        results: list[tuple[int, int] | TemplateError] = []
+        results: list[tuple[int, int] | Tokens | TemplateError] = []
         for item in prepared:
             if isinstance(item, TemplateError):
                 results.append(item)
@@ -548,22 +570,44 @@ class Renderer:
             text, spans, _, add_eos = item
             encoding = next(encodings)
             n_tokens = len(encoding)
+            if keep_tokens:
+                results.append(self._tokens(encoding, spans, n_tokens, add_eos))
+                continue
             trained = n_tokens if spans is None else _trained_count(encoding, spans, n_tokens)
             eos = 1 if add_eos else 0
             results.append((n_tokens + eos, trained + eos))
         return batch, results
+
+    def _tokens(self, encoding: Any, spans: list[tuple[int, int]] | None, n_tokens: int, add_eos: bool) -> Tokens:
+        ids = array("i", encoding.ids)
+        if spans is None:
+            trained = bytearray(b"\x01" * n_tokens)
+        else:
+            trained = bytearray(n_tokens)
+            for first, last in _token_ranges(encoding, spans, n_tokens):
+                trained[first:last + 1] = b"\x01" * (last + 1 - first)
+        if add_eos:
+            ids.append(self.tokenizer.eos_token_id)
+            trained.append(1)
+        return Tokens(ids, bytes(trained))
+
+
+def _token_ranges(encoding: Any, spans: list[tuple[int, int]], n_tokens: int) -> Iterator[tuple[int, int]]:
+    """The (first, last) tokens overlapping each span (sorted, apart), ranges that may touch or overlap."""
+    for start, end in spans:
+        tokens = _tokens_overlapping(encoding, start, end, n_tokens)
+        if tokens is not None:
+            yield tokens
 
 
 def _trained_count(encoding: Any, spans: list[tuple[int, int]], n_tokens: int) -> int:
     """How many tokens overlap any of the spans (sorted, apart): `sum(trained_mask(...))`, where a token that
     overlaps two spans counts once."""
     count, counted_to = 0, -1
-    for start, end in spans:
-        tokens = _tokens_overlapping(encoding, start, end, n_tokens)
-        if tokens is not None:
-            first, last = max(tokens[0], counted_to + 1), tokens[1]
-            count += max(0, last - first + 1)
-            counted_to = max(counted_to, last)
+    for first, last in _token_ranges(encoding, spans, n_tokens):
+        first = max(first, counted_to + 1)
+        count += max(0, last - first + 1)
+        counted_to = max(counted_to, last)
     return count
 
 

@@ -34,12 +34,13 @@ import shutil
 import threading
 import time
 import traceback
+from array import array
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from . import checks, data, distributed, models, runs
+from . import checks, data, distributed, models, render, runs
 from .chat import GenerationSettings, generate_reply
 from .errors import UserError
 from .hardware import Hardware, TrainingPlan, detect_hardware, plan_training
@@ -121,7 +122,7 @@ class PreparedData:
 def prepare_data(settings: RunSettings, tokenizer: Any,
                  on_progress: Callable[[int, int | None], None] | None = None) -> PreparedData:
     """Check the data and split it; invalid rows stop the run unless the user chose to skip them."""
-    report = checks.check_data(settings, tokenizer, on_progress)
+    report = checks.check_data(settings, tokenizer, on_progress, keep_tokens=True)
     if report.errors and not settings.skip_invalid_rows:
         counts = ", ".join(f"{code} ×{n}" for code, n in sorted(report.error_counts().items()))
         first = report.errors[0].message
@@ -136,15 +137,36 @@ def prepare_data(settings: RunSettings, tokenizer: Any,
 
 
 def tokenize_examples(tokenizer: Any, examples: list[data.Example]) -> Any:
-    """A datasets.Dataset of `input_ids` and `assistant_masks` (1 = trained), rendered like the preview."""
+    """A datasets.Dataset of `input_ids` and `assistant_masks` (1 = trained), rendered like the preview.
+
+    Examples the check already tokenized (`Example.tokens`) are used as they are: a large dataset is rendered and
+    tokenized once, not again here. The columns are built as Arrow arrays straight from the compact tokens
+    (int32 ids and int8 masks, the types `datasets` gives tokenized columns).
+    """
+    import numpy as np
+    import pyarrow as pa
     from datasets import Dataset
 
-    input_ids, masks = [], []
-    for example in examples:
-        rendered = render_example(tokenizer, example)
-        input_ids.append(rendered.input_ids)
-        masks.append([int(trained) for trained in rendered.trained])
-    return Dataset.from_dict({"input_ids": input_ids, "assistant_masks": masks})
+    tokens = [example.tokens if example.tokens is not None else _tokens_of(render_example(tokenizer, example))
+              for example in examples]
+    offsets = pa.array(np.concatenate([[0], np.cumsum([len(t.ids) for t in tokens], dtype=np.int64)]),
+                       type=pa.int32())
+    ids = np.frombuffer(b"".join(t.ids.tobytes() for t in tokens), dtype=np.int32)
+    masks = np.frombuffer(b"".join(t.trained for t in tokens), dtype=np.int8)
+    return Dataset(pa.table({"input_ids": pa.ListArray.from_arrays(offsets, ids),
+                             "assistant_masks": pa.ListArray.from_arrays(offsets, masks)}))
+
+
+def token_count(dataset: Any) -> int:
+    """The tokens in a tokenized dataset, counted in Arrow (reading a large `input_ids` column into Python lists
+    took seconds)."""
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.list_value_length(dataset.data.column("input_ids"))).as_py() or 0)
+
+
+def _tokens_of(rendered: Any) -> render.Tokens:
+    return render.Tokens(array("i", rendered.input_ids), bytes(bytearray(map(int, rendered.trained))))
 
 
 def library_versions() -> dict[str, str]:
@@ -641,7 +663,7 @@ def _run(job: TrainingJob, folder: RunFolder, settings: RunSettings, plan: Train
             runs.write_json_atomic(folder.samples_path, samples)
         trainer = _unless_stopped(job, lambda: build_trainer(settings, plan, folder, model, tokenizer, prepared,
                                                              job.stop_event))
-        tokens_per_epoch = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+        tokens_per_epoch = token_count(trainer.train_dataset)
         monitor = RunMonitor(folder, tokens_per_epoch, job.stop_event, job.on_metrics)
         trainer.add_callback(monitor.callback)
         for callback in job.extra_callbacks:

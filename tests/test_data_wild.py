@@ -9,7 +9,7 @@ import pytest
 from builders import chat, distinct_chats
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from sft_space import checks, data
+from sft_space import checks, data, render
 from sft_space.settings import DataSettings
 
 U = {"role": "user", "content": "What is the weather in Paris?"}
@@ -290,6 +290,18 @@ def test_plain_text_over_the_maximum_length_is_split_into_pieces(write_jsonl, em
     assert len(split) == 1 and split[0].message.startswith(f"1 plain-text row(s) longer than the maximum length "
                                                            f"(100 tokens) were split into {len(pieces)} pieces")
     assert report.valid_rows == 12 and report.stats()["text_rows_split"] == 1
+    # The tokens kept for training are the pieces' own, exactly as rendering each piece gives them.
+    path = write_jsonl(rows)
+    kept = checks.build_report(data.load_data(str(path)), embedded_tokenizer, 100, keep_tokens=True)
+    for example in kept.valid_examples:
+        rendered = render.render_example(embedded_tokenizer, example)
+        assert list(example.tokens.ids) == rendered.input_ids
+        assert [bool(b) for b in example.tokens.trained] == rendered.trained
+    assert [e.text for e in kept.valid_examples] == [e.text for e in report.valid_examples]
+    # A report that keeps a preview of the examples still counts all of them.
+    preview = checks.build_report(data.load_data(str(path)), embedded_tokenizer, 100, keep_examples=3)
+    assert len(preview.valid_examples) == 3 and preview.valid_rows == 12
+    assert preview.stats() == report.stats()
     # A conversation over the limit is still an error: cutting it would cut the reply.
     report = report_for(write_jsonl, embedded_tokenizer, [chat(("Hi", long_text))], max_length=100)
     assert codes(report.errors) == [(1, "too_long")]

@@ -275,6 +275,10 @@ def test_rendering_many_at_once_equals_rendering_each(tokenizers, template):
     measured = render.Renderer(tokenizer).measure_many(examples)
     assert [m if isinstance(m, tuple) else str(m) for m in measured] == [
         e if isinstance(e, str) else (e.n_tokens, e.n_trained) for e in expected]
+    # What the check keeps for training is exactly what render_example gives (ids and mask, token by token).
+    kept = render.Renderer(tokenizer).measure_many(examples, keep_tokens=True)
+    assert [(list(k.ids), [bool(b) for b in k.trained]) if isinstance(k, render.Tokens) else str(k)
+            for k in kept] == [e if isinstance(e, str) else (e.input_ids, e.trained) for e in expected]
 
 
 def test_an_opening_assistant_turn_is_trained_when_the_template_allows_it(embedded_tokenizer):
@@ -302,9 +306,11 @@ def test_counting_overlapping_tokens_equals_the_mask_on_any_text(embedded_tokeni
         encoding = embedded_tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
         cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, 2 * rng.randint(1, 3))))
         spans = [(cuts[i], cuts[i + 1]) for i in range(0, len(cuts) - 1, 2) if cuts[i + 1] > cuts[i]]
-        expected = sum(render.trained_mask(encoding.offsets, spans))
+        mask = render.trained_mask(encoding.offsets, spans)
         counted = render._trained_count(encoding, spans, len(encoding))
-        assert counted == expected, (text, spans)
+        assert counted == sum(mask), (text, spans)
+        kept = render.Renderer(embedded_tokenizer)._tokens(encoding, spans, len(encoding), add_eos=False)
+        assert [bool(b) for b in kept.trained] == mask and list(kept.ids) == encoding.ids, (text, spans)
 
 
 def test_the_check_learns_each_shape_once_for_the_embedded_template(embedded_tokenizer):

@@ -86,8 +86,13 @@ def test_training_drives_the_loss_down_and_fills_the_run_folder(tiny_settings, m
             assert PLANTED_TOKEN.encode() not in path.read_bytes(), path
 
 
-def test_trained_labels_are_exactly_the_preview_mask(tiny_settings, tiny_model_dir):
+def test_trained_labels_are_exactly_the_preview_mask(tiny_settings, tiny_model_dir, monkeypatch):
     from transformers import AutoModelForCausalLM
+
+    import sft_space.train as train_module
+
+    def rendered_again(*args):
+        raise AssertionError("training rendered an example the check had already tokenized")
 
     rows = persona_chats(12)
     for packing in (False, True):
@@ -99,7 +104,10 @@ def test_trained_labels_are_exactly_the_preview_mask(tiny_settings, tiny_model_d
                                    packing=packing)
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         folder = runs.RunFolder.create(settings.output_dir, f"mask-{packing}")
-        trainer = build_trainer(settings, plan, folder, model, tokenizer, prepared)
+        # Training uses the tokens the check kept: nothing is rendered a second time.
+        with monkeypatch.context() as patched:
+            patched.setattr(train_module, "render_example", rendered_again)
+            trainer = build_trainer(settings, plan, folder, model, tokenizer, prepared)
 
         expected = []
         for example in prepared.train:
