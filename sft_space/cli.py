@@ -1,6 +1,6 @@
 """Command line: a thin skin over the same core the app uses.
 
-    python -m sft_space validate DATA [--model M] [--max-length N] [--json]
+    python -m sft_space validate DATA [--model M] [--max-length N] [--keep-duplicates] [--json]
     python -m sft_space preview DATA [--model M] [-n N]
     python -m sft_space train DATA [--preset P] [--epochs E | --max-steps S] [...] [--config FILE]
     python -m sft_space train --resume RUN_DIR
@@ -28,6 +28,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from typing import Any, Iterator
 
 from . import checks, data, models, render
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     validate = commands.add_parser("validate", help="Check a dataset and print its problems and statistics.")
     _data_arguments(validate)
+    add_arguments(validate, DataSettings, ["keep_duplicates"])
     validate.add_argument("--json", action="store_true", help="Print exactly one JSON object (for scripts).")
     preview = commands.add_parser("preview", help="Show examples as the model sees them, trained tokens marked ⟦like this⟧.")
     _data_arguments(preview)
@@ -146,10 +148,47 @@ def _bench_parser(commands: Any) -> None:
     bench.add_argument("--json", action="store_true", help="Print exactly one JSON object (for scripts).")
 
 
-def _report(args: argparse.Namespace) -> checks.Report:
+def _report(args: argparse.Namespace, on_progress: Any = None) -> checks.Report:
     settings = from_arguments(DataSettings, args)
     tokenizer = models.load_tokenizer(args.model or models.default_model())
-    return checks.check_data(settings, tokenizer)
+    return checks.check_data(settings, tokenizer, on_progress)
+
+
+# Below this many rows a check takes about a second: no progress line.
+PROGRESS_FROM_ROWS = 2000
+# Off a terminal (a log file, a CI job) the line is written anew at most this often, not redrawn.
+PLAIN_PROGRESS_SECONDS = 5.0
+
+
+class ProgressLine:
+    """The check's progress on stderr (stdout holds the report, or --json's one object): redrawn in place (\\r) on
+    a terminal; elsewhere a plain line now and then and the last one. Called as `on_progress(done, total or
+    None)`, as `checks.check_data` calls it."""
+
+    def __init__(self) -> None:
+        self.shown = 0  # characters of the line now on the terminal
+        self.last_plain = float("-inf")  # when a plain line was last written
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if total is not None and total < PROGRESS_FROM_ROWS:
+            return
+        text = (f"Reading: {done:,} rows" if total is None
+                else f"Checking: {done:,} of {total:,} rows ({done / max(total, 1):.0%})")
+        stream, now = sys.stderr, time.monotonic()
+        if stream.isatty():
+            stream.write("\r" + text.ljust(self.shown))
+            self.shown = len(text)
+        elif done == total or now - self.last_plain >= PLAIN_PROGRESS_SECONDS:
+            stream.write(text + "\n")
+            self.last_plain = now
+        stream.flush()
+
+    def close(self) -> None:
+        """End a redrawn line, so that what follows starts on a line of its own."""
+        if self.shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.shown = 0
 
 
 def _format_distribution(name: str, values: dict[str, Any]) -> str:
@@ -179,10 +218,20 @@ def print_report(report: checks.Report, out: Any = None) -> None:
     print(_format_distribution("trained tokens", stats["trained_tokens_per_example"]), file=out)
     print(f"  total trained tokens: {stats['total_trained_tokens']} of {stats['total_tokens']}; "
           f"rows over the maximum length ({report.max_length}): {stats['rows_over_max_length']}", file=out)
+    repeats = report.problem_counts().get("duplicate", 0)
+    if report.duplicates_dropped:
+        print(f"  exact duplicates: {report.duplicates_dropped} repeat(s) dropped before training, the first of "
+              "each kept (--keep-duplicates keeps them)", file=out)
+    elif repeats:
+        print(f"  exact duplicates: {repeats} repeat(s) kept for training (--keep-duplicates)", file=out)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    report = _report(args)
+    progress = ProgressLine()
+    try:
+        report = _report(args, progress)
+    finally:
+        progress.close()
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
     else:

@@ -545,6 +545,61 @@ def _read_hub_dataset(dataset_id: str, config: str | None, split: str,
         yield row, record
 
 
+# One short request answers "is the Hub there, and is this dataset on it" before `datasets` is asked: offline,
+# `datasets` retries for about 25 s before it gives up, and a page waiting that long looks broken.
+HUB_LOOKUP_TIMEOUT = 5.0
+
+
+@dataclass
+class HubChoices:
+    """A Hub dataset's configs, and the splits of one of them (`config`), as the Hub lists them."""
+
+    dataset_id: str
+    configs: list[str]
+    config: str
+    splits: list[str]
+
+
+def hub_dataset_choices(dataset_id: str, config: str | None = None,
+                        timeout: float = HUB_LOOKUP_TIMEOUT) -> HubChoices:
+    """The configs of the Hub dataset `dataset_id` and the splits of `config` (of its first config when `config`
+    is not one of them). `dataset_id` must already be a checked Hub id (`access.hub_id`): `datasets` reads a
+    local folder of the same name first. A DataSourceError says what to do when the Hub does not answer."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if not HUB_ID.match(dataset_id or ""):
+        raise DataSourceError(f"{dataset_id!r} is not a Hub dataset id; write it as owner/name.")
+    type_them = "Type the config and split yourself; they are checked when the data is read."
+    try:
+        info = HfApi().dataset_info(dataset_id, timeout=timeout)
+    except GatedRepoError:
+        raise DataSourceError(_gated(dataset_id)) from None
+    except RepositoryNotFoundError:
+        raise DataSourceError(f"The Hub has no dataset {dataset_id!r} (or it is private to its owner): check the "
+                              "id on the dataset's Hub page.") from None
+    except Exception as err:  # offline mode, no network, a timeout, a Hub error: all "no answer" to the visitor
+        raise DataSourceError(f"The Hugging Face Hub did not answer for {dataset_id!r} ({type(err).__name__}: "
+                              f"{err}). {type_them}") from None
+    import datasets
+
+    try:
+        configs = [str(name) for name in datasets.get_dataset_config_names(dataset_id)]
+        chosen = config if config in configs else configs[0]
+        splits = [str(name) for name in datasets.get_dataset_split_names(dataset_id, chosen)]
+    except Exception as err:
+        if getattr(info, "gated", False):
+            raise DataSourceError(_gated(dataset_id)) from None
+        raise DataSourceError(f"The Hub did not list the configs and splits of {dataset_id!r} "
+                              f"({type(err).__name__}: {err}). {type_them}") from None
+    return HubChoices(dataset_id, configs, chosen, splits)
+
+
+def _gated(dataset_id: str) -> str:
+    return (f"{dataset_id} is gated: accept its terms on https://huggingface.co/datasets/{dataset_id} and log in "
+            "(HF_TOKEN) to read it.")
+
+
 # ------------------------------------------------------------------------------------- format detection
 
 

@@ -143,6 +143,31 @@ def _progress_bar(progress: Any) -> Any:
     return show
 
 
+def hub_choices(value: str, config: str, split: str, local_paths: bool = False) -> tuple[Any, Any, str]:
+    """The configs and splits of the Hub dataset the visitor typed, offered in the config and split boxes (which
+    still take a typed value), and a note: what was found, or why nothing was (the Hub did not answer, the id is
+    not one). Never an error: the boxes stay usable whatever the Hub says."""
+    unchanged = gr.update(), gr.update()
+    if not (value or "").strip():
+        return *unchanged, ""
+    try:
+        # The trust boundary first: only a Hub id is looked up, never a file or folder of this machine.
+        dataset_id = access.hub_id(value, "dataset")
+    except UserError as err:
+        # With local access on, the box also takes a path on this machine, which has no configs to offer.
+        return *unchanged, "" if local_paths else f"⚠️ {err}"
+    try:
+        found = data.hub_dataset_choices(dataset_id, config or None)
+    except UserError as err:
+        # Choices of another dataset would mislead; the values typed stay.
+        return gr.update(choices=[]), gr.update(choices=[]), f"⚠️ {err}"
+    if found.splits and split not in found.splits:
+        split = DataSettings.hub_split if DataSettings.hub_split in found.splits else found.splits[0]
+    note = (f"**{dataset_id}** · configs: {', '.join(found.configs)} · splits of *{found.config}*: "
+            f"{', '.join(found.splits) or 'none listed'}")
+    return gr.update(choices=found.configs, value=found.config), gr.update(choices=found.splits, value=split), note
+
+
 def keep_upload(gate: Gate, visitor: str, uploaded: str | None) -> str | None:
     """The handle of the visitor's own copy of what they uploaded (None when the file was removed)."""
     if not uploaded:
@@ -166,14 +191,20 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> tuple[gr.
             hub_id = gr.Textbox(label="…or a Hub dataset id", placeholder="owner/name",
                                 info=("a Hub id, or a file or folder on this machine" if gate.settings.local_paths
                                       else None))
+            with gr.Row():
+                # Filled from the Hub when an id is typed; a typed value is taken too (the Hub may not answer).
+                hub_config = gr.Dropdown(choices=[], value=DataSettings.hub_config, allow_custom_value=True,
+                                         label="Hub config", info=HELP["hub_config"], elem_id="hub-config")
+                hub_split = gr.Dropdown(choices=[DataSettings.hub_split], value=DataSettings.hub_split,
+                                        allow_custom_value=True, label="Split", info=HELP["hub_split"],
+                                        elem_id="hub-split")
+            hub_note = gr.Markdown(elem_id="hub-note")
             use_sample = gr.Checkbox(label="Use the sample dataset (Captain Byte, 160 pirate-flavoured conversations)")
         with gr.Column(scale=1):
             max_length = settings_component(DataSettings.__dataclass_fields__["max_length"],
                                             label="Maximum length (tokens)")
-            with gr.Accordion("Column mapping and Hub options", open=False):
+            with gr.Accordion("Column mapping", open=False):
                 columns = gr.Textbox(label="Column mapping", info=HELP["columns"])
-                hub_config = gr.Textbox(label="Hub config", info=HELP["hub_config"])
-                hub_split = gr.Textbox(label="Split", value=DataSettings.hub_split, info=HELP["hub_split"])
             check = gr.Button("Check data", variant="primary", elem_id="check-data")
     summary = gr.Markdown(elem_id="data-summary")
     skip_invalid = gr.Checkbox(label="Skip invalid rows", value=DataSettings.skip_invalid_rows,
@@ -194,6 +225,13 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> tuple[gr.
         visitor, token = gate.visitor_or_new(token)
         return keep_upload(gate, visitor, path), token
 
+    def on_hub_id(value, config, split):
+        return hub_choices(value, config, split, gate.settings.local_paths)
+
+    # Asked when the id is entered or left, and again when another config is picked (its splits differ). A page
+    # event only: the app keeps it off the API (see ui/__init__.py).
+    gr.on([hub_id.submit, hub_id.blur, hub_config.input], on_hub_id, inputs=[hub_id, hub_config, hub_split],
+          outputs=[hub_config, hub_split, hub_note], api_name="hub_choices")
     upload.upload(on_upload, inputs=[upload, session], outputs=[upload_handle, session])
     upload.clear(lambda: None, outputs=upload_handle)
     def on_check(token, upload, hub, sample, model_name, columns, hub_config, hub_split, length,
