@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 import tempfile
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -30,8 +31,10 @@ RUN_RECORD_FILE = "training_run.json"
 DEMO_TEMPLATE_DIR = Path(__file__).resolve().parent / "demo_space"
 # peft writes a placeholder README into the adapter folder; ours replaces it.
 NOT_PUBLISHED = {"README.md"}
-TOKEN_HELP = ("On the Space, press \"Sign in with Hugging Face\"; elsewhere set HF_TOKEN (or run 'hf auth login'), "
-              "or paste a write token from https://huggingface.co/settings/tokens.")
+TOKENS_PAGE = "https://huggingface.co/settings/tokens"
+# The first call to the Hub: huggingface_hub waits without a time limit, and a network that drops packets
+# would hold the push for minutes before the system gives up. A healthy Hub answers in well under a second.
+HUB_ANSWER_SECONDS = 10.0
 
 Progress = Callable[[float, str], None]
 
@@ -202,32 +205,113 @@ def resolve_token(typed: str | None = None, signed_in: str | None = None) -> str
     return get_token()
 
 
+def token_help(in_app: bool) -> str:
+    """Where a write token comes from, for the place the person is in: the app (a Space signs them in) or the
+    command line (which reads HF_TOKEN or the saved login, and has nowhere to paste)."""
+    if not in_app:
+        return (f"Set HF_TOKEN to a token with write access from {TOKENS_PAGE}, or run 'hf auth login' and "
+                "paste it there.")
+    if running_on_space():
+        return f"Press \"Sign in with Hugging Face\", or paste a token with write access from {TOKENS_PAGE}."
+    return (f"Paste a token with write access from {TOKENS_PAGE} (or start the app with HF_TOKEN set, or after "
+            "'hf auth login').")
+
+
 def _scrub(text: str, token: str) -> str:
     return text.replace(token, "hf_***") if token else text
 
 
-def explain_hub_error(err: BaseException, action: str, repo_id: str, token: str) -> UserError:
-    """One sentence a person can act on, for whatever the Hub (or the network) answered."""
+def _hub_failure_kind(err: BaseException) -> tuple[str, int | None]:
+    """What went wrong, looked for along the error's chain: ("offline" | "timeout" | "network" | "http" |
+    "other", HTTP status or None).
+
+    huggingface_hub 2.x talks through httpx2 and raises its errors as they are (httpx2.ConnectError,
+    httpx2.ReadTimeout, ...) besides its own (OfflineModeIsEnabled, HfHubHTTPError and subclasses); httpx's
+    are accepted too, for clients built on it.
+    """
     import httpx
+    import httpx2
     from huggingface_hub import errors as hub_errors
 
-    status = getattr(getattr(err, "response", None), "status_code", None)
-    if isinstance(err, (hub_errors.OfflineModeIsEnabled, httpx.TransportError, ConnectionError, TimeoutError)):
-        message = (f"Could not reach the Hugging Face Hub to {action}: check the network connection "
-                   "(and that HF_HUB_OFFLINE is not set), then try again.")
+    timeouts = (httpx2.TimeoutException, httpx.TimeoutException, TimeoutError)
+    network = (httpx2.TransportError, httpx.TransportError, ConnectionError)
+    seen: list[BaseException] = []
+    while err is not None and err not in seen:
+        seen.append(err)
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if isinstance(err, hub_errors.OfflineModeIsEnabled):
+            return "offline", None
+        if isinstance(err, timeouts):  # before network: httpx's timeouts are transport errors too
+            return "timeout", None
+        if isinstance(err, network):
+            return "network", None
+        if isinstance(status, int):
+            return "http", status
+        err = err.__cause__ or err.__context__
+    return "other", None
+
+
+def explain_hub_error(err: BaseException, action: str, repo_id: str, token: str, in_app: bool = False) -> UserError:
+    """One sentence a person can act on, for whatever the Hub (or the network) answered."""
+    kind, status = _hub_failure_kind(err)
+    namespace = repo_id.split("/")[0]
+    if kind == "offline":
+        message = (f"Could not reach the Hugging Face Hub to {action}: HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is "
+                   "set, so nothing is sent to it. Unset it and try again.")
+    elif kind == "timeout":
+        message = (f"The Hugging Face Hub did not answer in time while trying to {action}: the network is slow or "
+                   "down. Check the connection and try again.")
+    elif kind == "network":
+        message = (f"Could not reach the Hugging Face Hub to {action}: this machine seems to be offline (the name "
+                   "huggingface.co does not resolve, or the connection is refused). Check the network connection "
+                   "and try again.")
     elif status == 401:
-        message = f"The Hub did not accept the token while trying to {action}: it is invalid or expired. {TOKEN_HELP}"
+        message = (f"The Hub did not accept the token while trying to {action}: it is invalid or expired. "
+                   f"{token_help(in_app)}")
     elif status == 403:
-        message = (f"Your token may not write to {repo_id.split('/')[0]} (while trying to {action}): use a token "
-                   "with write access to that user or organisation.")
+        message = (f"Your token may not write to {namespace} (while trying to {action}): use a token with write "
+                   "access to that user or organisation.")
+    elif status == 404:
+        message = (f"The Hub answered 404 (not found) while trying to {action}: check that {namespace!r} is "
+                   "spelled as your user name or an organisation you belong to.")
     elif status == 409:
         message = (f"The name {repo_id} is already taken on the Hub; choose another name, or allow updating the "
                    "existing repo.")
-    elif isinstance(err, hub_errors.HfHubHTTPError):
+    elif status == 429:
+        message = (f"The Hub is limiting how often this token may call it (while trying to {action}): wait a "
+                   "minute and try again.")
+    elif status is not None and status >= 500:
+        message = (f"The Hugging Face Hub had a problem of its own ({status}) while trying to {action}; nothing is "
+                   "wrong on your side. Try again in a few minutes (https://status.huggingface.co).")
+    elif status is not None:
         message = f"The Hub refused to {action} ({status}): {err}"
     else:
         message = f"Could not {action}: {type(err).__name__}: {err}"
     return UserError(_scrub(message, token))
+
+
+def answer_within(seconds: float, call: Callable[[], Any]) -> Any:
+    """call()'s result (or its error), or TimeoutError when it has not returned after `seconds`.
+
+    It runs in a daemon thread: one left waiting on a silent network neither holds the caller nor keeps the
+    command line from exiting.
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except Exception as err:  # handed to the caller, who decides
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, name="hub-call", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer after {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _write_access(account: dict[str, Any], namespace: str) -> bool | None:
@@ -248,12 +332,14 @@ def _write_access(account: dict[str, Any], namespace: str) -> bool | None:
     return None  # OAuth tokens: their scopes were granted at sign-in; the push itself will tell
 
 
-def check_access(api: Any, repo_id: str, token: str) -> None:
-    """Refuse early, with the reason, when the token cannot create or update `repo_id`."""
+def check_access(api: Any, repo_id: str, token: str, in_app: bool = False,
+                 deadline: float = HUB_ANSWER_SECONDS) -> None:
+    """Refuse early, with the reason, when the token cannot create or update `repo_id`; the first call to the
+    Hub, so the one that says quickly (within `deadline` seconds) when the Hub cannot be reached."""
     try:
-        account = api.whoami()
+        account = answer_within(deadline, api.whoami)
     except Exception as err:
-        raise explain_hub_error(err, "check who you are", repo_id, token) from None
+        raise explain_hub_error(err, "check who you are", repo_id, token, in_app) from None
     user = account.get("name", "")
     namespaces = [user] + [org.get("name") for org in account.get("orgs") or []]
     namespace = repo_id.split("/")[0]
@@ -262,16 +348,15 @@ def check_access(api: Any, repo_id: str, token: str) -> None:
                         f"{user}/{repo_id.split('/')[1]}" + (f" or one of your organisations ({', '.join(namespaces[1:])})"
                                                              if len(namespaces) > 1 else "") + ".")
     if _write_access(account, namespace) is False:
-        raise UserError(f"Your token can read but not write to {namespace}: make a token with write access at "
-                        "https://huggingface.co/settings/tokens (or sign in again and allow writing).")
+        raise UserError(f"Your token can read but not write to {namespace}. {token_help(in_app)}")
 
 
-def _check_free(api: Any, repo_id: str, repo_type: str, update_existing: bool, token: str) -> None:
+def _check_free(api: Any, repo_id: str, repo_type: str, update_existing: bool, token: str, in_app: bool) -> None:
     """Refuse when the repo exists and the user did not ask to update it."""
     try:
         exists = api.repo_exists(repo_id, repo_type=repo_type)
     except Exception as err:
-        raise explain_hub_error(err, f"look up {repo_id}", repo_id, token) from None
+        raise explain_hub_error(err, f"look up {repo_id}", repo_id, token, in_app) from None
     if exists and not update_existing:
         kind = "Space" if repo_type == "space" else "model repo"
         raise UserError(f"The {kind} {repo_id} already exists. Choose another name, or allow updating it to push "
@@ -279,7 +364,7 @@ def _check_free(api: Any, repo_id: str, repo_type: str, update_existing: bool, t
 
 
 def _upload(api: Any, repo_id: str, repo_type: str, staging: Path, private: bool, message: str, token: str,
-            **create: Any) -> None:
+            in_app: bool, **create: Any) -> None:
     from huggingface_hub import CommitOperationAdd
 
     try:
@@ -288,7 +373,7 @@ def _upload(api: Any, repo_id: str, repo_type: str, staging: Path, private: bool
                       for p in sorted(staging.rglob("*")) if p.is_file()]
         api.create_commit(repo_id, operations, commit_message=message, repo_type=repo_type)
     except Exception as err:
-        raise explain_hub_error(err, f"upload to {repo_id}", repo_id, token) from None
+        raise explain_hub_error(err, f"upload to {repo_id}", repo_id, token, in_app) from None
 
 
 def hub_licence(api: Any, base_model: str | None) -> str | None:
@@ -329,22 +414,26 @@ def stage_demo_space(target: Path, repo_id: str, private_model: bool) -> None:
 
 
 def push(run_dir: str | Path, settings: PublishSettings, token: str | None, api: Any = None,
-         on_progress: Progress | None = None) -> PublishResult:
-    """Push a run to the Hub as `settings` say; refuses before uploading anything when it cannot succeed."""
+         on_progress: Progress | None = None, in_app: bool = False) -> PublishResult:
+    """Push a run to the Hub as `settings` say; refuses before uploading anything when it cannot succeed.
+
+    `in_app`: the messages speak of signing in and pasting a token (the app) or of HF_TOKEN and 'hf auth
+    login' (the command line).
+    """
     folder = open_publishable(run_dir)
+    repo_id = validate_repo_id(settings.repo_id)  # a typo is said first: fixing the token would not fix it
     if not token:
-        raise UserError(f"Publishing needs a Hugging Face token. {TOKEN_HELP}")
-    repo_id = validate_repo_id(settings.repo_id)
+        raise UserError(f"Publishing needs a Hugging Face token. {token_help(in_app)}")
     if api is None:
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
     _progress(on_progress, 0.02, "Checking your Hugging Face account…")
-    check_access(api, repo_id, token)
-    _check_free(api, repo_id, "model", settings.update_existing, token)
+    check_access(api, repo_id, token, in_app)
+    _check_free(api, repo_id, "model", settings.update_existing, token, in_app)
     space_id = demo_space_id(repo_id) if settings.demo_space else None
     if space_id:
-        _check_free(api, space_id, "space", settings.update_existing, token)
+        _check_free(api, space_id, "space", settings.update_existing, token, in_app)
     result = PublishResult(model_url=f"https://huggingface.co/{repo_id}")
     base_model = card.hub_base_model(card.base_model_of(folder.read()))
     licence = card.base_model_licence(base_model) or hub_licence(api, base_model)
@@ -355,13 +444,13 @@ def push(run_dir: str | Path, settings: PublishSettings, token: str | None, api:
         _progress(on_progress, 0.5, f"Uploading to {repo_id}…")
         _upload(api, repo_id, "model", model_files, settings.private,
                 f"Upload {'merged model' if settings.merged else 'LoRA adapter'} from SFT Space run {folder.run_id}",
-                token)
+                token, in_app)
         if space_id:
             _progress(on_progress, 0.85, f"Creating the demo Space {space_id}…")
             space_files = Path(staging) / "space"
             stage_demo_space(space_files, repo_id, settings.private)
             _upload(api, space_id, "space", space_files, settings.private, "Chat demo from SFT Space", token,
-                    space_sdk="gradio")
+                    in_app, space_sdk="gradio")
             result.space_url = f"https://huggingface.co/spaces/{space_id}"
             if settings.private:
                 result.notes.append("The model is private: add a read token as the secret HF_TOKEN in the demo "

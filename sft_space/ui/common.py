@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -13,6 +14,8 @@ import gradio as gr
 from .. import access, runs
 from ..errors import UserError
 from ..settings import AccessSettings, field_type
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,7 +114,10 @@ def refusals_as_messages(fn: Callable, outputs: int) -> Callable:
     was. Raised from a handler, gr.Error would also put a red "Error" badge on each output, which stays and looks
     like a crash; a refusal is a message."""
     def refuse(err: Exception) -> Any:
-        gr.Warning(err.message if isinstance(err, gr.Error) else str(err))
+        message = err.message if isinstance(err, gr.Error) else str(err)
+        # One line in the server's log, not a traceback: the refusal is the visitor's to act on, not a fault.
+        log.warning("refused %s: %s", fn.__name__, " ".join(str(message).split()))
+        gr.Warning(message)
         return _unchanged(outputs)
 
     if inspect.isgeneratorfunction(fn):

@@ -40,7 +40,7 @@ def publish_run(runs_dir: str, run_dir: str | None, visitor: str | None, repo_id
             progress(fraction, desc=message)
 
     try:
-        result = publish.push(run_dir, settings, token, api=api, on_progress=on_progress)
+        result = publish.push(run_dir, settings, token, api=api, on_progress=on_progress, in_app=True)
     except UserError as err:
         raise gr.Error(str(err)) from None
     lines = [f"✅ Published **[{settings.repo_id}]({result.model_url})**"

@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from .. import catalog, checks, jobs, runs
+from .. import catalog, checks, jobs, runs, storage
 from ..errors import UserError
 from ..hardware import detect_hardware
 from ..settings import PRESET_NAMES, DataSettings, RunSettings, field_help, field_type, run_settings, train_command
@@ -125,6 +125,8 @@ def model_picker(default: str | None = None, render: bool = True, local_paths: b
 def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model: gr.Dropdown,
           report: gr.State, data_settings: gr.State, skip_invalid: gr.Checkbox) -> dict[str, Any]:
     """Lay out the Train tab; returns components other tabs use."""
+    if note := storage.runs_note(gate.runs_dir):
+        gr.Markdown(note, elem_id="train-storage-note")
     job_id = gr.State("")
     preset = gr.Radio(list(PRESET_NAMES), value="balanced", label="Preset",
                       info=field_help(RunSettings, "preset"))
