@@ -149,9 +149,10 @@ def _bench_parser(commands: Any) -> None:
 
 
 def _report(args: argparse.Namespace, on_progress: Any = None) -> checks.Report:
+    """The report alone: the examples themselves are not kept (memory stays that of the counts)."""
     settings = from_arguments(DataSettings, args)
     tokenizer = models.load_tokenizer(args.model or models.default_model())
-    return checks.check_data(settings, tokenizer, on_progress)
+    return checks.check_data(settings, tokenizer, on_progress, keep_examples=0)
 
 
 # Below this many rows a check takes about a second: no progress line.
@@ -244,7 +245,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
         raise UserError("-n must be at least 1.")
     settings = from_arguments(DataSettings, args)
     tokenizer = models.load_tokenizer(args.model or models.default_model())
-    report = checks.check_data(settings, tokenizer)
+    report = checks.check_data(settings, tokenizer, keep_examples=args.n)
     colour = sys.stdout.isatty()
     shown = report.valid_examples[: args.n]
     for number, example in enumerate(shown, start=1):

@@ -285,3 +285,34 @@ def test_the_data_tab_shows_complete_counts_and_a_sample_of_rows_for_each_proble
     assert per_code["no_assistant_turn"] == data_tab.PROBLEM_ROWS_PER_CODE == per_code["duplicate"]
     assert shown["row"].is_monotonic_increasing and shown["row"].iloc[-1] == len(rows)  # spread to the end
     assert calls and calls[-1][0] == (len(rows), len(rows))
+
+
+def test_the_preview_shows_the_kept_examples_of_a_file_with_repeats(tmp_path, tiny_model_dir, monkeypatch):
+    """Before: the preview counted valid rows (repeats included) and indexed the examples kept for training, so the
+    last numbers of a file with repeats raised IndexError; and a session kept every example of a large file."""
+    import json
+
+    from builders import distinct_chats
+
+    from sft_space import access
+    from sft_space.ui import data_tab
+    from sft_space.ui.common import Gate
+
+    gate = Gate(str(tmp_path / "runs"), access.Identity.for_runs(tmp_path / "runs"),
+                offered_models={str(tiny_model_dir)})
+    rows = distinct_chats(8)
+    uploaded = tmp_path / "gradio" / "repeats.jsonl"
+    uploaded.parent.mkdir()
+    uploaded.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:4]))
+    handle = data_tab.keep_upload(gate, "alice", str(uploaded))
+    check = ("", False, str(tiny_model_dir), "", "", "train", 2048)
+    outputs = data_tab.check_source(gate, "alice", handle, *check)
+    report = outputs[0]
+    assert report.valid_rows == 12 and len(report.valid_examples) == 8
+    assert outputs[7].maximum == 8
+    assert "Example 8 of 8</b>" in data_tab.preview_html(report, str(tiny_model_dir), 12)
+    # A large file: the session keeps a preview of the examples, and every count covers all of them.
+    monkeypatch.setattr(data_tab, "PREVIEW_EXAMPLES", 3)
+    report = data_tab.check_source(gate, "alice", handle, *check)[0]
+    assert len(report.valid_examples) == 3 and report.stats()["examples"] == 8
+    assert "Example 3 of the first 3 of 8</b>" in data_tab.preview_html(report, str(tiny_model_dir), 5)

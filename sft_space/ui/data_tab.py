@@ -21,6 +21,7 @@ from .common import Gate, settings_component
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "samples" / "captain_byte.jsonl"
 HISTOGRAM_BINS = 20
 PROBLEM_ROWS_PER_CODE = 20
+PREVIEW_EXAMPLES = 1000  # examples a session keeps to show; every count covers all of them
 HELP = {f.name: field_help(DataSettings, f.name) for f in dataclasses.fields(DataSettings)}
 
 
@@ -90,13 +91,16 @@ def token_histogram(report: checks.Report) -> pd.DataFrame:
 
 
 def preview_html(report: checks.Report | None, model: str, number: int) -> str:
-    """Example `number` (1-based, among the valid examples) rendered with trained tokens highlighted."""
+    """Example `number` (1-based, among the examples kept for the preview) rendered with trained tokens
+    highlighted."""
     if report is None or not report.valid_examples:
         return "<p>No valid example to show yet.</p>"
-    number = min(max(int(number), 1), report.valid_rows)
+    shown = len(report.valid_examples)
+    number = min(max(int(number), 1), shown)
     example = report.valid_examples[number - 1]
     rendered = render.render_example(models.cached_tokenizer(model), example)
-    return f"<p><b>Example {number} of {report.valid_rows}</b> (row {example.row} of the file)</p>" + render.to_html(rendered)
+    of = f"{shown:,}" if shown == len(report.token_counts) else f"the first {shown:,} of {len(report.token_counts):,}"
+    return f"<p><b>Example {number} of {of}</b> (row {example.row} of the file)</p>" + render.to_html(rendered)
 
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -114,7 +118,10 @@ def check_source(gate: Gate, visitor: str, upload: str | None, hub_id: str, use_
                                     SAMPLE_DATA)
         settings = DataSettings(source=source, columns=columns or "", hub_config=hub_config or "",
                                 hub_split=hub_split or "train", max_length=int(max_length))
-        report = checks.check_data(settings, models.cached_tokenizer(model), on_progress=_progress_bar(progress))
+        # The report lives in the visitor's session: it keeps a preview of the examples, not all of them (training
+        # reads the data again in its own process).
+        report = checks.check_data(settings, models.cached_tokenizer(model), on_progress=_progress_bar(progress),
+                                   keep_examples=PREVIEW_EXAMPLES)
     except UserError as err:
         raise gr.Error(str(err)) from None
     return (
@@ -125,7 +132,8 @@ def check_source(gate: Gate, visitor: str, upload: str | None, hub_id: str, use_
         problem_rows_table(report),
         statistics_table(report),
         token_histogram(report),
-        gr.Number(value=1, minimum=1, maximum=max(report.valid_rows, 1), label=f"Example (1–{max(report.valid_rows, 1)})"),
+        gr.Number(value=1, minimum=1, maximum=max(len(report.valid_examples), 1),
+                  label=f"Example (1–{max(len(report.valid_examples), 1):,})"),
         preview_html(report, model, 1),
     )
 
@@ -248,6 +256,6 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> tuple[gr.
     example_number.change(lambda report, name, n: preview_html(report, gate.model(name), n),
                           inputs=[report_state, model, example_number], outputs=preview)
     previous_example.click(lambda n: max(int(n or 1) - 1, 1), inputs=example_number, outputs=example_number)
-    next_example.click(lambda report, n: min(int(n or 1) + 1, max(report.valid_rows if report else 1, 1)),
+    next_example.click(lambda report, n: min(int(n or 1) + 1, max(len(report.valid_examples) if report else 1, 1)),
                        inputs=[report_state, example_number], outputs=example_number)
     return report_state, settings_state, skip_invalid
