@@ -14,8 +14,7 @@ A stop (`TrainingJob.stop_event`, set from another thread or by the command line
 stage, within about one training step:
   - before the run folder exists (checking the data, or a resume's checks): `train` raises `TrainingStopped`, and
     nothing was written;
-  - after it, before the first optimizer step (loading the model, the held-out answers before training, building
-    the trainer): the run is `stopped` with the error STOPPED_BEFORE_FIRST_STEP and has no adapter (a resume
+  - after it, before the first optimizer step (loading the model, building the trainer): the run is `stopped` with the error STOPPED_BEFORE_FIRST_STEP and has no adapter (a resume
     stopped here keeps the checkpoint it resumed from);
   - while training: at the end of the current step (or at the next batch of an evaluation), a resumable
     checkpoint and the adapter are saved at that step, and the run is `stopped`;
@@ -272,6 +271,20 @@ def answer_samples(model: Any, tokenizer: Any, samples: list[dict[str, Any]], ke
         return True
     finally:
         model.train(was_training)
+
+
+def answer_before_and_after(model: Any, tokenizer: Any, samples: list[dict[str, Any]], folder: RunFolder,
+                            stop_event: threading.Event) -> None:
+    """Each sample answered by the trained adapter ("after") and by the base model ("before"), written to the run's
+    samples.json. The base model's answers come from the same weights with the adapter switched off (LoRA leaves
+    the base untouched), after training: nothing delays the first step. A stop skips the answers left; the ones
+    given are kept."""
+    if not answer_samples(model, tokenizer, samples, "after", stop_event):
+        return
+    runs.write_json_atomic(folder.samples_path, samples)
+    with model.disable_adapter():
+        if answer_samples(model, tokenizer, samples, "before", stop_event):
+            runs.write_json_atomic(folder.samples_path, samples)
 
 
 def torch_dtype(name: str) -> Any:
@@ -659,12 +672,6 @@ def _run(job: TrainingJob, folder: RunFolder, settings: RunSettings, plan: Train
     try:
         _status(job, f"Loading {settings.model}…")
         model = _unless_stopped(job, lambda: load_model_for_training(settings, plan))
-        samples = sample_prompts(prepared, settings.sample_prompts)
-        if samples and job.resume is None and main:
-            _status(job, "Answering held-out prompts before training…")
-            if not answer_samples(model, tokenizer, samples, "before", job.stop_event):
-                raise TrainingStopped(STOPPED_BEFORE_START)
-            runs.write_json_atomic(folder.samples_path, samples)
         trainer = _unless_stopped(job, lambda: build_trainer(settings, plan, folder, model, tokenizer, prepared,
                                                              job.stop_event))
         tokens_per_epoch = token_count(trainer.train_dataset)
@@ -680,14 +687,10 @@ def _run(job: TrainingJob, folder: RunFolder, settings: RunSettings, plan: Train
         _status(job, "Saving the adapter…")
         trainer.model.save_pretrained(folder.adapter_path, safe_serialization=True)
         tokenizer.save_pretrained(folder.adapter_path)
+        samples = sample_prompts(prepared, settings.sample_prompts)
         if samples and not job.stop_event.is_set():
-            _status(job, "Answering held-out prompts after training…")
-            previous = {s["row"]: s for s in json.loads(folder.samples_path.read_text())} \
-                if folder.samples_path.is_file() else {}
-            for sample in samples:
-                sample["before"] = previous.get(sample["row"], {}).get("before")
-            answer_samples(trainer.model, tokenizer, samples, "after", job.stop_event)
-            runs.write_json_atomic(folder.samples_path, samples)
+            _status(job, "Answering held-out prompts…")
+            answer_before_and_after(trainer.model, tokenizer, samples, folder, job.stop_event)
         final = {k: monitor.last.get(k) for k in ("loss", "eval_loss", "step", "epoch", "tokens_per_second")}
         final.update(train_runtime_seconds=round(output.metrics.get("train_runtime", 0.0), 1),
                      train_loss=output.metrics.get("train_loss"))

@@ -54,7 +54,8 @@ def test_training_drives_the_loss_down_and_fills_the_run_folder(tiny_settings, m
         lines = (folder / runs.METRICS_FILE).read_text().splitlines()
         seen_while_running.append((len(lines), json.loads((folder / runs.RUN_FILE).read_text())["status"]))
 
-    folder = train(TrainingJob(settings, on_metrics=on_metrics, run_id="overfit"))
+    statuses = []
+    folder = train(TrainingJob(settings, on_metrics=on_metrics, on_status=statuses.append, run_id="overfit"))
 
     metrics = folder.read_metrics()
     losses = [m["loss"] for m in metrics if "loss" in m]
@@ -81,6 +82,19 @@ def test_training_drives_the_loss_down_and_fills_the_run_folder(tiny_settings, m
     assert folder.checkpoints(), "resumable checkpoints are kept"
     samples = json.loads(folder.samples_path.read_text())
     assert samples and {"prompt", "reference", "before", "after"} <= set(samples[0])
+    # Nothing is generated before the first step: both answers come after training, the base model's from the
+    # same weights with the adapter switched off, which answer exactly as the untrained model does.
+    assert [s.split("…")[0] for s in statuses if s.startswith(("Training", "Answering"))] == [
+        "Training", "Answering held-out prompts"]
+    from transformers import AutoModelForCausalLM
+
+    from sft_space.chat import generate_reply
+    from sft_space.train import SAMPLE_MAX_NEW_TOKENS
+
+    base = AutoModelForCausalLM.from_pretrained(settings.model)
+    untrained = generate_reply(base, models.load_tokenizer(settings.model), samples[0]["prompt"],
+                               GenerationSettings(max_new_tokens=SAMPLE_MAX_NEW_TOKENS))
+    assert samples[0]["before"] == untrained and samples[0]["after"] != untrained
     for path in folder.path.rglob("*"):
         if path.is_file():
             assert PLANTED_TOKEN.encode() not in path.read_bytes(), path
@@ -261,10 +275,9 @@ def test_a_full_disk_while_saving_fails_clearly_and_marks_no_checkpoint_good(tin
 STOP_IN_STAGE = {
     "checking the data": ("Checking the data", "nothing"),
     "loading the model": ("Loading ", "before the first step"),
-    "answers before training": ("Answering held-out prompts before", "before the first step"),
     "training": ("Training", "stopped at a step"),
     "saving the adapter": ("Saving the adapter", "finished"),
-    "answers after training": ("Answering held-out prompts after", "finished"),
+    "answers after training": ("Answering held-out prompts", "finished"),
 }
 
 
@@ -309,9 +322,7 @@ def test_a_stop_in_each_stage_ends_the_run_at_once_with_what_it_has(tiny_setting
         assert not folder.samples_path.exists(), "answers cut short by the stop are not kept"
         return
     assert (folder.adapter_path / runs.ADAPTER_WEIGHTS).is_file()
-    samples = json.loads(folder.samples_path.read_text())
-    assert all(sample["before"] is not None for sample in samples)
-    assert all(sample.get("after") is None for sample in samples), "no answer after training once stopped"
+    assert not folder.samples_path.exists(), "no held-out answers once stopped (and none cut short)"
     if outcome == "stopped at a step":
         assert record["status"] == runs.STOPPED and record["error"] is None
         assert record["final_metrics"]["step"] == 1
