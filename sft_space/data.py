@@ -16,6 +16,7 @@ import json
 import math
 import random
 import re
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -113,9 +114,10 @@ class RowProblem:
     warning: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class Example:
-    """One normalised row: chat `messages` (OpenAI style), or `text` for language-model data."""
+    """One normalised row: chat `messages` (OpenAI style), or `text` for language-model data. Slotted: a large
+    dataset holds one per row."""
 
     row: int
     format: str
@@ -753,6 +755,9 @@ def _openai_messages(messages: Any) -> Any:
     for message in messages:
         if isinstance(message, dict):
             message = _weighted(message)
+            if type(message.get("role")) is str:
+                # One "user" string for every row, not one per row (a large dataset holds every message).
+                message["role"] = sys.intern(message["role"])
             if isinstance(message.get("content"), list):
                 message = {**message, "content": _joined_parts(message["content"])}
         result.append(message)
