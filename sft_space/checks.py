@@ -11,7 +11,8 @@ import difflib
 import hashlib
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from . import data
@@ -135,6 +136,9 @@ class Report:
     valid_row_count: int = 0
     duplicates_dropped: int = 0
     text_rows_split: int = 0
+    # A first look at a streamed source's first rows, shown while the whole source is checked (see
+    # check_data_in_stages); never what training uses.
+    first_look: bool = False
 
     @property
     def valid_rows(self) -> int:
@@ -612,3 +616,27 @@ def check_data(settings: Any, tokenizer: Any, on_progress: Callable[[int, int | 
                             on_progress=on_progress)
     return build_report(loaded, tokenizer, settings.max_length, getattr(settings, "keep_duplicates", False),
                         on_progress, keep_tokens, keep_examples)
+
+
+FIRST_LOOK_ROWS = 2000  # ~0.5 s of checking: the first look at a streamed source comes within seconds
+
+
+def is_streamed(source: str) -> bool:
+    """A Hub dataset, read as a stream (its size is unknown until the end)."""
+    return not Path(source).exists() and bool(data.HUB_ID.match(source))
+
+
+def check_data_in_stages(settings: Any, tokenizer: Any,
+                         on_progress: Callable[[int, int | None], None] | None = None,
+                         keep_examples: int | None = None) -> Iterator[Report]:
+    """`check_data`'s report, preceded, for a streamed Hub dataset larger than FIRST_LOOK_ROWS, by a report of its
+    first rows (`first_look` set): the first problems show within seconds, however large the dataset. The whole
+    check then streams the dataset again from its start (the first rows twice: a fraction of a second)."""
+    if is_streamed(settings.source) and settings.max_rows > FIRST_LOOK_ROWS:
+        first = check_data(replace(settings, max_rows=FIRST_LOOK_ROWS), tokenizer, None, keep_examples=keep_examples)
+        if not any(w.code == "rows_not_read" for w in first.warnings):
+            yield first  # the whole dataset fitted in the first look
+            return
+        first.first_look = True
+        yield first
+    yield check_data(settings, tokenizer, on_progress, keep_examples=keep_examples)

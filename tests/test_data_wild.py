@@ -333,6 +333,32 @@ def test_a_hub_dataset_is_streamed_and_capped_at_max_rows(monkeypatch, embedded_
     assert "only its first 50 rows were read" in report.warnings[0].message
 
 
+def test_a_large_hub_dataset_gives_a_first_look_within_seconds_then_the_whole_report(monkeypatch,
+                                                                                     embedded_tokenizer):
+    """Target: the first report rows within 5 s whatever the dataset's size (the stand-in is endless: without a
+    first look, the report waits for all max_rows rows)."""
+    import time
+
+    import datasets
+
+    def endless(path, name=None, split=None, streaming=False, **kwargs):
+        return (chat((f"Question {i}?", f"Answer {i}.")) for i in range(10**9))
+
+    monkeypatch.setattr(datasets, "load_dataset", endless)
+    started = time.monotonic()
+    stages = checks.check_data_in_stages(DataSettings(source="someone/huge", max_rows=5000), embedded_tokenizer)
+    first = next(stages)
+    assert time.monotonic() - started < 5
+    assert first.first_look and first.rows == checks.FIRST_LOOK_ROWS == first.valid_rows
+    whole = next(stages)
+    assert not whole.first_look and whole.rows == 5000 and whole.valid_rows == 5000
+    assert next(stages, None) is None
+    # A dataset the first look covers whole is reported once; a local file too.
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter(distinct_chats(30)))
+    only = list(checks.check_data_in_stages(DataSettings(source="someone/small"), embedded_tokenizer))
+    assert len(only) == 1 and not only[0].first_look and only[0].rows == 30
+
+
 def test_a_hub_connection_lost_while_streaming_is_a_clear_error(monkeypatch):
     import datasets
 
