@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import hub
 from .errors import DataSourceError
 from .settings import DataSettings
 
@@ -526,6 +527,8 @@ def _read_hub_dataset(dataset_id: str, config: str | None, split: str,
             f"Could not load the Hub dataset {dataset_id!r} (config {config or 'default'}, split {split!r}): {err}. "
             "Check the id, config and split on its Hub page; for a gated dataset accept its terms and log in.")
 
+    if not hub.reachable():  # a stream cannot come from the cache: refused at once, not after 24 s of retries
+        raise failed(ConnectionError("no answer from the Hub"))
     try:
         rows = iter(datasets.load_dataset(dataset_id, name=config, split=split, streaming=True))
     except Exception as err:

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import hub
 from .errors import ModelLoadError
 from .render import ensure_chat_template
 
@@ -121,6 +122,14 @@ def resolve_model(name: str, convert: bool = True) -> str:
     )
 
 
+def _offline_if_unreachable(location: str) -> dict[str, Any]:
+    """from_pretrained's arguments for a Hub id when the Hub does not answer: the local cache only, at once,
+    instead of a minute of retries before the same failure (see hub.py)."""
+    if Path(location).is_dir() or hub.reachable():
+        return {}
+    return {"local_files_only": True}
+
+
 def _explain_load_failure(name: str, err: BaseException) -> ModelLoadError:
     """Turn the many ways from_pretrained fails into one sentence that says what to do."""
     from huggingface_hub import errors as hub_errors
@@ -158,7 +167,8 @@ def load_tokenizer(name: str) -> Any:
             gguf = _require_embedded_gguf()
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model(name, convert=False))
+            location = resolve_model(name, convert=False)
+            tokenizer = AutoTokenizer.from_pretrained(location, **_offline_if_unreachable(location))
     except ModelLoadError:
         raise
     except Exception as err:
@@ -176,7 +186,8 @@ def load_causal_lm(name: str, **kwargs: Any) -> Any:
     location = resolve_model(name)
     try:
         # safetensors only: a pickled checkpoint can run arbitrary code when loaded.
-        return AutoModelForCausalLM.from_pretrained(location, use_safetensors=True, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(location, use_safetensors=True, **_offline_if_unreachable(location),
+                                                    **kwargs)
     except Exception as err:
         raise _explain_load_failure(name, err) from None
 
@@ -186,7 +197,9 @@ def load_config(name: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+        location = resolve_model(name)
+        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code,
+                                          **_offline_if_unreachable(location))
     except ModelLoadError:
         raise
     except Exception as err:

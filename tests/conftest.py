@@ -70,3 +70,11 @@ def write_jsonl(tmp_path):
 
     return write
 
+
+
+@pytest.fixture
+def hub_online(monkeypatch):
+    """The Hub answers (a stand-in stands for what it serves): code that asks `hub.reachable` first goes on."""
+    from sft_space import hub
+
+    monkeypatch.setattr(hub, "reachable", lambda timeout=None: True)

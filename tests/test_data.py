@@ -141,7 +141,7 @@ def test_hub_dataset_offline_is_a_clear_error():
         data.load_data("someone/chats")
 
 
-def test_hub_dataset_reads_rows_through_datasets(monkeypatch):
+def test_hub_dataset_reads_rows_through_datasets(monkeypatch, hub_online):
     """The Hub path with `datasets.load_dataset` replaced at its boundary (no Hub here)."""
     import datasets
 

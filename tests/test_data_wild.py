@@ -310,7 +310,7 @@ def test_plain_text_over_the_maximum_length_is_split_into_pieces(write_jsonl, em
 # ------------------------------------------------------------------------------------ Hub datasets, streamed
 
 
-def test_a_hub_dataset_is_streamed_and_capped_at_max_rows(monkeypatch, embedded_tokenizer):
+def test_a_hub_dataset_is_streamed_and_capped_at_max_rows(monkeypatch, embedded_tokenizer, hub_online):
     """The stand-in is endless: only the first rows are read, then the report starts."""
     import datasets
 
@@ -334,7 +334,7 @@ def test_a_hub_dataset_is_streamed_and_capped_at_max_rows(monkeypatch, embedded_
 
 
 def test_a_large_hub_dataset_gives_a_first_look_within_seconds_then_the_whole_report(monkeypatch,
-                                                                                     embedded_tokenizer):
+                                                                                     embedded_tokenizer, hub_online):
     """Target: the first report rows within 5 s whatever the dataset's size (the stand-in is endless: without a
     first look, the report waits for all max_rows rows)."""
     import time

@@ -1,0 +1,82 @@
+"""Reaching the Hub fails fast: one request without retries decides, before a download that would retry for a
+minute (a visitor waited 48 s for an unreachable model, 24 s for a dataset)."""
+
+import time
+
+import pytest
+
+from sft_space import data, hub, models
+from sft_space.errors import DataSourceError
+
+
+@pytest.fixture(autouse=True)
+def fresh_answer():
+    hub.forget()
+    yield
+    hub.forget()
+
+
+class Session:
+    def __init__(self, error=None):
+        self.error, self.calls = error, 0
+
+    def head(self, url, timeout=None):
+        self.calls += 1
+        if self.error:
+            raise self.error
+        return object()
+
+
+def test_the_answer_is_one_request_remembered_for_a_while(monkeypatch):
+    from huggingface_hub import constants, utils
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    down = Session(ConnectionError("Name or service not known"))
+    monkeypatch.setattr(utils, "get_session", lambda: down)
+    assert hub.reachable() is False and hub.reachable() is False
+    assert down.calls == 1
+    hub.forget()
+    up = Session()
+    monkeypatch.setattr(utils, "get_session", lambda: up)
+    assert hub.reachable() is True and up.calls == 1
+
+
+def test_offline_mode_is_known_without_asking(monkeypatch):
+    from huggingface_hub import constants, utils
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    asked = Session()
+    monkeypatch.setattr(utils, "get_session", lambda: asked)
+    assert hub.reachable() is False and asked.calls == 0
+
+
+def test_an_unreachable_hub_refuses_a_dataset_at_once_without_asking_datasets(monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(hub, "reachable", lambda timeout=None: False)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("datasets was asked"))
+    started = time.monotonic()
+    with pytest.raises(DataSourceError, match="Could not reach the Hugging Face Hub to load the dataset 'someone/x'"):
+        data.load_data("someone/x")
+    assert time.monotonic() - started < 2
+
+
+def test_an_unreachable_hub_loads_models_from_the_cache_only(monkeypatch, tiny_model_dir):
+    """A Hub id goes to from_pretrained with local_files_only (a cached model still loads; anything else fails at
+    once); a local folder never asks the Hub."""
+    from transformers import AutoTokenizer
+
+    calls = []
+    real = AutoTokenizer.from_pretrained
+
+    def recording(location, *args, **kwargs):
+        calls.append((str(location), kwargs.get("local_files_only", False)))
+        return real(tiny_model_dir)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", recording)
+    monkeypatch.setattr(hub, "reachable", lambda timeout=None: False)
+    models.load_tokenizer("someone/cached-model")
+    assert calls == [("someone/cached-model", True)]
+    monkeypatch.setattr(hub, "reachable", lambda timeout=None: pytest.fail("a local folder asked the Hub"))
+    models.load_tokenizer(str(tiny_model_dir))
+    assert calls[-1] == (str(tiny_model_dir), False)
