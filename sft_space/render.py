@@ -203,13 +203,52 @@ def _role_segments(tokenizer: Any, messages: list[dict[str, Any]], full: str) ->
     for k in range(1, len(messages) + 1):
         prefix = full if k == len(messages) else render_chat(tokenizer, messages[:k])
         prefix_ends.append(len(prefix) if full.startswith(prefix) else None)
-    return _segments(messages, full, prefix_ends)
+    return _segments(messages, full, prefix_ends, _inserted_system_end(tokenizer, messages, full))
 
 
-def _segments(messages: list[dict[str, Any]], full: str, prefix_ends: list[int | None]) -> list[tuple[int, int, str]]:
-    """Role segments from where each prefix of the conversation ends in `full` (None: not a prefix of it)."""
-    segments = []
-    start = 0
+def _inserted_system_end(tokenizer: Any, messages: list[dict[str, Any]], full: str) -> int:
+    """Where a system turn that the template wrote by itself, before the first message, ends in `full` (0: none).
+
+    Many templates insert a default system message when the conversation has none (SmolLM2's "You are a helpful AI
+    assistant named SmolLM", Qwen2.5's, Llama 3.1's dated one); it belongs to no message, so without this it is
+    coloured as the first message's role. It is found from placeholder renders, for any template: the first message
+    after a system message shows that message's own header (e.g. "<|im_start|>user\n", what the template writes
+    between the two turns) and how a system turn opens (what it writes before the system content). When the text
+    before the first message's content is some text, then that header, and the text opens as a system turn does,
+    the template wrote a system turn there. A template that refuses a system message, folds it into another turn or
+    writes only a BOS token before the first message has none (0).
+    """
+    first = messages[0] if messages else None
+    if not isinstance(first, dict) or first.get("role") == "system" or not isinstance(first.get("content"), str):
+        return 0
+    # Indices no message has, so these never meet the placeholders of a conversation rendered with them.
+    system, mark = _placeholder(-1), _placeholder(-2)
+    try:
+        alone = render_chat(tokenizer, [{**first, "content": mark}])
+        system_turn = render_chat(tokenizer, [{"role": "system", "content": system}])
+        both = render_chat(tokenizer, [{"role": "system", "content": system}, {**first, "content": mark}])
+    except TemplateError:
+        return 0
+    at = alone.find(mark)
+    before = alone[:at]
+    if at < 0 or not full.startswith(before) or not full.startswith(first["content"], at):
+        return 0  # the first message is not rendered here as it is alone
+    if both.count(system) != 1 or both.count(mark) != 1 or not both.startswith(system_turn) \
+            or len(system_turn) < both.index(system) + len(system) or len(system_turn) > both.index(mark):
+        return 0  # no system turn of its own that closes before the first message
+    opening, header = both[:both.index(system)], both[len(system_turn):both.index(mark)]
+    if not opening.strip() or not header.strip() or not before.endswith(header):
+        return 0
+    inserted = before[:len(before) - len(header)]
+    return len(inserted) if len(inserted) > len(opening) and inserted.startswith(opening) else 0
+
+
+def _segments(messages: list[dict[str, Any]], full: str, prefix_ends: list[int | None],
+              system_end: int = 0) -> list[tuple[int, int, str]]:
+    """Role segments from where each prefix of the conversation ends in `full` (None: not a prefix of it); the text
+    before `system_end` is a system turn the template inserted (see `_inserted_system_end`)."""
+    segments = [(0, system_end, "system")] if system_end else []
+    start = system_end
     for message, end in zip(messages, prefix_ends):
         if end is not None and end > start:
             segments.append((start, end, str(message.get("role"))))
@@ -380,8 +419,8 @@ def render_conversation(tokenizer: Any, messages: list[dict[str, Any]], by_prefi
         layout = None
         spans = assistant_spans(tokenizer, messages, full)
     input_ids, offsets = _tokenize(tokenizer, full)
-    segments = (_segments(messages, full, layout.prefix_ends) if layout
-                else _role_segments(tokenizer, messages, full))
+    segments = (_segments(messages, full, layout.prefix_ends, _inserted_system_end(tokenizer, messages, full))
+                if layout else _role_segments(tokenizer, messages, full))
     return Rendered(full, input_ids, offsets, trained_mask(offsets, spans), segments)
 
 
@@ -418,6 +457,7 @@ class _Marked:
     pieces: list[str]
     prefix_ends: list[int | None]
     replies: dict[int, tuple[int, int]]
+    system_end: int = 0  # a system turn the template inserted before the first message ends here
 
 
 class Renderer:
@@ -641,7 +681,7 @@ def _slow_layout(tokenizer: Any, messages: list[dict[str, Any]],
     spans = _layout_spans(layout, messages, full) if layout else None
     if spans is None:
         return assistant_spans(tokenizer, messages, full), _role_segments(tokenizer, messages, full)
-    return spans, _segments(messages, full, layout.prefix_ends)
+    return spans, _segments(messages, full, layout.prefix_ends, _inserted_system_end(tokenizer, messages, full))
 
 
 def _marked_layout(tokenizer: Any, messages: list[dict[str, Any]]) -> _Marked | None:
@@ -693,7 +733,7 @@ def _marked_layout(tokenizer: Any, messages: list[dict[str, Any]]) -> _Marked | 
             replies[i] = (start, len(through))
     except TemplateError:
         return None
-    return _Marked(pieces, prefix_ends, replies)
+    return _Marked(pieces, prefix_ends, replies, _inserted_system_end(tokenizer, marked, full))
 
 
 def _apply_marked(shape: _Marked, messages: list[dict[str, Any]],
@@ -734,7 +774,8 @@ def _apply_marked(shape: _Marked, messages: list[dict[str, Any]],
             spans.append((start, end))
         cursor = max(cursor, end)
     ends = [None if end is None else real(end) for end in shape.prefix_ends]
-    return spans, _segments(messages, full, ends)
+    # The inserted system turn lies before the first placeholder, where both texts are the same.
+    return spans, _segments(messages, full, ends, shape.system_end)
 
 
 # ------------------------------------------------------------------------------------------------ output

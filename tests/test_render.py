@@ -232,7 +232,7 @@ def test_rendering_time_grows_linearly_with_the_turns(embedded_tokenizer):
         start = time.perf_counter()
         rendered = render.render_conversation(embedded_tokenizer, messages)
         took = time.perf_counter() - start
-        assert len(rendered.segments) == n  # one per turn (SmolLM's default system message opens the first)
+        assert len(rendered.segments) == n + 1  # one per turn, after SmolLM's default system message
         return took
 
     seconds(200)  # warm up the template cache
@@ -321,3 +321,73 @@ def test_the_check_learns_each_shape_once_for_the_embedded_template(embedded_tok
     expected = [render.render_example(embedded_tokenizer, e) for e in examples]
     assert renderer.measure_many(examples) == [(r.n_tokens, r.n_trained) for r in expected]
     assert list(renderer._shapes.values()) != [None] and len(renderer._shapes) == 1
+
+
+# --------------------------------------------------------------- roles of the text the template writes by itself
+
+# What a template writes before the first message when the conversation has no system message.
+DEFAULT_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+QWEN_STYLE = (  # a default system message, as Qwen2.5's template writes it
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are Qwen, a helpful assistant.<|im_end|>\n"
+    "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAMA31_STYLE = (  # a system turn always, with dates before any system content (Llama 3.1's template)
+    "{{ bos_token }}<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% set messages = messages[1:] %}"
+    "{% endif %}<|eot_id|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def _role_texts(rendered):
+    return [(role, rendered.text[start:end]) for start, end, role in rendered.segments]
+
+
+def test_the_default_system_message_the_template_inserts_is_coloured_as_system(embedded_tokenizer):
+    """Before: SmolLM2's own system message, written when the data has none, was part of the first user turn and
+    coloured blue, though the legend says system is purple."""
+    messages = CONVERSATIONS["multi-turn, no system"]
+    rendered = render.render_conversation(embedded_tokenizer, messages)
+    roles = _role_texts(rendered)
+    assert roles[0] == ("system", DEFAULT_SYSTEM)
+    assert roles[1] == ("user", "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n")
+    assert [role for role, _ in roles] == ["system", "user", "assistant", "user", "assistant"]
+    # Every way of rendering agrees: every prefix, and the check's one render per shape (learned, then reused).
+    assert render.render_conversation(embedded_tokenizer, messages, by_prefixes=True).segments == rendered.segments
+    examples = [Example(i, "openai", messages=messages) for i in range(4)]
+    assert [r.segments for r in render.Renderer(embedded_tokenizer).render_many(examples)] == [rendered.segments] * 4
+    page = render.to_html(rendered)
+    default = page.index("You are a helpful AI assistant")
+    colour = page.rindex("color:", 0, default)
+    assert page.startswith(f"color:{render.ROLE_COLOURS['system']}", colour)
+    # A system message of the data's own is one segment, as before: the template inserts nothing then.
+    with_system = render.render_conversation(embedded_tokenizer, CONVERSATIONS["multi-turn, with system"])
+    assert [role for role, _ in _role_texts(with_system)][:2] == ["system", "user"]
+    assert "SmolLM" not in with_system.text
+
+
+@pytest.mark.parametrize("template, inserted", [
+    (QWEN_STYLE, "<|im_start|>system\nYou are Qwen, a helpful assistant.<|im_end|>\n"),
+    (LLAMA31_STYLE, "<|im_start|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December "
+                    "2023\n\n<|eot_id|>"),
+    (render.CHATML_TEMPLATE, None),  # nothing inserted
+    (LLAMA3_STYLE, None),  # only a BOS token before the first turn: it stays with that turn, as with a system one
+    (GEMMA_STYLE, None),  # no system turn of its own (it folds a system message into the first user turn)
+], ids=["qwen", "llama3.1", "chatml", "llama3", "gemma"])
+def test_text_a_template_inserts_before_the_first_message_gets_its_real_role(tokenizers, template, inserted):
+    tokenizer = _with_template(tokenizers["chatml"], template)
+    assert tokenizer.bos_token == "<|im_start|>"  # the embedded tokenizer's, written by {{ bos_token }}
+    for messages in (EQUIVALENCE["one pair"], EQUIVALENCE["multi-turn, no system"]):
+        rendered = render.render_conversation(tokenizer, messages)
+        roles = _role_texts(rendered)
+        if inserted is None:
+            assert roles[0][0] == "user" and len(roles) == len(messages)
+        else:
+            assert roles[0] == ("system", inserted) and roles[1][0] == "user" and len(roles) == len(messages) + 1
+            assert roles[1][1].endswith(f"{messages[0]['content']}<|eot_id|>" if "eot" in inserted
+                                        else f"{messages[0]['content']}<|im_end|>\n")
+        assert render.render_conversation(tokenizer, messages, by_prefixes=True).segments == rendered.segments
+        many = render.Renderer(tokenizer).render_many([Example(i, "openai", messages=messages) for i in range(3)])
+        assert [r.segments for r in many] == [rendered.segments] * 3

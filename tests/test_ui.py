@@ -316,3 +316,140 @@ def test_the_preview_shows_the_kept_examples_of_a_file_with_repeats(tmp_path, ti
     report = data_tab.check_source(gate, "alice", handle, *check)[0]
     assert len(report.valid_examples) == 3 and report.stats()["examples"] == 8
     assert "Example 3 of the first 3 of 8</b>" in data_tab.preview_html(report, str(tiny_model_dir), 5)
+
+
+def _app_with_runs(monkeypatch, tmp_path, tiny_model_dir):
+    """The app over a runs folder holding two runs of a visitor (alice: a page's signed id) and one of another."""
+    from test_compare import make_run
+
+    from sft_space import jobs
+    from sft_space.ui import build_app
+
+    monkeypatch.setenv("SFT_SPACE_RUNS", str(tmp_path))
+    app = build_app(jobs.JobManager(), default_model=str(tiny_model_dir))
+    handlers = {f.fn.__name__: f for f in app.fns.values() if f.fn is not None}
+    alice, bob = handlers["on_load"].fn(""), handlers["on_load"].fn("")
+    make_run(tmp_path, "alice-quick", owner=alice.split(".")[1], lora_r=8)
+    make_run(tmp_path, "alice-rank16", owner=alice.split(".")[1], lora_r=16, losses=(3.2, 2.4, 1.9))
+    make_run(tmp_path, "bobs", owner=bob.split(".")[1])
+    return app, handlers, alice
+
+
+def test_the_compare_view_overlays_a_visitors_runs_and_tells_their_settings_apart(tmp_path):
+    """Runs tab: two runs' curves on one plot (one colour each, train and validation), their settings side by side
+    with only what differs, or all of them with the differences highlighted."""
+    from test_compare import make_run
+
+    from sft_space.ui import runs_tab
+
+    make_run(tmp_path, "quick", lora_r=8)
+    make_run(tmp_path, "rank16", lora_r=16, losses=(3.2, 2.4, 1.9), eval_losses=(2.9, 2.2))
+    note, train, validation, table = runs_tab.compare_view(str(tmp_path), ["quick", "rank16"], True, None)
+    for plot in (train, validation):
+        assert {row[2] for row in plot.value["data"]} == {"quick", "rank16"}
+        assert set(plot.color_map) == {"quick", "rank16"} and len(set(plot.color_map.values())) == 2
+    assert train.color_map == validation.color_map
+    assert list(table.columns[1:]) == ["quick", "rank16"] and "lora_r" in list(table.iloc[:, 0])
+    assert "learning_rate" not in list(table.iloc[:, 0]) and note.startswith(f"{len(table)} of ")
+    # Every setting, the differing rows highlighted.
+    styled = runs_tab.compare_view(str(tmp_path), ["quick", "rank16"], False, None)[3]
+    shown = styled.data.set_index(styled.data.columns[0])
+    assert "learning_rate" in shown.index
+    styles = styled._compute().ctx  # (row, column) -> the CSS the table cell gets
+    highlighted = {shown.index[row] for (row, _), style in styles.items() if style}
+    assert highlighted == {"lora_r", "final train loss", "final validation loss"}
+    assert all(style == [tuple(runs_tab.DIFFERENT.split(": "))] for style in styles.values() if style)
+    # One run picked (or none): a prompt, nothing drawn.
+    assert runs_tab.compare_view(str(tmp_path), ["quick"], True, None)[:3] == (runs_tab.PICK_TWO, None, None)
+
+
+def test_the_compare_view_is_off_the_api_and_refuses_another_visitors_runs(monkeypatch, tmp_path, tiny_model_dir):
+    """Any HTTP client can call any handler with any values: naming another visitor's run is refused (as a run
+    that is not there), and so is a forged visitor id; the event is not offered as an API."""
+    import gradio as gr
+    import pytest
+
+    app, handlers, alice = _app_with_runs(monkeypatch, tmp_path, tiny_model_dir)
+    on_compare = handlers["on_compare"]
+    assert on_compare.api_visibility == "private"
+    assert "/compare_runs" not in app.get_api_info()["named_endpoints"]
+    note, train, _, table = on_compare.fn(["alice-quick", "alice-rank16"], True, alice)
+    assert {row[2] for row in train.value["data"]} == {"alice-quick", "alice-rank16"}
+    for picked, token, message in ((["alice-quick", "bobs"], alice, "no run bobs of yours"),
+                                   (["alice-quick", "alice-rank16"], alice.split(".")[1], "reload the page")):
+        with pytest.warns(UserWarning, match=message):
+            outputs = on_compare.fn(picked, True, token)
+        assert all(isinstance(output, type(gr.skip())) for output in outputs)
+    # The tab's refresh offers the visitor's own runs to compare, and keeps the picks still there.
+    table, _, picks = handlers["on_refresh"].fn(None, alice, ["alice-rank16", "gone"])
+    assert set(table["run"]) == {"alice-quick", "alice-rank16"}
+    assert set(picks["choices"]) == {"alice-quick", "alice-rank16"} and picks["value"] == ["alice-rank16"]
+
+
+def test_the_runs_table_fits_the_page(tmp_path):
+    """Before, the table ran past the right edge at 1280 px (the last column cut off): a full time stamp and a whole
+    model path or Hub id. Now a run's row stays within what fits beside the others."""
+    from sft_space import runs
+    from sft_space.ui import runs_tab
+
+    folder = runs.RunFolder.create(tmp_path, "20250101-100000-captain_byte")
+    folder.write({"run_id": folder.run_id, "status": "finished", "created_at": "2025-01-01T10:00:00+0100",
+                  "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                  "data": {"source": "/srv/app/runs/.uploads/0123456789abcdef01234567/captain_byte.jsonl",
+                           "train_examples": 144}, "final_metrics": {"step": 46, "loss": 2.41234, "eval_loss": 2.3}})
+    table = runs_tab.runs_table(str(tmp_path), None)
+    row = table.iloc[0]
+    assert row["started"] == "2025-01-01 10:00" and row["model"] == "SmolLM2-135M-Instruct"
+    assert row["data"] == "captain_byte.jsonl"
+    # The columns together fit the table's 1,214 px in a 1,280 px window, and each holds its value and its header's
+    # longest word at 8.7 px a character and 16 px of padding (measured in Chromium).
+    assert sum(runs_tab.RUNS_COLUMNS) <= 1214 and len(runs_tab.RUNS_COLUMNS) == len(row)
+    for (name, value), width in zip(row.items(), runs_tab.RUNS_COLUMNS):
+        assert max(len(str(value)), *map(len, name.split())) * 8.7 + 16 <= width, name
+    assert runs_tab._short_model("embedded:SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"
+    assert runs_tab._short_model("/home/me/models/tiny/") == "tiny" and runs_tab._short_model(None) == ""
+
+
+def test_the_token_histogram_starts_at_zero_and_names_both_lines(write_jsonl, embedded_tokenizer, tmp_path,
+                                                                tiny_model_dir, monkeypatch):
+    """Before: the bar plot's axis started at -100/-200 (Gradio's plots do not start at zero by themselves), its
+    legend was cut off by the plot's fixed height, and bars of the two kinds at one position were stacked."""
+    import gradio as gr
+
+    from builders import distinct_chats
+
+    from sft_space import checks, jobs
+    from sft_space.settings import DataSettings
+    from sft_space.ui import build_app, data_tab
+
+    report = checks.check_data(DataSettings(source=str(write_jsonl(distinct_chats(30)))), embedded_tokenizer)
+    frame = data_tab.token_histogram(report)
+    kinds = frame.groupby("kind")
+    assert set(kinds.groups) == {"all tokens", "trained tokens"}
+    # The same bins for both, from zero to the longest example, empty ones included.
+    bins = kinds["tokens"].apply(list)
+    width = bins["all tokens"][1] - bins["all tokens"][0]
+    assert bins["all tokens"] == bins["trained tokens"] and bins["all tokens"][0] == width / 2  # [0, width)
+    assert (kinds["examples"].sum() == len(report.token_counts)).all()
+    assert data_tab.token_histogram(checks.Report("x", "openai", 0, 2048)) is None
+    monkeypatch.setenv("SFT_SPACE_RUNS", str(tmp_path))
+    app = build_app(jobs.JobManager(), default_model=str(tiny_model_dir))
+    plot = next(block for block in app.blocks.values() if getattr(block, "elem_id", None) == "token-histogram")
+    assert isinstance(plot, gr.LinePlot) and plot.x_lim[0] == 0 and plot.y_lim[0] == 0
+    assert plot.height is None  # a fixed height cuts off the legend below the plot
+    assert set(plot.color_map) == {"all tokens", "trained tokens"}
+
+
+def test_the_chat_messages_start_below_the_chatbots_toolbar(monkeypatch, tmp_path, tiny_model_dir):
+    """Each chatbot's label and toolbar icons float over the top of its message list: the list starts below them,
+    so a question is never cut off under the icons (seen in a screenshot before the change)."""
+    from sft_space import jobs
+    from sft_space.ui import build_app, chat_tab
+
+    monkeypatch.setenv("SFT_SPACE_RUNS", str(tmp_path))
+    app = build_app(jobs.JobManager(), default_model=str(tiny_model_dir))
+    ids = {getattr(block, "elem_id", None): block for block in app.blocks.values()}
+    assert f"<style>{chat_tab.CHAT_CSS}</style>" == ids["chat-style"].value
+    for chatbot in ("chat-tuned", "chat-base"):
+        assert chatbot in ids and f"#{chatbot} [role=log]" in chat_tab.CHAT_CSS
+    assert "margin-top: 36px; height: calc(100% - 36px)" in chat_tab.CHAT_CSS

@@ -67,7 +67,7 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
         # by then, and runs finish while the page is open).
         chat_item.select(chat["on_refresh"], inputs=[chat["run"], session], outputs=chat["run"])
         publish_item.select(publishing["on_refresh"], inputs=[publishing["run"], session], outputs=publishing["run"])
-        runs_item.select(past["on_refresh"], inputs=[past["run_id"], session], outputs=past["refresh_outputs"])
+        runs_item.select(past["on_refresh"], inputs=past["refresh_inputs"], outputs=past["refresh_outputs"])
 
         def open_in(tab_id, tab, purpose):
             def open_run(run_id, token):

@@ -22,6 +22,13 @@ from ..settings import field_help
 from .common import Gate, adapter_run_choices, keep_choice, own_run
 
 BASE_ONLY = "(base model only)"
+# Each chat's label and toolbar icons float over the top of its message list, so a question scrolled up (or the
+# first one, under a wide toolbar) slid beneath them and was cut off. The list starts below them instead. Gradio
+# takes page CSS only at launch; a style element in the tab keeps the fix with the tab it fixes.
+CHAT_CSS = """
+#chat-tuned [role=log], #chat-base [role=log] { margin-top: 36px; height: calc(100% - 36px); }
+#chat-style { display: none; }
+"""
 NO_RUN_CHOSEN = "No fine-tuned run chosen: pick one under *Chat with* to compare."
 _loaded: dict[str, ChatModel] = {}
 _loading = threading.Lock()
@@ -126,6 +133,7 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> dict[str,
                                     info=field_help(GenerationSettings, "temperature"))
             max_new_tokens = gr.Slider(16, 1024, value=defaults.max_new_tokens, step=16, label="Max new tokens",
                                        info=field_help(GenerationSettings, "max_new_tokens"))
+    gr.HTML(f"<style>{CHAT_CSS}</style>", elem_id="chat-style", padding=False, container=False)
     with gr.Row():
         tuned = gr.Chatbot(label="Fine-tuned", elem_id="chat-tuned", height=360)
         base = gr.Chatbot(label="Base model", elem_id="chat-base", height=360)

@@ -20,6 +20,7 @@ from .common import Gate, settings_component
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "samples" / "captain_byte.jsonl"
 HISTOGRAM_BINS = 20
+HISTOGRAM_COLOURS = {"all tokens": "#64748b", "trained tokens": "#ca8a04"}  # trained: the preview's highlight
 PROBLEM_ROWS_PER_CODE = 20
 PREVIEW_EXAMPLES = 1000  # examples a session keeps to show; every count covers all of them
 HELP = {f.name: field_help(DataSettings, f.name) for f in dataclasses.fields(DataSettings)}
@@ -76,18 +77,23 @@ def statistics_table(report: checks.Report) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["", *keys])
 
 
-def token_histogram(report: checks.Report) -> pd.DataFrame:
-    """Examples per token-count bin, for all tokens and trained tokens (long format for gr.BarPlot)."""
+def token_histogram(report: checks.Report) -> pd.DataFrame | None:
+    """Examples per token-count bin, for all tokens and trained tokens: one frame of both, long format, the same
+    bins for both, every bin from zero to the longest example (empty ones too, so each line drops to zero where no
+    example is). Drawn as lines, one per kind: Gradio's bar plot stacks bars that share a position, which would
+    add the two counts up."""
+    if not report.token_counts:
+        return None
+    all_tokens = pd.Series([counts[1] for counts in report.token_counts], dtype="int64")
+    width = max(1, -(-(int(all_tokens.max()) + 1) // HISTOGRAM_BINS))  # trained tokens are never more than all
+    starts = range(0, int(all_tokens.max()) + 1, width)
     frames = []
     for index, label in ((1, "all tokens"), (2, "trained tokens")):
         values = pd.Series([counts[index] for counts in report.token_counts], dtype="int64")
-        if values.empty:
-            continue
-        width = max(1, -(-(int(values.max()) + 1) // HISTOGRAM_BINS))
-        starts = (values // width) * width
-        counted = starts.value_counts().sort_index()
-        frames.append(pd.DataFrame({"tokens": counted.index.astype(int), "examples": counted.values, "kind": label}))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"tokens": [], "examples": [], "kind": []})
+        counted = (values // width * width).value_counts().reindex(starts, fill_value=0)
+        # Each bin at its middle, as a histogram's bar would stand.
+        frames.append(pd.DataFrame({"tokens": counted.index + width / 2, "examples": counted.values, "kind": label}))
+    return pd.concat(frames, ignore_index=True)
 
 
 def preview_html(report: checks.Report | None, model: str, number: int) -> str:
@@ -220,7 +226,9 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> tuple[gr.
     with gr.Row():
         counts = gr.Dataframe(label="Problems by code", interactive=False, elem_id="problem-counts")
         statistics = gr.Dataframe(label="Statistics (valid examples)", interactive=False)
-    histogram = gr.BarPlot(x="tokens", y="examples", color="kind", label="Tokens per example", height=220)
+    # Both axes from zero; no fixed height, which would cut off the legend below the plot.
+    histogram = gr.LinePlot(x="tokens", y="examples", color="kind", label="Tokens per example", x_lim=[0, None],
+                            y_lim=[0, None], color_map=HISTOGRAM_COLOURS, elem_id="token-histogram")
     problems = gr.Dataframe(label="Problem rows", interactive=False, wrap=True, elem_id="problem-rows", max_height=320)
     gr.Markdown("### Preview: what the model sees (trained tokens highlighted)")
     with gr.Row():

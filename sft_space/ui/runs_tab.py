@@ -1,4 +1,5 @@
-"""Runs tab: past runs with their settings, final loss and curve; open one to chat with, resume or publish."""
+"""Runs tab: past runs with their settings, final loss and curve; open one to chat with, resume or publish; compare
+two or more (their curves overlaid, their settings side by side: `compare` does the work)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from .. import jobs, runs
+from .. import compare, jobs, runs
 from ..errors import UserError
 from .common import Gate, keep_choice
 from .train_tab import CURVE_COLOURS, EMPTY_CURVE, loss_curve
@@ -19,8 +20,20 @@ def _rounded(value: float | None) -> float | None:
     return round(value, 4) if isinstance(value, (int, float)) else None
 
 
+# Each column's width in px, in order: run, status, model, data, examples, steps, train loss, validation loss,
+# started. Together 1,200 px: the table fits a 1,280 px window, and a narrower one scrolls it sideways.
+RUNS_COLUMNS = [262, 90, 205, 175, 88, 60, 80, 80, 160]
+
+
+def _short_model(model: Any) -> str:
+    """A model as the table names it: a folder by its name, 'embedded:' and a Hub owner left out (the run's details
+    name it in full)."""
+    text = str(model or "")
+    return text.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1] if text else ""
+
+
 def runs_table(runs_dir: str, visitor: str | None) -> pd.DataFrame:
-    """The visitor's runs (and those started from the command line), newest first."""
+    """The visitor's runs (and those started from the command line), newest first; short enough to fit the page."""
     rows = []
     for folder, record in runs.visible_runs(runs_dir, visitor):
         final = record.get("final_metrics") or {}
@@ -29,11 +42,13 @@ def runs_table(runs_dir: str, visitor: str | None) -> pd.DataFrame:
         if status == runs.UNREADABLE:
             status = f"{status}: {record.get('error')}"
         source = str(data.get("source") or "")
-        rows.append((folder.run_id, status, record.get("base_model"), Path(source).name if Path(source).is_absolute() else source,
-                     data.get("train_examples"), final.get("step"), _rounded(final.get("loss")), _rounded(final.get("eval_loss")),
-                     record.get("created_at")))
+        # To the minute, without the zone: the full time is in the run's details.
+        started = str(record.get("created_at") or "")[:16].replace("T", " ")
+        rows.append((folder.run_id, status, _short_model(record.get("base_model")),
+                     Path(source).name if Path(source).is_absolute() else source, data.get("train_examples"),
+                     final.get("step"), _rounded(final.get("loss")), _rounded(final.get("eval_loss")), started))
     return pd.DataFrame(rows, columns=["run", "status", "model", "data", "examples", "steps", "train loss",
-                                       "validation loss", "started"])
+                                       "val. loss", "started"])
 
 
 def run_details(runs_dir: str, run_id: str | None, visitor: str | None) -> tuple[str, pd.DataFrame]:
@@ -52,13 +67,48 @@ def run_details(runs_dir: str, run_id: str | None, visitor: str | None) -> tuple
     return text, loss_curve(folder.path)
 
 
+PICK_TWO = f"Pick {compare.MIN_RUNS} or more runs to compare their loss curves and settings."
+DIFFERENT = "background-color: rgba(250, 204, 21, .35)"  # a row whose values differ, when every row is shown
+NO_COMPARISON = pd.DataFrame({compare.ROW: []})  # an empty table (without a frame, Gradio shows columns "1 2 3")
+
+
+def compare_view(runs_dir: str, run_refs: list[str] | None, only_differences: bool,
+                 visitor: str | None) -> tuple[str, Any, Any, Any]:
+    """(note, training-loss plot, validation-loss plot, settings table) for the runs a page picked; a run that is
+    not the visitor's is refused (UserError) before anything of it is read."""
+    if len(set(run_refs or [])) < compare.MIN_RUNS:
+        return PICK_TWO, EMPTY_CURVE, EMPTY_CURVE, NO_COMPARISON
+    comparison = compare.compare(compare.open_runs(runs_dir, run_refs, visitor))
+    rows = comparison.rows(only_differences)
+    if only_differences:
+        note = (f"{len(rows)} of {len(comparison.table)} rows differ; untick *Only what differs* to see every "
+                "setting.")
+        table: Any = rows
+    else:
+        differs = list(comparison.table[compare.DIFFERS])
+        note = f"{sum(differs)} of {len(rows)} rows differ (highlighted)."
+        table = rows.style.apply(lambda row: [DIFFERENT if differs[row.name] else ""] * len(row), axis=1)
+    plots = [gr.LinePlot(value=comparison.split(split), color_map=comparison.colours)
+             for split in ("train", "validation")]
+    return note, *plots, table
+
+
+def _kept(current: list[str] | None, names: list[str]) -> Any:
+    """A refreshed list of runs to compare, keeping the picks that are still there."""
+    return gr.update(choices=names, value=[name for name in current or [] if name in names])
+
+
 def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState) -> dict[str, Any]:
     runs_dir = gate.runs_dir
     refresh = gr.Button("↻ Refresh", size="sm")
     initial = runs_table(runs_dir, None)
-    table = gr.Dataframe(initial, interactive=False, elem_id="runs-table")
+    # A value longer than its column (an unreadable run's reason, a long file name) wraps; wrapping alone would
+    # squeeze the short columns (headers broken inside words), hence the widths.
+    table = gr.Dataframe(initial, interactive=False, elem_id="runs-table", wrap=True, column_widths=RUNS_COLUMNS)
     with gr.Row():
-        run_id = gr.Dropdown(list(initial["run"]), label="Run", allow_custom_value=False, scale=3,
+        # No run chosen at first: the tab's first refresh picks one, and its details show (a run chosen here
+        # would never change, so its details would not).
+        run_id = gr.Dropdown(list(initial["run"]), value=None, label="Run", allow_custom_value=False, scale=3,
                              elem_id="runs-run")
         open_chat = gr.Button("Chat with it", scale=1, elem_id="open-in-chat")
         resume = gr.Button("Resume it", scale=1, elem_id="runs-resume")
@@ -66,14 +116,30 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState) -> dic
         delete = gr.Button("Delete it", scale=1, variant="stop", elem_id="runs-delete")
     with gr.Row():
         details = gr.Markdown(elem_id="runs-details")
-        curve = gr.LinePlot(EMPTY_CURVE, x="step", y="loss", color="split", label="Loss", height=220,
-                            color_map=CURVE_COLOURS)
+        # No fixed height: the plot's legend sits below it, and a fixed height cuts it off.
+        curve = gr.LinePlot(EMPTY_CURVE, x="step", y="loss", color="split", label="Loss", color_map=CURVE_COLOURS)
+    gr.Markdown("### Compare runs")
+    with gr.Row():
+        picked = gr.Dropdown(list(initial["run"]), value=[], multiselect=True, max_choices=compare.MAX_RUNS,
+                             label="Runs to compare", scale=4, elem_id="runs-compare",
+                             info=f"{compare.MIN_RUNS} to {compare.MAX_RUNS} of your runs: their loss curves on "
+                                  "one plot, one colour per run, and their settings side by side.")
+        only_differences = gr.Checkbox(True, label="Only what differs", scale=1, elem_id="compare-differences")
+    compare_note = gr.Markdown(PICK_TWO, elem_id="compare-note")
+    with gr.Row():
+        # The legend names the runs (no title above it); axis labels rounded (never "3.000000").
+        plot = dict(x="step", y="loss", color="run", color_title="", x_axis_format="~g", y_axis_format=".3~r")
+        train_curves = gr.LinePlot(EMPTY_CURVE, label="Training loss", elem_id="compare-train", **plot)
+        validation_curves = gr.LinePlot(EMPTY_CURVE, label="Validation loss", elem_id="compare-validation", **plot)
+    settings_table = gr.Dataframe(NO_COMPARISON, label="Results and settings side by side", interactive=False,
+                                  wrap=True, elem_id="compare-settings")
 
-    def on_refresh(current, token):
+    def on_refresh(current, token, current_picks=None):
         frame = runs_table(runs_dir, gate.known_visitor(token))
-        return frame, keep_choice([(name, name) for name in frame["run"]], current)
+        names = list(frame["run"])
+        return frame, keep_choice([(name, name) for name in names], current), _kept(current_picks, names)
 
-    def on_delete(current, token):
+    def on_delete(current, token, current_picks=None):
         if not current:
             raise gr.Error("Pick a run first.")
         try:
@@ -81,11 +147,21 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState) -> dic
         except UserError as err:
             raise gr.Error(str(err)) from None
         gr.Info(f"Deleted run {deleted}.")
-        return on_refresh(None, token)
+        return on_refresh(None, token, current_picks)
 
-    refresh.click(on_refresh, inputs=[run_id, session], outputs=[table, run_id])
-    delete.click(on_delete, inputs=[run_id, session], outputs=[table, run_id])
+    def on_compare(run_refs, only_differences, token):
+        # A page event off the API (see ui/__init__.py); any client can still call it, so the visitor is checked
+        # and every name must be one of their runs. Fewer than two picks read nothing: a page still loading (no
+        # visitor id yet) gets the prompt, not a refusal.
+        enough = len(set(run_refs or [])) >= compare.MIN_RUNS
+        return compare_view(runs_dir, run_refs, bool(only_differences), gate.visitor(token) if enough else None)
+
+    refresh_outputs = [table, run_id, picked]
+    refresh.click(on_refresh, inputs=[run_id, session, picked], outputs=refresh_outputs)
+    delete.click(on_delete, inputs=[run_id, session, picked], outputs=refresh_outputs)
     run_id.change(lambda r, token: run_details(runs_dir, r, gate.known_visitor(token)), inputs=[run_id, session],
                   outputs=[details, curve])
+    gr.on([picked.change, only_differences.change], on_compare, inputs=[picked, only_differences, session],
+          outputs=[compare_note, train_curves, validation_curves, settings_table], api_name="compare_runs")
     return {"run_id": run_id, "open_chat": open_chat, "resume": resume, "publish": publish, "on_refresh": on_refresh,
-            "refresh_outputs": [table, run_id]}
+            "refresh_inputs": [run_id, session, picked], "refresh_outputs": refresh_outputs}
