@@ -180,3 +180,34 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     stranger_context.close()
     context.close()
 
+
+def test_two_runs_compared_side_by_side(app_url, browser, tmp_path):
+    """Runs tab: a visitor picks two runs they may see and sees both loss curves on one plot (one colour and legend
+    entry each) and their settings side by side; another visitor's run is not offered. (The browser keeps its
+    visitor id encrypted, so these runs are the command line's, which every visitor sees; that a page cannot name
+    another visitor's run is tested in test_ui.)"""
+    from test_compare import make_run
+
+    url, runs_dir = app_url
+    make_run(runs_dir, "compare-quick", lora_r=8)
+    make_run(runs_dir, "compare-rank16", lora_r=16, losses=(3.2, 2.4, 1.9), eval_losses=(2.9, 2.2))
+    make_run(runs_dir, "compare-someone-elses", owner="someone-else")
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    open_as_visitor(page, url)
+
+    page.get_by_role("tab", name="Runs").click()
+    picker = page.locator("#runs-compare input")
+    for name in ("compare-quick", "compare-rank16"):
+        picker.click()
+        expect(page.get_by_role("option", name="compare-someone-elses")).to_have_count(0)
+        page.get_by_role("option", name=name, exact=True).click()
+    page.keyboard.press("Escape")
+    for plot in ("#compare-train", "#compare-validation"):
+        expect(page.locator(plot)).to_contain_text("compare-quick", timeout=15_000)  # the legend, one per run
+        expect(page.locator(plot)).to_contain_text("compare-rank16")
+    expect(page.locator("#compare-train [aria-roledescription='line mark']")).to_have_count(2)
+    expect(page.locator("#compare-settings")).to_contain_text("lora_r")
+    expect(page.locator("#compare-settings")).not_to_contain_text("learning_rate")  # the same in both
+    page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
+    context.close()
