@@ -453,3 +453,23 @@ def test_the_chat_messages_start_below_the_chatbots_toolbar(monkeypatch, tmp_pat
     for chatbot in ("chat-tuned", "chat-base"):
         assert chatbot in ids and f"#{chatbot} [role=log]" in chat_tab.CHAT_CSS
     assert "margin-top: 36px; height: calc(100% - 36px)" in chat_tab.CHAT_CSS
+
+
+def test_a_large_hub_dataset_shows_a_first_look_then_the_whole_report(tmp_path, tiny_model_dir, monkeypatch,
+                                                                      hub_online):
+    import datasets
+    from builders import chat
+
+    from sft_space import access, checks
+    from sft_space.ui import data_tab
+    from sft_space.ui.common import Gate
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (
+        chat((f"Question {i}?", f"Answer {i}.")) for i in range(checks.FIRST_LOOK_ROWS + 500)))
+    gate = Gate(str(tmp_path / "runs"), access.Identity.for_runs(tmp_path / "runs"),
+                offered_models={str(tiny_model_dir)})
+    stages = list(data_tab.check_source_in_stages(gate, "alice", None, "someone/large", False, str(tiny_model_dir),
+                                                  "", "", "train", 2048))
+    assert [outputs[0].rows for outputs in stages] == [checks.FIRST_LOOK_ROWS, checks.FIRST_LOOK_ROWS + 500]
+    assert stages[0][2].startswith("⏳ **A first look at the first 2,000 rows**")
+    assert not stages[1][2].startswith("⏳")

@@ -7,6 +7,7 @@ widgets and wires them to those functions.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,9 +113,12 @@ def preview_html(report: checks.Report | None, model: str, number: int) -> str:
 # ----------------------------------------------------------------------------------------------- layout
 
 
-def check_source(gate: Gate, visitor: str, upload: str | None, hub_id: str, use_sample: bool, model: str,
-                 columns: str, hub_config: str, hub_split: str, max_length: int, progress: Any = None) -> tuple:
-    """Check what the visitor chose: the sample, their own upload (the handle its upload returned), or a Hub id."""
+def check_source_in_stages(gate: Gate, visitor: str, upload: str | None, hub_id: str, use_sample: bool, model: str,
+                           columns: str, hub_config: str, hub_split: str, max_length: int,
+                           progress: Any = None) -> Iterator[tuple]:
+    """Check what the visitor chose: the sample, their own upload (the handle its upload returned), or a Hub id.
+    Yields the tab's outputs: for a large Hub dataset first a first look at its first rows, then the whole report
+    (`checks.check_data_in_stages`)."""
     if not (use_sample or upload or (hub_id or "").strip()):
         raise gr.Error("Upload a file, name a Hub dataset, or pick the sample dataset first.")
     kind = "sample" if use_sample else "upload" if upload else "hub"
@@ -126,14 +130,28 @@ def check_source(gate: Gate, visitor: str, upload: str | None, hub_id: str, use_
                                 hub_split=hub_split or "train", max_length=int(max_length))
         # The report lives in the visitor's session: it keeps a preview of the examples, not all of them (training
         # reads the data again in its own process).
-        report = checks.check_data(settings, models.cached_tokenizer(model), on_progress=_progress_bar(progress),
-                                   keep_examples=PREVIEW_EXAMPLES)
+        for report in checks.check_data_in_stages(settings, models.cached_tokenizer(model),
+                                                  on_progress=_progress_bar(progress), keep_examples=PREVIEW_EXAMPLES):
+            yield _outputs(report, settings, model)
     except UserError as err:
         raise gr.Error(str(err)) from None
+
+
+def check_source(*args: Any, **kwargs: Any) -> tuple:
+    """`check_source_in_stages`'s last outputs: the whole report."""
+    *_, outputs = check_source_in_stages(*args, **kwargs)
+    return outputs
+
+
+def _outputs(report: checks.Report, settings: DataSettings, model: str) -> tuple:
+    summary = summary_markdown(report)
+    if report.first_look:
+        summary = (f"⏳ **A first look at the first {report.rows:,} rows**; the whole dataset is being checked "
+                   "(the counts below will grow).\n\n" + summary)
     return (
         report,
         settings,
-        summary_markdown(report),
+        summary,
         problem_counts_table(report),
         problem_rows_table(report),
         statistics_table(report),
@@ -252,8 +270,8 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> tuple[gr.
     upload.clear(lambda: None, outputs=upload_handle)
     def on_check(token, upload, hub, sample, model_name, columns, hub_config, hub_split, length,
                  progress=gr.Progress()):
-        return check_source(gate, gate.visitor(token), upload, hub, sample, model_name, columns, hub_config, hub_split,
-                            length, progress)
+        yield from check_source_in_stages(gate, gate.visitor(token), upload, hub, sample, model_name, columns,
+                                          hub_config, hub_split, length, progress)
 
     check.click(
         on_check,
