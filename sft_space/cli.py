@@ -271,15 +271,19 @@ def train_settings(args: argparse.Namespace) -> RunSettings:
     return run_settings(preset, **values)
 
 
-def progress_line(entry: dict[str, Any]) -> str:
-    """One line per logged step: where the run is, its loss, speed and time left."""
+def progress_line(entry: dict[str, Any], validation_loss: float | None = None) -> str:
+    """One line per logged step: where the run is, its headline losses (the smoothed training loss, and the
+    latest validation loss: this entry's, or `validation_loss` from an earlier one), speed and time left."""
+    from .runs import Headline
+
     done = entry["step"] / entry["max_steps"] if entry.get("max_steps") else 0
     bar = "█" * round(done * 20) + "·" * (20 - round(done * 20))
     parts = [f"{bar} step {entry['step']}/{entry.get('max_steps')}"]
-    if "loss" in entry:
-        parts.append(f"loss {entry['loss']:.4f}")
-    if "eval_loss" in entry:
-        parts.append(f"validation loss {entry['eval_loss']:.4f}")
+    headline = Headline(entry.get("loss_smoothed"), entry.get("eval_loss", validation_loss))
+    if headline.text(4):
+        parts.append(headline.text(4))
+    if entry.get("eval_seconds") is not None:
+        parts.append(f"evaluated in {entry['eval_seconds']:.1f} s")
     if entry.get("tokens_per_second"):
         parts.append(f"{entry['tokens_per_second']:,.0f} tokens/s")
     if entry.get("eta_seconds") is not None:
@@ -342,7 +346,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     started = []
     job.on_folder = started.append
     job.on_status = say
-    job.on_metrics = lambda entry: say(progress_line(entry))
+    validation: list[float] = []
+
+    def on_metrics(entry: dict[str, Any]) -> None:
+        if "eval_loss" in entry:
+            validation.append(entry["eval_loss"])
+        say(progress_line(entry, validation[-1] if validation else None))
+
+    job.on_metrics = on_metrics
     try:
         folder = train(job)
     except TrainingStopped as err:
@@ -360,8 +371,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if record["status"] == runs.STOPPED and record.get("error"):
         print(f"  {record['error']}")
     if final.get("step") is not None:
-        print(f"  train loss {final.get('loss')}, validation loss {final.get('eval_loss')}, "
-              f"{final.get('train_runtime_seconds')} s, {final.get('tokens_per_second')} tokens/s")
+        headline = folder.headline(record).text(4) or "no loss logged"
+        timing = f"{final.get('train_runtime_seconds')} s"
+        if final.get("evaluation_seconds"):
+            timing += f" (evaluation {final['evaluation_seconds']} s)"
+        print(f"  {headline}, {timing}, {final.get('tokens_per_second')} tokens/s")
     if folder.has_adapter:
         print(f"  adapter: {folder.adapter_path}")
         print(f"  chat with it: python -m sft_space chat {shlex.quote(str(folder.path))} --compare")

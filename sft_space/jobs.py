@@ -97,6 +97,7 @@ class JobManager:
             raise UserError(f"Run {folder.run_id} is already training or waiting to; it cannot be resumed twice.")
         if not runs.visible_to(folder.read(), owner):
             raise UserError(f"Run {folder.run_id} was started by another visitor; only they can resume it.")
+        runs.check_unfinished(folder)
         if folder.lock_holder() is not None:
             # Another process (the command line, or an app before a restart) is training it right now.
             raise UserError(f"Run {folder.run_id} is already training in another process; it cannot be resumed "

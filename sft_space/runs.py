@@ -2,7 +2,8 @@
 
     runs/<run-id>/
         run.json          settings, resolved plan, data fingerprint, versions, hardware, status, final metrics
-        metrics.jsonl     one JSON object per logged step, appended while training runs
+        metrics.jsonl     one JSON object per logged step, appended while training runs (the raw `loss` and its
+                          smoothed value `loss_smoothed`; `eval_loss` on evaluations)
         checkpoint-N/     resumable trainer checkpoints (adapter, optimizer, scheduler, RNG state)
         adapter/          the final (or stopped) adapter: safetensors, adapter config, tokenizer, chat template
         samples.json      answers to held-out prompts before and after training
@@ -26,6 +27,7 @@ import re
 import socket
 import tempfile
 import threading
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,9 @@ UNREADABLE = "unreadable"
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 # A lock file younger than this that cannot be parsed is one being written right now, not a stale one.
 LOCK_WRITE_SECONDS = 10.0
+# Weight of the past in the smoothed training loss, per logged point: the last 9 points carry about 85% of the
+# weight, enough to even out one batch's luck (a run logs every step up to 100 steps, about 100 points beyond).
+SMOOTHING = 0.8
 
 
 class UnreadableRun(UserError):
@@ -154,6 +159,73 @@ def validate_run_id(run_id: str) -> str:
     if not RUN_ID.match(run_id) or run_id in (".", ".."):
         raise UserError(f"{run_id!r} is not a valid run id: use letters, digits, '.', '_' and '-' only.")
     return run_id
+
+
+class LossSmoother:
+    """The training loss as an exponential moving average, bias-corrected as TensorBoard smooths its curves.
+
+    One step's loss depends on which examples its batch drew; the average over the last points says where the
+    run is. Plain EMA started at 0 reads far too low at first, and one started at the first value lets that (the
+    highest) loss linger for dozens of points; dividing by the weight the EMA has gathered so far (1 - w^n) gives
+    every point seen the weight it would have in a long run, so the first value is itself and nothing lags.
+    """
+
+    def __init__(self, weight: float = SMOOTHING):
+        self.weight = weight
+        self.biased = 0.0
+        self.count = 0
+
+    def add(self, loss: float) -> float:
+        """Fold in the next logged loss; the smoothed value up to it. A NaN or infinite loss is given back as it
+        is and left out of the average (the curve shows it; it does not poison every point after it)."""
+        if not math.isfinite(loss):
+            return loss
+        self.count += 1
+        self.biased = self.weight * self.biased + (1 - self.weight) * loss
+        return self.biased / (1 - self.weight**self.count)
+
+
+def training_losses(entries: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
+    """(step, loss, smoothed loss) of each logged training step; the smoothed value is computed for entries
+    written before metrics.jsonl held it."""
+    smoother = LossSmoother()
+    points = []
+    for entry in entries:
+        if isinstance(entry.get("loss"), (int, float)):
+            smoothed = smoother.add(float(entry["loss"]))
+            if isinstance(entry.get("loss_smoothed"), (int, float)):
+                smoothed = float(entry["loss_smoothed"])
+            points.append((entry.get("step"), float(entry["loss"]), smoothed))
+    return points
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The numbers a run is judged by: its smoothed training loss and its latest validation loss. One step's raw
+    loss is never the headline: it goes up and down with its batch."""
+
+    train_loss: float | None = None
+    validation_loss: float | None = None
+
+    def text(self, digits: int = 3) -> str:
+        """e.g. "train loss 2.412 (smoothed) · validation loss 2.370"; "" before the first loss."""
+        parts = []
+        if self.train_loss is not None:
+            parts.append(f"train loss {self.train_loss:.{digits}f} (smoothed)")
+        if self.validation_loss is not None:
+            parts.append(f"validation loss {self.validation_loss:.{digits}f}")
+        return " · ".join(parts)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def headline_of(entries: list[dict[str, Any]]) -> Headline:
+    """The headline of a run's metrics: the last smoothed training loss and the last validation loss."""
+    train = training_losses(entries)
+    validation = [entry["eval_loss"] for entry in entries if _number(entry.get("eval_loss")) is not None]
+    return Headline(train[-1][2] if train else None, float(validation[-1]) if validation else None)
 
 
 @dataclass
@@ -288,6 +360,15 @@ class RunFolder:
             except json.JSONDecodeError:
                 continue
         return entries
+
+    def headline(self, record: dict[str, Any] | None = None) -> Headline:
+        """The run's headline numbers (see `Headline`), for every view that names a run's loss: from the record's
+        final metrics once the run has ended, else (while it trains, or for a run recorded before the smoothed
+        loss was kept) from its metrics.jsonl. `record`: the run record when the caller has read it already."""
+        final = (record if record is not None else self.read()).get("final_metrics") or {}
+        if _number(final.get("loss_smoothed")) is not None:
+            return Headline(_number(final["loss_smoothed"]), _number(final.get("eval_loss")))
+        return headline_of(self.read_metrics())
 
     def checkpoints(self) -> list[Path]:
         """Complete trainer checkpoints, oldest first."""
@@ -472,6 +553,29 @@ def open_visible(runs_dir: str | Path, run_ref: str | Path, visitor: str | None)
     if not visible_to(record, visitor):
         raise missing
     return folder
+
+
+def check_unfinished(folder: RunFolder, record: dict[str, Any] | None = None) -> None:
+    """Refuse to resume a run that finished (the app asks before it starts a resume, so that the refusal is
+    said at once, and never by a training process started only to refuse)."""
+    if (record if record is not None else folder.read()).get("status") == FINISHED:
+        raise UserError(f"Run {folder.run_id} already finished; there is nothing to resume. Start a new run to "
+                        "train more.")
+
+
+def check_resumable(folder: RunFolder, record: dict[str, Any] | None = None) -> Path:
+    """The last checkpoint of a run that may be resumed; UserError saying why not (it finished, it has no
+    checkpoint, its record names no data)."""
+    record = record if record is not None else folder.read()
+    check_unfinished(folder, record)
+    checkpoint = folder.last_checkpoint()
+    if checkpoint is None:
+        raise UserError(f"Run {folder.run_id} has no checkpoint to resume from (it stopped before its first save); "
+                        "start it again as a new run.")
+    if not (record.get("settings") or {}).get("source"):
+        raise UserError(f"run.json of run {folder.run_id} names no data in its 'settings', so the run cannot be "
+                        "resumed; start a new run instead.")
+    return checkpoint
 
 
 def resumable_runs(runs_dir: str | Path) -> list[RunFolder]:

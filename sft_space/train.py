@@ -30,6 +30,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import math
 import shutil
 import threading
 import time
@@ -47,14 +48,19 @@ from .hardware import Hardware, TrainingPlan, detect_hardware, plan_training
 from .memory import ModelShape
 from .render import render_example
 from .runs import RunFolder
-from .settings import RunSettings, run_settings
+from .settings import EVALUATION_SHARE, MAX_EVALUATIONS, RunSettings, run_settings
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
-# Logging, evaluation and checkpoints as a share of the run's steps, so that a 20-step run logs every step
-# and a 2,000-step run every 20.
+# Logging and checkpoints as a share of the run's steps, so that a 20-step run logs every step and a 2,000-step
+# run every 20.
 LOG_EVERY_FRACTION = 0.01
-EVAL_EVERY_FRACTION = 0.1
 SAVE_EVERY_FRACTION = 0.1
+# A trained token costs about two forward passes: its forward, and a backward through the frozen base (LoRA
+# computes no gradient for the base weights, only for the activations and the small adapters). A validation
+# token costs one forward.
+TRAINED_TOKEN_COST = 2.0
+# eval_steps that no step reaches: only the evaluation the trainer runs at the last step remains.
+LAST_STEP_ONLY = 2**31 - 1
 KEEP_CHECKPOINTS = 2
 SAMPLE_MAX_NEW_TOKENS = 96
 FAILURE_FILE = "failure.txt"
@@ -96,6 +102,65 @@ class _EvaluationStopped(Exception):
 
 
 @dataclass
+class EvaluationPlan:
+    """How validation loss is measured in a run: on how many of the held-out examples, and how often."""
+
+    # The first `examples` of the `held_out` validation examples are evaluated (all of them, unless one
+    # evaluation of all would cost more than the run's budget for evaluation).
+    examples: int
+    held_out: int
+    # How often, as the trainer's `eval_steps` takes it: a whole number of steps, or a share of the run's steps.
+    # The trainer also evaluates at the last step, so the final validation loss is that of the adapter saved.
+    every: float
+    evaluations: int
+    chosen: bool = False
+
+    def reason(self) -> str:
+        held_out = (f"{self.examples} held-out examples" if self.examples == self.held_out
+                    else f"{self.examples} of the {self.held_out} held-out examples")
+        if self.chosen:
+            return f"validation loss on {held_out} every {int(self.every)} steps, as chosen"
+        times = "once, at the last step" if self.evaluations == 1 else f"{self.evaluations} times, the last at the end"
+        return f"validation loss on {held_out} {times} (within {EVALUATION_SHARE:.0%} of the run's compute)"
+
+
+def evaluation_plan(settings: RunSettings, plan: TrainingPlan, train_examples: int, train_tokens: int,
+                    validation_examples: int, validation_tokens: int) -> EvaluationPlan | None:
+    """How often to measure validation loss: as chosen (`eval_every`), else as many times as fit in
+    EVALUATION_SHARE of the run's compute (1 to MAX_EVALUATIONS), evenly spread, the last at the last step.
+
+    A fixed number of evaluations per run, not one every few steps: a short run would otherwise spend half its
+    time evaluating (every 2 steps of a 20-step run), and a long one evaluate hundreds of times.
+    """
+    if not validation_examples:
+        return None
+    if settings.eval_every > 0:
+        return EvaluationPlan(validation_examples, validation_examples, settings.eval_every, 0, chosen=True)
+    if settings.max_steps > 0:
+        # The tokens a run of max_steps trains on: the share of an epoch its steps make (packed sequences hold
+        # about sequence_length tokens each; unpacked, a sequence is an example).
+        sequences = math.ceil(train_tokens / plan.sequence_length) if plan.packing else train_examples
+        per_step = plan.batch_size * accumulation_per_process(settings.gradient_accumulation) * distributed.world_size()
+        run_tokens = train_tokens * settings.max_steps / max(1, math.ceil(sequences / per_step))
+    else:
+        run_tokens = train_tokens * settings.epochs
+    fits = EVALUATION_SHARE * TRAINED_TOKEN_COST * run_tokens / max(validation_tokens, 1)
+    evaluations = max(1, min(MAX_EVALUATIONS, int(fits)))
+    # A run too short for even one evaluation of every held-out example (20 steps on 144 examples) evaluates as
+    # many as fit, at its last step.
+    examples = validation_examples if fits >= 1 else max(1, int(validation_examples * fits))
+    # A share below 1 is turned into steps by the trainer (the steps round up, so never more than `evaluations`);
+    # a share of 1 would mean every step.
+    every = 1 / evaluations if evaluations > 1 else LAST_STEP_ONLY
+    return EvaluationPlan(examples, validation_examples, every, evaluations)
+
+
+def example_tokens(tokenizer: Any, example: data.Example) -> render.Tokens:
+    """The example's tokens and trained flags: those the check kept, else rendered now."""
+    return example.tokens if example.tokens is not None else _tokens_of(render_example(tokenizer, example))
+
+
+@dataclass
 class PreparedData:
     report: checks.Report
     train: list[data.Example]
@@ -118,6 +183,13 @@ class PreparedData:
                 "validation_examples": len(self.validation), "fingerprint": self.fingerprint,
                 "stats": self.report.stats()}
 
+    def evaluation_plan(self, settings: RunSettings, plan: TrainingPlan, tokenizer: Any) -> EvaluationPlan | None:
+        def tokens(examples: list[data.Example]) -> int:
+            return sum(len(example_tokens(tokenizer, example).ids) for example in examples)
+
+        return evaluation_plan(settings, plan, len(self.train), tokens(self.train), len(self.validation),
+                               tokens(self.validation))
+
 
 def prepare_data(settings: RunSettings, tokenizer: Any,
                  on_progress: Callable[[int, int | None], None] | None = None) -> PreparedData:
@@ -131,8 +203,12 @@ def prepare_data(settings: RunSettings, tokenizer: Any,
                         f"{report.valid_rows} valid ones.")
     if not report.valid_examples:
         raise UserError(f"{report.source}: no valid example to train on.")
-    train, validation = data.split_train_validation(report.valid_examples, settings.validation_fraction,
-                                                     settings.seed)
+    # At most max_validation_examples are held out; the rest of the share is trained on. A held-out example is
+    # worth the time its evaluations take, and past a few hundred the mean loss barely moves while each
+    # evaluation keeps growing (10% of 100,000 rows would be 10,000 examples each time).
+    examples = report.valid_examples
+    fraction = min(settings.validation_fraction, settings.max_validation_examples / len(examples))
+    train, validation = data.split_train_validation(examples, fraction, settings.seed)
     return PreparedData(report, train, validation)
 
 
@@ -149,8 +225,7 @@ def tokenize_examples(tokenizer: Any, examples: list[data.Example]) -> Any:
     import pyarrow as pa
     from datasets import Dataset
 
-    tokens = [example.tokens if example.tokens is not None else _tokens_of(render_example(tokenizer, example))
-              for example in examples]
+    tokens = [example_tokens(tokenizer, example) for example in examples]
     offsets = pa.array(np.concatenate([[0], np.cumsum([len(t.ids) for t in tokens], dtype=np.int64)]),
                        type=pa.int32())
     ids = np.frombuffer(b"".join(t.ids.tobytes() for t in tokens), dtype=np.int32)
@@ -319,7 +394,8 @@ def lora_config(settings: RunSettings) -> Any:
                       target_modules=targets, task_type="CAUSAL_LM", bias="none")
 
 
-def trainer_arguments(settings: RunSettings, plan: TrainingPlan, folder: RunFolder, evaluate: bool) -> Any:
+def trainer_arguments(settings: RunSettings, plan: TrainingPlan, folder: RunFolder,
+                      evaluation: EvaluationPlan | None) -> Any:
     from trl import SFTConfig
 
     return SFTConfig(
@@ -346,8 +422,8 @@ def trainer_arguments(settings: RunSettings, plan: TrainingPlan, folder: RunFold
         activation_checkpointing=plan.gradient_checkpointing,
         logging_steps=LOG_EVERY_FRACTION,
         logging_first_step=True,
-        eval_strategy="steps" if evaluate else "no",
-        eval_steps=(settings.eval_every or EVAL_EVERY_FRACTION) if evaluate else None,
+        eval_strategy="steps" if evaluation else "no",
+        eval_steps=evaluation.every if evaluation else None,
         save_strategy="steps",
         save_steps=settings.save_every or SAVE_EVERY_FRACTION,
         save_total_limit=KEEP_CHECKPOINTS,
@@ -361,8 +437,10 @@ def trainer_arguments(settings: RunSettings, plan: TrainingPlan, folder: RunFold
 
 
 def build_trainer(settings: RunSettings, plan: TrainingPlan, folder: RunFolder, model: Any, tokenizer: Any,
-                  prepared: PreparedData, stop_event: threading.Event | None = None) -> Any:
-    """TRL's SFTTrainer over our tokenized examples and mask, with a LoRA adapter on `model`.
+                  prepared: PreparedData, stop_event: threading.Event | None = None,
+                  evaluation: EvaluationPlan | None = None) -> Any:
+    """TRL's SFTTrainer over our tokenized examples and mask, with a LoRA adapter on `model`; validation loss as
+    `evaluation` plans it (by default, `PreparedData.evaluation_plan`).
 
     Setting `stop_event` ends an evaluation at its next batch: the step it follows is saved as a checkpoint
     (without its validation loss) and training stops. On a CPU an evaluation can take longer than many steps.
@@ -386,8 +464,9 @@ def build_trainer(settings: RunSettings, plan: TrainingPlan, folder: RunFolder, 
                 return {}
 
     train_dataset = tokenize_examples(tokenizer, prepared.train)
-    eval_dataset = tokenize_examples(tokenizer, prepared.validation) if prepared.validation else None
-    args = trainer_arguments(settings, plan, folder, eval_dataset is not None)
+    evaluation = evaluation or prepared.evaluation_plan(settings, plan, tokenizer)
+    eval_dataset = tokenize_examples(tokenizer, prepared.validation[:evaluation.examples]) if evaluation else None
+    args = trainer_arguments(settings, plan, folder, evaluation)
     trainer = StoppableSFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                                   processing_class=tokenizer, peft_config=lora_config(settings))
     # Without tqdm the trainer prints every log as a raw dict on stdout; RunMonitor reports progress instead.
@@ -401,7 +480,8 @@ def build_trainer(settings: RunSettings, plan: TrainingPlan, folder: RunFolder, 
 
 
 class RunMonitor:
-    """Writes each logged step to metrics.jsonl (and to `on_metrics`), and stops the run on request."""
+    """Writes each logged step to metrics.jsonl (and to `on_metrics`), with the smoothed training loss, and stops
+    the run on request."""
 
     def __init__(self, folder: RunFolder, tokens_per_epoch: int, stop_event: threading.Event,
                  on_metrics: Callable[[dict[str, Any]], None] | None):
@@ -414,6 +494,10 @@ class RunMonitor:
                 monitor.started = time.monotonic()
                 monitor.first_step = state.global_step
                 monitor.first_epoch = state.epoch or 0.0
+                # A resumed run's smoothed loss goes on from the losses logged up to its checkpoint.
+                for entry in monitor.folder.read_metrics():
+                    if "loss" in entry and entry.get("step", 0) <= state.global_step:
+                        monitor.smoother.add(float(entry["loss"]))
 
             def on_step_end(self, args, state, control, **kwargs):
                 # With several processes, all stop after the same step (or the others would wait for it).
@@ -439,6 +523,8 @@ class RunMonitor:
         self.started = time.monotonic()
         self.first_step = 0
         self.first_epoch = 0.0
+        self.smoother = runs.LossSmoother()
+        self.evaluation_seconds = 0.0
         self.last: dict[str, Any] = {}
 
     def record(self, state: Any, logs: dict[str, Any]) -> None:
@@ -453,6 +539,11 @@ class RunMonitor:
         for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
             if key in logs:
                 entry[key] = float(logs[key])
+        if "loss" in entry:
+            entry["loss_smoothed"] = self.smoother.add(entry["loss"])
+        if "eval_runtime" in logs:
+            entry["eval_seconds"] = round(float(logs["eval_runtime"]), 2)
+            self.evaluation_seconds += float(logs["eval_runtime"])
         entry["elapsed_seconds"] = round(elapsed, 2)
         entry["eta_seconds"] = round(elapsed / steps_done * (state.max_steps - state.global_step), 1) if steps_done else None
         if elapsed > 0:
@@ -465,6 +556,10 @@ class RunMonitor:
         self.folder.append_metrics(entry)
         if self.on_metrics is not None:
             self.on_metrics(entry)
+
+    def final_metrics(self, *keys: str) -> dict[str, Any]:
+        """The last value of each key logged (the raw `loss` kept beside the headline `loss_smoothed`)."""
+        return {key: self.last.get(key) for key in keys}
 
 
 @dataclass
@@ -550,16 +645,8 @@ def _check_new_run_name(settings: RunSettings, run_id: str | None) -> None:
 def _resumable(folder: RunFolder) -> tuple[RunSettings, Path]:
     """The settings and last checkpoint of a run that may be resumed (UserError saying why otherwise)."""
     record = folder.read()
-    if record.get("status") == runs.FINISHED:
-        raise UserError(f"Run {folder.run_id} already finished; start a new run to train more.")
-    checkpoint = folder.last_checkpoint()
-    if checkpoint is None:
-        raise UserError(f"Run {folder.run_id} has no checkpoint to resume from (it stopped before its first save); "
-                        "start it again as a new run.")
-    values = dict(record.get("settings") or {})
-    if not values.get("source"):
-        raise UserError(f"run.json of run {folder.run_id} names no data in its 'settings', so the run cannot be "
-                        "resumed; start a new run instead.")
+    checkpoint = runs.check_resumable(folder, record)
+    values = dict(record["settings"])
     return run_settings(values.pop("preset", None) or "balanced", **values), checkpoint
 
 
@@ -591,6 +678,9 @@ def train(job: TrainingJob) -> RunFolder:
         plan = plan_training(settings, hardware, shape, stats["total_tokens"], stats["tokens_per_example"]["max"])
         if distributed.world_size() > 1:
             plan.reasons.append(processes_reason(settings.gradient_accumulation, plan.batch_size))
+        evaluation = prepared.evaluation_plan(settings, plan, tokenizer)
+        if evaluation is not None:
+            plan.reasons.append(evaluation.reason())
         lora_parameters = shape.lora_parameters(settings.lora_r)
         _stop_here_if_asked(job)
         if job.resume is not None:
@@ -625,7 +715,7 @@ def train(job: TrainingJob) -> RunFolder:
 
         if job.on_folder is not None:
             job.on_folder(folder)
-        return _run(job, folder, settings, plan, tokenizer, prepared, checkpoint)
+        return _run(job, folder, settings, plan, tokenizer, prepared, checkpoint, evaluation)
 
 
 def _check_inputs(job: TrainingJob, settings: RunSettings) -> tuple[Any, PreparedData, ModelShape]:
@@ -661,7 +751,7 @@ def _record_end(folder: RunFolder, **changes: Any) -> OSError | None:
 
 
 def _run(job: TrainingJob, folder: RunFolder, settings: RunSettings, plan: TrainingPlan, tokenizer: Any,
-         prepared: PreparedData, checkpoint: Path | None) -> RunFolder:
+         prepared: PreparedData, checkpoint: Path | None, evaluation: EvaluationPlan | None) -> RunFolder:
     """Load, train, save and answer the held-out prompts; record how the run ended."""
     model = trainer = None
     failure = None
@@ -673,7 +763,7 @@ def _run(job: TrainingJob, folder: RunFolder, settings: RunSettings, plan: Train
         _status(job, f"Loading {settings.model}…")
         model = _unless_stopped(job, lambda: load_model_for_training(settings, plan))
         trainer = _unless_stopped(job, lambda: build_trainer(settings, plan, folder, model, tokenizer, prepared,
-                                                             job.stop_event))
+                                                             job.stop_event, evaluation))
         tokens_per_epoch = token_count(trainer.train_dataset)
         monitor = RunMonitor(folder, tokens_per_epoch, job.stop_event, job.on_metrics)
         trainer.add_callback(monitor.callback)
@@ -691,8 +781,10 @@ def _run(job: TrainingJob, folder: RunFolder, settings: RunSettings, plan: Train
         if samples and not job.stop_event.is_set():
             _status(job, "Answering held-out prompts…")
             answer_before_and_after(trainer.model, tokenizer, samples, folder, job.stop_event)
-        final = {k: monitor.last.get(k) for k in ("loss", "eval_loss", "step", "epoch", "tokens_per_second")}
+        # The headline is the smoothed loss (and the validation loss); the last step's raw loss is kept beside it.
+        final = monitor.final_metrics("loss_smoothed", "eval_loss", "loss", "step", "epoch", "tokens_per_second")
         final.update(train_runtime_seconds=round(output.metrics.get("train_runtime", 0.0), 1),
+                     evaluation_seconds=round(monitor.evaluation_seconds, 1),
                      train_loss=output.metrics.get("train_loss"))
         # A stop after the last step (while saving or answering) leaves a finished run.
         step, max_steps = trainer.state.global_step, trainer.state.max_steps
@@ -727,7 +819,8 @@ def _run(job: TrainingJob, folder: RunFolder, settings: RunSettings, plan: Train
     if failure is not None:
         # The run record first: it is small, and it is what the app and the command line read.
         unrecorded = _record_end(folder, status=runs.FAILED, error=failure,
-                                 final_metrics={k: monitor.last.get(k) for k in ("loss", "step")} if monitor else {})
+                                 final_metrics=monitor.final_metrics("loss_smoothed", "eval_loss", "loss", "step")
+                                 if monitor else {})
         if unrecorded is None:
             # The full traceback is for whoever debugs the tool, if there is room for it.
             failure_file = folder.path / FAILURE_FILE

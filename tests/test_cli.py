@@ -105,11 +105,25 @@ def test_train_then_chat_from_the_command_line(write_jsonl, tiny_model_dir, tmp_
     assert "step 3/3" in result.stderr  # our progress lines instead
     record = json.loads((runs_dir / "cli-run" / "run.json").read_text())
     assert record["settings"]["lora_r"] == 4 and record["status"] == "finished"
+    # The headline at the end is the smoothed training loss and the validation loss, not the last step's loss.
+    final = record["final_metrics"]
+    assert (f"train loss {final['loss_smoothed']:.4f} (smoothed) · validation loss {final['eval_loss']:.4f}"
+            in result.stdout)
 
     result = run_cli("chat", runs_dir / "cli-run", "--prompt", "What is 2 plus 2?", "--compare",
                      "--max-new-tokens", "4")
     assert result.returncode == 0, result.stderr
     assert "base:" in result.stdout and "fine-tuned:" in result.stdout
+
+
+def test_the_progress_line_headlines_the_smoothed_loss_and_the_latest_validation_loss():
+    step = {"step": 30, "max_steps": 60, "loss": 3.9, "loss_smoothed": 2.2512, "tokens_per_second": 1234.5,
+            "eta_seconds": 40.0}
+    line = cli.progress_line(step, validation_loss=2.37)
+    assert "step 30/60 · train loss 2.2512 (smoothed) · validation loss 2.3700 · 1,234 tokens/s · ETA 40 s" in line
+    assert "3.9" not in line, "one step's raw loss is never the headline"
+    evaluation = cli.progress_line({"step": 30, "max_steps": 60, "eval_loss": 2.31, "eval_seconds": 4.26})
+    assert evaluation.endswith("step 30/60 · validation loss 2.3100 · evaluated in 4.3 s")
 
 
 def test_train_reports_bad_data_and_missing_runs_without_traceback(write_jsonl, tiny_model_dir, tmp_path):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import threading
 import time
@@ -11,13 +12,13 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from builders import distinct_chats, persona_chats
+from builders import SAMPLE_DATA, distinct_chats, persona_chats
 from sft_space import models, render, runs
 from sft_space.chat import GenerationSettings, load_chat_model
 from sft_space.hardware import detect_hardware, plan_training
 from sft_space.settings import run_settings
 from sft_space.train import (OOM_ADVICE, STOPPED_BEFORE_FIRST_STEP, TrainingFailed, TrainingJob, TrainingStopped,
-                             build_trainer, model_shape, prepare_data, train)
+                             build_trainer, model_shape, prepare_data, token_count, train)
 
 PLANTED_TOKEN = "hf_PlantedSecretTokenForTests0123456789"
 
@@ -76,6 +77,14 @@ def test_training_drives_the_loss_down_and_fills_the_run_folder(tiny_settings, m
     assert {"torch", "transformers", "trl", "peft"} <= set(record["versions"])
     assert record["hardware"]["kind"] == "cpu" and record["plan"]["precision"] == "fp32"
     assert record["final_metrics"]["step"] == 24 and record["final_metrics"]["loss"] is not None
+    # Each logged step carries the smoothed loss beside its raw loss; the record's headline is the last smoothed
+    # value (the raw last-step loss kept beside it), with the time evaluation took.
+    smoother = runs.LossSmoother()
+    assert [m["loss_smoothed"] for m in metrics if "loss" in m] == pytest.approx([smoother.add(x) for x in losses])
+    final, trained = record["final_metrics"], [m for m in metrics if "loss" in m]
+    assert final["loss_smoothed"] == trained[-1]["loss_smoothed"] and final["loss"] == trained[-1]["loss"]
+    assert final["eval_loss"] == [m for m in metrics if "eval_loss" in m][-1]["eval_loss"]
+    assert 0 < final["evaluation_seconds"] < final["train_runtime_seconds"]
     adapter = folder.adapter_path
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", "chat_template.jinja"):
         assert (adapter / name).is_file(), name
@@ -206,6 +215,49 @@ def test_small_datasets_get_enough_steps_per_epoch(tiny_settings):
     # 54 training examples of ~50 tokens: packed into 2048-token sequences they would make 2 steps (on a GPU the
     # packs are made shorter, see test_plan; on a CPU they train one by one).
     assert folder.read()["final_metrics"]["step"] >= 20
+
+
+def evaluated_steps(max_steps, eval_steps):
+    """The steps the trainer evaluates at (transformers' rule: every `eval_steps`, a share of the run's steps
+    when below 1, and the last step)."""
+    every = math.ceil(max_steps * eval_steps) if eval_steps < 1 else eval_steps
+    return [step for step in range(1, max_steps + 1) if step % every == 0 or step == max_steps]
+
+
+@pytest.mark.parametrize("preset, max_steps", [("balanced", 0), ("quick", 0), ("quick", 20)])
+def test_evaluation_takes_at_most_a_tenth_of_a_run_on_the_sample(preset, max_steps, tiny_model_dir, tmp_path):
+    """Before, validation loss ran every 10% of the steps: every 2 steps of a 20-step run, half its time. Now a
+    few evaluations per run, as many as fit in its compute budget, the last at the last step."""
+    settings = run_settings(preset, source=str(SAMPLE_DATA), model=str(tiny_model_dir), max_steps=max_steps,
+                            output_dir=str(tmp_path))
+    tokenizer = models.load_tokenizer(settings.model)
+    prepared = prepare_data(settings, tokenizer)
+    stats = prepared.report.stats()
+    plan = plan_training(settings, detect_hardware(), model_shape(settings.model), stats["total_tokens"],
+                         stats["tokens_per_example"]["max"])
+    folder = runs.RunFolder.create(tmp_path, "plan")
+    trainer = build_trainer(settings, plan, folder, models.load_causal_lm(settings.model), tokenizer, prepared)
+    steps_per_epoch = math.ceil(len(trainer.get_train_dataloader()) / trainer.args.gradient_accumulation_steps)
+    total = max_steps or math.ceil(settings.epochs * steps_per_epoch)
+    evaluated = evaluated_steps(total, trainer.args.eval_steps)
+    assert evaluated[-1] == total, "the final validation loss is the saved adapter's"
+    assert 1 <= len(evaluated) <= 10 and (len(evaluated) == 1 or evaluated[0] >= total / 10)
+    # A trained token costs about two forward passes (forward, and backward through the frozen base); a
+    # validation token one: evaluation stays within a tenth of the run's compute.
+    trained_tokens = token_count(trainer.train_dataset) * total / steps_per_epoch
+    assert len(evaluated) * token_count(trainer.eval_dataset) <= 0.1 * 2 * trained_tokens
+    # A run too short for one evaluation of every held-out example evaluates as many as fit.
+    shown = prepared.evaluation_plan(settings, plan, tokenizer).reason()
+    assert ("of the 16 held-out examples once, at the last step" in shown if max_steps == 20
+            else "on 16 held-out examples" in shown)
+
+
+def test_the_validation_set_is_capped_and_the_rest_is_trained_on(tiny_settings):
+    settings = tiny_settings(distinct_chats(60), validation_fraction=0.5, max_validation_examples=5)
+    prepared = prepare_data(settings, models.load_tokenizer(settings.model))
+    assert len(prepared.validation) == 5 and len(prepared.train) == 55
+    assert prepared.fingerprint == prepare_data(settings, models.load_tokenizer(settings.model)).fingerprint
+    assert run_settings("quick").max_validation_examples == 200
 
 
 def test_a_missing_hub_model_is_reported_before_a_run_folder_exists(tiny_settings, tmp_path):

@@ -1,33 +1,49 @@
 """Train tab: model, preset, advanced settings generated from RunSettings, Start/Stop/Resume, live plot.
 
 The job runs in the shared JobManager; this tab only submits it and re-reads its run folder every second, so a
-reloaded page (same browser) re-attaches to the running job's curve.
+reloaded page (same browser) re-attaches to the visitor's running (or latest) job: its curve, and the preset,
+settings, command line and data of that run, read from its run.json.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from .. import catalog, checks, jobs, runs, storage
+from .. import access, catalog, checks, data, jobs, runs, storage
 from ..errors import UserError
 from ..hardware import detect_hardware
 from ..settings import PRESET_NAMES, DataSettings, RunSettings, field_help, field_type, run_settings, train_command
 from .common import Gate, settings_component
 
+log = logging.getLogger(__name__)
+
 ADVANCED_GROUPS = (("lora", "LoRA"), ("schedule", "Schedule"), ("hardware", "Speed and memory"))
 # No data is None, not an empty frame: a plot first drawn from an empty frame never shows its lines later.
 EMPTY_CURVE = None
-CURVE_COLOURS = {"train": "#4f46e5", "validation": "#f97316"}
+RAW, SMOOTHED, VALIDATION = "train (raw)", "train (smoothed)", "validation"
+# The raw points faint, the smoothed loss (the headline) strong.
+CURVE_COLOURS = {RAW: "#a5b4fc", SMOOTHED: "#4f46e5", VALIDATION: "#f97316"}
+# gr.LinePlot options of every loss plot (the Runs tab's too). No height: with a fixed height the plot's box clips
+# the legend below it to its title. No legend title: the series names say it all ("split" alone said nothing).
+# Axis labels rounded: 3 significant digits of loss ("3.49", not "3.489136"), whole steps ("1", not "1.000000").
+LOSS_PLOT = {"x": "step", "y": "loss", "color": "split", "color_map": CURVE_COLOURS, "color_title": "",
+             "x_title": "step", "y_title": "loss", "x_axis_format": "~g", "y_axis_format": ".3~r"}
+# gr.LinePlot draws lines only (a point shows on hover): a series of one point would draw nothing, so a lone point
+# is drawn as a short level dash around its step, this share of the run's steps wide.
+LONE_POINT_WIDTH = 0.02
+UPLOAD_NOTE = ("# {name} was uploaded to this app: run this where your copy of the file is (give its path on "
+               "your machine).")
 
 
 def advanced_fields() -> list[dataclasses.Field]:
-    groups = {name for name, _ in ADVANCED_GROUPS}
-    return [f for f in dataclasses.fields(RunSettings) if f.metadata.get("group") in groups]
+    """The settings of the Advanced panel, in the order it shows them (group by group)."""
+    return [f for group, _ in ADVANCED_GROUPS for f in dataclasses.fields(RunSettings) if f.metadata.get("group") == group]
 
 
 def settings_from_form(data_settings: DataSettings | None, skip_invalid: bool, model: str, preset: str,
@@ -46,28 +62,59 @@ def settings_from_form(data_settings: DataSettings | None, skip_invalid: bool, m
     return run_settings(preset, **values)
 
 
-def loss_curve(run_dir: str | Path | None) -> pd.DataFrame | None:
-    """Train and validation loss by step, long format for gr.LinePlot."""
-    if not run_dir:
+def _run_length(entries: list[dict[str, Any]]) -> int:
+    """The run's steps, as its metrics say (the last step logged before it said)."""
+    lengths = [entry["max_steps"] for entry in entries if isinstance(entry.get("max_steps"), int)]
+    return max(lengths[-1] if lengths else 0, *(entry.get("step") or 0 for entry in entries), 1)
+
+
+def _curve(folder: runs.RunFolder, entries: list[dict[str, Any]]) -> pd.DataFrame | None:
+    series: dict[str, list[tuple[float, float]]] = {RAW: [], SMOOTHED: [], VALIDATION: []}
+    for step, loss, smoothed in runs.training_losses(entries):
+        series[RAW].append((step, loss))
+        series[SMOOTHED].append((step, smoothed))
+    series[VALIDATION] = [(entry["step"], entry["eval_loss"]) for entry in entries if "eval_loss" in entry]
+    if not series[RAW] and not series[VALIDATION]:
         return EMPTY_CURVE
-    folder = runs.RunFolder(Path(run_dir))
+    half = LONE_POINT_WIDTH * _run_length(entries) / 2
     points = []
-    for entry in folder.read_metrics():
-        if "loss" in entry:
-            points.append((entry["step"], entry["loss"], "train"))
-        if "eval_loss" in entry:
-            points.append((entry["step"], entry["eval_loss"], "validation"))
-    if not points:
-        return EMPTY_CURVE
+    for split, values in series.items():
+        if len(values) == 1:
+            (step, loss), = values
+            values = [(step - half, loss), (step + half, loss)]
+        points += [(step, loss, split) for step, loss in values]
     try:
         validates = (folder.read().get("data") or {}).get("validation_examples", 0) > 0
     except UserError:
         validates = False
-    if validates and not any(split == "validation" for _, _, split in points):
+    if validates and not series[VALIDATION]:
         # The plot fixes its series at the first draw: name the validation series with an empty point now, so
         # its line appears when the first validation loss arrives.
-        points.append((points[0][0], float("nan"), "validation"))
+        points.append((points[0][0], float("nan"), VALIDATION))
     return pd.DataFrame(points, columns=["step", "loss", "split"])
+
+
+def loss_curve(run_dir: str | Path | None) -> pd.DataFrame | None:
+    """Training loss (raw points and their smoothed line) and validation loss by step, long format for
+    gr.LinePlot (see LOSS_PLOT)."""
+    if not run_dir:
+        return EMPTY_CURVE
+    folder = runs.RunFolder(Path(run_dir))
+    return _curve(folder, folder.read_metrics())
+
+
+def loss_plot(run_dir: str | Path | None) -> Any:
+    """The Train tab's plot of a run: its curve over the run's whole length (the line grows as it trains, and a
+    first point is not the whole width)."""
+    if not run_dir:
+        return gr.update(value=EMPTY_CURVE)
+    folder = runs.RunFolder(Path(run_dir))
+    entries = folder.read_metrics()
+    curve = _curve(folder, entries)
+    if curve is None:
+        return gr.update(value=EMPTY_CURVE)
+    length = _run_length(entries)
+    return gr.update(value=curve, x_lim=[0, length * (1 + LONE_POINT_WIDTH / 2)])
 
 
 def _duration(seconds: float | None) -> str:
@@ -77,17 +124,37 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m {seconds % 60:02d}s"
 
 
-def progress_markdown(job: jobs.Job | None) -> str:
+def data_line(summary: dict[str, Any]) -> str:
+    """What a run trains on, from its record's data summary."""
+    source = str(summary.get("source") or "")
+    name = Path(source).name if Path(source).is_absolute() else source
+    parts = [f"Data: **{name}**"]
+    if summary.get("format") in data.FORMAT_NAMES:
+        parts.append(data.FORMAT_NAMES[summary["format"]])
+    if isinstance(summary.get("rows"), int):
+        parts.append(f"{summary['rows']:,} rows")
+    if isinstance(summary.get("train_examples"), int):
+        parts.append(f"{summary['train_examples']:,} examples to train on, {summary.get('validation_examples') or 0:,} "
+                     "held out for validation")
+    return " · ".join(parts)
+
+
+def progress_markdown(job: jobs.Job | None, notice: str = "") -> str:
+    """The status line: what this page's last action was refused for (`notice`), then the job it follows: its
+    state, step, headline losses (the smoothed training loss and the validation loss), data and plan."""
+    lines = [f"**Refused** · {notice}"] if notice else []
     if job is None:
-        return "No run yet. Check your data, pick a model and press **Start**."
+        return "\n\n".join(lines or ["No run yet. Check your data, pick a model and press **Start**."])
     # A failure's reason is shown once, below; the first line then says only what happened.
-    lines = [f"**{job.state.capitalize()}**" + ("" if job.error and job.message == job.error else f" · {job.message}")]
+    lines.append(f"**{job.state.capitalize()}**"
+                 + ("" if job.error and job.message == job.error else f" · {job.message}"))
     if job.run_dir is not None and (Path(job.run_dir) / runs.RUN_FILE).is_file():
         folder = runs.RunFolder(Path(job.run_dir))
-        metrics = [m for m in folder.read_metrics() if "loss" in m]
-        if metrics:
-            last = metrics[-1]
-            parts = [f"step {last['step']} of {last['max_steps']}", f"loss {last['loss']:.3f}",
+        entries = folder.read_metrics()
+        steps = [entry for entry in entries if "loss" in entry]
+        if steps:
+            last = steps[-1]
+            parts = [f"step {last['step']} of {last['max_steps']}", runs.headline_of(entries).text(),
                      f"elapsed {_duration(last.get('elapsed_seconds'))}"]
             if not job.done:
                 parts.append(f"ETA {_duration(last.get('eta_seconds'))}")
@@ -96,13 +163,61 @@ def progress_markdown(job: jobs.Job | None) -> str:
             if last.get("peak_gpu_memory_gib") is not None:
                 parts.append(f"GPU memory {last['peak_gpu_memory_gib']:.1f} GiB")
             lines.append(" · ".join(parts))
-        plan = folder.read().get("plan", {})
+        try:
+            record = folder.read()
+        except UserError:
+            record = {}
+        if record.get("data"):
+            lines.append(data_line(record["data"]))
+        plan = record.get("plan") or {}
         if plan.get("reasons"):
             lines.append("Plan: " + "; ".join(plan["reasons"]))
         lines.append(f"Run folder: `{folder.path}`")
     if job.error:
         lines.append(f"❌ {job.error}")
     return "\n\n".join(lines)
+
+
+def command_text(settings: RunSettings, runs_dir: str | Path) -> str:
+    """The command line of a run, for the visitor to run on their own machine: the runs folder left at its
+    default (this server's is no use there), and data they uploaded named by its file name, with a note."""
+    shown = dataclasses.replace(settings, output_dir=RunSettings.output_dir)
+    source = Path(settings.source)
+    uploads = (Path(runs_dir) / access.UPLOADS_DIR).resolve()
+    if source.is_absolute() and source.resolve().is_relative_to(uploads):
+        return UPLOAD_NOTE.format(name=source.name) + "\n" + train_command(shown, source.name)
+    return train_command(shown)
+
+
+def job_settings(job: jobs.Job) -> RunSettings | None:
+    """The settings of the run `job` trains: from its run.json once the run has one, else as submitted."""
+    if job.run_dir is not None and (Path(job.run_dir) / runs.RUN_FILE).is_file():
+        try:
+            values = dict(runs.RunFolder(Path(job.run_dir)).read().get("settings") or {})
+            return run_settings(values.pop("preset", None) or "balanced", **values)
+        except UserError:
+            return None
+    return job.settings if job.settings.source else None
+
+
+def form_values(job: jobs.Job, runs_dir: str | Path) -> dict[str, Any] | None:
+    """What the Train tab's form shows for the run `job` trains (after a reload): its model, preset, every
+    Advanced setting and its command line. None when the run's settings cannot be read."""
+    settings = job_settings(job)
+    if settings is None:
+        return None
+    values = {"model": settings.model, "preset": settings.preset, "command": command_text(settings, runs_dir)}
+    values.update((spec.name, getattr(settings, spec.name)) for spec in advanced_fields())
+    return values
+
+
+def refusal(action: str, err: Exception) -> str:
+    """A refused action of this tab: one line in the server's log, a toast, and the message, which the status
+    line then keeps showing (a toast fades). Raising would leave a red "Error" badge on every output."""
+    message = err.message if isinstance(err, gr.Error) else str(err)
+    log.warning("refused %s: %s", action, " ".join(str(message).split()))
+    gr.Warning(message)
+    return str(message)
 
 
 def visitor_job(manager: jobs.JobManager, owner: str, job_id: str) -> jobs.Job | None:
@@ -144,29 +259,39 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
         stop = gr.Button("Stop", variant="stop", elem_id="stop-training")
         resume = gr.Button("Resume", elem_id="resume-training")
     progress = gr.Markdown(progress_markdown(None), elem_id="train-progress")
-    curve = gr.LinePlot(EMPTY_CURVE, x="step", y="loss", color="split", label="Loss", height=280,
-                        elem_id="loss-plot", x_title="step", y_title="loss", color_map=CURVE_COLOURS)
-    command = gr.Code(label="The same run from the command line", language="shell", interactive=False)
+    curve = gr.LinePlot(EMPTY_CURVE, label="Loss", elem_id="loss-plot", **LOSS_PLOT)
+    command = gr.Code(label="The same run from the command line", language="shell", interactive=False,
+                      elem_id="train-command")
+    # What this page's last Start, Stop or Resume was refused for, shown in the status line until the next one.
+    notice = gr.State("")
     timer = gr.Timer(1.0, active=True)
 
     def on_preset(name: str) -> list[Any]:
         values = run_settings(name)
         return [gr.update(value=getattr(values, n)) for n in names]
 
-    preset.change(on_preset, inputs=preset, outputs=[advanced[n] for n in names])
+    # Only when the visitor picks a preset: a reload's restore sets the preset and the run's own settings at once.
+    preset.input(on_preset, inputs=preset, outputs=[advanced[n] for n in names])
 
-    def on_start(token, report_value, data_value, skip, model_name, preset_name, *advanced_values):
+    def shown_job(owner_id: str, current: str) -> jobs.Job | None:
+        try:
+            return visitor_job(manager, owner_id, current)
+        except UserError:
+            return manager.latest_for(owner_id)
+
+    def on_start(token, current, report_value, data_value, skip, model_name, preset_name, *advanced_values):
         owner_id = gate.visitor(token)
         try:
             settings = settings_from_form(data_value, skip, gate.model(model_name), preset_name, gate.runs_dir,
                                           dict(zip(names, advanced_values)), report_value)
             job = manager.submit(settings, owner_id)
-        except UserError as err:
-            raise gr.Error(str(err)) from None
-        return job.job_id, progress_markdown(job), train_command(settings)
+        except (gr.Error, UserError) as err:
+            refused = refusal("on_start", err)
+            return gr.skip(), progress_markdown(shown_job(owner_id, current), refused), gr.skip(), refused
+        return job.job_id, progress_markdown(job), command_text(settings, gate.runs_dir), ""
 
-    start.click(on_start, inputs=[session, report, data_settings, skip_invalid, model, preset, *advanced.values()],
-                outputs=[job_id, progress, command])
+    start.click(on_start, inputs=[session, job_id, report, data_settings, skip_invalid, model, preset,
+                                  *advanced.values()], outputs=[job_id, progress, command, notice])
 
     def on_stop(token, current):
         owner_id = gate.visitor(token)
@@ -176,38 +301,41 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
                 raise UserError("You have no run to stop.")
             manager.stop(job.job_id, owner_id)
         except UserError as err:
-            raise gr.Error(str(err)) from None
-        return progress_markdown(job)
+            refused = refusal("on_stop", err)
+            return progress_markdown(shown_job(owner_id, current), refused), refused
+        return progress_markdown(job), ""
 
-    stop.click(on_stop, inputs=[session, job_id], outputs=progress)
+    stop.click(on_stop, inputs=[session, job_id], outputs=[progress, notice])
 
     def on_resume(token, current):
         owner_id = gate.visitor(token)
         try:
             job = visitor_job(manager, owner_id, current)
-        except UserError as err:
-            raise gr.Error(str(err)) from None
-        if job is None or job.run_dir is None or not job.done:
-            raise gr.Error("Nothing to resume: resume a stopped or failed run of yours once it has stopped.")
-        try:
+            if job is None or job.run_dir is None or not job.done:
+                raise UserError("Nothing to resume: resume a stopped or failed run of yours once it has stopped.")
             folder = runs.RunFolder.open(job.run_dir)
             settings = RunSettings(**folder.read()["settings"])
             resumed = manager.submit(settings, owner_id, resume=str(folder.path))
         except UserError as err:
-            raise gr.Error(str(err)) from None
-        return resumed.job_id, progress_markdown(resumed)
+            refused = refusal("on_resume", err)
+            return gr.skip(), progress_markdown(shown_job(owner_id, current), refused), refused
+        return resumed.job_id, progress_markdown(resumed), ""
 
-    resume.click(on_resume, inputs=[session, job_id], outputs=[job_id, progress])
+    resume.click(on_resume, inputs=[session, job_id], outputs=[job_id, progress, notice])
 
-    def refresh(token, current):
+    form = [model, preset, *(advanced[n] for n in names), command]
+
+    def refresh(token, current, refused):
         owner_id = gate.known_visitor(token)
-        job = None
-        if owner_id:
-            try:
-                job = visitor_job(manager, owner_id, current)
-            except UserError:
-                job = manager.latest_for(owner_id)
-        return (job.job_id if job else current), progress_markdown(job), loss_curve(job.run_dir if job else None)
+        job = shown_job(owner_id, current) if owner_id else None
+        # A page that follows no job yet (just loaded, or reloaded) re-attaches to the visitor's running or latest
+        # job: the form then shows that run's model, preset, settings and command line.
+        restored = form_values(job, gate.runs_dir) if job is not None and not current else None
+        shown = [gr.update(value=restored[name]) for name in ("model", "preset", *names, "command")] if restored \
+            else [gr.skip() for _ in form]
+        return ((job.job_id if job else current), progress_markdown(job, refused),
+                loss_plot(job.run_dir if job else None), *shown)
 
-    timer.tick(refresh, inputs=[session, job_id], outputs=[job_id, progress, curve], show_progress="hidden")
+    timer.tick(refresh, inputs=[session, job_id, notice], outputs=[job_id, progress, curve, *form],
+               show_progress="hidden")
     return {"job_id": job_id}
