@@ -72,8 +72,10 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     expect(page.locator("#chatml-preview mark.sft-trained").first).to_be_visible()
     page.screenshot(path=str(tmp_path / "data.png"), full_page=True)
 
-    # Train: a run from the Advanced settings; the loss plot draws from the first steps while it runs.
+    # Train: a run of the quick preset and the Advanced settings; the loss plot draws from the first steps while
+    # it runs.
     page.get_by_role("tab", name="Train").click()
+    page.get_by_label("quick").check()
     page.get_by_text("Advanced").click()
     max_steps = page.get_by_label("Max steps")
     # Typed key by key, as a person does: a programmatic fill() of Gradio's number box is sometimes not taken
@@ -84,7 +86,8 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     max_steps.press("Tab")
     page.click("#start-training")
     expect(page.locator("#train-progress")).to_contain_text("step ", timeout=120_000)
-    expect(page.locator("#loss-plot")).to_contain_text("split", timeout=10_000)  # the legend of drawn lines
+    # The legend of drawn lines, by their names (not only its title, clipped by the plot's box).
+    expect(page.locator("#loss-plot")).to_contain_text("train (smoothed)", timeout=10_000)
 
     # Meanwhile a second visitor (another browser profile, so another visitor id) cannot stop it, and their
     # own Start waits in the queue instead of disturbing it.
@@ -108,7 +111,8 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     stranger.get_by_role("tab", name="Train").click()
     expect(stranger.locator("#train-progress")).to_contain_text("No run yet")
     stranger.click("#stop-training")
-    expect(stranger.get_by_text("You have no run to stop.")).to_be_visible(timeout=10_000)
+    # A refusal is said in the status line (and a toast), once, as a refusal.
+    expect(stranger.locator("#train-progress")).to_contain_text("Refused · You have no run to stop.", timeout=10_000)
     stranger.click("#start-training")
     expect(stranger.locator("#train-progress")).to_contain_text("position 1 in the queue", timeout=10_000)
     stranger.screenshot(path=str(tmp_path / "second-visitor.png"), full_page=True)
@@ -124,10 +128,14 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     assert record["status"] == "finished" and record["settings"]["max_steps"] == STEPS
     assert record["final_metrics"]["step"] == STEPS, "the second visitor did not stop or disturb the run"
 
-    # A reload re-attaches to this visitor's run (the browser keeps the visitor id).
+    # A reload re-attaches to this visitor's run (the browser keeps the visitor id), and the form shows that run's
+    # preset and settings, not the defaults.
     page.reload()
     page.get_by_role("tab", name="Train").click()
     expect(page.locator("#train-progress")).to_contain_text(run_folders[0].name, timeout=15_000)
+    expect(page.get_by_label("quick")).to_be_checked(timeout=10_000)
+    page.get_by_text("Advanced").click()
+    expect(page.get_by_label("Max steps")).to_have_value(str(STEPS), timeout=10_000)
 
     # Chat: the fine-tuned model and the base answer the same message side by side.
     page.get_by_role("tab", name="Chat").click()
