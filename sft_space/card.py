@@ -213,7 +213,9 @@ def model_card(folder: RunFolder, repo_id: str, merged: bool = False, descriptio
                       ("batch size (chosen)", _cell(plan.get("batch_size"))),
                       ("sequence length (chosen)", _cell(plan.get("sequence_length")))]
     hardware = (record.get("hardware") or {}).get("description", "—")
-    results = (f"Final training loss **{_loss(final.get('loss'))}**, validation loss **{_loss(final.get('eval_loss'))}** "
+    headline = folder.headline(record)
+    results = (f"Training loss **{_loss(headline.train_loss)}** (smoothed over the last steps), validation loss "
+               f"**{_loss(headline.validation_loss)}** "
                f"after {final.get('step', '—')} steps ({final.get('epoch', 0) or 0:.2f} epochs, "
                f"{final.get('train_runtime_seconds', '—')} s on {hardware}). Run status: {record.get('status')}.")
     samples = []

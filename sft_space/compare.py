@@ -103,17 +103,18 @@ def _file_name(source: Any) -> Any:
     return Path(source).name if isinstance(source, str) and Path(source).is_absolute() else source
 
 
-def _rows(record: dict[str, Any]) -> dict[str, Any]:
+def _rows(folder: runs.RunFolder, record: dict[str, Any]) -> dict[str, Any]:
     """What one run's column holds, row name -> value: results, data, settings, then what the plan resolved."""
     final = record.get("final_metrics") or {}
+    headline = folder.headline(record)
     data = record.get("data") or {}
     plan = record.get("plan") or {}
     settings = dict(record.get("settings") or {})
     rows: dict[str, Any] = {
         "status": record.get("status"),
         "steps": final.get("step"),
-        "final train loss": final.get("loss"),
-        "final validation loss": final.get("eval_loss"),
+        "train loss (smoothed)": headline.train_loss,
+        "validation loss": headline.validation_loss,
         "data": _file_name(data.get("source") or settings.get("source")),
         "data fingerprint": str(data.get("fingerprint") or "")[:12],
         "train examples": data.get("train_examples"),
@@ -133,7 +134,7 @@ def _rows(record: dict[str, Any]) -> dict[str, Any]:
 
 def settings_table(folders: list[runs.RunFolder], records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per result, data fact, setting or resolved plan value, one column per run, and DIFFERS."""
-    columns = [_rows(record) for record in records]
+    columns = [_rows(folder, record) for folder, record in zip(folders, records)]
     names = list(dict.fromkeys(name for column in columns for name in column))
     table = pd.DataFrame({ROW: names})
     for folder, column in zip(folders, columns):

@@ -72,7 +72,7 @@ def test_the_table_puts_each_run_in_a_column_and_marks_what_differs(tmp_path):
     assert not table.loc["learning_rate", compare.DIFFERS]
     # What the plan resolved ("auto" settings) and the results are compared too.
     assert table.loc["plan: batch_size", "quick"] == "4"
-    assert table.loc["final train loss", compare.DIFFERS]
+    assert table.loc["train loss (smoothed)", compare.DIFFERS]
     # An upload is named by its file name (its folder is the server's), the runs folder not at all.
     assert table.loc["data", "quick"] == "captain.jsonl" and "source" not in table.index
     assert "output_dir" not in table.index and "/srv" not in comparison.table.to_string()
@@ -80,7 +80,7 @@ def test_the_table_puts_each_run_in_a_column_and_marks_what_differs(tmp_path):
     order = list(table.index)
     assert order.index("lora_r") < order.index("lora_alpha") < order.index("learning_rate")
     differing = comparison.rows(only_differences=True)
-    assert list(differing[compare.ROW]) == ["final train loss", "lora_r"]
+    assert list(differing[compare.ROW]) == ["train loss (smoothed)", "lora_r"]
     assert compare.DIFFERS not in differing.columns
     assert len(comparison.rows(only_differences=False)) == len(comparison.table)
 

@@ -138,7 +138,9 @@ def test_push_uploads_the_adapter_with_a_card_and_never_the_token(run_copy, monk
     body = card.text
     assert "Answers like a cheerful sailor." in body
     record = folder.read()
-    assert f"{record['final_metrics']['loss']:.4f}" in body and f"{record['final_metrics']['eval_loss']:.4f}" in body
+    # The headline numbers: the smoothed training loss and the validation loss, never one step's raw loss.
+    final = record["final_metrics"]
+    assert f"{final['loss_smoothed']:.4f}" in body and f"{final['eval_loss']:.4f}" in body
     assert "| `learning_rate` | 0.005 |" in body and "![Training and validation loss by step](loss_curve.png)" in body
     assert "PeftModel.from_pretrained(base, \"alice/sailor-lora\")" in body
     sample = json.loads(folder.samples_path.read_text())[0]

@@ -3,13 +3,15 @@
 
 def test_loss_curve_names_the_validation_series_before_its_first_point(tmp_path):
     from sft_space import runs
+    from sft_space.ui import train_tab
     from sft_space.ui.train_tab import loss_curve
 
     folder = runs.RunFolder.create(tmp_path, "r")
     folder.write({"data": {"validation_examples": 3}})
     folder.append_metrics({"step": 1, "loss": 2.0})
     curve = loss_curve(folder.path)
-    assert set(curve["split"]) == {"train", "validation"} and curve["loss"].isna().sum() == 1
+    assert set(curve["split"]) == {train_tab.RAW, train_tab.SMOOTHED, train_tab.VALIDATION}
+    assert curve["loss"].isna().sum() == 1
     folder.append_metrics({"step": 1, "eval_loss": 2.5})
     assert not loss_curve(folder.path)["loss"].isna().any()
 
@@ -357,7 +359,7 @@ def test_the_compare_view_overlays_a_visitors_runs_and_tells_their_settings_apar
     assert "learning_rate" in shown.index
     styles = styled._compute().ctx  # (row, column) -> the CSS the table cell gets
     highlighted = {shown.index[row] for (row, _), style in styles.items() if style}
-    assert highlighted == {"lora_r", "final train loss", "final validation loss"}
+    assert highlighted == {"lora_r", "train loss (smoothed)", "validation loss"}
     assert all(style == [tuple(runs_tab.DIFFERENT.split(": "))] for style in styles.values() if style)
     # One run picked (or none): a prompt, nothing drawn.
     assert runs_tab.compare_view(str(tmp_path), ["quick"], True, None)[:3] == (runs_tab.PICK_TWO, None, None)

@@ -92,8 +92,8 @@ def adapter_run_choices(runs_dir: str, visitor: str | None) -> list[tuple[str, s
     choices = []
     for folder, record in runs.visible_runs(runs_dir, visitor):
         if folder.has_adapter and record.get("status") != runs.UNREADABLE:
-            loss = (record.get("final_metrics") or {}).get("loss")
-            label = f"{folder.run_id} · {record.get('status')}" + (f" · loss {loss:.3f}" if loss else "")
+            headline = folder.headline(record).text()
+            label = f"{folder.run_id} · {record.get('status')}" + (f" · {headline}" if headline else "")
             choices.append((label, str(folder.path)))
     return choices
 

@@ -13,7 +13,7 @@ import pandas as pd
 from .. import compare, jobs, runs
 from ..errors import UserError
 from .common import Gate, keep_choice
-from .train_tab import CURVE_COLOURS, EMPTY_CURVE, loss_curve
+from .train_tab import EMPTY_CURVE, LOSS_PLOT, loss_curve
 
 
 def _rounded(value: float | None) -> float | None:
@@ -37,6 +37,7 @@ def runs_table(runs_dir: str, visitor: str | None) -> pd.DataFrame:
     rows = []
     for folder, record in runs.visible_runs(runs_dir, visitor):
         final = record.get("final_metrics") or {}
+        headline = folder.headline(record)
         data = record.get("data") or {}
         status = record.get("status")
         if status == runs.UNREADABLE:
@@ -46,7 +47,8 @@ def runs_table(runs_dir: str, visitor: str | None) -> pd.DataFrame:
         started = str(record.get("created_at") or "")[:16].replace("T", " ")
         rows.append((folder.run_id, status, _short_model(record.get("base_model")),
                      Path(source).name if Path(source).is_absolute() else source, data.get("train_examples"),
-                     final.get("step"), _rounded(final.get("loss")), _rounded(final.get("eval_loss")), started))
+                     final.get("step"), _rounded(headline.train_loss), _rounded(headline.validation_loss),
+                     started))
     return pd.DataFrame(rows, columns=["run", "status", "model", "data", "examples", "steps", "train loss",
                                        "val. loss", "started"])
 
@@ -117,7 +119,7 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState) -> dic
     with gr.Row():
         details = gr.Markdown(elem_id="runs-details")
         # No fixed height: the plot's legend sits below it, and a fixed height cuts it off.
-        curve = gr.LinePlot(EMPTY_CURVE, x="step", y="loss", color="split", label="Loss", color_map=CURVE_COLOURS)
+        curve = gr.LinePlot(EMPTY_CURVE, label="Loss", **LOSS_PLOT)
     gr.Markdown("### Compare runs")
     with gr.Row():
         picked = gr.Dropdown(list(initial["run"]), value=[], multiselect=True, max_choices=compare.MAX_RUNS,
