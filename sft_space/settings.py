@@ -92,6 +92,10 @@ EVALUATION_SHARE = 0.08
 MAX_EVALUATIONS = 10
 
 
+# Experiment trackers a run can also log to (off by default; the run folder is always the record).
+TRACKERS = ("none", "trackio", "tensorboard")
+
+
 @dataclass
 class RunSettings(DataSettings):
     """Everything that defines a training run. Saved in the run's run.json; a resume reuses it unchanged.
@@ -144,6 +148,10 @@ class RunSettings(DataSettings):
                               group="schedule", bounds=(0, 2_147_483_647))
     sample_prompts: int = setting(3, "Held-out prompts answered before and after training, saved with the run.",
                                   group="schedule", bounds=(0, 20))
+    report_to: str = setting("none", "Also log the run to an experiment tracker: trackio (Hugging Face's "
+                             "local-first tracker: `trackio show` opens it; TRACKIO_SPACE_ID syncs it to a Space) or "
+                             "tensorboard (event files in the run's folder). Needs that package installed.",
+                             choices=TRACKERS, group="schedule")
     output_dir: str = setting("runs", "Folder that holds the run folders.", group="model")
     trust_remote_code: bool = setting(False, "Run Python code shipped with a Hub model. Only for models you trust: "
                                       "it can do anything your account can.", group="model")

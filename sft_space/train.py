@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import importlib.util
 import json
 import math
 import shutil
@@ -429,11 +430,36 @@ def trainer_arguments(settings: RunSettings, plan: TrainingPlan, folder: RunFold
         save_total_limit=KEEP_CHECKPOINTS,
         seed=settings.seed,
         data_seed=settings.seed,
-        report_to="none",
+        **tracker_arguments(settings, folder),
         # Progress goes to metrics.jsonl and `on_metrics` (the CLI's lines, the app's plot), not to tqdm.
         disable_tqdm=True,
         dataloader_pin_memory=plan.device == "cuda",
     )
+
+
+# The package each tracker needs (transformers' own callbacks do the logging), and how to get it.
+TRACKER_PACKAGES = {"trackio": ("trackio",), "tensorboard": ("tensorboard", "tensorboardX")}
+TRACKIO_PROJECT = "sft-space"
+
+
+def check_tracker(settings: RunSettings) -> None:
+    """Refuse a tracker whose package is missing, before anything starts (not after the data checks)."""
+    packages = TRACKER_PACKAGES.get(settings.report_to, ())
+    if packages and not any(importlib.util.find_spec(name) for name in packages):
+        raise UserError(f"report_to={settings.report_to} needs the {packages[0]} package: pip install "
+                        f"{packages[0]}, or set report_to to none (the run folder keeps every metric either way).")
+
+
+def tracker_arguments(settings: RunSettings, folder: RunFolder) -> dict[str, Any]:
+    """SFTConfig's arguments for the chosen tracker. Trackio logs locally under the project 'sft-space', one run
+    per run folder, and reaches the Hub only when TRACKIO_SPACE_ID names a Space; TensorBoard writes its event
+    files inside the run folder."""
+    if settings.report_to == "none":
+        return {"report_to": "none"}
+    arguments: dict[str, Any] = {"report_to": [settings.report_to], "run_name": folder.run_id}
+    if settings.report_to == "trackio":
+        arguments.update(project=TRACKIO_PROJECT, trackio_static_space_id=False)
+    return arguments
 
 
 def build_trainer(settings: RunSettings, plan: TrainingPlan, folder: RunFolder, model: Any, tokenizer: Any,
@@ -723,6 +749,7 @@ def _check_inputs(job: TrainingJob, settings: RunSettings) -> tuple[Any, Prepare
 
     The checks themselves end at their next batch of rows after a stop, so that a stopped run leaves no work behind.
     """
+    check_tracker(settings)
     tokenizer = models.load_tokenizer(settings.model)
     prepared = prepare_data(settings, tokenizer, on_progress=lambda done, rows: _stop_here_if_asked(job))
     return tokenizer, prepared, model_shape(settings.model, settings.trust_remote_code)
