@@ -520,10 +520,12 @@ class RunMonitor:
                 monitor.started = time.monotonic()
                 monitor.first_step = state.global_step
                 monitor.first_epoch = state.epoch or 0.0
-                # A resumed run's smoothed loss goes on from the losses logged up to its checkpoint.
+                # A resumed run's smoothed loss and elapsed time go on from what it logged up to its checkpoint.
                 for entry in monitor.folder.read_metrics():
-                    if "loss" in entry and entry.get("step", 0) <= state.global_step:
-                        monitor.smoother.add(float(entry["loss"]))
+                    if entry.get("step", 0) <= state.global_step:
+                        if "loss" in entry:
+                            monitor.smoother.add(float(entry["loss"]))
+                        monitor.elapsed_before = max(monitor.elapsed_before, float(entry.get("elapsed_seconds") or 0))
 
             def on_step_end(self, args, state, control, **kwargs):
                 # With several processes, all stop after the same step (or the others would wait for it).
@@ -550,6 +552,7 @@ class RunMonitor:
         self.first_step = 0
         self.first_epoch = 0.0
         self.smoother = runs.LossSmoother()
+        self.elapsed_before = 0.0  # a resumed run's time up to its checkpoint
         self.evaluation_seconds = 0.0
         self.last: dict[str, Any] = {}
 
@@ -570,7 +573,7 @@ class RunMonitor:
         if "eval_runtime" in logs:
             entry["eval_seconds"] = round(float(logs["eval_runtime"]), 2)
             self.evaluation_seconds += float(logs["eval_runtime"])
-        entry["elapsed_seconds"] = round(elapsed, 2)
+        entry["elapsed_seconds"] = round(self.elapsed_before + elapsed, 2)
         entry["eta_seconds"] = round(elapsed / steps_done * (state.max_steps - state.global_step), 1) if steps_done else None
         if elapsed > 0:
             # Every token is real: examples are tokenized without padding, and packing adds none.

@@ -174,6 +174,10 @@ def test_stop_then_resume_continues_the_step_count(tiny_settings):
     steps = [m["step"] for m in resumed.read_metrics() if "loss" in m]
     after = steps[steps.index(stopped_at) + 1:]
     assert after and after[0] == stopped_at + 1 and after[-1] == 10
+    # Elapsed time goes on from where the stopped run left it (before: it restarted from zero).
+    metrics = resumed.read_metrics()
+    before = [m["elapsed_seconds"] for m in metrics if m["step"] <= stopped_at]
+    assert min(m["elapsed_seconds"] for m in metrics if m["step"] > stopped_at) > max(before)
     trainer_state = json.loads((resumed.last_checkpoint() / "trainer_state.json").read_text())
     assert trainer_state["global_step"] == 10
 
