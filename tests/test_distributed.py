@@ -50,7 +50,7 @@ def test_two_processes_train_one_run_and_stop_and_resume_together(tmp_path, tiny
     folder = runs.RunFolder(runs_dir / "two")
     record = folder.read()
     assert record["status"] == runs.FINISHED and folder.has_adapter
-    assert "2 processes, one per device" in record["plan"]["reasons"][-1]
+    assert any("2 processes, one per device" in reason for reason in record["plan"]["reasons"])
     # Each process keeps its own random state in a checkpoint: proof that two trained.
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in folder.last_checkpoint().iterdir()}
     losses = [m for m in folder.read_metrics() if "loss" in m]

@@ -23,7 +23,7 @@ from sft_space.settings import RunSettings, run_settings
 from sft_space.train import TrainingFailed, TrainingJob, train
 
 GOOD = {"run_id": "good", "status": "finished", "created_at": "2026-01-02T10:00:00+0000", "settings": {},
-        "final_metrics": {"loss": 1.25, "step": 3}, "error": None}
+        "final_metrics": {"loss": 1.5, "loss_smoothed": 1.25, "step": 3}, "error": None}
 BROKEN = {
     # run id: (what run.json holds, what the reason must say)
     "a-list": ("[]", "should be a JSON object, not a list"),
@@ -86,7 +86,7 @@ def test_the_apps_run_pickers_survive_broken_records(broken_runs):
     from sft_space.ui.common import adapter_run_choices
 
     labels = [label for label, _ in adapter_run_choices(str(broken_runs), "alice")]
-    assert "good · finished · loss 1.250" in labels
+    assert "good · finished · train loss 1.250 (smoothed)" in labels
 
 
 def test_opening_a_broken_run_says_why_and_only_to_whoever_may_see_it(broken_runs):
