@@ -24,8 +24,13 @@ def setting(default: Any, help: str, **extra: Any) -> Any:
 
 
 def check_bounds(settings: Any) -> None:
-    """Refuse a number outside its field's bounds: a page or a config file may send anything."""
+    """Refuse a number outside its field's bounds, or a value not among its field's choices: a page or a config
+    file may send anything."""
     for spec in dataclasses.fields(settings):
+        choices = spec.metadata.get("choices")
+        if choices is not None and getattr(settings, spec.name) not in choices:
+            raise UserError(f"{spec.name} = {getattr(settings, spec.name)!r} is not one of "
+                            f"{', '.join(map(str, choices))} (--{spec.name.replace('_', '-')}).")
         if "bounds" not in spec.metadata:
             continue
         low, high = spec.metadata["bounds"]

@@ -240,6 +240,9 @@ def test_the_forms_number_boxes_refuse_what_the_settings_refuse():
             run_settings("quick", **{spec.name: high * 2 + 1})
     with pytest.raises(UserError, match="max_length"):
         RunSettings(max_length=10**9)
+    # A choice outside its field's choices (a config file, or a client that skips the page) is refused too.
+    with pytest.raises(UserError, match="report_to = 'wandb' is not one of none, trackio, tensorboard"):
+        run_settings("quick", report_to="wandb")
 
 
 def test_start_with_invalid_rows_is_refused_before_any_run_and_says_what_to_do(tmp_path, write_jsonl,
