@@ -151,6 +151,7 @@ def _bench_parser(commands: Any) -> None:
 def _report(args: argparse.Namespace, on_progress: Any = None) -> checks.Report:
     """The report alone: the examples themselves are not kept (memory stays that of the counts)."""
     settings = from_arguments(DataSettings, args)
+    data.check_source_exists(settings.source)
     tokenizer = models.load_tokenizer(args.model or models.default_model())
     return checks.check_data(settings, tokenizer, on_progress, keep_examples=0)
 
@@ -244,6 +245,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise UserError("-n must be at least 1.")
     settings = from_arguments(DataSettings, args)
+    data.check_source_exists(settings.source)
     tokenizer = models.load_tokenizer(args.model or models.default_model())
     report = checks.check_data(settings, tokenizer, keep_examples=args.n)
     colour = sys.stdout.isatty()

@@ -753,6 +753,7 @@ def _check_inputs(job: TrainingJob, settings: RunSettings) -> tuple[Any, Prepare
     The checks themselves end at their next batch of rows after a stop, so that a stopped run leaves no work behind.
     """
     check_tracker(settings)
+    data.check_source_exists(settings.source)
     tokenizer = models.load_tokenizer(settings.model)
     prepared = prepare_data(settings, tokenizer, on_progress=lambda done, rows: _stop_here_if_asked(job))
     return tokenizer, prepared, model_shape(settings.model, settings.trust_remote_code)

@@ -107,3 +107,16 @@ def test_the_progress_line_writes_plain_lines_now_and_then(monkeypatch, capsys):
     progress.close()
     assert capsys.readouterr().err.splitlines() == ["Reading: 5,000 rows", "Reading: 15,000 rows",
                                                     "Checking: 20,000 of 20,000 rows (100%)"]
+
+
+@pytest.mark.parametrize("command", ["validate", "preview", "train"])
+def test_a_missing_file_is_refused_before_any_model_loads(command, tmp_path, monkeypatch, capsys):
+    """Before: the model's tokenizer was loaded first, and 'no such file' came 11-13 s later."""
+    from sft_space import models
+
+    monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: pytest.fail("a tokenizer was loaded"))
+    missing = tmp_path / "nope.jsonl"
+    extra = ["--output-dir", str(tmp_path / "runs")] if command == "train" else []
+    assert cli.main([command, str(missing), *extra]) == 1
+    assert f"{missing}: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
