@@ -10,9 +10,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from . import data
@@ -150,17 +150,11 @@ class Report:
         return len({p.row for p in self.errors if p.row is not None})
 
     def error_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for problem in self.errors:
-            counts[problem.code] = counts.get(problem.code, 0) + 1
-        return counts
+        return dict(Counter(problem.code for problem in self.errors))
 
     def problem_counts(self) -> dict[str, int]:
         """How many problems of each code, errors and warnings: complete, whatever the size of the data."""
-        counts: dict[str, int] = {}
-        for problem in self.errors + self.warnings:
-            counts[problem.code] = counts.get(problem.code, 0) + 1
-        return counts
+        return dict(Counter(problem.code for problem in self.errors + self.warnings))
 
     def sample_rows(self, code: str, n: int = 5) -> list[Problem]:
         """Up to n problems of one code, spread evenly over the data (the first and the last included)."""
@@ -496,7 +490,7 @@ def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int, keep_
                 report.errors.append(Problem(row, "template_error", f"row {row}: {result}."))
                 continue
             tokens = result if isinstance(result, Tokens) else None
-            n_tokens, n_trained = (tokens.n_tokens, tokens.n_trained) if tokens else result
+            n_tokens, n_trained = _measures(result)
             if n_tokens > max_length and example.text is not None:
                 pieces = _split_text(tokenizer, renderer, example, max_length, keep_tokens)
                 if pieces:
@@ -504,10 +498,8 @@ def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int, keep_
                     pieces_made += len(pieces)
                     report.valid_row_count += 1
                     for piece, piece_result in pieces:
-                        piece_tokens = piece_result if isinstance(piece_result, Tokens) else None
-                        counts = ((1, piece_tokens.n_tokens, piece_tokens.n_trained) if piece_tokens
-                                  else (1, *piece_result))
-                        keep(piece, counts, piece_tokens)
+                        keep(piece, (1, *_measures(piece_result)),
+                             piece_result if isinstance(piece_result, Tokens) else None)
                     continue
             if n_tokens > max_length:
                 report.rows_over_max_length += 1
@@ -585,6 +577,11 @@ def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int, keep_
     return report
 
 
+def _measures(result: tuple[int, int] | Tokens) -> tuple[int, int]:
+    """(tokens, trained tokens) of what `Renderer.measure_many` gave for an example: counts, or its Tokens."""
+    return (result.n_tokens, result.n_trained) if isinstance(result, Tokens) else result
+
+
 def _split_text(tokenizer: Any, renderer: Renderer, example: data.Example, max_length: int,
                 keep_tokens: bool = False) -> list[tuple[data.Example, tuple[int, int] | Tokens]] | None:
     """A long plain text as pieces of at most `max_length` tokens, cut at token boundaries (the pieces joined are
@@ -596,7 +593,7 @@ def _split_text(tokenizer: Any, renderer: Renderer, example: data.Example, max_l
     pieces = [data.Example(example.row, example.format, text=example.text[a:b], ends_document=b == len(example.text))
               for a, b in zip(cuts, cuts[1:]) if b > a]
     measured = renderer.measure_many(pieces, keep_tokens)
-    counts = [m if not isinstance(m, Tokens) else (m.n_tokens, m.n_trained) for m in measured]
+    counts = [m if isinstance(m, TemplateError) else _measures(m) for m in measured]
     if any(isinstance(m, TemplateError) or m[0] > max_length or m[1] == 0 for m in counts):
         return None
     return list(zip(pieces, measured))
@@ -621,18 +618,13 @@ def check_data(settings: Any, tokenizer: Any, on_progress: Callable[[int, int | 
 FIRST_LOOK_ROWS = 2000  # ~0.5 s of checking: the first look at a streamed source comes within seconds
 
 
-def is_streamed(source: str) -> bool:
-    """A Hub dataset, read as a stream (its size is unknown until the end)."""
-    return not Path(source).exists() and bool(data.HUB_ID.match(source))
-
-
 def check_data_in_stages(settings: Any, tokenizer: Any,
                          on_progress: Callable[[int, int | None], None] | None = None,
                          keep_examples: int | None = None) -> Iterator[Report]:
     """`check_data`'s report, preceded, for a streamed Hub dataset larger than FIRST_LOOK_ROWS, by a report of its
     first rows (`first_look` set): the first problems show within seconds, however large the dataset. The whole
     check then streams the dataset again from its start (the first rows twice: a fraction of a second)."""
-    if is_streamed(settings.source) and settings.max_rows > FIRST_LOOK_ROWS:
+    if data.is_hub_dataset(settings.source) and settings.max_rows > FIRST_LOOK_ROWS:
         first = check_data(replace(settings, max_rows=FIRST_LOOK_ROWS), tokenizer, None, keep_examples=keep_examples)
         if not any(w.code == "rows_not_read" for w in first.warnings):
             yield first  # the whole dataset fitted in the first look

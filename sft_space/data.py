@@ -154,6 +154,12 @@ def check_source_exists(source: str) -> None:
         raise DataSourceError(f"{source}: no such file. Check the path, or upload the file again.")
 
 
+def is_hub_dataset(source: str) -> bool:
+    """Whether `source` names a Hub dataset (streamed, so its size is unknown until the end): an owner/name id
+    that is not a file or folder here."""
+    return not Path(source).expanduser().exists() and bool(HUB_ID.match(source))
+
+
 def read_records(source: str, hub_config: str | None = None, hub_split: str = "train",
                  max_file_mb: float | None = None, max_row_kb: float | None = None,
                  max_rows: int | None = None) -> Iterator[tuple[int | None, Any]]:
@@ -192,7 +198,7 @@ def read_records(source: str, hub_config: str | None = None, hub_split: str = "t
             )
         return
     check_source_exists(source)
-    if HUB_ID.match(source):
+    if is_hub_dataset(source):
         yield from _bounded(_read_hub_dataset(source, hub_config, hub_split, max_rows), max_row_kb)
         return
     raise DataSourceError(

@@ -14,8 +14,9 @@ A stop (`TrainingJob.stop_event`, set from another thread or by the command line
 stage, within about one training step:
   - before the run folder exists (checking the data, or a resume's checks): `train` raises `TrainingStopped`, and
     nothing was written;
-  - after it, before the first optimizer step (loading the model, building the trainer): the run is `stopped` with the error STOPPED_BEFORE_FIRST_STEP and has no adapter (a resume
-    stopped here keeps the checkpoint it resumed from);
+  - after it, before the first optimizer step (loading the model, building the trainer): the run is `stopped`
+    with the error STOPPED_BEFORE_FIRST_STEP and has no adapter (a resume stopped here keeps the checkpoint it
+    resumed from);
   - while training: at the end of the current step (or at the next batch of an evaluation), a resumable
     checkpoint and the adapter are saved at that step, and the run is `stopped`;
   - while saving or answering after training: the answers left are skipped; the run is `finished` if every step
