@@ -164,7 +164,7 @@ class RunSettings(DataSettings):
 
 @dataclass
 class AccessSettings:
-    """What the app's visitors may reach and keep on this machine. Set by whoever runs the app, through
+    """What the app's visitors may reach and keep on this machine, and what it keeps ready for them. Set by whoever runs the app, through
     environment variables named SFT_SPACE_<FIELD> (e.g. SFT_SPACE_LOCAL_PATHS=1), never by the page."""
 
     local_paths: bool = setting(False, "Let the app's visitors name files and folders on this machine as data or "
@@ -176,6 +176,9 @@ class AccessSettings:
                                            bounds=(1, 10_000_000))
     runs_per_visitor: int = setting(10, "Runs kept per visitor (0: no limit); at the limit, Start asks the visitor "
                                         "to delete one of their runs first.", bounds=(0, 1_000_000))
+    warm_start: bool = setting(True, "Keep the next run's training process started ahead, its libraries loaded "
+                                     "(about 500 MB of memory while it waits), so a run's first step comes about "
+                                     "5 s sooner after Start.")
 
     def __post_init__(self) -> None:
         check_bounds(self)

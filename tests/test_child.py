@@ -47,6 +47,22 @@ with folder.locked():
 """
 
 
+# The process started ahead (`python -m sft_space.standby`), as far as the supervisor can see: it waits for its
+# order with the real `standby.take_order`, then becomes the stand-in child for the run the order names.
+STANDBY_STAND_IN = r"""
+import json, sys
+from sft_space import standby
+line = sys.stdin.readline()
+if not line.strip():
+    sys.exit(0)
+arguments = standby.take_order(line)
+options = dict(zip(arguments[1::2], arguments[2::2]))
+with open(options["--config"]) as settings:
+    output_dir = json.load(settings)["output_dir"]
+sys.argv = ["stand-in", output_dir, options["--run-name"], options["--owner"], "finish"]
+""" + f"exec({STAND_IN!r})"
+
+
 def stand_in(mode):
     def command(job, settings_path):
         return [sys.executable, "-c", STAND_IN, job.settings.output_dir, job.job_id, job.owner, mode]
@@ -80,6 +96,32 @@ def test_a_run_trains_in_its_own_process_group_and_its_status_lines_reach_the_pa
     assert job.state == jobs.FINISHED and runs.RunFolder(job.run_dir).read()["owner"] == "alice"
     log = child.log_file(tmp_path / "runs", job.job_id).read_text()
     assert "Loading the model…" in log and "step 30/" in log
+
+
+def test_with_warm_start_a_run_is_the_process_started_ahead_and_the_next_one_starts_after_it(tmp_path):
+    supervisor = child.Supervisor(command=stand_in("refuse"), warm=True,
+                                  standby_command=[sys.executable, "-c", STANDBY_STAND_IN])
+    waiting = supervisor.standby
+    assert waiting is not None and waiting.poll() is None
+    job = start(jobs.JobManager(supervisor=supervisor), tmp_path)
+    assert job.pid == waiting.pid and os.getpgid(job.pid) == job.pid  # not a new process, and its own group
+    assert wait_until(lambda: job.done)
+    assert job.state == jobs.FINISHED, job.error  # ("refuse" would have been a new process, not the one ahead)
+    assert "step 30/" in child.log_file(tmp_path / "runs", job.job_id).read_text()  # its output went to the run's log
+    following = supervisor.standby
+    assert following is not None and following.pid != waiting.pid and following.poll() is None
+    supervisor.close()
+    assert following.wait(timeout=10) == 0  # ended by its closed input, quietly
+
+
+def test_a_process_started_ahead_that_died_is_replaced_by_a_new_one(tmp_path):
+    supervisor = child.Supervisor(command=stand_in("finish"), warm=True, standby_command=[sys.executable, "-c", "pass"])
+    dead = supervisor.standby
+    dead.wait(timeout=10)
+    job = start(jobs.JobManager(supervisor=supervisor), tmp_path)
+    assert job.pid != dead.pid
+    assert wait_until(lambda: job.done) and job.state == jobs.FINISHED, job.error
+    supervisor.close()
 
 
 def test_stop_is_a_signal_and_the_run_stops_within_a_second(tmp_path):
@@ -180,11 +222,14 @@ def test_the_app_trains_stops_and_resumes_a_real_run_in_a_child_process(tmp_path
     data = write_jsonl(distinct_chats(40))
     settings = RunSettings(source=str(data), model=str(tiny_model_dir), max_steps=40, save_every=5,
                            sample_prompts=0, output_dir=str(tmp_path / "runs"))
-    manager = jobs.JobManager()
+    # Warm, as the app runs it: the run is the real `python -m sft_space.standby`, started ahead.
+    supervisor = child.Supervisor(warm=True)
+    waiting = supervisor.standby
+    manager = jobs.JobManager(supervisor=supervisor)
     job = manager.submit(settings, owner="alice")
     assert wait_until(lambda: job.run_dir is not None and runs.RunFolder(job.run_dir).read_metrics(), timeout=300), \
         job.message
-    assert job.state == jobs.RUNNING and job.pid != os.getpid()
+    assert job.state == jobs.RUNNING and job.pid == waiting.pid
     pressed = time.monotonic()
     manager.stop(job.job_id, "alice")
     assert wait_until(lambda: job.done, timeout=60)
@@ -200,6 +245,9 @@ def test_the_app_trains_stops_and_resumes_a_real_run_in_a_child_process(tmp_path
     assert resumed.state == jobs.FINISHED, resumed.error
     steps = [m["step"] for m in folder.read_metrics() if "loss" in m]
     assert steps[-1] == 40 and len(steps) == len(set(steps)), steps
+    following = supervisor.standby
+    supervisor.close()
+    assert following.wait(timeout=60) == 0
 
 
 def test_a_command_line_run_keeps_the_gpu_busy_for_the_app_and_no_visitor_may_stop_it(tmp_path):

@@ -10,7 +10,7 @@ import os
 
 import gradio as gr
 
-from .. import access, jobs, models
+from .. import access, child, jobs, models
 from ..errors import UserError
 from ..settings import DataSettings, RunSettings
 from . import chat_tab, data_tab, publish_tab, runs_tab, train_tab
@@ -38,7 +38,8 @@ def runs_dir() -> str:
 def build_app(manager: jobs.JobManager | None = None, default_model: str | None = None) -> gr.Blocks:
     folder = runs_dir()
     settings = access.access_settings()
-    manager = manager or jobs.JobManager(runs_per_owner=settings.runs_per_visitor)
+    manager = manager or jobs.JobManager(runs_per_owner=settings.runs_per_visitor,
+                                         supervisor=child.Supervisor(warm=settings.warm_start))
     # Runs a child of an earlier app process still trains are followed again; ones left by a dead one are marked.
     manager.adopt(folder)
     default_model = default_model or os.environ.get("SFT_SPACE_DEFAULT_MODEL") or models.default_model()
