@@ -130,3 +130,20 @@ def test_a_gpu_packs_and_a_cpu_packs_only_short_examples(shapes):
     assert short_on_cpu.packing and short_on_cpu.sequence_length == CPU_PACK_LENGTH
     unpacked = run_settings("balanced", max_length=2048, packing=False)
     assert not plan_training(unpacked, H100, shapes["135m"], **long_examples).packing
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_a_run_that_does_not_quantize_leaves_bitsandbytes_unloaded(monkeypatch, shapes, four_bit):
+    """PEFT imports bitsandbytes whenever it is installed (~1.5 s on two CPU cores, before the first loss); a run
+    that loads in 16 or 32 bit keeps it out, a 4-bit one needs it."""
+    import sys
+
+    from sft_space import models, train
+
+    monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)  # as in a fresh process; restored after
+    monkeypatch.setattr(models, "load_causal_lm", lambda name, **kwargs: kwargs)
+    plan = plan_training(RunSettings(), T4, shapes["7b" if four_bit else "135m"])
+    assert plan.four_bit == four_bit
+    loaded = train.load_model_for_training(RunSettings(), dataclasses.replace(plan, device="cpu"))
+    assert ("quantization_config" in loaded) == four_bit
+    assert (sys.modules.get("bitsandbytes", "absent") is None) != four_bit
