@@ -11,7 +11,10 @@ from the page:
   referred to by the handle their upload returned), Hub dataset ids, and the bundled sample;
 - models: the models the app offers, the operator's default, and Hub ids;
 - local paths (any file or folder on the machine): only from the command line, or in the app when the operator
-  turns local access on for single-user use (`SFT_SPACE_LOCAL_PATHS=1`; never on a Space).
+  turns local access on for single-user use (`SFT_SPACE_LOCAL_PATHS=1`; never on a Space);
+- who may train and publish (`SFT_SPACE_WHO_MAY_TRAIN`): the Space's owner, any signed-in visitor, or anyone,
+  decided from the setting, the Space's environment and the Hugging Face profile Gradio reads from its own
+  session cookie, never from a value the page sends.
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ import shutil
 import time
 from pathlib import Path
 
+from collections.abc import Mapping
+from typing import Any
+
 from . import models, runs
 from .errors import UserError
-from .settings import AccessSettings, field_type
+from .settings import AUTO, AccessSettings, field_type
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,12 @@ def access_settings() -> AccessSettings:
         if raw is None or not raw.strip():
             continue
         kind = field_type(spec)
+        choices = spec.metadata.get("choices")
+        if choices is not None:
+            raw = raw.strip().lower()
+            if raw not in choices:
+                raise UserError(f"{ENV_PREFIX}{spec.name.upper()}={raw!r} is not one of {', '.join(choices)}; "
+                                "set one of them (or remove the variable for the default).")
         try:
             values[spec.name] = raw.strip().lower() in ("1", "true", "yes", "on") if kind is bool else kind(raw)
         except ValueError:
@@ -234,3 +246,101 @@ def check_conversation(texts: list[str]) -> None:
     if size > MAX_CHAT_CHARACTERS:
         raise UserError(f"This conversation is {size:,} characters long, more than the {MAX_CHAT_CHARACTERS:,} the "
                         "chat answers; press Clear to start a new one (or shorten the message).")
+
+
+# ------------------------------------------------------------------------------------------ who may train
+
+OWNER, SIGNED_IN_VISITORS, ANYONE = "owner", "signed-in", "anyone"
+DUPLICATE_HINT = "duplicate the Space to train on a GPU of your own"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingAccess:
+    """Whether one visitor may train and publish from this app; when not, the one sentence that says why."""
+
+    level: str  # owner / signed-in / anyone ("auto" resolved)
+    allowed: bool
+    reason: str = ""
+
+
+def sign_in_available(environ: Mapping[str, str]) -> bool:
+    """Sign-in with Hugging Face works only on a Space with `hf_oauth: true`: the Space sets SYSTEM=spaces (how
+    Gradio recognises a Space) and OAUTH_CLIENT_ID."""
+    return environ.get("SYSTEM") == "spaces" and bool(environ.get("OAUTH_CLIENT_ID"))
+
+
+def space_owner(environ: Mapping[str, str]) -> str:
+    """The user or organisation a Space belongs to (Spaces set SPACE_AUTHOR_NAME, and SPACE_ID as owner/name)."""
+    return environ.get("SPACE_AUTHOR_NAME") or environ.get("SPACE_ID", "").partition("/")[0]
+
+
+def who_may_train(setting: str, environ: Mapping[str, str]) -> str:
+    """The setting with "auto" resolved: the owner on a Space (strangers open it, and its GPU is paid for by the
+    hour), anyone on a machine of one's own."""
+    if setting != AUTO:
+        return setting
+    return OWNER if environ.get("SPACE_ID") else ANYONE
+
+
+def _owns(profile: Mapping[str, Any], owner: str) -> bool:
+    """Whether the signed-in visitor is the owner, or a member of the owning organisation. Names are compared by
+    their handle (`preferred_username`), never by the display name, which anyone may set to anything."""
+    if not owner:
+        return False
+    orgs = profile.get("orgs") or []
+    handles = [profile.get("preferred_username")] + [org.get("preferred_username") for org in orgs
+                                                      if isinstance(org, Mapping)]
+    return owner in handles
+
+
+def _who(level: str, owner: str) -> str:
+    if level == SIGNED_IN_VISITORS:
+        return "visitors signed in with Hugging Face"
+    if not owner:
+        return "the owner of this Space"
+    return f"{owner}, who owns this Space (or a member, if that is an organisation),"
+
+
+def training_access(setting: str, environ: Mapping[str, str], profile: Mapping[str, Any] | None) -> TrainingAccess:
+    """Whether the visitor may train and publish: `setting` is AccessSettings.who_may_train, `environ` the
+    Space's environment, `profile` the Hugging Face profile as Gradio hands it to a handler (gr.OAuthProfile,
+    read from the session cookie Gradio signs; None when signed out or without sign-in)."""
+    level = who_may_train(setting, environ)
+    if level == ANYONE:
+        return TrainingAccess(level, True)
+    owner = space_owner(environ)
+    if not sign_in_available(environ):
+        # Nobody can be recognised, so nobody trains: safer than letting every stranger onto the owner's GPU.
+        return TrainingAccess(level, False, f"Only {_who(level, owner)} may train or publish here, and this app "
+                                            "has no sign-in with Hugging Face to tell who you are (a Space needs "
+                                            "`hf_oauth: true` in its README; elsewhere set "
+                                            f"{ENV_PREFIX}WHO_MAY_TRAIN=anyone).")
+    username = (profile or {}).get("preferred_username")
+    if not username:
+        you = "sign in with Hugging Face if that is you" if level == OWNER else "sign in with Hugging Face"
+        return TrainingAccess(level, False, f"Only {_who(level, owner)} may train or publish here: {you}, or "
+                                            f"{DUPLICATE_HINT}.")
+    if level == SIGNED_IN_VISITORS or _owns(profile or {}, owner):
+        return TrainingAccess(level, True)
+    return TrainingAccess(level, False, f"Only {_who(level, owner)} may train or publish here, and you are signed "
+                                        f"in as {username}: {DUPLICATE_HINT}.")
+
+
+def describe_who_may_train(setting: str, environ: Mapping[str, str]) -> str:
+    """The line the app shows everyone: who may train here, and the setting that decides it."""
+    level = who_may_train(setting, environ)
+    owner = space_owner(environ)
+    who = {ANYONE: "anyone who opens this app",
+           SIGNED_IN_VISITORS: "any visitor signed in with Hugging Face",
+           OWNER: f"this Space's owner, {owner} (or its members, if that is an organisation), signed in"
+                  if owner else "the Space's owner, signed in"}[level]
+    origin = (f"{ENV_PREFIX}WHO_MAY_TRAIN={level}" if setting != AUTO else
+              f"the default {'on a Space' if environ.get('SPACE_ID') else 'off a Space'}; "
+              f"{ENV_PREFIX}WHO_MAY_TRAIN changes it")
+    return f"Who may train and publish here: **{who}** ({origin})."
+
+
+def is_original_space(settings: AccessSettings, environ: Mapping[str, str]) -> bool:
+    """Whether this is the public Space that people duplicate (AccessSettings.original_space names it): a duplicate
+    copies the variable, but its own SPACE_ID differs."""
+    return bool(settings.original_space) and environ.get("SPACE_ID") == settings.original_space

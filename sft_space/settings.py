@@ -179,6 +179,15 @@ class AccessSettings:
     warm_start: bool = setting(True, "Keep the next run's training process started ahead, its libraries loaded "
                                      "(about 500 MB of memory while it waits), so a run's first step comes about "
                                      "5 s sooner after Start.")
+    who_may_train: str = setting(AUTO, "Who may train and publish from the app: 'owner' (the Space's author, or "
+                                       "members of the organisation that owns it, signed in with Hugging Face), "
+                                       "'signed-in' (any visitor signed in with Hugging Face) or 'anyone'. 'auto': "
+                                       "owner on a Space, anyone elsewhere. Checking data, the preview and chat stay "
+                                       "open to every visitor.", choices=(AUTO, "owner", "signed-in", "anyone"))
+    original_space: str = setting("", "The id (owner/name) of the public Space that people duplicate: there a "
+                                      "visitor who may not train finds the Duplicate button at the top of the page. "
+                                      "A duplicate copies this variable but has an id of its own, so there the "
+                                      "button stays beside the Train tab's refusal.")
 
     def __post_init__(self) -> None:
         check_bounds(self)

@@ -174,3 +174,96 @@ def test_the_gate_turns_a_forged_token_into_a_message(tmp_path):
         gate.visitor_or_new("forged")
     with pytest.raises(gr.Error, match="not a Hub model id"):
         gate.model(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------ who may train
+
+SPACE = {"SYSTEM": "spaces", "SPACE_ID": "acme/sft-space", "SPACE_AUTHOR_NAME": "acme", "OAUTH_CLIENT_ID": "client"}
+
+
+def hf_profile(username, orgs=()):
+    """The profile as Gradio hands it to a handler: gr.OAuthProfile built from the OpenID userinfo in its session
+    (an org is listed by its handle, preferred_username, and its display name, name)."""
+    return gr.OAuthProfile({"sub": "1", "name": username.title(), "preferred_username": username,
+                            "profile": f"https://huggingface.co/{username}", "picture": "",
+                            "orgs": [{"sub": "2", "name": f"The {org} team", "preferred_username": org,
+                                      "picture": "", "roleInOrg": "read"} for org in orgs]})
+
+
+VISITORS = {
+    "anonymous": None,
+    "signed-in stranger": hf_profile("mallory", orgs=["other-org"]),
+    "owner": hf_profile("acme"),
+    "org member": hf_profile("alice", orgs=["other-org", "acme"]),
+}
+
+
+@pytest.mark.parametrize("level, allowed", [
+    ("owner", {"owner", "org member"}),
+    ("signed-in", {"signed-in stranger", "owner", "org member"}),
+    ("anyone", set(VISITORS)),
+    # On a Space, "auto" is the owner.
+    ("auto", {"owner", "org member"}),
+])
+def test_each_access_level_lets_in_exactly_its_visitors(level, allowed):
+    for who, profile in VISITORS.items():
+        decision = access.training_access(level, SPACE, profile)
+        assert decision.allowed == (who in allowed), (level, who)
+        assert decision.level == ("owner" if level == "auto" else level)
+        # A refusal is one sentence that says what to do.
+        assert bool(decision.reason) == (not decision.allowed)
+        if not decision.allowed:
+            assert decision.reason.count(". ") == 0 and decision.reason.endswith(".")
+            assert "duplicate the Space" in decision.reason
+
+
+def test_the_refusal_says_why_and_what_to_do():
+    anonymous = access.training_access("owner", SPACE, None).reason
+    assert anonymous == ("Only acme, who owns this Space (or a member, if that is an organisation), may train or "
+                         "publish here: sign in with Hugging Face if that is you, or duplicate the Space to train "
+                         "on a GPU of your own.")
+    stranger = access.training_access("owner", SPACE, VISITORS["signed-in stranger"]).reason
+    assert "you are signed in as mallory" in stranger and "duplicate the Space" in stranger
+    assert "Only visitors signed in with Hugging Face" in access.training_access("signed-in", SPACE, None).reason
+
+
+def test_only_the_owners_handle_counts_never_a_display_name():
+    """Anyone can name an organisation of theirs "acme" (its display name); only its handle is the owner's."""
+    impostor = hf_profile("mallory", orgs=["mallorys-org"])
+    impostor["name"] = "acme"
+    impostor["orgs"][0]["name"] = "acme"
+    assert not access.training_access("owner", SPACE, impostor).allowed
+    # A Space without SPACE_AUTHOR_NAME: its owner is the first part of SPACE_ID.
+    assert access.training_access("owner", {**SPACE, "SPACE_AUTHOR_NAME": ""}, hf_profile("acme")).allowed
+
+
+def test_without_sign_in_nobody_can_be_recognised_so_only_anyone_trains():
+    for environ in ({k: v for k, v in SPACE.items() if k != "OAUTH_CLIENT_ID"}, {}):
+        for level in ("owner", "signed-in"):
+            decision = access.training_access(level, environ, hf_profile("acme"))
+            assert not decision.allowed and "hf_oauth: true" in decision.reason
+        assert access.training_access("anyone", environ, None).allowed
+    # Off a Space, "auto" is anyone: the machine is the user's own.
+    assert access.training_access("auto", {}, None) == access.TrainingAccess("anyone", True)
+
+
+def test_the_level_is_read_from_the_environment_and_shown(monkeypatch):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert access.access_settings().who_may_train == "auto"
+    monkeypatch.setenv("SFT_SPACE_WHO_MAY_TRAIN", " Signed-In ")
+    assert access.access_settings().who_may_train == "signed-in"
+    monkeypatch.setenv("SFT_SPACE_WHO_MAY_TRAIN", "friends")
+    with pytest.raises(UserError, match="SFT_SPACE_WHO_MAY_TRAIN='friends' is not one of auto, owner, signed-in"):
+        access.access_settings()
+    assert access.describe_who_may_train("auto", SPACE) == (
+        "Who may train and publish here: **this Space's owner, acme (or its members, if that is an organisation), "
+        "signed in** (the default on a Space; SFT_SPACE_WHO_MAY_TRAIN changes it).")
+    assert "**anyone who opens this app** (SFT_SPACE_WHO_MAY_TRAIN=anyone)" in access.describe_who_may_train(
+        "anyone", SPACE)
+
+
+def test_the_original_space_is_the_one_named_not_a_duplicate_that_copied_the_variable():
+    settings = AccessSettings(original_space="acme/sft-space")
+    assert access.is_original_space(settings, SPACE)
+    assert not access.is_original_space(settings, {**SPACE, "SPACE_ID": "bob/sft-space"})
+    assert not access.is_original_space(AccessSettings(), SPACE)

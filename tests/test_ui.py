@@ -173,11 +173,12 @@ def test_every_handler_of_the_app_refuses_a_forged_visitor_id(monkeypatch, tmp_p
     alice = identify("")
     forged = alice.split(".")[1]
     calls = {
-        "on_start": (forged, None, None, False, str(tiny_model_dir), "quick") + (None,) * 20,
+        # A handler that trains takes the visitor's Hugging Face profile first (Gradio fills it; None here).
+        "on_start": (None, forged, None, None, False, str(tiny_model_dir), "quick") + (None,) * 20,
         "on_stop": (forged, ""),
-        "on_resume": (forged, ""),
+        "on_resume": (None, forged, ""),
         "on_push": ("run", forged, "alice/x", "", True, False, False, "auto", False, ""),
-        "resume_run": (forged, "run"),
+        "resume_run": (None, forged, "run"),
         "on_delete": ("run", forged),
     }
     for name, args in calls.items():
@@ -478,3 +479,90 @@ def test_a_large_hub_dataset_shows_a_first_look_then_the_whole_report(tmp_path, 
     assert [outputs[0].rows for outputs in stages] == [checks.FIRST_LOOK_ROWS, checks.FIRST_LOOK_ROWS + 500]
     assert stages[0][2].startswith("⏳ **A first look at the first 2,000 rows**")
     assert not stages[1][2].startswith("⏳")
+
+
+def _space_app(monkeypatch, tmp_path, tiny_model_dir, **variables):
+    """The app as a Space with sign-in builds it: SPACE_ID and the rest set, Gradio's OAuth settings read."""
+    from sft_space import jobs
+    from sft_space.ui import build_app
+
+    monkeypatch.setenv("SFT_SPACE_RUNS", str(tmp_path / "runs"))
+    for name, value in {"SYSTEM": "spaces", "SPACE_ID": "acme/sft-space", "SPACE_AUTHOR_NAME": "acme",
+                        "SPACE_HOST": "acme-sft-space.hf.space", "OAUTH_CLIENT_ID": "client-id", **variables}.items():
+        monkeypatch.setenv(name, value)
+    for name, value in (("OAUTH_CLIENT_ID", "client-id"), ("OAUTH_CLIENT_SECRET", "secret"),
+                        ("OAUTH_SCOPES", "openid profile write-repos manage-repos"),
+                        ("OPENID_PROVIDER_URL", "https://huggingface.co")):
+        monkeypatch.setattr(f"gradio.oauth.{name}", value)
+    app = build_app(jobs.JobManager(), default_model=str(tiny_model_dir))
+    return app, {f.fn.__name__: f.fn for f in app.fns.values() if f.fn is not None}
+
+
+def _profile(username, orgs=()):
+    import gradio as gr
+
+    return gr.OAuthProfile({"sub": "1", "name": username, "preferred_username": username, "picture": "",
+                            "profile": f"https://huggingface.co/{username}",
+                            "orgs": [{"sub": "2", "name": org, "preferred_username": org} for org in orgs]})
+
+
+def test_on_a_space_a_visitor_who_may_not_train_is_refused_start_resume_and_publish(monkeypatch, tmp_path,
+                                                                                    tiny_model_dir):
+    """The decision comes from the profile Gradio passes (its session cookie), never from the page's values: the
+    same page, signed out, is refused in one sentence; the owner's organisation's member goes on to the next
+    check."""
+    import inspect
+
+    import gradio as gr
+    import pytest
+
+    app, handlers = _space_app(monkeypatch, tmp_path, tiny_model_dir)
+    token = handlers["on_load"]("", None)
+    refused = "Only acme, who owns this Space"
+    start = (token, "", None, None, False, str(tiny_model_dir), "quick") + (None,) * 30
+    # The Publish form's values (and the OAuth token and profile after them) are None: the gate comes first.
+    push_values = [p for p in inspect.signature(handlers["on_push"]).parameters if p != "progress"][2:]
+    for name, args in (("on_start", (None, *start)), ("on_resume", (None, token, "")),
+                       ("resume_run", (None, token, "run")), ("on_push", ("run", token) + (None,) * len(push_values))):
+        handler = handlers[name]
+        with pytest.warns(UserWarning, match=refused):
+            result = handler(*args[:len(inspect.signature(handler).parameters) - (name == "on_push")])
+        if name in ("on_start", "on_resume"):
+            # The status line keeps the refusal, said once as a refusal.
+            assert f"**Refused** · {refused}" in result[1]
+    member = _profile("alice", orgs=["acme"])
+    with pytest.warns(UserWarning, match="Check your data in the Data tab first"):
+        handlers["on_start"](member, *start[:len(inspect.signature(handlers["on_start"]).parameters) - 1])
+    # Gradio finds the profile by its annotation, through the wrapper that turns refusals into messages.
+    from gradio.utils import get_type_hints
+
+    for name in ("on_start", "on_resume", "resume_run", "on_push", "show_access"):
+        assert get_type_hints(handlers[name])["profile"] == (gr.OAuthProfile | None), name
+
+
+def test_the_duplicate_button_is_offered_to_those_refused_and_at_the_top_of_the_original_space(
+        monkeypatch, tmp_path, tiny_model_dir):
+    import gradio as gr
+
+    from sft_space import jobs
+    from sft_space.ui import build_app
+
+    def duplicate_buttons(app):
+        return {block.elem_id for block in app.blocks.values() if isinstance(block, gr.DuplicateButton)}
+
+    # On a machine of one's own the button would do nothing, and anyone trains: there is none.
+    monkeypatch.setenv("SFT_SPACE_RUNS", str(tmp_path / "local"))
+    assert duplicate_buttons(build_app(jobs.JobManager(), default_model=str(tiny_model_dir))) == set()
+    # A duplicated Space: the button sits beside the Train tab's refusal.
+    app, handlers = _space_app(monkeypatch, tmp_path, tiny_model_dir, SFT_SPACE_ORIGINAL_SPACE="acme/sft-space",
+                               SPACE_ID="bob/sft-space", SPACE_AUTHOR_NAME="bob")
+    assert duplicate_buttons(app) == {"duplicate-train"}
+    # The original public Space: also at the top of the page, for the visitors who may not train.
+    app, handlers = _space_app(monkeypatch, tmp_path, tiny_model_dir, SFT_SPACE_ORIGINAL_SPACE="acme/sft-space")
+    assert duplicate_buttons(app) == {"duplicate-train", "duplicate-top"}
+    row, reason, cost, top = handlers["show_access"](None)
+    assert row["visible"] and top["visible"] and not cost["visible"]
+    assert reason.startswith("Only acme, who owns this Space") and "duplicate the Space" in reason
+    row, reason, cost, top = handlers["show_access"](_profile("acme"))
+    assert not row["visible"] and not top["visible"] and cost["visible"] and reason == ""
+    assert "This Space runs on **CPU" in cost["value"]

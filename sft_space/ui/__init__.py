@@ -46,12 +46,17 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
     picker = train_tab.model_picker(default_model, render=False, local_paths=settings.local_paths)
     # The models the page offers (and the operator's default) may be named without being Hub ids.
     gate = Gate(folder, access.Identity.for_runs(folder), settings, {value for _, value in picker.choices})
+    # On the public Space that people duplicate, a visitor who may not train is offered their own copy first.
+    original = access.is_original_space(settings, gate.environ) and train_tab.on_a_space(gate.environ)
     # Files posted to Gradio's upload route without a use (any client can) are deleted after an hour, so the
     # shared upload folder cannot fill the disk; a visitor's data is moved out of it as soon as it arrives.
     with gr.Blocks(title=TITLE, delete_cache=GRADIO_CACHE_SWEEP) as app:
         # The visitor's signed id, kept by their browser so that a reload re-attaches to their run.
         session = gr.BrowserState("", storage_key="sft-space-visitor")
-        gr.Markdown(f"# {TITLE}\n{INTRO}")
+        with gr.Row():
+            gr.Markdown(f"# {TITLE}\n{INTRO}")
+            top_duplicate = gr.DuplicateButton("Duplicate this Space to train on your own GPU", visible=False,
+                                               size="lg", elem_id="duplicate-top") if original else None
         model = picker.render()
         with gr.Tabs() as tabs:
             with gr.Tab("Data", id="data"):
@@ -81,9 +86,11 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
         past["publish"].click(open_in("publish", publishing, "publish"), inputs=[past["run_id"], session],
                               outputs=[publishing["run"], tabs])
 
-        def resume_run(token, run_id):
-            # Any stopped or interrupted run, also one from before the app restarted; only its starter may.
+        def resume_run(profile: gr.OAuthProfile | None, token, run_id):
+            # Any stopped or interrupted run, also one from before the app restarted; only its starter may, and
+            # only while the access setting lets them train.
             visitor = gate.visitor(token)
+            gate.may_train(profile)
             run = own_run(folder, run_id, visitor)
             try:
                 job = manager.submit(RunSettings(**run.read()["settings"]), visitor, resume=str(run.path))
@@ -93,6 +100,13 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
 
         past["resume"].click(resume_run, inputs=[session, past["run_id"]], outputs=[training["job_id"], tabs])
         app.load(identify(gate), inputs=session, outputs=session, api_name="identify")
+
+        def show_access(profile: gr.OAuthProfile | None):
+            shown = training["on_access"](profile)
+            # The top Duplicate button shows exactly when the Train tab's refusal does.
+            return (*shown, shown[0]) if top_duplicate else shown
+
+        app.load(show_access, outputs=training["access_outputs"] + ([top_duplicate] if top_duplicate else []))
     # Every event is also an HTTP endpoint. These are offered as an API, under stable names; the rest serve the
     # page only and are kept out of the API page and the Gradio clients (their handlers check the visitor anyway).
     for handler in app.fns.values():

@@ -6,6 +6,8 @@ import dataclasses
 import functools
 import inspect
 import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -27,6 +29,8 @@ class Gate:
     identity: access.Identity
     settings: AccessSettings = field(default_factory=AccessSettings)
     offered_models: set[str] = field(default_factory=set)
+    # The Space's environment (SPACE_ID, SPACE_AUTHOR_NAME, OAUTH_CLIENT_ID…): who owns it, whether sign-in works.
+    environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
 
     def visitor(self, token: str | None) -> str:
         if not token:
@@ -48,6 +52,17 @@ class Gate:
             return self.identity.visitor(token)
         except UserError:
             return None
+
+    def training_access(self, profile: Mapping[str, Any] | None) -> access.TrainingAccess:
+        """Whether the visitor whose Hugging Face profile Gradio passed to the handler (from its signed session
+        cookie, never from the page's values) may train and publish here."""
+        return access.training_access(self.settings.who_may_train, self.environ, profile)
+
+    def may_train(self, profile: Mapping[str, Any] | None) -> None:
+        """Refuse, in one sentence, a visitor who may not train or publish here."""
+        decision = self.training_access(profile)
+        if not decision.allowed:
+            raise gr.Error(decision.reason)
 
     def model(self, name: str | None) -> str:
         try:

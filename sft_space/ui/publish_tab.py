@@ -94,12 +94,15 @@ def build(gate: Gate, session: gr.BrowserState) -> dict[str, Any]:
         # Gradio fills an OAuthToken parameter with the signed-in visitor's token (None when signed out); it
         # finds it by its annotation, so the parameters are spelled out rather than taken as *args.
         def on_push(run_dir, token, repo, typed, private, update_existing, merged, merged_dtype, demo_space,
-                    description, oauth_token: gr.OAuthToken | None, progress=gr.Progress()):
+                    description, oauth_token: gr.OAuthToken | None, profile: gr.OAuthProfile | None,
+                    progress=gr.Progress()):
+            gate.may_train(profile)  # publishing from the Space is for those who may train on it
             values = (private, update_existing, merged, merged_dtype, demo_space, description)
             return publish_run(runs_dir, run_dir, gate.visitor(token), repo, typed, oauth_token.token if oauth_token else None,
                                dict(zip(FORM_FIELDS, values)), progress)
     else:
         def on_push(run_dir, token, repo, typed, *values, progress=gr.Progress()):
+            gate.may_train(None)
             return publish_run(runs_dir, run_dir, gate.visitor(token), repo, typed, None, dict(zip(FORM_FIELDS, values)), progress)
 
     form["merged"].change(lambda merged: gr.update(visible=merged), inputs=form["merged"], outputs=form["merged_dtype"])

@@ -15,9 +15,9 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from .. import access, catalog, checks, data, jobs, runs, storage
+from .. import access, catalog, checks, data, estimate, jobs, runs, storage
 from ..errors import UserError
-from ..hardware import detect_hardware
+from ..hardware import Hardware, detect_hardware
 from ..settings import PRESET_NAMES, DataSettings, RunSettings, field_help, field_type, run_settings, train_command
 from .common import Gate, settings_component
 
@@ -220,6 +220,28 @@ def refusal(action: str, err: Exception) -> str:
     return str(message)
 
 
+def estimate_markdown(hardware: Hardware, settings: RunSettings | None, report: checks.Report | None) -> str:
+    """What a run costs the Space's owner, said before Start: the hardware, and how long a run of these settings
+    on this data would take here, with where its tokens/s figure comes from."""
+    line = f"This Space runs on **{hardware.describe()}**."
+    if settings is None or report is None or not report.token_counts:
+        return line + " Check your data (Data tab) to see how long a run of it would take here."
+    stats = report.stats()
+    try:
+        plan, length = estimate.estimate_run(settings, hardware, stats["total_tokens"],
+                                             stats["tokens_per_example"]["max"], stats["examples"])
+    except UserError as err:
+        return f"{line} No estimate of the run's length: {err}"
+    if length is None:
+        return f"{line} No estimate of the run's length: no speed was measured or derived for this GPU."
+    passes = (f"{settings.max_steps:,} steps" if settings.max_steps > 0 else
+              f"{settings.epochs:g} epoch{'' if settings.epochs == 1 else 's'}")
+    first = " (the first look at the data: the whole of it takes longer)" if report.first_look else ""
+    return (f"{line} This run: about **{_duration(length.seconds)}** of training{first} ({passes}, "
+            f"{length.tokens:,} tokens at ~{length.throughput.tokens_per_second:,.0f} tokens/s; "
+            f"{length.throughput.source}), plus loading and the held-out answers.")
+
+
 def visitor_job(manager: jobs.JobManager, owner: str, job_id: str) -> jobs.Job | None:
     """The job this page shows: the one it started, else the visitor's latest (after a reload)."""
     return manager.get(job_id, owner) if job_id else manager.latest_for(owner)
@@ -242,6 +264,17 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
     """Lay out the Train tab; returns components other tabs use."""
     if note := storage.runs_note(gate.runs_dir):
         gr.Markdown(note, elem_id="train-storage-note")
+    gr.Markdown(access.describe_who_may_train(gate.settings.who_may_train, gate.environ), elem_id="train-access")
+    # Shown by the page's load event, to each visitor as the setting decides for them: a visitor who may not
+    # train sees why (and how to get a GPU of their own), one who may sees what a run will cost.
+    with gr.Row(visible=False, elem_id="train-refused") as refused_row:
+        refused_text = gr.Markdown(elem_id="train-refusal")
+        if access.sign_in_available(gate.environ):
+            gr.LoginButton(scale=0)
+        if on_a_space(gate.environ):
+            gr.DuplicateButton("Duplicate this Space", elem_id="duplicate-train")
+    hardware = detect_hardware()
+    cost = gr.Markdown(visible=False, elem_id="train-estimate")
     job_id = gr.State("")
     preset = gr.Radio(list(PRESET_NAMES), value="balanced", label="Preset",
                       info=field_help(RunSettings, "preset"))
@@ -279,9 +312,13 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
         except UserError:
             return manager.latest_for(owner_id)
 
-    def on_start(token, current, report_value, data_value, skip, model_name, preset_name, *advanced_values):
+    # `profile` comes first in each handler that trains or publishes: Gradio fills it from its own session cookie
+    # (None when signed out or without sign-in), and it must precede the *args of the form's values.
+    def on_start(profile: gr.OAuthProfile | None, token, current, report_value, data_value, skip, model_name,
+                 preset_name, *advanced_values):
         owner_id = gate.visitor(token)
         try:
+            gate.may_train(profile)
             settings = settings_from_form(data_value, skip, gate.model(model_name), preset_name, gate.runs_dir,
                                           dict(zip(names, advanced_values)), report_value)
             job = manager.submit(settings, owner_id)
@@ -307,16 +344,17 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
 
     stop.click(on_stop, inputs=[session, job_id], outputs=[progress, notice])
 
-    def on_resume(token, current):
+    def on_resume(profile: gr.OAuthProfile | None, token, current):
         owner_id = gate.visitor(token)
         try:
+            gate.may_train(profile)
             job = visitor_job(manager, owner_id, current)
             if job is None or job.run_dir is None or not job.done:
                 raise UserError("Nothing to resume: resume a stopped or failed run of yours once it has stopped.")
             folder = runs.RunFolder.open(job.run_dir)
             settings = RunSettings(**folder.read()["settings"])
             resumed = manager.submit(settings, owner_id, resume=str(folder.path))
-        except UserError as err:
+        except (gr.Error, UserError) as err:
             refused = refusal("on_resume", err)
             return gr.skip(), progress_markdown(shown_job(owner_id, current), refused), refused
         return resumed.job_id, progress_markdown(resumed), ""
@@ -338,4 +376,31 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
 
     timer.tick(refresh, inputs=[session, job_id, notice], outputs=[job_id, progress, curve, *form],
                show_progress="hidden")
-    return {"job_id": job_id}
+
+    def on_access(profile: gr.OAuthProfile | None):
+        """The page's load event: the refusal or the cost, as the setting decides for this visitor."""
+        decision = gate.training_access(profile)
+        return (gr.update(visible=not decision.allowed), decision.reason,
+                gr.update(visible=decision.allowed, value=estimate_markdown(hardware, None, None)))
+
+    def on_estimate(profile: gr.OAuthProfile | None, report_value, data_value, model_name, preset_name,
+                    *advanced_values):
+        if not gate.training_access(profile).allowed:
+            return gr.skip()
+        try:
+            settings = settings_from_form(data_value, True, gate.model(model_name), preset_name, gate.runs_dir,
+                                          dict(zip(names, advanced_values)))
+        except (gr.Error, UserError):
+            settings = None
+        return estimate_markdown(hardware, settings, report_value)
+
+    gr.on([report.change, model.change, preset.change, *(advanced[n].change for n in names)], on_estimate,
+          inputs=[report, data_settings, model, preset, *advanced.values()], outputs=cost, show_progress="hidden",
+          trigger_mode="always_last")
+    return {"job_id": job_id, "on_access": on_access, "access_outputs": [refused_row, refused_text, cost]}
+
+
+def on_a_space(environ) -> bool:
+    """Where Gradio's Duplicate button works: it opens Hugging Face's duplicate dialog for SPACE_ID on a Space
+    (SYSTEM=spaces), and does nothing elsewhere."""
+    return environ.get("SYSTEM") == "spaces" and bool(environ.get("SPACE_ID"))

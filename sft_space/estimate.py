@@ -1,0 +1,123 @@
+"""How long a run will take on this machine, said before Start: the plan's settings, the data's tokens, and a
+tokens/s figure that names where it comes from.
+
+Only two kinds of figure were measured: the embedded SmolLM2-135M on this project's 2-core CPU (docs/BENCHMARKS.md)
+and two model sizes on one H100 (issue 15). Every other machine and model size is derived from the nearest of
+them, and the figure says so: by CPU cores, by the GPU's dense 16-bit tensor peak (bench.PEAK_TFLOPS), and by
+the parameter count for a model larger than the one measured (its compute per token grows with its size; a
+smaller one is not assumed faster, since small models were not compute-bound on the H100).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from . import catalog, models
+from .bench import PEAK_TFLOPS
+from .hardware import Hardware, TrainingPlan, plan_training
+from .memory import ModelShape
+from .settings import RunSettings
+
+
+@dataclass(frozen=True)
+class Measured:
+    parameters: float
+    tokens_per_second: float
+    where: str
+
+
+# `python tests/style_check.py` on the 2-core CPU: 125.5 tokens/s over a whole run of the sample data, fp32,
+# default plan (docs/BENCHMARKS.md, "Whole runs"; the bench measured 125-144 on the same model).
+CPU_MEASURED = Measured(134.5e6, 125.0, "measured: SmolLM2-135M on a 2-core CPU, fp32 (docs/BENCHMARKS.md)")
+CPU_MEASURED_CORES = 2
+# Issue 15: one H100, bf16, SDPA, LoRA r=16 all-linear, batch 8, max length 1024, padded batches, gradient
+# checkpointing off (the plan's choice when memory allows).
+H100_MEASURED = (
+    Measured(134.5e6, 13_146.0, "measured: SmolLM2-135M on one H100, bf16, batch 8 (issue 15)"),
+    Measured(1.236e9, 19_443.0, "measured: Llama-3.2-1B on one H100, bf16, batch 8 (issue 15)"),
+)
+H100_PEAK = PEAK_TFLOPS["H100"]
+# Issue 15, same runs with checkpointing on: 5,867 vs 13,146 tokens/s (135M) and 9,000 vs 19,443 (1B).
+CHECKPOINTING_SPEED = 0.45
+
+
+@dataclass(frozen=True)
+class Throughput:
+    tokens_per_second: float
+    source: str  # "measured: …" for a figure measured on this kind of machine and model, else "derived …"
+
+
+def _peak(hardware: Hardware) -> float | None:
+    return next((peak for name, peak in PEAK_TFLOPS.items() if name in hardware.name), None)
+
+
+def throughput(hardware: Hardware, shape: ModelShape, plan: TrainingPlan) -> Throughput | None:
+    """Tokens per second a run of this model trains at here, with its source; None for a GPU of unknown peak."""
+    if hardware.kind == "cpu":
+        reference, scale, how = CPU_MEASURED, hardware.cpu_count / CPU_MEASURED_CORES, []
+        if hardware.cpu_count != CPU_MEASURED_CORES:
+            how.append(f"scaled to {hardware.cpu_count} cores")
+    else:
+        peak = _peak(hardware)
+        if peak is None:
+            return None
+        # The measured size nearest to this model's, on a log scale.
+        reference = min(H100_MEASURED, key=lambda m: abs(math.log(shape.parameters / m.parameters)))
+        scale, how = peak / H100_PEAK * hardware.device_count, []
+        if peak != H100_PEAK:
+            how.append(f"scaled by 16-bit tensor peak ({peak:g} vs {H100_PEAK:g} TFLOP/s)")
+        if hardware.device_count > 1:
+            how.append(f"× {hardware.device_count} GPUs")
+        if plan.gradient_checkpointing:
+            scale *= CHECKPOINTING_SPEED
+            how.append(f"× {CHECKPOINTING_SPEED} for gradient checkpointing (issue 15)")
+        if plan.four_bit:
+            how.append("4-bit dequantisation not counted")
+    if shape.parameters > reference.parameters * 1.1:
+        scale *= reference.parameters / shape.parameters
+        how.append(f"scaled by model size ({shape.parameters / 1e6:,.0f}M parameters)")
+    if not how:
+        return Throughput(reference.tokens_per_second, reference.where)
+    return Throughput(reference.tokens_per_second * scale,
+                      f"derived from {reference.where.removeprefix('measured: ')}, {', '.join(how)}")
+
+
+@dataclass(frozen=True)
+class RunEstimate:
+    tokens: int  # tokens the run trains on, every pass counted
+    throughput: Throughput
+
+    @property
+    def seconds(self) -> float:
+        return self.tokens / self.throughput.tokens_per_second
+
+
+def run_tokens(settings: RunSettings, plan: TrainingPlan, total_tokens: int, examples: int) -> int:
+    """Tokens a run processes: every pass over the data, or max_steps optimizer steps when set (a step's batch
+    is the same on several GPUs: they share its gradient accumulation)."""
+    if settings.max_steps > 0:
+        per_sequence = plan.sequence_length if plan.packing else total_tokens / max(examples, 1)
+        return int(settings.max_steps * plan.batch_size * settings.gradient_accumulation * per_sequence)
+    return int(total_tokens * settings.epochs)
+
+
+def model_shape(name: str) -> ModelShape:
+    """A model's shape from the catalogue's numbers when it is listed, else from its config (no weights)."""
+    listed = {entry.model_id for entry in catalog.CATALOG}
+    if name == models.HUB_DEFAULT_MODEL or not name:
+        name = models.EMBEDDED_MODEL  # the same model
+    if name in listed:
+        return catalog.shape_of(name)
+    return ModelShape.from_config(models.load_config(name))
+
+
+def estimate_run(settings: RunSettings, hardware: Hardware, total_tokens: int, longest_example: int,
+                 examples: int) -> tuple[TrainingPlan, RunEstimate | None]:
+    """The plan a run of `settings` would get here, and its estimated length (None for a GPU of unknown speed)."""
+    shape = model_shape(settings.model)
+    plan = plan_training(settings, hardware, shape, total_tokens, longest_example)
+    speed = throughput(hardware, shape, plan)
+    if speed is None:
+        return plan, None
+    return plan, RunEstimate(run_tokens(settings, plan, total_tokens, examples), speed)
