@@ -219,3 +219,53 @@ def test_two_runs_compared_side_by_side(app_url, browser, tmp_path):
     expect(page.locator("#compare-settings")).not_to_contain_text("learning_rate")  # the same in both
     page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
     context.close()
+
+
+def test_an_anonymous_visitor_of_the_original_space_is_refused_and_offered_a_duplicate(tiny_model_dir, browser,
+                                                                                        tmp_path):
+    """On a Space-like environment (what Spaces set, sign-in configured, this being the original public Space) a
+    visitor who has not signed in checks data freely, is refused Start in one sentence, and finds the Duplicate
+    button at the top of the page and beside the refusal; it opens Hugging Face's duplicate dialog."""
+    runs_dir = tmp_path / "space-runs"
+    runs_dir.mkdir()
+    space = {"SYSTEM": "spaces", "SPACE_ID": "acme/sft-space", "SPACE_AUTHOR_NAME": "acme",
+             "SPACE_REPO_NAME": "sft-space", "SPACE_HOST": "acme-sft-space.hf.space",
+             "OAUTH_CLIENT_ID": "client-id", "OAUTH_CLIENT_SECRET": "client-secret",
+             "OAUTH_SCOPES": "openid profile write-repos manage-repos", "OPENID_PROVIDER_URL": "https://huggingface.co",
+             "SFT_SPACE_ORIGINAL_SPACE": "acme/sft-space"}
+    env = {**space, "SFT_SPACE_RUNS": str(runs_dir), "SFT_SPACE_DEFAULT_MODEL": str(tiny_model_dir),
+           "HF_HOME": str(runs_dir / "hf-home"), "SFT_SPACE_WARM_START": "0"}
+    with running_server([sys.executable, "app.py"], ROOT, env, runs_dir / "app.log") as url:
+        context = browser.new_context(viewport={"width": 1280, "height": 1000})
+        # No Hub here: the duplicate dialog's page is answered locally, so the address it opens can be read.
+        context.route("https://huggingface.co/**", lambda route: route.fulfill(body="duplicate dialog"))
+        page = context.new_page()
+        open_as_visitor(page, url)
+        top = page.locator("#duplicate-top")
+        expect(top).to_be_visible(timeout=30_000)
+        expect(top).to_contain_text("Duplicate this Space")
+
+        # Checking data stays open to every visitor.
+        page.get_by_label("Use the sample dataset").check()
+        page.click("#check-data")
+        expect(page.locator("#data-summary")).to_contain_text("All 160 rows are valid", timeout=60_000)
+
+        page.get_by_role("tab", name="Train").click()
+        expect(page.locator("#train-access")).to_contain_text("this Space's owner, acme")
+        refusal = "Only acme, who owns this Space (or a member, if that is an organisation), may train or publish here"
+        expect(page.locator("#train-refusal")).to_contain_text(refusal)
+        expect(page.locator("#duplicate-train")).to_be_visible()
+        expect(page.locator("#train-estimate")).to_be_hidden()
+        page.click("#start-training")
+        expect(page.locator("#train-progress")).to_contain_text(f"Refused · {refusal}", timeout=10_000)
+        page.screenshot(path=str(tmp_path / "space-refused.png"), full_page=True)
+
+        with context.expect_page() as dialog:
+            top.click()
+        assert dialog.value.url == "https://huggingface.co/spaces/acme/sft-space?duplicate=true"
+        context.close()
+    log = (runs_dir / "app.log").read_text()
+    # A refusal is one line in the log, never a traceback of ours. (Gradio's reloader on a Space, SYSTEM=spaces,
+    # leaves asyncio's "Exception ignored in BaseEventLoop.__del__" tracebacks in the log: not ours.)
+    assert "refused on_start: Only acme" in log and not re.search(r'File ".*sft_space', log)
+    assert not [p for p in runs_dir.iterdir() if (p / "run.json").is_file()], "no run was started"

@@ -58,9 +58,9 @@ def test_the_train_tab_says_the_hardware_and_the_runs_length_before_start():
     from sft_space.ui.train_tab import estimate_markdown
 
     settings = run_settings("balanced", model=models.EMBEDDED_MODEL)
-    assert estimate_markdown(TWO_CORES, None, None) == ("This Space runs on **CPU, 2 cores, 24 GiB memory**. Check "
+    assert estimate_markdown(TWO_CORES, None, None) == ("This app trains on **CPU, 2 cores, 24 GiB memory**. Check "
                                                         "your data (Data tab) to see how long a run of it would take "
                                                         "here.")
     text = estimate_markdown(T4, settings, report())
-    assert text.startswith("This Space runs on **Tesla T4 (15 GiB, compute capability 7.5)**. This run: about **")
+    assert text.startswith("This app trains on **Tesla T4 (15 GiB, compute capability 7.5)**. This run: about **")
     assert "(3 epochs, 40,800 tokens at ~864 tokens/s; derived from SmolLM2-135M on one H100" in text

@@ -565,4 +565,4 @@ def test_the_duplicate_button_is_offered_to_those_refused_and_at_the_top_of_the_
     assert reason.startswith("Only acme, who owns this Space") and "duplicate the Space" in reason
     row, reason, cost, top = handlers["show_access"](_profile("acme"))
     assert not row["visible"] and not top["visible"] and cost["visible"] and reason == ""
-    assert "This Space runs on **CPU" in cost["value"]
+    assert "This app trains on **CPU" in cost["value"]

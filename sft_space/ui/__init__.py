@@ -55,8 +55,8 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
         session = gr.BrowserState("", storage_key="sft-space-visitor")
         with gr.Row():
             gr.Markdown(f"# {TITLE}\n{INTRO}")
-            top_duplicate = gr.DuplicateButton("Duplicate this Space to train on your own GPU", visible=False,
-                                               size="lg", elem_id="duplicate-top") if original else None
+            top_duplicate = gr.DuplicateButton("Duplicate this Space", visible=False, size="lg", min_width=220,
+                                               elem_id="duplicate-top") if original else None
         model = picker.render()
         with gr.Tabs() as tabs:
             with gr.Tab("Data", id="data"):

@@ -223,7 +223,7 @@ def refusal(action: str, err: Exception) -> str:
 def estimate_markdown(hardware: Hardware, settings: RunSettings | None, report: checks.Report | None) -> str:
     """What a run costs the Space's owner, said before Start: the hardware, and how long a run of these settings
     on this data would take here, with where its tokens/s figure comes from."""
-    line = f"This Space runs on **{hardware.describe()}**."
+    line = f"This app trains on **{hardware.describe()}**."
     if settings is None or report is None or not report.token_counts:
         return line + " Check your data (Data tab) to see how long a run of it would take here."
     stats = report.stats()
@@ -270,9 +270,9 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
     with gr.Row(visible=False, elem_id="train-refused") as refused_row:
         refused_text = gr.Markdown(elem_id="train-refusal")
         if access.sign_in_available(gate.environ):
-            gr.LoginButton(scale=0)
+            gr.LoginButton(size="md", scale=0, min_width=240)
         if on_a_space(gate.environ):
-            gr.DuplicateButton("Duplicate this Space", elem_id="duplicate-train")
+            gr.DuplicateButton("Duplicate this Space", size="md", min_width=200, elem_id="duplicate-train")
     hardware = detect_hardware()
     cost = gr.Markdown(visible=False, elem_id="train-estimate")
     job_id = gr.State("")
