@@ -340,6 +340,12 @@ def describe_who_may_train(setting: str, environ: Mapping[str, str]) -> str:
     return f"Who may train and publish here: **{who}** ({origin})."
 
 
+def duplicable(environ: Mapping[str, str]) -> bool:
+    """Whether Gradio's Duplicate button works here: it opens Hugging Face's duplicate dialog for SPACE_ID on a
+    Space (SYSTEM=spaces), and does nothing elsewhere."""
+    return environ.get("SYSTEM") == "spaces" and bool(environ.get("SPACE_ID"))
+
+
 def is_original_space(settings: AccessSettings, environ: Mapping[str, str]) -> bool:
     """Whether this is the public Space that people duplicate (AccessSettings.original_space names it): a duplicate
     copies the variable, but its own SPACE_ID differs."""

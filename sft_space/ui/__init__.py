@@ -47,7 +47,7 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
     # The models the page offers (and the operator's default) may be named without being Hub ids.
     gate = Gate(folder, access.Identity.for_runs(folder), settings, {value for _, value in picker.choices})
     # On the public Space that people duplicate, a visitor who may not train is offered their own copy first.
-    original = access.is_original_space(settings, gate.environ) and train_tab.on_a_space(gate.environ)
+    original = access.is_original_space(settings, gate.environ) and access.duplicable(gate.environ)
     # Files posted to Gradio's upload route without a use (any client can) are deleted after an hour, so the
     # shared upload folder cannot fill the disk; a visitor's data is moved out of it as soon as it arrives.
     with gr.Blocks(title=TITLE, delete_cache=GRADIO_CACHE_SWEEP) as app:

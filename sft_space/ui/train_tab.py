@@ -228,8 +228,8 @@ def estimate_markdown(hardware: Hardware, settings: RunSettings | None, report: 
         return line + " Check your data (Data tab) to see how long a run of it would take here."
     stats = report.stats()
     try:
-        plan, length = estimate.estimate_run(settings, hardware, stats["total_tokens"],
-                                             stats["tokens_per_example"]["max"], stats["examples"])
+        _, length = estimate.estimate_run(settings, hardware, stats["total_tokens"],
+                                          stats["tokens_per_example"]["max"], stats["examples"])
     except UserError as err:
         return f"{line} No estimate of the run's length: {err}"
     if length is None:
@@ -271,7 +271,7 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
         refused_text = gr.Markdown(elem_id="train-refusal")
         if access.sign_in_available(gate.environ):
             gr.LoginButton(size="md", scale=0, min_width=240)
-        if on_a_space(gate.environ):
+        if access.duplicable(gate.environ):
             gr.DuplicateButton("Duplicate this Space", size="md", min_width=200, elem_id="duplicate-train")
     hardware = detect_hardware()
     cost = gr.Markdown(visible=False, elem_id="train-estimate")
@@ -398,9 +398,3 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
           inputs=[report, data_settings, model, preset, *advanced.values()], outputs=cost, show_progress="hidden",
           trigger_mode="always_last")
     return {"job_id": job_id, "on_access": on_access, "access_outputs": [refused_row, refused_text, cost]}
-
-
-def on_a_space(environ) -> bool:
-    """Where Gradio's Duplicate button works: it opens Hugging Face's duplicate dialog for SPACE_ID on a Space
-    (SYSTEM=spaces), and does nothing elsewhere."""
-    return environ.get("SYSTEM") == "spaces" and bool(environ.get("SPACE_ID"))
