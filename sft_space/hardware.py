@@ -1,7 +1,7 @@
 """What this machine can do, and the training plan that follows from it — decided here, in one place.
 
 Every "auto" setting is resolved by `plan_training`, and each decision comes with the reason the user sees:
-precision (bf16 raises on CPU and on T4, so it is chosen, never assumed), 4-bit loading, gradient
+precision (bf16 raises on a T4 and is emulated, slowly, on CPUs without bf16 instructions: chosen, never assumed), 4-bit loading, gradient
 checkpointing (~2x slower, so only when memory needs it) and the batch size.
 """
 
@@ -38,10 +38,14 @@ class Hardware:
     capability: tuple[int, int] | None = None
     cpu_count: int = 1
     device_count: int = 1  # CUDA GPUs; a run uses them all, one process each (see `distributed`)
+    # A CPU with bf16 instructions (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than fp32.
+    native_bf16: bool = False
 
     @property
     def supports_bf16(self) -> bool:
-        return self.kind == "cuda" and self.capability is not None and self.capability >= (8, 0)
+        if self.kind == "cpu":
+            return self.native_bf16
+        return self.capability is not None and self.capability >= (8, 0)
 
     def describe(self) -> str:
         if self.kind == "cuda":
@@ -66,7 +70,23 @@ def detect_hardware() -> Hardware:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
     except (ValueError, OSError, AttributeError):
         memory = 0.0
-    return Hardware("cpu", "CPU", memory, None, torch.get_num_threads())
+    return Hardware("cpu", "CPU", memory, None, torch.get_num_threads(), native_bf16=cpu_has_native_bf16())
+
+
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU multiplies bf16 in hardware (the kernel lists the instruction sets in /proc/cpuinfo; other
+    systems are taken not to)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return any(flag in line.split() for flag in CPU_BF16_FLAGS)
+    except OSError:
+        pass
+    return False
 
 
 # Named GPUs people duplicate Spaces onto; used to say whether a model fits hardware other than this one.
@@ -108,7 +128,10 @@ def _precision(settings: RunSettings, hardware: Hardware, reasons: list[str]) ->
         reasons.append(f"{settings.precision} as chosen")
         return settings.precision
     if hardware.kind == "cpu":
-        reasons.append("fp32 on CPU (mixed precision brings no speed there)")
+        if hardware.native_bf16:
+            reasons.append("bf16 mixed precision on CPU (it has bf16 instructions), adapter weights in fp32")
+            return "bf16"
+        reasons.append("fp32 on CPU (without bf16 instructions mixed precision is slower there)")
         return "fp32"
     if hardware.supports_bf16:
         reasons.append("bf16 mixed precision (Ampere or newer GPU)")

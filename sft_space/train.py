@@ -475,6 +475,26 @@ def tracker_arguments(settings: RunSettings, folder: RunFolder) -> dict[str, Any
     return arguments
 
 
+def trained_positions_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+    """The next-token cross-entropy of the trained tokens, with the LM head applied only where a trained token is
+    predicted: on the sample about half the positions, and the head (vocabulary × width) is the model's largest
+    matrix. Equal to the loss over full logits (tests/test_train.py checks it), summed over the trained tokens and
+    divided by `num_items_in_batch` (the trainer's count across gradient accumulation) or by their number."""
+    import torch
+    import torch.nn.functional as F
+
+    targets = inputs["labels"][:, 1:]
+    trained = targets != -100
+    # The positions whose next token some sequence of the batch trains on (on a CPU the batch is one sequence).
+    positions = trained.any(dim=0).nonzero().squeeze(-1)
+    forward = {key: value for key, value in inputs.items() if key != "labels"}
+    logits = model(**forward, use_cache=False, logits_to_keep=positions).logits
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets[:, positions].reshape(-1),
+                           ignore_index=-100, reduction="sum")
+    count = trained.sum() if num_items_in_batch is None else num_items_in_batch
+    return loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
+
+
 def build_trainer(settings: RunSettings, plan: TrainingPlan, folder: RunFolder, model: Any, tokenizer: Any,
                   prepared: PreparedData, stop_event: threading.Event | None = None,
                   evaluation: EvaluationPlan | None = None) -> Any:
@@ -487,7 +507,20 @@ def build_trainer(settings: RunSettings, plan: TrainingPlan, folder: RunFolder, 
     from transformers import PrinterCallback
     from trl import SFTTrainer
 
+    # TRL's fused LM head scores only the trained positions on GPUs (its Triton path) but every position elsewhere.
+    head_at_trained_positions = plan.device != "cuda"
+
     class StoppableSFTTrainer(SFTTrainer):
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            if not head_at_trained_positions or return_outputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = trained_positions_loss(model, inputs, num_items_in_batch)
+            # As TRL does: the count spans every process, and DDP averages the gradients across them.
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            return loss
+
         def prediction_step(self, *args: Any, **kwargs: Any) -> Any:
             if stop_event is not None and stop_event.is_set():
                 raise _EvaluationStopped

@@ -44,6 +44,21 @@ def test_precision_follows_the_hardware(shapes, hardware, precision):
     assert not plan.four_bit and not plan.gradient_checkpointing
 
 
+def test_a_cpu_with_bf16_instructions_trains_in_bf16_and_one_without_in_fp32(shapes, tmp_path):
+    from sft_space.hardware import cpu_has_native_bf16
+
+    plan = plan_training(RunSettings(), dataclasses.replace(CPU, native_bf16=True), shapes["135m"])
+    assert plan.precision == "bf16" and "bf16 instructions" in plan.reasons[0]
+    assert plan_training(RunSettings(precision="fp32"), dataclasses.replace(CPU, native_bf16=True),
+                         shapes["135m"]).precision == "fp32"
+    for flags, native in (("fpu avx512f avx512_bf16 sse", True), ("fpu amx_bf16 amx_tile", True),
+                          ("fpu avx512f avx2", False)):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert cpu_has_native_bf16(str(cpuinfo)) is native
+    assert cpu_has_native_bf16(str(tmp_path / "absent")) is False
+
+
 def test_bf16_on_a_t4_and_fp16_on_cpu_are_refused_with_a_reason(shapes):
     with pytest.raises(UserError, match="cannot train in bf16"):
         plan_training(RunSettings(precision="bf16"), T4, shapes["135m"])

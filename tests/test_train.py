@@ -18,7 +18,7 @@ from sft_space.chat import GenerationSettings, load_chat_model
 from sft_space.hardware import detect_hardware, plan_training
 from sft_space.settings import run_settings
 from sft_space.train import (OOM_ADVICE, STOPPED_BEFORE_FIRST_STEP, TrainingFailed, TrainingJob, TrainingStopped,
-                             build_trainer, model_shape, prepare_data, token_count, train)
+                             build_trainer, model_shape, prepare_data, token_count, train, trained_positions_loss)
 
 PLANTED_TOKEN = "hf_PlantedSecretTokenForTests0123456789"
 
@@ -75,7 +75,9 @@ def test_training_drives_the_loss_down_and_fills_the_run_folder(tiny_settings, m
     assert record["data"]["fingerprint"].startswith("sha256:")
     assert record["data"]["train_examples"] + record["data"]["validation_examples"] == 24
     assert {"torch", "transformers", "trl", "peft"} <= set(record["versions"])
-    assert record["hardware"]["kind"] == "cpu" and record["plan"]["precision"] == "fp32"
+    # bf16 where the CPU has bf16 instructions (see test_plan.py), fp32 elsewhere.
+    assert record["hardware"]["kind"] == "cpu"
+    assert record["plan"]["precision"] == ("bf16" if detect_hardware().native_bf16 else "fp32")
     assert record["final_metrics"]["step"] == 24 and record["final_metrics"]["loss"] is not None
     # Each logged step carries the smoothed loss beside its raw loss; the record's headline is the last smoothed
     # value (the raw last-step loss kept beside it), with the time evaluation took.
@@ -273,11 +275,17 @@ def test_a_missing_hub_model_is_reported_before_a_run_folder_exists(tiny_setting
     assert not (tmp_path / "runs").exists()
 
 
-def test_packed_batches_give_the_same_loss_as_unpacked(tiny_settings, tiny_model_dir):
+def test_packed_batches_give_the_same_loss_as_unpacked(tiny_settings, tiny_model_dir, monkeypatch):
     """Packing puts several examples in one sequence; each must still attend only to itself, so the loss over
-    the same examples is the same packed or padded (a leak across examples would change it)."""
+    the same examples is the same packed or padded (a leak across examples would change it). On a CPU the trainer
+    computes it with the LM head at the trained positions only, and gets the model's own loss."""
     from transformers import AutoModelForCausalLM
 
+    from sft_space import train as engine
+
+    calls = []
+    monkeypatch.setattr(engine, "trained_positions_loss",
+                        lambda *args, **kwargs: calls.append(1) or trained_positions_loss(*args, **kwargs))
     rows = persona_chats(6)
     losses = {}
     for packing in (True, False):
@@ -298,7 +306,9 @@ def test_packed_batches_give_the_same_loss_as_unpacked(tiny_settings, tiny_model
         trainer.model.eval()
         with torch.no_grad():
             losses[packing] = trainer.model(**batch).loss.item()
+            assert trainer.compute_loss(trainer.model, dict(batch)).item() == pytest.approx(losses[packing], rel=1e-5)
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    assert len(calls) == 2, "the CPU trainer's loss is the trained-positions one"
 
 
 def test_a_full_disk_while_saving_fails_clearly_and_marks_no_checkpoint_good(tiny_settings, monkeypatch):
@@ -475,3 +485,60 @@ def test_a_stage_that_cannot_hear_a_stop_is_left_to_finish_alone():
     assert _unless_stopped(TrainingJob(RunSettings()), lambda: "done") == "done"
     with pytest.raises(ZeroDivisionError):
         _unless_stopped(TrainingJob(RunSettings()), lambda: 1 / 0)
+
+
+def test_the_loss_at_trained_positions_only_equals_the_full_head_loss(tiny_model_dir):
+    """The CPU path applies the LM head only where a trained token is predicted; its loss and its gradients are the
+    full-logits loss's, on a batch of two sequences with different masks and padding."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sft_space.train import trained_positions_loss
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False))
+    input_ids = torch.randint(0, 1000, (2, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 9:] = 0
+    labels = input_ids.clone()
+    labels[0, :5] = -100  # a prompt
+    labels[1, :3] = -100
+    labels[1, 6:] = -100  # a shorter answer, then padding
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def gradients(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    full = model(**inputs).loss
+    full_gradients = gradients(full)
+    selective = trained_positions_loss(model, inputs)
+    assert torch.allclose(selective, full, rtol=1e-5, atol=1e-6), (selective, full)
+    for ours, theirs in zip(gradients(selective), full_gradients):
+        assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-7)
+    # The trainer's count across gradient accumulation divides the sum instead.
+    trained = int((labels[:, 1:] != -100).sum())
+    halved = trained_positions_loss(model, inputs, num_items_in_batch=torch.tensor(2 * trained))
+    assert torch.allclose(halved, full / 2, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_bf16_run_on_cpu_follows_the_fp32_loss_curve(tiny_settings):
+    """bf16 mixed precision (chosen on CPUs with bf16 instructions) trains the same: each logged loss within 1% of
+    the fp32 run's, from the same seed and data. The adapter's weights stay fp32 either way."""
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        settings = tiny_settings(max_steps=8, precision=precision, save_every=100, sample_prompts=0, validation_fraction=0.0,
+                                 output_dir=tiny_settings().output_dir + f"-{precision}")
+        folder = train(TrainingJob(settings, run_id=precision))
+        assert folder.read()["plan"]["precision"] == precision
+        curves[precision] = [m["loss"] for m in folder.read_metrics() if "loss" in m]
+        from safetensors.torch import load_file
+
+        assert {t.dtype for t in load_file(folder.adapter_path / "adapter_model.safetensors").values()} == {torch.float32}
+    assert len(curves["bf16"]) == len(curves["fp32"]) >= 8
+    assert curves["bf16"][-1] < 0.85 * curves["bf16"][0], "bf16 learns"
+    for bf16, fp32 in zip(curves["bf16"], curves["fp32"]):
+        assert bf16 == pytest.approx(fp32, rel=0.01), curves
