@@ -58,6 +58,8 @@ def throughput(hardware: Hardware, shape: ModelShape, plan: TrainingPlan) -> Thr
         reference, scale, how = CPU_MEASURED, hardware.cpu_count / CPU_MEASURED_CORES, []
         if hardware.cpu_count != CPU_MEASURED_CORES:
             how.append(f"scaled to {hardware.cpu_count} cores")
+        if plan.precision != "fp32":
+            how.append(f"this plan trains in {plan.precision}, not counted")
     else:
         peak = _peak(hardware)
         if peak is None:
@@ -74,9 +76,12 @@ def throughput(hardware: Hardware, shape: ModelShape, plan: TrainingPlan) -> Thr
             how.append(f"× {CHECKPOINTING_SPEED} for gradient checkpointing (issue 15)")
         if plan.four_bit:
             how.append("4-bit dequantisation not counted")
+    size = f"{shape.parameters / 1e6:,.0f}M parameters"
     if shape.parameters > reference.parameters * 1.1:
         scale *= reference.parameters / shape.parameters
-        how.append(f"scaled by model size ({shape.parameters / 1e6:,.0f}M parameters)")
+        how.append(f"scaled by model size ({size})")
+    elif shape.parameters < reference.parameters / 1.1:
+        how.append(f"taken as is for this smaller model ({size})")
     if not how:
         return Throughput(reference.tokens_per_second, reference.where)
     return Throughput(reference.tokens_per_second * scale,

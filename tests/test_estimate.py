@@ -64,3 +64,15 @@ def test_the_train_tab_says_the_hardware_and_the_runs_length_before_start():
     text = estimate_markdown(T4, settings, report())
     assert text.startswith("This app trains on **Tesla T4 (15 GiB, compute capability 7.5)**. This run: about **")
     assert "(3 epochs, 40,800 tokens at ~864 tokens/s; derived from SmolLM2-135M on one H100" in text
+
+
+def test_a_smaller_model_or_another_precision_is_said_to_be_derived():
+    from sft_space.hardware import TrainingPlan
+    from sft_space.memory import ModelShape
+
+    tiny = ModelShape(3_000_000, 1_000_000, 64, 128, 2, 49152, ())
+    plan = TrainingPlan("cpu", "bf16", False, False, 1, 320, True, 1.0, True)
+    speed = estimate.throughput(TWO_CORES, tiny, plan)
+    assert speed.tokens_per_second == 125.0
+    assert speed.source == ("derived from SmolLM2-135M on a 2-core CPU, fp32 (docs/BENCHMARKS.md), this plan trains "
+                            "in bf16, not counted, taken as is for this smaller model (3M parameters)")
