@@ -35,7 +35,24 @@ CARD_TEMPLATE = """\
 ```python
 {{ usage }}
 ```
+{% if local %}
+## Run it locally
 
+`{{ local.file }}` is this model (the adapter merged in) as one GGUF file, {{ local.quant_text }}, with its
+tokenizer and chat template: llama.cpp, Ollama and LM Studio chat with it as it is.
+
+```bash
+# llama.cpp (downloads the file, then chats)
+llama-cli -hf {{ local.repo_id }}:{{ local.tag }}
+# Ollama
+ollama run hf.co/{{ local.repo_id }}:{{ local.tag }}
+# LM Studio
+lms get {{ local.repo_id }}
+```
+
+A downloaded copy runs the same way: `llama-cli -m {{ local.file }}`, or for Ollama a file `Modelfile` holding
+`FROM ./{{ local.file }}`, then `ollama create {{ local.name }} -f Modelfile && ollama run {{ local.name }}`.
+{% endif %}
 ## Training data
 
 | | |
@@ -170,9 +187,22 @@ def _first_prompt(sample: dict[str, Any]) -> str:
     return users[-1] if users else ""
 
 
+GGUF_QUANT_TEXT = {"f16": "16-bit weights (f16)", "q8_0": "8-bit weights (q8_0)",
+                   "q4_0": "4-bit weights (q4_0; the embedding and output layer at 8 bits)"}
+
+
+def local_apps(repo_id: str, gguf_file: str) -> dict[str, str]:
+    """What the card's "Run it locally" section names: the file, its quantization tag as the Hub's local apps
+    take it (Ollama's and llama.cpp's `:Q8_0`), and the repo."""
+    quant = gguf_file.rsplit("-", 1)[-1].removesuffix(".gguf")
+    return {"file": gguf_file, "tag": quant, "quant_text": GGUF_QUANT_TEXT.get(quant.lower(), quant),
+            "repo_id": repo_id, "name": repo_id.split("/")[-1].lower()}
+
+
 def model_card(folder: RunFolder, repo_id: str, merged: bool = False, description: str = "",
-               has_curve: bool = False, licence: str | None = None) -> Any:
-    """The ModelCard (metadata + body) for pushing `folder`'s adapter, or the merged model, as `repo_id`."""
+               has_curve: bool = False, licence: str | None = None, gguf_file: str | None = None) -> Any:
+    """The ModelCard (metadata + body) for pushing `folder`'s adapter, or the merged model, as `repo_id`;
+    `gguf_file`: the name of the GGUF file pushed beside it, if any."""
     from huggingface_hub import ModelCard, ModelCardData
 
     record = folder.read()
@@ -182,7 +212,7 @@ def model_card(folder: RunFolder, repo_id: str, merged: bool = False, descriptio
     final = record.get("final_metrics", {}) or {}
     base_model = hub_base_model(base_model_of(record))
     dataset = hub_dataset(settings.get("source", ""))
-    tags = ["sft", "lora", "trl", "sft-space"] + (["merged"] if merged else ["peft"])
+    tags = ["sft", "lora", "trl", "sft-space"] + (["merged"] if merged else ["peft"]) + (["gguf"] if gguf_file else [])
     card_data = ModelCardData(
         base_model=base_model, library_name="transformers" if merged else "peft", pipeline_tag="text-generation",
         tags=tags, datasets=[dataset] if dataset else None, license=licence or base_model_licence(base_model),
@@ -227,6 +257,7 @@ def model_card(folder: RunFolder, repo_id: str, merged: bool = False, descriptio
     versions = sorted((record.get("versions") or {}).items())
     return ModelCard.from_template(
         card_data, template_str=CARD_TEMPLATE, model_name=repo_id.split("/")[-1], summary=summary, purpose=purpose,
-        usage=usage_snippet(repo_id, base_model, merged), data_rows=data_rows, settings_rows=settings_rows,
+        usage=usage_snippet(repo_id, base_model, merged), local=local_apps(repo_id, gguf_file) if gguf_file else None,
+        data_rows=data_rows, settings_rows=settings_rows,
         results=results, has_curve=has_curve, curve_file=LOSS_CURVE_FILE, samples=samples, versions=versions,
     )

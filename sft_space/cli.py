@@ -5,8 +5,9 @@
     python -m sft_space train DATA [--preset P] [--epochs E | --max-steps S] [...] [--config FILE]
     python -m sft_space train --resume RUN_DIR
     python -m sft_space chat RUN_DIR [--prompt TEXT] [--compare]
-    python -m sft_space push RUN_DIR --repo OWNER/NAME [--private | --public] [--merged] [--demo-space]
-    python -m sft_space export RUN_DIR (--merged OUT_DIR | --adapter OUT_DIR | --zip FILE)
+    python -m sft_space push RUN_DIR --repo OWNER/NAME [--private | --public] [--merged] [--gguf [--quant Q]]
+                                     [--demo-space]
+    python -m sft_space export RUN_DIR (--merged OUT_DIR | --adapter OUT_DIR | --zip FILE | --gguf FILE [--quant Q])
     python -m sft_space bench [--shape NAME] [--steps N] [--json]
 
 Exit status: 0 all rows valid (validate) or the run finished (train); 1 some rows invalid, the source unusable,
@@ -127,14 +128,28 @@ def _publish_parsers(commands: Any) -> None:
                             help=field_help(PublishSettings, "private") + " (the default)")
     visibility.add_argument("--public", dest="private", action="store_false", help="Make new repos public.")
     add_arguments(push, PublishSettings, ["update_existing", "merged", "merged_dtype", "demo_space", "description"])
-    export = commands.add_parser("export", help="Write a run's adapter, or the merged model, to a folder or a zip.")
+    push.add_argument("--gguf", action="store_true", help=field_help(PublishSettings, "gguf"))
+    _quant_argument(push)
+    export = commands.add_parser("export", help="Write a run's adapter, or the merged model, to a folder, a zip or "
+                                                "a GGUF file.")
     export.add_argument("run_dir", metavar="RUN_DIR", help="A finished (or stopped) run folder.")
     target = export.add_mutually_exclusive_group(required=True)
     target.add_argument("--merged", metavar="OUT_DIR", help="The base model with the adapter merged in (safetensors, "
                         "in the base model's dtype): loads with transformers alone.")
     target.add_argument("--adapter", metavar="OUT_DIR", help="The adapter with its model card, settings and metrics.")
     target.add_argument("--zip", metavar="FILE", help="The same as --adapter, as one zip file.")
+    target.add_argument("--gguf", metavar="FILE", help="The merged model as one GGUF file (weights as --quant says), "
+                        "with its tokenizer and chat template: runs in llama.cpp, Ollama and LM Studio.")
     add_arguments(export, PublishSettings, ["merged_dtype"])
+    _quant_argument(export)
+
+
+def _quant_argument(parser: argparse.ArgumentParser) -> None:
+    from .publish import PublishSettings
+
+    spec = PublishSettings.__dataclass_fields__["gguf_quant"]
+    parser.add_argument("--quant", dest="gguf_quant", choices=spec.metadata["choices"], default=spec.default,
+                        help=spec.metadata["help"] + f" With --gguf; default {spec.default}.")
 
 
 def _bench_parser(commands: Any) -> None:
@@ -420,12 +435,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_progress(fraction: float, message: str) -> None:
+    print(f"[{fraction:4.0%}] {message}", file=sys.stderr)
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from . import publish
 
     settings = from_arguments(publish.PublishSettings, args)
-    result = publish.push(args.run_dir, settings, publish.resolve_token(),
-                          on_progress=lambda fraction, message: print(f"[{fraction:4.0%}] {message}", file=sys.stderr))
+    result = publish.push(args.run_dir, settings, publish.resolve_token(), on_progress=_print_progress)
     print(f"Model: {result.model_url}")
     if result.space_url:
         print(f"Chat demo: {result.space_url}")
@@ -439,6 +457,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.zip:
         print(f"Wrote {publish.export_zip(args.run_dir, args.zip)}")
+    elif args.gguf:
+        path = publish.export_gguf(args.run_dir, args.gguf, args.gguf_quant, on_progress=_print_progress)
+        print(f"Wrote {path} ({path.stat().st_size / 1e6:.0f} MB)")
+        print(f"  chat with it: llama-cli -m {shlex.quote(str(path))}")
     else:
         settings = publish.PublishSettings(merged=args.merged is not None, merged_dtype=args.merged_dtype)
         print(f"Wrote {publish.export_folder(args.run_dir, args.merged or args.adapter, settings)}")

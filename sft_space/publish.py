@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from . import card, models, runs
+from . import card, gguf_export, models, runs
 from .access import running_on_space
 from .errors import UserError
 from .runs import RunFolder
@@ -55,6 +55,11 @@ class PublishSettings:
                                         "float32 (on CPU) exactly.", choices=("auto", "float32", "bfloat16", "float16"))
     demo_space: bool = setting(False, "Also create a small Gradio Space, OWNER/NAME-demo, where anyone who can see "
                                       "the model can chat with it.")
+    gguf: bool = setting(False, "Also upload the model (adapter merged in) as a GGUF file, which llama.cpp, "
+                                "Ollama and LM Studio run on a laptop; the card says how.")
+    gguf_quant: str = setting("q8_0", "Weights of the GGUF file: f16 (exact up to rounding, largest), q8_0 (8-bit, "
+                                      "half the size, close to f16) or q4_0 (4-bit, smallest, least exact).",
+                              choices=gguf_export.QUANTS)
     description: str = setting("", "One or two sentences on what the model is for, at the top of its model card.")
 
 
@@ -106,25 +111,75 @@ def _stage_adapter(folder: RunFolder, target: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def merge_adapter(folder: RunFolder, target: Path, dtype: str = "auto") -> None:
-    """Write the base model with the run's adapter merged in, as safetensors, in `dtype` ("auto": the base
-    model's own)."""
+def _base_model(folder: RunFolder) -> tuple[str, bool]:
+    """The base model the run trained on, and whether it needs its own code (trust_remote_code)."""
+    record = folder.read()
+    return card.base_model_of(record), bool((record.get("settings") or {}).get("trust_remote_code"))
+
+
+def merged_model(folder: RunFolder) -> tuple[Any, Any]:
+    """(model, tokenizer): the base model with the run's adapter merged in, in float32.
+
+    Merged in float32 so that the caller rounds once, to the published dtype or the GGUF quantization: merging
+    in bf16 rounds the small LoRA update twice, enough to change greedy answers."""
     import torch
     from peft import PeftModel
 
     folder.require_adapter("merge")
-    record = folder.read()
-    base = card.base_model_of(record)
-    trust_remote_code = bool((record.get("settings") or {}).get("trust_remote_code"))
-    if dtype == "auto":
-        dtype = getattr(models.load_config(base, trust_remote_code), "dtype", None) or torch.float32
-    stored_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    # Merged in float32 and rounded once to the published dtype (bf16 for most): merging in bf16 rounds the
-    # small LoRA update twice, enough to change greedy answers.
+    base, trust_remote_code = _base_model(folder)
     model = models.load_causal_lm(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(model, folder.adapter_path).merge_and_unload()
+    return model, models.load_tokenizer(str(folder.adapter_path))
+
+
+def merge_adapter(folder: RunFolder, target: Path, dtype: str = "auto") -> None:
+    """Write the base model with the run's adapter merged in, as safetensors, in `dtype` ("auto": the base
+    model's own)."""
+    import torch
+
+    folder.require_adapter("merge")
+    if dtype == "auto":
+        base, trust_remote_code = _base_model(folder)
+        dtype = getattr(models.load_config(base, trust_remote_code), "dtype", None) or torch.float32
+    stored_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model, tokenizer = merged_model(folder)
     model.to(stored_dtype).save_pretrained(target)
-    models.load_tokenizer(str(folder.adapter_path)).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def check_gguf_exportable(folder: RunFolder) -> None:
+    """Refuse, before any merging or uploading, a run whose base model the GGUF export does not support."""
+    base, trust_remote_code = _base_model(folder)
+    gguf_export.check_supported(models.load_config(base, trust_remote_code))
+
+
+def _split_rule(base: str) -> str | None:
+    """The embedded default came from a GGUF file that names its pre-tokenizer (smollm: digits one by one);
+    its converted tokenizer no longer says so, so the original file's word is kept."""
+    if base != models.EMBEDDED_MODEL or models.embedded_gguf() is None:
+        return None
+    from gguf import GGUFReader
+
+    field = GGUFReader(models.embedded_gguf()).get_field("tokenizer.ggml.pre")
+    return field.contents() if field is not None else None
+
+
+def export_gguf(run_dir: str | Path, path: str | Path, quant: str = "q8_0", name: str = "",
+                on_progress: Progress | None = None, licence: str | None = None) -> Path:
+    """The run's model (adapter merged in) as one GGUF file for llama.cpp, Ollama and LM Studio
+    (`export --gguf FILE` on the command line)."""
+    folder = open_publishable(run_dir)
+    gguf_export.quant_type(quant)
+    check_gguf_exportable(folder)
+    _progress(on_progress, 0.0, "Merging the adapter into the base model (float32)…")
+    model, tokenizer = merged_model(folder)
+    base = card.base_model_of(folder.read())
+    hub_id = card.hub_base_model(base)
+    return gguf_export.write_gguf(
+        model, tokenizer, path, quant, name=name or folder.run_id, base_model=hub_id,
+        description=f"Fine-tuned with SFT Space from {hub_id or 'a local base model'}", split_rule=_split_rule(base),
+        licence=licence or card.base_model_licence(hub_id),
+        on_progress=lambda fraction, message: _progress(on_progress, 0.2 + 0.8 * fraction, message))
 
 
 def stage(run_dir: str | Path, target: str | Path, settings: PublishSettings | None = None,
@@ -145,14 +200,21 @@ def stage(run_dir: str | Path, target: str | Path, settings: PublishSettings | N
         merge_adapter(folder, target, settings.merged_dtype)
     else:
         _stage_adapter(folder, target)
-    _progress(on_progress, 0.4, "Writing the model card…")
+    gguf_file = None
+    if settings.gguf:
+        gguf_file = gguf_export.file_name((settings.repo_id or folder.run_id).split("/")[-1], settings.gguf_quant)
+        export_gguf(folder.path, target / gguf_file, settings.gguf_quant, name=settings.repo_id or folder.run_id,
+                    licence=licence,
+                    on_progress=lambda fraction, message: _progress(on_progress, 0.3 + 0.6 * fraction, message))
+    _progress(on_progress, 0.95, "Writing the model card…")
     (target / RUN_RECORD_FILE).write_text(json.dumps(public_record(folder), indent=2, ensure_ascii=False) + "\n",
                                           encoding="utf-8")
     if folder.metrics_path.is_file():
         shutil.copy2(folder.metrics_path, target / folder.metrics_path.name)
     has_curve = card.write_loss_curve(folder, target / card.LOSS_CURVE_FILE)
     model_card = card.model_card(folder, settings.repo_id or folder.run_id, merged=settings.merged,
-                                 description=settings.description, has_curve=has_curve, licence=licence)
+                                 description=settings.description, has_curve=has_curve, licence=licence,
+                                 gguf_file=gguf_file)
     model_card.save(target / "README.md")
     return sorted(p.relative_to(target) for p in target.rglob("*") if p.is_file())
 
@@ -434,6 +496,9 @@ def push(run_dir: str | Path, settings: PublishSettings, token: str | None, api:
     space_id = demo_space_id(repo_id) if settings.demo_space else None
     if space_id:
         _check_free(api, space_id, "space", settings.update_existing, token, in_app)
+    if settings.gguf:
+        gguf_export.quant_type(settings.gguf_quant)
+        check_gguf_exportable(folder)
     result = PublishResult(model_url=f"https://huggingface.co/{repo_id}")
     base_model = card.hub_base_model(card.base_model_of(folder.read()))
     licence = card.base_model_licence(base_model) or hub_licence(api, base_model)
@@ -442,8 +507,10 @@ def push(run_dir: str | Path, settings: PublishSettings, token: str | None, api:
         stage(folder.path, model_files, settings,
               lambda fraction, message: _progress(on_progress, 0.05 + 0.4 * fraction, message), licence)
         _progress(on_progress, 0.5, f"Uploading to {repo_id}…")
-        _upload(api, repo_id, "model", model_files, settings.private,
-                f"Upload {'merged model' if settings.merged else 'LoRA adapter'} from SFT Space run {folder.run_id}",
+        what = "merged model" if settings.merged else "LoRA adapter"
+        if settings.gguf:
+            what += f" and GGUF ({settings.gguf_quant})"
+        _upload(api, repo_id, "model", model_files, settings.private, f"Upload {what} from SFT Space run {folder.run_id}",
                 token, in_app)
         if space_id:
             _progress(on_progress, 0.85, f"Creating the demo Space {space_id}…")
@@ -460,7 +527,8 @@ def push(run_dir: str | Path, settings: PublishSettings, token: str | None, api:
                             "(publish with 'merged' to share a model that stands alone).")
     published = folder.read().get("published", [])
     published.append({"repo_id": repo_id, "merged": settings.merged, "private": settings.private,
-                      "space_id": space_id, "at": runs.timestamp()})
+                      "gguf": settings.gguf_quant if settings.gguf else None, "space_id": space_id,
+                      "at": runs.timestamp()})
     folder.update(published=published)
     _progress(on_progress, 1.0, f"Published: {result.model_url}")
     return result

@@ -1,4 +1,5 @@
-"""Publish tab: push a run to the Hub with its model card (and a demo Space), or download it as a zip.
+"""Publish tab: push a run to the Hub with its model card (and a GGUF file, a demo Space), or download it as a
+zip or a GGUF file.
 
 On a Space with `hf_oauth`, visitors sign in with the LoginButton and push with their own OAuth token; a token
 can also be pasted for one push. The token is used for that push only: it is not kept in any state, file or
@@ -19,7 +20,8 @@ from .. import publish
 from ..errors import UserError
 from .common import Gate, adapter_run_choices, keep_choice, own_run, settings_component
 
-FORM_FIELDS = ("private", "update_existing", "merged", "merged_dtype", "demo_space", "description")
+FORM_FIELDS = ("private", "update_existing", "merged", "merged_dtype", "gguf", "gguf_quant", "demo_space",
+               "description")
 
 
 def oauth_enabled() -> bool:
@@ -45,6 +47,10 @@ def publish_run(runs_dir: str, run_dir: str | None, visitor: str | None, repo_id
         raise gr.Error(str(err)) from None
     lines = [f"✅ Published **[{settings.repo_id}]({result.model_url})**"
              + (" (private)" if settings.private else "")]
+    if settings.gguf:
+        tag = settings.gguf_quant.upper()
+        lines.append(f"💻 Run it locally: `ollama run hf.co/{settings.repo_id}:{tag}` or "
+                     f"`llama-cli -hf {settings.repo_id}:{tag}`")
     if result.space_url:
         lines.append(f"💬 Chat demo: **[{result.space_url}]({result.space_url})** (it takes a few minutes to build)")
     lines += [f"ℹ️ {note}" for note in result.notes]
@@ -57,6 +63,23 @@ def zip_run(runs_dir: str, run_dir: str | None, visitor: str | None) -> str:
     target = Path(tempfile.mkdtemp(prefix="sft-space-download-")) / f"{Path(run_dir).name}-adapter.zip"
     try:
         return str(publish.export_zip(run_dir, target))
+    except UserError as err:
+        raise gr.Error(str(err)) from None
+
+
+def gguf_run(runs_dir: str, run_dir: str | None, visitor: str | None, quant: str, progress: Any = None) -> str:
+    """The visitor's run (adapter merged in) as a GGUF file to download."""
+    from .. import gguf_export
+
+    folder = own_run(runs_dir, run_dir, visitor)
+    target = Path(tempfile.mkdtemp(prefix="sft-space-download-")) / gguf_export.file_name(folder.run_id, quant)
+
+    def on_progress(fraction: float, message: str) -> None:
+        if progress is not None:
+            progress(fraction, desc=message)
+
+    try:
+        return str(publish.export_gguf(folder.path, target, quant, on_progress=on_progress))
     except UserError as err:
         raise gr.Error(str(err)) from None
 
@@ -83,21 +106,25 @@ def build(gate: Gate, session: gr.BrowserState) -> dict[str, Any]:
         form = {name: settings_component(specs[name]) for name in ("private", "update_existing", "merged",
                                                                    "demo_space")}
         form["merged_dtype"] = settings_component(specs["merged_dtype"], visible=False)
+    with gr.Row():
+        form["gguf"] = settings_component(specs["gguf"])
+        form["gguf_quant"] = settings_component(specs["gguf_quant"])
     form["description"] = settings_component(specs["description"])
     with gr.Row():
         push = gr.Button("Publish to the Hub", variant="primary", elem_id="publish-push")
         make_zip = gr.Button("Download the adapter (.zip)", elem_id="publish-zip")
+        make_gguf = gr.Button("Download a GGUF file", elem_id="publish-gguf")
     outcome = gr.Markdown(elem_id="publish-outcome")
-    download = gr.File(label="Adapter zip", interactive=False, elem_id="publish-file")
+    download = gr.File(label="Download", interactive=False, elem_id="publish-file")
 
     if oauth_enabled():
         # Gradio fills an OAuthToken parameter with the signed-in visitor's token (None when signed out); it
         # finds it by its annotation, so the parameters are spelled out rather than taken as *args.
-        def on_push(run_dir, token, repo, typed, private, update_existing, merged, merged_dtype, demo_space,
-                    description, oauth_token: gr.OAuthToken | None, profile: gr.OAuthProfile | None,
+        def on_push(run_dir, token, repo, typed, private, update_existing, merged, merged_dtype, gguf, gguf_quant,
+                    demo_space, description, oauth_token: gr.OAuthToken | None, profile: gr.OAuthProfile | None,
                     progress=gr.Progress()):
             gate.may_train(profile)  # publishing from the Space is for those who may train on it
-            values = (private, update_existing, merged, merged_dtype, demo_space, description)
+            values = (private, update_existing, merged, merged_dtype, gguf, gguf_quant, demo_space, description)
             return publish_run(runs_dir, run_dir, gate.visitor(token), repo, typed, oauth_token.token if oauth_token else None,
                                dict(zip(FORM_FIELDS, values)), progress)
     else:
@@ -109,6 +136,11 @@ def build(gate: Gate, session: gr.BrowserState) -> dict[str, Any]:
     push.click(on_push, inputs=[run, session, repo_id, token, *(form[name] for name in FORM_FIELDS)], outputs=outcome)
     make_zip.click(lambda run_dir, token: zip_run(runs_dir, run_dir, gate.visitor(token)), inputs=[run, session],
                    outputs=download)
+
+    def on_gguf(run_dir, token, quant, progress=gr.Progress()):
+        return gguf_run(runs_dir, run_dir, gate.visitor(token), quant, progress)
+
+    make_gguf.click(on_gguf, inputs=[run, session, form["gguf_quant"]], outputs=download)
 
     def on_refresh(current, token):
         return keep_choice(adapter_run_choices(runs_dir, gate.known_visitor(token)), current)
