@@ -32,6 +32,9 @@ SHAPES = {
     "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, False),
 }
 EMBEDDED = "embedded"
+# The replies of the GPU memory measurements in issue 15 (lognormal(5.3, 0.8) words, capped at 1,400): long enough
+# that most batches of 8 pad to the 1,024-token maximum. tests/test_plan.py checks the estimator against them.
+GPU_MEMORY_RECIPE_REPLY_WORDS = (5.3, 0.8, 1400)
 SHAPE_NAMES = (*SHAPES, EMBEDDED)
 # Dense bf16 (fp16 on the T4) tensor-core peaks, TFLOP/s, for MFU.
 PEAK_TFLOPS = {"T4": 65.0, "L4": 121.0, "A10G": 125.0, "A100": 312.0, "H100": 989.0, "H200": 989.0}
@@ -64,16 +67,19 @@ class PathResult:
     notes: str
 
 
-def synthetic_chats(count: int, seed: int) -> list[dict[str, Any]]:
-    """Conversations whose lengths spread like real chat data: median about 250 tokens, a long tail."""
+def synthetic_chats(count: int, seed: int, reply_words: tuple[float, float, int] = (5.0, 0.5, 700)
+                    ) -> list[dict[str, Any]]:
+    """Conversations whose lengths spread like real chat data: by default median about 250 tokens, a long tail.
+    `reply_words` is the reply's length in words: lognormal (mu, sigma), capped."""
     rng = random.Random(seed)
+    mu, sigma, cap = reply_words
 
     def sentence(words: int) -> str:
         return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
 
     rows = []
     for _ in range(count):
-        reply_words = min(int(rng.lognormvariate(5.0, 0.5)), 700)
+        reply_words = min(int(rng.lognormvariate(mu, sigma)), cap)
         rows.append({"messages": [{"role": "user", "content": sentence(rng.randint(8, 40))},
                                   {"role": "assistant", "content": sentence(max(reply_words, 5))}]})
     return rows

@@ -165,8 +165,8 @@ def plan_training(settings: RunSettings, hardware: Hardware, shape: ModelShape, 
     length = sequence_length(settings, packing, total_tokens, longest_example, None if gpu else CPU_PACK_LENGTH)
 
     def estimate(batch: int, four_bit: bool, checkpointing: bool) -> float:
-        return estimate_memory(shape, batch * length, precision, four_bit, checkpointing,
-                               settings.lora_r, gpu=gpu).total_gib
+        return estimate_memory(shape, batch * length, precision, four_bit, checkpointing, settings.lora_r, gpu=gpu,
+                               sequence_length=length, packed=packing).total_gib
 
     if settings.quantization == "4bit" and not gpu:
         raise UserError("4-bit (QLoRA) loading needs a CUDA GPU; set quantization to 'none' or 'auto' on CPU.")

@@ -1,9 +1,11 @@
 """Predict a LoRA/QLoRA run's peak memory from the model's shape, before any weight is loaded.
 
 The model is built on PyTorch's meta device (shapes, no storage), so parameter counts and layer widths are
-exact; the per-token activation cost is an engineering estimate of what a decoder layer keeps for the
-backward pass. The planner uses the prediction to choose 4-bit loading, gradient checkpointing and the batch
-size; the app shows it beside each model.
+exact. What a decoder layer keeps for the backward pass is counted from the tensors it saves (below), and the
+counts are calibrated against peaks measured on one H100 with TRL 1.16 (torch.cuda.max_memory_allocated;
+issue 15's table, reproduced in tests/test_plan.py): every row within ±20%, none under by more than 10%. The
+planner uses the prediction to choose 4-bit loading, gradient checkpointing and the batch size; the app shows it
+beside each model.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
 # 4-bit NF4 weights with double-quantised scales take ~0.53 bytes per parameter; embeddings and the head
 # stay in 16 bit.
 NF4_BYTES_PER_PARAMETER = 0.53
-# CUDA context, allocator slack and kernels' workspaces.
+# CUDA context, allocator slack and kernels' workspaces: real memory, though max_memory_allocated leaves it out.
 RUNTIME_OVERHEAD_GIB = 0.6
+# TRL 1.16's fused LM head (on GPUs) projects at most this many tokens against this much of the vocabulary at once.
+FUSED_HEAD_TOKENS, FUSED_HEAD_VOCABULARY = 4096, 32768
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -33,6 +37,8 @@ class ModelShape:
     vocab_size: int
     # (in_features, out_features) of every linear layer that LoRA adapts with 'all-linear'.
     lora_linears: tuple[tuple[int, int], ...]
+    # Width of the keys (and of the values): key-value heads × head size; 0 reads as the hidden size.
+    kv_size: int = 0
 
     def lora_parameters(self, rank: int) -> int:
         return sum(rank * (fan_in + fan_out) for fan_in, fan_out in self.lora_linears)
@@ -60,6 +66,9 @@ class ModelShape:
             num_layers=text_config.num_hidden_layers,
             vocab_size=text_config.vocab_size,
             lora_linears=linears,
+            kv_size=getattr(text_config, "num_key_value_heads", None) and text_config.num_key_value_heads * (
+                getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads)
+            or 0,
         )
 
 
@@ -69,7 +78,33 @@ class MemoryEstimate:
     adapter_and_optimizer_gib: float
     activations_gib: float
     logits_gib: float
+    masks_gib: float
+    # What torch.cuda.max_memory_allocated would report: everything but the runtime's own overhead.
+    allocated_gib: float
     total_gib: float
+
+
+def layer_activation_bytes(shape: ModelShape, element: int, sequence_length: int, packed: bool,
+                           liger: bool = False) -> float:
+    """Bytes one decoder layer keeps per token for the backward pass, counted from the tensors it saves.
+
+    Each RMSNorm keeps its input upcast to fp32, the normalised copy and its output (8 bytes per hidden unit in
+    16 bit; Liger's fused norm keeps its input and one scale per row: 2); attention keeps the query before and
+    after the rotary embedding, keys twice, values, and its output before and after the output projection's
+    reshape (8 hidden widths and 6 key widths, counting two bytes each); the MLP keeps the gate and up
+    projections, the activation and their product (8 intermediate widths). LoRA's inputs are these same tensors,
+    and its rank-sized intermediates are negligible. A padded batch also keeps the [length × length] attention
+    mask in every layer (2 bytes per entry): per token, 2 × length bytes. Packed batches are counted in
+    `estimate_memory`, where the mask spans the whole flattened batch.
+    """
+    h, i, kv = shape.hidden_size, shape.intermediate_size, shape.kv_size or shape.hidden_size
+    norms = 2 * (2 if liger else 8) * h
+    attention = 8 * h + 6 * kv
+    mlp = 8 * i
+    per_token = (norms + attention + mlp) * element / 2
+    if not packed:
+        per_token += 2 * sequence_length
+    return per_token
 
 
 def estimate_memory(
@@ -80,8 +115,14 @@ def estimate_memory(
     gradient_checkpointing: bool = False,
     lora_rank: int = 16,
     gpu: bool = True,
+    sequence_length: int = 1024,
+    packed: bool = False,
+    liger: bool = False,
+    trained_fraction: float = 1.0,
 ) -> MemoryEstimate:
-    """Peak memory of one training step holding `tokens_per_step` tokens (batch × sequence length)."""
+    """Peak memory of one training step holding `tokens_per_step` tokens (batch × sequence length, padding
+    included) in sequences of `sequence_length`; `packed` batches are flattened into one sequence (TRL's
+    padding-free packing), and `trained_fraction` of the tokens are trained (the LM head runs only there)."""
     element = BYTES_PER_ELEMENT[precision]
     if four_bit:
         weights = (shape.parameters - shape.embedding_parameters) * NF4_BYTES_PER_PARAMETER
@@ -90,16 +131,25 @@ def estimate_memory(
         weights = shape.parameters * element
     # fp32 master weights, gradients and two Adam moments for every adapter parameter.
     adapter = shape.lora_parameters(lora_rank) * 16
-    h, i = shape.hidden_size, shape.intermediate_size
-    # Per token and layer the backward pass keeps the inputs of every linear layer, the MLP's intermediate
-    # activations and the LoRA dropout copies: about 12 hidden-widths plus 6 intermediate-widths.
-    per_layer = (12 * h + 6 * i) * element
+    per_layer = layer_activation_bytes(shape, element, sequence_length, packed, liger)
     if gradient_checkpointing:
-        activations = tokens_per_step * (shape.num_layers * h * element + per_layer)
+        # Each layer's input, and one layer's full set while it is recomputed.
+        activations = tokens_per_step * (shape.num_layers * shape.hidden_size * element + per_layer)
     else:
         activations = tokens_per_step * shape.num_layers * per_layer
-    # Logits in the compute dtype, their fp32 upcast for the loss, and its gradient.
-    logits = tokens_per_step * shape.vocab_size * (element + 8)
+    # A packed batch is one sequence of every token, under a block-diagonal [tokens × tokens] mask that each layer
+    # keeps (one layer's, with checkpointing): 2 bytes per entry.
+    masks = 2 * tokens_per_step**2 * (1 if gradient_checkpointing else shape.num_layers) if packed else 0
+    trained = max(1, int(tokens_per_step * trained_fraction))
+    if gpu:
+        # TRL's fused head: one tile of logits at a time, the trained positions' hidden states and their fp32
+        # gradient. No full logits.
+        logits = (min(trained, FUSED_HEAD_TOKENS) * min(shape.vocab_size, FUSED_HEAD_VOCABULARY) * element
+                  + trained * shape.hidden_size * (element + 4))
+    else:
+        # The CPU path (train.trained_positions_loss): logits at the trained positions, their fp32 copy and gradient.
+        logits = trained * shape.vocab_size * (element + 8)
+    allocated = weights + adapter + activations + masks + logits
     overhead = RUNTIME_OVERHEAD_GIB * GIB if gpu else 0
-    total = weights + adapter + activations + logits + overhead
-    return MemoryEstimate(weights / GIB, adapter / GIB, activations / GIB, logits / GIB, total / GIB)
+    return MemoryEstimate(weights / GIB, adapter / GIB, activations / GIB, logits / GIB, masks / GIB,
+                          allocated / GIB, (allocated + overhead) / GIB)
