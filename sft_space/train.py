@@ -28,6 +28,7 @@ checks, loading the model) run in a helper thread that is left to finish alone w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import importlib.util
@@ -67,8 +68,6 @@ LAST_STEP_ONLY = 2**31 - 1
 KEEP_CHECKPOINTS = 2
 SAMPLE_MAX_NEW_TOKENS = 96
 FAILURE_FILE = "failure.txt"
-OOM_ADVICE = ("Out of memory. Lower the maximum length, set the batch size to 1, turn gradient checkpointing on, "
-              "or load the model in 4-bit (QLoRA); a smaller model also helps.")
 
 
 DISK_FULL_ADVICE = ("The disk is full: the last checkpoint could not be saved (the incomplete one is ignored). "
@@ -369,6 +368,51 @@ def torch_dtype(name: str) -> Any:
     import torch
 
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+# An out-of-memory error before this step is retried with a smaller plan; after it the run has progress to keep.
+RETRY_OUT_OF_MEMORY_BEFORE_STEP = 10
+
+
+def plan_after_out_of_memory(settings: RunSettings, plan: TrainingPlan
+                             ) -> tuple[RunSettings, TrainingPlan, str] | None:
+    """What to try after running out of memory, in order of cost: half the batch (down to 1) with gradient
+    accumulation raised to match, so each optimizer step still sees the same examples; then gradient
+    checkpointing; then 4-bit weights on a GPU. Returns (settings, plan, what changed), or None when nothing is
+    left to try."""
+    if plan.batch_size > 1:
+        batch = max(d for d in range(1, plan.batch_size // 2 + 1) if plan.batch_size % d == 0)
+        accumulation = settings.gradient_accumulation * (plan.batch_size // batch)
+        change = (f"batch size {batch} with gradient accumulation {accumulation} (was {plan.batch_size} and "
+                  f"{settings.gradient_accumulation}: the same examples per optimizer step)")
+        settings = dataclasses.replace(settings, gradient_accumulation=accumulation)
+        plan = dataclasses.replace(plan, batch_size=batch)
+    elif not plan.gradient_checkpointing:
+        change = "gradient checkpointing on (slower, far less memory)"
+        plan = dataclasses.replace(plan, gradient_checkpointing=True)
+    elif plan.device == "cuda" and not plan.four_bit:
+        change = "4-bit (QLoRA) weights"
+        plan = dataclasses.replace(plan, four_bit=True)
+    else:
+        return None
+    plan = dataclasses.replace(plan, reasons=[*plan.reasons, f"out of memory, so {change}"])
+    return settings, plan, change
+
+
+def out_of_memory_advice(plan: TrainingPlan) -> str:
+    """What to do after running out of memory: what was already tried, and what is left."""
+    prefix = "out of memory, so "
+    tried = [reason.removeprefix(prefix) for reason in plan.reasons if reason.startswith(prefix)]
+    left = ["lower the maximum length"]
+    if plan.batch_size > 1:
+        left.append("set the batch size to 1")
+    if not plan.gradient_checkpointing:
+        left.append("turn gradient checkpointing on")
+    if not plan.four_bit:
+        left.append("load the model in 4-bit (QLoRA, on a GPU)")
+    left.append("choose a smaller model")
+    also = f", also with {'; then with '.join(tried)}" if tried else ""
+    return f"Out of memory{also}. To fit: {', '.join(left[:-1])}, or {left[-1]}."
 
 
 def leave_out_bitsandbytes() -> None:
@@ -837,18 +881,35 @@ def _run(job: TrainingJob, folder: RunFolder, settings: RunSettings, plan: Train
     # With several processes every one trains; only the main one writes the run record, samples and adapter.
     main = distributed.is_main()
     try:
-        _status(job, f"Loading {settings.model}…")
-        model = _unless_stopped(job, lambda: load_model_for_training(settings, plan))
-        trainer = _unless_stopped(job, lambda: build_trainer(settings, plan, folder, model, tokenizer, prepared,
-                                                             job.stop_event, evaluation))
-        tokens_per_epoch = token_count(trainer.train_dataset)
-        monitor = RunMonitor(folder, tokens_per_epoch, job.stop_event, job.on_metrics)
-        trainer.add_callback(monitor.callback)
-        for callback in job.extra_callbacks:
-            trainer.add_callback(callback)
-        _stop_here_if_asked(job)
-        _status(job, "Training…")
-        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        while True:
+            _status(job, f"Loading {settings.model}…")
+            model = _unless_stopped(job, lambda: load_model_for_training(settings, plan))
+            trainer = _unless_stopped(job, lambda: build_trainer(settings, plan, folder, model, tokenizer, prepared,
+                                                                 job.stop_event, evaluation))
+            tokens_per_epoch = token_count(trainer.train_dataset)
+            monitor = RunMonitor(folder, tokens_per_epoch, job.stop_event, job.on_metrics)
+            trainer.add_callback(monitor.callback)
+            for callback in job.extra_callbacks:
+                trainer.add_callback(callback)
+            _stop_here_if_asked(job)
+            _status(job, "Training…")
+            try:
+                output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+                break
+            except Exception as err:
+                smaller = None
+                if (is_out_of_memory(err) and checkpoint is None and distributed.world_size() == 1
+                        and trainer.state.global_step < RETRY_OUT_OF_MEMORY_BEFORE_STEP):
+                    smaller = plan_after_out_of_memory(settings, plan)
+                if smaller is None:
+                    raise
+                settings, plan, change = smaller
+                # A fresh model (the adapter was injected into this one) and a fresh curve: the run starts over.
+                model = trainer = None
+                release_memory()
+                folder.metrics_path.unlink(missing_ok=True)
+                folder.update(settings=asdict(settings), plan=plan.to_dict())
+                _status(job, f"Out of memory: {change}; starting again.")
         if not main:
             return folder
         _status(job, "Saving the adapter…")
@@ -876,7 +937,7 @@ def _run(job: TrainingJob, folder: RunFolder, settings: RunSettings, plan: Train
             _record_end(folder, status=runs.STOPPED, error="Interrupted; resume continues from the last checkpoint.")
         raise
     except Exception as err:
-        failure = (OOM_ADVICE if is_out_of_memory(err) else DISK_FULL_ADVICE if is_disk_full(err, folder.path)
+        failure = (out_of_memory_advice(plan) if is_out_of_memory(err) else DISK_FULL_ADVICE if is_disk_full(err, folder.path)
                    else f"{type(err).__name__}: {err}")
         details = traceback.format_exc()
     finally:

@@ -206,3 +206,17 @@ def test_a_packed_gpu_batch_is_sized_by_its_masks(shapes):
     takes a smaller batch than the padded estimate would allow (issue 15: 26.5 GiB at 16 × 1024 on 135M)."""
     plan = plan_training(RunSettings(max_length=1024), T4, shapes["135m"], total_tokens=10**7, longest_example=1024)
     assert plan.packing and plan.batch_size <= 8 and plan.fits
+
+
+def test_after_out_of_memory_the_plan_shrinks_in_order_of_cost_keeping_the_examples_per_step(shapes):
+    from sft_space.train import plan_after_out_of_memory
+
+    settings = RunSettings(gradient_accumulation=1)
+    plan = dataclasses.replace(plan_training(settings, T4, shapes["135m"]), batch_size=6, gradient_checkpointing=False,
+                               four_bit=False)
+    seen = []
+    while (step := plan_after_out_of_memory(settings, plan)) is not None:
+        settings, plan, _ = step
+        seen.append((plan.batch_size, settings.gradient_accumulation, plan.gradient_checkpointing, plan.four_bit))
+    assert seen == [(3, 2, False, False), (1, 6, False, False), (1, 6, True, False), (1, 6, True, True)]
+    assert plan.reasons[-1] == "out of memory, so 4-bit (QLoRA) weights"

@@ -17,7 +17,7 @@ from sft_space import models, render, runs
 from sft_space.chat import GenerationSettings, load_chat_model
 from sft_space.hardware import detect_hardware, plan_training
 from sft_space.settings import run_settings
-from sft_space.train import (OOM_ADVICE, STOPPED_BEFORE_FIRST_STEP, TrainingFailed, TrainingJob, TrainingStopped,
+from sft_space.train import (STOPPED_BEFORE_FIRST_STEP, TrainingFailed, TrainingJob, TrainingStopped,
                              build_trainer, model_shape, prepare_data, token_count, train, trained_positions_loss)
 
 PLANTED_TOKEN = "hf_PlantedSecretTokenForTests0123456789"
@@ -191,13 +191,50 @@ def test_stop_then_resume_continues_the_step_count(tiny_settings):
     assert isinstance(base_reply, str)
 
 
-def test_out_of_memory_marks_the_run_failed_and_the_next_run_works(tiny_settings):
-    settings = tiny_settings(max_steps=4)
-    oom = RaiseAtStep(2, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+class OutOfMemoryAbove(TrainerCallback):
+    """Runs out of memory at the first step while the batch is larger than `batch` (or always, with None), and
+    counts the attempts."""
+
+    def __init__(self, batch=None):
+        self.batch, self.attempts = batch, []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.attempts.append((args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                              bool(args.activation_checkpointing)))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.batch is None or args.per_device_train_batch_size > self.batch:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_in_the_first_steps_halves_the_batch_and_keeps_the_examples_per_step(tiny_settings):
+    settings = tiny_settings(max_steps=4, batch_size=4, packing=False, gradient_accumulation=1)
+    oom = OutOfMemoryAbove(batch=1)
+    statuses = []
+    folder = train(TrainingJob(settings, extra_callbacks=[oom], on_status=statuses.append, run_id="shrinks"))
+    # 4 × 1, then 2 × 2, then 1 × 4 examples per optimizer step: the same 4 each time.
+    assert oom.attempts == [(4, 1, False), (2, 2, False), (1, 4, False)]
+    record = folder.read()
+    assert record["status"] == runs.FINISHED
+    assert record["plan"]["batch_size"] == 1 and record["settings"]["gradient_accumulation"] == 4
+    assert any("out of memory, so batch size 1 with gradient accumulation 4" in r for r in record["plan"]["reasons"])
+    assert [m["step"] for m in folder.read_metrics() if "loss" in m] == [1, 2, 3, 4], "one curve, from the attempt that ran"
+    assert sum(s.startswith("Out of memory: batch size") for s in statuses) == 2
+
+
+def test_out_of_memory_at_every_size_fails_with_what_was_tried_and_what_is_left(tiny_settings):
+    settings = tiny_settings(max_steps=4, batch_size=2, packing=False, gradient_accumulation=1)
+    oom = OutOfMemoryAbove(batch=None)
     with pytest.raises(TrainingFailed, match="Out of memory"):
         train(TrainingJob(settings, extra_callbacks=[oom], run_id="oom"))
+    # Batch 2, then 1 (accumulating 2), then with checkpointing; a CPU cannot load in 4 bit.
+    assert oom.attempts == [(2, 1, False), (1, 2, False), (1, 2, True)]
     failed = runs.RunFolder.open(os.path.join(settings.output_dir, "oom")).read()
-    assert failed["status"] == runs.FAILED and failed["error"] == OOM_ADVICE
+    assert failed["status"] == runs.FAILED
+    assert failed["error"] == ("Out of memory, also with batch size 1 with gradient accumulation 2 (was 2 and 1: the "
+                               "same examples per optimizer step); then with gradient checkpointing on (slower, far "
+                               "less memory). To fit: lower the maximum length, load the model in 4-bit (QLoRA, on a "
+                               "GPU), or choose a smaller model.")
 
     folder = train(TrainingJob(settings, run_id="after-oom"))
     assert folder.read()["status"] == runs.FINISHED
