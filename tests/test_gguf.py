@@ -203,3 +203,27 @@ def test_an_unknown_quantization_is_refused(trained_run, tmp_path, capsys):
     with pytest.raises(UserError, match="choose one of f16, q8_0, q4_0"):
         publish.export_gguf(trained_run.path, tmp_path / "x.gguf", "q5_k")
     assert not list(tmp_path.iterdir())
+
+
+def test_llama_3_rope_scaling_is_written_as_llama_cpp_reads_it_and_other_scalings_are_refused(embedded_tokenizer,
+                                                                                                tmp_path):
+    from gguf import GGUFReader
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config = LlamaConfig(vocab_size=len(embedded_tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=131072, rope_parameters=rope)
+    out = gguf_export.write_gguf(LlamaForCausalLM(config), embedded_tokenizer, tmp_path / "llama3.gguf", "q8_0")
+    reader = GGUFReader(out)
+    factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
+    # One factor per rotated pair: the fastest-turning pairs untouched, the slowest stretched by the full factor.
+    assert len(factors) == 16 // 2 and factors[0] == 1.0 and factors[-1] == 32.0
+    assert list(factors) == sorted(factors)
+    assert reader.get_field("llama.rope.freq_base").contents() == 500000.0
+
+    config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    with pytest.raises(UserError, match="does not support the 'yarn' RoPE scaling"):
+        gguf_export.write_gguf(LlamaForCausalLM(config), embedded_tokenizer, tmp_path / "yarn.gguf", "q8_0")
+    assert not (tmp_path / "yarn.gguf").exists()
