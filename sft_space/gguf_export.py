@@ -27,12 +27,9 @@ ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
 # llama.cpp's names for the text-splitting rule a byte-level vocabulary was trained with (tokenizer.ggml.pre).
 # Llama 3 and Qwen2 spell their rule as a regex; the GPT-2 rule is ByteLevel's own, with single digits for SmolLM.
 SPLIT_REGEX_NAMES = ("llama-bpe", "qwen2")
+SUPPORTED = "Llama (including SmolLM2 and Llama 3.x) and Qwen2"
 
 Progress = Callable[[float, str], None]
-
-
-def supported_text() -> str:
-    return "Llama (including SmolLM2 and Llama 3.x) and Qwen2"
 
 
 def check_supported(config: Any) -> str:
@@ -41,12 +38,12 @@ def check_supported(config: Any) -> str:
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
         raise UserError(f"GGUF export does not support the {model_type!r} architecture of this run's base model; "
-                        f"it supports {supported_text()}. Export it with --merged instead and convert that folder "
-                        "with llama.cpp's convert_hf_to_gguf.py, if llama.cpp supports it.")
+                        f"it supports {SUPPORTED}. Export the merged model instead (--merged) and convert that "
+                        "folder with llama.cpp's convert_hf_to_gguf.py, if llama.cpp supports it.")
     rope = _rope_parameters(config)
     if rope.get("rope_type", "default") not in ("default", "llama3"):
         raise UserError(f"GGUF export does not support the {rope['rope_type']!r} RoPE scaling of this run's base "
-                        "model (only none and Llama 3's). Export it with --merged instead.")
+                        "model (only none and Llama 3's). Export the merged model instead (--merged).")
     return ARCHITECTURES[model_type]
 
 
@@ -93,13 +90,13 @@ def _split_rule(tokenizer_json: dict[str, Any]) -> str:
                 if regex == GGUF_PRE_TOKENIZER_SPLITS.get(name):
                     return name
             raise UserError("GGUF export does not know this tokenizer's way of splitting text (a regex that is "
-                            f"neither Llama 3's nor Qwen2's); it supports the tokenizers of {supported_text()}.")
+                            f"neither Llama 3's nor Qwen2's); it supports the tokenizers of {SUPPORTED}.")
     byte_level = next((step for step in steps if step.get("type") == "ByteLevel"), None)
     if byte_level is not None and byte_level.get("use_regex", True):
         single_digits = any(step.get("type") == "Digits" and step.get("individual_digits") for step in steps)
         return "smollm" if single_digits else "gpt-2"
     raise UserError(f"GGUF export does not know this tokenizer's pre-tokenizer ({', '.join(map(str, kinds))}); it "
-                    f"supports the byte-level tokenizers of {supported_text()}.")
+                    f"supports the byte-level tokenizers of {SUPPORTED}.")
 
 
 def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, split_rule: str | None) -> None:
