@@ -11,6 +11,7 @@ steps (logging, syncs) counts against it. Checkpoint saving is off for both.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import tempfile
@@ -194,29 +195,32 @@ def run_bench(settings: BenchSettings, hardware: Hardware | None = None) -> dict
         prepared = prepare_data(run, tokenizer)
         stats = prepared.report.stats()
         plan = plan_training(run, hardware, shape, stats["total_tokens"], stats["tokens_per_example"]["max"])
-        dtype = torch_dtype(plan.precision)
         device = "cuda" if plan.device == "cuda" else "cpu"
 
-        def fresh_model() -> Any:
+        def fresh_model(precision: str) -> Any:
             torch.manual_seed(settings.seed)
             if embedded:
-                return load_model_for_training(run, plan)
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").to(device)
+                return load_model_for_training(run, dataclasses.replace(plan, precision=precision))
+            return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(precision),
+                                                    attn_implementation="sdpa").to(device)
 
         folder = RunFolder(work / "ours")
         folder.path.mkdir()
-        ours = build_trainer(run, plan, folder, fresh_model(), tokenizer, prepared)
+        ours = build_trainer(run, plan, folder, fresh_model(plan.precision), tokenizer, prepared)
         ours_result = _measure("SFT Space default", ours, settings, hardware, shape, plan.sequence_length,
                                "; ".join(plan.reasons))
         del ours
         release_memory()
 
+        # TRL's default precision is bf16, on a CPU too (weights as the checkpoint stores them: bf16 for the
+        # catalog's models); a GPU without bf16 (T4) is given fp16, as TRL's default would fail there.
+        baseline_precision = "fp16" if plan.precision == "fp16" else "bf16"
         baseline_args = SFTConfig(
             output_dir=str(work / "baseline"), max_length=settings.max_length, max_steps=total_steps,
             per_device_train_batch_size=plan.batch_size, learning_rate=run.learning_rate, seed=settings.seed,
-            use_cpu=device == "cpu", bf16=plan.precision == "bf16", fp16=plan.precision == "fp16",
+            use_cpu=device == "cpu", bf16=baseline_precision == "bf16", fp16=baseline_precision == "fp16",
             save_strategy="no", report_to="none", disable_tqdm=True)
-        baseline = SFTTrainer(model=fresh_model(), args=baseline_args,
+        baseline = SFTTrainer(model=fresh_model(baseline_precision), args=baseline_args,
                               # The same conversations ours trains on (those within the maximum length).
                               train_dataset=Dataset.from_list([{"messages": e.messages} for e in prepared.train]),
                               processing_class=tokenizer,
@@ -224,8 +228,8 @@ def run_bench(settings: BenchSettings, hardware: Hardware | None = None) -> dict
         baseline.remove_callback(PrinterCallback)
         checkpointing = "on" if baseline_args.activation_checkpointing else "off"
         baseline_result = _measure("TRL defaults", baseline, settings, hardware, shape, settings.max_length,
-                                   f"padding to the longest in each batch, gradient checkpointing {checkpointing}, "
-                                   "loss on every token")
+                                   f"{baseline_precision}, padding to the longest in each batch, gradient "
+                                   f"checkpointing {checkpointing}, loss on every token")
         del baseline
         release_memory()
     return {"settings": asdict(settings), "hardware": hardware.describe(), "parameters": shape.parameters,
