@@ -169,12 +169,16 @@ def run_bench(settings: BenchSettings, hardware: Hardware | None = None) -> dict
     """Train both paths and return their measurements and the ratio of their speeds."""
     import torch
     from transformers import AutoModelForCausalLM, PrinterCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import ModelConfig, SFTConfig, SFTTrainer
 
     from datasets import Dataset
 
     from .runs import RunFolder
     from .train import build_trainer, load_model_for_training, lora_config, prepare_data, release_memory, torch_dtype
+
+    # The LoRA dropout of TRL's own LoRA settings (trl.ModelConfig, what `trl sft` uses); rank, alpha, targets and
+    # learning rate are ours for both paths.
+    trl_lora_dropout = ModelConfig.__dataclass_fields__["lora_dropout"].default
 
     hardware = hardware or detect_hardware()
     tokenizer = models.load_tokenizer(models.EMBEDDED_MODEL)
@@ -224,12 +228,13 @@ def run_bench(settings: BenchSettings, hardware: Hardware | None = None) -> dict
                               # The same conversations ours trains on (those within the maximum length).
                               train_dataset=Dataset.from_list([{"messages": e.messages} for e in prepared.train]),
                               processing_class=tokenizer,
-                              peft_config=lora_config(run))
+                              peft_config=lora_config(dataclasses.replace(run, lora_dropout=trl_lora_dropout)))
         baseline.remove_callback(PrinterCallback)
         checkpointing = "on" if baseline_args.activation_checkpointing else "off"
         baseline_result = _measure("TRL defaults", baseline, settings, hardware, shape, settings.max_length,
                                    f"{baseline_precision}, padding to the longest in each batch, gradient "
-                                   f"checkpointing {checkpointing}, loss on every token")
+                                   f"checkpointing {checkpointing}, LoRA dropout {trl_lora_dropout}, loss on every "
+                                   "token")
         del baseline
         release_memory()
     return {"settings": asdict(settings), "hardware": hardware.describe(), "parameters": shape.parameters,

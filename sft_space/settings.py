@@ -117,7 +117,9 @@ class RunSettings(DataSettings):
                           group="lora", bounds=(1, 1024))
     lora_alpha: int = setting(32, "LoRA scaling (alpha); twice the rank is a good default.", group="lora",
                               bounds=(1, 8192))
-    lora_dropout: float = setting(0.05, "Dropout on the LoRA path; helps small datasets generalise.", group="lora",
+    # 0 by default, as in PEFT, LLaMA-Factory and Unsloth: on a CPU dropout took a fifth of a step (docs/BENCHMARKS.md).
+    lora_dropout: float = setting(0.0, "Dropout on the LoRA path: 0 is fastest (dropout copies the input of every "
+                                  "adapted layer); 0.05-0.1 can help a small dataset generalise.", group="lora",
                                   bounds=(0, 0.9))
     target_modules: str = setting("all-linear", "Layers that get adapters: 'all-linear', or names separated by "
                                   "commas (e.g. 'q_proj,v_proj').", group="lora")
