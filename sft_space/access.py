@@ -33,7 +33,7 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
-from . import models, runs
+from . import hub, runs
 from .errors import UserError
 from .settings import AUTO, AccessSettings, field_type
 
@@ -215,7 +215,7 @@ def hub_id(value: str, what: str) -> str:
     # Loaders look for a local folder of that name first, so a relative path shaped like owner/name (runs/<id>)
     # must not reach one. The test is on the first part, whose names in the app's folder are public (the Space's
     # files, runs), so the refusal says nothing about which runs or files exist below it.
-    if not models.HUB_MODEL_ID.match(value) or Path(value.partition("/")[0]).exists():
+    if not hub.is_repo_id(value) or Path(value.partition("/")[0]).exists():
         raise refusal
     return value
 

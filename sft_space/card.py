@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import models
+from . import hub, models
 from .runs import RunFolder
 
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -90,7 +90,7 @@ Made with SFT Space: data checked, rendered and trained with TRL's SFTTrainer an
 
 def _hub_id(name: str) -> str | None:
     """`name` when it is a Hub id (owner/name) and not a folder here that happens to look like one."""
-    if name and models.HUB_MODEL_ID.match(name) and not Path(name).expanduser().exists():
+    if name and hub.is_repo_id(name) and not Path(name).expanduser().exists():
         return name
     return None
 

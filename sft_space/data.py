@@ -62,7 +62,6 @@ SHAREGPT_ROLES = {
     "tool": "tool",
 }
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
 @dataclass
@@ -157,7 +156,7 @@ def check_source_exists(source: str) -> None:
 def is_hub_dataset(source: str) -> bool:
     """Whether `source` names a Hub dataset (streamed, so its size is unknown until the end): an owner/name id
     that is not a file or folder here."""
-    return not Path(source).expanduser().exists() and bool(HUB_ID.match(source))
+    return not Path(source).expanduser().exists() and hub.is_repo_id(source)
 
 
 def read_records(source: str, hub_config: str | None = None, hub_split: str = "train",
@@ -586,7 +585,7 @@ def hub_dataset_choices(dataset_id: str, config: str | None = None,
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    if not HUB_ID.match(dataset_id or ""):
+    if not hub.is_repo_id(dataset_id):
         raise DataSourceError(f"{dataset_id!r} is not a Hub dataset id; write it as owner/name.")
     type_them = "Type the config and split yourself; they are checked when the data is read."
     try:

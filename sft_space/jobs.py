@@ -22,7 +22,9 @@ from . import child, runs
 from .errors import UserError
 from .settings import RunSettings
 
-QUEUED, PREPARING, RUNNING, FINISHED, STOPPED, FAILED = "queued", "preparing", "running", "finished", "stopped", "failed"
+# A job's states: a run's own (runs.py) once it has one, and before it, waiting or being prepared.
+QUEUED, PREPARING = "queued", "preparing"
+RUNNING, FINISHED, STOPPED, FAILED = runs.RUNNING, runs.FINISHED, runs.STOPPED, runs.FAILED
 # Refused before anything was trained (bad data, a finished run to resume, ...): not a failure of a run.
 REFUSED = "refused"
 DONE = (FINISHED, STOPPED, FAILED, REFUSED)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import shutil
 from functools import lru_cache
 import tempfile
@@ -27,7 +26,6 @@ EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # requirements.txt only, and has the Hub).
 HUB_DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
 def cache_dir() -> Path:
@@ -114,7 +112,7 @@ def resolve_model(name: str, convert: bool = True) -> str:
         if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
             raise ModelLoadError(f"{name}: this folder holds no model (no config.json or tokenizer_config.json).")
         return str(path)
-    if HUB_MODEL_ID.match(name):
+    if hub.is_repo_id(name):
         return name
     raise ModelLoadError(
         f"Model {name!r} is neither a folder here nor a Hub model id of the form owner/name "

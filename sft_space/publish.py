@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from . import card, gguf_export, models, runs
+from . import card, gguf_export, hub, models, runs
 from .access import running_on_space
 from .errors import UserError
 from .runs import RunFolder
@@ -242,8 +242,7 @@ def export_zip(run_dir: str | Path, zip_path: str | Path) -> Path:
 
 def validate_repo_id(repo_id: str) -> str:
     repo_id = (repo_id or "").strip()
-    name = repo_id.partition("/")[2]
-    if not models.HUB_MODEL_ID.match(repo_id) or ".." in repo_id or name.endswith((".git", ".")):
+    if not hub.is_repo_id(repo_id):
         raise UserError(f"{repo_id!r} is not a valid repo id: write it as owner/name with letters, digits, '-', "
                         "'_' and '.', e.g. alice/captain-byte-lora.")
     return repo_id

@@ -80,3 +80,21 @@ def test_an_unreachable_hub_loads_models_from_the_cache_only(monkeypatch, tiny_m
     monkeypatch.setattr(hub, "reachable", lambda timeout=None: pytest.fail("a local folder asked the Hub"))
     models.load_tokenizer(str(tiny_model_dir))
     assert calls[-1] == (str(tiny_model_dir), False)
+
+
+def test_one_rule_for_hub_ids_everywhere_by_huggingface_hubs_own_validator():
+    """Models, datasets and the repos we push to are all owner/name ids checked by one function (hub.is_repo_id)."""
+    from sft_space import access, data, hub, models, publish
+    from sft_space.errors import UserError
+
+    for good in ("HuggingFaceTB/SmolLM2-135M-Instruct", "alice/captain_byte.v2"):
+        assert hub.is_repo_id(good)
+    for bad in ("", "name-only", "a/b/c", "a--b/c", "a/..b", "alice/model.git", "alice/ spaced", "../etc", "a/" + "x" * 97):
+        assert not hub.is_repo_id(bad), bad
+        assert not data.is_hub_dataset(bad)
+        with pytest.raises(UserError):
+            publish.validate_repo_id(bad)
+    assert models.resolve_model("alice/captain_byte.v2") == "alice/captain_byte.v2"
+    with pytest.raises(Exception, match="neither a folder here nor a Hub model id"):
+        models.resolve_model("alice/model.git")
+    assert access.model_name("alice/captain_byte.v2", set(), access.AccessSettings()) == "alice/captain_byte.v2"
