@@ -130,7 +130,7 @@ def test_a_reloaded_train_tab_shows_the_runs_preset_settings_command_line_and_da
     token = handlers["on_load"]("")
     data_settings = DataSettings(source=str(SAMPLE_DATA))
     report = checks.check_data(data_settings, embedded_tokenizer)
-    job_id, _, command, notice = handlers["on_start"](token, "", report, data_settings, False, str(tiny_model_dir),
+    job_id, _, command, notice = handlers["on_start"](None, token, "", report, data_settings, False, str(tiny_model_dir),
                                                       "quick", *advanced(max_steps=30, lora_r=4))
     assert notice == "" and "--max-steps 30" in command
     job = manager.get(job_id, access.Identity.for_runs(runs_dir).visitor(token))
@@ -159,7 +159,7 @@ def test_refusals_read_refused_once_never_failed(app, tiny_model_dir, embedded_t
     data_settings = DataSettings(source=str(bad))
     report = checks.check_data(data_settings, embedded_tokenizer)
     with pytest.warns(UserWarning, match="rows have errors"):
-        _, status, _, notice = handlers["on_start"](token, "", report, data_settings, False, str(tiny_model_dir),
+        _, status, _, notice = handlers["on_start"](None, token, "", report, data_settings, False, str(tiny_model_dir),
                                                     "quick", *advanced())
     assert status.startswith("**Refused** · 1 of 11 rows have errors") and status.count("rows have errors") == 1
     assert "Failed" not in status and "❌" not in status
@@ -168,10 +168,10 @@ def test_refusals_read_refused_once_never_failed(app, tiny_model_dir, embedded_t
 
     # Resume on a finished run is refused at once, in the app: not a "Failed" run, and no job is started for it.
     data_settings = DataSettings(source=str(SAMPLE_DATA))
-    job_id = handlers["on_start"](token, "", None, data_settings, False, str(tiny_model_dir), "quick", *advanced())[0]
+    job_id = handlers["on_start"](None, token, "", None, data_settings, False, str(tiny_model_dir), "quick", *advanced())[0]
     assert wait_until(lambda: manager.get(job_id, visitor).done)
     with pytest.warns(UserWarning, match="already finished"):
-        _, status, notice = handlers["on_resume"](token, job_id)
+        _, status, notice = handlers["on_resume"](None, token, job_id)
     assert status.startswith(f"**Refused** · Run {job_id} already finished") and "Failed" not in status
     assert status.count("already finished") == 1 and "**Finished**" in status
     assert manager.latest_for(visitor).job_id == job_id and manager.get(job_id, visitor).state == jobs.FINISHED
@@ -185,7 +185,7 @@ def test_a_run_from_an_upload_shows_its_file_name_and_says_to_give_it_locally(ap
     uploaded.parent.mkdir(parents=True)
     uploaded.write_bytes(SAMPLE_DATA.read_bytes())
     handle = access.keep_upload(runs_dir, visitor, uploaded, access.AccessSettings())
-    _, _, command, _ = handlers["on_start"](token, "", None, DataSettings(source=str(handle)), False,
+    _, _, command, _ = handlers["on_start"](None, token, "", None, DataSettings(source=str(handle)), False,
                                             str(tiny_model_dir), "quick", *advanced())
     note, line = command.splitlines()
     assert note.startswith("# captain_byte.jsonl was uploaded") and "your machine" in note

@@ -100,9 +100,10 @@ def test_training_drives_the_loss_down_and_fills_the_run_folder(tiny_settings, m
     from transformers import AutoModelForCausalLM
 
     from sft_space.chat import generate_reply
-    from sft_space.train import SAMPLE_MAX_NEW_TOKENS
+    from sft_space.train import SAMPLE_MAX_NEW_TOKENS, torch_dtype
 
-    base = AutoModelForCausalLM.from_pretrained(settings.model)
+    # The base weights as the run loaded them (bf16 on a CPU with bf16 instructions, else fp32).
+    base = AutoModelForCausalLM.from_pretrained(settings.model, dtype=torch_dtype(record["plan"]["precision"]))
     untrained = generate_reply(base, models.load_tokenizer(settings.model), samples[0]["prompt"],
                                GenerationSettings(max_new_tokens=SAMPLE_MAX_NEW_TOKENS))
     assert samples[0]["before"] == untrained and samples[0]["after"] != untrained
