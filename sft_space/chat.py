@@ -157,7 +157,7 @@ def load_chat_model(run_dir: str | Path | None = None, base_model: str | None = 
                             "settings' 'model'), so its adapter cannot be loaded.")
         trust_remote_code = bool((record.get("settings") or {}).get("trust_remote_code"))
     base_model = base_model or models.default_model()
-    tokenizer = models.load_tokenizer(str(run.adapter_path) if run else base_model)
+    tokenizer = models.load_tokenizer(str(run.adapter_path) if run else base_model, trust_remote_code)
     device_map = {"": 0} if torch.cuda.is_available() else None
     model = models.load_causal_lm(base_model, dtype=_inference_dtype(), device_map=device_map,
                                   trust_remote_code=trust_remote_code)

@@ -154,8 +154,9 @@ def _explain_load_failure(name: str, err: BaseException) -> ModelLoadError:
     return ModelLoadError(f"Could not load model {name!r}: {chain[0]}")
 
 
-def load_tokenizer(name: str) -> Any:
-    """The model's tokenizer, with a chat template (ChatML if it had none) and a padding token."""
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer, with a chat template (ChatML if it had none) and a padding token; `trust_remote_code`
+    as the run's settings say (the same as for its model and config)."""
     from transformers import AutoTokenizer
 
     try:
@@ -166,7 +167,8 @@ def load_tokenizer(name: str) -> Any:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         else:
             location = resolve_model(name, convert=False)
-            tokenizer = AutoTokenizer.from_pretrained(location, **_offline_if_unreachable(location))
+            tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code,
+                                                      **_offline_if_unreachable(location))
     except ModelLoadError:
         raise
     except Exception as err:

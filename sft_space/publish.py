@@ -129,7 +129,7 @@ def merged_model(folder: RunFolder) -> tuple[Any, Any]:
     base, trust_remote_code = _base_model(folder)
     model = models.load_causal_lm(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(model, folder.adapter_path).merge_and_unload()
-    return model, models.load_tokenizer(str(folder.adapter_path))
+    return model, models.load_tokenizer(str(folder.adapter_path), trust_remote_code)
 
 
 def merge_adapter(folder: RunFolder, target: Path, dtype: str = "auto") -> None:

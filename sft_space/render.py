@@ -103,7 +103,7 @@ class Tokens:
 def ensure_chat_template(tokenizer: Any) -> list[str]:
     """Give a template-less tokenizer ChatML and its special tokens; return the tokens it had to add.
 
-    The caller that trains must resize the model's embeddings when tokens were added.
+    Training refuses a model whose embeddings have no rows for added tokens (train.check_vocabulary_fits).
     """
     if tokenizer.chat_template:
         return []

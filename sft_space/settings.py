@@ -142,8 +142,9 @@ class RunSettings(DataSettings):
     packing: bool = setting(True, "Pack several examples into each sequence (no padding, each example still "
                             "attends only to itself): faster, same loss. A CPU packs only short examples, "
                             "into short packs.", group="hardware")
-    precision: str = setting(AUTO, "Number format for training: 'auto' picks bf16 on Ampere or newer GPUs, fp16 on "
-                             "older ones (T4), fp32 on CPU.", choices=(AUTO, "fp32", "fp16", "bf16"), group="hardware")
+    precision: str = setting(AUTO, "Number format for training: 'auto' picks bf16 on Ampere or newer GPUs and on CPUs "
+                             "with bf16 instructions, fp16 on older GPUs (T4), fp32 on other CPUs.",
+                             choices=(AUTO, "fp32", "fp16", "bf16"), group="hardware")
     gradient_checkpointing: str = setting(AUTO, "Recompute activations to save memory at ~2x the compute: 'auto' "
                                           "turns it on only when memory requires it.", choices=(AUTO, "on", "off"),
                                           group="hardware")

@@ -844,9 +844,24 @@ def _check_inputs(job: TrainingJob, settings: RunSettings) -> tuple[Any, Prepare
     """
     check_tracker(settings)
     data.check_source_exists(settings.source)
-    tokenizer = models.load_tokenizer(settings.model)
+    tokenizer = models.load_tokenizer(settings.model, settings.trust_remote_code)
+    shape = model_shape(settings.model, settings.trust_remote_code)
+    check_vocabulary_fits(settings.model, tokenizer, shape)
     prepared = prepare_data(settings, tokenizer, on_progress=lambda done, rows: _stop_here_if_asked(job))
-    return tokenizer, prepared, model_shape(settings.model, settings.trust_remote_code)
+    return tokenizer, prepared, shape
+
+
+def check_vocabulary_fits(model_name: str, tokenizer: Any, shape: ModelShape) -> None:
+    """Refuse a model whose tokenizer needed ChatML tokens its embedding table has no rows for (a model without a
+    chat template, whose vocabulary lacks them): it would train on token ids past the table's end. Embeddings
+    padded beyond the tokenizer (most models') have room, and pass."""
+    if len(tokenizer) <= shape.vocab_size:
+        return
+    added = [token for token, index in tokenizer.get_added_vocab().items() if index >= shape.vocab_size]
+    raise UserError(f"{model_name} has no chat template, and the ChatML tokens it would need "
+                    f"({', '.join(sorted(added)) or 'several'}) are not among the {shape.vocab_size:,} tokens its "
+                    "embeddings hold. Choose an instruct model (it has a chat template), or a base model whose "
+                    "vocabulary has ChatML's tokens (SmolLM2 and Qwen2.5 do).")
 
 
 def _record_end(folder: RunFolder, **changes: Any) -> OSError | None:

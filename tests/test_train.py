@@ -580,3 +580,60 @@ def test_a_bf16_run_on_cpu_follows_the_fp32_loss_curve(tiny_settings):
     assert curves["bf16"][-1] < 0.85 * curves["bf16"][0], "bf16 learns"
     for bf16, fp32 in zip(curves["bf16"], curves["fp32"]):
         assert bf16 == pytest.approx(fp32, rel=0.01), curves
+
+
+def test_a_model_without_chat_template_or_room_for_chatml_tokens_is_refused_before_a_run_folder(tmp_path, write_jsonl):
+    """Such a model's tokenizer gets ChatML's tokens added past the end of its embedding table: training on those
+    ids would fail deep inside the model (or worse), so the run is refused first, saying what to choose."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as vocabularies
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from sft_space.errors import UserError
+    from sft_space.memory import ModelShape
+    from sft_space.train import check_vocabulary_fits
+
+    words = "hello world how are you fine thanks".split()
+    backend = Tokenizer(vocabularies.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2,
+                                                **{w: i + 3 for i, w in enumerate(words)}}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    folder = tmp_path / "no-template"
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    LlamaForCausalLM(config).save_pretrained(folder)
+
+    settings = run_settings("quick", source=str(write_jsonl(persona_chats(8))), model=str(folder),
+                            output_dir=str(tmp_path / "runs"), max_steps=1)
+    with pytest.raises(UserError, match=r"has no chat template, and the ChatML tokens it would need \(<\|im_end\|>, "
+                                        r"<\|im_start\|>\) are not among the 10 tokens"):
+        train(TrainingJob(settings))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    # Embeddings padded beyond the tokenizer have rows for the added tokens.
+    check_vocabulary_fits("padded", models.load_tokenizer(str(folder)),
+                          dataclasses.replace(ModelShape.from_config(config), vocab_size=len(tokenizer) + 8))
+
+
+def test_trust_remote_code_reaches_the_tokenizer_as_it_reaches_the_model(tiny_settings, tiny_model_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    seen = []
+    real = AutoTokenizer.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return real(*args, **{k: v for k, v in kwargs.items() if k != "trust_remote_code"})
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", spy)
+    assert models.load_tokenizer(str(tiny_model_dir), trust_remote_code=True) is not None and seen == [True]
+
+    class Seen(Exception):
+        pass
+
+    def stop_here(name, trust_remote_code=False):
+        raise Seen(trust_remote_code)
+
+    monkeypatch.setattr(models, "load_tokenizer", stop_here)
+    with pytest.raises(Seen, match="True"):
+        train(TrainingJob(tiny_settings(trust_remote_code=True)))

@@ -107,8 +107,8 @@ def build(gate: Gate, session: gr.BrowserState) -> dict[str, Any]:
                                                                    "demo_space")}
         form["merged_dtype"] = settings_component(specs["merged_dtype"], visible=False)
     with gr.Row():
-        form["gguf"] = settings_component(specs["gguf"])
-        form["gguf_quant"] = settings_component(specs["gguf_quant"])
+        form["gguf"] = settings_component(specs["gguf"], label="GGUF")
+        form["gguf_quant"] = settings_component(specs["gguf_quant"], label="GGUF quantization")
     form["description"] = settings_component(specs["description"])
     with gr.Row():
         push = gr.Button("Publish to the Hub", variant="primary", elem_id="publish-push")
