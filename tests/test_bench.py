@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from sft_space import bench, cli
 
 
+@pytest.mark.slow
 def test_bench_measures_both_paths_on_real_tokens(capsys):
     assert cli.main(["bench", "--shape", "tiny", "--steps", "2", "--warmup-steps", "1", "--max-length", "256",
                      "--json"]) == 0

@@ -57,6 +57,7 @@ def open_as_visitor(page, url):
     page.wait_for_function("localStorage.getItem('sft-space-visitor')", timeout=30_000)
 
 
+@pytest.mark.slow
 def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     url, runs_dir = app_url
     context = browser.new_context(viewport={"width": 1280, "height": 1000})
@@ -189,6 +190,7 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     context.close()
 
 
+@pytest.mark.slow
 def test_two_runs_compared_side_by_side(app_url, browser, tmp_path):
     """Runs tab: a visitor picks two runs they may see and sees both loss curves on one plot (one colour and legend
     entry each) and their settings side by side; another visitor's run is not offered. (The browser keeps its
@@ -221,6 +223,7 @@ def test_two_runs_compared_side_by_side(app_url, browser, tmp_path):
     context.close()
 
 
+@pytest.mark.slow
 def test_an_anonymous_visitor_of_the_original_space_is_refused_and_offered_a_duplicate(tiny_model_dir, browser,
                                                                                         tmp_path):
     """On a Space-like environment (what Spaces set, sign-in configured, this being the original public Space) a

@@ -22,6 +22,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "sft_space", *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_validate_json_is_one_object_with_rows_codes_and_stats(write_jsonl, tiny_model_dir):
     path = write_jsonl(distinct_chats(10) + ['{"messages": [', {"messages": [{"role": "user", "content": "Hi"}]}])
     result = run_cli("validate", path, "--model", tiny_model_dir, "--json")
@@ -56,6 +57,7 @@ def test_bad_usage_exits_2(args):
     assert result.returncode == 2 and "usage:" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["missing.jsonl", "no such thing"])
 def test_unusable_source_exits_1_without_traceback(source, tiny_model_dir):
     result = run_cli("validate", source, "--model", tiny_model_dir)
@@ -65,6 +67,7 @@ def test_unusable_source_exits_1_without_traceback(source, tiny_model_dir):
     assert as_json.returncode == 1 and json.loads(as_json.stdout)["errors"][0]["code"] == "unusable_source"
 
 
+@pytest.mark.slow
 def test_unknown_model_is_a_clear_error(write_jsonl):
     result = run_cli("validate", write_jsonl(distinct_chats(2)), "--model", "not a model")
     assert result.returncode == 1 and "neither a folder here nor a Hub model id" in result.stderr
@@ -73,6 +76,7 @@ def test_unknown_model_is_a_clear_error(write_jsonl):
     assert "Traceback" not in offline.stderr
 
 
+@pytest.mark.slow
 def test_preview_on_embedded_default_marks_assistant_spans(write_jsonl):
     path = write_jsonl([chat(("What is 2+2?", "Four."), ("And 3+3?", "Six.")), chat(("Hi", "Hello!"), system="Be brief.")])
     result = run_cli("preview", path, "-n", "2")
@@ -92,6 +96,7 @@ def test_sample_dataset_is_clean(tiny_model_dir, capsys):
     assert report["warnings"] == [] and report["stats"]["turns_per_example"]["max"] >= 4
 
 
+@pytest.mark.slow
 def test_train_then_chat_from_the_command_line(write_jsonl, tiny_model_dir, tmp_path):
     path = write_jsonl(distinct_chats(12))
     runs_dir = tmp_path / "runs"
@@ -126,6 +131,7 @@ def test_the_progress_line_headlines_the_smoothed_loss_and_the_latest_validation
     assert evaluation.endswith("step 30/60 · validation loss 2.3100 · evaluated in 4.3 s")
 
 
+@pytest.mark.slow
 def test_train_reports_bad_data_and_missing_runs_without_traceback(write_jsonl, tiny_model_dir, tmp_path):
     path = write_jsonl(distinct_chats(10) + [{"messages": [{"role": "user", "content": "Hi"}]}])
     result = run_cli("train", path, "--model", tiny_model_dir, "--output", tmp_path / "runs")
@@ -236,6 +242,7 @@ def test_sigterm_before_the_run_folder_exists_stops_and_writes_nothing(write_jso
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_before_the_first_step_leaves_a_stopped_run_to_start_again(write_jsonl, tiny_model_dir, tmp_path):
     training = Training(write_jsonl(persona_chats(24)), "--model", tiny_model_dir, "--output-dir", tmp_path / "runs",
                         "--run-name", "unstarted", "--preset", "quick", "--max-steps", 8, "--sample-prompts", 3)
@@ -250,6 +257,7 @@ def test_ctrl_c_before_the_first_step_leaves_a_stopped_run_to_start_again(write_
     assert not any(line.startswith("Continue with") for line in lines), "nothing to resume"
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_aborts_at_once(write_jsonl, tiny_model_dir, tmp_path):
     training = Training(write_jsonl(persona_chats(24)), "--model", tiny_model_dir, "--output-dir", tmp_path / "runs",
                         "--run-name", "twice", "--preset", "quick", "--max-steps", 200, "--sample-prompts", 0)
@@ -264,6 +272,7 @@ def test_a_second_ctrl_c_aborts_at_once(write_jsonl, tiny_model_dir, tmp_path):
     assert record["status"] == runs.STOPPED
 
 
+@pytest.mark.slow
 def test_train_refuses_a_taken_run_name_before_checking_the_data(write_jsonl, tiny_model_dir, tmp_path):
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     result = run_cli("train", write_jsonl(distinct_chats(12)), "--model", tiny_model_dir, "--output-dir",

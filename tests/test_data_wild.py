@@ -204,6 +204,7 @@ RECORDS = st.one_of(
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
+@pytest.mark.slow
 @given(records=st.lists(RECORDS, min_size=1, max_size=4))
 def test_any_value_of_any_type_anywhere_gives_per_row_answers(records, embedded_tokenizer):
     """JSON values of every kind, and what Parquet and datasets hand over (dates, bytes, decimals), in every place a

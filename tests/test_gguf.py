@@ -70,6 +70,7 @@ def test_the_gguf_file_gives_the_merged_models_logits_and_reply(trained_run, mer
         assert generate_reply(back, back_tokenizer, PROMPT, greedy) == generate_reply(model, tokenizer, PROMPT, greedy)
 
 
+@pytest.mark.slow
 def test_the_file_holds_what_llama_cpp_needs(trained_run, tmp_path):
     from gguf import GGUFReader, GGMLQuantizationType, TokenType
 
@@ -136,6 +137,7 @@ def test_an_unsupported_architecture_is_refused_before_any_work(run_copy, tmp_pa
     assert hub.commits == [] and hub.created == []
 
 
+@pytest.mark.slow
 def test_push_uploads_the_gguf_beside_the_adapter_with_a_run_it_locally_section(run_copy, tmp_path):
     from gguf import GGUFReader
 
@@ -184,6 +186,7 @@ def test_the_publish_tab_pushes_a_gguf(run_copy):
     assert "ollama run hf.co/alice/app-gguf:Q4_0" in shown
 
 
+@pytest.mark.slow
 def test_the_publish_tab_downloads_a_gguf_of_the_visitors_own_run(run_copy):
     import gradio as gr
     from gguf import GGUFReader
@@ -205,6 +208,7 @@ def test_an_unknown_quantization_is_refused(trained_run, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_llama_3_rope_scaling_is_written_as_llama_cpp_reads_it_and_other_scalings_are_refused(embedded_tokenizer,
                                                                                                 tmp_path):
     from gguf import GGUFReader

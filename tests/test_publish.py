@@ -114,6 +114,7 @@ def everything_written(*roots):
                 yield path, path.read_bytes()
 
 
+@pytest.mark.slow
 def test_push_uploads_the_adapter_with_a_card_and_never_the_token(run_copy, monkeypatch, caplog, capsys):
     monkeypatch.setenv("HF_TOKEN", PLANTED_TOKEN)
     caplog.set_level(logging.DEBUG)
@@ -262,6 +263,7 @@ def test_cli_push_takes_the_token_from_the_environment(run_copy, monkeypatch, ca
     assert "needs a Hugging Face token" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_demo_space_chats_with_the_pushed_adapter(trained_run, run_copy, tmp_path):
     from gradio_client import Client
 

@@ -58,6 +58,7 @@ def library_noise(mode):
     return done.stderr
 
 
+@pytest.mark.slow
 def test_the_known_library_messages_are_dropped_and_nothing_else():
     loud, quiet_run = library_noise("loud"), library_noise("quiet")
     assert CHECKPOINTING_MESSAGE in loud
@@ -179,6 +180,7 @@ def test_the_train_tab_shows_the_note_on_a_space_without_storage(tmp_path, on_a_
     assert len(notes) == 1 and notes[0].value == storage.EPHEMERAL_RUNS_NOTE
 
 
+@pytest.mark.slow
 def test_app_prepare_sets_hf_home_before_huggingface_hub_reads_it(tmp_path):
     data = tmp_path / "data"
     data.mkdir()

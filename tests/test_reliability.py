@@ -24,6 +24,7 @@ from sft_space.train import DISK_FULL_ADVICE, TrainingFailed, TrainingJob, train
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_losing_at_most_one_save_interval(tiny_model_dir, tmp_path, write_jsonl):
     """SIGKILL at a random step (no chance to clean up), then `train --resume` finishes the run."""
     save_every, max_steps = 3, 16

@@ -213,6 +213,7 @@ def tiny_settings(tiny_model_dir, tmp_path, write_jsonl):
                         max_steps=4, save_every=2, sample_prompts=0, validation_fraction=0.0, seed=0)
 
 
+@pytest.mark.slow
 def test_training_holds_the_lock_until_it_returns_in_every_path(tiny_settings):
     from transformers import TrainerCallback
 

@@ -44,6 +44,7 @@ class RaiseAtStep(TrainerCallback):
             raise self.error
 
 
+@pytest.mark.slow
 def test_training_drives_the_loss_down_and_fills_the_run_folder(tiny_settings, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", PLANTED_TOKEN)
     settings = tiny_settings(max_steps=24, packing=False, batch_size=4)
@@ -153,6 +154,7 @@ def test_trained_labels_are_exactly_the_preview_mask(tiny_settings, tiny_model_d
             t for labels in expected for t in labels if t != -100)
 
 
+@pytest.mark.slow
 def test_stop_then_resume_continues_the_step_count(tiny_settings):
     settings = tiny_settings(max_steps=10, save_every=3)
     stop = threading.Event()
@@ -208,6 +210,7 @@ class OutOfMemoryAbove(TrainerCallback):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
+@pytest.mark.slow
 def test_out_of_memory_in_the_first_steps_halves_the_batch_and_keeps_the_examples_per_step(tiny_settings):
     settings = tiny_settings(max_steps=4, batch_size=4, packing=False, gradient_accumulation=1)
     oom = OutOfMemoryAbove(batch=1)
@@ -223,6 +226,7 @@ def test_out_of_memory_in_the_first_steps_halves_the_batch_and_keeps_the_example
     assert sum(s.startswith("Out of memory: batch size") for s in statuses) == 2
 
 
+@pytest.mark.slow
 def test_out_of_memory_at_every_size_fails_with_what_was_tried_and_what_is_left(tiny_settings):
     settings = tiny_settings(max_steps=4, batch_size=2, packing=False, gradient_accumulation=1)
     oom = OutOfMemoryAbove(batch=None)
@@ -253,6 +257,7 @@ def test_invalid_rows_stop_training_before_a_run_folder_exists(tiny_settings, tm
     assert folder.read()["data"]["invalid_rows_skipped"] == 1
 
 
+@pytest.mark.slow
 def test_small_datasets_get_enough_steps_per_epoch(tiny_settings):
     settings = tiny_settings(distinct_chats(60), max_steps=0, epochs=1.0)
     folder = train(TrainingJob(settings, run_id="small"))
@@ -468,6 +473,7 @@ class StopAtFirstEvaluationBatch(TrainerCallback):
         self.stop.set()
 
 
+@pytest.mark.slow
 def test_a_stop_during_evaluation_saves_that_step_without_its_validation_loss(tiny_settings):
     settings = tiny_settings(persona_chats(40), max_steps=8, eval_every=3, save_every=100, validation_fraction=0.5,
                              packing=False, batch_size=1, sample_prompts=0)
