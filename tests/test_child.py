@@ -135,6 +135,7 @@ def test_stop_is_a_signal_and_the_run_stops_within_a_second(tmp_path):
     assert manager.current() is None
 
 
+@pytest.mark.slow
 def test_a_child_that_ignores_stop_is_killed_after_the_grace_period_or_a_second_stop(tmp_path):
     manager = manager_for("stubborn", grace=1.0)
     job = start(manager, tmp_path)

@@ -231,6 +231,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_adapter_and_the_printed_resume_finish
     assert steps == sorted(set(steps)) and steps[-1] == 40, "no step is logged twice"
 
 
+@pytest.mark.slow
 def test_sigterm_before_the_run_folder_exists_stops_and_writes_nothing(write_jsonl, tiny_model_dir, tmp_path):
     training = Training(write_jsonl(distinct_chats(12)), "--model", tiny_model_dir, "--output-dir",
                         tmp_path / "runs", "--run-name", "early")

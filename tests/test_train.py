@@ -245,6 +245,7 @@ def test_out_of_memory_at_every_size_fails_with_what_was_tried_and_what_is_left(
     assert folder.read()["status"] == runs.FINISHED
 
 
+@pytest.mark.slow
 def test_invalid_rows_stop_training_before_a_run_folder_exists(tiny_settings, tmp_path):
     rows = persona_chats(12) + [{"messages": [{"role": "user", "content": "no reply"}]}]
     settings = tiny_settings(rows)
