@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +59,28 @@ def publish_run(runs_dir: str, run_dir: str | None, visitor: str | None, repo_id
     return "\n\n".join(lines)
 
 
+DOWNLOAD_PREFIX = "sft-space-download-"
+# Gradio serves a download from its own copy (swept hourly, see ui/__init__.py); ours are kept this long.
+DOWNLOADS_KEPT_SECONDS = 3600
+
+
+def download_folder() -> Path:
+    """A fresh temporary folder for one download (two never collide). Downloads older than an hour go first: a
+    GGUF file is hundreds of megabytes, and a page can ask for one again and again."""
+    root = Path(tempfile.gettempdir())
+    now = time.time()
+    for old in root.glob(DOWNLOAD_PREFIX + "*"):
+        try:
+            if now - old.stat().st_mtime > DOWNLOADS_KEPT_SECONDS:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
+    return Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX, dir=root))
+
+
 def zip_run(runs_dir: str, run_dir: str | None, visitor: str | None) -> str:
     run_dir = str(own_run(runs_dir, run_dir, visitor).path)
-    # A fresh temporary folder: Gradio serves files from there, and two downloads never collide.
-    target = Path(tempfile.mkdtemp(prefix="sft-space-download-")) / f"{Path(run_dir).name}-adapter.zip"
+    target = download_folder() / f"{Path(run_dir).name}-adapter.zip"
     try:
         return str(publish.export_zip(run_dir, target))
     except UserError as err:
@@ -72,7 +92,7 @@ def gguf_run(runs_dir: str, run_dir: str | None, visitor: str | None, quant: str
     from .. import gguf_export
 
     folder = own_run(runs_dir, run_dir, visitor)
-    target = Path(tempfile.mkdtemp(prefix="sft-space-download-")) / gguf_export.file_name(folder.run_id, quant)
+    target = download_folder() / gguf_export.file_name(folder.run_id, quant)
 
     def on_progress(fraction: float, message: str) -> None:
         if progress is not None:
@@ -133,14 +153,18 @@ def build(gate: Gate, session: gr.BrowserState) -> dict[str, Any]:
             return publish_run(runs_dir, run_dir, gate.visitor(token), repo, typed, None, dict(zip(FORM_FIELDS, values)), progress)
 
     form["merged"].change(lambda merged: gr.update(visible=merged), inputs=form["merged"], outputs=form["merged_dtype"])
-    push.click(on_push, inputs=[run, session, repo_id, token, *(form[name] for name in FORM_FIELDS)], outputs=outcome)
+    # A push may merge the adapter (merged, GGUF): it shares the one-at-a-time lane of the GGUF download.
+    push.click(on_push, inputs=[run, session, repo_id, token, *(form[name] for name in FORM_FIELDS)], outputs=outcome,
+               concurrency_limit=1, concurrency_id="merge")
     make_zip.click(lambda run_dir, token: zip_run(runs_dir, run_dir, gate.visitor(token)), inputs=[run, session],
                    outputs=download)
 
     def on_gguf(run_dir, token, quant, progress=gr.Progress()):
         return gguf_run(runs_dir, run_dir, gate.visitor(token), quant, progress)
 
-    make_gguf.click(on_gguf, inputs=[run, session, form["gguf_quant"]], outputs=download)
+    # One merge at a time for all visitors: merging loads the whole model in float32.
+    make_gguf.click(on_gguf, inputs=[run, session, form["gguf_quant"]], outputs=download, concurrency_limit=1,
+                    concurrency_id="merge")
 
     def on_refresh(current, token):
         return keep_choice(adapter_run_choices(runs_dir, gate.known_visitor(token)), current)
