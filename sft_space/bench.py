@@ -137,7 +137,8 @@ def _window_timer(warmup_steps: int) -> Any:
     return WindowTimer()
 
 
-def _peak_tflops(hardware: Hardware) -> float | None:
+def peak_tflops(hardware: Hardware) -> float | None:
+    """The GPU's dense 16-bit tensor peak, when it is one we know."""
     return next((peak for name, peak in PEAK_TFLOPS.items() if name in hardware.name), None)
 
 
@@ -155,7 +156,7 @@ def _measure(name: str, trainer: Any, settings: BenchSettings, hardware: Hardwar
     seconds = timer.end - timer.start
     tokens = sum(counter.counts[settings.warmup_steps: settings.warmup_steps + settings.steps])
     rate = tokens / seconds
-    peak = _peak_tflops(hardware)
+    peak = peak_tflops(hardware)
     # LoRA training costs about 4 FLOPs per frozen parameter per token: forward (2) and the activation
     # gradients of the backward pass (2); the adapter's own weight gradients are negligible.
     mfu = rate * 4 * shape.parameters / (peak * 1e12) if peak else None

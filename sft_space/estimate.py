@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from . import catalog, models
-from .bench import PEAK_TFLOPS
+from .bench import PEAK_TFLOPS, peak_tflops
 from .hardware import Hardware, TrainingPlan, plan_training
 from .memory import ModelShape
 from .settings import RunSettings
@@ -52,10 +52,6 @@ class Throughput:
     source: str  # "measured: …" for a figure measured on this kind of machine and model, else "derived …"
 
 
-def _peak(hardware: Hardware) -> float | None:
-    return next((peak for name, peak in PEAK_TFLOPS.items() if name in hardware.name), None)
-
-
 def throughput(hardware: Hardware, shape: ModelShape, plan: TrainingPlan) -> Throughput | None:
     """Tokens per second a run of this model trains at here, with its source; None for a GPU of unknown peak."""
     if hardware.kind == "cpu":
@@ -66,7 +62,7 @@ def throughput(hardware: Hardware, shape: ModelShape, plan: TrainingPlan) -> Thr
         if plan.precision not in CPU_MEASURED:
             how.append(f"this plan trains in {plan.precision}, not counted")
     else:
-        peak = _peak(hardware)
+        peak = peak_tflops(hardware)
         if peak is None:
             return None
         # The measured size nearest to this model's, on a log scale.

@@ -18,7 +18,7 @@ from typing import Any
 
 import gradio as gr
 
-from .. import publish
+from .. import access, publish
 from ..errors import UserError
 from .common import Gate, adapter_run_choices, keep_choice, own_run, settings_component
 
@@ -27,9 +27,9 @@ FORM_FIELDS = ("private", "update_existing", "merged", "merged_dtype", "gguf", "
 
 
 def oauth_enabled() -> bool:
-    """Sign-in with Hugging Face works only on a Space with `hf_oauth: true`: the Space sets SYSTEM=spaces
-    (how Gradio recognises a Space) and OAUTH_CLIENT_ID. Elsewhere Gradio would demand a logged-in machine."""
-    return os.environ.get("SYSTEM") == "spaces" and bool(os.environ.get("OAUTH_CLIENT_ID"))
+    """Sign-in with Hugging Face is wired only where it works (access.sign_in_available); elsewhere Gradio would
+    demand a logged-in machine."""
+    return access.sign_in_available(os.environ)
 
 
 def publish_run(runs_dir: str, run_dir: str | None, visitor: str | None, repo_id: str, typed_token: str,
