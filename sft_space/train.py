@@ -372,6 +372,8 @@ def torch_dtype(name: str) -> Any:
 
 # An out-of-memory error before this step is retried with a smaller plan; after it the run has progress to keep.
 RETRY_OUT_OF_MEMORY_BEFORE_STEP = 10
+# How a retry's change begins among the plan's reasons (the advice after the last retry lists them).
+OUT_OF_MEMORY_REASON = "out of memory, so "
 
 
 def plan_after_out_of_memory(settings: RunSettings, plan: TrainingPlan
@@ -395,14 +397,14 @@ def plan_after_out_of_memory(settings: RunSettings, plan: TrainingPlan
         plan = dataclasses.replace(plan, four_bit=True)
     else:
         return None
-    plan = dataclasses.replace(plan, reasons=[*plan.reasons, f"out of memory, so {change}"])
+    plan = dataclasses.replace(plan, reasons=[*plan.reasons, OUT_OF_MEMORY_REASON + change])
     return settings, plan, change
 
 
 def out_of_memory_advice(plan: TrainingPlan) -> str:
     """What to do after running out of memory: what was already tried, and what is left."""
-    prefix = "out of memory, so "
-    tried = [reason.removeprefix(prefix) for reason in plan.reasons if reason.startswith(prefix)]
+    tried = [reason.removeprefix(OUT_OF_MEMORY_REASON) for reason in plan.reasons
+             if reason.startswith(OUT_OF_MEMORY_REASON)]
     left = ["lower the maximum length"]
     if plan.batch_size > 1:
         left.append("set the batch size to 1")
