@@ -1,8 +1,8 @@
 """What this machine can do, and the training plan that follows from it — decided here, in one place.
 
 Every "auto" setting is resolved by `plan_training`, and each decision comes with the reason the user sees:
-precision (bf16 raises on a T4 and is emulated, slowly, on CPUs without bf16 instructions: chosen, never assumed), 4-bit loading, gradient
-checkpointing (~2x slower, so only when memory needs it) and the batch size.
+precision (bf16 raises on a T4 and is emulated, slowly, on CPUs without bf16 instructions: chosen, never
+assumed), 4-bit loading, gradient checkpointing (~2x slower, so only when memory needs it) and the batch size.
 """
 
 from __future__ import annotations

@@ -167,8 +167,9 @@ class RunSettings(DataSettings):
 
 @dataclass
 class AccessSettings:
-    """What the app's visitors may reach and keep on this machine, and what it keeps ready for them. Set by whoever runs the app, through
-    environment variables named SFT_SPACE_<FIELD> (e.g. SFT_SPACE_LOCAL_PATHS=1), never by the page."""
+    """What the app's visitors may reach and keep on this machine, and what it keeps ready for them. Set by
+    whoever runs the app, through environment variables named SFT_SPACE_<FIELD> (e.g. SFT_SPACE_LOCAL_PATHS=1),
+    never by the page."""
 
     local_paths: bool = setting(False, "Let the app's visitors name files and folders on this machine as data or "
                                        "model. For a single-user machine only: it is ignored on a Space, where "

@@ -954,7 +954,8 @@ def _run(job: TrainingJob, folder: RunFolder, settings: RunSettings, plan: Train
             _record_end(folder, status=runs.STOPPED, error="Interrupted; resume continues from the last checkpoint.")
         raise
     except Exception as err:
-        failure = (out_of_memory_advice(plan) if is_out_of_memory(err) else DISK_FULL_ADVICE if is_disk_full(err, folder.path)
+        failure = (out_of_memory_advice(plan) if is_out_of_memory(err)
+                   else DISK_FULL_ADVICE if is_disk_full(err, folder.path)
                    else f"{type(err).__name__}: {err}")
         details = traceback.format_exc()
     finally:
