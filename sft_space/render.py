@@ -17,13 +17,12 @@ that rewrite earlier turns, trim contents, fold one message into another, ...) d
 from __future__ import annotations
 
 import bisect
-import html
 from array import array
 import itertools
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import UserError
 
@@ -36,13 +35,6 @@ CHATML_TEMPLATE = (
 )
 CHATML_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>"]
 
-ROLE_COLOURS = {
-    "system": "#7c3aed",
-    "user": "#2563eb",
-    "assistant": "#15803d",
-    "tool": "#c2410c",
-    "text": "inherit",
-}
 TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"
 
 
@@ -792,53 +784,36 @@ def to_marked_text(rendered: Rendered, colour: bool = False) -> str:
     return "".join(pieces)
 
 
-def _token_pieces(rendered: Rendered) -> list[tuple[str, str, bool]]:
-    """(text, role, trained) runs, merging neighbouring tokens that look the same."""
+class Piece(NamedTuple):
+    """A run of neighbouring tokens that look the same: their text, the role of the message they are in (or
+    "text"), and whether they are trained."""
+
+    text: str
+    role: str
+    trained: bool
+
+
+def pieces(rendered: Rendered) -> list[Piece]:
+    """The rendered text as runs of tokens with one role and one trained flag, in order: what a preview colours
+    and highlights (the app draws its preview from these, in ui/)."""
     segment_starts = [start for start, _, _ in rendered.segments]
 
     def role_at(position: int) -> str:
         index = bisect.bisect_right(segment_starts, position) - 1
         return rendered.segments[index][2] if index >= 0 else "text"
 
-    runs: list[tuple[str, str, bool]] = []
+    runs: list[Piece] = []
     cursor = 0
     for (start, end), trained in zip(rendered.offsets, rendered.trained):
         if end <= cursor:
             continue
         start = max(start, cursor)
         if start > cursor:  # text no token covers (rare): show it untrained
-            runs.append((rendered.text[cursor:start], role_at(cursor), False))
-        runs.append((rendered.text[start:end], role_at(start), trained))
+            runs.append(Piece(rendered.text[cursor:start], role_at(cursor), False))
+        runs.append(Piece(rendered.text[start:end], role_at(start), trained))
         cursor = end
     if cursor < len(rendered.text):
-        runs.append((rendered.text[cursor:], role_at(cursor), False))
+        runs.append(Piece(rendered.text[cursor:], role_at(cursor), False))
     # Joined once per run of equal neighbours: adding text to the last run token by token would copy it each time.
-    return [("".join(text for text, _, _ in group), role, trained)
-            for (role, trained), group in itertools.groupby(runs, key=lambda run: run[1:])]
-
-
-def to_html(rendered: Rendered) -> str:
-    """The rendered text as HTML: roles coloured, trained tokens highlighted, with a legend."""
-    body = []
-    for text, role, trained in _token_pieces(rendered):
-        style = f"color:{ROLE_COLOURS.get(role, 'inherit')}"
-        escaped = html.escape(text)
-        if trained:
-            body.append(
-                f'<mark class="sft-trained" style="{style};background:rgba(250,204,21,.45);'
-                f'border-radius:2px;padding:0">{escaped}</mark>'
-            )
-        else:
-            body.append(f'<span class="sft-role-{html.escape(role)}" style="{style}">{escaped}</span>')
-    legend = " ".join(
-        f'<span style="color:{ROLE_COLOURS[r]}">■ {r}</span>' for r in ("system", "user", "assistant", "tool")
-    )
-    return (
-        '<div class="sft-render">'
-        f'<div class="sft-legend" style="font-size:.85em;margin-bottom:.4em">{legend} '
-        '<mark style="background:rgba(250,204,21,.45)">trained</mark> '
-        f"· {rendered.n_tokens} tokens, {rendered.n_trained} trained</div>"
-        '<pre style="white-space:pre-wrap;word-break:break-word;margin:0;font-size:.9em">'
-        + "".join(body)
-        + "</pre></div>"
-    )
+    return [Piece("".join(piece.text for piece in group), role, trained)
+            for (role, trained), group in itertools.groupby(runs, key=lambda piece: piece[1:])]

@@ -1,5 +1,7 @@
 """The trained-token mask: exactly the assistant replies plus their end-of-turn token, for any template."""
 
+from pathlib import Path
+
 import pytest
 
 from sft_space import render
@@ -106,17 +108,25 @@ def test_plain_text_trains_every_token_and_ends_with_eos(embedded_tokenizer):
     assert rendered.input_ids[-1] == embedded_tokenizer.eos_token_id
 
 
-def test_html_highlights_trained_tokens_and_colours_roles(embedded_tokenizer):
+def test_pieces_say_which_text_is_trained_and_whose_it_is(embedded_tokenizer):
     rendered = render.render_conversation(embedded_tokenizer, [
         {"role": "user", "content": "Say <b>hi</b> & bye"},
         {"role": "assistant", "content": "hi & bye"},
     ])
-    page = render.to_html(rendered)
-    marked = [piece.split(">", 1)[1] for piece in page.split("<mark class=\"sft-trained\"")[1:]]
-    assert "".join(m.split("</mark>")[0] for m in marked) == "hi &amp; bye&lt;|im_end|&gt;"
-    assert "Say &lt;b&gt;hi&lt;/b&gt; &amp; bye" in page  # user text escaped, never interpreted
-    assert f"color:{render.ROLE_COLOURS['user']}" in page
-    assert f"{rendered.n_tokens} tokens, {rendered.n_trained} trained" in page
+    pieces = render.pieces(rendered)
+    assert "".join(piece.text for piece in pieces) == rendered.text
+    assert "".join(piece.text for piece in pieces if piece.trained) == "hi & bye<|im_end|>"
+    assert {piece.role for piece in pieces if piece.trained} == {"assistant"}
+    assert any(piece.role == "user" and "Say <b>hi</b> & bye" in piece.text for piece in pieces)
+    # Neighbours with the same role and flag are one piece.
+    assert all((a.role, a.trained) != (b.role, b.trained) for a, b in zip(pieces, pieces[1:]))
+
+
+def test_render_writes_no_html():
+    """The core says what is trained and whose text it is; drawing it as HTML is the app's (ui/chatml_html.py)."""
+    source = Path(render.__file__).read_text(encoding="utf-8")
+    assert "import html" not in source
+    assert not any(tag in source for tag in ("<span", "<mark", "<div", "<pre", "style="))
 
 
 def _with_template(tokenizer, template):
@@ -241,15 +251,15 @@ def test_rendering_time_grows_linearly_with_the_turns(embedded_tokenizer):
     assert large < 2.5 * small + 0.05, f"{small:.3f} s for 2,000 turns, {large:.3f} s for 4,000"
 
 
-def test_html_of_a_long_example_is_linear(embedded_tokenizer):
+def test_pieces_of_a_long_example_take_linear_time(embedded_tokenizer):
     """The preview merged neighbouring tokens by adding to a string token by token: 200,000 tokens took 2.4 s."""
     import time
 
     rendered = render.render_text(embedded_tokenizer, "wave " * 200_000)
     start = time.perf_counter()
-    page = render.to_html(rendered)
+    pieces = render.pieces(rendered)
     assert time.perf_counter() - start < 1.0
-    assert page.count("wave") == 200_000
+    assert "".join(piece.text for piece in pieces).count("wave") == 200_000
 
 
 # ------------------------------------------------------------------- many examples at once (what the check uses)
@@ -358,10 +368,8 @@ def test_the_default_system_message_the_template_inserts_is_coloured_as_system(e
     assert render.render_conversation(embedded_tokenizer, messages, by_prefixes=True).segments == rendered.segments
     examples = [Example(i, "openai", messages=messages) for i in range(4)]
     assert [r.segments for r in render.Renderer(embedded_tokenizer).render_many(examples)] == [rendered.segments] * 4
-    page = render.to_html(rendered)
-    default = page.index("You are a helpful AI assistant")
-    colour = page.rindex("color:", 0, default)
-    assert page.startswith(f"color:{render.ROLE_COLOURS['system']}", colour)
+    assert [piece.role for piece in render.pieces(rendered) if "You are a helpful AI assistant" in piece.text] \
+        == ["system"]
     # A system message of the data's own is one segment, as before: the template inserts nothing then.
     with_system = render.render_conversation(embedded_tokenizer, CONVERSATIONS["multi-turn, with system"])
     assert [role for role, _ in _role_texts(with_system)][:2] == ["system", "user"]

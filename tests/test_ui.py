@@ -592,3 +592,23 @@ def test_merges_run_one_at_a_time_and_old_downloads_are_swept(monkeypatch, tmp_p
     fresh = publish_tab.download_folder()
     assert fresh.parent == tmp_path and fresh.is_dir()
     assert not old.exists() and recent.exists()
+
+
+def test_the_preview_html_highlights_trained_tokens_colours_roles_and_escapes_text(embedded_tokenizer):
+    from sft_space import render
+    from sft_space.ui.chatml_html import ROLE_COLOURS, to_html
+
+    rendered = render.render_conversation(embedded_tokenizer, [
+        {"role": "user", "content": "Say <b>hi</b> & bye"},
+        {"role": "assistant", "content": "hi & bye"},
+    ])
+    page = to_html(rendered)
+    marked = [piece.split(">", 1)[1] for piece in page.split("<mark class=\"sft-trained\"")[1:]]
+    assert "".join(m.split("</mark>")[0] for m in marked) == "hi &amp; bye&lt;|im_end|&gt;"
+    assert "Say &lt;b&gt;hi&lt;/b&gt; &amp; bye" in page  # user text escaped, never interpreted
+    assert f"color:{ROLE_COLOURS['user']}" in page
+    assert f"{rendered.n_tokens} tokens, {rendered.n_trained} trained" in page
+    # The system turn the template writes by itself is coloured as the legend's system.
+    default = page.index("You are a helpful AI assistant")
+    assert page.startswith(f"color:{ROLE_COLOURS['system']}", page.rindex("color:", 0, default))
+

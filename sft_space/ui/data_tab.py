@@ -17,6 +17,7 @@ import pandas as pd
 from .. import access, checks, data, models, render
 from ..errors import UserError
 from ..settings import DataSettings, field_help
+from .chatml_html import to_html
 from .common import Gate, settings_component
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "samples" / "captain_byte.jsonl"
@@ -107,7 +108,7 @@ def preview_html(report: checks.Report | None, model: str, number: int) -> str:
     example = report.valid_examples[number - 1]
     rendered = render.render_example(models.cached_tokenizer(model), example)
     of = f"{shown:,}" if shown == len(report.token_counts) else f"the first {shown:,} of {len(report.token_counts):,}"
-    return f"<p><b>Example {number} of {of}</b> (row {example.row} of the file)</p>" + render.to_html(rendered)
+    return f"<p><b>Example {number} of {of}</b> (row {example.row} of the file)</p>" + to_html(rendered)
 
 
 # ----------------------------------------------------------------------------------------------- layout
