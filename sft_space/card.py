@@ -7,7 +7,6 @@ again for any past run, and it never holds anything the run folder does not (no 
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Any
 
@@ -248,12 +247,8 @@ def model_card(folder: RunFolder, repo_id: str, merged: bool = False, descriptio
                f"**{_loss(headline.validation_loss)}** "
                f"after {final.get('step', '—')} steps ({final.get('epoch', 0) or 0:.2f} epochs, "
                f"{final.get('train_runtime_seconds', '—')} s on {hardware}). Run status: {record.get('status')}.")
-    samples = []
-    if folder.samples_path.is_file():
-        for sample in json.loads(folder.samples_path.read_text(encoding="utf-8")):
-            if sample.get("after") is not None:
-                samples.append({"prompt": _cell(_first_prompt(sample)), "before": _cell(sample.get("before")),
-                                "after": _cell(sample.get("after"))})
+    samples = [{"prompt": _cell(_first_prompt(sample)), "before": _cell(sample.get("before")),
+                "after": _cell(sample.get("after"))} for sample in folder.samples() if sample.get("after") is not None]
     versions = sorted((record.get("versions") or {}).items())
     return ModelCard.from_template(
         card_data, template_str=CARD_TEMPLATE, model_name=repo_id.split("/")[-1], summary=summary, purpose=purpose,

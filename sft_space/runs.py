@@ -361,6 +361,16 @@ class RunFolder:
                 continue
         return entries
 
+    def samples(self) -> list[dict[str, Any]]:
+        """The held-out prompts and their answers before and after training (samples.json, as train writes it),
+        each a dict; empty when the run has none or the file cannot be read: the answers are an extra that the
+        card and the chat tab show when they can, never a reason to fail."""
+        try:
+            samples = json.loads(self.samples_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return []
+        return [sample for sample in samples if isinstance(sample, dict)] if isinstance(samples, list) else []
+
     def headline(self, record: dict[str, Any] | None = None) -> Headline:
         """The run's headline numbers (see `Headline`), for every view that names a run's loss: from the record's
         final metrics once the run has ended, else (while it trains, or for a run recorded before the smoothed

@@ -258,3 +258,19 @@ def test_a_run_is_refused_before_its_folder_exists_when_the_disk_is_too_small(ti
     with pytest.raises(UserError, match=r"Not enough free disk space .*1 MB free.* needs about \d+ MB.*[Ff]ree"):
         train(TrainingJob(tiny_settings, run_id="no-room"))
     assert not (Path(tiny_settings.output_dir) / "no-room").exists()
+
+
+def test_a_runs_held_out_answers_are_read_in_one_place_and_never_fail_a_reader(tmp_path):
+    """samples.json is an extra (the card's table, the chat tab's suggestions): missing, cut off or of the wrong
+    shape, the run has no answers to show; otherwise its answers, as train wrote them."""
+    folder = RunFolder.create(tmp_path, "answers")
+    assert folder.samples() == []
+    answers = [{"row": 3, "prompt": [{"role": "user", "content": "Ahoy?"}], "reference": "Arr.", "before": "Hi.",
+                "after": "Arr!"}]
+    runs.write_json_atomic(folder.samples_path, answers)
+    assert folder.samples() == answers
+    for broken in ('[{"row": 3, "prom', '{"row": 3}', '[3, "x", null]', "\xff\xfe"):
+        folder.samples_path.write_bytes(broken.encode("latin-1"))
+        assert folder.samples() == [], broken
+    folder.samples_path.write_text(json.dumps([*answers, "not an answer"]))
+    assert folder.samples() == answers
