@@ -35,7 +35,7 @@ from typing import Any
 
 from . import hub, runs
 from .errors import UserError
-from .settings import AUTO, AccessSettings, field_type
+from .settings import AUTO, AccessSettings, DataSettings, field_type
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ ENV_PREFIX = "SFT_SPACE_"
 # A chat is answered on the shared hardware: its whole conversation (both sides, the system prompt and the new
 # message) is bounded so that no page can make one reply take minutes of everyone's time or gigabytes of memory.
 MAX_CHAT_CHARACTERS = 32_000
+# DataSettings' limits that bound the work one check or run makes the shared server do: the operator's to set.
+OPERATOR_DATA_LIMITS = ("max_rows", "max_file_mb")
 SESSION_UNKNOWN = "This page's visitor id is not one this server issued; reload the page to get a new one."
 
 
@@ -57,8 +59,29 @@ def running_on_space() -> bool:
 
 def access_settings() -> AccessSettings:
     """The operator's settings, from SFT_SPACE_<FIELD> environment variables (never from the page)."""
+    settings = AccessSettings(**operator_values(AccessSettings))
+    if settings.local_paths and running_on_space():
+        # On a Space the visitors are strangers: the operator's wish cannot open the machine's files to them.
+        log.warning("%sLOCAL_PATHS is ignored on a Space: visitors there are strangers.", ENV_PREFIX)
+        settings.local_paths = False
+    return settings
+
+
+def data_limits() -> dict[str, Any]:
+    """The operator's limits on what the app reads (SFT_SPACE_MAX_ROWS, SFT_SPACE_MAX_FILE_MB), checked against
+    their bounds; only the ones set. A visitor cannot raise them: they protect a server shared by strangers."""
+    values = operator_values(DataSettings, OPERATOR_DATA_LIMITS)
+    DataSettings(**values)  # refuses a value out of bounds when the app starts, not when a visitor checks data
+    return values
+
+
+def operator_values(settings_class: type, names: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The fields of `settings_class` (those in `names`, or all) that the operator set through SFT_SPACE_<FIELD>
+    environment variables, converted to the fields' types."""
     values = {}
-    for spec in dataclasses.fields(AccessSettings):
+    for spec in dataclasses.fields(settings_class):
+        if names is not None and spec.name not in names:
+            continue
         raw = os.environ.get(ENV_PREFIX + spec.name.upper())
         if raw is None or not raw.strip():
             continue
@@ -73,12 +96,7 @@ def access_settings() -> AccessSettings:
             values[spec.name] = raw.strip().lower() in ("1", "true", "yes", "on") if kind is bool else kind(raw)
         except ValueError:
             raise UserError(f"{ENV_PREFIX}{spec.name.upper()}={raw!r} is not a valid {kind.__name__}.") from None
-    settings = AccessSettings(**values)
-    if settings.local_paths and running_on_space():
-        # On a Space the visitors are strangers: the operator's wish cannot open the machine's files to them.
-        log.warning("%sLOCAL_PATHS is ignored on a Space: visitors there are strangers.", ENV_PREFIX)
-        settings.local_paths = False
-    return settings
+    return values
 
 
 # --------------------------------------------------------------------------------------------- identity

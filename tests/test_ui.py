@@ -88,8 +88,9 @@ def test_a_visitor_sees_and_opens_only_their_own_runs(tmp_path):
         runs.open_visible(str(tmp_path), "..", "alice")
 
 
-def test_the_app_caps_uploads_at_the_data_file_limit():
-    """Gradio refuses larger uploads before they fill the disk; the cap is the data settings' own limit."""
+def test_the_app_caps_uploads_at_the_data_file_limit(monkeypatch):
+    """Gradio refuses larger uploads before they fill the disk; the cap is the data settings' own limit, or the
+    operator's."""
     from sft_space.settings import DataSettings
     from sft_space.ui import launch
 
@@ -104,6 +105,9 @@ def test_the_app_caps_uploads_at_the_data_file_limit():
 
     launch(StandIn())
     assert captured["max_file_size"] == f"{int(DataSettings.max_file_mb)}mb"
+    monkeypatch.setenv("SFT_SPACE_MAX_FILE_MB", "5")
+    launch(StandIn())
+    assert captured["max_file_size"] == "5mb"
 
 
 def test_the_app_starts_and_lists_runs_whose_records_are_broken(monkeypatch, tmp_path, tiny_model_dir):
@@ -611,4 +615,37 @@ def test_the_preview_html_highlights_trained_tokens_colours_roles_and_escapes_te
     # The system turn the template writes by itself is coloured as the legend's system.
     default = page.index("You are a helpful AI assistant")
     assert page.startswith(f"color:{ROLE_COLOURS['system']}", page.rindex("color:", 0, default))
+
+
+def test_the_operators_data_limits_reach_the_check_and_the_run_and_no_page_can_raise_them(
+        monkeypatch, tmp_path, tiny_model_dir):
+    """DataSettings' max_rows and max_file_mb are the operator's (SFT_SPACE_MAX_ROWS, SFT_SPACE_MAX_FILE_MB):
+    the Data tab checks with them, the checked settings carry them on to training, and the page sends none."""
+    import inspect
+
+    import pytest
+
+    from sft_space import access, jobs
+    from sft_space.errors import UserError
+    from sft_space.ui import build_app, data_tab
+    from sft_space.ui.common import Gate
+
+    monkeypatch.setenv("SFT_SPACE_RUNS", str(tmp_path))
+    monkeypatch.setenv("SFT_SPACE_MAX_ROWS", "100")  # the sample has 160 rows
+    app = build_app(jobs.JobManager(), default_model=str(tiny_model_dir))
+    handlers = {f.fn.__name__: f.fn for f in app.fns.values() if f.fn is not None}
+    check = handlers["on_check"]
+    assert not {"max_rows", "max_file_mb"} & set(inspect.signature(check).parameters)
+    token = handlers["on_load"]("")
+    with pytest.warns(UserWarning, match="more than 100 rows, the limit"):
+        list(check(token, None, "", True, str(tiny_model_dir), "", "", "train", 2048, progress=None))
+    monkeypatch.setenv("SFT_SPACE_MAX_ROWS", "1000")
+    monkeypatch.setenv("SFT_SPACE_MAX_FILE_MB", "5")
+    gate = Gate(str(tmp_path), access.Identity.for_runs(tmp_path), offered_models={str(tiny_model_dir)})
+    _, settings, *_ = data_tab.check_source(gate, "alice", None, "", True, str(tiny_model_dir), "", "", "train", 2048,
+                                            limits=access.data_limits())
+    assert (settings.max_rows, settings.max_file_mb) == (1000, 5.0)
+    monkeypatch.setenv("SFT_SPACE_MAX_ROWS", "0")
+    with pytest.raises(UserError, match="max_rows = 0 is out of range"):
+        access.data_limits()
 

@@ -132,5 +132,5 @@ def identify(gate: Gate):
 def launch(app: gr.Blocks, **kwargs) -> None:
     # server name and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT when not given.
     # Uploads over the data limit are refused by Gradio before they fill the disk.
-    kwargs.setdefault("max_file_size", f"{int(DataSettings.max_file_mb)}mb")
+    kwargs.setdefault("max_file_size", f"{int(access.data_limits().get('max_file_mb', DataSettings.max_file_mb))}mb")
     app.queue(default_concurrency_limit=4).launch(theme=gr.themes.Soft(), **kwargs)

@@ -7,7 +7,7 @@ widgets and wires them to those functions.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -116,10 +116,11 @@ def preview_html(report: checks.Report | None, model: str, number: int) -> str:
 
 def check_source_in_stages(gate: Gate, visitor: str, upload: str | None, hub_id: str, use_sample: bool, model: str,
                            columns: str, hub_config: str, hub_split: str, max_length: int,
-                           progress: Any = None) -> Iterator[tuple]:
+                           progress: Any = None, limits: Mapping[str, Any] | None = None) -> Iterator[tuple]:
     """Check what the visitor chose: the sample, their own upload (the handle its upload returned), or a Hub id.
     Yields the tab's outputs: for a large Hub dataset first a first look at its first rows, then the whole report
-    (`checks.check_data_in_stages`)."""
+    (`checks.check_data_in_stages`). `limits`: the operator's data limits (`access.data_limits`), which the
+    checked settings carry on to training."""
     if not (use_sample or upload or (hub_id or "").strip()):
         raise gr.Error("Upload a file, name a Hub dataset, or pick the sample dataset first.")
     kind = "sample" if use_sample else "upload" if upload else "hub"
@@ -128,7 +129,7 @@ def check_source_in_stages(gate: Gate, visitor: str, upload: str | None, hub_id:
         source = access.data_source(kind, upload if upload else hub_id, visitor, gate.runs_dir, gate.settings,
                                     SAMPLE_DATA)
         settings = DataSettings(source=source, columns=columns or "", hub_config=hub_config or "",
-                                hub_split=hub_split or "train", max_length=int(max_length))
+                                hub_split=hub_split or "train", max_length=int(max_length), **(limits or {}))
         # The report lives in the visitor's session: it keeps a preview of the examples, not all of them (training
         # reads the data again in its own process).
         for report in checks.check_data_in_stages(settings, models.cached_tokenizer(model),
@@ -213,6 +214,7 @@ def keep_upload(gate: Gate, visitor: str, uploaded: str | None) -> str | None:
 
 def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> tuple[gr.State, gr.State, gr.Checkbox]:
     """Lay out the Data tab; return the report, the checked data's settings and the skip-invalid choice."""
+    limits = access.data_limits()
     report_state = gr.State(None)
     settings_state = gr.State(None)
     # Server-side: the handle of this page's upload. The page cannot set it; only the upload handler does.
@@ -272,7 +274,7 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> tuple[gr.
     def on_check(token, upload, hub, sample, model_name, columns, hub_config, hub_split, length,
                  progress=gr.Progress()):
         yield from check_source_in_stages(gate, gate.visitor(token), upload, hub, sample, model_name, columns,
-                                          hub_config, hub_split, length, progress)
+                                          hub_config, hub_split, length, progress, limits)
 
     check.click(
         on_check,
