@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -80,6 +80,25 @@ def describe_exit(returncode: int) -> str:
     return f"The training process ended with exit code {returncode}"
 
 
+def says_running(folder: runs.RunFolder) -> bool:
+    """Whether the run's record says it is training (a new run's from its first write, a resumed run's once its
+    checks have passed)."""
+    try:
+        return folder.read().get("status") == runs.RUNNING
+    except UserError:
+        return False
+
+
+@dataclass(frozen=True)
+class Listeners:
+    """What the job manager is told while a child runs: each status line, the run folder once it exists, and the
+    moment the run is training."""
+
+    on_status: Callable[[str], None]
+    on_folder: Callable[[Path], None]
+    on_running: Callable[[], None]
+
+
 def settle(folder: runs.RunFolder, returncode: int | None, tail: list[str], killed_after_stop: bool) -> None:
     """Mark a run honestly when its process ended without recording an outcome (it still reads `running`)."""
     try:
@@ -94,14 +113,15 @@ def settle(folder: runs.RunFolder, returncode: int | None, tail: list[str], kill
     if killed_after_stop:
         folder.update(status=runs.STOPPED, error=f"Stopped: the process did not exit in time and was killed; {resume}.")
         return
-    why = describe_exit(returncode) if returncode is not None else "The training process ended without recording an outcome"
+    why = (describe_exit(returncode) if returncode is not None
+           else "The training process ended without recording an outcome")
     (folder.path / "failure.txt").write_text("".join(tail), encoding="utf-8")
     folder.update(status=runs.FAILED, error=f"{why}; {resume}. Its last output is in failure.txt.")
 
 
 class Supervisor:
     """Runs jobs as child processes (`run`), and follows one a previous app process started (`follow`); both are
-    trainers for `jobs.JobManager`."""
+    job runners for `jobs.JobManager` (`jobs.JobRunner`)."""
 
     def __init__(self, grace_seconds: float = STOP_GRACE_SECONDS,
                  command: Callable[[Any, Path | None], list[str]] = command, warm: bool = False,
@@ -147,7 +167,8 @@ class Supervisor:
             return subprocess.Popen(self.command(job, settings_path), stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=child_environment(), start_new_session=True)
 
-    def run(self, job: Any, on_status: Callable[[str], None], on_folder: Callable[[Path], None]) -> Path | None:
+    def run(self, job: Any, on_status: Callable[[str], None], on_folder: Callable[[Path], None],
+            on_running: Callable[[], None]) -> Path | None:
         """Run `job` to its end in a child process; the run folder, or None when it stopped before having one."""
         runs_dir = Path(job.settings.output_dir)
         work = runs_dir / JOBS_DIR
@@ -163,8 +184,8 @@ class Supervisor:
         process = self._launch(job, settings_path, log_path)
         job.pid = process.pid
         try:
-            errors, tail = self._follow(job, folder, log_path, offset, lambda: process.poll() is None, on_status,
-                                        on_folder)
+            errors, tail = self._follow(job, folder, log_path, offset, lambda: process.poll() is None,
+                                        Listeners(on_status, on_folder, on_running))
             returncode = process.wait()
         finally:
             if self.warm:
@@ -178,15 +199,16 @@ class Supervisor:
             raise UserError(f"{describe_exit(returncode)} before the run started; its output is in {log_path}.")
         return self._outcome(job, folder, returncode, errors, tail)
 
-    def follow(self, job: Any, on_status: Callable[[str], None], on_folder: Callable[[Path], None]) -> Path:
+    def follow(self, job: Any, on_status: Callable[[str], None], on_folder: Callable[[Path], None],
+               on_running: Callable[[], None]) -> Path:
         """Follow a run whose child a previous app process started; it is alive while it holds the run's lock."""
         folder = runs.RunFolder(job.run_dir)
         log_path = log_file(folder.path.parent, folder.run_id)
         # A run started from the command line has no output file of ours: it is followed by its lock alone.
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.touch()
-        errors, tail = self._follow(job, folder, log_path, 0, lambda: folder.lock_holder() is not None, on_status,
-                                    on_folder)
+        errors, tail = self._follow(job, folder, log_path, 0, lambda: folder.lock_holder() is not None,
+                                    Listeners(on_status, on_folder, on_running))
         return self._outcome(job, folder, None, errors, tail)
 
     def _outcome(self, job: Any, folder: runs.RunFolder, returncode: int | None, errors: list[str],
@@ -198,12 +220,13 @@ class Supervisor:
         return folder.path
 
     def _follow(self, job: Any, folder: runs.RunFolder, log_path: Path, offset: int, alive: Callable[[], bool],
-                on_status: Callable[[str], None], on_folder: Callable[[Path], None]) -> tuple[list[str], list[str]]:
-        """Read the child's output as it comes (status lines, errors), tell when its run folder appears, and turn
-        Stop into signals, until it ends. Returns the error lines and the output's tail."""
+                listeners: Listeners) -> tuple[list[str], list[str]]:
+        """Read the child's output as it comes (status lines, errors), tell when its run folder appears and when
+        its run.json says it is training, and turn Stop into signals, until it ends. Returns the error lines and
+        the output's tail."""
         tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         errors: list[str] = []
-        announced = False
+        announced = training = False
         stop_sent_at = None
         pending = ""
         with open(log_path, encoding="utf-8", errors="replace") as reader:
@@ -218,10 +241,14 @@ class Supervisor:
                     if text.startswith("error: "):
                         errors.append(text.removeprefix("error: "))
                     elif text and not text.startswith(NOT_STATUS):
-                        on_status(text)
+                        listeners.on_status(text)
                 if not announced and folder.record_path.is_file():
                     announced = True
-                    on_folder(folder.path)
+                    listeners.on_folder(folder.path)
+                # A resumed run's folder exists from the start: it trains once its record says so again.
+                if announced and not training and says_running(folder):
+                    training = True
+                    listeners.on_running()
                 if not running:
                     break
                 if job.stop_event.is_set():

@@ -2,9 +2,9 @@
 
 A job trains in a child process (`child.Supervisor`), so closing the browser tab does not stop it and a crash of
 the run cannot take the app down; its run folder is the source of truth, so a reloaded page re-attaches by reading
-it, and a restarted app finds a child that is still training through the run's lock (`adopt`). A second visitor's Start waits in a short
-queue (and is told its position) or is refused when the queue is full; it never disturbs the running job.
-Only the visitor who started a job can stop it.
+it, and a restarted app finds a child that is still training through the run's lock (`adopt`). A second
+visitor's Start waits in a short queue (and is told its position) or is refused when the queue is full; it never
+disturbs the running job. Only the visitor who started a job can stop or resume it.
 """
 
 from __future__ import annotations
@@ -14,30 +14,52 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Callable
 
 from . import child, runs
 from .errors import UserError
-from .settings import RunSettings
+from .settings import RunSettings, run_settings
 
-# A job's states: a run's own (runs.py) once it has one, and before it, waiting or being prepared.
-QUEUED, PREPARING = "queued", "preparing"
-RUNNING, FINISHED, STOPPED, FAILED = runs.RUNNING, runs.FINISHED, runs.STOPPED, runs.FAILED
-# Refused before anything was trained (bad data, a finished run to resume, ...): not a failure of a run.
-REFUSED = "refused"
-DONE = (FINISHED, STOPPED, FAILED, REFUSED)
 MAX_QUEUED_JOBS = 3
+
+
+class JobState(StrEnum):
+    """Where a job is: waiting or being prepared, then its run's own status (runs.py's words) once the run says
+    it is training, or refused before anything was trained."""
+
+    QUEUED = "queued"
+    PREPARING = "preparing"
+    RUNNING = runs.RUNNING
+    FINISHED = runs.FINISHED
+    STOPPED = runs.STOPPED
+    FAILED = runs.FAILED
+    # Refused before anything was trained (bad data, a finished run to resume, ...): not a failure of a run.
+    REFUSED = "refused"
+
+    @property
+    def done(self) -> bool:
+        return self in (JobState.FINISHED, JobState.STOPPED, JobState.FAILED, JobState.REFUSED)
 
 
 @dataclass
 class Job:
+    """One visitor's place in the app's queue for the GPU, and what the page shows of it: its state, its latest
+    status line, its run folder once there is one.
+
+    Not `train.TrainingJob`, which is the input of one call to `train` inside the training process: a Job lives
+    in the app's process, which never trains; its run happens in a child process (`child.Supervisor`) that builds
+    its own TrainingJob from the command line. For a resume, `settings` are the run's own (`recorded_settings`),
+    never a form's; the child (`train --resume`) is given none and reads them from the run folder itself.
+    """
+
     job_id: str
     owner: str
     settings: RunSettings
     resume: str | None = None
-    state: str = QUEUED
+    state: JobState = JobState.QUEUED
     message: str = "Waiting for the GPU."
     run_dir: Path | None = None
     error: str | None = None
@@ -50,19 +72,28 @@ class Job:
 
     @property
     def done(self) -> bool:
-        return self.state in DONE
+        return self.state.done
 
 
-# Trains one job to its end and returns its run folder (None: stopped before it had one); UserError when it
-# fails. Replaced in tests by a stand-in that needs no model.
-Trainer = Callable[["Job", Callable[[str], None], Callable[[Path], None]], "Path | None"]
+# Runs one job to its end and returns its run folder (None: stopped before it had one); UserError when it fails.
+# While it runs it reports each status line, the run folder once it exists, and the moment the run is training
+# (its run.json says `running`). `child.Supervisor.run` is the app's; tests pass a stand-in that needs no model.
+JobRunner = Callable[["Job", Callable[[str], None], Callable[[Path], None], Callable[[], None]], "Path | None"]
+
+
+def recorded_settings(folder: runs.RunFolder) -> RunSettings:
+    """The settings a run recorded in its run.json (its preset's values under its own), with the runs folder it is
+    in now: the record names the one it was made in, which may since have moved."""
+    values = dict(folder.read().get("settings") or {})
+    settings = run_settings(values.pop("preset", None) or "balanced", **values)
+    return replace(settings, output_dir=str(folder.path.parent))
 
 
 class JobManager:
-    def __init__(self, trainer: Trainer | None = None, max_queued: int = MAX_QUEUED_JOBS, runs_per_owner: int = 0,
+    def __init__(self, runner: JobRunner | None = None, max_queued: int = MAX_QUEUED_JOBS, runs_per_owner: int = 0,
                  supervisor: child.Supervisor | None = None):
         self._supervisor = supervisor or child.Supervisor()
-        self._trainer = trainer or self._supervisor.run
+        self._runner = runner or self._supervisor.run
         self._max_queued = max_queued
         self._runs_per_owner = runs_per_owner
         self._lock = threading.Lock()
@@ -70,35 +101,44 @@ class JobManager:
         self._current: Job | None = None
         self._jobs: dict[str, Job] = {}
 
-    def submit(self, settings: RunSettings, owner: str, resume: str | None = None) -> Job:
+    def submit(self, settings: RunSettings, owner: str) -> Job:
+        """Start a new run of `settings` for `owner`, or queue it while the GPU is busy."""
         with self._lock:
-            if any(j.owner == owner and not j.done for j in self._jobs.values()):
-                raise UserError("You already have a run in progress or waiting; stop it before starting another.")
-            if self._current is not None and len(self._queue) >= self._max_queued:
-                raise UserError(f"The GPU is busy and {len(self._queue)} runs are already waiting; "
-                                "try again when one finishes.")
-            if resume:
-                self._check_resumable(resume, owner)
-            else:
-                self._check_quota(settings.output_dir, owner)
-            job_id = Path(resume).name if resume else runs.new_run_id(settings.source) + "-" + uuid.uuid4().hex[:4]
-            job = Job(job_id, owner, settings, resume=resume)
-            if resume:
-                job.run_dir = Path(resume)
-            self._jobs[job.job_id] = job
-            if self._current is None:
-                self._start(job)
-            else:
-                self._queue.append(job)
-                job.message = f"Waiting for the GPU: position {len(self._queue)} in the queue."
-            return job
+            self._check_may_queue(owner)
+            self._check_quota(settings.output_dir, owner)
+            job_id = runs.new_run_id(settings.source) + "-" + uuid.uuid4().hex[:4]
+            return self._enqueue(Job(job_id, owner, settings))
 
-    def _check_resumable(self, run_dir: str, owner: str) -> None:
-        folder = runs.RunFolder.open(run_dir)
+    def resume(self, runs_dir: str | Path, run_ref: str | Path, visitor: str) -> Job:
+        """Resume the visitor's run named by `run_ref` (its id or its folder, as a page sends it) from its last
+        checkpoint, or queue the resume. The run trains on with the settings in its own run.json, whatever a form
+        shows now; refused (UserError) when the visitor may not see the run, it finished, or it is training."""
+        folder = runs.open_visible(runs_dir, run_ref, visitor)
+        with self._lock:
+            self._check_may_queue(visitor)
+            self._check_resumable(folder)
+            job = Job(folder.run_id, visitor, recorded_settings(folder), resume=str(folder.path), run_dir=folder.path)
+            return self._enqueue(job)
+
+    def _check_may_queue(self, owner: str) -> None:
+        if any(j.owner == owner and not j.done for j in self._jobs.values()):
+            raise UserError("You already have a run in progress or waiting; stop it before starting another.")
+        if self._current is not None and len(self._queue) >= self._max_queued:
+            raise UserError(f"The GPU is busy and {len(self._queue)} runs are already waiting; "
+                            "try again when one finishes.")
+
+    def _enqueue(self, job: Job) -> Job:
+        self._jobs[job.job_id] = job
+        if self._current is None:
+            self._start(job)
+        else:
+            self._queue.append(job)
+            job.message = f"Waiting for the GPU: position {len(self._queue)} in the queue."
+        return job
+
+    def _check_resumable(self, folder: runs.RunFolder) -> None:
         if self._active_on(folder.path):
             raise UserError(f"Run {folder.run_id} is already training or waiting to; it cannot be resumed twice.")
-        if not runs.visible_to(folder.read(), owner):
-            raise UserError(f"Run {folder.run_id} was started by another visitor; only they can resume it.")
         runs.check_unfinished(folder)
         if folder.lock_holder() is not None:
             # Another process (the command line, or an app before a restart) is training it right now.
@@ -148,7 +188,7 @@ class JobManager:
                     continue
                 # Command-line runs have no owner: the GPU is busy, and no visitor may stop them.
                 job = Job(folder.run_id, record.get("owner") or "", RunSettings(output_dir=str(folder.path.parent)),
-                          state=RUNNING, message="Training (re-attached after the app restarted)…",
+                          state=JobState.RUNNING, message="Training (re-attached after the app restarted)…",
                           run_dir=folder.path, pid=holder["pid"])
                 self._jobs[job.job_id] = job
                 self._current = job
@@ -159,28 +199,29 @@ class JobManager:
 
     def _start(self, job: Job) -> None:
         self._current = job
-        job.state = PREPARING
+        job.state = JobState.PREPARING
         job.message = "Starting…"
         threading.Thread(target=self._run, args=(job,), name=f"train-{job.job_id}", daemon=True).start()
 
-    def _run(self, job: Job, trainer: Trainer | None = None) -> None:
+    def _run(self, job: Job, runner: JobRunner | None = None) -> None:
         def on_status(message: str) -> None:
             job.message = message
-            if message.startswith("Training"):
-                job.state = RUNNING
 
         def on_folder(path: Path) -> None:
             job.run_dir = path
 
-        outcome: tuple[str, str, str | None]
+        def on_running() -> None:
+            job.state = JobState.RUNNING
+
+        outcome: tuple[JobState, str, str | None]
         try:
-            job.run_dir = (trainer or self._trainer)(job, on_status, on_folder)
+            job.run_dir = (runner or self._runner)(job, on_status, on_folder, on_running)
             outcome = self._outcome(job)
         except UserError as err:
-            outcome = (FAILED if self._run_failed(job) else REFUSED, str(err), str(err))
+            outcome = (JobState.FAILED if self._run_failed(job) else JobState.REFUSED, str(err), str(err))
         except Exception as err:  # a bug, not the user's doing: still end the job and free the GPU
             reason = f"{type(err).__name__}: {err}"
-            outcome = (FAILED, f"The run failed unexpectedly: {reason}", reason)
+            outcome = (JobState.FAILED, f"The run failed unexpectedly: {reason}", reason)
         with self._lock:
             # The GPU is released before the job reads as done, so whoever sees it done can start another.
             self._current = None
@@ -201,13 +242,13 @@ class JobManager:
             return False
 
     @staticmethod
-    def _outcome(job: Job) -> tuple[str, str, str | None]:
+    def _outcome(job: Job) -> tuple[JobState, str, str | None]:
         if job.run_dir is None:
-            return STOPPED, "Stopped before the run started; nothing was saved.", None
+            return JobState.STOPPED, "Stopped before the run started; nothing was saved.", None
         record = runs.RunFolder(job.run_dir).read()
         if record.get("status") == runs.STOPPED:
-            return STOPPED, record.get("error") or "Stopped; the adapter so far is saved.", None
-        return FINISHED, "Finished.", None
+            return JobState.STOPPED, record.get("error") or "Stopped; the adapter so far is saved.", None
+        return JobState.FINISHED, "Finished.", None
 
     def stop(self, job_id: str, owner: str) -> Job:
         """Ask the job to stop (it saves a checkpoint and the adapter first); a second Stop kills it at once."""
@@ -215,7 +256,7 @@ class JobManager:
         with self._lock:
             if job in self._queue:
                 self._queue.remove(job)
-                job.state, job.message = STOPPED, "Removed from the queue before it started."
+                job.state, job.message = JobState.STOPPED, "Removed from the queue before it started."
                 return job
         if job.done:
             return job

@@ -14,28 +14,50 @@ import time
 import pytest
 
 from sft_space import child, jobs, runs
+from sft_space.jobs import JobState
 from sft_space.settings import RunSettings
 
 # What `python -m sft_space train` does, as far as the supervisor can see: a run folder with its owner and its
-# lock, status lines, and on SIGINT a stopped run (exit 130). Modes: "train" (stops on SIGINT), "stubborn"
-# (ignores SIGINT), "refuse" (fails before any folder, as bad data does), "finish".
+# lock (a resume finds the folder there and marks it running again), status lines, and on SIGINT a stopped run
+# (exit 130). Modes: "train" (stops on SIGINT), "finish", "refuse" (fails before any folder, as bad data does),
+# "on-go" (says "Training…", then records the run only once the test creates the file <run>.go), "slow-save" (on
+# SIGINT says "Saving…" until the test creates <run>.saving, then "Still saving…" until it creates <run>.saved,
+# then records the stop: a save that takes as long as the test wants, unless a kill cuts it short).
 STAND_IN = r"""
-import signal, sys, time
+import os, signal, sys, time
 from sft_space import runs
 runs_dir, run_id, owner, mode = sys.argv[1:5]
+
+def wait_for(name, saying):
+    # Said again and again: the page shows it whatever else set the job's message meanwhile.
+    while not os.path.exists(os.path.join(runs_dir, f"{run_id}.{name}")):
+        print(saying, flush=True)
+        time.sleep(0.05)
+
 if mode == "refuse":
     print("Checking the data…", flush=True)
     print("error: row 3: the last message is from the user.", flush=True)
     sys.exit(1)
 stop = []
-signal.signal(signal.SIGINT, signal.SIG_IGN if mode == "stubborn" else lambda *_: stop.append(1))
-folder = runs.RunFolder.create(runs_dir, run_id)
-folder.write({"run_id": run_id, "status": runs.RUNNING, "owner": owner or None, "created_at": runs.timestamp()})
+signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+print("Checking the data…", flush=True)
+if mode == "on-go":
+    print("Training…", flush=True)
+    wait_for("go", "Waiting for the go…")
+folder = runs.RunFolder(os.path.join(runs_dir, run_id))
+if folder.record_path.is_file():
+    folder.update(status=runs.RUNNING)
+else:
+    folder = runs.RunFolder.create(runs_dir, run_id)
+    folder.write({"run_id": run_id, "status": runs.RUNNING, "owner": owner or None, "created_at": runs.timestamp()})
 with folder.locked():
     print("Loading the model…", flush=True)
     print("Training…", flush=True)
     for step in range(1, 100000):
         print(f"█████··· step {step}/100000", flush=True)
+        if stop and mode == "slow-save":
+            wait_for("saving", "Saving…")
+            wait_for("saved", "Still saving…")
         if stop:
             folder.update(status=runs.STOPPED, error=None)
             print("Stopping: saving a checkpoint and the adapter…", flush=True)
@@ -84,7 +106,7 @@ def manager_for(mode, grace=30.0):
 
 def start(manager, tmp_path, owner="alice"):
     job = manager.submit(RunSettings(source="a.jsonl", output_dir=str(tmp_path / "runs")), owner=owner)
-    assert wait_until(lambda: job.state == jobs.RUNNING and job.run_dir is not None), job.message
+    assert wait_until(lambda: job.state == JobState.RUNNING and job.run_dir is not None), job.message
     return job
 
 
@@ -93,7 +115,7 @@ def test_a_run_trains_in_its_own_process_group_and_its_status_lines_reach_the_pa
     job = start(manager, tmp_path)
     assert job.pid != os.getpid() and os.getpgid(job.pid) == job.pid  # its own group, not the app's
     assert wait_until(lambda: job.done)
-    assert job.state == jobs.FINISHED and runs.RunFolder(job.run_dir).read()["owner"] == "alice"
+    assert job.state == JobState.FINISHED and runs.RunFolder(job.run_dir).read()["owner"] == "alice"
     log = child.log_file(tmp_path / "runs", job.job_id).read_text()
     assert "Loading the model…" in log and "step 30/" in log
 
@@ -106,7 +128,7 @@ def test_with_warm_start_a_run_is_the_process_started_ahead_and_the_next_one_sta
     job = start(jobs.JobManager(supervisor=supervisor), tmp_path)
     assert job.pid == waiting.pid and os.getpgid(job.pid) == job.pid  # not a new process, and its own group
     assert wait_until(lambda: job.done)
-    assert job.state == jobs.FINISHED, job.error  # ("refuse" would have been a new process, not the one ahead)
+    assert job.state == JobState.FINISHED, job.error  # ("refuse" would have been a new process, not the one ahead)
     assert "step 30/" in child.log_file(tmp_path / "runs", job.job_id).read_text()  # its output went to the run's log
     following = supervisor.standby
     assert following is not None and following.pid != waiting.pid and following.poll() is None
@@ -120,39 +142,77 @@ def test_a_process_started_ahead_that_died_is_replaced_by_a_new_one(tmp_path):
     dead.wait(timeout=10)
     job = start(jobs.JobManager(supervisor=supervisor), tmp_path)
     assert job.pid != dead.pid
-    assert wait_until(lambda: job.done) and job.state == jobs.FINISHED, job.error
+    assert wait_until(lambda: job.done) and job.state == JobState.FINISHED, job.error
     supervisor.close()
 
 
-def test_stop_is_a_signal_and_the_run_stops_within_a_second(tmp_path):
-    manager = manager_for("train")
-    job = start(manager, tmp_path)
-    pressed = time.monotonic()
-    manager.stop(job.job_id, "alice")
-    assert wait_until(lambda: job.done, timeout=10)
-    assert time.monotonic() - pressed < 2.0
-    assert job.state == jobs.STOPPED and runs.RunFolder(job.run_dir).read()["status"] == runs.STOPPED
-    assert manager.current() is None
-
-
-@pytest.mark.slow
-def test_a_child_that_ignores_stop_is_killed_after_the_grace_period_or_a_second_stop(tmp_path):
-    manager = manager_for("stubborn", grace=1.0)
+def test_stop_is_a_signal_the_run_answers_by_stopping_at_its_next_step(tmp_path):
+    manager = manager_for("train", grace=600.0)
     job = start(manager, tmp_path)
     manager.stop(job.job_id, "alice")
     assert wait_until(lambda: job.done, timeout=10)
     record = runs.RunFolder(job.run_dir).read()
-    assert job.state == jobs.STOPPED and record["status"] == runs.STOPPED
+    # Stopped by its own hand (its SIGINT handler), not killed: the record says so without an error.
+    assert job.state == JobState.STOPPED and record["status"] == runs.STOPPED and record["error"] is None
+    assert "Stopping: saving a checkpoint" in child.log_file(tmp_path / "runs", job.job_id).read_text()
+    assert manager.current() is None
+
+
+def touch(tmp_path, job, name):
+    (tmp_path / "runs" / f"{job.job_id}.{name}").touch()
+
+
+def test_one_stop_waits_for_the_child_to_save(tmp_path):
+    """The supervisor looks at a Stop every time it reads the child's output: once the child has said "Still
+    saving…" (which it says only after the page showed "Saving…", said after the signal), the supervisor has
+    looked again since the signal and let the child be; the save then ends as the child's own."""
+    manager = manager_for("slow-save", grace=600.0)
+    job = start(manager, tmp_path)
+    manager.stop(job.job_id, "alice")
+    assert wait_until(lambda: job.message == "Saving…", timeout=10), job.message
+    touch(tmp_path, job, "saving")
+    assert wait_until(lambda: job.message == "Still saving…", timeout=10), job.message
+    touch(tmp_path, job, "saved")
+    assert wait_until(lambda: job.done, timeout=10)
+    record = runs.RunFolder(job.run_dir).read()
+    assert job.state == JobState.STOPPED and record["status"] == runs.STOPPED and record["error"] is None
+
+
+@pytest.mark.slow
+def test_a_child_that_ignores_stop_is_killed_after_the_grace_period_or_a_second_stop(tmp_path):
+    manager = manager_for("slow-save", grace=1.0)
+    job = start(manager, tmp_path)
+    manager.stop(job.job_id, "alice")
+    assert wait_until(lambda: job.done, timeout=10)
+    record = runs.RunFolder(job.run_dir).read()
+    assert job.state == JobState.STOPPED and record["status"] == runs.STOPPED
     assert "did not exit in time" in record["error"] and "start it again" in record["error"]
 
-    patient = manager_for("stubborn", grace=600.0)
+    patient = manager_for("slow-save", grace=600.0)
     second = start(patient, tmp_path / "again")
     patient.stop(second.job_id, "alice")
-    time.sleep(0.5)
-    assert not second.done, "one Stop waits for the child to save"
+    assert wait_until(lambda: second.message == "Saving…", timeout=10), second.message  # it has the signal
     patient.stop(second.job_id, "alice")
     assert wait_until(lambda: second.done, timeout=10)
-    assert runs.RunFolder(second.run_dir).read()["status"] == runs.STOPPED
+    record = runs.RunFolder(second.run_dir).read()
+    assert record["status"] == runs.STOPPED and "did not exit in time" in record["error"]
+
+
+def test_a_job_is_running_once_its_run_record_says_so_never_from_the_words_of_a_status_line(tmp_path):
+    """A resumed run's folder is there from the start, and the child says "Training…" before its record says
+    `running` again: neither makes the job running; the record does."""
+    runs_dir = tmp_path / "runs"
+    folder = runs.RunFolder.create(runs_dir, "stopped-run")
+    folder.write({"run_id": "stopped-run", "status": runs.STOPPED, "owner": "alice",
+                  "settings": {"source": "a.jsonl"}})
+    manager = manager_for("on-go")
+    job = manager.resume(runs_dir, "stopped-run", "alice")
+    assert wait_until(lambda: job.message == "Waiting for the go…", timeout=10), job.message
+    assert job.state == JobState.PREPARING and job.run_dir == folder.path
+    touch(tmp_path, job, "go")
+    assert wait_until(lambda: job.state == JobState.RUNNING, timeout=10), job.message
+    manager.stop(job.job_id, "alice")
+    assert wait_until(lambda: job.done, timeout=10) and job.state == JobState.STOPPED
 
 
 @pytest.mark.parametrize("sig, named", [(signal.SIGKILL, "SIGKILL"), (signal.SIGSEGV, "SIGSEGV")])
@@ -164,7 +224,7 @@ def test_a_child_that_dies_fails_its_run_and_the_app_goes_on(tmp_path, sig, name
     assert wait_until(lambda: job.done, timeout=10)
     folder = runs.RunFolder(job.run_dir)
     record = folder.read()
-    assert job.state == jobs.FAILED and record["status"] == runs.FAILED
+    assert job.state == JobState.FAILED and record["status"] == runs.FAILED
     assert named in record["error"] and named in job.error
     assert "step " in (folder.path / "failure.txt").read_text()  # the tail of its output
     assert manager.current() is None
@@ -177,7 +237,7 @@ def test_a_run_refused_before_it_starts_says_why(tmp_path):
     manager = manager_for("refuse")
     job = manager.submit(RunSettings(source="a.jsonl", output_dir=str(tmp_path / "runs")), owner="alice")
     assert wait_until(lambda: job.done)
-    assert job.state == jobs.REFUSED and job.error == "row 3: the last message is from the user."
+    assert job.state == JobState.REFUSED and job.error == "row 3: the last message is from the user."
     assert not any((tmp_path / "runs").glob("*/run.json"))
 
 
@@ -197,7 +257,7 @@ def test_a_restarted_app_re_attaches_to_a_child_still_training_and_marks_dead_on
         restarted.stop(job.job_id, "mallory")
     restarted.stop(job.job_id, "alice")
     assert wait_until(lambda: adopted[0].done, timeout=10)
-    assert adopted[0].state == jobs.STOPPED and runs.RunFolder(job.run_dir).read()["status"] == runs.STOPPED
+    assert adopted[0].state == JobState.STOPPED and runs.RunFolder(job.run_dir).read()["status"] == runs.STOPPED
     assert wait_until(lambda: job.done)
 
 
@@ -230,20 +290,20 @@ def test_the_app_trains_stops_and_resumes_a_real_run_in_a_child_process(tmp_path
     job = manager.submit(settings, owner="alice")
     assert wait_until(lambda: job.run_dir is not None and runs.RunFolder(job.run_dir).read_metrics(), timeout=300), \
         job.message
-    assert job.state == jobs.RUNNING and job.pid == waiting.pid
+    assert job.state == JobState.RUNNING and job.pid == waiting.pid
     pressed = time.monotonic()
     manager.stop(job.job_id, "alice")
     assert wait_until(lambda: job.done, timeout=60)
     stopped_after = time.monotonic() - pressed
     folder = runs.RunFolder(job.run_dir)
     record = folder.read()
-    assert job.state == jobs.STOPPED and record["status"] == runs.STOPPED and record["owner"] == "alice"
+    assert job.state == JobState.STOPPED and record["status"] == runs.STOPPED and record["owner"] == "alice"
     assert folder.has_adapter and folder.last_checkpoint() is not None
     assert stopped_after < 20, stopped_after
 
-    resumed = manager.submit(settings, owner="alice", resume=str(folder.path))
+    resumed = manager.resume(settings.output_dir, folder.path, "alice")
     assert wait_until(lambda: resumed.done, timeout=300), resumed.message
-    assert resumed.state == jobs.FINISHED, resumed.error
+    assert resumed.state == JobState.FINISHED, resumed.error
     steps = [m["step"] for m in folder.read_metrics() if "loss" in m]
     assert steps[-1] == 40 and len(steps) == len(set(steps)), steps
     following = supervisor.standby
@@ -264,11 +324,11 @@ def test_a_command_line_run_keeps_the_gpu_busy_for_the_app_and_no_visitor_may_st
         with pytest.raises(Exception, match="No such run of yours"):
             manager.stop(adopted.job_id, "alice")
         queued = manager.submit(RunSettings(source="a.jsonl", output_dir=str(runs_dir)), owner="alice")
-        assert queued.state == jobs.QUEUED
+        assert queued.state == JobState.QUEUED
     finally:
         os.killpg(process.pid, signal.SIGINT)
         process.wait(timeout=30)
     assert wait_until(lambda: adopted.done) and folder.read()["status"] == runs.STOPPED
-    assert wait_until(lambda: queued.state == jobs.RUNNING)  # the GPU went to the waiting visitor
+    assert wait_until(lambda: queued.state == JobState.RUNNING)  # the GPU went to the waiting visitor
     manager.stop(queued.job_id, "alice")
     assert wait_until(lambda: queued.done)

@@ -68,7 +68,7 @@ def test_the_headline_is_the_smoothed_and_validation_loss_never_the_last_raw_ste
                                              for e in folder.read_metrics()))
     assert folder.headline() == headline
     # The Train tab's status line shows the same, and not the raw 3.9.
-    job = jobs.Job("noisy", "alice", RunSettings(source="a.jsonl"), state=jobs.RUNNING, message="Training…",
+    job = jobs.Job("noisy", "alice", RunSettings(source="a.jsonl"), state=jobs.JobState.RUNNING, message="Training…",
                    run_dir=folder.path)
     status = train_tab.progress_markdown(job)
     assert headline.text() in status and "3.9" not in status
@@ -105,7 +105,7 @@ def app(tmp_path, monkeypatch, tiny_model_dir):
     """The app with a stand-in trainer: a run that finishes at once, recording the settings it was given."""
     from sft_space.ui import build_app
 
-    def finish_at_once(job, on_status, on_folder):
+    def finish_at_once(job, on_status, on_folder, on_running):
         folder = runs.RunFolder.create(job.settings.output_dir, job.job_id)
         folder.write({"run_id": job.job_id, "status": runs.FINISHED, "owner": job.owner,
                       "settings": asdict(job.settings), "final_metrics": {"step": 1},
@@ -174,7 +174,7 @@ def test_refusals_read_refused_once_never_failed(app, tiny_model_dir, embedded_t
         _, status, notice = handlers["on_resume"](None, token, job_id)
     assert status.startswith(f"**Refused** · Run {job_id} already finished") and "Failed" not in status
     assert status.count("already finished") == 1 and "**Finished**" in status
-    assert manager.latest_for(visitor).job_id == job_id and manager.get(job_id, visitor).state == jobs.FINISHED
+    assert manager.latest_for(visitor).job_id == job_id and manager.get(job_id, visitor).state == jobs.JobState.FINISHED
 
 
 def test_a_run_from_an_upload_shows_its_file_name_and_says_to_give_it_locally(app, tiny_model_dir, tmp_path):

@@ -268,7 +268,7 @@ def test_start_with_invalid_rows_is_refused_before_any_run_and_says_what_to_do(t
         train_tab.settings_from_form(settings, False, str(tiny_model_dir), "quick", str(tmp_path), advanced, report)
     assert train_tab.settings_from_form(settings, True, str(tiny_model_dir), "quick", str(tmp_path), advanced, report)
     # A refused job reads "Refused", and its reason once.
-    job = jobs.Job("j", "alice", settings, state=jobs.REFUSED, message="bad data", error="bad data")
+    job = jobs.Job("j", "alice", settings, state=jobs.JobState.REFUSED, message="bad data", error="bad data")
     shown = train_tab.progress_markdown(job)
     assert shown.startswith("**Refused**") and shown.count("bad data") == 1
 

@@ -11,8 +11,7 @@ import os
 import gradio as gr
 
 from .. import access, child, jobs, models
-from ..errors import UserError
-from ..settings import DataSettings, RunSettings
+from ..settings import DataSettings
 from . import chat_tab, data_tab, publish_tab, runs_tab, train_tab
 from .common import Gate, own_run, refusals_as_messages
 
@@ -73,7 +72,7 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
         # by then, and runs finish while the page is open).
         chat_item.select(chat["on_refresh"], inputs=[chat["run"], session], outputs=chat["run"])
         publish_item.select(publishing["on_refresh"], inputs=[publishing["run"], session], outputs=publishing["run"])
-        runs_item.select(past["on_refresh"], inputs=past["refresh_inputs"], outputs=past["refresh_outputs"])
+        runs_item.select(past.on_refresh, inputs=past.refresh_inputs, outputs=past.refresh_outputs)
 
         def open_in(tab_id, tab, purpose):
             def open_run(run_id, token):
@@ -81,32 +80,29 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
                 return tab["on_refresh"](str(run.path), token), gr.Tabs(selected=tab_id)
             return open_run
 
-        past["open_chat"].click(open_in("chat", chat, "chat with"), inputs=[past["run_id"], session],
-                                outputs=[chat["run"], tabs])
-        past["publish"].click(open_in("publish", publishing, "publish"), inputs=[past["run_id"], session],
-                              outputs=[publishing["run"], tabs])
+        past.open_chat.click(open_in("chat", chat, "chat with"), inputs=[past.run_id, session],
+                             outputs=[chat["run"], tabs])
+        past.publish.click(open_in("publish", publishing, "publish"), inputs=[past.run_id, session],
+                           outputs=[publishing["run"], tabs])
 
         def resume_run(profile: gr.OAuthProfile | None, token, run_id):
             # Any stopped or interrupted run, also one from before the app restarted; only its starter may, and
             # only while the access setting lets them train.
             visitor = gate.visitor(token)
             gate.may_train(profile)
-            run = own_run(folder, run_id, visitor)
-            try:
-                job = manager.submit(RunSettings(**run.read()["settings"]), visitor, resume=str(run.path))
-            except UserError as err:
-                raise gr.Error(str(err)) from None
-            return job.job_id, gr.Tabs(selected="train")
+            if not run_id:
+                raise gr.Error("Pick a run first.")
+            return manager.resume(folder, run_id, visitor).job_id, gr.Tabs(selected="train")
 
-        past["resume"].click(resume_run, inputs=[session, past["run_id"]], outputs=[training["job_id"], tabs])
+        past.resume.click(resume_run, inputs=[session, past.run_id], outputs=[training.job_id, tabs])
         app.load(identify(gate), inputs=session, outputs=session, api_name="identify")
 
         def show_access(profile: gr.OAuthProfile | None):
-            shown = training["on_access"](profile)
+            shown = training.on_access(profile)
             # The top Duplicate button shows exactly when the Train tab's refusal does.
             return (*shown, shown[0]) if top_duplicate else shown
 
-        app.load(show_access, outputs=training["access_outputs"] + ([top_duplicate] if top_duplicate else []))
+        app.load(show_access, outputs=training.access_outputs + ([top_duplicate] if top_duplicate else []))
     # Every event is also an HTTP endpoint. These are offered as an API, under stable names; the rest serve the
     # page only and are kept out of the API page and the Gradio clients (their handlers check the visitor anyway).
     for handler in app.fns.values():

@@ -4,8 +4,9 @@ two or more (their curves overlaid, their settings side by side: `compare` does 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 import pandas as pd
@@ -100,7 +101,21 @@ def _kept(current: list[str] | None, names: list[str]) -> Any:
     return gr.update(choices=names, value=[name for name in current or [] if name in names])
 
 
-def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RunsTab:
+    """What the rest of the app uses of the Runs tab: the chosen run, the buttons that take it to another tab, and
+    the refresh its tab's opening runs."""
+
+    run_id: gr.Dropdown
+    open_chat: gr.Button
+    resume: gr.Button
+    publish: gr.Button
+    on_refresh: Callable[..., tuple]
+    refresh_inputs: list[gr.components.Component]
+    refresh_outputs: list[gr.components.Component]
+
+
+def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState) -> RunsTab:
     runs_dir = gate.runs_dir
     refresh = gr.Button("↻ Refresh", size="sm")
     initial = runs_table(runs_dir, None)
@@ -165,5 +180,5 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState) -> dic
                   outputs=[details, curve])
     gr.on([picked.change, only_differences.change], on_compare, inputs=[picked, only_differences, session],
           outputs=[compare_note, train_curves, validation_curves, settings_table], api_name="compare_runs")
-    return {"run_id": run_id, "open_chat": open_chat, "resume": resume, "publish": publish, "on_refresh": on_refresh,
-            "refresh_inputs": [run_id, session, picked], "refresh_outputs": refresh_outputs}
+    return RunsTab(run_id=run_id, open_chat=open_chat, resume=resume, publish=publish, on_refresh=on_refresh,
+                   refresh_inputs=[run_id, session, picked], refresh_outputs=refresh_outputs)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 import pandas as pd
@@ -43,7 +43,8 @@ UPLOAD_NOTE = ("# {name} was uploaded to this app: run this where your copy of t
 
 def advanced_fields() -> list[dataclasses.Field]:
     """The settings of the Advanced panel, in the order it shows them (group by group)."""
-    return [f for group, _ in ADVANCED_GROUPS for f in dataclasses.fields(RunSettings) if f.metadata.get("group") == group]
+    return [f for group, _ in ADVANCED_GROUPS for f in dataclasses.fields(RunSettings)
+            if f.metadata.get("group") == group]
 
 
 def settings_from_form(data_settings: DataSettings | None, skip_invalid: bool, model: str, preset: str,
@@ -121,7 +122,9 @@ def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "…"
     seconds = int(seconds)
-    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m {seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m {seconds % 60:02d}s"
 
 
 def data_line(summary: dict[str, Any]) -> str:
@@ -193,8 +196,7 @@ def job_settings(job: jobs.Job) -> RunSettings | None:
     """The settings of the run `job` trains: from its run.json once the run has one, else as submitted."""
     if job.run_dir is not None and (Path(job.run_dir) / runs.RUN_FILE).is_file():
         try:
-            values = dict(runs.RunFolder(Path(job.run_dir)).read().get("settings") or {})
-            return run_settings(values.pop("preset", None) or "balanced", **values)
+            return jobs.recorded_settings(runs.RunFolder(Path(job.run_dir)))
         except UserError:
             return None
     return job.settings if job.settings.source else None
@@ -259,9 +261,18 @@ def model_picker(default: str | None = None, render: bool = True, local_paths: b
                             "or type any Hub model id (owner/name)" + (" or local folder." if local_paths else "."))
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainTab:
+    """What the rest of the app uses of the Train tab."""
+
+    job_id: gr.State  # the job the page follows: the Runs tab's Resume sets it
+    on_access: Callable[[gr.OAuthProfile | None], tuple]  # the page's load event: refusal or cost, per visitor
+    access_outputs: list[gr.components.Component]  # what `on_access` updates, in its order
+
+
 def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model: gr.Dropdown,
-          report: gr.State, data_settings: gr.State, skip_invalid: gr.Checkbox) -> dict[str, Any]:
-    """Lay out the Train tab; returns components other tabs use."""
+          report: gr.State, data_settings: gr.State, skip_invalid: gr.Checkbox) -> TrainTab:
+    """Lay out the Train tab; returns what other tabs use."""
     if note := storage.runs_note(gate.runs_dir):
         gr.Markdown(note, elem_id="train-storage-note")
     gr.Markdown(access.describe_who_may_train(gate.settings.who_may_train, gate.environ), elem_id="train-access")
@@ -351,9 +362,7 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
             job = visitor_job(manager, owner_id, current)
             if job is None or job.run_dir is None or not job.done:
                 raise UserError("Nothing to resume: resume a stopped or failed run of yours once it has stopped.")
-            folder = runs.RunFolder.open(job.run_dir)
-            settings = RunSettings(**folder.read()["settings"])
-            resumed = manager.submit(settings, owner_id, resume=str(folder.path))
+            resumed = manager.resume(gate.runs_dir, job.run_dir, owner_id)
         except (gr.Error, UserError) as err:
             refused = refusal("on_resume", err)
             return gr.skip(), progress_markdown(shown_job(owner_id, current), refused), refused
@@ -397,4 +406,4 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
     gr.on([report.change, model.change, preset.change, *(advanced[n].change for n in names)], on_estimate,
           inputs=[report, data_settings, model, preset, *advanced.values()], outputs=cost, show_progress="hidden",
           trigger_mode="always_last")
-    return {"job_id": job_id, "on_access": on_access, "access_outputs": [refused_row, refused_text, cost]}
+    return TrainTab(job_id=job_id, on_access=on_access, access_outputs=[refused_row, refused_text, cost])
