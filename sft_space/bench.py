@@ -20,39 +20,27 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import models
+from . import catalog, models
+from .catalog import CatalogModel
 from .hardware import Hardware, detect_hardware, plan_training
 from .memory import ModelShape
-from .settings import run_settings, setting
+from .settings import BenchSettings, run_settings
 
-# (hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings): the published configs' numbers.
+# The bench's shapes by name: the catalog's numbers for the models it offers, and a tiny one that suits a CPU.
 SHAPES = {
-    "tiny": (64, 128, 2, 4, 2, 49152, True),
-    "smollm2-135m": (576, 1536, 30, 9, 3, 49152, True),
-    "llama-3.2-1b": (2048, 8192, 16, 32, 8, 128256, True),
-    "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, False),
+    "tiny": CatalogModel("tiny", "llama", 64, 128, 2, 4, 2, 49152, True, "apache-2.0"),
+    "smollm2-135m": catalog.entry(models.EMBEDDED_MODEL),
+    "llama-3.2-1b": catalog.entry("meta-llama/Llama-3.2-1B-Instruct"),
+    "qwen2.5-7b": catalog.entry("Qwen/Qwen2.5-7B-Instruct"),
 }
 EMBEDDED = "embedded"
 # The replies of the GPU memory measurements in issue 15 (lognormal(5.3, 0.8) words, capped at 1,400): long enough
 # that most batches of 8 pad to the 1,024-token maximum. tests/test_plan.py checks the estimator against them.
 GPU_MEMORY_RECIPE_REPLY_WORDS = (5.3, 0.8, 1400)
-SHAPE_NAMES = (*SHAPES, EMBEDDED)
 # Dense bf16 (fp16 on the T4) tensor-core peaks, TFLOP/s, for MFU.
 PEAK_TFLOPS = {"T4": 65.0, "L4": 121.0, "A10G": 125.0, "A100": 312.0, "H100": 989.0, "H200": 989.0}
 WORDS = ("the ship sails north at dawn while the crew checks ropes maps and the weather report before "
          "lunch a captain writes down every course change so that the log stays honest and clear").split()
-
-
-@dataclass
-class BenchSettings:
-    """What to benchmark."""
-
-    shape: str = setting("tiny", "Model shape, with random weights (tiny suits a CPU), or 'embedded' for the "
-                                 "embedded default model's real weights.", choices=SHAPE_NAMES)
-    steps: int = setting(10, "Optimizer steps measured per path, after the warm-up steps.")
-    warmup_steps: int = setting(2, "Steps run first and not measured (allocation, kernel selection).")
-    max_length: int = setting(1024, "Maximum sequence length, the same for both paths.")
-    seed: int = setting(0, "Seed for the synthetic data and the random weights.")
 
 
 @dataclass
@@ -87,15 +75,8 @@ def synthetic_chats(count: int, seed: int, reply_words: tuple[float, float, int]
 
 
 def shape_config(shape: str, tokenizer: Any) -> Any:
-    from transformers import LlamaConfig, Qwen2Config
-
-    hidden, intermediate, layers, heads, kv_heads, vocab, tied = SHAPES[shape]
-    config_class = Qwen2Config if shape.startswith("qwen") else LlamaConfig
-    return config_class(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                        tie_word_embeddings=tied, max_position_embeddings=32768,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
+    return SHAPES[shape].config(max_position_embeddings=32768, bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
 class TokenCounter:

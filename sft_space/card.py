@@ -6,17 +6,21 @@ again for any past run, and it never holds anything the run folder does not (no 
 
 from __future__ import annotations
 
+import dataclasses
 import html
 from pathlib import Path
 from typing import Any
 
 from . import hub, models
 from .runs import RunFolder
+from .settings import RunSettings
 
 LOSS_CURVE_FILE = "loss_curve.png"
-# Settings shown in the card's table, in this order; the rest are in the pushed training_run.json.
-CARD_SETTINGS = ("preset", "epochs", "max_steps", "learning_rate", "lr_scheduler", "warmup_ratio", "lora_r",
-                 "lora_alpha", "lora_dropout", "target_modules", "max_length", "packing", "validation_fraction", "seed")
+# The card's settings table: the fields marked card=True, grouped as the app's form groups them (the data's
+# fields, which have no group, last); the rest are in the pushed training_run.json.
+CARD_GROUP_ORDER = ("model", "schedule", "lora", "hardware", None)
+CARD_SETTINGS = tuple(spec.name for group in CARD_GROUP_ORDER for spec in dataclasses.fields(RunSettings)
+                      if spec.metadata.get("card") and spec.metadata.get("group") == group)
 
 CARD_TEMPLATE = """\
 ---

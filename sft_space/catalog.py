@@ -29,14 +29,15 @@ class CatalogModel:
     tied_embeddings: bool
     licence: str
 
-    def config(self) -> Any:
+    def config(self, **extra: Any) -> Any:
+        """The transformers config of this shape; `extra` sets more of its fields (token ids, positions)."""
         from transformers import LlamaConfig, Qwen2Config
 
         config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[self.family]
         return config_class(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                             intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
                             num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
-                            tie_word_embeddings=self.tied_embeddings)
+                            tie_word_embeddings=self.tied_embeddings, **extra)
 
 
 CATALOG = (
@@ -51,14 +52,14 @@ CATALOG = (
 )
 
 
+def entry(model_id: str) -> CatalogModel:
+    """The catalog's entry for a model it offers."""
+    return next(m for m in CATALOG if m.model_id == model_id)
+
+
 @lru_cache(maxsize=None)
 def shape_of(model_id: str) -> ModelShape:
-    entry = next(m for m in CATALOG if m.model_id == model_id)
-    return ModelShape.from_config(entry.config())
-
-
-def size_label(parameters: int) -> str:
-    return f"{parameters / 1e9:.1f}B" if parameters >= 1e9 else f"{parameters / 1e6:.0f}M"
+    return ModelShape.from_config(entry(model_id).config())
 
 
 def fit_verdict(shape: ModelShape, hardware: Hardware, max_length: int = 2048) -> str:
@@ -74,15 +75,25 @@ def fit_verdict(shape: ModelShape, hardware: Hardware, max_length: int = 2048) -
     return f"fits ({how}, ~{plan.estimated_peak_gib:.0f} GiB)"
 
 
-def picker_choices(hardware: Hardware) -> list[tuple[str, str]]:
-    """(label, model id) pairs for the model dropdown, each labelled with its size and fit."""
-    choices = []
+@dataclass(frozen=True)
+class Offer:
+    """A catalog model as this machine offers it: the id to load, its size, and whether (and how) it trains here."""
+
+    model_id: str
+    parameters: int
+    verdict: str
+    embedded: bool  # the catalog's entry for the embedded default model
+    built_in: bool  # loaded from the file installed with the app, not from the Hub
+
+
+def offers(hardware: Hardware) -> list[Offer]:
+    """Every catalog model, in the catalog's order, judged for `hardware`."""
+    found = []
     for entry in CATALOG:
         shape = shape_of(entry.model_id)
-        model_id, name = entry.model_id, entry.model_id
-        if model_id == models.EMBEDDED_MODEL:
-            # Without the embedded file (a Space installs requirements.txt only) the same model comes from the Hub.
-            model_id = models.default_model()
-            name = "SmolLM2-135M-Instruct" + (" (built in)" if model_id == models.EMBEDDED_MODEL else "")
-        choices.append((f"{name} · {size_label(shape.parameters)} · {fit_verdict(shape, hardware)}", model_id))
-    return choices
+        embedded = entry.model_id == models.EMBEDDED_MODEL
+        # Without the embedded file (a Space installs requirements.txt only) the same model comes from the Hub.
+        model_id = models.default_model() if embedded else entry.model_id
+        found.append(Offer(model_id, shape.parameters, fit_verdict(shape, hardware), embedded,
+                           model_id == models.EMBEDDED_MODEL))
+    return found

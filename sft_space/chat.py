@@ -16,17 +16,7 @@ from . import card, models
 from .errors import UserError
 from .render import render_chat
 from .runs import RunFolder
-from .settings import setting
-
-
-@dataclass
-class GenerationSettings:
-    """How replies are sampled."""
-
-    max_new_tokens: int = setting(256, "Longest reply, in tokens.")
-    temperature: float = setting(0.0, "0 answers deterministically (greedy); higher values vary the wording.")
-    top_p: float = setting(0.95, "Sample only from the most likely tokens that make up this probability.")
-    system_prompt: str = setting("", "Instructions placed before the conversation (leave empty for none).")
+from .settings import GenerationSettings
 
 
 def _generate_kwargs(tokenizer: Any, settings: GenerationSettings) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from . import data
+from .data import Problem
 from .render import Renderer, TemplateError, Tokens, render_chat
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -65,15 +66,7 @@ PROBLEM_CODES = {
     "rows_not_read": "a Hub dataset has more rows than max_rows; only the first max_rows were read",
 }
 WARNING_CODES = {"few_examples", "all_tokens_trained", "duplicate", "same_prompt_different_answers",
-                 "same_answer_many_prompts", "text_split", "ignored_column", "trailing_data", "ignored_files",
-                 "rows_not_read"}
-
-
-@dataclass
-class Problem:
-    row: int | None
-    code: str
-    message: str
+                 "same_answer_many_prompts", "text_split", *data.READING_WARNINGS}
 
 
 @dataclass
@@ -469,8 +462,8 @@ def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int, keep_
     rules = TemplateRules.probe(tokenizer)
     renderer = Renderer(tokenizer)
     report = Report(loaded.source, loaded.format, loaded.rows, max_length)
-    report.errors += [Problem(p.row, p.code, p.message) for p in loaded.problems]
-    report.warnings += [Problem(p.row, p.code, p.message) for p in loaded.warnings]
+    report.errors += loaded.problems
+    report.warnings += loaded.warnings
     repeats = _Repeats()
     split_rows: list[int] = []
     pieces_made = 0

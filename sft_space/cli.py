@@ -33,10 +33,10 @@ import time
 from typing import Any, Iterator
 
 from . import checks, data, models, render
-from .chat import GenerationSettings
 from .errors import UserError
-from .settings import (PRESET_NAMES, DataSettings, RunSettings, add_arguments, explicit_arguments, field_help,
-                       from_arguments, run_settings, settings_from_file, train_command)
+from .settings import (BenchSettings, DataSettings, GenerationSettings, PublishSettings, RunSettings, add_arguments,
+                       explicit_arguments, field_help, from_arguments, run_settings, settings_from_file,
+                       train_command)
 
 MAX_LISTED_PROBLEMS = 50
 # Exit status of `train` when the run was stopped (as a shell reports a process ended by Ctrl+C).
@@ -76,10 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Flags of `train` that are spelled differently from their settings field, or set by hand below.
-TRAIN_FLAGS_BY_HAND = {"source", "output_dir", "preset", "epochs", "max_steps"}
-
-
 def _train_parser(commands: Any) -> None:
     train = commands.add_parser("train", help="Fine-tune a LoRA adapter on a dataset.",
                                 description="Fine-tune a LoRA adapter. Settings come from the preset, then --config, "
@@ -87,22 +83,18 @@ def _train_parser(commands: Any) -> None:
     # Absent, not None, when not given: the data named in --config then stands.
     train.add_argument("source", metavar="DATA", nargs="?", default=argparse.SUPPRESS,
                        help=field_help(RunSettings, "source"))
-    train.add_argument("--preset", choices=PRESET_NAMES, default=argparse.SUPPRESS, help=field_help(RunSettings, "preset"))
     train.add_argument("--config", metavar="FILE", help="JSON file of settings (field names as keys), or a run.json.")
     train.add_argument("--resume", metavar="RUN_DIR", help="Continue a stopped or interrupted run from its last "
                        "checkpoint, with its own settings.")
-    train.add_argument("--output-dir", "--output", dest="output_dir", default=argparse.SUPPRESS, metavar="DIR",
-                       help=field_help(RunSettings, "output_dir"))
     train.add_argument("--run-name", help="Name of the run folder (default: date, time and data file name).")
     # The app's supervisor names the visitor a new run belongs to; not for people.
     train.add_argument("--owner", help=argparse.SUPPRESS)
     train.add_argument("--processes", type=int, default=0, metavar="N",
                        help="Train with N processes on this machine, one per GPU (default: every CUDA GPU; 1 without "
                             "GPUs). On several machines, start this command with torchrun instead (see the README).")
-    length = train.add_mutually_exclusive_group()
-    add_arguments(length, RunSettings, ["epochs", "max_steps"], explicit_only=True)
-    names = [f for f in RunSettings.__dataclass_fields__ if f not in TRAIN_FLAGS_BY_HAND]
-    add_arguments(train, RunSettings, names, explicit_only=True)
+    # Every other setting is a flag made from its field (the data is the positional DATA above).
+    add_arguments(train, RunSettings, [name for name in RunSettings.__dataclass_fields__ if name != "source"],
+                  explicit_only=True)
 
 
 def _chat_parser(commands: Any) -> None:
@@ -110,12 +102,10 @@ def _chat_parser(commands: Any) -> None:
     chat.add_argument("run_dir", metavar="RUN_DIR", help="A run folder, e.g. runs/20261125-101500-captain_byte.")
     chat.add_argument("--prompt", help="Answer this one message and exit (otherwise: an interactive loop).")
     chat.add_argument("--compare", action="store_true", help="Also answer with the base model (adapter off).")
-    add_arguments(chat, GenerationSettings, ["system_prompt", "max_new_tokens", "temperature"])
+    add_arguments(chat, GenerationSettings)
 
 
 def _publish_parsers(commands: Any) -> None:
-    from .publish import PublishSettings
-
     push = commands.add_parser(
         "push", help="Publish a run to the Hugging Face Hub with a model card (and, optionally, a demo Space).",
         description="Publish a run to the Hub. The token comes from HF_TOKEN or a saved 'hf auth login'; there is "
@@ -145,21 +135,17 @@ def _publish_parsers(commands: Any) -> None:
 
 
 def _quant_argument(parser: argparse.ArgumentParser) -> None:
-    from .publish import PublishSettings
-
     spec = PublishSettings.__dataclass_fields__["gguf_quant"]
     parser.add_argument("--quant", dest="gguf_quant", choices=spec.metadata["choices"], default=spec.default,
                         help=spec.metadata["help"] + f" With --gguf; default {spec.default}.")
 
 
 def _bench_parser(commands: Any) -> None:
-    from .bench import BenchSettings
-
     bench = commands.add_parser("bench", help="Measure our default training path against TRL's defaults.",
                                 description="Train the default path and a plain TRL SFTTrainer (TRL's defaults) on "
                                             "the same synthetic data and model shape; print tokens/s, peak memory, "
                                             "MFU and the speed-up.")
-    add_arguments(bench, BenchSettings, ["shape", "steps", "warmup_steps", "max_length", "seed"])
+    add_arguments(bench, BenchSettings)
     bench.add_argument("--json", action="store_true", help="Print exactly one JSON object (for scripts).")
 
 
@@ -442,7 +428,7 @@ def _print_progress(fraction: float, message: str) -> None:
 def cmd_push(args: argparse.Namespace) -> int:
     from . import publish
 
-    settings = from_arguments(publish.PublishSettings, args)
+    settings = from_arguments(PublishSettings, args)
     result = publish.push(args.run_dir, settings, publish.resolve_token(), on_progress=_print_progress)
     print(f"Model: {result.model_url}")
     if result.space_url:
@@ -462,13 +448,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"Wrote {path} ({path.stat().st_size / 1e6:.0f} MB)")
         print(f"  chat with it: llama-cli -m {shlex.quote(str(path))}")
     else:
-        settings = publish.PublishSettings(merged=args.merged is not None, merged_dtype=args.merged_dtype)
+        settings = PublishSettings(merged=args.merged is not None, merged_dtype=args.merged_dtype)
         print(f"Wrote {publish.export_folder(args.run_dir, args.merged or args.adapter, settings)}")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchSettings, format_report, run_bench
+    from .bench import format_report, run_bench
 
     result = run_bench(from_arguments(BenchSettings, args))
     print(json.dumps(result) if args.json else format_report(result))
@@ -509,9 +495,16 @@ def _run_command(args: argparse.Namespace) -> int:
         return EXIT_STOPPED
     except UserError as err:
         if getattr(args, "json", False):
-            print(json.dumps({"format": None, "rows": 0, "valid_rows": 0,
-                              "errors": [{"row": None, "code": "unusable_source", "message": str(err)}],
-                              "warnings": [], "stats": {}}))
+            print(json.dumps(json_refusal(args, str(err))))
         else:
             print(f"error: {err}", file=sys.stderr)
         return 1
+
+
+def json_refusal(args: argparse.Namespace, message: str) -> dict[str, Any]:
+    """The one JSON object --json prints when a command is refused: each command's own shape, so that a script
+    reads a refusal where it reads a result (validate's report; the bench's settings)."""
+    if args.command == "bench":
+        return {"error": message, "settings": explicit_arguments(BenchSettings, args)}
+    return {"format": None, "rows": 0, "valid_rows": 0,
+            "errors": [{"row": None, "code": "unusable_source", "message": message}], "warnings": [], "stats": {}}

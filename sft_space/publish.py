@@ -23,7 +23,7 @@ from . import card, gguf_export, hub, models, runs
 from .access import running_on_space
 from .errors import UserError
 from .runs import RunFolder
-from .settings import setting
+from .settings import PublishSettings
 
 log = logging.getLogger(__name__)
 
@@ -37,30 +37,6 @@ TOKENS_PAGE = "https://huggingface.co/settings/tokens"
 HUB_ANSWER_SECONDS = 10.0
 
 Progress = Callable[[float, str], None]
-
-
-@dataclass
-class PublishSettings:
-    """Where and how a run is published."""
-
-    repo_id: str = setting("", "Hub repo to create or update, as owner/name (your user name or an organisation "
-                               "you can write to).")
-    private: bool = setting(True, "Make new repos private: only you (and your organisation) can see them.")
-    update_existing: bool = setting(False, "If the repo already exists, push this run to it as a new commit "
-                                           "(otherwise an existing repo is left alone and nothing is pushed).")
-    merged: bool = setting(False, "Publish the adapter merged into the base model's weights: a full model that "
-                                  "loads with transformers alone (larger upload).")
-    merged_dtype: str = setting("auto", "Weights dtype of a merged model: auto keeps the base model's own (bf16 for "
-                                        "most, half the size of float32); float32 reproduces a model trained in "
-                                        "float32 (on CPU) exactly.", choices=("auto", "float32", "bfloat16", "float16"))
-    demo_space: bool = setting(False, "Also create a small Gradio Space, OWNER/NAME-demo, where anyone who can see "
-                                      "the model can chat with it.")
-    gguf: bool = setting(False, "Also upload the model (adapter merged in) as a GGUF file, which llama.cpp, "
-                                "Ollama and LM Studio run on a laptop; the card says how.")
-    gguf_quant: str = setting("q8_0", "Weights of the GGUF file: f16 (exact up to rounding, largest), q8_0 (8-bit, "
-                                      "half the size, close to f16) or q4_0 (4-bit, smallest, least exact).",
-                              choices=gguf_export.QUANTS)
-    description: str = setting("", "One or two sentences on what the model is for, at the top of its model card.")
 
 
 @dataclass
@@ -426,13 +402,9 @@ def _check_free(api: Any, repo_id: str, repo_type: str, update_existing: bool, t
 
 def _upload(api: Any, repo_id: str, repo_type: str, staging: Path, private: bool, message: str, token: str,
             in_app: bool, **create: Any) -> None:
-    from huggingface_hub import CommitOperationAdd
-
     try:
         api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True, **create)
-        operations = [CommitOperationAdd(path_in_repo=str(p.relative_to(staging)), path_or_fileobj=str(p))
-                      for p in sorted(staging.rglob("*")) if p.is_file()]
-        api.create_commit(repo_id, operations, commit_message=message, repo_type=repo_type)
+        api.upload_folder(repo_id=repo_id, folder_path=staging, commit_message=message, repo_type=repo_type)
     except Exception as err:
         raise explain_hub_error(err, f"upload to {repo_id}", repo_id, token, in_app) from None
 

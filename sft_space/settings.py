@@ -19,7 +19,10 @@ from .errors import UserError
 
 def setting(default: Any, help: str, **extra: Any) -> Any:
     """A dataclass field with the help text the CLI and the UI show. `bounds=(low, high)` (inclusive) is enforced
-    when the settings are made and given to the app's number boxes, which Gradio then enforces for any client."""
+    when the settings are made and given to the app's number boxes, which Gradio then enforces for any client.
+    `choices` lists the values allowed; `card=True` shows the field in a published model card's settings table;
+    `group` places it in the app's form; `aliases`, `metavar` and `exclusive` shape its command-line flag (see
+    `add_arguments`)."""
     return field(default=default, metadata={"help": help, **extra})
 
 
@@ -53,7 +56,7 @@ class DataSettings:
     hub_config: str = setting("", "Hub dataset configuration (subset) name, if it has several.")
     hub_split: str = setting("train", "Hub dataset or dataset folder split to read.")
     max_length: int = setting(2048, "Maximum example length in the model's tokens; longer examples are reported.",
-                              bounds=(16, 1_048_576))
+                              bounds=(16, 1_048_576), card=True)
     max_rows: int = setting(200_000, "Most rows read from a dataset; a larger one is refused, naming this limit "
                                      "(a LoRA learns from hundreds to thousands of good rows).",
                                      bounds=(1, 100_000_000))
@@ -69,12 +72,13 @@ class DataSettings:
                                      "have a few to a few dozen; 512 turns do not fit a 2,048-token example anyway.",
                                      bounds=(2, 1_000_000))
     validation_fraction: float = setting(0.1, "Share of valid examples held out for validation loss (0 to turn off).",
-                                         bounds=(0, 0.9))
+                                         bounds=(0, 0.9), card=True)
     max_validation_examples: int = setting(
         200, "Most examples held out for validation loss; the rest of the validation share is trained on (past a "
              "few hundred the mean loss barely changes, while each evaluation keeps growing).",
         bounds=(1, 1_000_000))
-    seed: int = setting(42, "Random seed for the train/validation split (and training).", bounds=(0, 4_294_967_295))
+    seed: int = setting(42, "Random seed for the train/validation split (and training).", bounds=(0, 4_294_967_295),
+                     card=True)
     skip_invalid_rows: bool = setting(
         False, "Train on the valid rows when some rows have errors (otherwise invalid rows stop training)."
     )
@@ -112,36 +116,38 @@ class RunSettings(DataSettings):
     model: str = setting("", "Base model: the embedded default (empty), a local folder, or a Hub id (owner/name).",
                          group="model")
     preset: str = setting("balanced", "Starting point for the training settings below; any field set explicitly wins.",
-                          choices=PRESET_NAMES, group="model")
+                          choices=PRESET_NAMES, group="model", card=True)
     lora_r: int = setting(16, "LoRA rank: the adapter's capacity. 8-16 suits style and format; 32-64 for new knowledge.",
-                          group="lora", bounds=(1, 1024))
+                          group="lora", bounds=(1, 1024), card=True)
     lora_alpha: int = setting(32, "LoRA scaling (alpha); twice the rank is a good default.", group="lora",
-                              bounds=(1, 8192))
+                              bounds=(1, 8192), card=True)
     # 0 by default, as in PEFT, LLaMA-Factory and Unsloth: on a CPU dropout took a fifth of a step (docs/BENCHMARKS.md).
     lora_dropout: float = setting(0.0, "Dropout on the LoRA path: 0 is fastest (dropout copies the input of every "
                                   "adapted layer); 0.05-0.1 can help a small dataset generalise.", group="lora",
-                                  bounds=(0, 0.9))
+                                  bounds=(0, 0.9), card=True)
     target_modules: str = setting("all-linear", "Layers that get adapters: 'all-linear', or names separated by "
-                                  "commas (e.g. 'q_proj,v_proj').", group="lora")
+                                  "commas (e.g. 'q_proj,v_proj').", group="lora", card=True)
     quantization: str = setting(AUTO, "Load the base model in 4-bit (QLoRA) to save memory: 'auto' uses 4-bit only "
                                 "when the model would not fit otherwise (needs a CUDA GPU).",
                                 choices=(AUTO, "none", "4bit"), group="hardware")
+    # epochs and max_steps are two ways to say how long a run is: a command names one of them at most.
     epochs: float = setting(3.0, "Passes over the training data (ignored when max steps is set).", group="schedule",
-                            bounds=(0, 1000))
+                            bounds=(0, 1000), card=True, exclusive="length")
     max_steps: int = setting(0, "Stop after this many optimizer steps (0: use epochs).", group="schedule",
-                             bounds=(0, 2_147_483_647))
-    learning_rate: float = setting(2e-4, "Peak learning rate of the adapter.", group="schedule", bounds=(1e-09, 1))
+                             bounds=(0, 2_147_483_647), card=True, exclusive="length")
+    learning_rate: float = setting(2e-4, "Peak learning rate of the adapter.", group="schedule", bounds=(1e-09, 1),
+                                  card=True)
     lr_scheduler: str = setting("cosine", "How the learning rate falls after warm-up.",
-                                choices=("cosine", "linear", "constant_with_warmup"), group="schedule")
+                                choices=("cosine", "linear", "constant_with_warmup"), group="schedule", card=True)
     warmup_ratio: float = setting(0.05, "Share of steps spent warming the learning rate up.", group="schedule",
-                                  bounds=(0, 0.9))
+                                  bounds=(0, 0.9), card=True)
     batch_size: int = setting(0, "Examples per device step (0: chosen to fit the hardware).", group="schedule",
                               bounds=(0, 4096))
     gradient_accumulation: int = setting(1, "Steps whose gradients add up before each optimizer update.",
                                          group="schedule", bounds=(1, 4096))
     packing: bool = setting(True, "Pack several examples into each sequence (no padding, each example still "
                             "attends only to itself): faster, same loss. A CPU packs only short examples, "
-                            "into short packs.", group="hardware")
+                            "into short packs.", group="hardware", card=True)
     precision: str = setting(AUTO, "Number format for training: 'auto' picks bf16 on Ampere or newer GPUs and on CPUs "
                              "with bf16 instructions, fp16 on older GPUs (T4), fp32 on other CPUs.",
                              choices=(AUTO, "fp32", "fp16", "bf16"), group="hardware")
@@ -160,7 +166,8 @@ class RunSettings(DataSettings):
                              "local-first tracker: `trackio show` opens it; TRACKIO_SPACE_ID syncs it to a Space) or "
                              "tensorboard (event files in the run's folder). Needs that package installed.",
                              choices=TRACKERS, group="schedule")
-    output_dir: str = setting("runs", "Folder that holds the run folders.", group="model")
+    output_dir: str = setting("runs", "Folder that holds the run folders.", group="model", aliases=("--output",),
+                              metavar="DIR")
     trust_remote_code: bool = setting(False, "Run Python code shipped with a Hub model. Only for models you trust: "
                                       "it can do anything your account can.", group="model")
 
@@ -197,10 +204,71 @@ class AccessSettings:
         check_bounds(self)
 
 
+@dataclass
+class GenerationSettings:
+    """How replies are sampled."""
+
+    max_new_tokens: int = setting(256, "Longest reply, in tokens.", bounds=(1, 1024))
+    temperature: float = setting(0.0, "0 answers deterministically (greedy); higher values vary the wording.",
+                                 bounds=(0, 1.5))
+    top_p: float = setting(0.95, "Nucleus sampling: with a temperature above 0, sample only from the most likely "
+                                 "tokens that together make up this probability (1 considers every token).",
+                           bounds=(0.05, 1.0))
+    system_prompt: str = setting("", "Instructions placed before the conversation (leave empty for none).")
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+
+# The GGUF weights offered: the ones gguf's Python code writes (llama.cpp's k-quants need its compiled tools).
+GGUF_QUANTS = ("f16", "q8_0", "q4_0")
+
+
+@dataclass
+class PublishSettings:
+    """Where and how a run is published."""
+
+    repo_id: str = setting("", "Hub repo to create or update, as owner/name (your user name or an organisation "
+                               "you can write to).")
+    private: bool = setting(True, "Make new repos private: only you (and your organisation) can see them.")
+    update_existing: bool = setting(False, "If the repo already exists, push this run to it as a new commit "
+                                           "(otherwise an existing repo is left alone and nothing is pushed).")
+    merged: bool = setting(False, "Publish the adapter merged into the base model's weights: a full model that "
+                                  "loads with transformers alone (larger upload).")
+    merged_dtype: str = setting("auto", "Weights dtype of a merged model: auto keeps the base model's own (bf16 for "
+                                        "most, half the size of float32); float32 reproduces a model trained in "
+                                        "float32 (on CPU) exactly.", choices=("auto", "float32", "bfloat16", "float16"))
+    demo_space: bool = setting(False, "Also create a small Gradio Space, OWNER/NAME-demo, where anyone who can see "
+                                      "the model can chat with it.")
+    gguf: bool = setting(False, "Also upload the model (adapter merged in) as a GGUF file, which llama.cpp, "
+                                "Ollama and LM Studio run on a laptop; the card says how.")
+    gguf_quant: str = setting("q8_0", "Weights of the GGUF file: f16 (exact up to rounding, largest), q8_0 (8-bit, "
+                                      "half the size, close to f16) or q4_0 (4-bit, smallest, least exact).",
+                              choices=GGUF_QUANTS)
+    description: str = setting("", "One or two sentences on what the model is for, at the top of its model card.")
+
+
+# The bench's model shapes (bench.py finds each one's numbers in catalog.py), and the embedded model's real weights.
+BENCH_SHAPES = ("tiny", "smollm2-135m", "llama-3.2-1b", "qwen2.5-7b", "embedded")
+
+
+@dataclass
+class BenchSettings:
+    """What to benchmark."""
+
+    shape: str = setting("tiny", "Model shape, with random weights (tiny suits a CPU), or 'embedded' for the "
+                                 "embedded default model's real weights.", choices=BENCH_SHAPES)
+    steps: int = setting(10, "Optimizer steps measured per path, after the warm-up steps.")
+    warmup_steps: int = setting(2, "Steps run first and not measured (allocation, kernel selection).")
+    max_length: int = setting(1024, "Maximum sequence length, the same for both paths.")
+    seed: int = setting(0, "Seed for the synthetic data and the random weights.")
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # A first look in minutes: one pass, a small adapter, a brisk learning rate.
     "quick": {"epochs": 1.0, "lora_r": 8, "lora_alpha": 16, "learning_rate": 3e-4},
-    "balanced": {"epochs": 3.0, "lora_r": 16, "lora_alpha": 32, "learning_rate": 2e-4},
+    # The fields' own defaults: a preset that repeated them could drift from them.
+    "balanced": {},
     # More passes and capacity, a gentler rate: for datasets of a few thousand examples.
     "thorough": {"epochs": 5.0, "lora_r": 32, "lora_alpha": 64, "learning_rate": 1e-4},
 }
@@ -241,16 +309,22 @@ def field_type(spec: dataclasses.Field) -> type:
     return {"int": int, "float": float, "bool": bool}.get(str(spec.type), str)
 
 
-def add_arguments(parser: argparse.ArgumentParser, settings_class: type, names: list[str],
+def add_arguments(parser: argparse.ArgumentParser, settings_class: type, names: list[str] | None = None,
                   explicit_only: bool = False) -> None:
-    """Add `--field-name` flags for the named fields, with help (and defaults) from the dataclass.
+    """Add `--field-name` flags for the named fields (all of them by default), with help (and defaults) from the
+    dataclass. A field's metadata may add `aliases` (other spellings of the flag) and `metavar`; fields that share
+    an `exclusive` name are flags of which a command takes at most one.
 
     With `explicit_only`, a flag the user leaves out sets nothing, so presets and config files can fill it.
     """
     fields = {f.name: f for f in dataclasses.fields(settings_class)}
-    for name in names:
+    exclusive: dict[str, Any] = {}
+    for name in names if names is not None else list(fields):
         spec = fields[name]
-        flag = "--" + name.replace("_", "-")
+        group = spec.metadata.get("exclusive")
+        if group is not None and group not in exclusive:
+            exclusive[group] = parser.add_mutually_exclusive_group()
+        target = parser if group is None else exclusive[group]
         default = argparse.SUPPRESS if explicit_only else spec.default
         kwargs: dict[str, Any] = {"default": default, "help": spec.metadata["help"].replace("%", "%%"), "dest": name}
         if field_type(spec) is bool:
@@ -260,8 +334,8 @@ def add_arguments(parser: argparse.ArgumentParser, settings_class: type, names: 
             if "choices" in spec.metadata:
                 kwargs["choices"] = spec.metadata["choices"]
             else:
-                kwargs["metavar"] = name.upper()
-        parser.add_argument(flag, **kwargs)
+                kwargs["metavar"] = spec.metadata.get("metavar", name.upper())
+        target.add_argument("--" + name.replace("_", "-"), *spec.metadata.get("aliases", ()), **kwargs)
 
 
 def explicit_arguments(settings_class: type, namespace: argparse.Namespace) -> dict[str, Any]:

@@ -71,6 +71,35 @@ def test_column_mapping(write_jsonl):
     assert rows_of(data.load_data(str(write_jsonl([{"dialog": HELLO}], "m.jsonl")), columns="messages=dialog")) == [(1, HELLO)]
 
 
+def test_a_row_without_a_mapped_column_is_a_row_error_naming_it(write_jsonl):
+    mapping = data.ColumnMapping.parse("prompt=q,response=a")
+    with pytest.raises(data.RowError) as caught:
+        data.normalise({"q": "Hi"}, data.MAPPED, mapping)
+    assert caught.value.code == "unknown_format" and "no column 'a'" in caught.value.detail
+    loaded = data.load_data(str(write_jsonl([{"q": "Hi", "a": "Hello!"}, {"q": "Hi"}])), columns=mapping)
+    assert [(p.row, p.code, p.message) for p in loaded.problems] == [
+        (2, "unknown_format", "row 2: has no column 'a' named in the column mapping (it has 'q').")]
+
+
+def test_reading_warnings_and_errors_are_one_kind_of_problem(tmp_path):
+    """What reading finds and what the checks find are the same class; a reading warning is told by its code."""
+    from sft_space import checks
+
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"messages": HELLO}, 7]) + " trailing")
+    loaded = data.load_data(str(path))
+    assert [(type(p), p.code) for p in loaded.warnings] == [(data.Problem, "trailing_data")]
+    assert [(type(p), p.code) for p in loaded.problems] == [(data.Problem, "not_an_object")]
+    assert checks.Problem is data.Problem and data.READING_WARNINGS <= checks.WARNING_CODES
+
+
+def test_a_missing_file_is_named_and_the_skin_says_what_to_do():
+    """The core says what is wrong; uploading again is the app's advice (access.py), not the reader's."""
+    with pytest.raises(DataSourceError) as caught:
+        data.check_source_exists("missing.jsonl")
+    assert str(caught.value) == "missing.jsonl: no such file; check the path."
+
+
 def test_unknown_columns_without_mapping_says_how_to_map(write_jsonl):
     with pytest.raises(DataSourceError, match=r"'answer', 'question'.*--columns prompt="):
         data.load_data(str(write_jsonl([{"question": "Hi", "answer": "Hello!"}])))

@@ -4,29 +4,24 @@ import dataclasses
 import json
 
 import pytest
-from transformers import LlamaConfig, Qwen2Config
 
-from sft_space import cli
+from sft_space import catalog, cli, models
 from sft_space.errors import UserError
 from sft_space.hardware import KNOWN_HARDWARE, Hardware, plan_training
-from sft_space.memory import ModelShape, estimate_memory
-from sft_space.settings import PRESETS, RunSettings, run_settings, to_command_line
+from sft_space.memory import estimate_memory
+from sft_space.settings import PRESETS, GenerationSettings, RunSettings, run_settings, to_command_line
 
 CPU = Hardware("cpu", "CPU", 16.0, None, 2)
 T4, A10G, H100 = KNOWN_HARDWARE["T4 (16 GB)"], KNOWN_HARDWARE["A10G (24 GB)"], KNOWN_HARDWARE["H100 (80 GB)"]
 
-SMOLLM_135M = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                          num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
-LLAMA_1B = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                       num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True)
-QWEN_7B = Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                      num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="module")
 def shapes():
-    return {name: ModelShape.from_config(config)
-            for name, config in (("135m", SMOLLM_135M), ("1b", LLAMA_1B), ("7b", QWEN_7B))}
+    """Three of the catalog's models (its shapes are the published configs' numbers)."""
+    return {name: catalog.shape_of(model_id) for name, model_id in (
+        ("135m", models.EMBEDDED_MODEL), ("1b", "meta-llama/Llama-3.2-1B-Instruct"),
+        ("7b", "Qwen/Qwen2.5-7B-Instruct"))}
 
 
 def test_model_shapes_count_parameters_exactly(shapes):
@@ -97,6 +92,20 @@ def test_presets_fill_settings_and_explicit_values_win():
         run_settings("quick", lora_rank=4)
     with pytest.raises(UserError, match="Unknown preset"):
         run_settings("fastest")
+
+
+def test_the_balanced_preset_is_the_fields_defaults():
+    assert run_settings("balanced") == RunSettings()
+    assert run_settings("balanced", lora_r=8) == dataclasses.replace(RunSettings(), lora_r=8)
+
+
+def test_top_p_is_bounded_as_declared():
+    low, high = GenerationSettings.__dataclass_fields__["top_p"].metadata["bounds"]
+    assert (low, high) == (0.05, 1.0) and low <= GenerationSettings().top_p <= high
+    for outside in (0.0, 1.5):
+        with pytest.raises(UserError, match="top_p"):
+            GenerationSettings(top_p=outside)
+    assert cli.build_parser().parse_args(["chat", "runs/x", "--top-p", "0.5"]).top_p == 0.5
 
 
 def test_every_setting_has_help_and_a_cli_flag():
@@ -220,3 +229,16 @@ def test_after_out_of_memory_the_plan_shrinks_in_order_of_cost_keeping_the_examp
         seen.append((plan.batch_size, settings.gradient_accumulation, plan.gradient_checkpointing, plan.four_bit))
     assert seen == [(3, 2, False, False), (1, 6, False, False), (1, 6, True, False), (1, 6, True, True)]
     assert plan.reasons[-1] == "out of memory, so 4-bit (QLoRA) weights"
+
+
+def test_the_model_picker_labels_each_catalog_model_with_its_size_and_fit():
+    from sft_space.ui.model_choices import picker_choices
+
+    on_cpu = picker_choices(CPU)
+    assert [model_id for _, model_id in on_cpu] == [offer.model_id for offer in catalog.offers(CPU)]
+    assert len(on_cpu) == len(catalog.CATALOG)
+    assert dict((model_id, label) for label, model_id in on_cpu)["Qwen/Qwen2.5-7B-Instruct"] == (
+        "Qwen/Qwen2.5-7B-Instruct · 7.6B · CPU: very slow, use a GPU")
+    assert on_cpu[0][0].startswith("SmolLM2-135M-Instruct") and " · 135M · CPU: fine" in on_cpu[0][0]
+    assert dict((model_id, label) for label, model_id in picker_choices(T4))["Qwen/Qwen2.5-7B-Instruct"].endswith(
+        catalog.fit_verdict(catalog.shape_of("Qwen/Qwen2.5-7B-Instruct"), T4))

@@ -4,8 +4,10 @@ The Hub is replaced at its boundary (`FakeHub` stands in for HfApi); everything 
 trained once for the module, and the demo Space's own app.py is started and asked a question.
 """
 
+import dataclasses
 import json
 import logging
+import re
 import shutil
 import sys
 import zipfile
@@ -19,10 +21,10 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from builders import persona_chats, running_server
 from sft_space import cli, models, publish
-from sft_space.chat import GenerationSettings, load_chat_model
+from sft_space.chat import load_chat_model
 from sft_space.errors import UserError
 from sft_space.runs import RunFolder
-from sft_space.settings import run_settings
+from sft_space.settings import GenerationSettings, RunSettings, run_settings
 from sft_space.train import TrainingJob, train
 
 PLANTED_TOKEN = "hf_PlantedPublishToken0123456789abcdef"
@@ -64,9 +66,10 @@ class FakeHub:
         self.created.append({"repo_id": repo_id, "repo_type": key[0], "private": private, **extra})
         self.repos.setdefault(key, {})
 
-    def create_commit(self, repo_id, operations, commit_message, repo_type=None):
-        self._maybe_fail("create_commit")
-        files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
+    def upload_folder(self, *, repo_id, folder_path, commit_message, repo_type=None):
+        self._maybe_fail("upload_folder")
+        folder = Path(folder_path)
+        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
         self.repos[(repo_type or "model", repo_id)].update(files)
         self.commits.append({"repo_id": repo_id, "repo_type": repo_type, "message": commit_message,
                              "files": sorted(files)})
@@ -143,6 +146,9 @@ def test_push_uploads_the_adapter_with_a_card_and_never_the_token(run_copy, monk
     final = record["final_metrics"]
     assert f"{final['loss_smoothed']:.4f}" in body and f"{final['eval_loss']:.4f}" in body
     assert "| `learning_rate` | 0.005 |" in body and "![Training and validation loss by step](loss_curve.png)" in body
+    # The settings table shows the fields marked card=True (the plan's choices follow, named in words).
+    marked = {spec.name for spec in dataclasses.fields(RunSettings) if spec.metadata.get("card")}
+    assert set(re.findall(r"^\| `(\w+)` \|", body, flags=re.MULTILINE)) == marked and len(marked) == 14
     assert "PeftModel.from_pretrained(base, \"alice/sailor-lora\")" in body
     sample = json.loads(folder.samples_path.read_text())[0]
     assert sample["after"][:40] in body and "| prompt | base model | fine-tuned |" in body

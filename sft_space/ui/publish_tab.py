@@ -20,10 +20,11 @@ import gradio as gr
 
 from .. import access, publish
 from ..errors import UserError
+from ..settings import PublishSettings
 from .common import Gate, adapter_run_choices, keep_choice, own_run, settings_component
 
-FORM_FIELDS = ("private", "update_existing", "merged", "merged_dtype", "gguf", "gguf_quant", "demo_space",
-               "description")
+# The settings the form's controls set, in the order the push handler receives them (the repo has a box of its own).
+FORM_FIELDS = tuple(spec.name for spec in dataclasses.fields(PublishSettings) if spec.name != "repo_id")
 
 
 def oauth_enabled() -> bool:
@@ -36,7 +37,7 @@ def publish_run(runs_dir: str, run_dir: str | None, visitor: str | None, repo_id
                 signed_in_token: str | None, values: dict[str, Any], progress: Any = None, api: Any = None) -> str:
     """Push and describe the outcome in Markdown; every failure becomes a readable gr.Error."""
     run_dir = str(own_run(runs_dir, run_dir, visitor).path)
-    settings = publish.PublishSettings(repo_id=(repo_id or "").strip(), **values)
+    settings = PublishSettings(repo_id=(repo_id or "").strip(), **values)
     token = publish.resolve_token(typed_token, signed_in_token)
 
     def on_progress(fraction: float, message: str) -> None:
@@ -106,7 +107,7 @@ def gguf_run(runs_dir: str, run_dir: str | None, visitor: str | None, quant: str
 
 def build(gate: Gate, session: gr.BrowserState) -> dict[str, Any]:
     runs_dir = gate.runs_dir
-    specs = {f.name: f for f in dataclasses.fields(publish.PublishSettings)}
+    specs = {f.name: f for f in dataclasses.fields(PublishSettings)}
     with gr.Row():
         run = gr.Dropdown(adapter_run_choices(runs_dir, None), value=None, label="Run", scale=3, elem_id="publish-run",
                           info="A finished run, or a stopped one (its adapter so far).")
@@ -129,7 +130,9 @@ def build(gate: Gate, session: gr.BrowserState) -> dict[str, Any]:
     with gr.Row():
         form["gguf"] = settings_component(specs["gguf"], label="GGUF")
         form["gguf_quant"] = settings_component(specs["gguf_quant"], label="GGUF quantization")
-    form["description"] = settings_component(specs["description"])
+    for name in FORM_FIELDS:  # the description, and any setting without a place above, one below another
+        if name not in form:
+            form[name] = settings_component(specs[name])
     with gr.Row():
         push = gr.Button("Publish to the Hub", variant="primary", elem_id="publish-push")
         make_zip = gr.Button("Download the adapter (.zip)", elem_id="publish-zip")
@@ -138,19 +141,19 @@ def build(gate: Gate, session: gr.BrowserState) -> dict[str, Any]:
     download = gr.File(label="Download", interactive=False, elem_id="publish-file")
 
     if oauth_enabled():
-        # Gradio fills an OAuthToken parameter with the signed-in visitor's token (None when signed out); it
-        # finds it by its annotation, so the parameters are spelled out rather than taken as *args.
-        def on_push(run_dir, token, repo, typed, private, update_existing, merged, merged_dtype, gguf, gguf_quant,
-                    demo_space, description, oauth_token: gr.OAuthToken | None, profile: gr.OAuthProfile | None,
-                    progress=gr.Progress()):
+        # Gradio fills an OAuthToken parameter with the signed-in visitor's token (None when signed out); it finds
+        # such parameters by their annotation among the leading positional ones, so they come before the inputs.
+        def on_push(oauth_token: gr.OAuthToken | None, profile: gr.OAuthProfile | None, progress=gr.Progress(),
+                    *inputs):
             gate.may_train(profile)  # publishing from the Space is for those who may train on it
-            values = (private, update_existing, merged, merged_dtype, gguf, gguf_quant, demo_space, description)
-            return publish_run(runs_dir, run_dir, gate.visitor(token), repo, typed, oauth_token.token if oauth_token else None,
-                               dict(zip(FORM_FIELDS, values)), progress)
+            run_dir, token, repo, typed, *values = inputs
+            return publish_run(runs_dir, run_dir, gate.visitor(token), repo, typed,
+                               oauth_token.token if oauth_token else None, dict(zip(FORM_FIELDS, values)), progress)
     else:
         def on_push(run_dir, token, repo, typed, *values, progress=gr.Progress()):
             gate.may_train(None)
-            return publish_run(runs_dir, run_dir, gate.visitor(token), repo, typed, None, dict(zip(FORM_FIELDS, values)), progress)
+            return publish_run(runs_dir, run_dir, gate.visitor(token), repo, typed, None,
+                               dict(zip(FORM_FIELDS, values)), progress)
 
     form["merged"].change(lambda merged: gr.update(visible=merged), inputs=form["merged"], outputs=form["merged_dtype"])
     # A push may merge the adapter (merged, GGUF): it shares the one-at-a-time lane of the GGUF download.

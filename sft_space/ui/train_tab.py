@@ -15,11 +15,12 @@ from typing import Any, Callable
 import gradio as gr
 import pandas as pd
 
-from .. import access, catalog, checks, data, estimate, jobs, runs, storage
+from .. import access, checks, data, estimate, jobs, runs, storage
 from ..errors import UserError
 from ..hardware import Hardware, detect_hardware
 from ..settings import PRESET_NAMES, DataSettings, RunSettings, field_help, field_type, run_settings, train_command
 from .common import Gate, settings_component
+from .model_choices import picker_choices
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,7 @@ def visitor_job(manager: jobs.JobManager, owner: str, job_id: str) -> jobs.Job |
 def model_picker(default: str | None = None, render: bool = True, local_paths: bool = False) -> gr.Dropdown:
     """The model dropdown shared by every tab: each entry says its size and whether it fits this machine."""
     hardware = detect_hardware()
-    choices = catalog.picker_choices(hardware)
+    choices = picker_choices(hardware)
     if default and default not in [value for _, value in choices]:
         choices.insert(0, (default, default))
     return gr.Dropdown(choices, value=default or choices[0][1], allow_custom_value=True, label="Model",
