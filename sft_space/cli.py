@@ -328,7 +328,7 @@ def _after_stop(folder: Any) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) a run: 0 finished, 130 stopped, 1 failed or refused (UserError, see `main`)."""
     from . import distributed, runs
-    from .train import TrainingJob, TrainingStopped, train
+    from .train import TrainRequest, TrainingStopped, train
 
     processes = distributed.processes_wanted(args.processes)
     if processes > 1 and not distributed.launched():
@@ -339,10 +339,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         folder = runs.RunFolder.open(args.resume)
         if args.run_name not in (None, folder.run_id):
             raise UserError(f"--run-name names a new run; the resumed run keeps its folder ({folder.run_id}).")
-        job = TrainingJob(RunSettings(), resume=args.resume)
+        job = TrainRequest(RunSettings(), resume=args.resume)
     else:
         settings = train_settings(args)
-        job = TrainingJob(settings, run_id=args.run_name, owner=args.owner)
+        job = TrainRequest(settings, run_id=args.run_name, owner=args.owner)
         if distributed.is_main():
             print(train_command(settings), flush=True)
     job.stop_event = getattr(args, "stop_event", None) or job.stop_event

@@ -49,9 +49,9 @@ class Job:
     """One visitor's place in the app's queue for the GPU, and what the page shows of it: its state, its latest
     status line, its run folder once there is one.
 
-    Not `train.TrainingJob`, which is the input of one call to `train` inside the training process: a Job lives
+    Not `train.TrainRequest`, which is the input of one call to `train` inside the training process: a Job lives
     in the app's process, which never trains; its run happens in a child process (`child.Supervisor`) that builds
-    its own TrainingJob from the command line. For a resume, `settings` are the run's own (`recorded_settings`),
+    its own TrainRequest from the command line. For a resume, `settings` are the run's own (`recorded_settings`),
     never a form's; the child (`train --resume`) is given none and reads them from the run folder itself.
     """
 

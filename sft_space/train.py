@@ -10,7 +10,7 @@ so two processes never train the same run. A failure is recorded in run.json fir
 the command line read), and only then, room permitting, the traceback: on a full disk the reason still reaches
 the person as a TrainingFailed, never as the disk error of the handler itself.
 
-A stop (`TrainingJob.stop_event`, set from another thread or by the command line's Ctrl+C) is heard in every
+A stop (`TrainRequest.stop_event`, set from another thread or by the command line's Ctrl+C) is heard in every
 stage, within about one training step:
   - before the run folder exists (checking the data, or a resume's checks): `train` raises `TrainingStopped`, and
     nothing was written;
@@ -43,16 +43,16 @@ from array import array
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, NoReturn, TypeVar
 
 from . import checks, data, distributed, models, render, runs
-from .chat import GenerationSettings, generate_reply
+from .chat import generate_reply
 from .errors import UserError
 from .hardware import Hardware, TrainingPlan, detect_hardware, plan_training
 from .memory import ModelShape
 from .render import render_example
 from .runs import RunFolder
-from .settings import EVALUATION_SHARE, MAX_EVALUATIONS, RunSettings, run_settings
+from .settings import EVALUATION_SHARE, MAX_EVALUATIONS, GenerationSettings, RunSettings, run_settings
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
 # Logging and checkpoints as a share of the run's steps, so that a 20-step run logs every step and a 2,000-step
@@ -464,6 +464,8 @@ def trainer_arguments(settings: RunSettings, plan: TrainingPlan, folder: RunFold
         max_steps=settings.max_steps if settings.max_steps > 0 else -1,
         learning_rate=settings.learning_rate,
         lr_scheduler_type=settings.lr_scheduler,
+        # A ratio, not a step count: transformers 5 has no warmup_ratio and reads a warmup_steps below 1 as a
+        # share of the run's steps (the setting is bounded below 1).
         warmup_steps=settings.warmup_ratio,
         per_device_train_batch_size=plan.batch_size,
         per_device_eval_batch_size=plan.batch_size,
@@ -666,7 +668,8 @@ class RunMonitor:
             entry["eval_seconds"] = round(float(logs["eval_runtime"]), 2)
             self.evaluation_seconds += float(logs["eval_runtime"])
         entry["elapsed_seconds"] = round(self.elapsed_before + elapsed, 2)
-        entry["eta_seconds"] = round(elapsed / steps_done * (state.max_steps - state.global_step), 1) if steps_done else None
+        steps_left = state.max_steps - state.global_step
+        entry["eta_seconds"] = round(elapsed / steps_done * steps_left, 1) if steps_done else None
         if elapsed > 0:
             # Every token is real: examples are tokenized without padding, and packing adds none.
             tokens = ((state.epoch or 0.0) - self.first_epoch) * self.tokens_per_epoch
@@ -684,8 +687,9 @@ class RunMonitor:
 
 
 @dataclass
-class TrainingJob:
-    """Inputs of one call to `train`; `stop_event` may be set from another thread to stop and keep the adapter."""
+class TrainRequest:
+    """The inputs of one call to `train` (the app's `jobs.Job` queues runs; this is what one run is asked to do);
+    `stop_event` may be set from another thread to stop and keep the adapter."""
 
     settings: RunSettings
     resume: str | Path | None = None
@@ -701,24 +705,24 @@ class TrainingJob:
     owner: str | None = None
 
 
-def _status(job: TrainingJob, message: str) -> None:
-    if job.on_status is not None:
-        job.on_status(message)
+def _status(request: TrainRequest, message: str) -> None:
+    if request.on_status is not None:
+        request.on_status(message)
 
 
-def _stop_here_if_asked(job: TrainingJob) -> None:
-    """TrainingStopped if a stop was requested (`_run` records what it means once the run folder exists)."""
-    if job.stop_event.is_set():
+def _stop_here_if_asked(request: TrainRequest) -> None:
+    """TrainingStopped if a stop was requested (`_run_in_folder` records what it means once the folder exists)."""
+    if request.stop_event.is_set():
         raise TrainingStopped(STOPPED_BEFORE_START)
 
 
-def _unless_stopped(job: TrainingJob, work: Callable[[], T]) -> T:
-    """`work()`, or TrainingStopped as soon as the job's stop event is set, even while `work` runs.
+def _unless_stopped(request: TrainRequest, work: Callable[[], T]) -> T:
+    """`work()`, or TrainingStopped as soon as the request's stop event is set, even while `work` runs.
 
     For the stages that cannot look at the event themselves (the data checks, loading a model): `work` runs in a
     helper thread, and on a stop it is left to finish alone; what it returns is dropped.
     """
-    _stop_here_if_asked(job)
+    _stop_here_if_asked(request)
     outcome: dict[str, Any] = {}
     done = threading.Event()
 
@@ -732,7 +736,7 @@ def _unless_stopped(job: TrainingJob, work: Callable[[], T]) -> T:
 
     threading.Thread(target=run, name=STAGE_THREAD, daemon=True).start()
     while not done.wait(STOP_POLL_SECONDS):
-        _stop_here_if_asked(job)
+        _stop_here_if_asked(request)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
@@ -757,6 +761,62 @@ def stages_left_running() -> bool:
     return any(thread.name == STAGE_THREAD and thread.is_alive() for thread in threading.enumerate())
 
 
+# ---- the recipe ------------------------------------------------------------------------------------------------
+
+
+def train(request: TrainRequest) -> RunFolder:
+    """Run (or resume) one training run to the end, a stop, or a failure recorded in its run folder.
+
+    The stages, in order: start (settings, machine, the run's name) → prepare data → plan → the run folder →
+    load the model → train → save the adapter → answer held-out prompts → record the end. Everything that can be
+    wrong with the inputs is found before the run folder exists; from then on every ending is recorded in it.
+    """
+    with contextlib.ExitStack() as held:
+        start = _start(request, held)
+        tokenizer, prepared, shape = _prepare(request, start.settings)
+        plan, evaluation = _plan(start, prepared, shape, tokenizer)
+        _stop_here_if_asked(request)
+        if start.resumed is not None:
+            folder = _reopen_run_folder(start, prepared, shape)
+        else:
+            folder = _create_run_folder(request, start, prepared, plan, shape, held)
+        if request.on_folder is not None:
+            request.on_folder(folder)
+        return _run_in_folder(_Run(request, folder, start.settings, plan, tokenizer, prepared, start.checkpoint,
+                                   evaluation))
+
+
+@dataclass
+class _Start:
+    """What a run is before its data is checked: its settings, the machine, and for a resume its (locked) folder
+    and the checkpoint it goes on from."""
+
+    settings: RunSettings
+    hardware: Hardware
+    resumed: RunFolder | None = None
+    checkpoint: Path | None = None
+
+
+def _start(request: TrainRequest, held: contextlib.ExitStack) -> _Start:
+    """Takes the request; gives the run's settings and machine. A resume's settings come from its run.json, a new
+    run's name is chosen (`request.run_id`). Several processes (one per GPU) are joined first, so that they can
+    agree on the run's folder."""
+    hardware = request.hardware or detect_hardware()
+    distributed.setup(cpu=hardware.kind == "cpu")
+    if request.resume is not None:
+        folder = RunFolder.open(request.resume)
+        # Taken before the (slow) data checks: a second resume of the same run is refused at once.
+        if distributed.is_main():
+            held.enter_context(folder.locked())
+        settings, checkpoint = _resumable(folder)
+        return _Start(settings, hardware, folder, checkpoint)
+    settings = RunSettings(**{**asdict(request.settings), "model": request.settings.model or models.default_model()})
+    # Every process must name the same new folder: the main one's choice is everyone's.
+    request.run_id = distributed.main_first(lambda: _check_new_run_name(settings, request.run_id)
+                                            or request.run_id or runs.new_run_id(settings.source))
+    return _Start(settings, hardware)
+
+
 def _check_new_run_name(settings: RunSettings, run_id: str | None) -> None:
     """Refuse a run name that is invalid or taken before the (slow) data checks, not after them."""
     if run_id is not None and (Path(settings.output_dir) / runs.validate_run_id(run_id)).exists():
@@ -771,75 +831,14 @@ def _resumable(folder: RunFolder) -> tuple[RunSettings, Path]:
     return run_settings(values.pop("preset", None) or "balanced", **values), checkpoint
 
 
-def train(job: TrainingJob) -> RunFolder:
-    """Run (or resume) one training run to the end, a stop, or a failure recorded in its run folder."""
-    with contextlib.ExitStack() as held:
-        settings = job.settings
-        checkpoint = None
-        hardware = job.hardware or detect_hardware()
-        # Several processes (one per GPU): join them first, so they can agree on the run's folder.
-        distributed.setup(cpu=hardware.kind == "cpu")
-        main = distributed.is_main()
-        if job.resume is not None:
-            folder = RunFolder.open(job.resume)
-            # Taken before the (slow) data checks: a second resume of the same run is refused at once.
-            if main:
-                held.enter_context(folder.locked())
-            settings, checkpoint = _resumable(folder)
-        else:
-            settings = RunSettings(**{**asdict(settings), "model": settings.model or models.default_model()})
-            # Every process must name the same new folder: the main one's choice is everyone's.
-            job.run_id = distributed.main_first(lambda: _check_new_run_name(settings, job.run_id)
-                                                or job.run_id or runs.new_run_id(settings.source))
-
-        # Everything that can be wrong with the inputs is found before a run folder exists.
-        _status(job, "Checking the data…")
-        tokenizer, prepared, shape = _unless_stopped(job, lambda: _check_inputs(job, settings))
-        stats = prepared.report.stats()
-        plan = plan_training(settings, hardware, shape, stats["total_tokens"], stats["tokens_per_example"]["max"])
-        if distributed.world_size() > 1:
-            plan.reasons.append(processes_reason(settings.gradient_accumulation, plan.batch_size))
-        evaluation = prepared.evaluation_plan(settings, plan, tokenizer)
-        if evaluation is not None:
-            plan.reasons.append(evaluation.reason())
-        lora_parameters = shape.lora_parameters(settings.lora_r)
-        _stop_here_if_asked(job)
-        if job.resume is not None:
-            record = folder.read()
-            if (record.get("data") or {}).get("fingerprint") != prepared.fingerprint:
-                raise UserError(f"The data of run {folder.run_id} changed since it started "
-                                f"({prepared.report.source}); resuming would train on different examples. Start a "
-                                "new run instead.")
-            # The checkpoints it has already take their room; only the ones still to come need more.
-            def restart() -> None:
-                check_free_disk(folder.path, disk_needed(lora_parameters,
-                                                         max(1, KEEP_CHECKPOINTS + 1 - len(folder.checkpoints()))))
-                folder.update(status=runs.RUNNING, error=None, resumed_from=checkpoint.name)
-            distributed.main_first(restart)
-        else:
-            def create() -> RunFolder:
-                check_free_disk(settings.output_dir, disk_needed(lora_parameters))
-                created = RunFolder.create(settings.output_dir, job.run_id)
-                held.enter_context(created.locked())
-                record = {
-                    "run_id": created.run_id, "status": runs.RUNNING, "created_at": runs.timestamp(),
-                    "settings": asdict(settings), "plan": plan.to_dict(), "data": prepared.summary(),
-                    "hardware": hardware.to_dict(), "versions": library_versions(), "base_model": settings.model,
-                    "final_metrics": {}, "error": None,
-                }
-                if job.owner is not None:
-                    record["owner"] = job.owner
-                created.write(record)
-                return created
-            created = distributed.main_first(create)
-            folder = created if main else RunFolder(Path(settings.output_dir) / job.run_id)
-
-        if job.on_folder is not None:
-            job.on_folder(folder)
-        return _run(job, folder, settings, plan, tokenizer, prepared, checkpoint, evaluation)
+def _prepare(request: TrainRequest, settings: RunSettings) -> tuple[Any, PreparedData, ModelShape]:
+    """Prepare data. Takes the settings; gives the tokenizer, the checked and split data, and the model's shape.
+    Runs in a helper thread, so that a stop returns at once (see `_unless_stopped`)."""
+    _status(request, "Checking the data…")
+    return _unless_stopped(request, lambda: _check_inputs(request, settings))
 
 
-def _check_inputs(job: TrainingJob, settings: RunSettings) -> tuple[Any, PreparedData, ModelShape]:
+def _check_inputs(request: TrainRequest, settings: RunSettings) -> tuple[Any, PreparedData, ModelShape]:
     """The tokenizer, the checked and split data, and the model's shape: all a run needs to know before it starts.
 
     The checks themselves end at their next batch of rows after a stop, so that a stopped run leaves no work behind.
@@ -849,7 +848,7 @@ def _check_inputs(job: TrainingJob, settings: RunSettings) -> tuple[Any, Prepare
     tokenizer = models.load_tokenizer(settings.model, settings.trust_remote_code)
     shape = model_shape(settings.model, settings.trust_remote_code)
     check_vocabulary_fits(settings.model, tokenizer, shape)
-    prepared = prepare_data(settings, tokenizer, on_progress=lambda done, rows: _stop_here_if_asked(job))
+    prepared = prepare_data(settings, tokenizer, on_progress=lambda done, rows: _stop_here_if_asked(request))
     return tokenizer, prepared, shape
 
 
@@ -864,6 +863,242 @@ def check_vocabulary_fits(model_name: str, tokenizer: Any, shape: ModelShape) ->
                     f"({', '.join(sorted(added)) or 'several'}) are not among the {shape.vocab_size:,} tokens its "
                     "embeddings hold. Choose an instruct model (it has a chat template), or a base model whose "
                     "vocabulary has ChatML's tokens (SmolLM2 and Qwen2.5 do).")
+
+
+def _plan(start: _Start, prepared: PreparedData, shape: ModelShape,
+          tokenizer: Any) -> tuple[TrainingPlan, EvaluationPlan | None]:
+    """Plan. Takes the settings, machine, data and model shape; gives the training plan (every "auto" resolved,
+    each with its reason) and when validation loss is measured (None without validation examples)."""
+    settings = start.settings
+    stats = prepared.report.stats()
+    plan = plan_training(settings, start.hardware, shape, stats["total_tokens"], stats["tokens_per_example"]["max"])
+    if distributed.world_size() > 1:
+        plan.reasons.append(processes_reason(settings.gradient_accumulation, plan.batch_size))
+    evaluation = prepared.evaluation_plan(settings, plan, tokenizer)
+    if evaluation is not None:
+        plan.reasons.append(evaluation.reason())
+    return plan, evaluation
+
+
+def _reopen_run_folder(start: _Start, prepared: PreparedData, shape: ModelShape) -> RunFolder:
+    """The run folder of a resume, marked running again; refused if its data changed or the disk has no room for
+    the checkpoints still to come (those it has already take their room)."""
+    folder, checkpoint = start.resumed, start.checkpoint
+    if (folder.read().get("data") or {}).get("fingerprint") != prepared.fingerprint:
+        raise UserError(f"The data of run {folder.run_id} changed since it started ({prepared.report.source}); "
+                        "resuming would train on different examples. Start a new run instead.")
+
+    def restart() -> None:
+        checkpoints_to_come = max(1, KEEP_CHECKPOINTS + 1 - len(folder.checkpoints()))
+        check_free_disk(folder.path, disk_needed(shape.lora_parameters(start.settings.lora_r), checkpoints_to_come))
+        folder.update(status=runs.RUNNING, error=None, resumed_from=checkpoint.name)
+
+    distributed.main_first(restart)
+    return folder
+
+
+def _create_run_folder(request: TrainRequest, start: _Start, prepared: PreparedData, plan: TrainingPlan,
+                       shape: ModelShape, held: contextlib.ExitStack) -> RunFolder:
+    """The new run's folder, locked until `train` returns, with its run.json: settings, plan, data, machine and
+    library versions. Refused first if the disk has no room for the run's checkpoints and adapter."""
+    settings = start.settings
+
+    def create() -> RunFolder:
+        check_free_disk(settings.output_dir, disk_needed(shape.lora_parameters(settings.lora_r)))
+        created = RunFolder.create(settings.output_dir, request.run_id)
+        held.enter_context(created.locked())
+        record = {
+            "run_id": created.run_id, "status": runs.RUNNING, "created_at": runs.timestamp(),
+            "settings": asdict(settings), "plan": plan.to_dict(), "data": prepared.summary(),
+            "hardware": start.hardware.to_dict(), "versions": library_versions(), "base_model": settings.model,
+            "final_metrics": {}, "error": None,
+        }
+        if request.owner is not None:
+            record["owner"] = request.owner
+        created.write(record)
+        return created
+
+    created = distributed.main_first(create)
+    return created if distributed.is_main() else RunFolder(Path(settings.output_dir) / request.run_id)
+
+
+@dataclass
+class _Run:
+    """A run from the moment its folder exists: what the stages from loading on read, and what each leaves for
+    the next. An out-of-memory retry replaces `settings` and `plan`; `model` and `trainer` are dropped when the
+    run ends, which is what frees the GPU for the next run."""
+
+    request: TrainRequest
+    folder: RunFolder
+    settings: RunSettings
+    plan: TrainingPlan
+    tokenizer: Any
+    prepared: PreparedData
+    checkpoint: Path | None
+    evaluation: EvaluationPlan | None
+    model: Any = None
+    trainer: Any = None
+    monitor: RunMonitor | None = None
+    output: Any = None
+
+
+def _run_in_folder(run: _Run) -> RunFolder:
+    """Load, train, save and answer the held-out prompts; record how the run ended (a stop, an interruption or a
+    failure included). With several processes every one trains; only the main one saves and records."""
+    main = distributed.is_main()
+    failure = details = None
+    stopped_before_training = False
+    try:
+        _load_and_train(run)
+        if main:
+            _save_adapter(run)
+            _answer_held_out_prompts(run)
+            _record_finished(run)
+    except TrainingStopped:
+        stopped_before_training = True
+    except KeyboardInterrupt:
+        if main:
+            _record_end(run.folder, status=runs.STOPPED,
+                        error="Interrupted; resume continues from the last checkpoint.")
+        raise
+    except Exception as err:
+        failure = (out_of_memory_advice(run.plan) if is_out_of_memory(err)
+                   else DISK_FULL_ADVICE if is_disk_full(err, run.folder.path)
+                   else f"{type(err).__name__}: {err}")
+        details = traceback.format_exc()
+    finally:
+        # Dropping every reference before collecting is what actually frees the GPU for the next run.
+        run.model = run.trainer = None
+        release_memory()
+    if not main:
+        if failure is not None:
+            raise TrainingFailed(f"Run {run.folder.run_id} failed in process {distributed.rank()}: {failure}")
+        return run.folder
+    if stopped_before_training:
+        return _record_stopped_before_training(run)
+    if failure is not None:
+        _record_failure(run, failure, details)
+    return run.folder
+
+
+def _load_and_train(run: _Run) -> None:
+    """Load the model, then train it. Out of memory in the first steps, both start again with a smaller plan
+    (`plan_after_out_of_memory`) and a fresh curve. Leaves the trained `run.trainer`, its `run.monitor` and
+    `run.output`; `run.settings` and `run.plan` are the last attempt's."""
+    while True:
+        _load_model(run)
+        try:
+            _train_steps(run)
+            return
+        except Exception as err:
+            if not _shrink_after_out_of_memory(run, err):
+                raise
+
+
+def _load_model(run: _Run) -> None:
+    """Load the model. Takes the settings and plan; gives `run.model` and `run.trainer` (its LoRA adapter
+    injected, the data tokenized) and `run.monitor`, which streams the metrics and hears a stop."""
+    request = run.request
+    _status(request, f"Loading {run.settings.model}…")
+    run.model = _unless_stopped(request, lambda: load_model_for_training(run.settings, run.plan))
+    run.trainer = _unless_stopped(request, lambda: build_trainer(
+        run.settings, run.plan, run.folder, run.model, run.tokenizer, run.prepared, request.stop_event,
+        run.evaluation))
+    run.monitor = RunMonitor(run.folder, token_count(run.trainer.train_dataset), request.stop_event,
+                             request.on_metrics)
+    run.trainer.add_callback(run.monitor.callback)
+    for callback in request.extra_callbacks:
+        run.trainer.add_callback(callback)
+    _stop_here_if_asked(request)
+
+
+def _train_steps(run: _Run) -> None:
+    """Train: every step of the run, from its checkpoint on a resume; a stop ends it at the end of a step, saved.
+    Gives `run.output`, the trainer's summary."""
+    _status(run.request, "Training…")
+    run.output = run.trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
+
+
+def _shrink_after_out_of_memory(run: _Run, err: Exception) -> bool:
+    """Whether to start the run again after `err`: only when out of memory in its first steps, in one process,
+    with a smaller plan left to try; then that plan is the run's (and its run.json's), and its curve is emptied."""
+    trainer = run.trainer
+    if not (is_out_of_memory(err) and run.checkpoint is None and distributed.world_size() == 1
+            and trainer.state.global_step < RETRY_OUT_OF_MEMORY_BEFORE_STEP):
+        return False
+    smaller = plan_after_out_of_memory(run.settings, run.plan)
+    if smaller is None:
+        return False
+    run.settings, run.plan, change = smaller
+    # A fresh model (the adapter was injected into this one) and a fresh curve: the run starts over.
+    del trainer
+    run.model = run.trainer = None
+    release_memory()
+    run.folder.metrics_path.unlink(missing_ok=True)
+    run.folder.update(settings=asdict(run.settings), plan=run.plan.to_dict())
+    _status(run.request, f"Out of memory: {change}; starting again.")
+    return True
+
+
+def _save_adapter(run: _Run) -> None:
+    """Save: the trained adapter and the tokenizer, into the run folder's adapter/."""
+    _status(run.request, "Saving the adapter…")
+    run.trainer.model.save_pretrained(run.folder.adapter_path, safe_serialization=True)
+    run.tokenizer.save_pretrained(run.folder.adapter_path)
+
+
+def _answer_held_out_prompts(run: _Run) -> None:
+    """Answer samples: a few held-out prompts answered after and before training, into samples.json (skipped
+    after a stop)."""
+    samples = sample_prompts(run.prepared, run.settings.sample_prompts)
+    if samples and not run.request.stop_event.is_set():
+        _status(run.request, "Answering held-out prompts…")
+        answer_before_and_after(run.trainer.model, run.tokenizer, samples, run.folder, run.request.stop_event)
+
+
+def _record_finished(run: _Run) -> None:
+    """Record the end of a run that trained: `finished` if every step was done (a stop while saving or answering
+    included), else `stopped` at its step, with a checkpoint and the adapter saved; its final metrics."""
+    monitor, state = run.monitor, run.trainer.state
+    # The headline is the smoothed loss (and the validation loss); the last step's raw loss is kept beside it.
+    final = monitor.final_metrics("loss_smoothed", "eval_loss", "loss", "step", "epoch", "tokens_per_second")
+    final.update(train_runtime_seconds=round(run.output.metrics.get("train_runtime", 0.0), 1),
+                 evaluation_seconds=round(monitor.evaluation_seconds, 1),
+                 train_loss=run.output.metrics.get("train_loss"))
+    status = runs.FINISHED if state.global_step >= state.max_steps else runs.STOPPED
+    run.folder.update(status=status, final_metrics=final, error=None)
+    if status == runs.STOPPED:
+        _status(run.request, f"Stopped at step {state.global_step} of {state.max_steps}: a checkpoint and the "
+                             "adapter are saved.")
+
+
+def _record_stopped_before_training(run: _Run) -> RunFolder:
+    """Record a stop before the first step: a resumed run still has the checkpoint it resumed from; a new one has
+    nothing to resume."""
+    _record_end(run.folder, status=runs.STOPPED, error=None if run.checkpoint else STOPPED_BEFORE_FIRST_STEP)
+    _status(run.request, f"Stopped before training resumed; {run.checkpoint.name} is kept." if run.checkpoint
+            else STOPPED_BEFORE_FIRST_STEP)
+    return run.folder
+
+
+def _record_failure(run: _Run, failure: str, details: str) -> NoReturn:
+    """Record a failure, then raise it as TrainingFailed: the run record first (it is small, and it is what the app
+    and the command line read), then the traceback in failure.txt if there is room for it."""
+    folder = run.folder
+    unrecorded = _record_end(folder, status=runs.FAILED, error=failure,
+                             final_metrics=run.monitor.final_metrics("loss_smoothed", "eval_loss", "loss", "step")
+                             if run.monitor else {})
+    if unrecorded is None:
+        # The full traceback is for whoever debugs the tool.
+        failure_file = folder.path / FAILURE_FILE
+        try:
+            failure_file.write_text(details, encoding="utf-8")
+        except OSError:
+            failure_file.unlink(missing_ok=True)
+    elif failure != DISK_FULL_ADVICE:
+        failure += " Its run.json could not be updated either: " + (
+            DISK_FULL_ADVICE if is_disk_full(unrecorded) else f"{unrecorded.strerror or unrecorded}.")
+    raise TrainingFailed(f"Run {folder.run_id} failed: {failure}")
 
 
 def _record_end(folder: RunFolder, **changes: Any) -> OSError | None:
@@ -886,106 +1121,3 @@ def _record_end(folder: RunFolder, **changes: Any) -> OSError | None:
     except OSError as err:
         return err
     return None
-
-
-def _run(job: TrainingJob, folder: RunFolder, settings: RunSettings, plan: TrainingPlan, tokenizer: Any,
-         prepared: PreparedData, checkpoint: Path | None, evaluation: EvaluationPlan | None) -> RunFolder:
-    """Load, train, save and answer the held-out prompts; record how the run ended."""
-    model = trainer = None
-    failure = None
-    monitor = None
-    stopped_before_training = False
-    # With several processes every one trains; only the main one writes the run record, samples and adapter.
-    main = distributed.is_main()
-    try:
-        while True:
-            _status(job, f"Loading {settings.model}…")
-            model = _unless_stopped(job, lambda: load_model_for_training(settings, plan))
-            trainer = _unless_stopped(job, lambda: build_trainer(settings, plan, folder, model, tokenizer, prepared,
-                                                                 job.stop_event, evaluation))
-            tokens_per_epoch = token_count(trainer.train_dataset)
-            monitor = RunMonitor(folder, tokens_per_epoch, job.stop_event, job.on_metrics)
-            trainer.add_callback(monitor.callback)
-            for callback in job.extra_callbacks:
-                trainer.add_callback(callback)
-            _stop_here_if_asked(job)
-            _status(job, "Training…")
-            try:
-                output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-                break
-            except Exception as err:
-                smaller = None
-                if (is_out_of_memory(err) and checkpoint is None and distributed.world_size() == 1
-                        and trainer.state.global_step < RETRY_OUT_OF_MEMORY_BEFORE_STEP):
-                    smaller = plan_after_out_of_memory(settings, plan)
-                if smaller is None:
-                    raise
-                settings, plan, change = smaller
-                # A fresh model (the adapter was injected into this one) and a fresh curve: the run starts over.
-                model = trainer = None
-                release_memory()
-                folder.metrics_path.unlink(missing_ok=True)
-                folder.update(settings=asdict(settings), plan=plan.to_dict())
-                _status(job, f"Out of memory: {change}; starting again.")
-        if not main:
-            return folder
-        _status(job, "Saving the adapter…")
-        trainer.model.save_pretrained(folder.adapter_path, safe_serialization=True)
-        tokenizer.save_pretrained(folder.adapter_path)
-        samples = sample_prompts(prepared, settings.sample_prompts)
-        if samples and not job.stop_event.is_set():
-            _status(job, "Answering held-out prompts…")
-            answer_before_and_after(trainer.model, tokenizer, samples, folder, job.stop_event)
-        # The headline is the smoothed loss (and the validation loss); the last step's raw loss is kept beside it.
-        final = monitor.final_metrics("loss_smoothed", "eval_loss", "loss", "step", "epoch", "tokens_per_second")
-        final.update(train_runtime_seconds=round(output.metrics.get("train_runtime", 0.0), 1),
-                     evaluation_seconds=round(monitor.evaluation_seconds, 1),
-                     train_loss=output.metrics.get("train_loss"))
-        # A stop after the last step (while saving or answering) leaves a finished run.
-        step, max_steps = trainer.state.global_step, trainer.state.max_steps
-        status = runs.FINISHED if step >= max_steps else runs.STOPPED
-        folder.update(status=status, final_metrics=final, error=None)
-        if status == runs.STOPPED:
-            _status(job, f"Stopped at step {step} of {max_steps}: a checkpoint and the adapter are saved.")
-    except TrainingStopped:
-        stopped_before_training = True
-    except KeyboardInterrupt:
-        if main:
-            _record_end(folder, status=runs.STOPPED, error="Interrupted; resume continues from the last checkpoint.")
-        raise
-    except Exception as err:
-        failure = (out_of_memory_advice(plan) if is_out_of_memory(err)
-                   else DISK_FULL_ADVICE if is_disk_full(err, folder.path)
-                   else f"{type(err).__name__}: {err}")
-        details = traceback.format_exc()
-    finally:
-        # Dropping every reference before collecting is what actually frees the GPU for the next run.
-        del model, trainer
-        release_memory()
-    if not main:
-        if failure is not None:
-            raise TrainingFailed(f"Run {folder.run_id} failed in process {distributed.rank()}: {failure}")
-        return folder
-    if stopped_before_training:
-        # A resumed run still has the checkpoint it resumed from; a new one has nothing to resume.
-        _record_end(folder, status=runs.STOPPED, error=None if checkpoint else STOPPED_BEFORE_FIRST_STEP)
-        _status(job, f"Stopped before training resumed; {checkpoint.name} is kept." if checkpoint
-                else STOPPED_BEFORE_FIRST_STEP)
-        return folder
-    if failure is not None:
-        # The run record first: it is small, and it is what the app and the command line read.
-        unrecorded = _record_end(folder, status=runs.FAILED, error=failure,
-                                 final_metrics=monitor.final_metrics("loss_smoothed", "eval_loss", "loss", "step")
-                                 if monitor else {})
-        if unrecorded is None:
-            # The full traceback is for whoever debugs the tool, if there is room for it.
-            failure_file = folder.path / FAILURE_FILE
-            try:
-                failure_file.write_text(details, encoding="utf-8")
-            except OSError:
-                failure_file.unlink(missing_ok=True)
-        elif failure != DISK_FULL_ADVICE:
-            failure += " Its run.json could not be updated either: " + (
-                DISK_FULL_ADVICE if is_disk_full(unrecorded) else f"{unrecorded.strerror or unrecorded}.")
-        raise TrainingFailed(f"Run {folder.run_id} failed: {failure}")
-    return folder

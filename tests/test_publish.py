@@ -25,7 +25,7 @@ from sft_space.chat import load_chat_model
 from sft_space.errors import UserError
 from sft_space.runs import RunFolder
 from sft_space.settings import GenerationSettings, RunSettings, run_settings
-from sft_space.train import TrainingJob, train
+from sft_space.train import TrainRequest, train
 
 PLANTED_TOKEN = "hf_PlantedPublishToken0123456789abcdef"
 ADAPTER_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
@@ -93,7 +93,7 @@ def trained_run(tiny_model_dir, tmp_path_factory):
     settings = run_settings("quick", source=str(source), model=str(tiny_model_dir), output_dir=str(root / "runs"),
                             max_steps=24, learning_rate=5e-3, warmup_ratio=0.0, lr_scheduler="constant_with_warmup",
                             sample_prompts=1, validation_fraction=0.1, seed=0, packing=False, batch_size=4)
-    return train(TrainingJob(settings, run_id="persona"))
+    return train(TrainRequest(settings, run_id="persona"))
 
 
 @pytest.fixture

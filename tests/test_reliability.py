@@ -19,7 +19,7 @@ from sft_space import models, runs
 from sft_space import train as train_module
 from sft_space.errors import UserError
 from sft_space.settings import RunSettings, run_settings
-from sft_space.train import DISK_FULL_ADVICE, TrainingFailed, TrainingJob, train
+from sft_space.train import DISK_FULL_ADVICE, TrainRequest, TrainingFailed, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,7 +141,7 @@ def small_run(tiny_model_dir, write_jsonl, output_dir, **values):
     settings = run_settings("quick", source=str(write_jsonl(persona_chats(12))), model=str(tiny_model_dir),
                             output_dir=str(output_dir), max_steps=6, save_every=2, sample_prompts=0,
                             validation_fraction=0.0, seed=0)
-    return TrainingJob(settings, run_id="full", **values)
+    return TrainRequest(settings, run_id="full", **values)
 
 
 @pytest.mark.parametrize("room", [100_000, 0], ids=["room-for-the-record", "no-room-at-all"])

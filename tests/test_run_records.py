@@ -20,7 +20,7 @@ from sft_space import cli, runs, train as train_module
 from sft_space.errors import UserError
 from sft_space.runs import RunFolder, RunLocked, UnreadableRun
 from sft_space.settings import RunSettings, run_settings
-from sft_space.train import TrainingFailed, TrainingJob, train
+from sft_space.train import TrainRequest, TrainingFailed, train
 
 GOOD = {"run_id": "good", "status": "finished", "created_at": "2026-01-02T10:00:00+0000", "settings": {},
         "final_metrics": {"loss": 1.5, "loss_smoothed": 1.25, "step": 3}, "error": None}
@@ -157,7 +157,7 @@ def test_a_second_resume_of_a_locked_run_is_refused_before_anything_is_read_or_w
         assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
         # The data file does not exist: the refusal comes before the (slow) data checks.
         with pytest.raises(RunLocked, match=rf"Run held is already training \(process {os.getpid()} on host "):
-            train(TrainingJob(RunSettings(), resume=folder.path))
+            train(TrainRequest(RunSettings(), resume=folder.path))
         with pytest.raises(RunLocked, match="wait for it to end or stop it"):
             with folder.locked():
                 pass
@@ -226,13 +226,13 @@ def test_training_holds_the_lock_until_it_returns_in_every_path(tiny_settings):
                 raise RuntimeError("a bug at step 3")
 
     with pytest.raises(TrainingFailed, match="a bug at step 3"):
-        train(TrainingJob(tiny_settings, run_id="locked", extra_callbacks=[FailAtStep3()]))
+        train(TrainRequest(tiny_settings, run_id="locked", extra_callbacks=[FailAtStep3()]))
     assert held and all(holder and holder["pid"] == os.getpid() for holder in held)
     folder = RunFolder(Path(tiny_settings.output_dir) / "locked")
     assert folder.lock_holder() is None and not (folder.path / runs.LOCK_FILE).exists()
 
     held.clear()
-    resumed = train(TrainingJob(RunSettings(), resume=folder.path, extra_callbacks=[
+    resumed = train(TrainRequest(RunSettings(), resume=folder.path, extra_callbacks=[
         type("Watch", (TrainerCallback,), {"on_step_end": lambda self, *a, **k: held.append(folder.lock_holder())})()]))
     assert resumed.read()["status"] == runs.FINISHED
     assert held and all(holder and holder["pid"] == os.getpid() for holder in held)
@@ -256,7 +256,7 @@ def test_a_run_is_refused_before_its_folder_exists_when_the_disk_is_too_small(ti
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * 2**20, 9 * 2**20, 2**20))
     with pytest.raises(UserError, match=r"Not enough free disk space .*1 MB free.* needs about \d+ MB.*[Ff]ree"):
-        train(TrainingJob(tiny_settings, run_id="no-room"))
+        train(TrainRequest(tiny_settings, run_id="no-room"))
     assert not (Path(tiny_settings.output_dir) / "no-room").exists()
 
 

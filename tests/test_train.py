@@ -1,23 +1,25 @@
 """The training engine on a tiny random Llama: loss, mask, metrics, stop/resume, failures, run folder."""
 
 import dataclasses
+import gc
 import json
 import math
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from transformers import PreTrainedModel, TrainerCallback
 
 from builders import SAMPLE_DATA, distinct_chats, persona_chats
 from sft_space import models, render, runs
-from sft_space.chat import GenerationSettings, load_chat_model
+from sft_space.chat import load_chat_model
 from sft_space.hardware import detect_hardware, plan_training
-from sft_space.settings import run_settings
-from sft_space.train import (STOPPED_BEFORE_FIRST_STEP, TrainingFailed, TrainingJob, TrainingStopped,
+from sft_space.settings import GenerationSettings, run_settings
+from sft_space.train import (STOPPED_BEFORE_FIRST_STEP, TrainRequest, TrainingFailed, TrainingStopped,
                              build_trainer, model_shape, prepare_data, token_count, train, trained_positions_loss)
 
 PLANTED_TOKEN = "hf_PlantedSecretTokenForTests0123456789"
@@ -57,7 +59,7 @@ def test_training_drives_the_loss_down_and_fills_the_run_folder(tiny_settings, m
         seen_while_running.append((len(lines), json.loads((folder / runs.RUN_FILE).read_text())["status"]))
 
     statuses = []
-    folder = train(TrainingJob(settings, on_metrics=on_metrics, on_status=statuses.append, run_id="overfit"))
+    folder = train(TrainRequest(settings, on_metrics=on_metrics, on_status=statuses.append, run_id="overfit"))
 
     metrics = folder.read_metrics()
     losses = [m["loss"] for m in metrics if "loss" in m]
@@ -163,7 +165,7 @@ def test_stop_then_resume_continues_the_step_count(tiny_settings):
         if entry.get("step", 0) >= 4:
             stop.set()
 
-    folder = train(TrainingJob(settings, stop_event=stop, on_metrics=stop_after_four, run_id="stoppable"))
+    folder = train(TrainRequest(settings, stop_event=stop, on_metrics=stop_after_four, run_id="stoppable"))
     record = folder.read()
     assert record["status"] == runs.STOPPED
     stopped_at = record["final_metrics"]["step"]
@@ -172,7 +174,7 @@ def test_stop_then_resume_continues_the_step_count(tiny_settings):
     assert (folder.adapter_path / "adapter_model.safetensors").is_file(), "stopping keeps the adapter"
     assert runs.resumable_runs(settings.output_dir) == [folder]
 
-    resumed = train(TrainingJob(settings, resume=folder.path))
+    resumed = train(TrainRequest(settings, resume=folder.path))
     assert resumed.path == folder.path
     record = resumed.read()
     assert record["status"] == runs.FINISHED and record["final_metrics"]["step"] == 10
@@ -215,14 +217,15 @@ def test_out_of_memory_in_the_first_steps_halves_the_batch_and_keeps_the_example
     settings = tiny_settings(max_steps=4, batch_size=4, packing=False, gradient_accumulation=1)
     oom = OutOfMemoryAbove(batch=1)
     statuses = []
-    folder = train(TrainingJob(settings, extra_callbacks=[oom], on_status=statuses.append, run_id="shrinks"))
+    folder = train(TrainRequest(settings, extra_callbacks=[oom], on_status=statuses.append, run_id="shrinks"))
     # 4 × 1, then 2 × 2, then 1 × 4 examples per optimizer step: the same 4 each time.
     assert oom.attempts == [(4, 1, False), (2, 2, False), (1, 4, False)]
     record = folder.read()
     assert record["status"] == runs.FINISHED
     assert record["plan"]["batch_size"] == 1 and record["settings"]["gradient_accumulation"] == 4
     assert any("out of memory, so batch size 1 with gradient accumulation 4" in r for r in record["plan"]["reasons"])
-    assert [m["step"] for m in folder.read_metrics() if "loss" in m] == [1, 2, 3, 4], "one curve, from the attempt that ran"
+    assert [m["step"] for m in folder.read_metrics() if "loss" in m] == [1, 2, 3, 4], (
+        "one curve, from the attempt that ran")
     assert sum(s.startswith("Out of memory: batch size") for s in statuses) == 2
 
 
@@ -231,7 +234,7 @@ def test_out_of_memory_at_every_size_fails_with_what_was_tried_and_what_is_left(
     settings = tiny_settings(max_steps=4, batch_size=2, packing=False, gradient_accumulation=1)
     oom = OutOfMemoryAbove(batch=None)
     with pytest.raises(TrainingFailed, match="Out of memory"):
-        train(TrainingJob(settings, extra_callbacks=[oom], run_id="oom"))
+        train(TrainRequest(settings, extra_callbacks=[oom], run_id="oom"))
     # Batch 2, then 1 (accumulating 2), then with checkpointing; a CPU cannot load in 4 bit.
     assert oom.attempts == [(2, 1, False), (1, 2, False), (1, 2, True)]
     failed = runs.RunFolder.open(os.path.join(settings.output_dir, "oom")).read()
@@ -241,7 +244,7 @@ def test_out_of_memory_at_every_size_fails_with_what_was_tried_and_what_is_left(
                                "less memory). To fit: lower the maximum length, load the model in 4-bit (QLoRA, on a "
                                "GPU), or choose a smaller model.")
 
-    folder = train(TrainingJob(settings, run_id="after-oom"))
+    folder = train(TrainRequest(settings, run_id="after-oom"))
     assert folder.read()["status"] == runs.FINISHED
 
 
@@ -252,16 +255,16 @@ def test_invalid_rows_stop_training_before_a_run_folder_exists(tiny_settings, tm
     from sft_space.errors import UserError
 
     with pytest.raises(UserError, match="row 13.*skip invalid rows"):
-        train(TrainingJob(settings))
+        train(TrainRequest(settings))
     assert not (tmp_path / "runs").exists()
-    folder = train(TrainingJob(dataclasses.replace(settings, skip_invalid_rows=True, max_steps=2)))
+    folder = train(TrainRequest(dataclasses.replace(settings, skip_invalid_rows=True, max_steps=2)))
     assert folder.read()["data"]["invalid_rows_skipped"] == 1
 
 
 @pytest.mark.slow
 def test_small_datasets_get_enough_steps_per_epoch(tiny_settings):
     settings = tiny_settings(distinct_chats(60), max_steps=0, epochs=1.0)
-    folder = train(TrainingJob(settings, run_id="small"))
+    folder = train(TrainRequest(settings, run_id="small"))
     # 54 training examples of ~50 tokens: packed into 2048-token sequences they would make 2 steps (on a GPU the
     # packs are made shorter, see test_plan; on a CPU they train one by one).
     assert folder.read()["final_metrics"]["step"] >= 20
@@ -315,7 +318,7 @@ def test_a_missing_hub_model_is_reported_before_a_run_folder_exists(tiny_setting
 
     settings = tiny_settings(model="nobody-here/no-such-model")
     with pytest.raises(UserError, match="no-such-model"):
-        train(TrainingJob(settings))
+        train(TrainRequest(settings))
     assert not (tmp_path / "runs").exists()
 
 
@@ -371,7 +374,7 @@ def test_a_full_disk_while_saving_fails_clearly_and_marks_no_checkpoint_good(tin
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(TrainingFailed, match="disk is full"):
-        train(TrainingJob(settings, run_id="full-disk"))
+        train(TrainRequest(settings, run_id="full-disk"))
     folder = runs.RunFolder(Path(settings.output_dir) / "full-disk")
     record = folder.read()
     assert record["status"] == runs.FAILED and record["error"] == DISK_FULL_ADVICE
@@ -407,20 +410,32 @@ def stop_when(prefix, stop, stopped_at):
     return on_status
 
 
+def live_models(collect=False):
+    """The models alive now; with `collect`, once the garbage is collected (about half a second here)."""
+    if collect:
+        gc.collect()
+    return weakref.WeakSet(o for o in gc.get_objects() if issubclass(type(o), PreTrainedModel))
+
+
 @pytest.mark.parametrize("stage", list(STOP_IN_STAGE))
 def test_a_stop_in_each_stage_ends_the_run_at_once_with_what_it_has(tiny_settings, stage):
     prefix, outcome = STOP_IN_STAGE[stage]
     settings = tiny_settings(max_steps=8, save_every=100, sample_prompts=2)
     stop, stopped_at = threading.Event(), []
-    job = TrainingJob(settings, stop_event=stop, on_status=stop_when(prefix, stop, stopped_at), run_id="stopped")
+    request = TrainRequest(settings, stop_event=stop, on_status=stop_when(prefix, stop, stopped_at), run_id="stopped")
     folder = runs.RunFolder(Path(settings.output_dir) / "stopped")
+    earlier = live_models()
     if outcome == "nothing":
         with pytest.raises(TrainingStopped, match="nothing was written"):
-            train(job)
+            train(request)
         assert not Path(settings.output_dir).exists(), "a stop before the run folder exists writes nothing"
     else:
-        assert train(job).path == folder.path
+        assert train(request).path == folder.path
     assert stopped_at and time.monotonic() - stopped_at[0] < 5, "train() returns within seconds of the stop"
+    if outcome in ("before the first step", "stopped at a step"):
+        # The run keeps no model: a stop as loading begins loads none, and a run that loaded one drops it on the
+        # way out, which is what frees the GPU for the next run. (Only here: each look costs about a second.)
+        assert not set(live_models(collect=True)) - set(earlier)
     if outcome == "nothing":
         return
     record = folder.read()
@@ -480,7 +495,7 @@ def test_a_stop_during_evaluation_saves_that_step_without_its_validation_loss(ti
                              packing=False, batch_size=1, sample_prompts=0)
     stop = threading.Event()
     evaluation = StopAtFirstEvaluationBatch(stop)
-    folder = train(TrainingJob(settings, stop_event=stop, extra_callbacks=[evaluation], run_id="eval-stop"))
+    folder = train(TrainRequest(settings, stop_event=stop, extra_callbacks=[evaluation], run_id="eval-stop"))
     assert evaluation.batches == 1, "the evaluation (20 batches) ends at its next batch"
     record = folder.read()
     assert record["status"] == runs.STOPPED and record["final_metrics"]["step"] == 3
@@ -488,7 +503,7 @@ def test_a_stop_during_evaluation_saves_that_step_without_its_validation_loss(ti
     assert (folder.adapter_path / runs.ADAPTER_WEIGHTS).is_file()
     assert not any("eval_loss" in entry for entry in folder.read_metrics())
 
-    resumed = train(TrainingJob(settings, resume=folder.path)).read()
+    resumed = train(TrainRequest(settings, resume=folder.path)).read()
     assert resumed["status"] == runs.FINISHED and resumed["final_metrics"]["step"] == 8
 
 
@@ -504,7 +519,7 @@ def test_a_stop_while_a_large_dataset_is_checked_returns_at_once(tiny_settings):
 
     started = time.monotonic()
     with pytest.raises(TrainingStopped):
-        train(TrainingJob(settings, stop_event=stop, on_status=on_status))
+        train(TrainRequest(settings, stop_event=stop, on_status=on_status))
     assert stopped_at and time.monotonic() - stopped_at[0] < 1.0
     assert time.monotonic() - started < 2.0
     assert not Path(settings.output_dir).exists()
@@ -520,16 +535,16 @@ def test_a_stage_that_cannot_hear_a_stop_is_left_to_finish_alone():
     from sft_space.settings import RunSettings
     from sft_space.train import _unless_stopped
 
-    job, release = TrainingJob(RunSettings()), threading.Event()
-    threading.Timer(0.2, job.stop_event.set).start()
+    request, release = TrainRequest(RunSettings()), threading.Event()
+    threading.Timer(0.2, request.stop_event.set).start()
     started = time.monotonic()
     with pytest.raises(TrainingStopped):
-        _unless_stopped(job, lambda: release.wait(30))
+        _unless_stopped(request, lambda: release.wait(30))
     assert time.monotonic() - started < 1.0
     release.set()
-    assert _unless_stopped(TrainingJob(RunSettings()), lambda: "done") == "done"
+    assert _unless_stopped(TrainRequest(RunSettings()), lambda: "done") == "done"
     with pytest.raises(ZeroDivisionError):
-        _unless_stopped(TrainingJob(RunSettings()), lambda: 1 / 0)
+        _unless_stopped(TrainRequest(RunSettings()), lambda: 1 / 0)
 
 
 def test_the_loss_at_trained_positions_only_equals_the_full_head_loss(tiny_model_dir):
@@ -575,14 +590,15 @@ def test_a_bf16_run_on_cpu_follows_the_fp32_loss_curve(tiny_settings):
     the fp32 run's, from the same seed and data. The adapter's weights stay fp32 either way."""
     curves = {}
     for precision in ("fp32", "bf16"):
-        settings = tiny_settings(max_steps=8, precision=precision, save_every=100, sample_prompts=0, validation_fraction=0.0,
-                                 output_dir=tiny_settings().output_dir + f"-{precision}")
-        folder = train(TrainingJob(settings, run_id=precision))
+        settings = tiny_settings(max_steps=8, precision=precision, save_every=100, sample_prompts=0,
+                                 validation_fraction=0.0, output_dir=tiny_settings().output_dir + f"-{precision}")
+        folder = train(TrainRequest(settings, run_id=precision))
         assert folder.read()["plan"]["precision"] == precision
         curves[precision] = [m["loss"] for m in folder.read_metrics() if "loss" in m]
         from safetensors.torch import load_file
 
-        assert {t.dtype for t in load_file(folder.adapter_path / "adapter_model.safetensors").values()} == {torch.float32}
+        weights = load_file(folder.adapter_path / "adapter_model.safetensors")
+        assert {t.dtype for t in weights.values()} == {torch.float32}
     assert len(curves["bf16"]) == len(curves["fp32"]) >= 8
     assert curves["bf16"][-1] < 0.85 * curves["bf16"][0], "bf16 learns"
     for bf16, fp32 in zip(curves["bf16"], curves["fp32"]):
@@ -615,7 +631,7 @@ def test_a_model_without_chat_template_or_room_for_chatml_tokens_is_refused_befo
                             output_dir=str(tmp_path / "runs"), max_steps=1)
     with pytest.raises(UserError, match=r"has no chat template, and the ChatML tokens it would need \(<\|im_end\|>, "
                                         r"<\|im_start\|>\) are not among the 10 tokens"):
-        train(TrainingJob(settings))
+        train(TrainRequest(settings))
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
     # Embeddings padded beyond the tokenizer have rows for the added tokens.
     check_vocabulary_fits("padded", models.load_tokenizer(str(folder)),
@@ -643,4 +659,4 @@ def test_trust_remote_code_reaches_the_tokenizer_as_it_reaches_the_model(tiny_se
 
     monkeypatch.setattr(models, "load_tokenizer", stop_here)
     with pytest.raises(Seen, match="True"):
-        train(TrainingJob(tiny_settings(trust_remote_code=True)))
+        train(TrainRequest(tiny_settings(trust_remote_code=True)))
