@@ -157,3 +157,25 @@ def load_chat_model(run_dir: str | Path | None = None, base_model: str | None = 
         model = PeftModel.from_pretrained(model, run.adapter_path)
     model.eval()
     return ChatModel(model, tokenizer, base_model, run)
+
+
+class ChatModelCache:
+    """The one chat model the app keeps in memory, shared by every visitor: asking for another run (or another
+    base model) replaces it, so a shared server never holds two sets of weights. Safe to call from many threads:
+    one load at a time, and a visitor asking for the model being loaded waits for it instead of loading it again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: tuple[str, str] | None = None
+        self._model: ChatModel | None = None
+
+    def get(self, run_dir: str | Path | None, base_model: str | None = None) -> ChatModel:
+        """The run's adapter on its base model, or `base_model` alone when no run is given."""
+        key = ("run", str(run_dir)) if run_dir else ("base", base_model or "")
+        with self._lock:
+            if self._key != key:
+                # Let go of the old weights before loading the new: both at once may not fit.
+                self._key, self._model = None, None
+                self._model = load_chat_model(run_dir) if run_dir else load_chat_model(None, base_model)
+                self._key = key
+            return self._model

@@ -193,7 +193,12 @@ def test_every_handler_of_the_app_refuses_a_forged_visitor_id(monkeypatch, tmp_p
         outputs = unchanged if isinstance(unchanged, tuple) else (unchanged,)
         assert all(isinstance(output, type(gr.skip())) for output in outputs), name
     with pytest.warns(UserWarning, match="reload the page"):
-        next(handlers["on_send"]("hi", [], [], None, str(tiny_model_dir), "", 0.7, 16, forged))
+        next(handlers["on_send"]("hi", [], [], None, str(tiny_model_dir), "", 0.7, 16, forged, 0.95))
+    # The chat's own refusals are messages too: a conversation too long for the shared hardware.
+    with pytest.warns(UserWarning, match="press Clear"):
+        unchanged = next(handlers["on_send"]("y" * 40_000, [], [], None, str(tiny_model_dir), "", 0.7, 16, alice,
+                                             0.95))
+    assert all(isinstance(output, type(gr.skip())) for output in unchanged)
     assert identify(forged) != forged and identify(alice) == alice
 
 
@@ -211,16 +216,18 @@ def test_only_the_named_handlers_are_offered_as_an_api(monkeypatch, tmp_path, ti
 
 def test_a_chat_conversation_is_bounded_before_any_model_is_loaded(tmp_path):
     """A page can send any history: one too long for the shared hardware is refused, whatever its shape."""
-    import gradio as gr
     import pytest
 
     from sft_space import access
+    from sft_space.settings import GenerationSettings
+    from sft_space.errors import UserError
     from sft_space.ui import chat_tab
 
     long_history = [{"role": "user", "content": [{"type": "text", "text": "x" * access.MAX_CHAT_CHARACTERS}]}]
     for message, history in (("y" * (access.MAX_CHAT_CHARACTERS + 1), []), ("hi", long_history)):
-        with pytest.raises(gr.Error, match="press Clear"):
-            next(chat_tab.respond(str(tmp_path), message, history, [], None, "no/such-model", "", 0.0, 16, "alice"))
+        with pytest.raises(UserError, match="press Clear"):
+            next(chat_tab.respond(str(tmp_path), message, history, [], None, "no/such-model", GenerationSettings(),
+                                  "alice"))
 
 
 def test_the_forms_number_boxes_refuse_what_the_settings_refuse():
@@ -524,13 +531,14 @@ def test_on_a_space_a_visitor_who_may_not_train_is_refused_start_resume_and_publ
     token = handlers["on_load"]("", None)
     refused = "Only acme, who owns this Space"
     start = (token, "", None, None, False, str(tiny_model_dir), "quick") + (None,) * 30
-    # The Publish form's values (and the OAuth token and profile after them) are None: the gate comes first.
-    push_values = [p for p in inspect.signature(handlers["on_push"]).parameters if p != "progress"][2:]
+    # Publishing takes Gradio's OAuth token, profile and progress first, then the form, whose values are None
+    # here: the gate comes first.
+    push = (None, None, None, "run", token) + (None,) * 20
     for name, args in (("on_start", (None, *start)), ("on_resume", (None, token, "")),
-                       ("resume_run", (None, token, "run")), ("on_push", ("run", token) + (None,) * len(push_values))):
+                       ("resume_run", (None, token, "run")), ("on_push", push)):
         handler = handlers[name]
         with pytest.warns(UserWarning, match=refused):
-            result = handler(*args[:len(inspect.signature(handler).parameters) - (name == "on_push")])
+            result = handler(*(args if name == "on_push" else args[:len(inspect.signature(handler).parameters)]))
         if name in ("on_start", "on_resume"):
             # The status line keeps the refusal, said once as a refusal.
             assert f"**Refused** · {refused}" in result[1]
@@ -649,3 +657,73 @@ def test_the_operators_data_limits_reach_the_check_and_the_run_and_no_page_can_r
     with pytest.raises(UserError, match="max_rows = 0 is out of range"):
         access.data_limits()
 
+
+def test_a_suggested_prompt_is_one_the_run_held_out(tmp_path):
+    from sft_space import runs
+    from sft_space.ui import chat_tab
+
+    folder = runs.RunFolder.create(tmp_path, "held-out")
+    folder.write({"run_id": "held-out", "status": "finished", "owner": "alice"})
+    assert chat_tab.suggestion(str(tmp_path), str(folder.path), "alice") == "Hello! Who are you?"
+    runs.write_json_atomic(folder.samples_path, [
+        {"prompt": [{"role": "system", "content": "Be a pirate."}, {"role": "user", "content": "Where be the gold?"}],
+         "reference": "Buried.", "before": None, "after": None}])
+    assert chat_tab.suggestion(str(tmp_path), str(folder.path), "alice") == "Where be the gold?"
+
+
+def test_the_chat_model_cache_keeps_one_model_and_loads_it_once_for_many_visitors(tiny_model_dir, tmp_path):
+    """Every visitor's reply comes from the one model in memory; asking for another replaces it."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sft_space.chat import ChatModelCache
+
+    cache = ChatModelCache()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        models = list(pool.map(lambda _: cache.get(None, str(tiny_model_dir)), range(4)))
+    assert all(model is models[0] for model in models) and not models[0].has_adapter
+    assert models[0].base_model == str(tiny_model_dir)
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model_dir, other)
+    replaced = cache.get(None, str(other))
+    assert replaced is not models[0] and replaced.base_model == str(other)
+    assert cache.get(None, str(other)) is replaced
+    assert cache.get(None, str(tiny_model_dir)) is not models[0]  # the first was let go, so it is loaded again
+
+
+def test_the_chat_sliders_are_the_generation_settings_bounds_and_defaults():
+    import dataclasses
+
+    import gradio as gr
+
+    from sft_space.settings import GenerationSettings
+    from sft_space.ui import chat_tab
+
+    with gr.Blocks():
+        sliders = {name: chat_tab.settings_slider(name, name) for name in ("temperature", "top_p", "max_new_tokens")}
+    for spec in dataclasses.fields(GenerationSettings):
+        if spec.name in sliders:
+            slider = sliders[spec.name]
+            assert (slider.minimum, slider.maximum) == spec.metadata["bounds"]
+            assert slider.value == spec.default and slider.info == spec.metadata["help"]
+    settings = chat_tab.generation_settings(None, 0.7, 0.5, 64.0)
+    assert settings == GenerationSettings(max_new_tokens=64, temperature=0.7, top_p=0.5)
+
+
+def test_top_p_reaches_sampling_and_greedy_ignores_it(tiny_model_dir):
+    """With a temperature, the same random draws from a narrower nucleus give another reply; without one (greedy)
+    top_p changes nothing."""
+    import torch
+
+    from sft_space.chat import load_chat_model
+    from sft_space.settings import GenerationSettings
+
+    chat = load_chat_model(None, str(tiny_model_dir))
+    question = [{"role": "user", "content": "Ahoy, who are you?"}]
+
+    def reply(temperature: float, top_p: float) -> str:
+        torch.manual_seed(0)
+        return chat.reply(question, GenerationSettings(max_new_tokens=12, temperature=temperature, top_p=top_p))
+
+    assert reply(1.0, 0.05) != reply(1.0, 1.0)
+    assert reply(0.0, 0.05) == reply(0.0, 1.0)

@@ -6,19 +6,16 @@ the decorator does nothing.
 
 from __future__ import annotations
 
-import json
 import random
-import threading
-from pathlib import Path
 from typing import Any, Iterator
 
 import gradio as gr
 import spaces
 
 from .. import access, runs
-from ..chat import ChatModel, GenerationSettings, load_chat_model
+from ..chat import ChatModelCache
 from ..errors import UserError
-from ..settings import field_help
+from ..settings import GenerationSettings, field_help
 from .common import Gate, adapter_run_choices, keep_choice, own_run
 
 BASE_ONLY = "(base model only)"
@@ -30,18 +27,10 @@ CHAT_CSS = """
 #chat-style { display: none; }
 """
 NO_RUN_CHOSEN = "No fine-tuned run chosen: pick one under *Chat with* to compare."
-_loaded: dict[str, ChatModel] = {}
-_loading = threading.Lock()
-
-
-def chat_model_for(run_dir: str | None, base_model: str) -> ChatModel:
-    """Keep one model in memory: loading another run (or base) replaces it."""
-    key = run_dir or f"base:{base_model}"
-    with _loading:
-        if key not in _loaded:
-            _loaded.clear()
-            _loaded[key] = load_chat_model(run_dir) if run_dir else load_chat_model(None, base_model)
-        return _loaded[key]
+# One model in memory for the whole app, whichever visitor asked last (see ChatModelCache).
+chat_models = ChatModelCache()
+# Slider steps: the ranges and defaults are GenerationSettings'.
+SLIDER_STEPS = {"temperature": 0.05, "top_p": 0.05, "max_new_tokens": 1}
 
 
 def run_choices(runs_dir: str, visitor: str | None) -> list[tuple[str, str]]:
@@ -61,12 +50,8 @@ def suggestion(runs_dir: str, run_dir: str | None, visitor: str | None) -> str:
     run_dir = own_run_dir(runs_dir, run_dir, visitor)
     if run_dir is None:
         return "Tell me something interesting about the sea."
-    path = Path(run_dir) / runs.SAMPLES_FILE
-    try:
-        samples = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        samples = []
-    prompts = [m["content"] for s in samples for m in s["prompt"] if m["role"] == "user"]
+    samples = runs.RunFolder(run_dir).samples()
+    prompts = [m["content"] for s in samples for m in s.get("prompt", []) if m.get("role") == "user"]
     return random.choice(prompts) if prompts else "Hello! Who are you?"
 
 
@@ -85,24 +70,25 @@ def _as_messages(history: list[dict[str, Any]]) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": message_text(m["content"])} for m in history]
 
 
+def generation_settings(system_prompt: str | None, temperature: float, top_p: float,
+                        max_new_tokens: float) -> GenerationSettings:
+    """The sliders' values as settings (the sliders send numbers as floats)."""
+    return GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                              top_p=float(top_p), system_prompt=system_prompt or "")
+
+
 @spaces.GPU
 def respond(runs_dir: str, message: str, tuned_history: list, base_history: list, run_dir: str | None,
-            base_model: str, system_prompt: str, temperature: float, max_new_tokens: int,
-            visitor: str | None) -> Iterator[tuple[list, list, str]]:
-    """Stream the fine-tuned reply, then the base model's reply to the same conversation."""
+            base_model: str, settings: GenerationSettings, visitor: str | None) -> Iterator[tuple[list, list, str]]:
+    """Stream the fine-tuned reply, then the base model's reply to the same conversation. A refusal is raised
+    (UserError, gr.Error), which the app shows as a message (see ui/common.py `refusals_as_messages`)."""
     message = (message or "").strip()
     if not message:
-        raise gr.Error("Type a message first.")
-    try:
-        earlier = [*(tuned_history or []), *(base_history or [])]
-        access.check_conversation([message, system_prompt or ""]
-                                  + [message_text(m.get("content") if isinstance(m, dict) else m) for m in earlier])
-        run_dir = own_run_dir(runs_dir, run_dir, visitor)
-        model = chat_model_for(run_dir, base_model)
-    except UserError as err:
-        raise gr.Error(str(err)) from None
-    settings = GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                                  system_prompt=system_prompt or "")
+        raise UserError("Type a message first.")
+    earlier = [*(tuned_history or []), *(base_history or [])]
+    access.check_conversation([message, settings.system_prompt]
+                              + [message_text(m.get("content") if isinstance(m, dict) else m) for m in earlier])
+    model = chat_models.get(own_run_dir(runs_dir, run_dir, visitor), base_model)
     tuned_history = list(tuned_history or []) + [{"role": "user", "content": message}]
     base_history = list(base_history or []) + [{"role": "user", "content": message}]
     targets = [(tuned_history, True)] if model.has_adapter else []
@@ -118,6 +104,14 @@ def respond(runs_dir: str, message: str, tuned_history: list, base_history: list
     yield tuned_history, base_history, ""
 
 
+def settings_slider(name: str, label: str) -> gr.Slider:
+    """A slider for a GenerationSettings field: its range is the field's bounds (which Gradio enforces for any
+    client), its value the field's default, its help the field's."""
+    spec = GenerationSettings.__dataclass_fields__[name]
+    low, high = spec.metadata["bounds"]
+    return gr.Slider(low, high, value=spec.default, step=SLIDER_STEPS[name], label=label, info=spec.metadata["help"])
+
+
 def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> dict[str, Any]:
     runs_dir = gate.runs_dir
     with gr.Row():
@@ -129,10 +123,9 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> dict[str,
         system_prompt = gr.Textbox(label="System prompt", value=defaults.system_prompt,
                                    info=field_help(GenerationSettings, "system_prompt"))
         with gr.Row():
-            temperature = gr.Slider(0, 1.5, value=defaults.temperature, step=0.05, label="Temperature",
-                                    info=field_help(GenerationSettings, "temperature"))
-            max_new_tokens = gr.Slider(16, 1024, value=defaults.max_new_tokens, step=16, label="Max new tokens",
-                                       info=field_help(GenerationSettings, "max_new_tokens"))
+            temperature = settings_slider("temperature", "Temperature")
+            top_p = settings_slider("top_p", "Top-p")
+            max_new_tokens = settings_slider("max_new_tokens", "Max new tokens")
     gr.HTML(f"<style>{CHAT_CSS}</style>", elem_id="chat-style", padding=False, container=False)
     with gr.Row():
         tuned = gr.Chatbot(label="Fine-tuned", elem_id="chat-tuned", height=360)
@@ -144,11 +137,13 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> dict[str,
         suggest = gr.Button("💡 Try a held-out prompt", size="sm", elem_id="chat-suggest")
         clear = gr.Button("Clear", size="sm")
 
-    inputs = [message, tuned, base, run, model, system_prompt, temperature, max_new_tokens, session]
+    # top_p last: the chat API's other values keep their places for clients written before it had one.
+    inputs = [message, tuned, base, run, model, system_prompt, temperature, max_new_tokens, session, top_p]
 
-    def on_send(message, tuned, base, run, model_name, system_prompt, temperature, max_new_tokens, token):
-        yield from respond(runs_dir, message, tuned, base, run, gate.model(model_name), system_prompt, temperature,
-                           max_new_tokens, gate.visitor(token))
+    def on_send(message, tuned, base, run, model_name, system_prompt, temperature, max_new_tokens, token, top_p):
+        visitor, base_model = gate.visitor(token), gate.model(model_name)
+        settings = generation_settings(system_prompt, temperature, top_p, max_new_tokens)
+        yield from respond(runs_dir, message, tuned, base, run, base_model, settings, visitor)
 
     send.click(on_send, inputs=inputs, outputs=[tuned, base, message], api_name="chat")
     message.submit(on_send, inputs=inputs, outputs=[tuned, base, message])
