@@ -14,14 +14,14 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Callable
 
 from . import child, runs
 from .errors import UserError
-from .settings import RunSettings, run_settings
+from .settings import RunSettings
 
 MAX_QUEUED_JOBS = 3
 
@@ -51,7 +51,7 @@ class Job:
 
     Not `train.TrainRequest`, which is the input of one call to `train` inside the training process: a Job lives
     in the app's process, which never trains; its run happens in a child process (`child.Supervisor`) that builds
-    its own TrainRequest from the command line. For a resume, `settings` are the run's own (`recorded_settings`),
+    its own TrainRequest from the command line. For a resume, `settings` are the run's own (`RunFolder.settings`),
     never a form's; the child (`train --resume`) is given none and reads them from the run folder itself.
     """
 
@@ -79,14 +79,6 @@ class Job:
 # While it runs it reports each status line, the run folder once it exists, and the moment the run is training
 # (its run.json says `running`). `child.Supervisor.run` is the app's; tests pass a stand-in that needs no model.
 JobRunner = Callable[["Job", Callable[[str], None], Callable[[Path], None], Callable[[], None]], "Path | None"]
-
-
-def recorded_settings(folder: runs.RunFolder) -> RunSettings:
-    """The settings a run recorded in its run.json (its preset's values under its own), with the runs folder it is
-    in now: the record names the one it was made in, which may since have moved."""
-    values = dict(folder.read().get("settings") or {})
-    settings = run_settings(values.pop("preset", None) or "balanced", **values)
-    return replace(settings, output_dir=str(folder.path.parent))
 
 
 class JobManager:
@@ -117,7 +109,7 @@ class JobManager:
         with self._lock:
             self._check_may_queue(visitor)
             self._check_resumable(folder)
-            job = Job(folder.run_id, visitor, recorded_settings(folder), resume=str(folder.path), run_dir=folder.path)
+            job = Job(folder.run_id, visitor, folder.settings(), resume=str(folder.path), run_dir=folder.path)
             return self._enqueue(job)
 
     def _check_may_queue(self, owner: str) -> None:

@@ -29,11 +29,12 @@ import tempfile
 import threading
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import UserError
+from .settings import RunSettings, run_settings
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -254,6 +255,13 @@ class RunFolder:
     @property
     def samples_path(self) -> Path:
         return self.path / SAMPLES_FILE
+
+    def settings(self) -> RunSettings:
+        """The settings this run recorded (its preset's values under its own), with the runs folder it is in now:
+        the record names the one it was made in, which may since have moved."""
+        values = dict(self.read().get("settings") or {})
+        recorded = run_settings(values.pop("preset", None) or "balanced", **values)
+        return replace(recorded, output_dir=str(self.path.parent))
 
     @property
     def lock_path(self) -> Path:

@@ -52,7 +52,7 @@ from .hardware import Hardware, TrainingPlan, detect_hardware, plan_training
 from .memory import ModelShape
 from .render import render_example
 from .runs import RunFolder
-from .settings import EVALUATION_SHARE, MAX_EVALUATIONS, GenerationSettings, RunSettings, run_settings
+from .settings import EVALUATION_SHARE, MAX_EVALUATIONS, GenerationSettings, RunSettings
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
 # Logging and checkpoints as a share of the run's steps, so that a 20-step run logs every step and a 2,000-step
@@ -825,10 +825,7 @@ def _check_new_run_name(settings: RunSettings, run_id: str | None) -> None:
 
 def _resumable(folder: RunFolder) -> tuple[RunSettings, Path]:
     """The settings and last checkpoint of a run that may be resumed (UserError saying why otherwise)."""
-    record = folder.read()
-    checkpoint = runs.check_resumable(folder, record)
-    values = dict(record["settings"])
-    return run_settings(values.pop("preset", None) or "balanced", **values), checkpoint
+    return folder.settings(), runs.check_resumable(folder, folder.read())
 
 
 def _prepare(request: TrainRequest, settings: RunSettings) -> tuple[Any, PreparedData, ModelShape]:

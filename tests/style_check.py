@@ -55,7 +55,8 @@ def main() -> int:
 
     quiet_known_messages()
     from sft_space import models
-    from sft_space.chat import GenerationSettings, load_chat_model
+    from sft_space.chat import load_chat_model
+    from sft_space.settings import GenerationSettings
     from sft_space.runs import RunFolder
     from sft_space.settings import RunSettings
     from sft_space.train import SAMPLE_MAX_NEW_TOKENS, prepare_data

@@ -10,8 +10,9 @@ import torch
 from huggingface_hub import ModelCard
 
 from sft_space import cli, gguf_export, publish
-from sft_space.chat import GenerationSettings, generate_reply
+from sft_space.chat import generate_reply
 from sft_space.errors import UserError
+from sft_space.settings import GenerationSettings
 from sft_space.ui import publish_tab
 from test_publish import PLANTED_TOKEN, PROMPT, FakeHub, run_copy, trained_run  # noqa: F401
 

@@ -13,7 +13,7 @@ import gradio as gr
 from .. import access, child, jobs, models
 from ..settings import DataSettings
 from . import chat_tab, data_tab, publish_tab, runs_tab, train_tab
-from .common import Gate, own_run, refusals_as_messages
+from .common import Gate, RunPicker, own_run, refusals_as_messages
 
 TITLE = "SFT Space"
 INTRO = (
@@ -24,7 +24,8 @@ INTRO = (
 )
 
 
-# identify → a visitor token; check_data (a Hub dataset or the sample) and chat take it as their first value.
+# identify → a visitor token, which check_data (a Hub dataset or the sample) takes as its first value and chat as
+# its ninth (after the conversation, run, model and generation settings; top_p, added later, comes last).
 PUBLIC_API = ("identify", "check_data", "chat")
 # (how often, how old) in seconds: Gradio's own sweep of its upload and download folder.
 GRADIO_CACHE_SWEEP = (900, 3600)
@@ -59,9 +60,9 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
         model = picker.render()
         with gr.Tabs() as tabs:
             with gr.Tab("Data", id="data"):
-                report, data_settings, skip_invalid = data_tab.build(gate, model, session)
+                data = data_tab.build(gate, model, session)
             with gr.Tab("Train", id="train"):
-                training = train_tab.build(manager, gate, session, model, report, data_settings, skip_invalid)
+                training = train_tab.build(manager, gate, session, model, data.report, data.settings, data.skip_invalid)
             with gr.Tab("Chat", id="chat") as chat_item:
                 chat = chat_tab.build(gate, model, session)
             with gr.Tab("Publish", id="publish") as publish_item:
@@ -70,20 +71,20 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
                 past = runs_tab.build(manager, gate, session)
         # The lists show only the visitor's own runs, so they are read when a tab opens (the visitor id is known
         # by then, and runs finish while the page is open).
-        chat_item.select(chat["on_refresh"], inputs=[chat["run"], session], outputs=chat["run"])
-        publish_item.select(publishing["on_refresh"], inputs=[publishing["run"], session], outputs=publishing["run"])
+        chat_item.select(chat.on_refresh, inputs=[chat.run, session], outputs=chat.run)
+        publish_item.select(publishing.on_refresh, inputs=[publishing.run, session], outputs=publishing.run)
         runs_item.select(past.on_refresh, inputs=past.refresh_inputs, outputs=past.refresh_outputs)
 
-        def open_in(tab_id, tab, purpose):
+        def open_in(tab_id: str, tab: RunPicker, purpose: str):
             def open_run(run_id, token):
                 run = own_run(folder, run_id, gate.visitor(token), need_adapter=purpose)
-                return tab["on_refresh"](str(run.path), token), gr.Tabs(selected=tab_id)
+                return tab.on_refresh(str(run.path), token), gr.Tabs(selected=tab_id)
             return open_run
 
         past.open_chat.click(open_in("chat", chat, "chat with"), inputs=[past.run_id, session],
-                             outputs=[chat["run"], tabs])
+                             outputs=[chat.run, tabs])
         past.publish.click(open_in("publish", publishing, "publish"), inputs=[past.run_id, session],
-                           outputs=[publishing["run"], tabs])
+                           outputs=[publishing.run, tabs])
 
         def resume_run(profile: gr.OAuthProfile | None, token, run_id):
             # Any stopped or interrupted run, also one from before the app restarted; only its starter may, and

@@ -16,7 +16,7 @@ from .. import access, runs
 from ..chat import ChatModelCache
 from ..errors import UserError
 from ..settings import GenerationSettings, field_help
-from .common import Gate, adapter_run_choices, keep_choice, own_run
+from .common import Gate, RunPicker, adapter_run_choices, keep_choice, own_run
 
 BASE_ONLY = "(base model only)"
 # Each chat's label and toolbar icons float over the top of its message list, so a question scrolled up (or the
@@ -112,7 +112,7 @@ def settings_slider(name: str, label: str) -> gr.Slider:
     return gr.Slider(low, high, value=spec.default, step=SLIDER_STEPS[name], label=label, info=spec.metadata["help"])
 
 
-def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> dict[str, Any]:
+def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> RunPicker:
     runs_dir = gate.runs_dir
     with gr.Row():
         run = gr.Dropdown(run_choices(runs_dir, None), value=None, label="Chat with", elem_id="chat-run", scale=3,
@@ -154,4 +154,4 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> dict[str,
         return keep_choice(run_choices(runs_dir, gate.known_visitor(token)), current)
 
     refresh.click(on_refresh, inputs=[run, session], outputs=run)
-    return {"run": run, "on_refresh": on_refresh}
+    return RunPicker(run, on_refresh)

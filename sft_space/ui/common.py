@@ -20,6 +20,15 @@ from ..settings import AccessSettings, field_type
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class RunPicker:
+    """A tab's list of the visitor's runs, as other tabs use it: opening a run there selects it in `run`."""
+
+    run: gr.Dropdown
+    # (the run to keep selected, the visitor token) → the visitor's runs, refreshed, with that one selected
+    on_refresh: Callable[[str | None, str | None], Any]
+
+
 @dataclass
 class Gate:
     """What every handler asks before acting: who the page's visitor is (from the signed token it sends), and

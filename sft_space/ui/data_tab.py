@@ -212,8 +212,17 @@ def keep_upload(gate: Gate, visitor: str, uploaded: str | None) -> str | None:
         raise gr.Error(str(err)) from None
 
 
-def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> tuple[gr.State, gr.State, gr.Checkbox]:
-    """Lay out the Data tab; return the report, the checked data's settings and the skip-invalid choice."""
+@dataclasses.dataclass(frozen=True)
+class DataTab:
+    """What the Train tab uses of the Data tab."""
+
+    report: gr.State  # the checked data's report (None until a check)
+    settings: gr.State  # the settings the data was checked with, the operator's limits included
+    skip_invalid: gr.Checkbox  # train on the valid rows only, leaving the invalid ones out
+
+
+def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> DataTab:
+    """Lay out the Data tab; returns what the Train tab uses."""
     limits = access.data_limits()
     report_state = gr.State(None)
     settings_state = gr.State(None)
@@ -287,4 +296,4 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> tuple[gr.
     previous_example.click(lambda n: max(int(n or 1) - 1, 1), inputs=example_number, outputs=example_number)
     next_example.click(lambda report, n: min(int(n or 1) + 1, max(len(report.valid_examples) if report else 1, 1)),
                        inputs=[report_state, example_number], outputs=example_number)
-    return report_state, settings_state, skip_invalid
+    return DataTab(report_state, settings_state, skip_invalid)

@@ -21,7 +21,7 @@ import gradio as gr
 from .. import access, publish
 from ..errors import UserError
 from ..settings import PublishSettings
-from .common import Gate, adapter_run_choices, keep_choice, own_run, settings_component
+from .common import Gate, RunPicker, adapter_run_choices, keep_choice, own_run, settings_component
 
 # The settings the form's controls set, in the order the push handler receives them (the repo has a box of its own).
 FORM_FIELDS = tuple(spec.name for spec in dataclasses.fields(PublishSettings) if spec.name != "repo_id")
@@ -105,7 +105,7 @@ def gguf_run(runs_dir: str, run_dir: str | None, visitor: str | None, quant: str
         raise gr.Error(str(err)) from None
 
 
-def build(gate: Gate, session: gr.BrowserState) -> dict[str, Any]:
+def build(gate: Gate, session: gr.BrowserState) -> RunPicker:
     runs_dir = gate.runs_dir
     specs = {f.name: f for f in dataclasses.fields(PublishSettings)}
     with gr.Row():
@@ -173,4 +173,4 @@ def build(gate: Gate, session: gr.BrowserState) -> dict[str, Any]:
         return keep_choice(adapter_run_choices(runs_dir, gate.known_visitor(token)), current)
 
     refresh.click(on_refresh, inputs=[run, session], outputs=run)
-    return {"run": run, "on_refresh": on_refresh}
+    return RunPicker(run, on_refresh)

@@ -197,7 +197,7 @@ def job_settings(job: jobs.Job) -> RunSettings | None:
     """The settings of the run `job` trains: from its run.json once the run has one, else as submitted."""
     if job.run_dir is not None and (Path(job.run_dir) / runs.RUN_FILE).is_file():
         try:
-            return jobs.recorded_settings(runs.RunFolder(Path(job.run_dir)))
+            return runs.RunFolder(Path(job.run_dir)).settings()
         except UserError:
             return None
     return job.settings if job.settings.source else None
