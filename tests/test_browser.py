@@ -179,7 +179,8 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     # The other visitor does not see this visitor's run on the Runs tab.
     stranger.get_by_role("tab", name="Runs").click()
     stranger.get_by_role("button", name="↻ Refresh").click()
-    stranger.wait_for_timeout(2_000)  # the refresh has answered by then (an absence cannot be waited for)
+    # An absence cannot be waited for; the refresh's answer can: the line saying this visitor has no runs.
+    expect(stranger.locator("#runs-summary")).to_contain_text("No runs of yours", timeout=10_000)
     expect(stranger.locator("#runs-table")).not_to_contain_text(run_folders[0].name)
     # Nor can they chat with its adapter by naming its folder as the model.
     stranger.locator("#model-picker input").fill(str(run_folders[0] / "adapter"))

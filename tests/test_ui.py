@@ -398,8 +398,10 @@ def test_the_compare_view_is_off_the_api_and_refuses_another_visitors_runs(monke
             outputs = on_compare.fn(picked, True, token)
         assert all(isinstance(output, type(gr.skip())) for output in outputs)
     # The tab's refresh offers the visitor's own runs to compare, and keeps the picks still there.
-    table, _, picks = handlers["on_refresh"].fn(None, alice, ["alice-rank16", "gone"])
-    assert set(table["run"]) == {"alice-quick", "alice-rank16"}
+    summary, table, _, picks = handlers["on_refresh"].fn(None, alice, ["alice-rank16", "gone"])
+    assert set(table["run"]) == {"alice-quick", "alice-rank16"} and summary == "2 runs, newest first."
+    # A visitor with no runs is told so, not shown an empty table alone.
+    assert handlers["on_refresh"].fn(None, handlers["on_load"].fn(""), [])[0].startswith("No runs of yours")
     assert set(picks["choices"]) == {"alice-quick", "alice-rank16"} and picks["value"] == ["alice-rank16"]
 
 

@@ -54,6 +54,13 @@ def runs_table(runs_dir: str, visitor: str | None) -> pd.DataFrame:
                                        "val. loss", "started"])
 
 
+def runs_summary(table: pd.DataFrame) -> str:
+    """One line over the table: an empty table says why (no runs of the visitor's yet), not only that it is empty."""
+    if table.empty:
+        return "No runs of yours here yet: start one in the Train tab."
+    return f"{len(table)} run{'s' if len(table) != 1 else ''}, newest first."
+
+
 def run_details(runs_dir: str, run_id: str | None, visitor: str | None) -> tuple[str, pd.DataFrame]:
     if not run_id:
         return "Pick a run.", EMPTY_CURVE
@@ -117,7 +124,10 @@ class RunsTab:
 
 def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState) -> RunsTab:
     runs_dir = gate.runs_dir
-    refresh = gr.Button("↻ Refresh", size="sm")
+    with gr.Row():
+        # Empty until the tab's first refresh, which knows the visitor.
+        summary = gr.Markdown(elem_id="runs-summary")
+        refresh = gr.Button("↻ Refresh", size="sm", scale=0, min_width=110)
     initial = runs_table(runs_dir, None)
     # A value longer than its column (an unreadable run's reason, a long file name) wraps; wrapping alone would
     # squeeze the short columns (headers broken inside words), hence the widths.
@@ -154,7 +164,8 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState) -> Run
     def on_refresh(current, token, current_picks=None):
         frame = runs_table(runs_dir, gate.known_visitor(token))
         names = list(frame["run"])
-        return frame, keep_choice([(name, name) for name in names], current), _kept(current_picks, names)
+        return (runs_summary(frame), frame, keep_choice([(name, name) for name in names], current),
+                _kept(current_picks, names))
 
     def on_delete(current, token, current_picks=None):
         if not current:
@@ -173,7 +184,7 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState) -> Run
         enough = len(set(run_refs or [])) >= compare.MIN_RUNS
         return compare_view(runs_dir, run_refs, bool(only_differences), gate.visitor(token) if enough else None)
 
-    refresh_outputs = [table, run_id, picked]
+    refresh_outputs = [summary, table, run_id, picked]
     refresh.click(on_refresh, inputs=[run_id, session, picked], outputs=refresh_outputs)
     delete.click(on_delete, inputs=[run_id, session, picked], outputs=refresh_outputs)
     run_id.change(lambda r, token: run_details(runs_dir, r, gate.known_visitor(token)), inputs=[run_id, session],
