@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from . import catalog, models
 from .bench import PEAK_TFLOPS, peak_tflops
-from .hardware import Hardware, TrainingPlan, plan_training
+from .hardware import Hardware, TrainingPlan, cores, plan_training
 from .memory import ModelShape
 from .settings import RunSettings
 
@@ -58,7 +58,7 @@ def throughput(hardware: Hardware, shape: ModelShape, plan: TrainingPlan) -> Thr
         reference = CPU_MEASURED.get(plan.precision, CPU_MEASURED["fp32"])
         scale, how = hardware.cpu_count / CPU_MEASURED_CORES, []
         if hardware.cpu_count != CPU_MEASURED_CORES:
-            how.append(f"scaled to {hardware.cpu_count} cores")
+            how.append(f"scaled to {cores(hardware.cpu_count)}")
         if plan.precision not in CPU_MEASURED:
             how.append(f"this plan trains in {plan.precision}, not counted")
     else:

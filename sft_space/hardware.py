@@ -30,6 +30,11 @@ MIN_PACKS_PER_EPOCH = 48
 CPU_PACK_LENGTH = 384
 
 
+def cores(count: int) -> str:
+    """'1 core', '2 cores': as the page says it."""
+    return f"{count} core{'' if count == 1 else 's'}"
+
+
 @dataclass(frozen=True)
 class Hardware:
     kind: str  # "cuda" or "cpu"
@@ -53,7 +58,7 @@ class Hardware:
             many = f"{self.device_count} × " if self.device_count > 1 else ""
             return f"{many}{self.name} ({self.memory_gib:.0f} GiB each, compute capability {major}.{minor})" if many \
                 else f"{self.name} ({self.memory_gib:.0f} GiB, compute capability {major}.{minor})"
-        return f"CPU, {self.cpu_count} cores, {self.memory_gib:.0f} GiB memory"
+        return f"CPU, {cores(self.cpu_count)}, {self.memory_gib:.0f} GiB memory"
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "description": self.describe()}

@@ -242,3 +242,10 @@ def test_the_model_picker_labels_each_catalog_model_with_its_size_and_fit():
     assert on_cpu[0][0].startswith("SmolLM2-135M-Instruct") and " · 135M · CPU: fine" in on_cpu[0][0]
     assert dict((model_id, label) for label, model_id in picker_choices(T4))["Qwen/Qwen2.5-7B-Instruct"].endswith(
         catalog.fit_verdict(catalog.shape_of("Qwen/Qwen2.5-7B-Instruct"), T4))
+
+
+def test_a_one_core_machine_is_described_in_the_singular():
+    from sft_space.hardware import Hardware
+
+    assert Hardware("cpu", "CPU", 16.0, cpu_count=1).describe() == "CPU, 1 core, 16 GiB memory"
+    assert Hardware("cpu", "CPU", 16.0, cpu_count=2).describe() == "CPU, 2 cores, 16 GiB memory"
