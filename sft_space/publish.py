@@ -108,9 +108,9 @@ def merged_model(folder: RunFolder) -> tuple[Any, Any]:
     return model, models.load_tokenizer(str(folder.adapter_path), trust_remote_code)
 
 
-def merge_adapter(folder: RunFolder, target: Path, dtype: str = "auto") -> None:
+def merge_adapter(folder: RunFolder, target: Path, dtype: str = "auto", merged: tuple[Any, Any] | None = None) -> None:
     """Write the base model with the run's adapter merged in, as safetensors, in `dtype` ("auto": the base
-    model's own)."""
+    model's own). `merged`: `merged_model`'s answer when the caller has it already; it is converted in place."""
     import torch
 
     folder.require_adapter("merge")
@@ -118,7 +118,7 @@ def merge_adapter(folder: RunFolder, target: Path, dtype: str = "auto") -> None:
         base, trust_remote_code = _base_model(folder)
         dtype = getattr(models.load_config(base, trust_remote_code), "dtype", None) or torch.float32
     stored_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model, tokenizer = merged_model(folder)
+    model, tokenizer = merged or merged_model(folder)
     model.to(stored_dtype).save_pretrained(target)
     tokenizer.save_pretrained(target)
 
@@ -141,14 +141,16 @@ def _split_rule(base: str) -> str | None:
 
 
 def export_gguf(run_dir: str | Path, path: str | Path, quant: str = "q8_0", name: str = "",
-                on_progress: Progress | None = None, licence: str | None = None) -> Path:
+                on_progress: Progress | None = None, licence: str | None = None,
+                merged: tuple[Any, Any] | None = None) -> Path:
     """The run's model (adapter merged in) as one GGUF file for llama.cpp, Ollama and LM Studio
-    (`export --gguf FILE` on the command line)."""
+    (`export --gguf FILE` on the command line). `merged`: `merged_model`'s answer when the caller has it already."""
     folder = open_publishable(run_dir)
     gguf_export.quant_type(quant)
     check_gguf_exportable(folder)
-    _progress(on_progress, 0.0, "Merging the adapter into the base model (float32)…")
-    model, tokenizer = merged_model(folder)
+    if merged is None:
+        _progress(on_progress, 0.0, "Merging the adapter into the base model (float32)…")
+    model, tokenizer = merged or merged_model(folder)
     base = card.base_model_of(folder.read())
     hub_id = card.hub_base_model(base)
     return gguf_export.write_gguf(
@@ -171,17 +173,24 @@ def stage(run_dir: str | Path, target: str | Path, settings: PublishSettings | N
     if target.exists() and any(target.iterdir()):
         raise UserError(f"{target} already exists and is not empty; choose a new folder.")
     target.mkdir(parents=True, exist_ok=True)
-    if settings.merged:
+    merged = None
+    if settings.merged or settings.gguf:
         _progress(on_progress, 0.1, "Merging the adapter into the base model…")
-        merge_adapter(folder, target, settings.merged_dtype)
-    else:
-        _stage_adapter(folder, target)
+        # Once for both the merged weights and the GGUF file (each merge loads the whole model in float32).
+        merged = merged_model(folder)
     gguf_file = None
     if settings.gguf:
+        # Before the merged weights are saved: saving converts them in place to the published dtype, and the GGUF
+        # file is quantized from float32, rounding once.
         gguf_file = gguf_export.file_name((settings.repo_id or folder.run_id).split("/")[-1], settings.gguf_quant)
         export_gguf(folder.path, target / gguf_file, settings.gguf_quant, name=settings.repo_id or folder.run_id,
-                    licence=licence,
-                    on_progress=lambda fraction, message: _progress(on_progress, 0.3 + 0.6 * fraction, message))
+                    licence=licence, merged=merged,
+                    on_progress=lambda fraction, message: _progress(on_progress, 0.3 + 0.5 * fraction, message))
+    if settings.merged:
+        _progress(on_progress, 0.85, "Saving the merged model…")
+        merge_adapter(folder, target, settings.merged_dtype, merged=merged)
+    else:
+        _stage_adapter(folder, target)
     _progress(on_progress, 0.95, "Writing the model card…")
     (target / RUN_RECORD_FILE).write_text(json.dumps(public_record(folder), indent=2, ensure_ascii=False) + "\n",
                                           encoding="utf-8")

@@ -5,6 +5,8 @@ and chat template rebuilt from the file's metadata) and compares it with the mer
 is replaced at its boundary by test_publish's FakeHub.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from huggingface_hub import ModelCard
@@ -12,7 +14,7 @@ from huggingface_hub import ModelCard
 from sft_space import cli, gguf_export, publish
 from sft_space.chat import generate_reply
 from sft_space.errors import UserError
-from sft_space.settings import GenerationSettings
+from sft_space.settings import GenerationSettings, PublishSettings
 from sft_space.ui import publish_tab
 from test_publish import PLANTED_TOKEN, PROMPT, FakeHub, run_copy, trained_run  # noqa: F401
 
@@ -96,6 +98,24 @@ def test_the_file_holds_what_llama_cpp_needs(trained_run, tmp_path):
     assert stored["blk.0.attn_norm.weight"] == GGMLQuantizationType.F32
     assert "output.weight" not in stored  # tied: llama.cpp reuses the embedding
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_merged_push_with_a_gguf_merges_once_and_quantizes_from_float32(trained_run, tmp_path, monkeypatch):
+    """Both the merged weights (here bf16) and the GGUF file come from one merge; the GGUF file is the very file
+    `export --gguf` writes on its own, so it was not made from the weights already rounded to bf16."""
+    from peft import PeftModel
+
+    loads = []
+    real = PeftModel.from_pretrained.__func__
+    monkeypatch.setattr(PeftModel, "from_pretrained",
+                        classmethod(lambda cls, *args, **kwargs: loads.append(args) or real(cls, *args, **kwargs)))
+    settings = PublishSettings(repo_id="alice/x", merged=True, merged_dtype="bfloat16", gguf=True, gguf_quant="f16")
+    files = publish.stage(trained_run.path, tmp_path / "staged", settings, licence="apache-2.0")
+    assert len(loads) == 1, "one merge for both"
+    gguf_file = tmp_path / "staged" / gguf_export.file_name("x", "f16")
+    assert gguf_file.relative_to(tmp_path / "staged") in files and Path("model.safetensors") in files
+    alone = publish.export_gguf(trained_run.path, tmp_path / "alone.gguf", "f16", name="alice/x", licence="apache-2.0")
+    assert gguf_file.read_bytes() == alone.read_bytes()
 
 
 @pytest.mark.slow  # about 20 s: the GGUF reader again
