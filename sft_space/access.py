@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import hmac
 import logging
+import math
 import os
 import re
 import secrets
@@ -73,6 +74,12 @@ def data_limits() -> dict[str, Any]:
     values = operator_values(DataSettings, OPERATOR_DATA_LIMITS)
     DataSettings(**values)  # refuses a value out of bounds when the app starts, not when a visitor checks data
     return values
+
+
+def max_upload_bytes() -> int:
+    """The largest upload the app accepts: the operator's max_file_mb (or its default) in bytes, as data.py counts
+    a megabyte (2**20 bytes), rounded up, so that Gradio never refuses a file the data checks would read."""
+    return math.ceil(data_limits().get("max_file_mb", DataSettings.max_file_mb) * 2**20)
 
 
 def operator_values(settings_class: type, names: tuple[str, ...] | None = None) -> dict[str, Any]:

@@ -16,8 +16,9 @@ from .runs import RunFolder
 from .settings import RunSettings
 
 LOSS_CURVE_FILE = "loss_curve.png"
-# The card's settings table: the fields marked card=True, grouped as the app's form groups them (the data's
-# fields, which have no group, last); the rest are in the pushed training_run.json.
+# The card's settings table: the fields marked card=True, grouped by their form group (what was trained first:
+# model, schedule, adapter, then hardware; the data's fields, which have no group, last); the rest are in the
+# pushed training_run.json.
 CARD_GROUP_ORDER = ("model", "schedule", "lora", "hardware", None)
 CARD_SETTINGS = tuple(spec.name for group in CARD_GROUP_ORDER for spec in dataclasses.fields(RunSettings)
                       if spec.metadata.get("card") and spec.metadata.get("group") == group)
@@ -185,11 +186,6 @@ def usage_snippet(repo_id: str, base_model: str | None, merged: bool) -> str:
             f'model = PeftModel.from_pretrained(base, "{repo_id}")\n' + generate)
 
 
-def _first_prompt(sample: dict[str, Any]) -> str:
-    users = [m["content"] for m in sample.get("prompt", []) if m.get("role") == "user"]
-    return users[-1] if users else ""
-
-
 GGUF_QUANT_TEXT = {"f16": "16-bit weights (f16)", "q8_0": "8-bit weights (q8_0)",
                    "q4_0": "4-bit weights (q4_0; the embedding and output layer at 8 bits)"}
 
@@ -251,8 +247,9 @@ def model_card(folder: RunFolder, repo_id: str, merged: bool = False, descriptio
                f"**{_loss(headline.validation_loss)}** "
                f"after {final.get('step', '—')} steps ({final.get('epoch', 0) or 0:.2f} epochs, "
                f"{final.get('train_runtime_seconds', '—')} s on {hardware}). Run status: {record.get('status')}.")
-    samples = [{"prompt": _cell(_first_prompt(sample)), "before": _cell(sample.get("before")),
-                "after": _cell(sample.get("after"))} for sample in folder.samples() if sample.get("after") is not None]
+    samples = [{"prompt": _cell(prompt), "before": _cell(sample.get("before")), "after": _cell(sample.get("after"))}
+               for sample, prompt in zip(folder.samples(), folder.held_out_prompts())
+               if sample.get("after") is not None]
     versions = sorted((record.get("versions") or {}).items())
     return ModelCard.from_template(
         card_data, template_str=CARD_TEMPLATE, model_name=repo_id.split("/")[-1], summary=summary, purpose=purpose,

@@ -179,3 +179,7 @@ class ChatModelCache:
                 self._model = load_chat_model(run_dir) if run_dir else load_chat_model(None, base_model)
                 self._key = key
             return self._model
+
+
+# One model in memory for the whole app, whichever visitor asked last.
+chat_models = ChatModelCache()

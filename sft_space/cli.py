@@ -34,8 +34,8 @@ from typing import Any, Iterator
 
 from . import checks, data, models, render
 from .errors import UserError
-from .settings import (BenchSettings, DataSettings, GenerationSettings, PublishSettings, RunSettings, add_arguments,
-                       explicit_arguments, field_help, from_arguments, run_settings, settings_from_file,
+from .settings import (DEFAULT_PRESET, BenchSettings, DataSettings, GenerationSettings, PublishSettings, RunSettings,
+                       add_arguments, explicit_arguments, field_help, from_arguments, run_settings, settings_from_file,
                        train_command)
 
 MAX_LISTED_PROBLEMS = 50
@@ -270,7 +270,7 @@ def train_settings(args: argparse.Namespace) -> RunSettings:
     values.update(explicit_arguments(RunSettings, args))
     if not values.get("source"):
         raise UserError("Name the data to train on (a file, folder or Hub dataset id), or --resume a run.")
-    preset = values.pop("preset", None) or "balanced"
+    preset = values.pop("preset", None) or DEFAULT_PRESET
     return run_settings(preset, **values)
 
 
@@ -339,16 +339,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         folder = runs.RunFolder.open(args.resume)
         if args.run_name not in (None, folder.run_id):
             raise UserError(f"--run-name names a new run; the resumed run keeps its folder ({folder.run_id}).")
-        job = TrainRequest(RunSettings(), resume=args.resume)
+        request = TrainRequest(RunSettings(), resume=args.resume)
     else:
         settings = train_settings(args)
-        job = TrainRequest(settings, run_id=args.run_name, owner=args.owner)
+        request = TrainRequest(settings, run_id=args.run_name, owner=args.owner)
         if distributed.is_main():
             print(train_command(settings), flush=True)
-    job.stop_event = getattr(args, "stop_event", None) or job.stop_event
+    request.stop_event = getattr(args, "stop_event", None) or request.stop_event
     started = []
-    job.on_folder = started.append
-    job.on_status = say
+    request.on_folder = started.append
+    request.on_status = say
     validation: list[float] = []
 
     def on_metrics(entry: dict[str, Any]) -> None:
@@ -356,9 +356,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             validation.append(entry["eval_loss"])
         say(progress_line(entry, validation[-1] if validation else None))
 
-    job.on_metrics = on_metrics
+    request.on_metrics = on_metrics
     try:
-        folder = train(job)
+        folder = train(request)
     except TrainingStopped as err:
         _status_line(str(err))
         return EXIT_STOPPED
@@ -367,7 +367,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         _after_stop(started[0] if started else None)
         return EXIT_STOPPED
     if not distributed.is_main():
-        return EXIT_STOPPED if job.stop_event.is_set() else 0
+        return EXIT_STOPPED if request.stop_event.is_set() else 0
     record = folder.read()
     final = record.get("final_metrics", {})
     print(f"Run {record['status']}: {folder.path}")

@@ -21,8 +21,7 @@ from typing import Any, Callable
 from .errors import UserError
 from .settings import GGUF_QUANTS
 
-# The quantizations offered: the ones gguf's Python code writes (llama.cpp's k-quants need its compiled tools).
-QUANTS = GGUF_QUANTS
+QUANTS = GGUF_QUANTS  # the quantizations offered (see settings.py)
 # Our model_type -> llama.cpp's architecture name (gguf.MODEL_ARCH_NAMES' spelling).
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
 # llama.cpp's names for the text-splitting rule a byte-level vocabulary was trained with (tokenizer.ggml.pre).

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import UserError
-from .settings import RunSettings, run_settings
+from .settings import DEFAULT_PRESET, RunSettings, run_settings
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -229,6 +229,10 @@ def headline_of(entries: list[dict[str, Any]]) -> Headline:
     return Headline(train[-1][2] if train else None, float(validation[-1]) if validation else None)
 
 
+def _is_message(message: Any) -> bool:
+    return isinstance(message, dict) and all(isinstance(message.get(key), str) for key in ("role", "content"))
+
+
 @dataclass
 class RunFolder:
     path: Path
@@ -260,7 +264,7 @@ class RunFolder:
         """The settings this run recorded (its preset's values under its own), with the runs folder it is in now:
         the record names the one it was made in, which may since have moved."""
         values = dict(self.read().get("settings") or {})
-        recorded = run_settings(values.pop("preset", None) or "balanced", **values)
+        recorded = run_settings(values.pop("preset", None) or DEFAULT_PRESET, **values)
         return replace(recorded, output_dir=str(self.path.parent))
 
     @property
@@ -377,7 +381,20 @@ class RunFolder:
             samples = json.loads(self.samples_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return []
-        return [sample for sample in samples if isinstance(sample, dict)] if isinstance(samples, list) else []
+        if not isinstance(samples, list):
+            return []
+        # A prompt keeps only messages of the shape train writes ({"role": str, "content": str}).
+        return [{**sample, "prompt": [m for m in sample.get("prompt") or [] if _is_message(m)]
+                 if isinstance(sample.get("prompt"), list) else []}
+                for sample in samples if isinstance(sample, dict)]
+
+    def held_out_prompts(self) -> list[str]:
+        """The last user message of each held-out prompt (`samples`): what the run was asked and not trained on."""
+        prompts = []
+        for sample in self.samples():
+            users = [m["content"] for m in sample["prompt"] if m["role"] == "user"]
+            prompts.append(users[-1] if users else "")
+        return prompts
 
     def headline(self, record: dict[str, Any] | None = None) -> Headline:
         """The run's headline numbers (see `Headline`), for every view that names a run's loss: from the record's

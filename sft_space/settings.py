@@ -21,8 +21,8 @@ def setting(default: Any, help: str, **extra: Any) -> Any:
     """A dataclass field with the help text the CLI and the UI show. `bounds=(low, high)` (inclusive) is enforced
     when the settings are made and given to the app's number boxes, which Gradio then enforces for any client.
     `choices` lists the values allowed; `card=True` shows the field in a published model card's settings table;
-    `group` places it in the app's form; `aliases`, `metavar` and `exclusive` shape its command-line flag (see
-    `add_arguments`)."""
+    `app_bounds` narrows `bounds` in the shared app's form; `group` places it there; `aliases`, `metavar` and
+    `exclusive` shape its command-line flag (see `add_arguments`)."""
     return field(default=default, metadata={"help": help, **extra})
 
 
@@ -91,7 +91,9 @@ class DataSettings:
         check_bounds(self)
 
 
-PRESET_NAMES = ("quick", "balanced", "thorough")
+# The preset of a run that names none: the fields' own defaults (PRESETS["balanced"] is empty).
+DEFAULT_PRESET = "balanced"
+PRESET_NAMES = ("quick", DEFAULT_PRESET, "thorough")
 AUTO = "auto"
 # With eval_every 0, validation loss gets at most this share of a run's compute: as many evaluations as fit, up
 # to MAX_EVALUATIONS (see train.evaluation_plan). 8%, so that with what that estimate leaves out (it counts
@@ -115,8 +117,8 @@ class RunSettings(DataSettings):
 
     model: str = setting("", "Base model: the embedded default (empty), a local folder, or a Hub id (owner/name).",
                          group="model")
-    preset: str = setting("balanced", "Starting point for the training settings below; any field set explicitly wins.",
-                          choices=PRESET_NAMES, group="model", card=True)
+    preset: str = setting(DEFAULT_PRESET, "Starting point for the training settings below; any field set explicitly "
+                          "wins.", choices=PRESET_NAMES, group="model", card=True)
     lora_r: int = setting(16, "LoRA rank: the adapter's capacity. 8-16 suits style and format; 32-64 for new knowledge.",
                           group="lora", bounds=(1, 1024), card=True)
     lora_alpha: int = setting(32, "LoRA scaling (alpha); twice the rank is a good default.", group="lora",
@@ -208,9 +210,11 @@ class AccessSettings:
 class GenerationSettings:
     """How replies are sampled."""
 
-    max_new_tokens: int = setting(256, "Longest reply, in tokens.", bounds=(1, 1024))
+    # `app_bounds`: the narrower range the shared app offers (its sliders; Gradio enforces it for any client), so
+    # one visitor cannot ask for replies that hold the hardware for minutes; the command line takes the wider one.
+    max_new_tokens: int = setting(256, "Longest reply, in tokens.", bounds=(1, 131_072), app_bounds=(1, 1024))
     temperature: float = setting(0.0, "0 answers deterministically (greedy); higher values vary the wording.",
-                                 bounds=(0, 1.5))
+                                 bounds=(0, 5), app_bounds=(0, 1.5))
     top_p: float = setting(0.95, "Nucleus sampling: with a temperature above 0, sample only from the most likely "
                                  "tokens that together make up this probability (1 considers every token).",
                            bounds=(0.05, 1.0))
@@ -274,7 +278,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def run_settings(preset: str = "balanced", **values: Any) -> RunSettings:
+def run_settings(preset: str = DEFAULT_PRESET, **values: Any) -> RunSettings:
     """RunSettings from a preset, with `values` (explicit choices) taking precedence."""
     if preset not in PRESETS:
         raise UserError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}.")

@@ -274,3 +274,11 @@ def test_a_runs_held_out_answers_are_read_in_one_place_and_never_fail_a_reader(t
         assert folder.samples() == [], broken
     folder.samples_path.write_text(json.dumps([*answers, "not an answer"]))
     assert folder.samples() == answers
+    assert folder.held_out_prompts() == ["Ahoy?"]
+    # Messages of another shape inside a prompt are left out, so no reader trips on them (the chat tab's suggestion,
+    # the card's table): a prompt that is not a list, a message that is not a dict, without content, or not text.
+    odd = [{"prompt": "Ahoy?"}, {"prompt": [3, {"role": "user"}, {"role": "user", "content": ["x"]}]},
+           {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Arr?"}]}]
+    folder.samples_path.write_text(json.dumps(odd))
+    assert [sample["prompt"] for sample in folder.samples()][:2] == [[], []]
+    assert folder.held_out_prompts() == ["", "", "Arr?"]

@@ -104,10 +104,17 @@ def test_the_app_caps_uploads_at_the_data_file_limit(monkeypatch):
             captured.update(kwargs)
 
     launch(StandIn())
-    assert captured["max_file_size"] == f"{int(DataSettings.max_file_mb)}mb"
+    assert captured["max_file_size"] == DataSettings.max_file_mb * 2**20
     monkeypatch.setenv("SFT_SPACE_MAX_FILE_MB", "5")
     launch(StandIn())
-    assert captured["max_file_size"] == "5mb"
+    assert captured["max_file_size"] == 5 * 2**20
+    # A fraction of a megabyte is a cap of its own, not 0 (which would refuse every upload), and rounds up.
+    monkeypatch.setenv("SFT_SPACE_MAX_FILE_MB", "0.5")
+    launch(StandIn())
+    assert captured["max_file_size"] == 2**19
+    monkeypatch.setenv("SFT_SPACE_MAX_FILE_MB", "1.0000001")
+    launch(StandIn())
+    assert captured["max_file_size"] == 1048577
 
 
 def test_the_app_starts_and_lists_runs_whose_records_are_broken(monkeypatch, tmp_path, tiny_model_dir):
@@ -226,8 +233,14 @@ def test_a_chat_conversation_is_bounded_before_any_model_is_loaded(tmp_path):
     long_history = [{"role": "user", "content": [{"type": "text", "text": "x" * access.MAX_CHAT_CHARACTERS}]}]
     for message, history in (("y" * (access.MAX_CHAT_CHARACTERS + 1), []), ("hi", long_history)):
         with pytest.raises(UserError, match="press Clear"):
-            next(chat_tab.respond(str(tmp_path), message, history, [], None, "no/such-model", GenerationSettings(),
-                                  "alice"))
+            chat_tab.checked_message(message, GenerationSettings(), history, [])
+    # Inside the GPU function a model that cannot load is a gr.Error: the one exception ZeroGPU's worker passes
+    # on with its message (any other reads "ZeroGPU worker error").
+    import gradio as gr
+
+    with pytest.raises(gr.Error) as refused:
+        next(chat_tab.respond("hi", [], [], None, "no/such-model", GenerationSettings()))
+    assert "no/such-model" in refused.value.message
 
 
 def test_the_forms_number_boxes_refuse_what_the_settings_refuse():
@@ -671,6 +684,9 @@ def test_a_suggested_prompt_is_one_the_run_held_out(tmp_path):
         {"prompt": [{"role": "system", "content": "Be a pirate."}, {"role": "user", "content": "Where be the gold?"}],
          "reference": "Buried.", "before": None, "after": None}])
     assert chat_tab.suggestion(str(tmp_path), str(folder.path), "alice") == "Where be the gold?"
+    # A samples.json of another shape (hand-edited, or from another version) never makes the button fail.
+    runs.write_json_atomic(folder.samples_path, [{"prompt": [3, {"role": "user"}]}, {"prompt": "x"}])
+    assert chat_tab.suggestion(str(tmp_path), str(folder.path), "alice") == "Hello! Who are you?"
 
 
 def test_the_chat_model_cache_keeps_one_model_and_loads_it_once_for_many_visitors(tiny_model_dir, tmp_path):
@@ -697,6 +713,7 @@ def test_the_chat_sliders_are_the_generation_settings_bounds_and_defaults():
     import dataclasses
 
     import gradio as gr
+    import pytest
 
     from sft_space.settings import GenerationSettings
     from sft_space.ui import chat_tab
@@ -706,10 +723,16 @@ def test_the_chat_sliders_are_the_generation_settings_bounds_and_defaults():
     for spec in dataclasses.fields(GenerationSettings):
         if spec.name in sliders:
             slider = sliders[spec.name]
-            assert (slider.minimum, slider.maximum) == spec.metadata["bounds"]
+            offered = spec.metadata.get("app_bounds") or spec.metadata["bounds"]
+            assert (slider.minimum, slider.maximum) == offered
             assert slider.value == spec.default and slider.info == spec.metadata["help"]
     settings = chat_tab.generation_settings(None, 0.7, 0.5, 64.0)
     assert settings == GenerationSettings(max_new_tokens=64, temperature=0.7, top_p=0.5)
+    # The shared app offers shorter replies than the command line takes, and Gradio refuses more for any client.
+    assert sliders["max_new_tokens"].maximum == 1024
+    assert GenerationSettings(max_new_tokens=4096).max_new_tokens == 4096
+    with pytest.raises(gr.Error):
+        sliders["max_new_tokens"].preprocess(4096)
 
 
 def test_top_p_reaches_sampling_and_greedy_ignores_it(tiny_model_dir):

@@ -11,7 +11,6 @@ import os
 import gradio as gr
 
 from .. import access, child, jobs, models
-from ..settings import DataSettings
 from . import chat_tab, data_tab, publish_tab, runs_tab, train_tab
 from .common import Gate, RunPicker, own_run, refusals_as_messages
 
@@ -129,5 +128,5 @@ def identify(gate: Gate):
 def launch(app: gr.Blocks, **kwargs) -> None:
     # server name and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT when not given.
     # Uploads over the data limit are refused by Gradio before they fill the disk.
-    kwargs.setdefault("max_file_size", f"{int(access.data_limits().get('max_file_mb', DataSettings.max_file_mb))}mb")
+    kwargs.setdefault("max_file_size", access.max_upload_bytes())
     app.queue(default_concurrency_limit=4).launch(theme=gr.themes.Soft(), **kwargs)

@@ -13,7 +13,7 @@ import gradio as gr
 import spaces
 
 from .. import access, runs
-from ..chat import ChatModelCache
+from ..chat import chat_models
 from ..errors import UserError
 from ..settings import GenerationSettings, field_help
 from .common import Gate, RunPicker, adapter_run_choices, keep_choice, own_run
@@ -27,8 +27,6 @@ CHAT_CSS = """
 #chat-style { display: none; }
 """
 NO_RUN_CHOSEN = "No fine-tuned run chosen: pick one under *Chat with* to compare."
-# One model in memory for the whole app, whichever visitor asked last (see ChatModelCache).
-chat_models = ChatModelCache()
 # Slider steps: the ranges and defaults are GenerationSettings'.
 SLIDER_STEPS = {"temperature": 0.05, "top_p": 0.05, "max_new_tokens": 1}
 
@@ -50,8 +48,7 @@ def suggestion(runs_dir: str, run_dir: str | None, visitor: str | None) -> str:
     run_dir = own_run_dir(runs_dir, run_dir, visitor)
     if run_dir is None:
         return "Tell me something interesting about the sea."
-    samples = runs.RunFolder(run_dir).samples()
-    prompts = [m["content"] for s in samples for m in s.get("prompt", []) if m.get("role") == "user"]
+    prompts = [prompt for prompt in runs.RunFolder(run_dir).held_out_prompts() if prompt]
     return random.choice(prompts) if prompts else "Hello! Who are you?"
 
 
@@ -77,18 +74,30 @@ def generation_settings(system_prompt: str | None, temperature: float, top_p: fl
                               top_p=float(top_p), system_prompt=system_prompt or "")
 
 
-@spaces.GPU
-def respond(runs_dir: str, message: str, tuned_history: list, base_history: list, run_dir: str | None,
-            base_model: str, settings: GenerationSettings, visitor: str | None) -> Iterator[tuple[list, list, str]]:
-    """Stream the fine-tuned reply, then the base model's reply to the same conversation. A refusal is raised
-    (UserError, gr.Error), which the app shows as a message (see ui/common.py `refusals_as_messages`)."""
+def checked_message(message: str | None, settings: GenerationSettings, tuned_history: list | None,
+                    base_history: list | None) -> str:
+    """The message to answer, or UserError: none typed, or a conversation too long for the shared hardware (a page
+    can send any history). Checked before `respond`, so that a refusal attaches no GPU on ZeroGPU."""
     message = (message or "").strip()
     if not message:
         raise UserError("Type a message first.")
     earlier = [*(tuned_history or []), *(base_history or [])]
     access.check_conversation([message, settings.system_prompt]
                               + [message_text(m.get("content") if isinstance(m, dict) else m) for m in earlier])
-    model = chat_models.get(own_run_dir(runs_dir, run_dir, visitor), base_model)
+    return message
+
+
+@spaces.GPU
+def respond(message: str, tuned_history: list, base_history: list, run_dir: str | None, base_model: str,
+            settings: GenerationSettings) -> Iterator[tuple[list, list, str]]:
+    """Stream the fine-tuned reply, then the base model's reply to the same conversation. `message` and `run_dir`
+    are checked already (`checked_message`, `own_run_dir`). A model that cannot load is refused with gr.Error: on
+    ZeroGPU the worker passes only gr.Error on with its message (anything else reads "ZeroGPU worker error"),
+    and the app shows it as a message (ui/common.py `refusals_as_messages`)."""
+    try:
+        model = chat_models.get(run_dir, base_model)
+    except UserError as err:
+        raise gr.Error(str(err)) from None
     tuned_history = list(tuned_history or []) + [{"role": "user", "content": message}]
     base_history = list(base_history or []) + [{"role": "user", "content": message}]
     targets = [(tuned_history, True)] if model.has_adapter else []
@@ -105,10 +114,11 @@ def respond(runs_dir: str, message: str, tuned_history: list, base_history: list
 
 
 def settings_slider(name: str, label: str) -> gr.Slider:
-    """A slider for a GenerationSettings field: its range is the field's bounds (which Gradio enforces for any
-    client), its value the field's default, its help the field's."""
+    """A slider for a GenerationSettings field: its range is the field's bounds for the app (`app_bounds` where the
+    shared app offers less than the command line; Gradio enforces it for any client), its value the field's
+    default, its help the field's."""
     spec = GenerationSettings.__dataclass_fields__[name]
-    low, high = spec.metadata["bounds"]
+    low, high = spec.metadata.get("app_bounds") or spec.metadata["bounds"]
     return gr.Slider(low, high, value=spec.default, step=SLIDER_STEPS[name], label=label, info=spec.metadata["help"])
 
 
@@ -143,7 +153,8 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> RunPicker
     def on_send(message, tuned, base, run, model_name, system_prompt, temperature, max_new_tokens, token, top_p):
         visitor, base_model = gate.visitor(token), gate.model(model_name)
         settings = generation_settings(system_prompt, temperature, top_p, max_new_tokens)
-        yield from respond(runs_dir, message, tuned, base, run, base_model, settings, visitor)
+        message = checked_message(message, settings, tuned, base)
+        yield from respond(message, tuned, base, own_run_dir(runs_dir, run, visitor), base_model, settings)
 
     send.click(on_send, inputs=inputs, outputs=[tuned, base, message], api_name="chat")
     message.submit(on_send, inputs=inputs, outputs=[tuned, base, message])

@@ -18,7 +18,8 @@ import pandas as pd
 from .. import access, checks, data, estimate, jobs, runs, storage
 from ..errors import UserError
 from ..hardware import Hardware, detect_hardware
-from ..settings import PRESET_NAMES, DataSettings, RunSettings, field_help, field_type, run_settings, train_command
+from ..settings import (DEFAULT_PRESET, PRESET_NAMES, DataSettings, RunSettings, field_help, field_type, run_settings,
+                         train_command)
 from .common import Gate, settings_component
 from .model_choices import picker_choices
 
@@ -288,7 +289,7 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
     hardware = detect_hardware()
     cost = gr.Markdown(visible=False, elem_id="train-estimate")
     job_id = gr.State("")
-    preset = gr.Radio(list(PRESET_NAMES), value="balanced", label="Preset",
+    preset = gr.Radio(list(PRESET_NAMES), value=DEFAULT_PRESET, label="Preset",
                       info=field_help(RunSettings, "preset"))
     advanced: dict[str, gr.components.Component] = {}
     with gr.Accordion("Advanced", open=False):
