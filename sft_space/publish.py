@@ -8,6 +8,7 @@ ever handed to `HfApi`: it is never written to a file, a run record, a card, a l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -17,7 +18,7 @@ import zipfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import card, gguf_export, hub, models, runs
 from .access import running_on_space
@@ -50,6 +51,25 @@ def _progress(on_progress: Progress | None, fraction: float, message: str) -> No
     log.info(message)
     if on_progress is not None:
         on_progress(fraction, message)
+
+
+# One merge at a time in this process, for every visitor of the app: a merge holds the whole model in float32
+# until its files are written, and two at once may not fit a Space's memory. Pushes of an adapter alone never wait.
+# Re-entrant: a push that merges holds it while its GGUF export (which merges too) runs inside it.
+_ONE_MERGE = threading.RLock()
+WAITING_FOR_MERGE = "Waiting for another merge to finish (one at a time: each holds a whole model in memory)…"
+
+
+@contextlib.contextmanager
+def one_merge_at_a_time(on_progress: Progress | None = None) -> Iterator[None]:
+    """Hold the process's one merge lane, saying so first when another merge has it."""
+    if not _ONE_MERGE.acquire(blocking=False):
+        _progress(on_progress, 0.0, WAITING_FOR_MERGE)
+        _ONE_MERGE.acquire()
+    try:
+        yield
+    finally:
+        _ONE_MERGE.release()
 
 
 def open_publishable(run_dir: str | Path) -> RunFolder:
@@ -148,16 +168,17 @@ def export_gguf(run_dir: str | Path, path: str | Path, quant: str = "q8_0", name
     folder = open_publishable(run_dir)
     gguf_export.quant_type(quant)
     check_gguf_exportable(folder)
-    if merged is None:
-        _progress(on_progress, 0.0, "Merging the adapter into the base model (float32)…")
-    model, tokenizer = merged or merged_model(folder)
     base = card.base_model_of(folder.read())
     hub_id = card.hub_base_model(base)
-    return gguf_export.write_gguf(
-        model, tokenizer, path, quant, name=name or folder.run_id, base_model=hub_id,
-        description=f"Fine-tuned with SFT Space from {hub_id or 'a local base model'}", split_rule=_split_rule(base),
-        licence=licence or card.base_model_licence(hub_id),
-        on_progress=lambda fraction, message: _progress(on_progress, 0.2 + 0.8 * fraction, message))
+    with one_merge_at_a_time(on_progress):
+        if merged is None:
+            _progress(on_progress, 0.0, "Merging the adapter into the base model (float32)…")
+        model, tokenizer = merged or merged_model(folder)
+        return gguf_export.write_gguf(
+            model, tokenizer, path, quant, name=name or folder.run_id, base_model=hub_id,
+            description=f"Fine-tuned with SFT Space from {hub_id or 'a local base model'}",
+            split_rule=_split_rule(base), licence=licence or card.base_model_licence(hub_id),
+            on_progress=lambda fraction, message: _progress(on_progress, 0.2 + 0.8 * fraction, message))
 
 
 def stage(run_dir: str | Path, target: str | Path, settings: PublishSettings | None = None,
@@ -173,23 +194,11 @@ def stage(run_dir: str | Path, target: str | Path, settings: PublishSettings | N
     if target.exists() and any(target.iterdir()):
         raise UserError(f"{target} already exists and is not empty; choose a new folder.")
     target.mkdir(parents=True, exist_ok=True)
-    merged = None
-    if settings.merged or settings.gguf:
-        _progress(on_progress, 0.1, "Merging the adapter into the base model…")
-        # Once for both the merged weights and the GGUF file (each merge loads the whole model in float32).
-        merged = merged_model(folder)
     gguf_file = None
-    if settings.gguf:
-        # Before the merged weights are saved: saving converts them in place to the published dtype, and the GGUF
-        # file is quantized from float32, rounding once.
-        gguf_file = gguf_export.file_name((settings.repo_id or folder.run_id).split("/")[-1], settings.gguf_quant)
-        export_gguf(folder.path, target / gguf_file, settings.gguf_quant, name=settings.repo_id or folder.run_id,
-                    licence=licence, merged=merged,
-                    on_progress=lambda fraction, message: _progress(on_progress, 0.3 + 0.5 * fraction, message))
-    if settings.merged:
-        _progress(on_progress, 0.85, "Saving the merged model…")
-        merge_adapter(folder, target, settings.merged_dtype, merged=merged)
-    else:
+    if settings.merged or settings.gguf:
+        with one_merge_at_a_time(on_progress):
+            gguf_file = _stage_merged(folder, target, settings, on_progress, licence)
+    if not settings.merged:
         _stage_adapter(folder, target)
     _progress(on_progress, 0.95, "Writing the model card…")
     (target / RUN_RECORD_FILE).write_text(json.dumps(public_record(folder), indent=2, ensure_ascii=False) + "\n",
@@ -202,6 +211,26 @@ def stage(run_dir: str | Path, target: str | Path, settings: PublishSettings | N
                                  gguf_file=gguf_file)
     model_card.save(target / "README.md")
     return sorted(p.relative_to(target) for p in target.rglob("*") if p.is_file())
+
+
+def _stage_merged(folder: RunFolder, target: Path, settings: PublishSettings, on_progress: Progress | None,
+                  licence: str | None) -> str | None:
+    """The merged weights and/or the GGUF file of `stage`, from one merge; returns the GGUF file's name, if any."""
+    _progress(on_progress, 0.1, "Merging the adapter into the base model…")
+    # Once for both (each merge loads the whole model in float32).
+    merged = merged_model(folder)
+    gguf_file = None
+    if settings.gguf:
+        # Before the merged weights are saved: saving converts them in place to the published dtype, and the GGUF
+        # file is quantized from float32, rounding once.
+        gguf_file = gguf_export.file_name((settings.repo_id or folder.run_id).split("/")[-1], settings.gguf_quant)
+        export_gguf(folder.path, target / gguf_file, settings.gguf_quant, name=settings.repo_id or folder.run_id,
+                    licence=licence, merged=merged,
+                    on_progress=lambda fraction, message: _progress(on_progress, 0.3 + 0.5 * fraction, message))
+    if settings.merged:
+        _progress(on_progress, 0.85, "Saving the merged model…")
+        merge_adapter(folder, target, settings.merged_dtype, merged=merged)
+    return gguf_file
 
 
 def export_folder(run_dir: str | Path, out_dir: str | Path, settings: PublishSettings | None = None) -> Path:

@@ -24,7 +24,7 @@ from sft_space import cli, models, publish
 from sft_space.chat import load_chat_model
 from sft_space.errors import UserError
 from sft_space.runs import RunFolder
-from sft_space.settings import GenerationSettings, RunSettings, run_settings
+from sft_space.settings import GenerationSettings, PublishSettings, RunSettings, run_settings
 from sft_space.train import TrainRequest, train
 
 PLANTED_TOKEN = "hf_PlantedPublishToken0123456789abcdef"
@@ -393,3 +393,34 @@ def test_pickle_files_are_never_shipped_and_pickle_only_adapters_are_refused(run
         publish.export_zip(run_copy.path, tmp_path / "pickled.zip")
     assert cli.main(["chat", str(run_copy.path), "--prompt", "hi"]) == 1
     assert "unpickling can run arbitrary code" in capsys.readouterr().err
+
+
+def test_merges_wait_for_each_other_and_an_adapter_alone_never_waits(run_copy, tmp_path):
+    """A merge (merged weights, GGUF) holds the whole model in float32: one at a time in the app's process, for
+    every visitor, saying so while it waits. Staging an adapter alone takes no turn."""
+    import threading
+
+    held, release = threading.Event(), threading.Event()
+
+    def another_visitors_merge():
+        with publish.one_merge_at_a_time():
+            held.set()
+            release.wait(60)
+
+    other = threading.Thread(target=another_visitors_merge)
+    other.start()
+    held.wait(10)
+    try:
+        publish.stage(run_copy.path, tmp_path / "adapter")  # returns while the other merge holds the lane
+        assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+        said, merging = [], threading.Thread(target=publish.stage, args=(
+            run_copy.path, tmp_path / "merged", PublishSettings(merged=True), lambda _, message: said.append(message)))
+        merging.start()
+        merging.join(3)
+        assert merging.is_alive() and said == [publish.WAITING_FOR_MERGE]
+        assert not (tmp_path / "merged" / "model.safetensors").exists()
+    finally:
+        release.set()
+    merging.join(120)
+    other.join(10)
+    assert (tmp_path / "merged" / "model.safetensors").is_file()

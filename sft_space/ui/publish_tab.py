@@ -156,18 +156,17 @@ def build(gate: Gate, session: gr.BrowserState) -> RunPicker:
                                dict(zip(FORM_FIELDS, values)), progress)
 
     form["merged"].change(lambda merged: gr.update(visible=merged), inputs=form["merged"], outputs=form["merged_dtype"])
-    # A push may merge the adapter (merged, GGUF): it shares the one-at-a-time lane of the GGUF download.
-    push.click(on_push, inputs=[run, session, repo_id, token, *(form[name] for name in FORM_FIELDS)], outputs=outcome,
-               concurrency_limit=1, concurrency_id="merge")
+    # A push that merges (merged, GGUF) waits for another visitor's merge in the core (publish.one_merge_at_a_time);
+    # a push of the adapter alone does not wait.
+    push.click(on_push, inputs=[run, session, repo_id, token, *(form[name] for name in FORM_FIELDS)], outputs=outcome)
     make_zip.click(lambda run_dir, token: zip_run(runs_dir, run_dir, gate.visitor(token)), inputs=[run, session],
                    outputs=download)
 
     def on_gguf(run_dir, token, quant, progress=gr.Progress()):
         return gguf_run(runs_dir, run_dir, gate.visitor(token), quant, progress)
 
-    # One merge at a time for all visitors: merging loads the whole model in float32.
-    make_gguf.click(on_gguf, inputs=[run, session, form["gguf_quant"]], outputs=download, concurrency_limit=1,
-                    concurrency_id="merge")
+    # One merge at a time for all visitors (publish.one_merge_at_a_time): merging loads the whole model in float32.
+    make_gguf.click(on_gguf, inputs=[run, session, form["gguf_quant"]], outputs=download)
 
     def on_refresh(current, token):
         return keep_choice(adapter_run_choices(runs_dir, gate.known_visitor(token)), current)
