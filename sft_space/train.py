@@ -631,6 +631,10 @@ class RunMonitor:
                     control.should_save = True
                     control.should_training_stop = True
                     control.should_evaluate = False
+                if control.should_training_stop or state.global_step >= state.max_steps:
+                    # The last step is logged whatever the logging interval (1% of the run): the curve, the page
+                    # and the record end at the step the run ended at and its checkpoint holds, not up to 1% before.
+                    control.should_log = True
                 return control
 
             def on_log(self, args, state, control, logs=None, **kwargs):

@@ -196,6 +196,27 @@ def test_stop_then_resume_continues_the_step_count(tiny_settings):
     assert isinstance(base_reply, str)
 
 
+@pytest.mark.slow  # about 6 s: a hundred steps, then a resume
+def test_the_last_step_is_logged_whatever_the_logging_interval(tiny_settings):
+    """A run logs every 1% of its steps; a stop or the end between two logs still logs its step, so the curve, the
+    page and the record end where the run and its checkpoint did (before: a run stopped at step 43 of 100,000 read
+    "step 1")."""
+    settings = tiny_settings(max_steps=101, save_every=50, sample_prompts=0, validation_fraction=0)
+    stop = threading.Event()
+    # Logged at step 1, then every 2 steps (1% of 101, rounded up): stop once step 2 is logged, so the run stops at
+    # step 3, between two logs.
+    folder = train(TrainRequest(settings, stop_event=stop, run_id="odd",
+                                on_metrics=lambda entry: entry["step"] >= 2 and stop.set()))
+    record = folder.read()
+    assert record["status"] == runs.STOPPED and record["final_metrics"]["step"] == 3
+    assert folder.last_checkpoint().name == "checkpoint-3"
+    assert [m["step"] for m in folder.read_metrics() if "loss" in m][-1] == 3
+
+    resumed = train(TrainRequest(settings, resume=folder.path)).read_metrics()
+    steps = [m["step"] for m in resumed if "loss" in m]
+    assert steps[-1] == 101 and steps[-2] == 100 and len(steps) == len(set(steps))
+
+
 class OutOfMemoryAbove(TrainerCallback):
     """Runs out of memory at the first step while the batch is larger than `batch` (or always, with None), and
     counts the attempts."""
