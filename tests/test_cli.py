@@ -100,29 +100,29 @@ def test_sample_dataset_is_clean(tiny_model_dir, capsys):
     assert report["warnings"] == [] and report["stats"]["turns_per_example"]["max"] >= 4
 
 
-@pytest.mark.slow
-def test_train_then_chat_from_the_command_line(write_jsonl, tiny_model_dir, tmp_path):
+def test_train_then_chat_from_the_command_line(write_jsonl, tiny_model_dir, tmp_path, capsys):
+    """In this process (`cli.main`): the Ctrl+C test below runs `train` as its own process."""
     path = write_jsonl(distinct_chats(12))
     runs_dir = tmp_path / "runs"
-    result = run_cli("train", path, "--model", tiny_model_dir, "--output", runs_dir, "--preset", "quick",
-                     "--max-steps", "3", "--lora-r", "4", "--sample-prompts", "0", "--run-name", "cli-run")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("python -m sft_space train ")
-    assert "--max-steps 3" in result.stdout and "--lora-r 4" in result.stdout
-    assert "Run finished" in result.stdout
-    assert "{'loss'" not in result.stdout, "the trainer's raw log dicts stay out of the output"
-    assert "step 3/3" in result.stderr  # our progress lines instead
+    assert cli.main(["train", str(path), "--model", str(tiny_model_dir), "--output", str(runs_dir), "--preset",
+                     "quick", "--max-steps", "3", "--lora-r", "4", "--sample-prompts", "0", "--run-name",
+                     "cli-run"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("python -m sft_space train ")
+    assert "--max-steps 3" in out and "--lora-r 4" in out
+    assert "Run finished" in out
+    assert "{'loss'" not in out, "the trainer's raw log dicts stay out of the output"
+    assert "step 3/3" in err  # our progress lines instead
     record = json.loads((runs_dir / "cli-run" / "run.json").read_text())
     assert record["settings"]["lora_r"] == 4 and record["status"] == "finished"
     # The headline at the end is the smoothed training loss and the validation loss, not the last step's loss.
     final = record["final_metrics"]
-    assert (f"train loss {final['loss_smoothed']:.4f} (smoothed) · validation loss {final['eval_loss']:.4f}"
-            in result.stdout)
+    assert f"train loss {final['loss_smoothed']:.4f} (smoothed) · validation loss {final['eval_loss']:.4f}" in out
 
-    result = run_cli("chat", runs_dir / "cli-run", "--prompt", "What is 2 plus 2?", "--compare",
-                     "--max-new-tokens", "4")
-    assert result.returncode == 0, result.stderr
-    assert "base:" in result.stdout and "fine-tuned:" in result.stdout
+    assert cli.main(["chat", str(runs_dir / "cli-run"), "--prompt", "What is 2 plus 2?", "--compare",
+                     "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "base:" in out and "fine-tuned:" in out
 
 
 def test_the_progress_line_headlines_the_smoothed_loss_and_the_latest_validation_loss():
