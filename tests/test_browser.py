@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,12 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     page.set_input_files("#data-upload input[type=file]", str(SAMPLE_DATA))
     # Gradio shows the name's stem and suffix in separate elements, sometimes read with a space between them.
     expect(page.locator("#data-upload")).to_contain_text(re.compile(r"captain_byte\s*\.jsonl"), timeout=15_000)
+    # The page shows the file before the server has kept it (moved it into this visitor's folder, the handle Check
+    # reads); a Check pressed in between is refused ("Upload a file … first"; seen once in CI). Wait for the kept copy.
+    deadline = time.monotonic() + 30
+    while not list((runs_dir / ".uploads").rglob("*.jsonl")):
+        assert time.monotonic() < deadline, "the upload was never kept"
+        time.sleep(0.1)
     page.click("#check-data")
     expect(page.locator("#data-summary")).to_contain_text("All 160 rows are valid", timeout=60_000)
     expect(page.locator("#chatml-preview mark.sft-trained").first).to_be_visible()
