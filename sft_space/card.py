@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import hub, models
-from .runs import RunFolder
+from .runs import RunFolder, asked
 from .settings import RunSettings
 
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -247,9 +247,8 @@ def model_card(folder: RunFolder, repo_id: str, merged: bool = False, descriptio
                f"**{_loss(headline.validation_loss)}** "
                f"after {final.get('step', '—')} steps ({final.get('epoch', 0) or 0:.2f} epochs, "
                f"{final.get('train_runtime_seconds', '—')} s on {hardware}). Run status: {record.get('status')}.")
-    samples = [{"prompt": _cell(prompt), "before": _cell(sample.get("before")), "after": _cell(sample.get("after"))}
-               for sample, prompt in zip(folder.samples(), folder.held_out_prompts())
-               if sample.get("after") is not None]
+    samples = [{"prompt": _cell(asked(sample)), "before": _cell(sample.get("before")),
+                "after": _cell(sample.get("after"))} for sample in folder.samples() if sample.get("after") is not None]
     versions = sorted((record.get("versions") or {}).items())
     return ModelCard.from_template(
         card_data, template_str=CARD_TEMPLATE, model_name=repo_id.split("/")[-1], summary=summary, purpose=purpose,

@@ -229,6 +229,12 @@ def headline_of(entries: list[dict[str, Any]]) -> Headline:
     return Headline(train[-1][2] if train else None, float(validation[-1]) if validation else None)
 
 
+def asked(sample: dict[str, Any]) -> str:
+    """A held-out sample's question (`RunFolder.samples`): its prompt's last user message, or "" when it has none."""
+    users = [m["content"] for m in sample["prompt"] if m["role"] == "user"]
+    return users[-1] if users else ""
+
+
 def _is_message(message: Any) -> bool:
     return isinstance(message, dict) and all(isinstance(message.get(key), str) for key in ("role", "content"))
 
@@ -390,11 +396,7 @@ class RunFolder:
 
     def held_out_prompts(self) -> list[str]:
         """The last user message of each held-out prompt (`samples`): what the run was asked and not trained on."""
-        prompts = []
-        for sample in self.samples():
-            users = [m["content"] for m in sample["prompt"] if m["role"] == "user"]
-            prompts.append(users[-1] if users else "")
-        return prompts
+        return [asked(sample) for sample in self.samples()]
 
     def headline(self, record: dict[str, Any] | None = None) -> Headline:
         """The run's headline numbers (see `Headline`), for every view that names a run's loss: from the record's
