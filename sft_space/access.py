@@ -51,6 +51,8 @@ MAX_CHAT_CHARACTERS = 32_000
 # DataSettings' limits that bound the work one check or run makes the shared server do: the operator's to set.
 OPERATOR_DATA_LIMITS = ("max_rows", "max_file_mb")
 SESSION_UNKNOWN = "This page's visitor id is not one this server issued; reload the page to get a new one."
+# Our tokens are "v1." + a signed-in user name or 32 hex digits + "." + 32 hex digits: far shorter than this.
+MAX_TOKEN_CHARACTERS = 256
 
 
 def running_on_space() -> bool:
@@ -145,15 +147,18 @@ class Identity:
     def sign(self, visitor: str) -> str:
         return f"{TOKEN_VERSION}.{visitor}.{self._signature(visitor)}"
 
-    def visitor(self, token: str | None) -> str:
-        """The visitor id inside a token the page sent; a token this server did not sign is refused."""
-        version, _, rest = (token or "").partition(".")
+    def visitor(self, token: Any) -> str:
+        """The visitor id inside a token the page sent; a token this server did not sign is refused. A page can
+        send any JSON value here: anything but a short ASCII string of our shape gets the same refusal."""
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARACTERS or not token.isascii():
+            raise UserError(SESSION_UNKNOWN)
+        version, _, rest = token.partition(".")
         visitor, _, signature = rest.rpartition(".")
         if version != TOKEN_VERSION or not visitor or not hmac.compare_digest(signature, self._signature(visitor)):
             raise UserError(SESSION_UNKNOWN)
         return visitor
 
-    def issue(self, token: str | None, username: str | None = None) -> str:
+    def issue(self, token: Any, username: str | None = None) -> str:
         """The token a page should keep: the signed-in user's, else its own if valid, else a new anonymous one."""
         try:
             current = self.visitor(token)

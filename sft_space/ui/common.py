@@ -41,8 +41,9 @@ class Gate:
     # The Space's environment (SPACE_ID, SPACE_AUTHOR_NAME, OAUTH_CLIENT_ID…): who owns it, whether sign-in works.
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
 
-    def visitor(self, token: str | None) -> str:
-        if not token:
+    def visitor(self, token: Any) -> str:
+        # Only a page before its load event sends no token; any other value (a number, a list) is a forged one.
+        if token is None or token == "":
             raise gr.Error("The page is still loading; try again in a moment.")
         try:
             return self.identity.visitor(token)
