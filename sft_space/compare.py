@@ -1,7 +1,7 @@
 """Compare runs: their loss curves on one frame and their settings side by side, the differences marked.
 
 A page names runs by id; each is opened through `runs.open_visible`, so a visitor compares only runs they may see
-(their own and the command line's), and a name that is not one of them is refused before anything of it is read.
+(their own), and a name that is not one of them is refused before anything of it is read.
 """
 
 from __future__ import annotations

@@ -562,10 +562,11 @@ def list_runs(runs_dir: str | Path) -> list[tuple[RunFolder, dict[str, Any]]]:
 
 
 def visible_to(record: dict[str, Any], visitor: str | None) -> bool:
-    """Runs started in the app belong to the browser that started them; runs without an owner (started from the
-    command line) are everyone's."""
+    """Runs started in the app belong to the browser that started them. Runs without an owner were started from
+    the command line: they are the operator's, and no visitor of the app sees, chats with, exports or publishes
+    them (the command line does all of that)."""
     owner = record.get("owner")
-    return not owner or owner == visitor
+    return bool(owner) and owner == visitor
 
 
 def visible_runs(runs_dir: str | Path, visitor: str | None) -> list[tuple[RunFolder, dict[str, Any]]]:

@@ -90,9 +90,11 @@ def test_only_the_visitors_own_runs_can_be_compared(tmp_path):
     make_run(tmp_path, "alices", owner="alice")
     make_run(tmp_path, "alices-2", owner="alice")
     make_run(tmp_path, "bobs", owner="bob")
-    make_run(tmp_path, "from-cli")  # command-line runs have no owner: everyone's
-    assert [f.run_id for f in compare.open_runs(tmp_path, ["alices", "from-cli", "alices"], "alice")] == [
-        "alices", "from-cli"]
+    make_run(tmp_path, "from-cli")  # command-line runs have no owner: the operator's, no visitor's
+    assert [f.run_id for f in compare.open_runs(tmp_path, ["alices", "alices-2", "alices"], "alice")] == [
+        "alices", "alices-2"]
+    with pytest.raises(UserError, match="no run from-cli of yours"):
+        compare.open_runs(tmp_path, ["alices", "from-cli"], "alice")
     with pytest.raises(UserError, match="no run bobs of yours") as refused:
         compare.open_runs(tmp_path, ["alices", "bobs"], "alice")
     with pytest.raises(UserError) as missing:

@@ -206,6 +206,7 @@ def test_the_publish_tab_pushes_a_gguf(run_copy):
     values = dict(private=True, update_existing=False, merged=False, merged_dtype="auto", gguf=True,
                   gguf_quant="q4_0", demo_space=False, description="")
     assert set(values) == set(publish_tab.FORM_FIELDS)
+    run_copy.update(owner="visitor-1")  # started in the app by this visitor's browser
     shown = publish_tab.publish_run(str(run_copy.path.parent), str(run_copy.path), "visitor-1", "alice/app-gguf",
                                     PLANTED_TOKEN, None, values, api=hub)
     assert "alice/app-gguf" in shown and "app-gguf-Q4_0.gguf" in hub.files("alice/app-gguf")
@@ -218,9 +219,9 @@ def test_the_publish_tab_downloads_a_gguf_of_the_visitors_own_run(run_copy):
     from gguf import GGUFReader
 
     runs_dir = str(run_copy.path.parent)
+    run_copy.update(owner="alice")  # started in the app by alice's browser
     path = publish_tab.gguf_run(runs_dir, run_copy.run_id, "alice", "q8_0")
     assert path.endswith("-Q8_0.gguf") and GGUFReader(path).get_field("general.architecture").contents() == "llama"
-    run_copy.update(owner="alice")
     with pytest.raises(gr.Error, match="no run"):
         publish_tab.gguf_run(runs_dir, run_copy.run_id, "mallory", "q8_0")
 

@@ -183,6 +183,7 @@ def test_the_publish_tab_asks_to_sign_in_or_paste(run, monkeypatch):
     monkeypatch.setenv("SPACE_ID", "owner/sft-space")
     values = dict(private=True, update_existing=False, merged=False, merged_dtype="auto", demo_space=False,
                   description="")
+    run.update(owner="visitor-1")  # started in the app by this visitor's browser
     with pytest.raises(gr.Error, match="Sign in with Hugging Face") as caught:
         publish_tab.publish_run(str(run.path.parent), run.run_id, "visitor-1", "alice/x", "", None, values,
                                 api=FakeHub())

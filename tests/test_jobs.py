@@ -146,20 +146,17 @@ def test_a_run_from_before_a_restart_is_resumed_only_by_its_owner_and_once(manag
     assert wait_until(lambda: again.done)
 
 
-def test_resuming_a_command_line_run_does_not_make_it_the_visitors(manager):
-    """A run started from the command line has no owner and is everyone's; a visitor who resumes it in the app
-    must not become its owner (it would then vanish for everyone else), and nobody else resumes it meanwhile."""
+def test_no_visitor_resumes_a_command_line_run(manager):
+    """A run started from the command line has no owner: it is the operator's, and no visitor of the app sees
+    or resumes it, nor becomes its owner."""
     manager, runner = manager
     folder = runs.RunFolder.create(runner.root, "from-cli")
     folder.write({"run_id": "from-cli", "status": runs.STOPPED, "owner": None})
-    resumed = manager.resume(runner.root, "from-cli", "alice")
-    assert wait_until(lambda: resumed.state == JobState.RUNNING)
-    with pytest.raises(UserError, match="already training or waiting"):
-        manager.resume(runner.root, "from-cli", "bob")
-    manager.stop(resumed.job_id, owner="alice")
-    assert wait_until(lambda: resumed.done)
-    assert folder.read()["owner"] is None
-    assert [f.run_id for f, _ in runs.visible_runs(runner.root, "bob")] == ["from-cli"]
+    for visitor in ("alice", "bob"):
+        with pytest.raises(UserError, match="no run from-cli of yours"):
+            manager.resume(runner.root, "from-cli", visitor)
+        assert runs.visible_runs(runner.root, visitor) == []
+    assert folder.read()["owner"] is None and manager.current() is None
 
 
 def test_a_resume_trains_on_with_the_runs_own_settings(manager, tmp_path):
@@ -236,7 +233,7 @@ def test_runs_per_visitor_are_capped_and_a_visitor_deletes_only_their_own_idle_r
         manager.delete(str(runner.root), first.job_id, "bob")
     cli = runs.RunFolder.create(runner.root, "from-cli")
     cli.write({"run_id": "from-cli", "status": runs.FINISHED, "owner": None})
-    with pytest.raises(UserError, match="command line"):
+    with pytest.raises(UserError, match="no run from-cli of yours"):
         manager.delete(str(runner.root), "from-cli", "alice")
     assert manager.delete(str(runner.root), first.job_id, "alice") == first.job_id
     assert not Path(first.run_dir).exists() and cli.path.exists()

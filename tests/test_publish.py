@@ -317,6 +317,7 @@ def test_the_publish_tab_pushes_with_a_pasted_token_and_links_the_result(run_cop
     values = dict(private=True, update_existing=False, merged=False, merged_dtype="auto", demo_space=True,
                   description="")
     runs_dir = str(run_copy.path.parent)
+    run_copy.update(owner="visitor-1")  # started in the app by this visitor's browser
     shown = publish_tab.publish_run(runs_dir, str(run_copy.path), "visitor-1", " alice/from-the-app ", PLANTED_TOKEN,
                                     None, values, api=hub)
     assert "[alice/from-the-app](https://huggingface.co/alice/from-the-app)" in shown
@@ -338,9 +339,11 @@ def test_the_publish_tab_zips_only_the_visitors_own_runs(run_copy):
     from sft_space.ui import publish_tab
 
     runs_dir = str(run_copy.path.parent)
+    with pytest.raises(gr.Error, match="no run"):  # started from the command line: the operator's
+        publish_tab.zip_run(runs_dir, run_copy.run_id, "alice")
+    run_copy.update(owner="alice")  # started in the app by alice's browser
     with zipfile.ZipFile(publish_tab.zip_run(runs_dir, run_copy.run_id, "alice")) as archive:
         assert "adapter_model.safetensors" in archive.namelist()
-    run_copy.update(owner="alice")  # started in the app by alice's browser
     with pytest.raises(gr.Error, match="no run"):
         publish_tab.zip_run(runs_dir, run_copy.run_id, "mallory")
     with pytest.raises(gr.Error, match="no run"):

@@ -22,8 +22,8 @@ from sft_space.runs import RunFolder, RunLocked, UnreadableRun
 from sft_space.settings import RunSettings, run_settings
 from sft_space.train import TrainRequest, TrainingFailed, train
 
-GOOD = {"run_id": "good", "status": "finished", "created_at": "2026-01-02T10:00:00+0000", "settings": {},
-        "final_metrics": {"loss": 1.5, "loss_smoothed": 1.25, "step": 3}, "error": None}
+GOOD = {"run_id": "good", "status": "finished", "created_at": "2026-01-02T10:00:00+0000", "owner": "alice",
+        "settings": {}, "final_metrics": {"loss": 1.5, "loss_smoothed": 1.25, "step": 3}, "error": None}
 BROKEN = {
     # run id: (what run.json holds, what the reason must say)
     "a-list": ("[]", "should be a JSON object, not a list"),
@@ -91,13 +91,26 @@ def test_the_apps_run_pickers_survive_broken_records(broken_runs):
 
 def test_opening_a_broken_run_says_why_and_only_to_whoever_may_see_it(broken_runs):
     with pytest.raises(UnreadableRun, match="'created_at' should be text"):
-        runs.open_visible(broken_runs, "int-created", "bob")
+        runs.open_visible(broken_runs, "int-created", "alice")
     with pytest.raises(UnreadableRun, match="'plan' should be an object"):
         runs.open_visible(broken_runs, "owned", "alice")
     with pytest.raises(UserError, match="There is no run owned of yours here"):
         runs.open_visible(broken_runs, "owned", "bob")
     with pytest.raises(UnreadableRun, match="not valid JSON"):
         RunFolder.open(broken_runs / "truncated")
+
+
+def test_a_command_line_run_is_shown_to_no_visitor_readable_or_not(broken_runs):
+    """Runs without an owner were started from the command line: the operator's. No visitor lists or opens one,
+    and a broken one's reason is not told to them either."""
+    write_run(broken_runs, "from-cli", json.dumps({**GOOD, "owner": None}), adapter=True)
+    for visitor in ("alice", "bob", None):
+        visible = [folder.run_id for folder, _ in runs.visible_runs(broken_runs, visitor)]
+        assert not {"from-cli", "a-list", "truncated"} & set(visible)
+        for run_id in ("from-cli", "a-list", "truncated"):
+            with pytest.raises(UserError, match=f"There is no run {run_id} of yours here"):
+                runs.open_visible(broken_runs, run_id, visitor)
+    assert RunFolder.open(broken_runs / "from-cli").read()["owner"] is None  # the command line still opens it
 
 
 def test_broken_runs_are_not_offered_for_resuming(broken_runs):

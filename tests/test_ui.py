@@ -58,7 +58,8 @@ def test_sign_in_with_hugging_face_is_wired_only_on_a_space(monkeypatch, tiny_mo
 
 
 def test_a_visitor_sees_and_opens_only_their_own_runs(tmp_path):
-    """On a shared Space every visitor's runs sit in one folder: each sees their own (and command-line runs)."""
+    """On a shared Space every visitor's runs sit in one folder: each sees their own, and nobody those started
+    from the command line (the operator's)."""
     import gradio as gr
     import pytest
 
@@ -72,9 +73,10 @@ def test_a_visitor_sees_and_opens_only_their_own_runs(tmp_path):
         (folder.adapter_path).mkdir()
         (folder.adapter_path / "adapter_config.json").write_text("{}")
         (folder.adapter_path / "adapter_model.safetensors").write_bytes(b"")
-    assert set(runs_tab.runs_table(str(tmp_path), "alice")["run"]) == {"alices", "from-cli"}
-    assert {v for _, v in chat_tab.run_choices(str(tmp_path), "bob")} == {
-        str(tmp_path / "bobs"), str(tmp_path / "from-cli"), chat_tab.BASE_ONLY}
+    assert set(runs_tab.runs_table(str(tmp_path), "alice")["run"]) == {"alices"}
+    assert {v for _, v in chat_tab.run_choices(str(tmp_path), "bob")} == {str(tmp_path / "bobs"), chat_tab.BASE_ONLY}
+    with pytest.raises(gr.Error, match="no run from-cli of yours"):
+        chat_tab.own_run_dir(str(tmp_path), str(tmp_path / "from-cli"), "alice")
     assert runs_tab.run_details(str(tmp_path), "bobs", "alice")[0].startswith("❌")
     with pytest.raises(gr.Error, match="no run bobs of yours"):
         chat_tab.own_run_dir(str(tmp_path), str(tmp_path / "bobs"), "alice")

@@ -34,7 +34,7 @@ def _short_model(model: Any) -> str:
 
 
 def runs_table(runs_dir: str, visitor: str | None) -> pd.DataFrame:
-    """The visitor's runs (and those started from the command line), newest first; short enough to fit the page."""
+    """The visitor's runs, newest first; short enough to fit the page."""
     rows = []
     for folder, record in runs.visible_runs(runs_dir, visitor):
         final = record.get("final_metrics") or {}
