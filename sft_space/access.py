@@ -262,12 +262,25 @@ def data_source(kind: str, value: str | None, visitor: str, runs_dir: str | Path
     return hub_id(value or "", "dataset")
 
 
-def model_name(value: str | None, offered: set[str], settings: AccessSettings) -> str:
-    """A model a visitor may train or chat with: one the app offers, a Hub id, or (local access on) any folder."""
+def model_name(value: str | None, offered: set[str], settings: AccessSettings, hardware: Any = None) -> str:
+    """A model a visitor may train or chat with: one the app offers, (local access on) any folder, or a Hub id the
+    operator allows (AccessSettings.hub_models) whose size, read from its metadata before anything is downloaded,
+    this machine (`hardware`, by default the one detected) can train."""
+    from . import catalog
+
     value = (value or "").strip()
     if value in offered or (settings.local_paths and value):
         return value
-    return hub_id(value, "model")
+    model_id = hub_id(value, "model")
+    allowed = settings.hub_models.strip().lower()
+    if allowed == "none":
+        raise UserError(f"This app trains and chats with the models it offers only; pick one from the list "
+                        f"({model_id} is not one of them).")
+    if allowed != "any" and model_id.lower() not in {name.strip() for name in allowed.split(",")}:
+        raise UserError(f"{model_id} is not among the models this app offers, nor the Hub models it allows "
+                        f"({settings.hub_models.replace(',', ', ')}); pick one of those.")
+    catalog.check_hub_model_fits(model_id, catalog.TRAIN, hardware)
+    return model_id
 
 
 def check_conversation(texts: list[str]) -> None:

@@ -1,18 +1,22 @@
 """The models offered in the app's picker, with their shapes, so fit can be judged without downloading.
 
 The shapes are the published configs' numbers; `ModelShape.from_config` turns them into exact parameter
-counts on the meta device. Any other Hub id or folder still works: its config is read when it is chosen.
+counts on the meta device. Any other Hub id or folder still works: its config is read when it is chosen, and a Hub
+model a visitor names is judged first by the size its metadata gives (`check_hub_model_fits`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
+from pathlib import Path
 from typing import Any
 
-from . import models
-from .hardware import Hardware, plan_training
-from .memory import ModelShape
+from . import hub, models
+from .errors import UserError
+from .hardware import USABLE_MEMORY_FRACTION, Hardware, detect_hardware, plan_training
+from .memory import GIB, NF4_BYTES_PER_PARAMETER, RUNTIME_OVERHEAD_GIB, ModelShape
 from .settings import RunSettings
 
 
@@ -97,3 +101,76 @@ def offers(hardware: Hardware) -> list[Offer]:
         found.append(Offer(model_id, shape.parameters, fit_verdict(shape, hardware), embedded,
                            model_id == models.EMBEDDED_MODEL))
     return found
+
+
+def tokenizer_loader(model: str, offered: Collection[str]) -> Callable[[], Any]:
+    """How a worker process (isolation.py) gets a model's tokenizer for a visitor's check or preview. A model the
+    app offers has its tokenizer loaded here, once: workers are forked from the app and find it in memory. Any
+    other model's is loaded in the worker itself, each time, so that its files and its template run under the
+    worker's limits, never in the app."""
+    if model in offered:
+        tokenizer = models.cached_tokenizer(model)
+        return lambda: tokenizer
+    return partial(models.load_tokenizer, model)
+
+
+# ------------------------------------------------------------------------------------- Hub models by size
+
+TRAIN, CHAT = "train", "chat"
+# Memory beyond the weights themselves, as a share of them: activations, the adapter and its optimizer, the chat's
+# cache. A rough bound: it only has to tell a model that may fit from one that cannot.
+WEIGHTS_HEADROOM = 1.2
+
+
+def this_machine() -> Hardware:
+    return _detected()
+
+
+@lru_cache(maxsize=1)
+def _detected() -> Hardware:
+    return detect_hardware()
+
+
+def bytes_per_parameter(hardware: Hardware, purpose: str) -> float:
+    """What one parameter of the weights takes here: training may load them in 4 bit on a GPU (QLoRA), and in
+    bf16 on a CPU with bf16 instructions; chat loads 16 bit on a GPU and fp32 on a CPU (chat._inference_dtype)."""
+    if hardware.kind == "cuda":
+        return NF4_BYTES_PER_PARAMETER if purpose == TRAIN else 2
+    return 2 if purpose == TRAIN and hardware.native_bf16 else 4
+
+
+def largest_parameters(hardware: Hardware, purpose: str) -> int:
+    """About the most parameters a model may have to be loaded here for `purpose` (on one GPU: every GPU of a
+    run holds the whole model)."""
+    usable = max(0.0, hardware.memory_gib * USABLE_MEMORY_FRACTION - RUNTIME_OVERHEAD_GIB) * GIB
+    return int(usable / (bytes_per_parameter(hardware, purpose) * WEIGHTS_HEADROOM))
+
+
+def _size_label(parameters: float) -> str:
+    return f"{parameters / 1e9:.1f}B" if parameters >= 1e9 else f"{parameters / 1e6:.0f}M"
+
+
+def check_hub_model_fits(model_id: str, purpose: str = TRAIN, hardware: Hardware | None = None) -> None:
+    """Refuse a Hub model too large to `purpose` (TRAIN or CHAT) on this machine, judged from the size its
+    metadata gives, before anything of it is downloaded; the refusal says its size and what fits. When the Hub
+    does not answer, nothing is asked: a model in the local cache still loads, and any other is refused at once
+    when it is loaded (hub.reachable)."""
+    if not hub.is_repo_id(model_id) or Path(model_id).is_dir() or not hub.reachable():
+        return  # a folder here, or the embedded model: not the Hub's
+    size = hub.model_size(model_id)
+    hardware = hardware or this_machine()
+    parameters = size.parameters or (size.weight_bytes and size.weight_bytes // 2)  # 16-bit weights, by far the most
+    if not parameters:
+        raise UserError(f"{model_id} has no safetensors weights on the Hub (the only kind this app loads: other "
+                        "formats can run code when loaded), so it cannot be used here; choose another model.")
+    largest = largest_parameters(hardware, purpose)
+    if parameters <= largest:
+        return
+    fitting = [(shape_of(entry.model_id).parameters, entry.model_id) for entry in CATALOG
+               if shape_of(entry.model_id).parameters <= largest]
+    suggestion = f", such as {max(fitting)[1]}" if fitting else ""
+    needed = parameters * bytes_per_parameter(hardware, purpose) * WEIGHTS_HEADROOM / GIB
+    doing = "train" if purpose == TRAIN else "chat with"
+    raise UserError(f"{model_id} has {_size_label(parameters)} parameters: to {doing} it needs about {needed:,.0f} GiB, "
+                    f"and this machine ({hardware.describe()}) can {doing} models of up to about "
+                    f"{_size_label(largest)} parameters. Choose a smaller model{suggestion}.")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import card, models
+from . import card, catalog, models
 from .errors import UserError
 from .render import render_chat
 from .runs import RunFolder
@@ -131,8 +131,10 @@ def _inference_dtype() -> Any:
     return torch.float32
 
 
-def load_chat_model(run_dir: str | Path | None = None, base_model: str | None = None) -> ChatModel:
-    """The base model of a run with its adapter, or a bare base model when no run is given."""
+def load_chat_model(run_dir: str | Path | None = None, base_model: str | None = None,
+                    check_size: bool = False) -> ChatModel:
+    """The base model of a run with its adapter, or a bare base model when no run is given. With `check_size`, a
+    Hub model too large to chat with on this machine is refused from its metadata before it is downloaded."""
     import torch
 
     run = None
@@ -147,6 +149,8 @@ def load_chat_model(run_dir: str | Path | None = None, base_model: str | None = 
                             "settings' 'model'), so its adapter cannot be loaded.")
         trust_remote_code = bool((record.get("settings") or {}).get("trust_remote_code"))
     base_model = base_model or models.default_model()
+    if check_size:
+        catalog.check_hub_model_fits(base_model, catalog.CHAT)
     tokenizer = models.load_tokenizer(str(run.adapter_path) if run else base_model, trust_remote_code)
     device_map = {"": 0} if torch.cuda.is_available() else None
     model = models.load_causal_lm(base_model, dtype=_inference_dtype(), device_map=device_map,
@@ -176,7 +180,7 @@ class ChatModelCache:
             if self._key != key:
                 # Let go of the old weights before loading the new: both at once may not fit.
                 self._key, self._model = None, None
-                self._model = load_chat_model(run_dir) if run_dir else load_chat_model(None, base_model)
+                self._model = load_chat_model(run_dir, None if run_dir else base_model, check_size=True)
                 self._key = key
             return self._model
 

@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from . import data
+from . import data, isolation
 from .data import Problem
-from .render import Renderer, TemplateError, Tokens, render_chat
+from .render import Rendered, Renderer, TemplateError, Tokens, render_chat, render_example
 
 ROLES = ("system", "user", "assistant", "tool")
 FEW_EXAMPLES = 10
@@ -62,6 +62,7 @@ PROBLEM_CODES = {
     "text_split": "plain text over the maximum length, split into chunks of the maximum length",
     "ignored_column": "a column (or ShareGPT turn field) the format does not read; it was ignored",
     "trailing_data": "data after the closing ']' of a JSON array; it was not read",
+    "one_json_object": "a .json file holding one object: read as one row, or as the list of rows under the key named",
     "ignored_files": "files of another format in a dataset folder; they were not read",
     "rows_not_read": "a Hub dataset has more rows than max_rows; only the first max_rows were read",
 }
@@ -271,7 +272,8 @@ def structure_problems(row: int, messages: Any, rules: TemplateRules) -> tuple[l
             continue
         role = message.get("role")
         if not isinstance(role, str) or role not in ROLES:
-            guess = difflib.get_close_matches(role.lower(), ROLES, n=1) if isinstance(role, str) else []
+            alias = data.ROLE_ALIASES.get(role.lower()) if isinstance(role, str) else None
+            guess = [alias] if alias else difflib.get_close_matches(role.lower(), ROLES, n=1) if isinstance(role, str) else []
             hint = f"did you mean {guess[0]!r}?" if guess else f"use one of {', '.join(ROLES)}."
             errors.append(Problem(row, "unknown_role", f"row {row}, {where}: role {data.shown(role)} is not one of "
                                   f"{', '.join(ROLES)}; {hint}"))
@@ -625,3 +627,28 @@ def check_data_in_stages(settings: Any, tokenizer: Any,
         first.first_look = True
         yield first
     yield check_data(settings, tokenizer, on_progress, keep_examples=keep_examples)
+
+
+CHECK_TASK = isolation.Task("This check", "check a smaller file or a part of it (fewer or shorter rows), or choose a "
+                                          "model with a simpler chat template; on a machine of your own, `python -m "
+                                          "sft_space validate` checks it without these limits.")
+PREVIEW_TASK = isolation.Task("This preview", "choose a model with a simpler chat template, or one the app offers.")
+
+
+def check_data_in_worker(settings: Any, tokenizer_of: Callable[[], Any], limits: isolation.Limits,
+                         on_progress: Callable[[int, int | None], None] | None = None,
+                         keep_examples: int | None = None) -> Iterator[Report]:
+    """`check_data_in_stages` in a worker process under `limits` (see isolation.py): the visitor's data is read and
+    the model's template runs there, and `tokenizer_of()` is called there, so a tokenizer a visitor named loads
+    there too. The reports come back as they are made (a first look first); progress is relayed. A check that
+    needs more memory or time than `limits` allow is a UserError, and the app goes on."""
+    def work(progress: Callable[[int, int | None], None] | None) -> Iterator[Report]:
+        return check_data_in_stages(settings, tokenizer_of(), progress, keep_examples)
+
+    return isolation.stream_in_worker(work, CHECK_TASK, limits, on_progress)
+
+
+def render_in_worker(tokenizer_of: Callable[[], Any], example: data.Example, limits: isolation.Limits) -> Rendered:
+    """One checked example as the model sees it (`render.render_example`), rendered in a worker process under
+    `limits`: the template may be a stranger's."""
+    return isolation.run_in_worker(lambda: render_example(tokenizer_of(), example), PREVIEW_TASK, limits)

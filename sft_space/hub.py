@@ -1,4 +1,5 @@
-"""What the Hub is to us: the shape of its repository ids, and whether it is there at all.
+"""What the Hub is to us: the shape of its repository ids, whether it is there at all, and how large a model is
+by its metadata (before anything of it is downloaded).
 
 Is the Hub there? One quick question, asked before a slow download starts.
 
@@ -12,6 +13,9 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
+
+from .errors import ModelLoadError
 
 # owner/name: a model, dataset or Space we name always has both parts (huggingface_hub's rules allow a bare name).
 _OWNER_AND_NAME = re.compile(r"^[^/\s]+/[^/\s]+$")
@@ -45,6 +49,7 @@ def forget() -> None:
     """Ask again next time (tests, or after the network came back)."""
     global _last_answer
     _last_answer = None
+    _sizes.clear()
 
 
 def is_repo_id(text: str | None) -> bool:
@@ -60,3 +65,42 @@ def is_repo_id(text: str | None) -> bool:
     except HFValidationError:
         return False
     return True
+
+
+# A model's size is asked once per this long: every event of a page names its model again.
+SIZE_KEPT_SECONDS = 600.0
+_sizes: dict[str, tuple[float, ModelSize]] = {}
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """A Hub model's size as its metadata gives it: the parameter count the Hub read from its safetensors headers,
+    and the bytes of its .safetensors files (either may be missing)."""
+
+    parameters: int | None
+    weight_bytes: int | None
+
+
+def model_size(model_id: str, timeout: float = PROBE_TIMEOUT) -> ModelSize:
+    """The size of a Hub model from its metadata (`HfApi.model_info`); nothing of the model is downloaded. A model
+    that is not there (or private) is a ModelLoadError; so is a Hub that does not answer in `timeout`."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    kept = _sizes.get(model_id)
+    if kept is not None and time.monotonic() - kept[0] < SIZE_KEPT_SECONDS:
+        return kept[1]
+    try:
+        info = HfApi().model_info(model_id, timeout=timeout, files_metadata=True)
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"Model {model_id!r} was not found on the Hugging Face Hub; check the spelling of the "
+                             "id.") from None
+    except Exception as err:  # httpx/httpx2 connection and timeout errors, HTTP errors of the Hub
+        raise ModelLoadError(f"Could not read the size of {model_id!r} from the Hugging Face Hub ({err}); try again "
+                             "in a moment.") from None
+    parameters = info.safetensors.total if info.safetensors is not None else None
+    weight_bytes = sum(sibling.size or 0 for sibling in info.siblings or ()
+                       if sibling.rfilename.endswith(".safetensors")) or None
+    size = ModelSize(parameters, weight_bytes)
+    _sizes[model_id] = (time.monotonic(), size)
+    return size

@@ -123,6 +123,8 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_p
         return tokenizer.apply_chat_template(
             template_messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt
         )
+    except MemoryError:
+        raise  # the template took more memory than this process may have: not a verdict on this conversation
     except Exception as err:  # jinja's raise_exception and template bugs surface as many types
         raise TemplateError(f"the model's chat template rejected this conversation: {err}") from None
 

@@ -201,6 +201,23 @@ class AccessSettings:
                                       "visitor who may not train finds the Duplicate button at the top of the page. "
                                       "A duplicate copies this variable but has an id of its own, so there the "
                                       "button stays beside the Train tab's refusal.")
+    hub_models: str = setting("any", "Hub models visitors may name besides the ones the app offers: 'any', 'none' "
+                                     "(the offered models only), or ids separated by commas. Whichever, a Hub "
+                                     "model's size is read from its metadata first, and one this machine cannot "
+                                     "hold is refused before anything is downloaded.")
+    # A visitor's data, and a chat template or tokenizer named by a visitor, are other people's input and code: they
+    # run in a worker process under these limits, never unbounded inside the web server (see isolation.py).
+    worker_memory_gb: float = setting(4.0, "Memory one worker process may take, in GB, beyond what it starts with: "
+                                           "a check of a visitor's data, its first look, or a preview rendered with a "
+                                           "template that is not the app's own. Past it the visitor is told the check "
+                                           "needed more.", bounds=(0.05, 1024))
+    worker_seconds: float = setting(120.0, "Longest a worker process may run, in seconds; then it is stopped and "
+                                           "the visitor told.", bounds=(1, 86_400))
+    workers: int = setting(2, "Worker processes running at once for all visitors together: their memory limits add "
+                              "up, so this bounds what checks can take of the machine.", bounds=(1, 256))
+    worker_wait_seconds: float = setting(20.0, "How long a request waits for a worker process when all are busy "
+                                               "before it is refused with a message to try again.",
+                                         bounds=(0, 3600))
 
     def __post_init__(self) -> None:
         check_bounds(self)

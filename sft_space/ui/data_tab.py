@@ -14,7 +14,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from .. import access, checks, data, models, render
+from .. import access, catalog, checks, data, isolation
 from ..errors import UserError
 from ..settings import DataSettings, field_help
 from .chatml_html import to_html
@@ -98,15 +98,17 @@ def token_histogram(report: checks.Report) -> pd.DataFrame | None:
     return pd.concat(frames, ignore_index=True)
 
 
-def preview_html(report: checks.Report | None, model: str, number: int) -> str:
+def preview_html(report: checks.Report | None, model: str, number: int, gate: Gate | None = None) -> str:
     """Example `number` (1-based, among the examples kept for the preview) rendered with trained tokens
-    highlighted."""
+    highlighted, in a worker process (the template may be a stranger's) under the limits of `gate`'s settings,
+    which also names the models whose tokenizers the app keeps loaded (the defaults and none without a gate)."""
     if report is None or not report.valid_examples:
         return "<p>No valid example to show yet.</p>"
     shown = len(report.valid_examples)
     number = min(max(int(number), 1), shown)
     example = report.valid_examples[number - 1]
-    rendered = render.render_example(models.cached_tokenizer(model), example)
+    rendered = checks.render_in_worker(catalog.tokenizer_loader(model, gate.offered_models if gate else ()), example,
+                                       isolation.Limits.of(gate.settings if gate else None))
     of = f"{shown:,}" if shown == len(report.token_counts) else f"the first {shown:,} of {len(report.token_counts):,}"
     return f"<p><b>Example {number} of {of}</b> (row {example.row} of the file)</p>" + to_html(rendered)
 
@@ -132,9 +134,11 @@ def check_source_in_stages(gate: Gate, visitor: str, upload: str | None, hub_id:
                                 hub_split=hub_split or "train", max_length=int(max_length), **(limits or {}))
         # The report lives in the visitor's session: it keeps a preview of the examples, not all of them (training
         # reads the data again in its own process).
-        for report in checks.check_data_in_stages(settings, models.cached_tokenizer(model),
+        # Checked in a worker process, under the operator's limits: the data and the template are strangers'.
+        for report in checks.check_data_in_worker(settings, catalog.tokenizer_loader(model, gate.offered_models),
+                                                  isolation.Limits.of(gate.settings),
                                                   on_progress=_progress_bar(progress), keep_examples=PREVIEW_EXAMPLES):
-            yield _outputs(report, settings, model)
+            yield _outputs(report, settings, model, gate)
     except UserError as err:
         raise gr.Error(str(err)) from None
 
@@ -145,7 +149,7 @@ def check_source(*args: Any, **kwargs: Any) -> tuple:
     return outputs
 
 
-def _outputs(report: checks.Report, settings: DataSettings, model: str) -> tuple:
+def _outputs(report: checks.Report, settings: DataSettings, model: str, gate: Gate | None = None) -> tuple:
     summary = summary_markdown(report)
     if report.first_look:
         summary = (f"⏳ **A first look at the first {report.rows:,} rows**; the whole dataset is being checked "
@@ -160,7 +164,7 @@ def _outputs(report: checks.Report, settings: DataSettings, model: str) -> tuple
         token_histogram(report),
         gr.Number(value=1, minimum=1, maximum=max(len(report.valid_examples), 1),
                   label=f"Example (1–{max(len(report.valid_examples), 1):,})"),
-        preview_html(report, model, 1),
+        preview_html(report, model, 1, gate),
     )
 
 
@@ -291,7 +295,7 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> DataTab:
         outputs=[report_state, settings_state, summary, counts, problems, statistics, histogram, example_number, preview],
         api_name="check_data",
     )
-    example_number.change(lambda report, name, n: preview_html(report, gate.model(name), n),
+    example_number.change(lambda report, name, n: preview_html(report, gate.model(name), n, gate),
                           inputs=[report_state, model, example_number], outputs=preview)
     previous_example.click(lambda n: max(int(n or 1) - 1, 1), inputs=example_number, outputs=example_number)
     next_example.click(lambda report, n: min(int(n or 1) + 1, max(len(report.valid_examples) if report else 1, 1)),
