@@ -22,16 +22,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import ipaddress
 import logging
 import math
 import os
 import re
 import secrets
 import shutil
+import threading
 import time
+from collections import deque
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-
-from collections.abc import Mapping
 from typing import Any
 
 from . import hub, runs
@@ -173,6 +175,109 @@ class Identity:
         return self.sign(secrets.token_hex(16))
 
 
+# ------------------------------------------------------------------------------------- what one client spends
+
+HOUR = 3600.0
+# Keys a RateLimit remembers at most: each costs a few hundred bytes, and addresses are cheap to come by.
+MAX_CLIENTS_REMEMBERED = 100_000
+
+
+def forwarded_hops(settings: AccessSettings, environ: Mapping[str, str]) -> int:
+    """How many entries of X-Forwarded-For, from the right, proxies we trust wrote (settings.forwarded_hops with
+    -1 resolved): on a Space its proxy connects from an address of its own and appends the visitor's."""
+    if settings.forwarded_hops >= 0:
+        return settings.forwarded_hops
+    return 1 if environ.get("SPACE_ID") else 0
+
+
+def client_address(peer: str | None, forwarded_for: Iterable[str], hops: int) -> str:
+    """The address a request comes from, as the limits count it: the entry `hops` from the right of the
+    X-Forwarded-For headers (what our proxies saw connect), else the connection's own peer. Entries further left
+    are written by the client and never trusted. An IPv6 address counts as its /64 network, which one client
+    usually holds whole."""
+    entries = [entry.strip() for header in forwarded_for for entry in header.split(",") if entry.strip()]
+    address = (entries[-hops] if len(entries) >= hops else entries[0]) if hops and entries else (peer or "")
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address[:64] or "unknown"
+    if parsed.version == 4:
+        return str(parsed)
+    if parsed.ipv4_mapped is not None:
+        return str(parsed.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+
+
+def request_address(request: Any, hops: int) -> str:
+    """client_address of a gr.Request or a Starlette/FastAPI request (None: a call from inside the process)."""
+    if request is None:
+        return "local"
+    peer = getattr(getattr(request, "client", None), "host", None)
+    headers = getattr(request, "headers", None) or {}
+    values = headers.getlist("x-forwarded-for") if hasattr(headers, "getlist") else \
+        [headers.get("x-forwarded-for") or ""]
+    return client_address(peer, values, hops)
+
+
+class RateLimit:
+    """At most `limit` units (ids, uploads, bytes) per `window` seconds for each client, in a sliding window."""
+
+    def __init__(self, limit: float, what: str, window: float = HOUR, clock=time.monotonic):
+        self.limit, self.what, self.window, self._clock = limit, what, window, clock
+        self._spent: dict[str, deque[tuple[float, float]]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, client: str, now: float) -> deque[tuple[float, float]]:
+        spent = self._spent.setdefault(client, deque())
+        while spent and spent[0][0] <= now - self.window:
+            spent.popleft()
+        return spent
+
+    def take(self, client: str, amount: float = 1) -> None:
+        """Count `amount` for `client`, or refuse (UserError, saying when to come back) when it would go over."""
+        with self._lock:
+            now = self._clock()
+            if len(self._spent) >= MAX_CLIENTS_REMEMBERED:
+                self._forget_idle(now)
+            spent = self._recent(client, now)
+            used = sum(units for _, units in spent)
+            if used + amount > self.limit:
+                wait = self.window - (now - spent[0][0]) if spent else self.window
+                raise UserError(f"Too many {self.what} from your address ({self._amount(used)} in the last "
+                                f"{self._amount(self.window / 60)} minutes, the most this shared app allows); "
+                                f"try again in {max(1, math.ceil(wait / 60))} minutes.")
+            spent.append((now, amount))
+
+    def remaining(self, client: str) -> float:
+        with self._lock:
+            return self.limit - sum(units for _, units in self._recent(client, self._clock()))
+
+    def _forget_idle(self, now: float) -> None:
+        for client in [c for c, spent in self._spent.items() if not spent or spent[-1][0] <= now - self.window]:
+            del self._spent[client]
+        while len(self._spent) >= MAX_CLIENTS_REMEMBERED:  # all busy: the oldest entry goes
+            del self._spent[next(iter(self._spent))]
+
+    @staticmethod
+    def _amount(value: float) -> str:
+        return f"{value:,.0f}" if value >= 10 else f"{value:,.3g}"
+
+
+@dataclasses.dataclass
+class ClientLimits:
+    """The per-client rates of the app, from the operator's settings (one object per app)."""
+
+    ids: RateLimit
+    uploads: RateLimit
+    upload_bytes: RateLimit
+
+    @classmethod
+    def from_settings(cls, settings: AccessSettings) -> ClientLimits:
+        return cls(RateLimit(settings.ids_per_client_hour, "new visitor ids"),
+                   RateLimit(settings.uploads_per_client_hour, "uploads"),
+                   RateLimit(settings.upload_mb_per_client_hour * 2**20, "bytes uploaded"))
+
+
 # ------------------------------------------------------------------------------------------------ data
 
 
@@ -188,7 +293,9 @@ def _safe_name(name: str) -> str:
 
 def keep_upload(runs_dir: str | Path, visitor: str, uploaded: str | Path, settings: AccessSettings) -> Path:
     """Move a file the visitor just uploaded out of Gradio's shared upload folder into their own, and return the
-    handle (its new path) the page keeps in server-side state. Older uploads go beyond the visitor's quota."""
+    handle (its new path) the page keeps in server-side state. Uploads past their age go first; then, to make
+    room, the oldest of anyone's beyond `upload_mb_total`, and the visitor's own beyond their quota (never one an
+    unfinished run needs). A file that still does not fit is refused and deleted."""
     source = Path(uploaded)
     size = source.stat().st_size
     limit = int(settings.upload_mb_per_visitor * 2**20)
@@ -196,21 +303,76 @@ def keep_upload(runs_dir: str | Path, visitor: str, uploaded: str | Path, settin
         source.unlink(missing_ok=True)
         raise UserError(f"{source.name}: {size / 2**20:,.1f} MB, over the {settings.upload_mb_per_visitor:,g} MB "
                         "this app keeps per visitor; upload a smaller sample.")
+    in_use = uploads_in_use(runs_dir)
+    sweep_uploads(runs_dir, settings, in_use)
+    if not _make_room(runs_dir, size, settings, in_use):
+        source.unlink(missing_ok=True)
+        raise UserError(f"{source.name}: this app keeps {settings.upload_mb_total:,g} MB of uploads for all its "
+                        "visitors, and that is full of data that runs in progress need; try again when they end.")
     target = _visitor_folder(runs_dir, visitor) / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
     target.mkdir(parents=True)
     kept = target / _safe_name(source.name)
     shutil.move(str(source), kept)
-    _prune_uploads(runs_dir, visitor, settings, keep=kept)
+    _prune_uploads(runs_dir, visitor, settings, keep=kept, in_use=in_use)
     return kept
 
 
-def _prune_uploads(runs_dir: str | Path, visitor: str, settings: AccessSettings, keep: Path) -> None:
+def uploads_in_use(runs_dir: str | Path) -> set[str]:
+    """The uploads an unfinished run may read again (a resume reads its data anew), as their paths."""
+    sources = {str(record.get("settings", {}).get("source")) for _, record in runs.list_runs(runs_dir)
+               if record.get("status") != runs.FINISHED}
+    return sources | {str(Path(source).resolve()) for source in sources}
+
+
+def _needed(path: Path, in_use: set[str]) -> bool:
+    return str(path) in in_use or str(path.resolve()) in in_use
+
+
+def _all_uploads(runs_dir: str | Path) -> list[tuple[float, int, Path]]:
+    """(modified, size, path) of every visitor's uploads, oldest first."""
+    found = []
+    for path in (Path(runs_dir) / UPLOADS_DIR).glob("*/*/*"):
+        try:
+            stat = path.stat()
+        except OSError:  # deleted meanwhile by another request's sweep
+            continue
+        found.append((stat.st_mtime, stat.st_size, path))
+    return sorted(found)
+
+
+def sweep_uploads(runs_dir: str | Path, settings: AccessSettings, in_use: set[str] | None = None) -> int:
+    """Delete the uploads older than `upload_max_age_hours` that no unfinished run needs; how many went."""
+    oldest_kept = time.time() - settings.upload_max_age_hours * HOUR
+    old = [path for modified, _, path in _all_uploads(runs_dir) if modified < oldest_kept]
+    if old and in_use is None:
+        in_use = uploads_in_use(runs_dir)
+    swept = [path for path in old if not _needed(path, in_use or set())]
+    for path in swept:
+        shutil.rmtree(path.parent, ignore_errors=True)
+    return len(swept)
+
+
+def _make_room(runs_dir: str | Path, size: int, settings: AccessSettings, in_use: set[str]) -> bool:
+    """Delete the oldest uploads no unfinished run needs until `size` more bytes fit in `upload_mb_total`;
+    whether they fit."""
+    cap = settings.upload_mb_total * 2**20
+    uploads = _all_uploads(runs_dir)
+    total = sum(found for _, found, _ in uploads)
+    for _, found, path in uploads:
+        if total + size <= cap:
+            break
+        if not _needed(path, in_use):
+            shutil.rmtree(path.parent, ignore_errors=True)
+            total -= found
+    return total + size <= cap
+
+
+def _prune_uploads(runs_dir: str | Path, visitor: str, settings: AccessSettings, keep: Path,
+                   in_use: set[str]) -> None:
     """Delete the visitor's oldest uploads beyond the quota, except the newest and those a run may resume from."""
-    in_use = {str(record.get("settings", {}).get("source")) for _, record in runs.list_runs(runs_dir)
-              if record.get("status") != runs.FINISHED}
     uploads = sorted((p for p in _visitor_folder(runs_dir, visitor).glob("*/*") if p.is_file()),
                      key=lambda p: p.stat().st_mtime, reverse=True)
-    needed = [p for p in uploads if p == keep or str(p) in in_use]
+    needed = [p for p in uploads if p == keep or _needed(p, in_use)]
     kept, kept_bytes = len(needed), sum(p.stat().st_size for p in needed)
     for path in uploads:
         if path in needed:

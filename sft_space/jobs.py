@@ -20,10 +20,17 @@ from pathlib import Path
 from typing import Callable
 
 from . import child, runs
+from .access import SIGNED_IN
 from .errors import UserError
 from .settings import RunSettings
 
 MAX_QUEUED_JOBS = 3
+
+
+def anonymous(owner: str) -> bool:
+    """Whether a job's owner is a visitor who is not signed in: their ids cost nothing, so their share is also
+    counted by client address, and their runs may be limited in time."""
+    return not owner.startswith(SIGNED_IN)
 
 
 class JobState(StrEnum):
@@ -69,6 +76,11 @@ class Job:
     stop_requests: int = 0
     pid: int | None = None
     killed_after_stop: bool = False
+    # The address the job was asked from (`access.client_address`; None: not asked through the app), and the
+    # seconds it may take from its start before the manager stops it (0: no limit).
+    client: str | None = None
+    time_limit: float = 0.0
+    out_of_time: bool = False
 
     @property
     def done(self) -> bool:
@@ -83,38 +95,52 @@ JobRunner = Callable[["Job", Callable[[str], None], Callable[[Path], None], Call
 
 class JobManager:
     def __init__(self, runner: JobRunner | None = None, max_queued: int = MAX_QUEUED_JOBS, runs_per_owner: int = 0,
-                 supervisor: child.Supervisor | None = None):
+                 supervisor: child.Supervisor | None = None, anonymous_run_seconds: float = 0.0):
+        """`max_queued`: jobs that may wait behind the running one, for everyone; `runs_per_owner`: runs kept per
+        visitor (0: no limit); `anonymous_run_seconds`: how long a job of a visitor who is not signed in may take
+        from its start before it is stopped (0: no limit)."""
         self._supervisor = supervisor or child.Supervisor()
         self._runner = runner or self._supervisor.run
         self._max_queued = max_queued
         self._runs_per_owner = runs_per_owner
+        self._anonymous_run_seconds = anonymous_run_seconds
         self._lock = threading.Lock()
         self._queue: list[Job] = []
         self._current: Job | None = None
         self._jobs: dict[str, Job] = {}
 
-    def submit(self, settings: RunSettings, owner: str) -> Job:
-        """Start a new run of `settings` for `owner`, or queue it while the GPU is busy."""
+    def submit(self, settings: RunSettings, owner: str, client: str | None = None) -> Job:
+        """Start a new run of `settings` for `owner`, or queue it while the GPU is busy. `client`: the address
+        the app was asked from, which bounds what visitors who are not signed in may queue."""
         with self._lock:
-            self._check_may_queue(owner)
+            self._check_may_queue(owner, client)
             self._check_quota(settings.output_dir, owner)
             job_id = runs.new_run_id(settings.source) + "-" + uuid.uuid4().hex[:4]
-            return self._enqueue(Job(job_id, owner, settings))
+            return self._enqueue(Job(job_id, owner, settings, client=client, time_limit=self._time_limit(owner)))
 
-    def resume(self, runs_dir: str | Path, run_ref: str | Path, visitor: str) -> Job:
+    def resume(self, runs_dir: str | Path, run_ref: str | Path, visitor: str, client: str | None = None) -> Job:
         """Resume the visitor's run named by `run_ref` (its id or its folder, as a page sends it) from its last
         checkpoint, or queue the resume. The run trains on with the settings in its own run.json, whatever a form
         shows now; refused (UserError) when the visitor may not see the run, it finished, or it is training."""
         folder = runs.open_visible(runs_dir, run_ref, visitor)
         with self._lock:
-            self._check_may_queue(visitor)
+            self._check_may_queue(visitor, client)
             self._check_resumable(folder)
-            job = Job(folder.run_id, visitor, folder.settings(), resume=str(folder.path), run_dir=folder.path)
+            job = Job(folder.run_id, visitor, folder.settings(), resume=str(folder.path), run_dir=folder.path,
+                      client=client, time_limit=self._time_limit(visitor))
             return self._enqueue(job)
 
-    def _check_may_queue(self, owner: str) -> None:
+    def _time_limit(self, owner: str) -> float:
+        return self._anonymous_run_seconds if anonymous(owner) else 0.0
+
+    def _check_may_queue(self, owner: str, client: str | None) -> None:
         if any(j.owner == owner and not j.done for j in self._jobs.values()):
             raise UserError("You already have a run in progress or waiting; stop it before starting another.")
+        # A new anonymous id is free, so one address gets one place for all of its anonymous ids.
+        if client is not None and anonymous(owner) and any(
+                j.client == client and anonymous(j.owner) and not j.done for j in self._jobs.values()):
+            raise UserError("A run from your address is already training or waiting, and visitors who are not "
+                            "signed in get one at a time each; wait for it to end (or sign in).")
         if self._current is not None and len(self._queue) >= self._max_queued:
             raise UserError(f"The GPU is busy and {len(self._queue)} runs are already waiting; "
                             "try again when one finishes.")
@@ -206,6 +232,11 @@ class JobManager:
             job.state = JobState.RUNNING
 
         outcome: tuple[JobState, str, str | None]
+        deadline = None
+        if job.time_limit:
+            deadline = threading.Timer(job.time_limit, self._out_of_time, (job,))
+            deadline.daemon = True
+            deadline.start()
         try:
             job.run_dir = (runner or self._runner)(job, on_status, on_folder, on_running)
             outcome = self._outcome(job)
@@ -214,6 +245,11 @@ class JobManager:
         except Exception as err:  # a bug, not the user's doing: still end the job and free the GPU
             reason = f"{type(err).__name__}: {err}"
             outcome = (JobState.FAILED, f"The run failed unexpectedly: {reason}", reason)
+        finally:
+            if deadline is not None:
+                deadline.cancel()
+        if job.out_of_time and outcome[0] == JobState.STOPPED:
+            outcome = (JobState.STOPPED, self._out_of_time_message(job), None)
         with self._lock:
             # The GPU is released before the job reads as done, so whoever sees it done can start another.
             self._current = None
@@ -222,6 +258,25 @@ class JobManager:
                 self._start(self._queue.pop(0))
             for position, waiting in enumerate(self._queue, start=1):
                 waiting.message = f"Waiting for the GPU: position {position} in the queue."
+
+    @staticmethod
+    def _out_of_time(job: Job) -> None:
+        """A job past its time limit is stopped as its owner's Stop would (a checkpoint and the adapter are
+        saved; one that does not stop within the supervisor's grace period is killed)."""
+        if job.done or job.stop_event.is_set():
+            return
+        job.out_of_time = True
+        job.stop_requests += 1
+        job.stop_event.set()
+        job.message = JobManager._out_of_time_message(job, stopping=True)
+
+    @staticmethod
+    def _out_of_time_message(job: Job, stopping: bool = False) -> str:
+        limit = f"{job.time_limit / 60:,.3g} minutes"
+        done = "stopping it: saving a checkpoint and the adapter…" if stopping else "it was stopped; the adapter " \
+            "so far is saved, and Resume trains on from its checkpoint"
+        return (f"This run reached {limit}, the longest a run of a visitor who is not signed in may take on this "
+                f"shared app; {done}. Sign in, or duplicate the Space, to train longer.")
 
     @staticmethod
     def _run_failed(job: Job) -> bool:

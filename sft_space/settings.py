@@ -201,6 +201,55 @@ class AccessSettings:
                                       "visitor who may not train finds the Duplicate button at the top of the page. "
                                       "A duplicate copies this variable but has an id of its own, so there the "
                                       "button stays beside the Train tab's refusal.")
+    # Visitor ids cost nothing, so what one client may spend is also bounded per client address (the address
+    # Gradio sees, or the one the Space's proxy adds to X-Forwarded-For: see forwarded_hops) and for everyone.
+    ids_per_client_hour: int = setting(30, "New anonymous visitor ids one client address may get per hour (a "
+                                           "browser keeps its id, so it needs one); beyond it the page is asked to "
+                                           "wait.", bounds=(1, 1_000_000))
+    uploads_per_client_hour: int = setting(20, "Data files one client address may upload per hour.",
+                                           bounds=(1, 1_000_000))
+    upload_mb_per_client_hour: float = setting(4096.0, "Megabytes one client address may upload per hour (counted "
+                                                      "as they arrive, before Gradio stores them).",
+                                               bounds=(1, 10_000_000))
+    upload_mb_total: float = setting(20480.0, "Megabytes of uploaded data kept for all visitors together; beyond "
+                                              "it the oldest uploads that no unfinished run needs are deleted, and "
+                                              "an upload that still does not fit is refused.",
+                                     bounds=(1, 100_000_000))
+    upload_max_age_hours: float = setting(24.0, "Hours an upload is kept, unless an unfinished run needs it; older "
+                                                "ones are swept.", bounds=(0.01, 1_000_000))
+    downloads_gb: float = setting(10.0, "Gigabytes (1 GB = 10^9 bytes) kept of the files made for visitors to "
+                                        "download (a run's zip or GGUF file), for all visitors together. A file is "
+                                        "made once per run and kind, and handed out again while the run's adapter is "
+                                        "unchanged; the oldest go first to make room, and one that would not fit is "
+                                        "refused before it is made.", bounds=(0.001, 1_000_000))
+    queued_runs: int = setting(3, "Runs that may wait for the GPU behind the one training, for all visitors "
+                                  "together; beyond it Start is refused until one finishes.", bounds=(0, 1000))
+    anonymous_run_minutes: float = setting(60.0, "Longest a run of a visitor who is not signed in may take from "
+                                                 "its start (preparing included) before the app stops it, keeping "
+                                                 "its checkpoint and adapter; such visitors also get one run at a "
+                                                 "time per client address. On a Space only (elsewhere the app is "
+                                                 "taken to be your own machine); 0: no limit.",
+                                           bounds=(0, 1_000_000))
+    queue_size: int = setting(100, "Events (checks, chats, page refreshes) that may wait in the app's queue, for "
+                                   "all visitors together; beyond it a new one is refused as 'queue full'.",
+                              bounds=(1, 1_000_000))
+    queued_events_per_client: int = setting(8, "Events one client address may have waiting or running at once; "
+                                               "visitors behind one address (an office, a school) share it.",
+                                            bounds=(1, 1_000_000))
+    max_request_kb: int = setting(1024, "Largest request body the app reads, in KB (uploads have their own limit, "
+                                        "SFT_SPACE_MAX_FILE_MB); a larger one is refused before it is read.",
+                                  bounds=(16, 10_000_000))
+    session_minutes: float = setting(30.0, "Minutes a page's checked-data report is kept in the server's memory "
+                                           "after the check that made it (a client that never closes its page "
+                                           "keeps nothing longer); Check again to see it after that.",
+                                     bounds=(1, 1_000_000))
+    session_capacity: int = setting(500, "Pages (sessions) whose state the server keeps at once; beyond it the "
+                                         "least recently used one's is dropped.", bounds=(1, 1_000_000))
+    forwarded_hops: int = setting(-1, "How many proxies in front of the app add the client's address to "
+                                      "X-Forwarded-For: the client address is that many entries from the right "
+                                      "(entries further left are the client's to write). -1: 1 on a Space (its "
+                                      "proxy), 0 elsewhere (the address the connection comes from, which uvicorn "
+                                      "already takes from a proxy on this machine).", bounds=(-1, 16))
     hub_models: str = setting("any", "Hub models visitors may name besides the ones the app offers: 'any', 'none' "
                                      "(the offered models only), or ids separated by commas. Whichever, a Hub "
                                      "model's size is read from its metadata first, and one this machine cannot "

@@ -5,6 +5,7 @@ Two visitors, alice and bob, share one app. Every value a page sends is treated 
 
 import os
 import stat
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -138,9 +139,10 @@ def test_uploads_beyond_the_visitors_quota_are_deleted_oldest_first_unless_a_run
     runs_dir = tmp_path / "runs"
     settings = AccessSettings(uploads_per_visitor=2, upload_mb_per_visitor=1.0)
     handles = []
+    recently = time.time() - 100  # ordered by age, and all younger than upload_max_age_hours
     for i in range(3):
         handles.append(access.keep_upload(runs_dir, "alice", upload(tmp_path, f"d{i}.jsonl"), settings))
-        os.utime(handles[-1], (1_000 + i, 1_000 + i))
+        os.utime(handles[-1], (recently + i, recently + i))
     assert [h.exists() for h in handles] == [False, True, True]
     # An unfinished run may resume from its upload: that one stays, beyond the quota.
     run = runs.RunFolder.create(runs_dir, "alices-run")

@@ -51,3 +51,61 @@ def test_the_tokens_that_raised_before_are_refused(identity):
                   "v1." + "a" * 100_000 + ".x"):
         with pytest.raises(UserError, match="not one this server issued"):
             identity.visitor(token)
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+@pytest.fixture
+def gated(tmp_path):
+    from test_jobs import GatedRunner
+
+    return GatedRunner(tmp_path / "runs")
+
+
+def test_anonymous_runs_get_one_place_per_address_and_the_queue_a_cap_for_all(gated):
+    """Four fresh ids from one address filled the run slot and the whole queue: an address gets one place for
+    all its anonymous ids; signed-in visitors (whose ids are accounts) and other addresses still queue, up to
+    the cap for everyone."""
+    from test_jobs import wait_until
+
+    from sft_space import jobs
+    from sft_space.settings import RunSettings
+
+    manager = jobs.JobManager(gated, max_queued=2)
+    first = manager.submit(RunSettings(source="a.jsonl"), owner="0a1b", client="203.0.113.7")
+    assert wait_until(lambda: first.state == jobs.JobState.RUNNING)
+    with pytest.raises(UserError, match="from your address is already training or waiting"):
+        manager.submit(RunSettings(source="b.jsonl"), owner="2c3d", client="203.0.113.7")
+    signed_in = manager.submit(RunSettings(source="c.jsonl"), owner="hf:alice", client="203.0.113.7")
+    elsewhere = manager.submit(RunSettings(source="d.jsonl"), owner="4e5f", client="198.51.100.1")
+    assert signed_in.state == elsewhere.state == jobs.JobState.QUEUED
+    with pytest.raises(UserError, match="runs are already waiting"):
+        manager.submit(RunSettings(source="e.jsonl"), owner="6a7b", client="192.0.2.9")
+    for job in (first, signed_in, elsewhere):
+        manager.stop(job.job_id, job.owner)
+    assert wait_until(lambda: all(job.done for job in (first, signed_in, elsewhere)))
+    # Its run over, the address has its place again.
+    again = manager.submit(RunSettings(source="b.jsonl"), owner="2c3d", client="203.0.113.7")
+    manager.stop(again.job_id, again.owner)
+    assert wait_until(lambda: again.done)
+
+
+def test_an_anonymous_run_is_stopped_at_its_time_limit_and_a_signed_in_one_is_not(gated):
+    """100,000-step runs of anonymous ids held the GPU for everyone: the manager stops such a run when its time
+    is up, as Stop would (its checkpoint and adapter kept), and says why."""
+    from test_jobs import wait_until
+
+    from sft_space import jobs, runs
+    from sft_space.settings import RunSettings
+
+    manager = jobs.JobManager(gated, anonymous_run_seconds=0.3)
+    signed_in = manager.submit(RunSettings(source="a.jsonl"), owner="hf:alice", client="203.0.113.7")
+    assert wait_until(lambda: signed_in.state == jobs.JobState.RUNNING)
+    anonymous = manager.submit(RunSettings(source="b.jsonl"), owner="0a1b", client="198.51.100.1")
+    gated.finish(signed_in)
+    assert wait_until(lambda: signed_in.state == jobs.JobState.FINISHED), "a signed-in run has no time limit"
+    assert wait_until(lambda: anonymous.done)
+    assert anonymous.state == jobs.JobState.STOPPED and not signed_in.out_of_time
+    assert "longest a run of a visitor who is not signed in" in anonymous.message
+    assert runs.RunFolder(anonymous.run_dir).read()["status"] == runs.STOPPED

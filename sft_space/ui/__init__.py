@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from .. import access, child, jobs, models
 from . import chat_tab, data_tab, publish_tab, runs_tab, train_tab
-from .common import Gate, RunPicker, own_run, refusals_as_messages
+from .common import Gate, RequestLimits, RunPicker, own_run, refusals_as_messages
 
 TITLE = "SFT Space"
 INTRO = (
@@ -37,8 +38,11 @@ def runs_dir() -> str:
 def build_app(manager: jobs.JobManager | None = None, default_model: str | None = None) -> gr.Blocks:
     folder = runs_dir()
     settings = access.access_settings()
-    manager = manager or jobs.JobManager(runs_per_owner=settings.runs_per_visitor,
-                                         supervisor=child.Supervisor(warm=settings.warm_start))
+    # On a Space visitors are strangers: one who is not signed in gets runs limited in time.
+    anonymous_run_seconds = settings.anonymous_run_minutes * 60 if access.running_on_space() else 0.0
+    manager = manager or jobs.JobManager(runs_per_owner=settings.runs_per_visitor, max_queued=settings.queued_runs,
+                                         supervisor=child.Supervisor(warm=settings.warm_start),
+                                         anonymous_run_seconds=anonymous_run_seconds)
     # Runs a child of an earlier app process still trains are followed again; ones left by a dead one are marked.
     manager.adopt(folder)
     default_model = default_model or os.environ.get("SFT_SPACE_DEFAULT_MODEL") or models.default_model()
@@ -92,7 +96,7 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
             gate.may_train(profile)
             if not run_id:
                 raise gr.Error("Pick a run first.")
-            return manager.resume(folder, run_id, visitor).job_id, gr.Tabs(selected="train")
+            return manager.resume(folder, run_id, visitor, client=gate.client()).job_id, gr.Tabs(selected="train")
 
         past.resume.click(resume_run, inputs=[session, past.run_id], outputs=[training.job_id, tabs])
         app.load(identify(gate), inputs=session, outputs=session, api_name="identify")
@@ -118,10 +122,12 @@ def identify(gate: Gate):
     user's (Gradio fills the profile from its own session cookie, which a page cannot forge)."""
     if publish_tab.oauth_enabled():
         def on_load(token: str, profile: gr.OAuthProfile | None) -> str:
-            return gate.identity.issue(token, profile.username if profile else None)
+            gate.sweep_uploads()
+            return gate.issue(token, profile.username if profile else None)
     else:
         def on_load(token: str) -> str:
-            return gate.identity.issue(token)
+            gate.sweep_uploads()
+            return gate.issue(token)
     return on_load
 
 
@@ -129,4 +135,10 @@ def launch(app: gr.Blocks, **kwargs) -> None:
     # server name and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT when not given.
     # Uploads over the data limit are refused by Gradio before they fill the disk.
     kwargs.setdefault("max_file_size", access.max_upload_bytes())
-    app.queue(default_concurrency_limit=4).launch(theme=gr.themes.Soft(), **kwargs)
+    settings = access.access_settings()
+    # Every page (and every raw client's session) keeps state in this process: the least recently used go first.
+    kwargs.setdefault("state_session_capacity", settings.session_capacity)
+    app_kwargs = kwargs.setdefault("app_kwargs", {})
+    app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(RequestLimits, blocks=app,
+                                                                              settings=settings)]
+    app.queue(default_concurrency_limit=4, max_size=settings.queue_size).launch(theme=gr.themes.Soft(), **kwargs)

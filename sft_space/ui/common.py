@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import html
 import inspect
 import logging
 import os
+import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
@@ -18,6 +22,7 @@ from ..errors import UserError
 from ..settings import AccessSettings, field_type
 
 log = logging.getLogger(__name__)
+UPLOAD_SWEEP_SECONDS = 600
 
 
 @dataclass(frozen=True)
@@ -50,11 +55,59 @@ class Gate:
         except UserError as err:
             raise gr.Error(str(err)) from None
 
-    def visitor_or_new(self, token: str | None) -> tuple[str, str]:
+    def __post_init__(self) -> None:
+        self.limits = access.ClientLimits.from_settings(self.settings)
+        self._next_sweep = 0.0
+
+    def client(self) -> str:
+        """The address of the client whose event is being answered, as the per-client limits count it. Gradio
+        keeps the request of the event it runs in LocalContext (the gr.Request a handler could ask for), so
+        every handler has it without a parameter; outside an event (a test, the command line) it is "local"."""
+        from gradio.context import LocalContext
+
+        return access.request_address(LocalContext.request.get(None),
+                                      access.forwarded_hops(self.settings, self.environ))
+
+    def issue(self, token: Any, username: str | None = None) -> str:
+        """The token a page should keep (`access.Identity.issue`); a new anonymous one counts against the
+        client's ids per hour, since ids cost nothing else."""
+        issued = self.identity.issue(token, username)
+        if issued != token and not username:
+            self._refuse_over(self.limits.ids)
+        return issued
+
+    def visitor_or_new(self, token: Any) -> tuple[str, str]:
         """(visitor, token) for a page's first action, which may come before its load event gave it an id: a
         page without one gets a new anonymous id (owning nothing) instead of a refusal."""
-        token = token or self.identity.issue(None)
+        if token is None or token == "":
+            token = self.issue(None)
         return self.visitor(token), token
+
+    def upload_from(self, token: Any, uploaded: str | None) -> tuple[str, str]:
+        """(visitor, token) for a page that just uploaded `uploaded`: the upload counts against its client's
+        uploads per hour; refused, the file is deleted from Gradio's upload folder at once."""
+        try:
+            if uploaded:
+                self._refuse_over(self.limits.uploads)
+            return self.visitor_or_new(token)
+        except gr.Error:
+            if uploaded:
+                Path(uploaded).unlink(missing_ok=True)
+            raise
+
+    def _refuse_over(self, limit: access.RateLimit, amount: float = 1) -> None:
+        try:
+            limit.take(self.client(), amount)
+        except UserError as err:
+            raise gr.Error(str(err)) from None
+
+    def sweep_uploads(self) -> None:
+        """Delete uploads past their age (`access.sweep_uploads`), at most every few minutes: page loads call it,
+        so that a quiet app's disk empties too."""
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + UPLOAD_SWEEP_SECONDS
+            access.sweep_uploads(self.runs_dir, self.settings)
 
     def known_visitor(self, token: str | None) -> str | None:
         """The visitor, or None for a page that has no valid token yet (for read-only refreshes)."""
@@ -79,6 +132,39 @@ class Gate:
             return access.model_name(name, self.offered_models, self.settings)
         except UserError as err:
             raise gr.Error(str(err)) from None
+
+
+# Markdown gives meaning to ASCII punctuation (images, links, HTML, lists, LaTeX with $$); a backslash before each
+# makes it literal, as CommonMark allows for any of them.
+MARKDOWN_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
+
+
+def markdown_text(text: Any) -> str:
+    """Text from outside (a file, a Hub dataset, what a visitor typed) as Markdown that shows it as it is, on one
+    line: a column named `![t](http://…/track.png)` is those characters, not an image the browser fetches."""
+    return MARKDOWN_PUNCTUATION.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def refused_markdown(action: str, err: Exception | str) -> str:
+    """A refused action, said where it happened: one line in the server's log, a toast, and "**Refused** · …" for
+    the Markdown beside the action, which keeps saying it until the next action (a toast fades). The message may
+    quote data or a visitor's typing, so the toast (HTML) and the line (Markdown) get it as text."""
+    message = err.message if isinstance(err, gr.Error) else str(err)
+    log.warning("refused %s: %s", action, " ".join(str(message).split()))
+    gr.Warning(html.escape(str(message), quote=False))
+    return f"**Refused** · {markdown_text(message)}"
+
+
+def refusal_said(fn: Callable, outputs: Callable[[str], Any]) -> Callable:
+    """`fn`, whose refusal (gr.Error, UserError) is answered with `outputs(line)`: the handler's outputs, one of them
+    saying the refusal (`line`, from `refused_markdown`) where it happened."""
+    @functools.wraps(fn)
+    def handler(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (gr.Error, UserError) as err:
+            return outputs(refused_markdown(fn.__name__, err))
+    return handler
 
 
 def settings_component(spec: dataclasses.Field, **options: Any) -> gr.components.Component:
@@ -142,7 +228,7 @@ def refusals_as_messages(fn: Callable, outputs: int) -> Callable:
         message = err.message if isinstance(err, gr.Error) else str(err)
         # One line in the server's log, not a traceback: the refusal is the visitor's to act on, not a fault.
         log.warning("refused %s: %s", fn.__name__, " ".join(str(message).split()))
-        gr.Warning(message)
+        gr.Warning(html.escape(str(message), quote=False))  # a toast renders HTML; a refusal may quote data
         return _unchanged(outputs)
 
     if inspect.isgeneratorfunction(fn):
@@ -161,3 +247,112 @@ def refusals_as_messages(fn: Callable, outputs: int) -> Callable:
         except (gr.Error, UserError) as err:
             return refuse(err)
     return handler
+
+
+class _OverLimit(Exception):
+    """A request body past what its client may send: answered with `status` and `message` instead."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class RequestLimits:
+    """What one client may send the app before any handler runs, as ASGI middleware on Gradio's server:
+
+    - a request body over `max_request_kb` is refused (413) from its declared length, or as soon as that many
+      bytes have arrived (Gradio's upload route excepted: Gradio caps each file at `max_file_size`);
+    - what a client uploads to Gradio's upload route counts against its `upload_mb_per_client_hour` as it
+      arrives (429 past it), whether or not the page then uses the file;
+    - a client with `queued_events_per_client` events waiting or running is refused another (429). Gradio has
+      no hook for this: its queue's events are counted by the address of the request that made them.
+    """
+
+    def __init__(self, app: Any, blocks: gr.Blocks, settings: AccessSettings,
+                 environ: Mapping[str, str] = os.environ):
+        self.app, self.blocks = app, blocks
+        self.hops = access.forwarded_hops(settings, environ)
+        self.max_body = settings.max_request_kb * 1024
+        self.events_per_client = settings.queued_events_per_client
+        self.upload_bytes = access.RateLimit(settings.upload_mb_per_client_hour * 2**20, "bytes uploaded")
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        from starlette.requests import Request
+
+        request = Request(scope)
+        client = access.request_address(request, self.hops)
+        path = scope["path"].rstrip("/")
+        declared = request.headers.get("content-length", "")
+        declared_size = int(declared) if declared.isdigit() else None
+        if path.endswith("/upload"):
+            def charge(size: int) -> None:
+                try:
+                    self.upload_bytes.take(client, size)
+                except UserError as err:
+                    raise _OverLimit(429, str(err)) from None
+            if declared_size is not None and declared_size > self.upload_bytes.remaining(client):
+                return await self._refuse(scope, receive, send, 429, f"This upload ({declared_size / 2**20:,.1f} "
+                                          "MB) is more than your address may still upload this hour; try later.")
+        else:
+            def charge(size: int) -> None:
+                nonlocal received
+                received += size
+                if received > self.max_body:
+                    raise _OverLimit(413, self._too_large())
+            received = 0
+            if declared_size is not None and declared_size > self.max_body:
+                return await self._refuse(scope, receive, send, 413, self._too_large())
+            if (path.endswith("/queue/join") or "/call/" in path) and self._events_of(client) >= self.events_per_client:
+                return await self._refuse(scope, receive, send, 429, (
+                    f"Your address has {self.events_per_client} requests waiting or running in this shared app, "
+                    "the most it takes at once; wait for them to finish."))
+        # Past the limit, the app's own answer (FastAPI turns an error while reading into "error parsing the
+        # body") is replaced by ours, which says what happened.
+        refusal: _OverLimit | None = None
+        started = answered = False
+
+        async def counted_receive() -> dict:
+            nonlocal refusal
+            message = await receive()
+            if message["type"] == "http.request":
+                try:
+                    charge(len(message.get("body", b"")))
+                except _OverLimit as over:
+                    refusal = over
+                    raise
+            return message
+
+        async def answering_send(message: dict) -> None:
+            nonlocal started, answered
+            if refusal is None:
+                started = started or message["type"] == "http.response.start"
+                await send(message)
+            elif not started and not answered:
+                answered = True
+                await self._refuse(scope, receive, send, refusal.status, refusal.message)
+
+        try:
+            await self.app(scope, counted_receive, answering_send)
+        except _OverLimit:
+            if started:
+                raise
+        if refusal is not None and not started and not answered:
+            await self._refuse(scope, receive, send, refusal.status, refusal.message)
+
+    def _too_large(self) -> str:
+        return (f"This request is larger than the {self.max_body // 1024:,} KB this app reads; send less (a "
+                "shorter message or conversation).")
+
+    def _events_of(self, client: str) -> int:
+        events = getattr(getattr(self.blocks, "_queue", None), "event_ids_to_events", None) or {}
+        return sum(1 for event in list(events.values())
+                   if access.request_address(getattr(event, "request", None), self.hops) == client)
+
+    @staticmethod
+    async def _refuse(scope: dict, receive: Callable, send: Callable, status: int, message: str) -> None:
+        from starlette.responses import JSONResponse
+
+        log.warning("refused a request to %s: %s", scope["path"], message)
+        await JSONResponse({"detail": message}, status_code=status)(scope, receive, send)

@@ -228,7 +228,8 @@ class DataTab:
 def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> DataTab:
     """Lay out the Data tab; returns what the Train tab uses."""
     limits = access.data_limits()
-    report_state = gr.State(None)
+    # The report can be large and raw clients never close their page: it is kept a while after the check.
+    report_state = gr.State(None, time_to_live=gate.settings.session_minutes * 60)
     settings_state = gr.State(None)
     # Server-side: the handle of this page's upload. The page cannot set it; only the upload handler does.
     upload_handle = gr.State(None)
@@ -272,7 +273,7 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> DataTab:
     preview = gr.HTML(elem_id="chatml-preview")
 
     def on_upload(path, token):
-        visitor, token = gate.visitor_or_new(token)
+        visitor, token = gate.upload_from(token, path)
         return keep_upload(gate, visitor, path), token
 
     def on_hub_id(value, config, split):

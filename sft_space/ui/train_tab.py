@@ -334,7 +334,7 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
             gate.may_train(profile)
             settings = settings_from_form(data_value, skip, gate.model(model_name), preset_name, gate.runs_dir,
                                           dict(zip(names, advanced_values)), report_value)
-            job = manager.submit(settings, owner_id)
+            job = manager.submit(settings, owner_id, client=gate.client())
         except (gr.Error, UserError) as err:
             refused = refusal("on_start", err)
             return gr.skip(), progress_markdown(shown_job(owner_id, current), refused), gr.skip(), refused
@@ -364,7 +364,7 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
             job = visitor_job(manager, owner_id, current)
             if job is None or job.run_dir is None or not job.done:
                 raise UserError("Nothing to resume: resume a stopped or failed run of yours once it has stopped.")
-            resumed = manager.resume(gate.runs_dir, job.run_dir, owner_id)
+            resumed = manager.resume(gate.runs_dir, job.run_dir, owner_id, client=gate.client())
         except (gr.Error, UserError) as err:
             refused = refusal("on_resume", err)
             return gr.skip(), progress_markdown(shown_job(owner_id, current), refused), refused
