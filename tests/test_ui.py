@@ -656,7 +656,7 @@ def test_the_operators_data_limits_reach_the_check_and_the_run_and_no_page_can_r
     assert not {"max_rows", "max_file_mb"} & set(inspect.signature(check).parameters)
     token = handlers["on_load"]("")
     with pytest.warns(UserWarning, match="more than 100 rows, the limit"):
-        list(check(token, None, "", True, str(tiny_model_dir), "", "", "train", 2048, progress=None))
+        list(check(token, None, "sample", "", str(tiny_model_dir), "", "", "train", 2048, progress=None))
     monkeypatch.setenv("SFT_SPACE_MAX_ROWS", "1000")
     monkeypatch.setenv("SFT_SPACE_MAX_FILE_MB", "5")
     gate = Gate(str(tmp_path), access.Identity.for_runs(tmp_path), offered_models={str(tiny_model_dir)})

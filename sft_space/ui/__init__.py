@@ -100,6 +100,7 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
 
         past.resume.click(resume_run, inputs=[session, past.run_id], outputs=[training.job_id, tabs])
         app.load(identify(gate), inputs=session, outputs=session, api_name="identify")
+        app.load(data.on_load, inputs=data.load_inputs, outputs=data.load_outputs)
 
         def show_access(profile: gr.OAuthProfile | None):
             shown = training.on_access(profile)

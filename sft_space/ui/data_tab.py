@@ -7,9 +7,12 @@ widgets and wires them to those functions.
 from __future__ import annotations
 
 import dataclasses
+import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 import pandas as pd
@@ -18,7 +21,7 @@ from .. import access, catalog, checks, data, isolation
 from ..errors import UserError
 from ..settings import DataSettings, field_help
 from .chatml_html import to_html
-from .common import Gate, settings_component
+from .common import Gate, markdown_text, refused_markdown, settings_component
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "samples" / "captain_byte.jsonl"
 HISTOGRAM_BINS = 20
@@ -26,6 +29,32 @@ HISTOGRAM_COLOURS = {"all tokens": "#64748b", "trained tokens": "#ca8a04"}  # tr
 PROBLEM_ROWS_PER_CODE = 20
 PREVIEW_EXAMPLES = 1000  # examples a session keeps to show; every count covers all of them
 HELP = {f.name: field_help(DataSettings, f.name) for f in dataclasses.fields(DataSettings)}
+# The data a visitor checks and trains on: one of these, picked in the tab's source radio (the value the
+# check_data endpoint takes).
+UPLOAD, HUB, SAMPLE = "upload", "hub", "sample"
+SOURCE_CHOICES = [("Your file", UPLOAD), ("A Hub dataset", HUB),
+                  ("Use the sample dataset (Captain Byte, 160 pirate-flavoured conversations)", SAMPLE)]
+# The boxes of this tab that the core's messages name by their command-line flag (`--columns`).
+PAGE_NAMES = {"columns": "“Column mapping”", "max_length": "“Maximum length”",
+              "skip_invalid_rows": "“Skip invalid rows”"}
+# A flag in a message: `, --max-rows`, or `--columns` and the value it is shown with (`--columns prompt=question`).
+FLAG = re.compile(r"(, )?--([a-z][a-z-]*)( (?=[a-z]+=))?")
+TABLE_COLUMNS = {
+    "counts": ["code", "severity", "rows", "meaning"],
+    "problems": ["row", "severity", "code", "what to do"],
+    "statistics": ["", "min", "p10", "median", "p90", "max"],
+}
+
+
+def page_words(message: str) -> str:
+    """A message of the core as this page says it: a setting the page has a box for by the box's name, not its
+    command-line flag; a flag the page has no box for is left out (`(max_rows, --max-rows)` → `(max_rows)`)."""
+    def name(match: re.Match) -> str:
+        field = match.group(2).replace("-", "_")
+        if field not in PAGE_NAMES:
+            return ""
+        return (match.group(1) or "") + PAGE_NAMES[field] + (": " if match.group(3) else "")
+    return FLAG.sub(name, message)
 
 
 def summary_markdown(report: checks.Report) -> str:
@@ -36,7 +65,7 @@ def summary_markdown(report: checks.Report) -> str:
         "Fix them in your file, or tick *Skip invalid rows* to train on the valid ones."
     )
     lines = [
-        f"**{report.source}** · {data.FORMAT_NAMES[report.format]} · {report.rows} rows",
+        f"**{markdown_text(report.source)}** · {data.FORMAT_NAMES[report.format]} · {report.rows} rows",
         "",
         verdict,
         "",
@@ -44,7 +73,7 @@ def summary_markdown(report: checks.Report) -> str:
         f"median example {stats['tokens_per_example']['median']} tokens · "
         f"rows over the maximum length ({report.max_length}): {stats['rows_over_max_length']}",
     ]
-    lines += [f"- ⚠️ {w.message}" for w in report.warnings if w.row is None]
+    lines += [f"- ⚠️ {markdown_text(page_words(w.message))}" for w in report.warnings if w.row is None]
     return "\n".join(lines)
 
 
@@ -56,7 +85,7 @@ def problem_counts_table(report: checks.Report) -> pd.DataFrame:
     """Every problem code with its complete count, errors first."""
     counts = sorted(report.problem_counts().items(), key=lambda item: (_severity(item[0]) != "error", item[0]))
     rows = [(code, _severity(code), n, checks.PROBLEM_CODES[code]) for code, n in counts]
-    return pd.DataFrame(rows, columns=["code", "severity", "rows", "meaning"])
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS["counts"])
 
 
 def problem_rows_table(report: checks.Report) -> pd.DataFrame:
@@ -64,19 +93,19 @@ def problem_rows_table(report: checks.Report) -> pd.DataFrame:
     problems stays readable (the counts above are complete)."""
     problems = [p for code in report.problem_counts() for p in report.sample_rows(code, PROBLEM_ROWS_PER_CODE)
                 if p.row is not None]
-    rows = [(p.row, _severity(p.code), p.code, p.message) for p in sorted(problems, key=lambda p: p.row)]
-    return pd.DataFrame(rows, columns=["row", "severity", "code", "what to do"])
+    rows = [(p.row, _severity(p.code), p.code, page_words(p.message)) for p in sorted(problems, key=lambda p: p.row)]
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS["problems"])
 
 
 def statistics_table(report: checks.Report) -> pd.DataFrame:
     stats = report.stats()
-    keys = ("min", "p10", "median", "p90", "max")
+    keys = TABLE_COLUMNS["statistics"][1:]
     rows = [
         (label, *(stats[name][k] for k in keys))
         for label, name in (("turns per example", "turns_per_example"), ("tokens per example", "tokens_per_example"),
                             ("trained tokens per example", "trained_tokens_per_example"))
     ]
-    return pd.DataFrame(rows, columns=["", *keys])
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS["statistics"])
 
 
 def token_histogram(report: checks.Report) -> pd.DataFrame | None:
@@ -201,8 +230,9 @@ def hub_choices(value: str, config: str, split: str, local_paths: bool = False) 
         return gr.update(choices=[]), gr.update(choices=[]), f"⚠️ {err}"
     if found.splits and split not in found.splits:
         split = DataSettings.hub_split if DataSettings.hub_split in found.splits else found.splits[0]
-    note = (f"**{dataset_id}** · configs: {', '.join(found.configs)} · splits of *{found.config}*: "
-            f"{', '.join(found.splits) or 'none listed'}")
+    # The names of configs and splits are the dataset's, written by whoever made it.
+    note = (f"**{dataset_id}** · configs: {', '.join(map(markdown_text, found.configs))} · splits of "
+            f"*{markdown_text(found.config)}*: {', '.join(map(markdown_text, found.splits)) or 'none listed'}")
     return gr.update(choices=found.configs, value=found.config), gr.update(choices=found.splits, value=split), note
 
 
@@ -216,6 +246,112 @@ def keep_upload(gate: Gate, visitor: str, uploaded: str | None) -> str | None:
         raise gr.Error(str(err)) from None
 
 
+@dataclasses.dataclass
+class DataChoice:
+    """What a visitor chose in the Data tab, kept by the server for their signed id, so that a reload shows it again
+    (and checks it again, when the last check of it succeeded)."""
+
+    source: str = UPLOAD  # UPLOAD, HUB or SAMPLE
+    upload: str | None = None  # the handle the upload handler kept; never a value a page sent
+    hub_id: str = ""
+    hub_config: str = DataSettings.hub_config
+    hub_split: str = DataSettings.hub_split
+    columns: str = DataSettings.columns
+    max_length: int = DataSettings.max_length
+    skip_invalid: bool = DataSettings.skip_invalid_rows
+    checked: bool = False  # the last check of these values succeeded
+
+
+# Of each value typed in the form, what is kept: a Hub id or a column mapping is far shorter.
+KEPT_CHARACTERS = 1000
+
+
+def form_choice(source: str | None, hub_id: str | None, hub_config: str | None, hub_split: str | None,
+                columns: str | None, max_length: Any) -> dict[str, Any]:
+    """The form's values as a DataChoice keeps them: a page can send anything, so each is bounded (what they mean
+    is decided again when they are checked)."""
+    try:
+        length = int(max_length)
+        DataSettings(max_length=length)
+    except (TypeError, ValueError, UserError):
+        length = DataSettings.max_length
+    return {"source": source if source in (UPLOAD, HUB, SAMPLE) else UPLOAD, "max_length": length,
+            **{name: str(value or "")[:KEPT_CHARACTERS] for name, value in
+               (("hub_id", hub_id), ("hub_config", hub_config), ("hub_split", hub_split or DataSettings.hub_split),
+                ("columns", columns))}}
+
+
+class DataChoices:
+    """Every visitor's DataChoice, in the server's memory: those of the `capacity` visitors who acted last (ids
+    are free, so what is kept is bounded; a visitor pushed out finds the tab as on a first visit)."""
+
+    def __init__(self, capacity: int = 10_000):
+        self._capacity = capacity
+        self._choices: OrderedDict[str, DataChoice] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, visitor: str) -> DataChoice:
+        with self._lock:
+            return dataclasses.replace(self._choices.get(visitor) or DataChoice())
+
+    def update(self, visitor: str, **changes: Any) -> DataChoice:
+        with self._lock:
+            choice = dataclasses.replace(self._choices.pop(visitor, None) or DataChoice(), **changes)
+            self._choices[visitor] = choice
+            while len(self._choices) > self._capacity:
+                self._choices.popitem(last=False)
+            return dataclasses.replace(choice)
+
+
+def cleared_outputs(summary: str) -> tuple:
+    """The check's outputs with no report: nothing checked (the Train tab then says so), and `summary` saying why."""
+    return (None, None, summary, *(pd.DataFrame(columns=TABLE_COLUMNS[name])
+                                   for name in ("counts", "problems", "statistics")),
+            None, gr.Number(value=1, minimum=1, maximum=1, label="Example"), preview_html(None, "", 1))
+
+
+def refused_summary(action: str, err: Exception) -> str:
+    """A refused action of this tab, for its summary line, in the page's words (`common.refused_markdown`)."""
+    return refused_markdown(action, page_words(err.message if isinstance(err, gr.Error) else str(err)))
+
+
+def chosen_summary(choice: DataChoice) -> str:
+    """The summary while the data chosen is not checked yet: which data Check will read."""
+    if choice.source == SAMPLE:
+        chosen = "**The sample dataset** is chosen"
+        if choice.upload:
+            chosen += (f" (your file {markdown_text(Path(choice.upload).name)} is set aside: choose *Your file* to "
+                       "use it)")
+    elif choice.source == HUB:
+        chosen = (f"The Hub dataset **{markdown_text(choice.hub_id)}** is chosen" if choice.hub_id.strip()
+                  else "Type a Hub dataset id")
+    elif choice.upload:
+        chosen = f"Your file **{markdown_text(Path(choice.upload).name)}** is chosen"
+    else:
+        return "Upload a file, type a Hub dataset id or choose the sample, then press **Check data**."
+    return chosen + ". Press **Check data**: nothing is trained until it is checked."
+
+
+def upload_note(handle: str | None) -> str:
+    """The file the server keeps for this visitor (after a reload the upload box is empty, the file is not)."""
+    return f"Kept on the server: **{markdown_text(Path(handle).name)}**" if handle else ""
+
+
+def check_choice(gate: Gate, visitor: str, handle: str | None, source: str, hub_id: str, model: str, columns: str,
+                 hub_config: str, hub_split: str, max_length: int, progress: Any = None,
+                 limits: Mapping[str, Any] | None = None) -> Iterator[tuple]:
+    """Check the data chosen in the source radio, and only that: the tab's outputs, stage by stage. A refusal
+    clears them (no report, no checked settings) and says why in the summary."""
+    try:
+        if source == UPLOAD and not handle:
+            raise gr.Error("Upload a file first, or choose a Hub dataset or the sample dataset.")
+        yield from check_source_in_stages(gate, visitor, handle if source == UPLOAD else None,
+                                          hub_id if source == HUB else "", source == SAMPLE, model, columns,
+                                          hub_config, hub_split, max_length, progress, limits)
+    except (gr.Error, UserError) as err:
+        yield cleared_outputs(refused_summary("check_data", err))
+
+
 @dataclasses.dataclass(frozen=True)
 class DataTab:
     """What the Train tab uses of the Data tab."""
@@ -223,11 +359,16 @@ class DataTab:
     report: gr.State  # the checked data's report (None until a check)
     settings: gr.State  # the settings the data was checked with, the operator's limits included
     skip_invalid: gr.Checkbox  # train on the valid rows only, leaving the invalid ones out
+    # The page's load event: the visitor's choices again, checked again if they were (after a reload).
+    on_load: Callable[..., Iterator[tuple]]
+    load_inputs: list[gr.components.Component]
+    load_outputs: list[gr.components.Component]
 
 
 def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> DataTab:
     """Lay out the Data tab; returns what the Train tab uses."""
     limits = access.data_limits()
+    choices = DataChoices()
     # The report can be large and raw clients never close their page: it is kept a while after the check.
     report_state = gr.State(None, time_to_live=gate.settings.session_minutes * 60)
     settings_state = gr.State(None)
@@ -235,9 +376,13 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> DataTab:
     upload_handle = gr.State(None)
     with gr.Row():
         with gr.Column(scale=2):
+            # One source at a time, said by this radio: uploading a file or typing a Hub id picks it here, and
+            # Check reads only what is picked.
+            source = gr.Radio(SOURCE_CHOICES, value=UPLOAD, label="Data to check and train on", elem_id="data-source")
             upload = gr.File(label="Your data (.jsonl, .json, .csv, .parquet)", file_types=list(data.FILE_SUFFIXES),
                              type="filepath", elem_id="data-upload")
-            hub_id = gr.Textbox(label="…or a Hub dataset id", placeholder="owner/name",
+            kept_file = gr.Markdown(elem_id="upload-note")
+            hub_id = gr.Textbox(label="Hub dataset id", placeholder="owner/name", elem_id="hub-id",
                                 info=("a Hub id, or a file or folder on this machine" if gate.settings.local_paths
                                       else None))
             with gr.Row():
@@ -248,23 +393,28 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> DataTab:
                                         allow_custom_value=True, label="Split", info=HELP["hub_split"],
                                         elem_id="hub-split")
             hub_note = gr.Markdown(elem_id="hub-note")
-            use_sample = gr.Checkbox(label="Use the sample dataset (Captain Byte, 160 pirate-flavoured conversations)")
         with gr.Column(scale=1):
             max_length = settings_component(DataSettings.__dataclass_fields__["max_length"],
                                             label="Maximum length (tokens)")
             with gr.Accordion("Column mapping", open=False):
                 columns = gr.Textbox(label="Column mapping", info=HELP["columns"])
             check = gr.Button("Check data", variant="primary", elem_id="check-data")
-    summary = gr.Markdown(elem_id="data-summary")
+    summary = gr.Markdown(chosen_summary(DataChoice()), elem_id="data-summary")
     skip_invalid = gr.Checkbox(label="Skip invalid rows", value=DataSettings.skip_invalid_rows,
                                info=HELP["skip_invalid_rows"])
     with gr.Row():
-        counts = gr.Dataframe(label="Problems by code", interactive=False, elem_id="problem-counts")
-        statistics = gr.Dataframe(label="Statistics (valid examples)", interactive=False)
+        # Empty tables with their headers until a check; widths that fit the headers ("severity" on one line).
+        counts = gr.Dataframe(pd.DataFrame(columns=TABLE_COLUMNS["counts"]), label="Problems by code",
+                              interactive=False, wrap=True, column_widths=["26%", "15%", "10%", "49%"],
+                              elem_id="problem-counts")
+        statistics = gr.Dataframe(pd.DataFrame(columns=TABLE_COLUMNS["statistics"]),
+                                  label="Statistics (valid examples)", interactive=False, elem_id="data-statistics")
     # Both axes from zero; no fixed height, which would cut off the legend below the plot.
     histogram = gr.LinePlot(x="tokens", y="examples", color="kind", label="Tokens per example", x_lim=[0, None],
                             y_lim=[0, None], color_map=HISTOGRAM_COLOURS, elem_id="token-histogram")
-    problems = gr.Dataframe(label="Problem rows", interactive=False, wrap=True, elem_id="problem-rows", max_height=320)
+    problems = gr.Dataframe(pd.DataFrame(columns=TABLE_COLUMNS["problems"]), label="Problem rows", interactive=False,
+                            wrap=True, column_widths=["7%", "10%", "20%", "63%"], elem_id="problem-rows",
+                            max_height=320)
     gr.Markdown("### Preview: what the model sees (trained tokens highlighted)")
     with gr.Row():
         previous_example = gr.Button("◀ Previous", size="sm", scale=0)
@@ -283,22 +433,103 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> DataTab:
     # event only: the app keeps it off the API (see ui/__init__.py).
     gr.on([hub_id.submit, hub_id.blur, hub_config.input], on_hub_id, inputs=[hub_id, hub_config, hub_split],
           outputs=[hub_config, hub_split, hub_note], api_name="hub_choices")
-    upload.upload(on_upload, inputs=[upload, session], outputs=[upload_handle, session])
-    upload.clear(lambda: None, outputs=upload_handle)
-    def on_check(token, upload, hub, sample, model_name, columns, hub_config, hub_split, length,
+    form = [source, hub_id, hub_config, hub_split, columns, max_length]
+    check_outputs = [report_state, settings_state, summary, counts, problems, statistics, histogram, example_number,
+                     preview]
+
+    def on_new_file(path, token):
+        try:
+            handle, token = on_upload(path, token)
+        except (gr.Error, UserError) as err:
+            if visitor := gate.known_visitor(token):
+                choices.update(visitor, source=UPLOAD, upload=None, checked=False)
+            # The refused file leaves the box too: what the box shows is what Check would read.
+            return None, None, gr.skip(), UPLOAD, "", *cleared_outputs(refused_summary("upload", err))
+        choice = choices.update(gate.visitor(token), source=UPLOAD, upload=handle, checked=False)
+        # The box is an output so that a successful upload clears an error it showed before (a wrong file type).
+        return gr.update(), handle, token, UPLOAD, upload_note(handle), *cleared_outputs(chosen_summary(choice))
+
+    upload.upload(on_new_file, inputs=[upload, session],
+                  outputs=[upload, upload_handle, session, source, kept_file, *check_outputs])
+
+    def on_file_removed(token, *values):
+        choice = DataChoice(**form_choice(*values))
+        if visitor := gate.known_visitor(token):
+            choice = choices.update(visitor, upload=None, checked=False)
+        return None, "", *cleared_outputs(chosen_summary(choice))
+
+    upload.clear(on_file_removed, inputs=[session, *form], outputs=[upload_handle, kept_file, *check_outputs])
+
+    def form_changed(picked: str | None):
+        """A change of what would be checked (`picked`: the source that the change picks): the last report no longer
+        says what Start would train, so it goes, and the summary says what Check will read."""
+        def on_change(token, handle, *values):
+            values = form_choice(picked or values[0], *values[1:])
+            choice = DataChoice(**values, upload=handle)
+            if visitor := gate.known_visitor(token):
+                choice = choices.update(visitor, **values, checked=False)
+            return values["source"], *cleared_outputs(chosen_summary(choice))
+        return on_change
+
+    changes = dict(inputs=[session, upload_handle, *form], outputs=[source, *check_outputs], show_progress="hidden",
+                   trigger_mode="always_last")
+    gr.on([source.input, hub_config.input, hub_split.input, columns.input, max_length.input], form_changed(None),
+          **changes)
+    hub_id.input(form_changed(HUB), **changes)
+
+    def on_skip(token, skip):
+        if visitor := gate.known_visitor(token):
+            choices.update(visitor, skip_invalid=bool(skip))
+
+    skip_invalid.input(on_skip, inputs=[session, skip_invalid], show_progress="hidden")
+
+    def on_check(token, handle, source_value, hub, model_name, columns_value, config, split, length,
                  progress=gr.Progress()):
-        yield from check_source_in_stages(gate, gate.visitor(token), upload, hub, sample, model_name, columns,
-                                          hub_config, hub_split, length, progress, limits)
+        try:
+            visitor = gate.visitor(token)
+        except gr.Error as err:
+            yield cleared_outputs(refused_summary("check_data", err))
+            return
+        outputs = None
+        for outputs in check_choice(gate, visitor, handle, source_value, hub, model_name, columns_value, config,
+                                    split, length, progress, limits):
+            yield outputs
+        report = outputs[0] if outputs else None
+        choices.update(visitor, **form_choice(source_value, hub, config, split, columns_value, length),
+                       checked=report is not None and not report.first_look)
 
     check.click(
         on_check,
-        inputs=[session, upload_handle, hub_id, use_sample, model, columns, hub_config, hub_split, max_length],
-        outputs=[report_state, settings_state, summary, counts, problems, statistics, histogram, example_number, preview],
+        inputs=[session, upload_handle, source, hub_id, model, columns, hub_config, hub_split, max_length],
+        outputs=check_outputs,
         api_name="check_data",
     )
+
+    def restore(token, model_name, progress=gr.Progress()):
+        """The visitor's choices as they left them, their upload checked to be still theirs; checked again when the
+        last check of them succeeded (the report lives in the page's session, which a reload ends)."""
+        visitor = gate.known_visitor(token)
+        if visitor is None:  # a first visit: nothing kept yet
+            yield tuple(gr.skip() for _ in range(len(form) + 3 + len(check_outputs)))
+            return
+        choice = choices.get(visitor)
+        try:
+            handle = str(access.own_upload(gate.runs_dir, visitor, choice.upload)) if choice.upload else None
+        except UserError:
+            handle = None
+        restored = (choice.source, choice.hub_id, choice.hub_config, choice.hub_split, choice.columns,
+                    choice.max_length, choice.skip_invalid, handle, upload_note(handle))
+        if not choice.checked:
+            yield *restored, *cleared_outputs(chosen_summary(dataclasses.replace(choice, upload=handle)))
+            return
+        for outputs in check_choice(gate, visitor, handle, choice.source, choice.hub_id, model_name, choice.columns,
+                                    choice.hub_config, choice.hub_split, choice.max_length, progress, limits):
+            yield *restored, *outputs
+
     example_number.change(lambda report, name, n: preview_html(report, gate.model(name), n, gate),
                           inputs=[report_state, model, example_number], outputs=preview)
     previous_example.click(lambda n: max(int(n or 1) - 1, 1), inputs=example_number, outputs=example_number)
     next_example.click(lambda report, n: min(int(n or 1) + 1, max(len(report.valid_examples) if report else 1, 1)),
                        inputs=[report_state, example_number], outputs=example_number)
-    return DataTab(report_state, settings_state, skip_invalid)
+    return DataTab(report_state, settings_state, skip_invalid, restore, [session, model],
+                   [*form, skip_invalid, upload_handle, kept_file, *check_outputs])

@@ -52,7 +52,7 @@ def advanced_fields() -> list[dataclasses.Field]:
 def settings_from_form(data_settings: DataSettings | None, skip_invalid: bool, model: str, preset: str,
                        runs_dir: str, advanced: dict[str, Any], report: checks.Report | None = None) -> RunSettings:
     if data_settings is None or not data_settings.source:
-        raise UserError("Check your data in the Data tab first.")
+        raise UserError("Check your data in the Data tab first: there is no checked data.")
     if report is not None and report.errors and not skip_invalid:
         # Said here, before a run is started only to be refused.
         raise UserError(f"{report.invalid_rows} of {report.rows} rows have errors (see the Data tab): fix them in "
@@ -229,7 +229,7 @@ def estimate_markdown(hardware: Hardware, settings: RunSettings | None, report: 
     on this data would take here, with where its tokens/s figure comes from."""
     line = f"This app trains on **{hardware.describe()}**."
     if settings is None or report is None or not report.token_counts:
-        return line + " Check your data (Data tab) to see how long a run of it would take here."
+        return line + " No checked data: check your data (Data tab) to see how long a run of it would take here."
     stats = report.stats()
     try:
         _, length = estimate.estimate_run(settings, hardware, stats["total_tokens"],
