@@ -12,15 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import card, catalog, models
+from . import card, catalog, models, render
 from .errors import UserError
-from .render import render_chat
 from .runs import RunFolder
 from .settings import GenerationSettings
 
 
 def _generate_kwargs(tokenizer: Any, settings: GenerationSettings) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
+    if settings.repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = settings.repetition_penalty
     if settings.temperature > 0:
         kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
     else:
@@ -28,12 +29,30 @@ def _generate_kwargs(tokenizer: Any, settings: GenerationSettings) -> dict[str, 
     return kwargs
 
 
-def _prompt_ids(model: Any, tokenizer: Any, messages: list[dict[str, Any]], settings: GenerationSettings) -> Any:
+def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], settings: GenerationSettings) -> list[int]:
+    """The tokens the model continues to answer `messages`: the system prompt (unless the conversation has one),
+    the messages and the generation prompt, as the chat template writes them. A control-token string a message
+    holds is text, never the token: a user cannot close their turn and write a system one."""
     if settings.system_prompt and not (messages and messages[0]["role"] == "system"):
         messages = [{"role": "system", "content": settings.system_prompt}, *messages]
-    text = render_chat(tokenizer, messages, add_generation_prompt=True)
-    encoded = tokenizer(text, add_special_tokens=False, return_tensors="pt")
-    return encoded.to(model.device)
+    return render.prompt_ids(tokenizer, messages)
+
+
+def check_prompt_length(tokenizer: Any, messages: list[dict[str, Any]], settings: GenerationSettings) -> int:
+    """The prompt's length in tokens, or UserError when it is over `settings.max_prompt_tokens`: a reply's time and
+    memory grow with its prompt, counted in tokens whatever the characters."""
+    length = len(prompt_ids(tokenizer, messages, settings))
+    if length > settings.max_prompt_tokens:
+        raise UserError(f"This conversation is {length:,} tokens long, more than the {settings.max_prompt_tokens:,} "
+                        "the chat answers; press Clear to start a new one (or shorten the message).")
+    return length
+
+
+def _prompt_ids(model: Any, tokenizer: Any, messages: list[dict[str, Any]], settings: GenerationSettings) -> Any:
+    import torch
+
+    ids = torch.tensor([prompt_ids(tokenizer, messages, settings)], device=model.device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def _adapter_switch(model: Any, use_adapter: bool) -> contextlib.AbstractContextManager:
@@ -116,11 +135,21 @@ class ChatModel:
 
     def reply(self, messages: list[dict[str, Any]], settings: GenerationSettings | None = None,
               use_adapter: bool = True) -> str:
+        settings = self._settings(messages, settings, use_adapter)
         return generate_reply(self.model, self.tokenizer, messages, settings, use_adapter and self.has_adapter)
 
     def stream(self, messages: list[dict[str, Any]], settings: GenerationSettings | None = None,
                use_adapter: bool = True) -> Iterator[str]:
+        settings = self._settings(messages, settings, use_adapter)
         return stream_reply(self.model, self.tokenizer, messages, settings, use_adapter and self.has_adapter)
+
+    def _settings(self, messages: list[dict[str, Any]], settings: GenerationSettings | None,
+                  use_adapter: bool) -> GenerationSettings:
+        """The settings of one reply, its prompt checked to be within their bound: the base model's reply beside
+        the fine-tuned one takes the comparison's (`GenerationSettings.for_comparison`)."""
+        settings = settings or GenerationSettings()
+        check_prompt_length(self.tokenizer, messages, settings)
+        return settings.for_comparison() if self.has_adapter and not use_adapter else settings
 
 
 def _inference_dtype() -> Any:
@@ -131,12 +160,19 @@ def _inference_dtype() -> Any:
     return torch.float32
 
 
-def load_chat_model(run_dir: str | Path | None = None, base_model: str | None = None,
-                    check_size: bool = False) -> ChatModel:
-    """The base model of a run with its adapter, or a bare base model when no run is given. With `check_size`, a
-    Hub model too large to chat with on this machine is refused from its metadata before it is downloaded."""
-    import torch
+@dataclass(frozen=True)
+class _ChatSource:
+    """What a chat loads: the run (or None), its base model, where its tokenizer is, and whether to trust code."""
 
+    run: RunFolder | None
+    base_model: str
+    tokenizer: str
+    trust_remote_code: bool
+
+
+def _chat_source(run_dir: str | Path | None, base_model: str | None, check_size: bool) -> _ChatSource:
+    """The run's adapter on its base model, or `base_model` alone; with `check_size`, a Hub model too large to chat
+    with on this machine is refused from its metadata before anything of it is downloaded."""
     run = None
     trust_remote_code = False
     if run_dir is not None:
@@ -151,7 +187,25 @@ def load_chat_model(run_dir: str | Path | None = None, base_model: str | None = 
     base_model = base_model or models.default_model()
     if check_size:
         catalog.check_hub_model_fits(base_model, catalog.CHAT)
-    tokenizer = models.load_tokenizer(str(run.adapter_path) if run else base_model, trust_remote_code)
+    return _ChatSource(run, base_model, str(run.adapter_path) if run else base_model, trust_remote_code)
+
+
+def load_chat_tokenizer(run_dir: str | Path | None = None, base_model: str | None = None,
+                        check_size: bool = False) -> Any:
+    """The tokenizer `load_chat_model` gives the same run or base model, without the weights."""
+    source = _chat_source(run_dir, base_model, check_size)
+    return models.load_tokenizer(source.tokenizer, source.trust_remote_code)
+
+
+def load_chat_model(run_dir: str | Path | None = None, base_model: str | None = None,
+                    check_size: bool = False) -> ChatModel:
+    """The base model of a run with its adapter, or a bare base model when no run is given. With `check_size`, a
+    Hub model too large to chat with on this machine is refused from its metadata before it is downloaded."""
+    import torch
+
+    source = _chat_source(run_dir, base_model, check_size)
+    run, base_model, trust_remote_code = source.run, source.base_model, source.trust_remote_code
+    tokenizer = models.load_tokenizer(source.tokenizer, trust_remote_code)
     device_map = {"": 0} if torch.cuda.is_available() else None
     model = models.load_causal_lm(base_model, dtype=_inference_dtype(), device_map=device_map,
                                   trust_remote_code=trust_remote_code)
@@ -172,10 +226,31 @@ class ChatModelCache:
         self._lock = threading.Lock()
         self._key: tuple[str, str] | None = None
         self._model: ChatModel | None = None
+        self._tokenizer_lock = threading.Lock()
+        self._tokenizer_key: tuple[str, str] | None = None
+        self._tokenizer: Any = None
+
+    @staticmethod
+    def _key_of(run_dir: str | Path | None, base_model: str | None) -> tuple[str, str]:
+        return ("run", str(run_dir)) if run_dir else ("base", base_model or "")
+
+    def tokenizer(self, run_dir: str | Path | None, base_model: str | None = None) -> Any:
+        """The tokenizer of the model `get` gives, without loading the weights when they are not in memory: the
+        chat counts a conversation's tokens before any model loads (or a GPU is attached). The last one is kept."""
+        key = self._key_of(run_dir, base_model)
+        model = self._model
+        if model is not None and self._key == key:
+            return model.tokenizer
+        with self._tokenizer_lock:
+            if self._tokenizer_key != key:
+                self._tokenizer_key, self._tokenizer = None, None
+                self._tokenizer = load_chat_tokenizer(run_dir, None if run_dir else base_model, check_size=True)
+                self._tokenizer_key = key
+            return self._tokenizer
 
     def get(self, run_dir: str | Path | None, base_model: str | None = None) -> ChatModel:
         """The run's adapter on its base model, or `base_model` alone when no run is given."""
-        key = ("run", str(run_dir)) if run_dir else ("base", base_model or "")
+        key = self._key_of(run_dir, base_model)
         with self._lock:
             if self._key != key:
                 # Let go of the old weights before loading the new: both at once may not fit.

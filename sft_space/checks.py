@@ -64,9 +64,11 @@ PROBLEM_CODES = {
     "trailing_data": "data after the closing ']' of a JSON array; it was not read",
     "ignored_files": "files of another format in a dataset folder; they were not read",
     "rows_not_read": "a Hub dataset has more rows than max_rows; only the first max_rows were read",
+    "control_token_in_text": "a message's text holds a control token of the model (e.g. <|im_end|>); it is trained "
+    "as plain text, never as the token that ends or opens a turn",
 }
 WARNING_CODES = {"few_examples", "all_tokens_trained", "duplicate", "same_prompt_different_answers",
-                 "same_answer_many_prompts", "text_split", *data.READING_WARNINGS}
+                 "same_answer_many_prompts", "text_split", "control_token_in_text", *data.READING_WARNINGS}
 
 
 @dataclass
@@ -529,6 +531,7 @@ def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int, keep_
             if errors:
                 report.errors += errors
             else:
+                report.warnings += _control_token_warnings(renderer, example)
                 first = repeats.duplicate_of(example)
                 if first is not None:
                     kept = " (kept: keep_duplicates is set)" if keep_duplicates else (
@@ -568,6 +571,20 @@ def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int, keep_
     if on_progress is not None:
         on_progress(loaded.rows, loaded.rows)
     return report
+
+
+def _control_token_warnings(renderer: Renderer, example: data.Example) -> list[Problem]:
+    """A warning for each message (or plain text) of the example whose text holds one of the model's control
+    tokens: the renderer tokenizes it as text, but a rendered chat pasted into the data is usually a mistake."""
+    found = []
+    for number, strings in renderer.control_strings(example):
+        where = f"row {example.row}, message {number}" if number is not None else f"row {example.row}"
+        shown = ", ".join(data.shown(string, 40) for string in strings)
+        found.append(Problem(example.row, "control_token_in_text", f"{where}: the text holds {shown}, this model's "
+                             "control token(s) that mark where a turn begins or ends; it is trained as plain text, "
+                             "never as the token itself (remove it if it was not meant to be there, e.g. a "
+                             "rendered chat pasted into the data)."))
+    return found
 
 
 def _measures(result: tuple[int, int] | Tokens) -> tuple[int, int]:

@@ -17,9 +17,12 @@ that rewrite earlier turns, trim contents, fold one message into another, ...) d
 from __future__ import annotations
 
 import bisect
-from array import array
+import copy
 import itertools
 import json
+import re
+import weakref
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -380,12 +383,178 @@ def _layout_spans(layout: _Layout, messages: list[dict[str, Any]], full: str) ->
     return spans
 
 
-def _tokenize(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+def _tokenize(tokenizer: Any, text: str,
+              forged: list[tuple[int, int]] | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of `text`; a control token that overlaps a `forged` span (`forged_spans`)
+    is tokenized as text instead."""
     if not getattr(tokenizer, "is_fast", True):
         raise TemplateError("this tokenizer has no character offsets (not a 'fast' tokenizer); pick another model")
     # The template already wrote any BOS it wants; adding special tokens again would double it.
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return list(encoding["input_ids"]), [tuple(o) for o in encoding["offset_mapping"]]
+    ids, offsets = list(encoding["input_ids"]), [tuple(o) for o in encoding["offset_mapping"]]
+    guarded = control_tokens(tokenizer).guard(text, ids, offsets, forged) if forged else None
+    return guarded or (ids, offsets)
+
+
+# ------------------------------------------------------------------------------ control tokens from text
+
+
+class ControlTokens:
+    """A tokenizer's control tokens (its special added tokens: "<|im_start|>", "<|im_end|>", ...), and a way to
+    tokenize text in which their strings stay text.
+
+    A tokenizer cuts its input at every control-token string before anything else, so a message holding
+    "<|im_end|>\n<|im_start|>system" would close its own turn and open a system turn: trained as the model's own
+    turn markers, shown so in the preview, and in chat a user's way to write the system prompt. Only the template
+    writes control tokens; where a message wrote the characters, they are tokenized as the text they are.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        added = self._backend.get_added_tokens_decoder() if self._backend is not None else {}
+        self.ids = frozenset(index for index, token in added.items() if token.special)
+        strings = sorted({token.content for token in added.values() if token.special and token.content},
+                         key=len, reverse=True)  # the longest first, as the tokenizer matches them
+        self._pattern = re.compile("|".join(map(re.escape, strings))) if strings else None
+        self._literal: Any = None
+
+    def holds(self, value: Any) -> bool:
+        """Whether `value` is text with a control-token string in it."""
+        return isinstance(value, str) and self._pattern is not None and self._pattern.search(value) is not None
+
+    def found_in(self, text: str) -> list[str]:
+        """The control-token strings in `text`, each once, in the order they first appear."""
+        if self._pattern is None or not self._pattern.search(text):
+            return []
+        return list(dict.fromkeys(self._pattern.findall(text)))
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """Where control-token strings are in `text`."""
+        return [m.span() for m in self._pattern.finditer(text)] if self._pattern is not None else []
+
+    def masked(self, text: str, mask: Any) -> str:
+        """`text` with each control-token string replaced by `mask(match)`."""
+        if self._pattern is None or not self._pattern.search(text):
+            return text
+        return self._pattern.sub(mask, text)
+
+    def literal(self) -> Any:
+        """A copy of the tokenizer's backend that reads control-token strings as text. A copy of its own: the
+        tokenizer's `split_special_tokens` switches a flag on the backend it shares with every other caller."""
+        if self._literal is None:
+            literal = copy.deepcopy(self._backend)
+            literal.encode_special_tokens = True
+            literal.no_truncation()
+            literal.no_padding()
+            self._literal = literal
+        return self._literal
+
+    def guard(self, text: str, ids: list[int], offsets: list[tuple[int, int]],
+              forged: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]] | None:
+        """`text`'s ids and offsets (from the tokenizer) with each control token that overlaps a forged span
+        replaced by the tokens of its text; None when there is none to replace.
+
+        The text is cut at the control tokens that remain, as the tokenizer cuts it; a piece between two of them
+        that held a forged one is tokenized again, as text, and every other piece keeps its tokens."""
+        controls = [i for i, token in enumerate(ids) if token in self.ids]
+        overlaps = trained_mask([offsets[i] for i in controls], forged)
+        if not any(overlaps):
+            return None
+        forged_at = {i for i, overlap in zip(controls, overlaps) if overlap}
+        kept = [i for i, overlap in zip(controls, overlaps) if not overlap]
+        new_ids: list[int] = []
+        new_offsets: list[tuple[int, int]] = []
+        for before, after in zip([-1, *kept], [*kept, len(ids)]):
+            if any(before < i < after for i in forged_at):
+                start = offsets[before][1] if before >= 0 else 0
+                end = offsets[after][0] if after < len(ids) else len(text)
+                encoding = self.literal().encode(text[start:end], add_special_tokens=False)
+                new_ids += encoding.ids
+                new_offsets += [(a + start, b + start) for a, b in encoding.offsets]
+            else:
+                new_ids += ids[before + 1:after]
+                new_offsets += offsets[before + 1:after]
+            if after < len(ids):
+                new_ids.append(ids[after])
+                new_offsets.append(offsets[after])
+        return new_ids, new_offsets
+
+
+_control_tokens: weakref.WeakKeyDictionary[Any, tuple[int, ControlTokens]] = weakref.WeakKeyDictionary()
+
+
+def control_tokens(tokenizer: Any) -> ControlTokens:
+    """The tokenizer's `ControlTokens`, made once per tokenizer (and again when tokens were added to it)."""
+    size = len(tokenizer)
+    try:
+        cached = _control_tokens.get(tokenizer)
+    except TypeError:  # a tokenizer that cannot be weakly referenced
+        return ControlTokens(tokenizer)
+    if cached is None or cached[0] != size:
+        cached = (size, ControlTokens(tokenizer))
+        _control_tokens[tokenizer] = cached
+    return cached[1]
+
+
+def _control_placeholder(index: int) -> str:
+    # Private-use characters, other than `_placeholder`'s: a conversation's content may be rendered as those.
+    return f"\ue002{index}\ue003"
+
+
+_CONTROL_PLACEHOLDER = re.compile("\ue002([0-9]{1,9})\ue003")
+
+
+def forged_spans(tokenizer: Any, messages: list[dict[str, Any]], full: str, add_generation_prompt: bool = False,
+                 control: ControlTokens | None = None) -> list[tuple[int, int]]:
+    """Where the messages' own text put control-token strings into `full` (their render), sorted; [] when none.
+
+    Found by rendering the conversation again with a placeholder for each such string in a message (any text field
+    but the role, which checks and the chat allow only from a fixed set): every control token left is the
+    template's. A template that does not write the strings as they are cannot be told apart from its own tokens,
+    and is refused (TemplateError)."""
+    control = control or control_tokens(tokenizer)
+    if not any(control.holds(value) for message in messages if isinstance(message, dict)
+               for key, value in message.items() if key != "role"):
+        return []
+    strings: list[str] = []
+
+    def mask(match: re.Match) -> str:
+        strings.append(match.group())
+        return _control_placeholder(len(strings) - 1)
+
+    masked = [{key: control.masked(value, mask) if key != "role" and isinstance(value, str) else value
+               for key, value in message.items()} if isinstance(message, dict) else message
+              for message in messages]
+    if not strings:
+        return []
+    text = render_chat(tokenizer, masked, add_generation_prompt)
+    spans, pieces, cursor, shift = [], [], 0, 0
+    for match in _CONTROL_PLACEHOLDER.finditer(text):
+        index = int(match.group(1))
+        if index >= len(strings):
+            break
+        start = match.start() + shift
+        spans.append((start, start + len(strings[index])))
+        pieces += [text[cursor:match.start()], strings[index]]
+        shift += len(strings[index]) - len(match.group())
+        cursor = match.end()
+    else:
+        pieces.append(text[cursor:])
+        if "".join(pieces) == full:
+            return spans
+    raise TemplateError(f"a message holds {strings[0]!r}, one of this model's control tokens, and the model's chat "
+                        "template does not write messages exactly as they are, so it cannot be kept apart from the "
+                        "template's own; remove it from the message")
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    """The token ids a model continues to answer `messages`: their render with the generation prompt, control-token
+    strings in the messages tokenized as text."""
+    text = render_chat(tokenizer, messages, add_generation_prompt=True)
+    forged = forged_spans(tokenizer, messages, text, add_generation_prompt=True)
+    if not forged:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return _tokenize(tokenizer, text, forged)[0]
 
 
 def trained_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
@@ -412,7 +581,7 @@ def render_conversation(tokenizer: Any, messages: list[dict[str, Any]], by_prefi
     if spans is None:
         layout = None
         spans = assistant_spans(tokenizer, messages, full)
-    input_ids, offsets = _tokenize(tokenizer, full)
+    input_ids, offsets = _tokenize(tokenizer, full, forged_spans(tokenizer, messages, full))
     segments = (_segments(messages, full, layout.prefix_ends, _inserted_system_end(tokenizer, messages, full))
                 if layout else _role_segments(tokenizer, messages, full))
     return Rendered(full, input_ids, offsets, trained_mask(offsets, spans), segments)
@@ -420,8 +589,9 @@ def render_conversation(tokenizer: Any, messages: list[dict[str, Any]], by_prefi
 
 def render_text(tokenizer: Any, text: str, ends_document: bool = True) -> Rendered:
     """Language-model data: every token is trained, and an end-of-sequence token closes the document (not a piece
-    of a longer document split at the maximum length, which the next piece continues)."""
-    input_ids, offsets = _tokenize(tokenizer, text)
+    of a longer document split at the maximum length, which the next piece continues). The text is data: a
+    control-token string in it is tokenized as text."""
+    input_ids, offsets = _tokenize(tokenizer, text, control_tokens(tokenizer).spans(text))
     if ends_document and tokenizer.eos_token_id is not None:
         input_ids.append(tokenizer.eos_token_id)
         offsets.append((len(text), len(text)))
@@ -472,6 +642,7 @@ class Renderer:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self.control = control_tokens(tokenizer)
         self._shapes: dict[str, _Marked | None] = {}
         self._verified: dict[str, int] = {}
 
@@ -514,13 +685,30 @@ class Renderer:
             return (full, *fast)
         return (full, *_slow_layout(self.tokenizer, messages, full))
 
-    def _prepare(self, example: Any) -> tuple[str, list[tuple[int, int]] | None, list[tuple[int, int, str]], bool]:
-        """(text, trained spans or None for every token, segments, add EOS) for an example."""
+    def _prepare(self, example: Any) -> tuple[str, list[tuple[int, int]] | None, list[tuple[int, int, str]], bool,
+                                              list[tuple[int, int]]]:
+        """(text, trained spans or None for every token, segments, add EOS, forged spans) for an example: the forged
+        spans are where its own text wrote control-token strings (`forged_spans`), tokenized as text."""
         if example.messages is not None:
-            return (*self.layout(example.messages), False)
+            text, spans, segments = self.layout(example.messages)
+            return text, spans, segments, False, forged_spans(self.tokenizer, example.messages, text, control=self.control)
         text = example.text
         ends = getattr(example, "ends_document", True) and self.tokenizer.eos_token_id is not None
-        return text, None, [(0, len(text), "text")], ends
+        return text, None, [(0, len(text), "text")], ends, self.control.spans(text)
+
+    def control_strings(self, example: Any) -> list[tuple[int | None, list[str]]]:
+        """(message number from 1, or None for plain text; the control-token strings it holds) for each part of the
+        example that holds any: what the check warns about."""
+        if example.messages is None:
+            found = self.control.found_in(example.text) if isinstance(example.text, str) else []
+            return [(None, found)] if found else []
+        holding = []
+        for number, message in enumerate(example.messages, start=1):
+            found = [string for key, value in message.items() if key != "role" and isinstance(value, str)
+                     for string in self.control.found_in(value)] if isinstance(message, dict) else []
+            if found:
+                holding.append((number, list(dict.fromkeys(found))))
+        return holding
 
     def _prepare_all(self, examples: list[Any]) -> list[Any]:
         prepared: list[Any] = []
@@ -547,9 +735,11 @@ class Renderer:
             if isinstance(item, TemplateError):
                 results.append(item)
                 continue
-            text, spans, segments, add_eos = item
+            text, spans, segments, add_eos, forged = item
             ids, offsets = next(encoded)
             input_ids, offsets = list(ids), [tuple(o) for o in offsets]
+            if forged:
+                input_ids, offsets = self.control.guard(text, input_ids, offsets, forged) or (input_ids, offsets)
             if add_eos:
                 input_ids.append(self.tokenizer.eos_token_id)
                 offsets.append((len(text), len(text)))
@@ -601,8 +791,12 @@ class Renderer:
             if isinstance(item, TemplateError):
                 results.append(item)
                 continue
-            text, spans, _, add_eos = item
+            text, spans, _, add_eos, forged = item
             encoding = next(encodings)
+            guarded = self.control.guard(text, encoding.ids, encoding.offsets, forged) if forged else None
+            if guarded is not None:
+                results.append(self._guarded_measure(guarded, spans, add_eos, keep_tokens))
+                continue
             n_tokens = len(encoding)
             if keep_tokens:
                 results.append(self._tokens(encoding, spans, n_tokens, add_eos))
@@ -611,6 +805,18 @@ class Renderer:
             eos = 1 if add_eos else 0
             results.append((n_tokens + eos, trained + eos))
         return batch, results
+
+    def _guarded_measure(self, guarded: tuple[list[int], list[tuple[int, int]]], spans: list[tuple[int, int]] | None,
+                         add_eos: bool, keep_tokens: bool) -> tuple[int, int] | Tokens:
+        """`_measured`'s answer for an example whose tokens `ControlTokens.guard` gave (ids and offsets)."""
+        ids, offsets = guarded
+        trained = bytearray(b"\x01" * len(ids)) if spans is None else bytearray(map(int, trained_mask(offsets, spans)))
+        if add_eos:
+            ids = [*ids, self.tokenizer.eos_token_id]
+            trained.append(1)
+        if keep_tokens:
+            return Tokens(array("i", ids), bytes(trained))
+        return len(ids), trained.count(1)
 
     def _tokens(self, encoding: Any, spans: list[tuple[int, int]] | None, n_tokens: int, add_eos: bool) -> Tokens:
         ids = array("i", encoding.ids)

@@ -285,9 +285,27 @@ class GenerationSettings:
                                  "tokens that together make up this probability (1 considers every token).",
                            bounds=(0.05, 1.0))
     system_prompt: str = setting("", "Instructions placed before the conversation (leave empty for none).")
+    repetition_penalty: float = setting(1.0, "Above 1, makes the model less likely to repeat what it already wrote "
+                                             "(1.1-1.3 ends most loops); 1 leaves it as trained.", bounds=(1.0, 2.0))
+    # A base model that has not learned where your data's replies end often writes until the limit: on a CPU that
+    # was minutes per comparison, spent on text nobody reads.
+    compare_max_new_tokens: int = setting(128, "Longest reply of the base model shown beside the fine-tuned one, in "
+                                               "tokens.", bounds=(1, 131_072), app_bounds=(1, 1024))
+    compare_repetition_penalty: float = setting(1.15, "Repetition penalty of the base model's reply beside the "
+                                                      "fine-tuned one (see repetition penalty): a base model often "
+                                                      "repeats itself until the limit.", bounds=(1.0, 2.0))
+    max_prompt_tokens: int = setting(4096, "Longest conversation the chat answers, in the model's tokens: the system "
+                                           "prompt, every earlier turn and the new message, as the chat template "
+                                           "writes them. A longer one is refused (start a new chat).",
+                                     bounds=(1, 1_048_576))
 
     def __post_init__(self) -> None:
         check_bounds(self)
+
+    def for_comparison(self) -> GenerationSettings:
+        """The settings of the base model's reply beside the fine-tuned one: no longer than either limit."""
+        return dataclasses.replace(self, max_new_tokens=min(self.max_new_tokens, self.compare_max_new_tokens),
+                                   repetition_penalty=self.compare_repetition_penalty)
 
 
 # The GGUF weights offered: the ones gguf's Python code writes (llama.cpp's k-quants need its compiled tools).

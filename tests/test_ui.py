@@ -20,12 +20,12 @@ def test_earlier_chat_turns_reach_the_model_as_their_text():
     """Gradio's Chatbot hands earlier turns back as lists of parts; the model must see the words, not a repr."""
     import gradio as gr
 
-    from sft_space.ui.chat_tab import _as_messages
+    from sft_space.ui.chat_tab import page_history
 
     chatbot = gr.Chatbot()
     history = chatbot.preprocess(chatbot.postprocess([{"role": "user", "content": "Hi there"},
                                                       {"role": "assistant", "content": "Ahoy!"}]))
-    assert _as_messages(history) == [{"role": "user", "content": "Hi there"},
+    assert page_history(history, "fine-tuned") == [{"role": "user", "content": "Hi there"},
                                      {"role": "assistant", "content": "Ahoy!"}]
 
 
@@ -235,7 +235,7 @@ def test_a_chat_conversation_is_bounded_before_any_model_is_loaded(tmp_path):
     long_history = [{"role": "user", "content": [{"type": "text", "text": "x" * access.MAX_CHAT_CHARACTERS}]}]
     for message, history in (("y" * (access.MAX_CHAT_CHARACTERS + 1), []), ("hi", long_history)):
         with pytest.raises(UserError, match="press Clear"):
-            chat_tab.checked_message(message, GenerationSettings(), history, [])
+            chat_tab.checked_conversation(message, GenerationSettings(), history, [])
     # Inside the GPU function a model that cannot load is a gr.Error: the one exception ZeroGPU's worker passes
     # on with its message (any other reads "ZeroGPU worker error").
     import gradio as gr

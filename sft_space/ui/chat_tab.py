@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import gradio as gr
 import spaces
 
-from .. import access, runs
+from .. import access, chat, data, runs
 from ..chat import chat_models
 from ..errors import UserError
 from ..settings import GenerationSettings, field_help
@@ -28,7 +28,16 @@ CHAT_CSS = """
 """
 NO_RUN_CHOSEN = "No fine-tuned run chosen: pick one under *Chat with* to compare."
 # Slider steps: the ranges and defaults are GenerationSettings'.
-SLIDER_STEPS = {"temperature": 0.05, "top_p": 0.05, "max_new_tokens": 1}
+SLIDER_STEPS = {"temperature": 0.05, "top_p": 0.05, "max_new_tokens": 1, "compare_max_new_tokens": 1}
+# A chat's history comes back from the page, where any client can write anything into it. What the chats here
+# write: the user's and the model's turns, as text, at most this many of them per chat (a system prompt has its
+# own box). The tokens of the whole prompt are bounded too (GenerationSettings.max_prompt_tokens).
+HISTORY_ROLES = ("user", "assistant")
+MAX_HISTORY_MESSAGES = 100
+MAX_MESSAGE_PARTS = 8
+# Replies on the shared hardware at once, whoever asks: a reply takes every core of a CPU Space or a share of the
+# GPU's memory, and one page could otherwise start as many as the queue's default lets it.
+CHAT_CONCURRENCY = 2
 
 
 def run_choices(runs_dir: str, visitor: str | None) -> list[tuple[str, str]]:
@@ -53,64 +62,114 @@ def suggestion(runs_dir: str, run_dir: str | None, visitor: str | None) -> str:
 
 
 def message_text(content: Any) -> str:
-    """A chat message's text: Gradio hands earlier turns back as a list of parts ({"type": "text", "text": …})."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        return str(content.get("text", ""))
-    if isinstance(content, (list, tuple)):
-        return "".join(message_text(part) for part in content)
-    return ""
+    """A chat message's text, or UserError when it is not all text: Gradio hands earlier turns back as a list of
+    parts ({"type": "text", "text": …}); a file, a component or anything else is not what these chats write."""
+    parts = content if isinstance(content, (list, tuple)) else [content]
+    if len(parts) > MAX_MESSAGE_PARTS:
+        raise UserError(f"A message of this chat has {len(parts):,} parts; the chat writes one. Press Clear to start "
+                        "a new chat.")
+    texts = []
+    for part in parts:
+        if isinstance(part, dict) and set(part) <= {"type", "text"} and part.get("type", "text") == "text":
+            part = part.get("text")
+        if not isinstance(part, str):
+            raise UserError(f"A message of this chat holds {data.shown(part, 40)}, not text; the chat answers text "
+                            "only. Press Clear to start a new chat.")
+        texts.append(part)
+    return "".join(texts)
 
 
-def _as_messages(history: list[dict[str, Any]]) -> list[dict[str, str]]:
-    return [{"role": m["role"], "content": message_text(m["content"])} for m in history]
+def page_history(history: Any, chat_name: str) -> list[dict[str, str]]:
+    """A chat's history as the page sent it, as messages of text (role and content), or UserError: a list of at most
+    MAX_HISTORY_MESSAGES user and assistant turns, each with nothing but its role and text (Gradio's empty
+    metadata and options aside)."""
+    if history is None:
+        return []
+    if not isinstance(history, (list, tuple)):
+        raise UserError(f"The {chat_name} chat's history is a {data.type_name(history)}, not a list of messages; "
+                        "reload the page.")
+    if len(history) > MAX_HISTORY_MESSAGES:
+        raise UserError(f"The {chat_name} chat holds {len(history):,} messages, more than the "
+                        f"{MAX_HISTORY_MESSAGES} the chat answers; press Clear to start a new one.")
+    messages = []
+    for number, message in enumerate(history, start=1):
+        where = f"Message {number} of the {chat_name} chat"
+        if not isinstance(message, dict):
+            raise UserError(f"{where} is a {data.type_name(message)}, not a message; press Clear.")
+        extra = [key for key, value in message.items() if key not in ("role", "content") and value not in (None, {}, [])]
+        if extra:
+            raise UserError(f"{where} carries {data.shown(extra[0], 40)}, which this chat never writes; press Clear.")
+        role = message.get("role")
+        if not isinstance(role, str) or role not in HISTORY_ROLES:
+            raise UserError(f"{where} has the role {data.shown(role, 40)}; a chat's turns are the user's and the "
+                            "assistant's. Press Clear.")
+        messages.append({"role": role, "content": message_text(message.get("content"))})
+    return messages
 
 
-def generation_settings(system_prompt: str | None, temperature: float, top_p: float,
-                        max_new_tokens: float) -> GenerationSettings:
-    """The sliders' values as settings (the sliders send numbers as floats)."""
-    return GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                              top_p=float(top_p), system_prompt=system_prompt or "")
+def generation_settings(system_prompt: str | None, temperature: float, top_p: float, max_new_tokens: float,
+                        compare_max_new_tokens: float | None = None) -> GenerationSettings:
+    """The sliders' values as settings (the sliders send numbers as floats), or UserError for values of another
+    kind (any client can send anything; the sliders' bounds are Gradio's to enforce)."""
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise UserError("The system prompt is not text; reload the page.")
+    try:
+        values = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "top_p": float(top_p)}
+        if compare_max_new_tokens is not None:
+            values["compare_max_new_tokens"] = int(compare_max_new_tokens)
+    except (TypeError, ValueError, OverflowError):
+        raise UserError("A generation setting is not a number; reload the page.") from None
+    return GenerationSettings(**values, system_prompt=system_prompt or "")
 
 
-def checked_message(message: str | None, settings: GenerationSettings, tuned_history: list | None,
-                    base_history: list | None) -> str:
-    """The message to answer, or UserError: none typed, or a conversation too long for the shared hardware (a page
-    can send any history). Checked before `respond`, so that a refusal attaches no GPU on ZeroGPU."""
-    message = (message or "").strip()
-    if not message:
+def checked_conversation(message: Any, settings: GenerationSettings, tuned_history: Any,
+                         base_history: Any) -> tuple[str, list[dict[str, str]], list[dict[str, str]]]:
+    """(the message to answer, both chats' histories as messages of text), or UserError: no message, a history
+    that is not what the chats write (`page_history`), or a conversation over the characters the app answers.
+    Checked before any tokenizer or model is loaded and before `respond`, so a refusal costs nothing and attaches
+    no GPU on ZeroGPU."""
+    if not isinstance(message, str) or not message.strip():
         raise UserError("Type a message first.")
-    earlier = [*(tuned_history or []), *(base_history or [])]
-    access.check_conversation([message, settings.system_prompt]
-                              + [message_text(m.get("content") if isinstance(m, dict) else m) for m in earlier])
-    return message
+    message = message.strip()
+    tuned, base = page_history(tuned_history, "fine-tuned"), page_history(base_history, "base model's")
+    access.check_conversation([message, settings.system_prompt] + [m["content"] for m in tuned + base])
+    return message, tuned, base
+
+
+def check_prompt_tokens(tokenizer: Any, message: str, tuned: list[dict[str, str]], base: list[dict[str, str]],
+                        settings: GenerationSettings) -> None:
+    """UserError when either chat's prompt, with the new message, is over the tokens the app answers."""
+    for history in (tuned, base):
+        chat.check_prompt_length(tokenizer, [*history, {"role": "user", "content": message}], settings)
 
 
 @spaces.GPU
-def respond(message: str, tuned_history: list, base_history: list, run_dir: str | None, base_model: str,
-            settings: GenerationSettings) -> Iterator[tuple[list, list, str]]:
-    """Stream the fine-tuned reply, then the base model's reply to the same conversation. `message` and `run_dir`
-    are checked already (`checked_message`, `own_run_dir`). A model that cannot load is refused with gr.Error: on
-    ZeroGPU the worker passes only gr.Error on with its message (anything else reads "ZeroGPU worker error"),
-    and the app shows it as a message (ui/common.py `refusals_as_messages`)."""
+def respond(message: str, tuned_history: list[dict[str, str]], base_history: list[dict[str, str]],
+            run_dir: str | None, base_model: str, settings: GenerationSettings) -> Iterator[tuple[Any, Any, Any]]:
+    """Stream the fine-tuned reply, then the base model's reply to the same conversation. The message, histories
+    and `run_dir` are checked already (`checked_conversation`, `check_prompt_tokens`, `own_run_dir`). The message
+    box is emptied once, with the first update, and left alone after: what the visitor types meanwhile is their
+    next message. A model that cannot load is refused with gr.Error: on ZeroGPU the worker passes only gr.Error on
+    with its message (anything else reads "ZeroGPU worker error"), and the app shows it as a message (ui/common.py
+    `refusals_as_messages`)."""
     try:
         model = chat_models.get(run_dir, base_model)
     except UserError as err:
         raise gr.Error(str(err)) from None
-    tuned_history = list(tuned_history or []) + [{"role": "user", "content": message}]
-    base_history = list(base_history or []) + [{"role": "user", "content": message}]
+    tuned_history = [*tuned_history, {"role": "user", "content": message}]
+    base_history = [*base_history, {"role": "user", "content": message}]
     targets = [(tuned_history, True)] if model.has_adapter else []
     targets.append((base_history, False))
     if not model.has_adapter:
         tuned_history.append({"role": "assistant", "content": NO_RUN_CHOSEN})
+    yield tuned_history, base_history, ""
     for history, use_adapter in targets:
-        conversation = _as_messages(history)
+        conversation = [dict(m) for m in history]
         history.append({"role": "assistant", "content": ""})
         for partial in model.stream(conversation, settings, use_adapter=use_adapter):
             history[-1]["content"] = partial
-            yield tuned_history, base_history, ""
-    yield tuned_history, base_history, ""
+            yield tuned_history, base_history, gr.skip()
+    yield tuned_history, base_history, gr.skip()
 
 
 def settings_slider(name: str, label: str) -> gr.Slider:
@@ -136,6 +195,7 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> RunPicker
             temperature = settings_slider("temperature", "Temperature")
             top_p = settings_slider("top_p", "Top-p")
             max_new_tokens = settings_slider("max_new_tokens", "Max new tokens")
+            compare_max_new_tokens = settings_slider("compare_max_new_tokens", "Base model's max new tokens")
     gr.HTML(f"<style>{CHAT_CSS}</style>", elem_id="chat-style", padding=False, container=False)
     with gr.Row():
         tuned = gr.Chatbot(label="Fine-tuned", elem_id="chat-tuned", height=360)
@@ -147,17 +207,25 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> RunPicker
         suggest = gr.Button("💡 Try a held-out prompt", size="sm", elem_id="chat-suggest")
         clear = gr.Button("Clear", size="sm")
 
-    # top_p last: the chat API's other values keep their places for clients written before it had one.
-    inputs = [message, tuned, base, run, model, system_prompt, temperature, max_new_tokens, session, top_p]
+    # top_p, then the base model's length, last: the chat API's other values keep their places for clients written
+    # before it had them.
+    inputs = [message, tuned, base, run, model, system_prompt, temperature, max_new_tokens, session, top_p,
+              compare_max_new_tokens]
 
-    def on_send(message, tuned, base, run, model_name, system_prompt, temperature, max_new_tokens, token, top_p):
+    def on_send(message, tuned, base, run, model_name, system_prompt, temperature, max_new_tokens, token, top_p,
+                compare_max_new_tokens=None):
         visitor, base_model = gate.visitor(token), gate.model(model_name)
-        settings = generation_settings(system_prompt, temperature, top_p, max_new_tokens)
-        message = checked_message(message, settings, tuned, base)
-        yield from respond(message, tuned, base, own_run_dir(runs_dir, run, visitor), base_model, settings)
+        settings = generation_settings(system_prompt, temperature, top_p, max_new_tokens, compare_max_new_tokens)
+        message, tuned, base = checked_conversation(message, settings, tuned, base)
+        run_dir = own_run_dir(runs_dir, run, visitor)
+        check_prompt_tokens(chat_models.tokenizer(run_dir, base_model), message, tuned, base, settings)
+        yield from respond(message, tuned, base, run_dir, base_model, settings)
 
-    send.click(on_send, inputs=inputs, outputs=[tuned, base, message], api_name="chat")
-    message.submit(on_send, inputs=inputs, outputs=[tuned, base, message])
+    # Send and Enter are one event, so a page runs one reply at a time; a message sent during a reply waits for it
+    # and is answered next (Gradio's "always_last": the newest one, read from the box when its turn comes) instead
+    # of being dropped. Every page's replies share CHAT_CONCURRENCY places on the hardware.
+    gr.on([send.click, message.submit], on_send, inputs=inputs, outputs=[tuned, base, message], api_name="chat",
+          trigger_mode="always_last", concurrency_id="chat", concurrency_limit=CHAT_CONCURRENCY)
     suggest.click(lambda r, token: suggestion(runs_dir, r, gate.visitor(token)), inputs=[run, session],
                   outputs=message)
     clear.click(lambda: ([], []), outputs=[tuned, base])
