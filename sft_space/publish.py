@@ -9,11 +9,14 @@ ever handed to `HfApi`: it is never written to a file, a run record, a card, a l
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import threading
+import time
 import zipfile
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -249,6 +252,165 @@ def export_zip(run_dir: str | Path, zip_path: str | Path) -> Path:
             for name in files:
                 archive.write(Path(staging) / name, arcname=str(name))
     return zip_path
+
+
+# ---- downloads from the app ----------------------------------------------------------------------------------
+
+DOWNLOADS_DIR = "sft-space-downloads"
+# A file handed to a page this recently is never evicted for another: Gradio copies it into its own cache just
+# after the handler returns it, and the page fetches it from there.
+HANDED_OUT_SECONDS = 60.0
+# What a zip holds besides the run's files: the model card and the loss curve.
+ZIP_EXTRAS_BYTES = 1_000_000
+
+
+def size_text(size: int) -> str:
+    """A file's size as people and the README count it: 1 MB = 1,000,000 bytes ("271 MB", "5.2 MB", "840 KB")."""
+    if size >= 10**9:
+        return f"{size / 10**9:,.1f} GB"
+    if size >= 10 * 10**6:
+        return f"{size / 10**6:,.0f} MB"
+    if size >= 10**6:
+        return f"{size / 10**6:.1f} MB"
+    return f"{max(1, round(size / 1000))} KB"
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
+
+
+def _files_state(paths: list[Path]) -> list[tuple[str, int, int]]:
+    """(name, size, modification time) of each file that exists: what says a file made from them is still theirs."""
+    state = []
+    for path in paths:
+        try:
+            info = path.stat()
+        except OSError:
+            continue
+        state.append((path.name, info.st_size, info.st_mtime_ns))
+    return state
+
+
+class Downloads:
+    """The files the app makes for its visitors to download (a run's zip, its GGUF file), kept in one folder
+    capped at `max_bytes` for all visitors together.
+
+    Each file is made once per run and kind (the zip, or the GGUF file in one quantization) and handed out again
+    while the run's files are unchanged; a visitor makes one file at a time; the files handed out longest ago go
+    first to make room, and a file that would not fit even so is refused before any work starts."""
+
+    def __init__(self, root: str | Path, max_bytes: int):
+        self.root = Path(root)
+        self.max_bytes = int(max_bytes)
+        self._lock = threading.Lock()
+        self._making: dict[str, str] = {}  # visitor -> what they are making
+        self._reserved: dict[Path, int] = {}  # folder of a file being made -> the bytes set aside for it
+
+    @classmethod
+    def in_temporary_folder(cls, max_bytes: int) -> Downloads:
+        return cls(Path(tempfile.gettempdir()) / DOWNLOADS_DIR, max_bytes)
+
+    def gguf(self, folder: RunFolder, quant: str, visitor: str, on_progress: Progress | None = None) -> Path:
+        """The run's GGUF file in `quant` (`export_gguf`), made or handed out again."""
+        folder.require_adapter("export")
+        gguf_export.quant_type(quant)
+        check_gguf_exportable(folder)
+        base, trust_remote_code = _base_model(folder)
+        estimate = gguf_export.estimated_size(models.load_config(base, trust_remote_code), quant)
+        adapter = sorted(folder.adapter_path.iterdir())
+        key = _fingerprint(str(folder.path.resolve()), "gguf", quant, _files_state(adapter))
+        return self._provide(key, gguf_export.file_name(folder.run_id, quant), estimate, visitor,
+                             f"the GGUF file of run {folder.run_id} ({quant})",
+                             lambda path: export_gguf(folder.path, path, quant, on_progress=on_progress),
+                             "Choose a smaller quantization (q4_0 is the smallest), or download the adapter (.zip) "
+                             "and merge it on your own machine.")
+
+    def zip(self, folder: RunFolder, visitor: str) -> Path:
+        """The run's adapter with its card, settings and metrics as one zip (`export_zip`), made or handed out
+        again."""
+        folder.require_adapter("export")
+        sources = sorted(folder.adapter_path.iterdir()) + [folder.record_path, folder.metrics_path,
+                                                             folder.samples_path]
+        state = _files_state(sources)
+        key = _fingerprint(str(folder.path.resolve()), "zip", state)
+        return self._provide(key, f"{folder.run_id}-adapter.zip", sum(size for _, size, _ in state) + ZIP_EXTRAS_BYTES,
+                             visitor, f"the zip of run {folder.run_id}", lambda path: export_zip(folder.path, path),
+                             "Publish the run to the Hub instead.")
+
+    def used_bytes(self) -> int:
+        return sum(size for _, size, _ in self._kept())
+
+    def _kept(self) -> list[tuple[Path, int, float]]:
+        """(file, size, when it was last handed out) of every finished file here, longest ago first."""
+        kept = []
+        for path in self.root.glob("*/*"):
+            try:
+                info = path.stat()
+            except OSError:
+                continue
+            if path.is_file() and not path.name.startswith("."):
+                kept.append((path, info.st_size, info.st_mtime))
+        return sorted(kept, key=lambda item: item[2])
+
+    def _provide(self, key: str, name: str, estimate: int, visitor: str, what: str, make: Callable[[Path], Path],
+                 too_large: str) -> Path:
+        """The file `name` kept under `key`, handed out again, or made by `make(path)` once there is room for the
+        `estimate`d bytes; `what` names it in refusals, `too_large` says what to do when it can never fit."""
+        place = self.root / key
+        target = place / name
+        with self._lock:
+            if place in self._reserved:
+                raise UserError(f"{_sentence(what)} is being made right now; ask again in a moment.")
+            if target.is_file():
+                os.utime(target)  # handed out again: the last to be evicted
+                return target
+            if visitor in self._making:
+                raise UserError(f"You are already making {self._making[visitor]}; wait for it to finish (a visitor "
+                                "makes one download at a time), then ask again.")
+            self._make_room(estimate, what, too_large)
+            self._making[visitor] = what
+            self._reserved[place] = estimate
+        try:
+            place.mkdir(parents=True, exist_ok=True)
+            staging = place / f".{name}.{os.getpid()}.partial"
+            make(staging)
+            os.replace(staging, target)
+            return target
+        finally:
+            with self._lock:
+                del self._making[visitor]
+                del self._reserved[place]
+                for leftover in place.glob(".*.partial"):
+                    leftover.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    place.rmdir()  # only when nothing was made
+
+    def _make_room(self, needed: int, what: str, too_large: str) -> None:
+        """Evict the files handed out longest ago until `needed` more bytes fit; refuse when they cannot."""
+        limit = size_text(self.max_bytes)
+        if needed > self.max_bytes:
+            raise UserError(f"{_sentence(what)} would take about {size_text(needed)}, more than the "
+                            f"{limit} this app keeps for downloads. {too_large}")
+        kept = self._kept()
+        used = sum(size for _, size, _ in kept) + sum(self._reserved.values())
+        recent = time.time() - HANDED_OUT_SECONDS
+        for path, size, handed_out in kept:
+            if used + needed <= self.max_bytes:
+                return
+            if handed_out >= recent or path.parent in self._reserved:
+                continue
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+            log.info("evicted %s (%s) from the downloads folder to make room", path.name, size_text(size))
+            used -= size
+        if used + needed > self.max_bytes:
+            raise UserError(f"The app's room for downloads ({limit}) is taken by files handed out in the last "
+                            f"minute or being made now; ask for {what} again in a minute.")
 
 
 # ---- the Hub -------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from sft_space import cli, gguf_export, publish
+from sft_space import cli, gguf_export, models, publish
 from sft_space.chat import generate_reply
 from sft_space.errors import UserError
 from sft_space.settings import GenerationSettings, PublishSettings
@@ -214,16 +214,41 @@ def test_the_publish_tab_pushes_a_gguf(run_copy):
 
 
 @pytest.mark.slow
-def test_the_publish_tab_downloads_a_gguf_of_the_visitors_own_run(run_copy):
+def test_the_publish_tab_downloads_a_gguf_of_the_visitors_own_run(run_copy, tmp_path):
     import gradio as gr
     from gguf import GGUFReader
 
     runs_dir = str(run_copy.path.parent)
+    downloads = publish.Downloads(tmp_path / "downloads", 10**9)
     run_copy.update(owner="alice")  # started in the app by alice's browser
-    path = publish_tab.gguf_run(runs_dir, run_copy.run_id, "alice", "q8_0")
+    path = publish_tab.gguf_run(runs_dir, run_copy.run_id, "alice", "q8_0", downloads)["value"]
     assert path.endswith("-Q8_0.gguf") and GGUFReader(path).get_field("general.architecture").contents() == "llama"
     with pytest.raises(gr.Error, match="no run"):
-        publish_tab.gguf_run(runs_dir, run_copy.run_id, "mallory", "q8_0")
+        publish_tab.gguf_run(runs_dir, run_copy.run_id, "mallory", "q8_0", downloads)
+
+
+def test_a_gguf_download_is_made_once_per_quantization_while_the_adapter_is_unchanged(run_copy, tmp_path,
+                                                                                      monkeypatch):
+    """Asked again (a page pressing the button over and over), the file already made is handed out: no second
+    merge, no second file. A new adapter (the run resumed) is a new file; the estimate that decides whether it
+    fits is close to the file's real size, and the page says that size in MB of a million bytes."""
+    made, real = [], publish.export_gguf
+    monkeypatch.setattr(publish, "export_gguf", lambda *args, **kwargs: made.append(args[2]) or real(*args, **kwargs))
+    runs_dir, downloads = str(run_copy.path.parent), publish.Downloads(tmp_path / "downloads", 10**9)
+    run_copy.update(owner="alice")
+    first = publish_tab.gguf_run(runs_dir, run_copy.run_id, "alice", "f16", downloads)
+    again = publish_tab.gguf_run(runs_dir, run_copy.run_id, "alice", "f16", downloads)
+    assert again["value"] == first["value"] and made == ["f16"]
+    size = Path(first["value"]).stat().st_size
+    assert first["label"] == f"Save persona-F16.gguf ({size / 10**6:.1f} MB)"
+    estimate = gguf_export.estimated_size(models.load_config(str(run_copy.settings().model)), "f16")
+    assert size <= estimate <= size * 1.02
+    publish_tab.gguf_run(runs_dir, run_copy.run_id, "alice", "q4_0", downloads)
+    assert made == ["f16", "q4_0"]
+    weights = run_copy.adapter_path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # saved again, as a resumed run saves it
+    publish_tab.gguf_run(runs_dir, run_copy.run_id, "alice", "f16", downloads)
+    assert made == ["f16", "q4_0", "f16"]
 
 
 def test_an_unknown_quantization_is_refused(trained_run, tmp_path, capsys):

@@ -333,23 +333,23 @@ def test_the_publish_tab_pushes_with_a_pasted_token_and_links_the_result(run_cop
     assert publish.resolve_token("", None) == PLANTED_TOKEN  # on your own machine HF_TOKEN is yours
 
 
-def test_the_publish_tab_zips_only_the_visitors_own_runs(run_copy):
+def test_the_publish_tab_zips_only_the_visitors_own_runs(run_copy, tmp_path):
     import gradio as gr
 
     from sft_space.ui import publish_tab
 
-    runs_dir = str(run_copy.path.parent)
+    runs_dir, downloads = str(run_copy.path.parent), publish.Downloads(tmp_path / "downloads", 10**9)
     with pytest.raises(gr.Error, match="no run"):  # started from the command line: the operator's
-        publish_tab.zip_run(runs_dir, run_copy.run_id, "alice")
+        publish_tab.zip_run(runs_dir, run_copy.run_id, "alice", downloads)
     run_copy.update(owner="alice")  # started in the app by alice's browser
-    with zipfile.ZipFile(publish_tab.zip_run(runs_dir, run_copy.run_id, "alice")) as archive:
+    with zipfile.ZipFile(publish_tab.zip_run(runs_dir, run_copy.run_id, "alice", downloads)["value"]) as archive:
         assert "adapter_model.safetensors" in archive.namelist()
     with pytest.raises(gr.Error, match="no run"):
-        publish_tab.zip_run(runs_dir, run_copy.run_id, "mallory")
+        publish_tab.zip_run(runs_dir, run_copy.run_id, "mallory", downloads)
     with pytest.raises(gr.Error, match="no run"):
         publish_tab.publish_run(runs_dir, str(run_copy.path), "mallory", "mallory/stolen", PLANTED_TOKEN, None,
                                 {}, api=FakeHub())
-    assert publish_tab.zip_run(runs_dir, str(run_copy.path), "alice").endswith(".zip")
+    assert publish_tab.zip_run(runs_dir, str(run_copy.path), "alice", downloads)["value"].endswith(".zip")
 
 
 @pytest.mark.parametrize("command", [

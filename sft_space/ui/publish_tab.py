@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +18,7 @@ import gradio as gr
 from .. import access, publish
 from ..errors import UserError
 from ..settings import PublishSettings
-from .common import Gate, RunPicker, adapter_run_choices, keep_choice, own_run, settings_component
+from .common import Gate, RunPicker, adapter_run_choices, keep_choice, own_run, refusal_said, settings_component
 
 # The settings the form's controls set, in the order the push handler receives them (the repo has a box of its own).
 FORM_FIELDS = tuple(spec.name for spec in dataclasses.fields(PublishSettings) if spec.name != "repo_id")
@@ -60,47 +57,38 @@ def publish_run(runs_dir: str, run_dir: str | None, visitor: str | None, repo_id
     return "\n\n".join(lines)
 
 
-DOWNLOAD_PREFIX = "sft-space-download-"
-# Gradio serves a download from its own copy (swept hourly, see ui/__init__.py); ours are kept this long.
-DOWNLOADS_KEPT_SECONDS = 3600
+def downloads_for(gate: Gate) -> publish.Downloads:
+    """The app's downloads folder, capped by the operator's setting (for all visitors together)."""
+    return publish.Downloads.in_temporary_folder(int(gate.settings.downloads_gb * 10**9))
 
 
-def download_folder() -> Path:
-    """A fresh temporary folder for one download (two never collide). Downloads older than an hour go first: a
-    GGUF file is hundreds of megabytes, and a page can ask for one again and again."""
-    root = Path(tempfile.gettempdir())
-    now = time.time()
-    for old in root.glob(DOWNLOAD_PREFIX + "*"):
-        try:
-            if now - old.stat().st_mtime > DOWNLOADS_KEPT_SECONDS:
-                shutil.rmtree(old, ignore_errors=True)
-        except OSError:
-            pass
-    return Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX, dir=root))
+def offered(path: Path) -> Any:
+    """The download button for a file made for the visitor, labelled with its name and size. Not a gr.File: its
+    preview counts 1,048,576 bytes as an "MB", so a GGUF file the README calls 145 MB would read 138.6 MB."""
+    return gr.update(value=str(path), label=f"Save {path.name} ({publish.size_text(path.stat().st_size)})",
+                     visible=True)
 
 
-def zip_run(runs_dir: str, run_dir: str | None, visitor: str | None) -> str:
-    run_dir = str(own_run(runs_dir, run_dir, visitor).path)
-    target = download_folder() / f"{Path(run_dir).name}-adapter.zip"
+def zip_run(runs_dir: str, run_dir: str | None, visitor: str | None, downloads: publish.Downloads) -> Any:
+    folder = own_run(runs_dir, run_dir, visitor)
     try:
-        return str(publish.export_zip(run_dir, target))
+        return offered(downloads.zip(folder, visitor))
     except UserError as err:
         raise gr.Error(str(err)) from None
 
 
-def gguf_run(runs_dir: str, run_dir: str | None, visitor: str | None, quant: str, progress: Any = None) -> str:
-    """The visitor's run (adapter merged in) as a GGUF file to download."""
-    from .. import gguf_export
-
+def gguf_run(runs_dir: str, run_dir: str | None, visitor: str | None, quant: str, downloads: publish.Downloads,
+             progress: Any = None) -> Any:
+    """The visitor's run (adapter merged in) as a GGUF file to download: made once per quantization while the
+    run's adapter is unchanged, then handed out again."""
     folder = own_run(runs_dir, run_dir, visitor)
-    target = download_folder() / gguf_export.file_name(folder.run_id, quant)
 
     def on_progress(fraction: float, message: str) -> None:
         if progress is not None:
             progress(fraction, desc=message)
 
     try:
-        return str(publish.export_gguf(folder.path, target, quant, on_progress=on_progress))
+        return offered(downloads.gguf(folder, quant, visitor, on_progress=on_progress))
     except UserError as err:
         raise gr.Error(str(err)) from None
 
@@ -138,7 +126,8 @@ def build(gate: Gate, session: gr.BrowserState) -> RunPicker:
         make_zip = gr.Button("Download the adapter (.zip)", elem_id="publish-zip")
         make_gguf = gr.Button("Download a GGUF file", elem_id="publish-gguf")
     outcome = gr.Markdown(elem_id="publish-outcome")
-    download = gr.File(label="Download", interactive=False, elem_id="publish-file")
+    download = gr.DownloadButton("Save", visible=False, elem_id="publish-file")
+    downloads = downloads_for(gate)
 
     if oauth_enabled():
         # Gradio fills an OAuthToken parameter with the signed-in visitor's token (None when signed out); it finds
@@ -158,15 +147,25 @@ def build(gate: Gate, session: gr.BrowserState) -> RunPicker:
     form["merged"].change(lambda merged: gr.update(visible=merged), inputs=form["merged"], outputs=form["merged_dtype"])
     # A push that merges (merged, GGUF) waits for another visitor's merge in the core (publish.one_merge_at_a_time);
     # a push of the adapter alone does not wait.
-    push.click(on_push, inputs=[run, session, repo_id, token, *(form[name] for name in FORM_FIELDS)], outputs=outcome)
-    make_zip.click(lambda run_dir, token: zip_run(runs_dir, run_dir, gate.visitor(token)), inputs=[run, session],
-                   outputs=download)
+    # A refusal stays said in the outcome line until the next action (a toast fades).
+    push.click(refusal_said(on_push, lambda refused: refused),
+               inputs=[run, session, repo_id, token, *(form[name] for name in FORM_FIELDS)], outputs=outcome)
+    # Downloads ask what a push asks: on a Space, a visitor who may not train may not take a run's files away.
+    def on_zip(profile: gr.OAuthProfile | None, run_dir, token):
+        gate.may_train(profile)
+        return zip_run(runs_dir, run_dir, gate.visitor(token), downloads), ""
 
-    def on_gguf(run_dir, token, quant, progress=gr.Progress()):
-        return gguf_run(runs_dir, run_dir, gate.visitor(token), quant, progress)
+    def on_gguf(profile: gr.OAuthProfile | None, run_dir, token, quant, progress=gr.Progress()):
+        gate.may_train(profile)
+        return gguf_run(runs_dir, run_dir, gate.visitor(token), quant, downloads, progress), ""
 
+    def download_refused(refused: str) -> tuple:
+        return gr.update(visible=False), refused
+
+    make_zip.click(refusal_said(on_zip, download_refused), inputs=[run, session], outputs=[download, outcome])
     # One merge at a time for all visitors (publish.one_merge_at_a_time): merging loads the whole model in float32.
-    make_gguf.click(on_gguf, inputs=[run, session, form["gguf_quant"]], outputs=download)
+    make_gguf.click(refusal_said(on_gguf, download_refused), inputs=[run, session, form["gguf_quant"]],
+                    outputs=[download, outcome])
 
     def on_refresh(current, token):
         return keep_choice(adapter_run_choices(runs_dir, gate.known_visitor(token)), current)
