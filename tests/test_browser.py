@@ -59,6 +59,29 @@ def open_as_visitor(page, url):
     page.wait_for_function("localStorage.getItem('sft-space-visitor')", timeout=30_000)
 
 
+def visitor_of(page, runs_dir):
+    """The visitor id the server gave this page (the browser keeps it encrypted): read from the request the page
+    sends when the Publish tab opens, checked with the server's own key."""
+    from sft_space import access
+    from sft_space.errors import UserError
+
+    identity = access.Identity.for_runs(runs_dir)
+
+    def visitor(value):
+        try:
+            return identity.visitor(value) if isinstance(value, str) else None
+        except UserError:
+            return None
+
+    def sends_the_token(request):
+        return "/queue/join" in request.url and any(
+            visitor(value) for value in (request.post_data_json or {}).get("data") or [])
+
+    with page.expect_request(sends_the_token, timeout=15_000) as sent:
+        page.get_by_role("tab", name="Publish").click()
+    return next(visitor(value) for value in sent.value.post_data_json["data"] if visitor(value))
+
+
 @pytest.mark.slow
 def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     url, runs_dir = app_url
@@ -207,19 +230,19 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
 
 @pytest.mark.slow
 def test_two_runs_compared_side_by_side(app_url, browser, tmp_path):
-    """Runs tab: a visitor picks two runs they may see and sees both loss curves on one plot (one colour and legend
-    entry each) and their settings side by side; another visitor's run is not offered. (The browser keeps its
-    visitor id encrypted, so these runs are the command line's, which every visitor sees; that a page cannot name
+    """Runs tab: a visitor picks two of their runs and sees both loss curves on one plot (one colour and legend
+    entry each) and their settings side by side; another visitor's run is not offered. (That a page cannot name
     another visitor's run is tested in test_ui.)"""
     from test_compare import make_run
 
     url, runs_dir = app_url
-    make_run(runs_dir, "compare-quick", lora_r=8)
-    make_run(runs_dir, "compare-rank16", lora_r=16, losses=(3.2, 2.4, 1.9), eval_losses=(2.9, 2.2))
-    make_run(runs_dir, "compare-someone-elses", owner="someone-else")
     context = browser.new_context(viewport={"width": 1280, "height": 1000})
     page = context.new_page()
     open_as_visitor(page, url)
+    visitor = visitor_of(page, runs_dir)
+    make_run(runs_dir, "compare-quick", owner=visitor, lora_r=8)
+    make_run(runs_dir, "compare-rank16", owner=visitor, lora_r=16, losses=(3.2, 2.4, 1.9), eval_losses=(2.9, 2.2))
+    make_run(runs_dir, "compare-someone-elses", owner="someone-else")
 
     page.get_by_role("tab", name="Runs").click()
     # Opening the tab refreshes its lists; a dropdown opened before that answer is redrawn under the pointer (seen
