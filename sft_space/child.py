@@ -5,9 +5,11 @@ would take the whole Space down for every visitor. Each run is `python -m sft_sp
 of its own; the run folder is the channel between the two (run.json for the outcome, metrics.jsonl for the
 curve), and the child's output lines are its live status.
 
-Stop is a signal: SIGINT asks the child to save a checkpoint and the adapter at the current step and exit. If it
-has not exited after a grace period, or on a second Stop, the whole group is killed and the run is `stopped` at
-its last checkpoint. A child that dies otherwise (SIGKILL, SIGSEGV, the OOM killer) leaves its run `failed`
+Stop is a signal: SIGINT asks the child to save a checkpoint and the adapter at the current step and exit. The
+grace it has for that covers the slowest step the run has taken so far (its metrics.jsonl says), twice, on top of
+STOP_GRACE_SECONDS for the save itself: on a busy machine a step can take longer than any fixed grace. If it has
+not exited by then, or on a second Stop, the whole group is killed, the run is `stopped` at its last checkpoint,
+and that checkpoint's adapter is copied out as the run's adapter, to chat with or publish. A child that dies otherwise (SIGKILL, SIGSEGV, the OOM killer) leaves its run `failed`
 with the signal and the tail of its output in failure.txt.
 
 With `warm`, the next run's process is started ahead, its libraries loaded (see standby.py): Start then costs no
@@ -17,7 +19,9 @@ library loading, about 5 s on two CPU cores.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,12 +34,20 @@ from typing import Any, Callable
 from . import runs
 from .errors import UserError
 
+log = logging.getLogger(__name__)
+
 JOBS_DIR = ".jobs"
 STOP_GRACE_SECONDS = 30.0
+# The grace after Stop covers this many of the run's slowest step (the step under way when Stop came, then the save).
+SLOWEST_STEPS_OF_GRACE = 2
 LOG_TAIL_LINES = 40
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
-# Lines the command line prints that are not status messages: the progress bar and its own command.
-NOT_STATUS = ("█", "·", "python -m", "  ", "Run ")
+# Lines the command line prints that are not status messages: the progress bar, its own command, and the lines of
+# its summary (indented), which name files and commands of the server's, not words for the page.
+NOT_STATUS = ("█", "·", "python -m", "Run ", "Continue with:")
+# What a checkpoint holds besides the adapter: the trainer's state (pickles among them), not part of an adapter.
+TRAINER_STATE_FILES = ("trainer_state.json",)
+ADAPTER_SUFFIXES = (".json", ".safetensors", ".jinja", ".txt", ".model", ".md")
 SIGNAL_MEANING = {
     signal.SIGKILL: "SIGKILL (killed: often the kernel's out-of-memory killer)",
     signal.SIGSEGV: "SIGSEGV (a crash inside native code)",
@@ -99,8 +111,57 @@ class Listeners:
     on_running: Callable[[], None]
 
 
+def is_status(line: str) -> bool:
+    """Whether a line of the child's output is a status message for the page (see NOT_STATUS)."""
+    text = line.strip()
+    return bool(text) and not line.startswith(" ") and not text.startswith(NOT_STATUS) and "python -m" not in text
+
+
+def slowest_step_seconds(entries: list[dict[str, Any]]) -> float:
+    """The longest a step of the run took, as its metrics say: each entry's slowest step so far, and the mean step
+    between two entries (which a run that did not record its slowest step still has)."""
+    slowest = 0.0
+    previous = None
+    for entry in entries:
+        if isinstance(entry.get("slowest_step_seconds"), (int, float)):
+            slowest = max(slowest, float(entry["slowest_step_seconds"]))
+        step, elapsed = entry.get("step"), entry.get("elapsed_seconds")
+        if isinstance(step, int) and isinstance(elapsed, (int, float)):
+            if previous is not None and step > previous[0] and elapsed >= previous[1]:
+                slowest = max(slowest, (elapsed - previous[1]) / (step - previous[0]))
+            previous = (step, float(elapsed))
+    return slowest
+
+
+def stop_grace(folder: runs.RunFolder, base_seconds: float) -> float:
+    """Seconds a stopped run has to save and exit before it is killed: `base_seconds` for the save, and its slowest
+    step so far twice over (the step under way may be as slow again)."""
+    return base_seconds + SLOWEST_STEPS_OF_GRACE * slowest_step_seconds(folder.read_metrics())
+
+
+def adapter_from_checkpoint(folder: runs.RunFolder, checkpoint: Path) -> bool:
+    """Make the checkpoint's adapter (and tokenizer) the run's adapter, as a save at that step would have; False
+    when the checkpoint holds no whole adapter."""
+    if not ((checkpoint / runs.ADAPTER_CONFIG).is_file() and (checkpoint / runs.ADAPTER_WEIGHTS).is_file()):
+        return False
+    staging = folder.path / ".adapter-from-checkpoint"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    for path in checkpoint.iterdir():
+        if path.is_file() and path.suffix in ADAPTER_SUFFIXES and path.name not in TRAINER_STATE_FILES:
+            shutil.copy2(path, staging / path.name)
+    shutil.rmtree(folder.adapter_path, ignore_errors=True)
+    os.replace(staging, folder.adapter_path)
+    return True
+
+
+def _checkpoint_step(checkpoint: Path) -> str:
+    return checkpoint.name.removeprefix("checkpoint-")
+
+
 def settle(folder: runs.RunFolder, returncode: int | None, tail: list[str], killed_after_stop: bool) -> None:
-    """Mark a run honestly when its process ended without recording an outcome (it still reads `running`)."""
+    """Mark a run honestly when its process ended without recording an outcome (it still reads `running`); a run
+    killed after Stop keeps its last checkpoint's adapter."""
     try:
         record = folder.read()
     except UserError:
@@ -111,12 +172,18 @@ def settle(folder: runs.RunFolder, returncode: int | None, tail: list[str], kill
     resume = (f"resume continues from {checkpoint.name}" if checkpoint is not None
               else "it had saved no checkpoint yet; start it again")
     if killed_after_stop:
-        folder.update(status=runs.STOPPED, error=f"Stopped: the process did not exit in time and was killed; {resume}.")
+        if checkpoint is not None and adapter_from_checkpoint(folder, checkpoint):
+            kept = (f"the adapter of step {_checkpoint_step(checkpoint)} (its last checkpoint) is kept: chat with it "
+                    "or publish it, or resume to train on from there")
+        else:
+            kept = f"no adapter was kept; {resume}"
+        folder.update(status=runs.STOPPED,
+                      error=f"Stopped: the process did not exit in time to save this step and was killed; {kept}.")
         return
     why = (describe_exit(returncode) if returncode is not None
            else "The training process ended without recording an outcome")
     (folder.path / "failure.txt").write_text("".join(tail), encoding="utf-8")
-    folder.update(status=runs.FAILED, error=f"{why}; {resume}. Its last output is in failure.txt.")
+    folder.update(status=runs.FAILED, error=f"{why}; {resume}. Its last output is kept with the run, for the app's operator.")
 
 
 class Supervisor:
@@ -196,7 +263,10 @@ class Supervisor:
                 raise UserError(errors[-1])
             if job.stop_event.is_set():
                 return None
-            raise UserError(f"{describe_exit(returncode)} before the run started; its output is in {log_path}.")
+            # The page says what happened; where the output is (a path on the server) is for the operator's log.
+            log.warning("run %s ended before it started; its output is in %s", folder.run_id, log_path)
+            raise UserError(f"{describe_exit(returncode)} before the run started; its output is kept in the app's "
+                            "log, for the app's operator.")
         return self._outcome(job, folder, returncode, errors, tail)
 
     def follow(self, job: Any, on_status: Callable[[str], None], on_folder: Callable[[Path], None],
@@ -228,6 +298,7 @@ class Supervisor:
         errors: list[str] = []
         announced = training = False
         stop_sent_at = None
+        grace = self.grace_seconds
         pending = ""
         with open(log_path, encoding="utf-8", errors="replace") as reader:
             reader.seek(offset)
@@ -240,7 +311,7 @@ class Supervisor:
                     text = line.strip()
                     if text.startswith("error: "):
                         errors.append(text.removeprefix("error: "))
-                    elif text and not text.startswith(NOT_STATUS):
+                    elif is_status(line):
                         listeners.on_status(text)
                 if not announced and folder.record_path.is_file():
                     announced = True
@@ -255,7 +326,8 @@ class Supervisor:
                     if stop_sent_at is None:
                         stop_sent_at = time.monotonic()
                         signal_group(job.pid, signal.SIGINT)
-                    elif job.stop_requests >= 2 or time.monotonic() - stop_sent_at > self.grace_seconds:
+                        grace = stop_grace(folder, self.grace_seconds)
+                    elif job.stop_requests >= 2 or time.monotonic() - stop_sent_at > grace:
                         job.killed_after_stop = True
                         signal_group(job.pid, signal.SIGKILL)
                 time.sleep(0.2)

@@ -325,10 +325,41 @@ def _after_stop(folder: Any) -> None:
         _status_line(f"Continue with: python -m sft_space train --resume {shlex.quote(str(folder.path))}")
 
 
+class SpeedReport:
+    """Says once, after the run's first steps, how long it takes at the speed it trains at, and warns when this
+    machine trains much slower than its usual figure for the model (`estimate.live_estimate`)."""
+
+    def __init__(self, say: Any, folder_of: Any):
+        self.say = say
+        self.folder_of = folder_of  # the run folder once it exists, else None
+        self.entries: list[dict[str, Any]] = []
+        self.said = False
+
+    def __call__(self, entry: dict[str, Any]) -> None:
+        from . import estimate
+        from .hardware import detect_hardware
+
+        self.entries.append(entry)
+        folder = self.folder_of()
+        if self.said or folder is None or estimate.live_estimate(self.entries, None) is None:
+            return
+        self.said = True
+        live = estimate.live_estimate(self.entries, estimate.usual_throughput(detect_hardware(), folder.read()))
+        self.say(estimate.describe_live(live))
+        if warning := estimate.slower_warning(live):
+            self.say(f"Warning: {warning}")
+
+
+def _prepare_model(name: str, say: Any) -> None:
+    """The embedded model's one-time conversion, said with its stages (nothing when it is done already)."""
+    if models.needs_preparation(name):
+        models.convert_embedded_model(say)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) a run: 0 finished, 130 stopped, 1 failed or refused (UserError, see `main`)."""
     from . import distributed, runs
-    from .train import TrainRequest, TrainingStopped, train
+    from .train import InvalidRows, TrainRequest, TrainingStopped, train
 
     processes = distributed.processes_wanted(args.processes)
     if processes > 1 and not distributed.launched():
@@ -350,15 +381,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     request.on_folder = started.append
     request.on_status = say
     validation: list[float] = []
+    speed = SpeedReport(say, lambda: started[0] if started else None)
 
     def on_metrics(entry: dict[str, Any]) -> None:
         if "eval_loss" in entry:
             validation.append(entry["eval_loss"])
         say(progress_line(entry, validation[-1] if validation else None))
+        speed(entry)
 
     request.on_metrics = on_metrics
     try:
         folder = train(request)
+    except InvalidRows as err:
+        if args.owner:  # a run the app started: its page has its own words for the choice
+            raise
+        raise UserError(f"{err.problem} Fix them, or add --skip-invalid-rows to train on the {err.valid_rows} valid "
+                        "ones.") from None
     except TrainingStopped as err:
         _status_line(str(err))
         return EXIT_STOPPED
@@ -391,7 +429,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from .chat import load_chat_model
 
+    from . import card, runs
+
     settings = from_arguments(GenerationSettings, args)
+    _prepare_model(card.base_model_of(runs.RunFolder.open(args.run_dir).read()) or "", _status_line)
     print("Loading the model…", file=sys.stderr)
     chat_model = load_chat_model(args.run_dir)
 

@@ -7,7 +7,8 @@ A page names runs by id; each is opened through `runs.open_visible`, so a visito
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +26,49 @@ COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#56B4E9", "#E69F00")
 NOT_COMPARED = {"output_dir"}
 # The table's first column (what each row is) and its flag column: names no run id can have (a space, a '?').
 ROW, DIFFERS = "run →", "differs?"
+# The plots' legend cuts a label past about 160 px where it likes ("20261203-1015…"): a run is named there by at
+# most this many characters, its start time first, shortened in the middle by us.
+LEGEND_CHARACTERS = 22
+LEGEND_TAIL = 6  # characters kept at a shortened label's end (an app run's id ends in 4 letters of its own)
+# A run id as new runs get it (runs.new_run_id): date, time, then the data's name (and the app's suffix).
+DATED_RUN_ID = re.compile(r"\d{8}-(\d{2})(\d{2})\d{2}-(.+)")
+
+
+def legend_name(run_id: str) -> str:
+    """A run as the plots' legend names it: "10:15 captain_byte-a1b2" for 20261203-101500-captain_byte-a1b2, shortened
+    in the middle to LEGEND_CHARACTERS."""
+    dated = DATED_RUN_ID.fullmatch(run_id)
+    name = f"{dated[1]}:{dated[2]} {dated[3]}" if dated else run_id
+    if len(name) > LEGEND_CHARACTERS:
+        name = name[:LEGEND_CHARACTERS - LEGEND_TAIL - 1] + "…" + name[-LEGEND_TAIL:]
+    return name
+
+
+def legend_names(run_ids: list[str]) -> dict[str, str]:
+    """Each run's legend name (`legend_name`); numbered when two would read the same."""
+    names = {run_id: legend_name(run_id) for run_id in run_ids}
+    if len(set(names.values())) < len(names):
+        names = {run_id: f"{number}. {legend_name(run_id)[:LEGEND_CHARACTERS - 3]}"
+                 for number, run_id in enumerate(run_ids, start=1)}
+    return names
 
 
 @dataclass
 class Comparison:
     """Runs side by side: `curves` (step, loss, run, split) in long format for a line plot, `table` one row per
     result or setting with a column per run and DIFFERS (whether the runs' values differ), `colours` a colour
-    per run."""
+    per run, `names` each run's name in the plots' legend."""
 
     run_ids: list[str]
     curves: pd.DataFrame
     table: pd.DataFrame
     colours: dict[str, str]
+    names: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def legend_colours(self) -> dict[str, str]:
+        """The colours by legend name, as the plots (`split`) name the runs."""
+        return {self.names.get(run_id, run_id): colour for run_id, colour in self.colours.items()}
 
     def split(self, name: str) -> pd.DataFrame | None:
         """The curves of one split ("train" or "validation") for a line plot, or None when no run has a point of
@@ -45,6 +77,7 @@ class Comparison:
         frame = self.curves[self.curves["split"] == name]
         if frame.empty:
             return None
+        frame = frame.assign(run=frame["run"].map(lambda run_id: self.names.get(run_id, run_id)))
         alone = frame["run"].map(frame["run"].value_counts()) == 1
         if alone.any():
             half = max(float(self.curves["step"].max()) * LONE_POINT / 2, 0.5)
@@ -103,7 +136,7 @@ def _file_name(source: Any) -> Any:
     return Path(source).name if isinstance(source, str) and Path(source).is_absolute() else source
 
 
-def _rows(folder: runs.RunFolder, record: dict[str, Any]) -> dict[str, Any]:
+def run_rows(folder: runs.RunFolder, record: dict[str, Any]) -> dict[str, Any]:
     """What one run's column holds, row name -> value: results, data, settings, then what the plan resolved."""
     final = record.get("final_metrics") or {}
     headline = folder.headline(record)
@@ -134,7 +167,7 @@ def _rows(folder: runs.RunFolder, record: dict[str, Any]) -> dict[str, Any]:
 
 def settings_table(folders: list[runs.RunFolder], records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per result, data fact, setting or resolved plan value, one column per run, and DIFFERS."""
-    columns = [_rows(folder, record) for folder, record in zip(folders, records)]
+    columns = [run_rows(folder, record) for folder, record in zip(folders, records)]
     names = list(dict.fromkeys(name for column in columns for name in column))
     table = pd.DataFrame({ROW: names})
     for folder, column in zip(folders, columns):
@@ -150,4 +183,5 @@ def compare(folders: list[runs.RunFolder]) -> Comparison:
         raise UserError(f"Pick at least {MIN_RUNS} runs to compare.")
     records = [folder.read() for folder in folders]
     colours = {folder.run_id: COLOURS[i % len(COLOURS)] for i, folder in enumerate(folders)}
-    return Comparison([f.run_id for f in folders], curves(folders), settings_table(folders, records), colours)
+    run_ids = [folder.run_id for folder in folders]
+    return Comparison(run_ids, curves(folders), settings_table(folders, records), colours, legend_names(run_ids))

@@ -11,10 +11,12 @@ smaller one is not assumed faster, since small models were not compute-bound on 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from . import catalog, models
 from .bench import PEAK_TFLOPS, peak_tflops
+from .errors import UserError
 from .hardware import Hardware, TrainingPlan, cores, plan_training
 from .memory import ModelShape
 from .settings import RunSettings
@@ -27,19 +29,22 @@ class Measured:
     where: str
 
 
+# Where a figure was measured, as the page says it (the page names no files: docs/BENCHMARKS.md and issue 15 hold
+# the measurements and their commands).
+BENCHMARKS = "the project's benchmarks"
 # `python tests/style_check.py` on the 2-core CPU over a whole run of the sample data (docs/BENCHMARKS.md, "Whole
 # runs"), per precision of the plan: bf16 where the CPU has bf16 instructions (203.6 tokens/s), and fp32 as measured
 # before issue 15's CPU changes (125.5; those made it faster, so the figure is on the slow side).
 CPU_MEASURED = {
-    "bf16": Measured(134.5e6, 200.0, "measured: SmolLM2-135M on a 2-core CPU, bf16 (docs/BENCHMARKS.md)"),
-    "fp32": Measured(134.5e6, 125.0, "measured: SmolLM2-135M on a 2-core CPU, fp32 (docs/BENCHMARKS.md)"),
+    "bf16": Measured(134.5e6, 200.0, f"measured: SmolLM2-135M on a 2-core CPU, bf16 ({BENCHMARKS})"),
+    "fp32": Measured(134.5e6, 125.0, f"measured: SmolLM2-135M on a 2-core CPU, fp32 ({BENCHMARKS})"),
 }
 CPU_MEASURED_CORES = 2
 # Issue 15: one H100, bf16, SDPA, LoRA r=16 all-linear, batch 8, max length 1024, padded batches, gradient
 # checkpointing off (the plan's choice when memory allows).
 H100_MEASURED = (
-    Measured(134.5e6, 13_146.0, "measured: SmolLM2-135M on one H100, bf16, batch 8 (issue 15)"),
-    Measured(1.236e9, 19_443.0, "measured: Llama-3.2-1B on one H100, bf16, batch 8 (issue 15)"),
+    Measured(134.5e6, 13_146.0, f"measured: SmolLM2-135M on one H100, bf16, batch 8 ({BENCHMARKS})"),
+    Measured(1.236e9, 19_443.0, f"measured: Llama-3.2-1B on one H100, bf16, batch 8 ({BENCHMARKS})"),
 )
 H100_PEAK = PEAK_TFLOPS["H100"]
 # Issue 15, same runs with checkpointing on: 5,867 vs 13,146 tokens/s (135M) and 9,000 vs 19,443 (1B).
@@ -74,7 +79,7 @@ def throughput(hardware: Hardware, shape: ModelShape, plan: TrainingPlan) -> Thr
             how.append(f"× {hardware.device_count} GPUs")
         if plan.gradient_checkpointing:
             scale *= CHECKPOINTING_SPEED
-            how.append(f"× {CHECKPOINTING_SPEED} for gradient checkpointing (issue 15)")
+            how.append(f"× {CHECKPOINTING_SPEED} for gradient checkpointing (measured)")
         if plan.four_bit:
             how.append("4-bit dequantisation not counted")
     size = f"{shape.parameters / 1e6:,.0f}M parameters"
@@ -127,3 +132,89 @@ def estimate_run(settings: RunSettings, hardware: Hardware, total_tokens: int, l
     if speed is None:
         return plan, None
     return plan, RunEstimate(run_tokens(settings, plan, total_tokens, examples), speed)
+
+
+# A run is measured once this many steps are done (the first step alone carries the start-up's costs).
+MEASURED_AFTER_STEPS = 3
+# A machine this many times slower than its usual figure is said to be busy.
+SLOWER_THAN_USUAL = 2.0
+
+
+@dataclass(frozen=True)
+class LiveEstimate:
+    """A run's length at the speed it trains at now, from its metrics.jsonl, beside the usual figure for it here."""
+
+    tokens_per_second: float  # measured since the run (or its resume) began training
+    elapsed_seconds: float
+    left_seconds: float
+    steps: int  # steps done when measured
+    usual: Throughput | None
+
+    @property
+    def total_seconds(self) -> float:
+        return self.elapsed_seconds + self.left_seconds
+
+    @property
+    def times_slower(self) -> float | None:
+        """How many times slower than the usual figure the run trains, when it is much slower (else None)."""
+        if self.usual is None or self.tokens_per_second <= 0:
+            return None
+        ratio = self.usual.tokens_per_second / self.tokens_per_second
+        return ratio if ratio >= SLOWER_THAN_USUAL else None
+
+
+def live_estimate(entries: list[dict[str, Any]], usual: Throughput | None) -> LiveEstimate | None:
+    """The run's length at its measured speed, once its first steps are done (None before, or when its metrics do
+    not tell): metrics.jsonl's tokens/s and time left, from the latest training entry."""
+    trained = [entry for entry in entries if "loss" in entry]
+    if not trained:
+        return None
+    last = trained[-1]
+    step, speed, left = last.get("step"), last.get("tokens_per_second"), last.get("eta_seconds")
+    done = isinstance(step, int) and (step >= MEASURED_AFTER_STEPS or step == last.get("max_steps"))
+    if not done or not _positive(speed) or not isinstance(left, (int, float)):
+        return None
+    return LiveEstimate(float(speed), float(last.get("elapsed_seconds") or 0.0), float(left), step, usual)
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def usual_throughput(hardware: Hardware, record: dict[str, Any]) -> Throughput | None:
+    """The usual tokens/s figure here for a run, from its record (its model and plan); None when it cannot be told
+    (a GPU of unknown speed, a record without a plan, a model whose shape cannot be read)."""
+    plan_values = record.get("plan") or {}
+    model = record.get("base_model") or (record.get("settings") or {}).get("model") or ""
+    try:
+        plan = TrainingPlan(**{spec.name: plan_values[spec.name] for spec in fields(TrainingPlan)
+                               if spec.name in plan_values})
+        return throughput(hardware, model_shape(str(model)), plan)
+    except (UserError, TypeError, ValueError, OSError):  # an older record, a model gone from the cache: no comparison
+        return None
+
+
+def duration(seconds: float | None) -> str:
+    """A length of time as the page and the command line say it: "36m 40s", "1h 05m"; "…" when unknown."""
+    if seconds is None:
+        return "…"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m {seconds % 60:02d}s"
+
+
+def describe_live(live: LiveEstimate) -> str:
+    """The run's length at its measured speed, in one sentence."""
+    return (f"At this speed: about {duration(live.total_seconds)} in all, {duration(live.left_seconds)} left "
+            f"({live.tokens_per_second:,.0f} tokens/s measured over {live.steps} steps).")
+
+
+def slower_warning(live: LiveEstimate) -> str:
+    """What it means when the machine trains much slower than its usual figure; "" when it does not."""
+    times = live.times_slower
+    if times is None or live.usual is None:
+        return ""
+    return (f"This machine trains about {times:.0f}× slower than its usual figure for this model "
+            f"({live.tokens_per_second:,.0f} vs ~{live.usual.tokens_per_second:,.0f} tokens/s): it is busy with other "
+            "work, so the run takes that much longer than estimated. It goes on; Stop keeps what it has learned so far.")

@@ -7,13 +7,22 @@ Hub id works too.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import os
 import shutil
-from functools import lru_cache
 import tempfile
+import threading
+import time
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: conversions are not serialised across processes (each still renames atomically)
+    fcntl = None
 
 from . import hub
 from .errors import ModelLoadError
@@ -25,6 +34,10 @@ EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The same model on the Hub: the default where the embedded file is not installed (a Space installs
 # requirements.txt only, and has the Hub).
 HUB_DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# Said while the embedded model is converted, by the command line and the page.
+PREPARATION_MESSAGE = "One-time preparation of the built-in model (about 20 s)"
+
+log = logging.getLogger(__name__)
 
 
 
@@ -61,40 +74,129 @@ def _require_embedded_gguf() -> Path:
     return gguf
 
 
-def convert_embedded_model() -> Path:
-    """Turn the GGUF file into a normal safetensors checkpoint once, and reuse it afterwards.
+def embedded_model_prepared() -> bool:
+    """Whether the embedded model's one-time conversion (`convert_embedded_model`) is done."""
+    return (embedded_checkpoint_dir() / "config.json").is_file()
+
+
+def needs_preparation(name: str) -> bool:
+    """Whether loading model `name` starts with the embedded model's one-time conversion."""
+    return name == EMBEDDED_MODEL and embedded_gguf() is not None and not embedded_model_prepared()
+
+
+@contextlib.contextmanager
+def _conversion_lock(folder: Path) -> Iterator[None]:
+    """One conversion at a time across processes (the app's, ahead of time, and a run's): the second waits for the
+    first, then finds the model converted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".converting.lock", "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def convert_embedded_model(on_progress: Callable[[str], None] | None = None) -> Path:
+    """Turn the GGUF file into a normal safetensors checkpoint once, and reuse it afterwards; `on_progress` hears
+    each stage of a conversion (nothing when it was done before).
 
     Saved as safetensors because the GGUF loader marks the model quantized and Trainer refuses to train a
     quantized model without adapters of its own; the saved copy also loads in about a second instead of ~18.
     """
     target = embedded_checkpoint_dir()
-    if (target / "config.json").is_file():
+    if embedded_model_prepared():
         return target
     gguf = _require_embedded_gguf()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    say = on_progress or (lambda message: None)
+    started = time.monotonic()
+    say(f"{PREPARATION_MESSAGE}: waiting for its turn…" if _lock_held(target.parent) else PREPARATION_MESSAGE + "…")
+    with _conversion_lock(target.parent):
+        if embedded_model_prepared():  # another process converted it meanwhile
+            return target
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # Dequantised in float32 (the GGUF loader's fast path), stored in bf16 like the original release.
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model = model.to(torch.bfloat16)
-    model.config.quantization_config = None
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and renamed in one step, so an interrupted conversion is never mistaken
-    # for a finished one.
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "config.json").is_file():
-            raise
+        say(f"{PREPARATION_MESSAGE}: reading the model file…")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # Dequantised in float32 (the GGUF loader's fast path), stored in bf16 like the original release.
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = model.to(torch.bfloat16)
+        model.config.quantization_config = None
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        say(f"{PREPARATION_MESSAGE}: saving it…")
+        # Written beside the target and renamed in one step, so an interrupted conversion is never mistaken
+        # for a finished one.
+        staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            os.replace(staging, target)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not embedded_model_prepared():
+                raise
+    say(f"The built-in model is prepared ({time.monotonic() - started:.0f} s); later runs skip this.")
     return target
+
+
+def _lock_held(folder: Path) -> bool:
+    """Whether another process is converting now (its lock is taken)."""
+    if fcntl is None or not (folder / ".converting.lock").is_file():
+        return False
+    with open(folder / ".converting.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+class Preparation:
+    """The embedded model's conversion, done by the app at start-up in a thread of its own, so that the first run
+    does not wait for it (about 20 s, minutes on a busy machine); the page asks whether it is under way."""
+
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+        self.error: str | None = None
+
+    def start(self) -> threading.Thread | None:
+        """Start converting when the embedded model is installed and not converted yet; the thread, or None."""
+        if embedded_gguf() is None or embedded_model_prepared() or self.running:
+            return None
+        self.thread = threading.Thread(target=self._convert, name="sft-space-prepare-model", daemon=True)
+        self.thread.start()
+        return self.thread
+
+    def _convert(self) -> None:
+        try:
+            convert_embedded_model(lambda message: log.info("%s", message))
+        except Exception as err:  # a run converts it again, and says why if it fails there too
+            self.error = f"{type(err).__name__}: {err}"
+            log.warning("preparing the built-in model failed: %s", self.error)
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+
+# The app's one preparation (`prepare_embedded_model_in_background`).
+PREPARATION = Preparation()
+
+
+def prepare_embedded_model_in_background() -> threading.Thread | None:
+    """The app's start-up call: convert the embedded model in a background thread, once (see `Preparation`)."""
+    return PREPARATION.start()
+
+
+def embedded_model_preparing() -> bool:
+    """Whether the app is converting the embedded model now (the page says so)."""
+    return PREPARATION.running
 
 
 def resolve_model(name: str, convert: bool = True) -> str:

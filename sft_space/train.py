@@ -95,6 +95,15 @@ class TrainingFailed(UserError):
     """A run that started and could not finish; its run.json says why."""
 
 
+class InvalidRows(UserError):
+    """Rows with errors, and no choice made to skip them: `problem` says which, `valid_rows` how many are left to
+    train on; the message says what to do in the app's words (the command line names its flag instead)."""
+
+    def __init__(self, problem: str, valid_rows: int):
+        self.problem, self.valid_rows = problem, valid_rows
+        super().__init__(f"{problem} Fix them, or choose to skip invalid rows and train on the {valid_rows} valid ones.")
+
+
 class TrainingStopped(UserError):
     """Stopped on request before the run folder existed (or before a resume changed it): nothing was written."""
 
@@ -200,9 +209,8 @@ def prepare_data(settings: RunSettings, tokenizer: Any,
     if report.errors and not settings.skip_invalid_rows:
         counts = ", ".join(f"{code} ×{n}" for code, n in sorted(report.error_counts().items()))
         first = report.errors[0].message
-        raise UserError(f"{report.source}: {report.invalid_rows} of {report.rows} rows have errors ({counts}); "
-                        f"the first: {first} Fix them, or choose to skip invalid rows and train on the "
-                        f"{report.valid_rows} valid ones.")
+        raise InvalidRows(f"{report.source}: {report.invalid_rows} of {report.rows} rows have errors ({counts}); "
+                          f"the first: {first}", report.valid_rows)
     if not report.valid_examples:
         raise UserError(f"{report.source}: no valid example to train on.")
     # At most max_validation_examples are held out; the rest of the share is trained on. A held-out example is
@@ -621,7 +629,13 @@ class RunMonitor:
                             monitor.smoother.add(float(entry["loss"]))
                         monitor.elapsed_before = max(monitor.elapsed_before, float(entry.get("elapsed_seconds") or 0))
 
+            def on_step_begin(self, args, state, control, **kwargs):
+                monitor.step_started = time.monotonic()
+
             def on_step_end(self, args, state, control, **kwargs):
+                if monitor.step_started is not None:
+                    # What a stop has to wait for at most (child.py's grace after Stop covers it).
+                    monitor.slowest_step = max(monitor.slowest_step, time.monotonic() - monitor.step_started)
                 # With several processes, all stop after the same step (or the others would wait for it).
                 if distributed.any_process(monitor.stop_event.is_set()):
                     # Save a resumable checkpoint at this step, then leave the training loop; the validation
@@ -652,6 +666,8 @@ class RunMonitor:
         self.smoother = runs.LossSmoother()
         self.elapsed_before = 0.0  # a resumed run's time up to its checkpoint
         self.evaluation_seconds = 0.0
+        self.step_started: float | None = None
+        self.slowest_step = 0.0  # seconds, the longest optimizer step so far (evaluations and saves apart)
         self.last: dict[str, Any] = {}
 
     def record(self, state: Any, logs: dict[str, Any]) -> None:
@@ -674,6 +690,8 @@ class RunMonitor:
         entry["elapsed_seconds"] = round(self.elapsed_before + elapsed, 2)
         steps_left = state.max_steps - state.global_step
         entry["eta_seconds"] = round(elapsed / steps_done * steps_left, 1) if steps_done else None
+        if self.slowest_step:
+            entry["slowest_step_seconds"] = round(self.slowest_step, 2)
         if elapsed > 0:
             # Every token is real: examples are tokenized without padding, and packing adds none.
             tokens = ((state.epoch or 0.0) - self.first_epoch) * self.tokens_per_epoch
@@ -1000,6 +1018,9 @@ def _load_model(run: _Run) -> None:
     """Load the model. Takes the settings and plan; gives `run.model` and `run.trainer` (its LoRA adapter
     injected, the data tokenized) and `run.monitor`, which streams the metrics and hears a stop."""
     request = run.request
+    if models.needs_preparation(run.settings.model):
+        # Once per machine (the app does it at start-up); said with its stages, so a first run is not a silent wait.
+        _unless_stopped(request, lambda: models.convert_embedded_model(lambda message: _status(request, message)))
     _status(request, f"Loading {run.settings.model}…")
     run.model = _unless_stopped(request, lambda: load_model_for_training(run.settings, run.plan))
     run.trainer = _unless_stopped(request, lambda: build_trainer(

@@ -178,6 +178,57 @@ def test_one_stop_waits_for_the_child_to_save(tmp_path):
     assert job.state == JobState.STOPPED and record["status"] == runs.STOPPED and record["error"] is None
 
 
+def test_the_grace_after_stop_covers_the_slowest_step_the_run_has_taken(tmp_path):
+    """On a busy machine a step can outlast any fixed grace: a run whose metrics show a 5 s step is given more
+    than the supervisor's own grace (here 0.5 s) to save, and its save ends as its own, not in a kill."""
+    manager = manager_for("slow-save", grace=0.5)
+    job = start(manager, tmp_path)
+    runs.RunFolder(job.run_dir).append_metrics({"step": 1, "max_steps": 10, "loss": 2.0, "elapsed_seconds": 5.0,
+                                                "slowest_step_seconds": 5.0})
+    manager.stop(job.job_id, "alice")
+    assert wait_until(lambda: job.message == "Saving…", timeout=10), job.message
+    time.sleep(1.5)  # three times the supervisor's grace
+    assert not job.done, job.error
+    touch(tmp_path, job, "saving")
+    touch(tmp_path, job, "saved")
+    assert wait_until(lambda: job.done, timeout=10)
+    record = runs.RunFolder(job.run_dir).read()
+    assert job.state == JobState.STOPPED and record["error"] is None
+
+
+def test_the_slowest_step_is_read_from_the_metrics_also_as_the_mean_between_two_entries():
+    assert child.slowest_step_seconds([]) == 0.0
+    entries = [{"step": 1, "elapsed_seconds": 2.0, "slowest_step_seconds": 2.0},
+               {"step": 11, "elapsed_seconds": 402.0}]  # ten steps of 40 s, none recorded alone
+    assert child.slowest_step_seconds(entries) == 40.0
+
+
+def test_a_run_killed_after_stop_keeps_the_adapter_of_its_last_checkpoint(tmp_path):
+    manager = manager_for("slow-save", grace=0.2)
+    job = start(manager, tmp_path)
+    folder = runs.RunFolder(job.run_dir)
+    checkpoint = folder.path / "checkpoint-4"
+    checkpoint.mkdir()
+    for name in (runs.ADAPTER_CONFIG, runs.ADAPTER_WEIGHTS, "tokenizer.json", "optimizer.pt", "trainer_state.json"):
+        (checkpoint / name).write_text("{}")
+    manager.stop(job.job_id, "alice")
+    assert wait_until(lambda: job.done, timeout=15)
+    record = folder.read()
+    assert record["status"] == runs.STOPPED and folder.has_adapter
+    assert "adapter of step 4" in record["error"] and "chat with it or publish it" in record["error"]
+    kept = sorted(path.name for path in folder.adapter_path.iterdir())
+    assert kept == sorted([runs.ADAPTER_CONFIG, runs.ADAPTER_WEIGHTS, "tokenizer.json"])  # no trainer state
+    assert job.state == JobState.STOPPED and "adapter of step 4" in job.message
+
+
+def test_the_summary_lines_of_the_command_line_are_not_status_messages_of_the_page():
+    assert child.is_status("Training…") and child.is_status("Loading embedded:SmolLM2-135M-Instruct…")
+    for line in ("  adapter: /srv/runs/r1/adapter", "  chat with it: python -m sft_space chat runs/r1 --compare",
+                 "Continue with: python -m sft_space train --resume runs/r1", "Run finished: runs/r1",
+                 "█████··· step 3/10", "python -m sft_space train --config x.json", "", "   "):
+        assert not child.is_status(line), line
+
+
 @pytest.mark.slow
 def test_a_child_that_ignores_stop_is_killed_after_the_grace_period_or_a_second_stop(tmp_path):
     manager = manager_for("slow-save", grace=1.0)

@@ -9,7 +9,7 @@ from sft_space.errors import UserError
 from sft_space.settings import RunSettings
 
 
-def make_run(runs_dir, run_id, owner=None, losses=(3.0, 2.5, 2.0), eval_losses=(2.8,), **settings):
+def make_run(runs_dir, run_id, owner="alice", losses=(3.0, 2.5, 2.0), eval_losses=(2.8,), **settings):
     """A run folder as training leaves it: a record with settings, plan and data, and a metrics stream."""
     folder = runs.RunFolder.create(runs_dir, run_id)
     values = {**dataclasses.asdict(RunSettings(source="/srv/app/runs/.uploads/ab12/captain.jsonl",
@@ -32,7 +32,7 @@ def make_run(runs_dir, run_id, owner=None, losses=(3.0, 2.5, 2.0), eval_losses=(
 def test_the_curves_of_several_runs_share_one_frame_one_run_per_series(tmp_path):
     make_run(tmp_path, "a", losses=(3.0, 2.0), eval_losses=(2.5,))
     make_run(tmp_path, "b", losses=(4.0, 3.0, 2.5), eval_losses=())
-    folders = compare.open_runs(tmp_path, ["a", "b"], None)
+    folders = compare.open_runs(tmp_path, ["a", "b"], "alice")
     frame = compare.curves(folders)
     assert list(frame.columns) == ["step", "loss", "run", "split"]
     assert frame[frame["split"] == "train"].groupby("run")["loss"].apply(list).to_dict() == {
@@ -55,14 +55,14 @@ def test_a_metrics_line_that_is_not_a_loss_point_is_left_out(tmp_path):
                   {"step": 4, "learning_rate": 0.1}):
         folder.append_metrics(entry)
     folder.metrics_path.open("a").write('{"step": 5, "lo')  # a line cut off while it was written
-    frame = compare.curves(compare.open_runs(tmp_path, ["a"], None))
+    frame = compare.curves(compare.open_runs(tmp_path, ["a"], "alice"))
     assert frame.values.tolist() == [[1, 3.0, "a", "train"]]
 
 
 def test_the_table_puts_each_run_in_a_column_and_marks_what_differs(tmp_path):
     make_run(tmp_path, "quick", lora_r=8, learning_rate=2e-4, preset="quick")
     make_run(tmp_path, "bigger", lora_r=16, learning_rate=0.0002, preset="quick", losses=(3.0, 2.0, 1.5))
-    comparison = compare.compare(compare.open_runs(tmp_path, ["quick", "bigger"], None))
+    comparison = compare.compare(compare.open_runs(tmp_path, ["quick", "bigger"], "alice"))
     table = comparison.table.set_index(compare.ROW)
     assert list(table.columns) == ["quick", "bigger", compare.DIFFERS]
     assert table.loc["lora_r", "quick"] == "8" and table.loc["lora_r", "bigger"] == "16"
@@ -90,7 +90,7 @@ def test_only_the_visitors_own_runs_can_be_compared(tmp_path):
     make_run(tmp_path, "alices", owner="alice")
     make_run(tmp_path, "alices-2", owner="alice")
     make_run(tmp_path, "bobs", owner="bob")
-    make_run(tmp_path, "from-cli")  # command-line runs have no owner: the operator's, no visitor's
+    make_run(tmp_path, "from-cli", owner=None)  # command-line runs have no owner: the operator's, no visitor's
     assert [f.run_id for f in compare.open_runs(tmp_path, ["alices", "alices-2", "alices"], "alice")] == [
         "alices", "alices-2"]
     with pytest.raises(UserError, match="no run from-cli of yours"):

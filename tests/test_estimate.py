@@ -21,10 +21,10 @@ def test_the_measured_machines_give_their_measured_figure_and_say_so():
     settings = run_settings("quick", model=models.EMBEDDED_MODEL)
     plan, length = estimate.estimate_run(settings, TWO_CORES, 13_600, 85, 160)
     assert length.throughput == estimate.Throughput(125.0, estimate.CPU_MEASURED["fp32"].where)
-    assert length.throughput.source.startswith("measured:") and "docs/BENCHMARKS.md" in length.throughput.source
+    assert length.throughput.source.startswith("measured:") and "the project's benchmarks" in length.throughput.source
     assert length.tokens == 13_600 and length.seconds == pytest.approx(13_600 / 125.0)
     _, on_h100 = estimate.estimate_run(settings, H100, 13_600, 85, 160)
-    assert on_h100.throughput.tokens_per_second == 13_146 and "issue 15" in on_h100.throughput.source
+    assert on_h100.throughput.tokens_per_second == 13_146 and "one H100" in on_h100.throughput.source
 
 
 def test_every_other_figure_says_it_is_derived_and_from_what():
@@ -58,9 +58,9 @@ def test_the_train_tab_says_the_hardware_and_the_runs_length_before_start():
     from sft_space.ui.train_tab import estimate_markdown
 
     settings = run_settings("balanced", model=models.EMBEDDED_MODEL)
-    assert estimate_markdown(TWO_CORES, None, None) == ("This app trains on **CPU, 2 cores, 24 GiB memory**. Check "
-                                                        "your data (Data tab) to see how long a run of it would take "
-                                                        "here.")
+    assert estimate_markdown(TWO_CORES, None, None) == ("This app trains on **CPU, 2 cores, 24 GiB memory**. No "
+                                                        "checked data: check your data (Data tab) to see how long a "
+                                                        "run of it would take here.")
     text = estimate_markdown(T4, settings, report())
     assert text.startswith("This app trains on **Tesla T4 (15 GiB, compute capability 7.5)**. This run: about **")
     assert "(3 epochs, 40,800 tokens at ~864 tokens/s; derived from SmolLM2-135M on one H100" in text
@@ -74,5 +74,5 @@ def test_a_smaller_model_or_another_precision_is_said_to_be_derived():
     plan = TrainingPlan("cpu", "bf16", False, False, 1, 320, True, 1.0, True)
     speed = estimate.throughput(TWO_CORES, tiny, plan)
     assert speed.tokens_per_second == 200.0  # the bf16 figure, for a bf16 plan
-    assert speed.source == ("derived from SmolLM2-135M on a 2-core CPU, bf16 (docs/BENCHMARKS.md), taken as is for "
+    assert speed.source == ("derived from SmolLM2-135M on a 2-core CPU, bf16 (the project's benchmarks), taken as is for "
                             "this smaller model (3M parameters)")

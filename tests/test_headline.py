@@ -97,7 +97,7 @@ def test_the_plot_draws_raw_points_faint_the_smoothed_line_and_validation_and_a_
     # title, and there is no title "split"); axis labels are rounded.
     assert set(train_tab.CURVE_COLOURS) == {train_tab.RAW, train_tab.SMOOTHED, train_tab.VALIDATION}
     assert "height" not in train_tab.LOSS_PLOT and train_tab.LOSS_PLOT["color_title"] == ""
-    assert train_tab.LOSS_PLOT["y_axis_format"] == ".3~r" and train_tab.LOSS_PLOT["x_axis_format"] == "~g"
+    assert train_tab.LOSS_PLOT["y_axis_format"] == ".3~r" and train_tab.LOSS_PLOT["x_axis_format"] == "~r"
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ two or more (their curves overlaid, their settings side by side: `compare` does 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -14,7 +13,7 @@ import pandas as pd
 from .. import compare, jobs, runs
 from ..errors import UserError
 from .common import Gate, keep_choice
-from .train_tab import EMPTY_CURVE, LOSS_PLOT, loss_curve
+from .train_tab import EMPTY_CURVE, LOSS_PLOT, STEP_AXIS_FORMAT, loss_curve
 
 
 def _rounded(value: float | None) -> float | None:
@@ -69,12 +68,26 @@ def run_details(runs_dir: str, run_id: str | None, visitor: str | None) -> tuple
     except UserError as err:
         return f"❌ {err}", EMPTY_CURVE
     record = folder.read()
-    settings = json.dumps(record.get("settings", {}), indent=2)
-    text = (f"**{folder.run_id}** · {record.get('status')}"
-            + (f" · {record['error']}" if record.get("error") else "")
-            + f"\n\nPlan: {'; '.join((record.get('plan') or {}).get('reasons', []))}"
-            + f"\n\n```json\n{settings}\n```")
-    return text, loss_curve(folder.path)
+    return details_markdown(folder, record), loss_curve(folder.path)
+
+
+def details_markdown(folder: runs.RunFolder, record: dict[str, Any]) -> str:
+    """A run's details for a reader: its outcome, the plan's reasons, then its results, data and settings as a table
+    (the comparison's rows: the data by its file name, nothing of the server's folders or of who started it)."""
+    lines = [f"**{folder.run_id}** · {record.get('status')}" + (f" · {record['error']}" if record.get("error") else "")]
+    if started := str(record.get("created_at") or "")[:16].replace("T", " "):
+        lines.append(f"Started {started}")
+    if reasons := (record.get("plan") or {}).get("reasons"):
+        lines.append("Plan: " + "; ".join(map(str, reasons)))
+    rows = [(name, compare.shown(value)) for name, value in compare.run_rows(folder, record).items()]
+    lines.append("| | |\n|---|---|\n" + "\n".join(f"| {name} | {_cell(value)} |" for name, value in rows
+                                                 if value != compare.shown(None) and name != "status"))
+    return "\n\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """Text as one Markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 PICK_TWO = f"Pick {compare.MIN_RUNS} or more runs to compare their loss curves and settings."
@@ -98,7 +111,7 @@ def compare_view(runs_dir: str, run_refs: list[str] | None, only_differences: bo
         differs = list(comparison.table[compare.DIFFERS])
         note = f"{sum(differs)} of {len(rows)} rows differ (highlighted)."
         table = rows.style.apply(lambda row: [DIFFERENT if differs[row.name] else ""] * len(row), axis=1)
-    plots = [gr.LinePlot(value=comparison.split(split), color_map=comparison.colours)
+    plots = [gr.LinePlot(value=comparison.split(split), color_map=comparison.legend_colours)
              for split in ("train", "validation")]
     return note, *plots, table
 
@@ -155,7 +168,8 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState) -> Run
     compare_note = gr.Markdown(PICK_TWO, elem_id="compare-note")
     with gr.Row():
         # The legend names the runs (no title above it); axis labels rounded (never "3.000000").
-        plot = dict(x="step", y="loss", color="run", color_title="", x_axis_format="~g", y_axis_format=".3~r")
+        plot = dict(x="step", y="loss", color="run", color_title="", x_axis_format=STEP_AXIS_FORMAT,
+                    y_axis_format=".3~r")
         train_curves = gr.LinePlot(EMPTY_CURVE, label="Training loss", elem_id="compare-train", **plot)
         validation_curves = gr.LinePlot(EMPTY_CURVE, label="Validation loss", elem_id="compare-validation", **plot)
     settings_table = gr.Dataframe(NO_COMPARISON, label="Results and settings side by side", interactive=False,

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import gradio as gr
 import pandas as pd
 
-from .. import access, checks, data, estimate, jobs, runs, storage
+from .. import access, checks, data, estimate, jobs, models, runs, storage
 from ..errors import UserError
 from ..hardware import Hardware, detect_hardware
 from ..settings import (DEFAULT_PRESET, PRESET_NAMES, DataSettings, RunSettings, field_help, field_type, run_settings,
@@ -34,11 +34,16 @@ CURVE_COLOURS = {RAW: "#a5b4fc", SMOOTHED: "#4f46e5", VALIDATION: "#f97316"}
 # gr.LinePlot options of every loss plot (the Runs tab's too). No height: with a fixed height the plot's box clips
 # the legend below it to its title. No legend title: the series names say it all ("split" alone said nothing).
 # Axis labels rounded: 3 significant digits of loss ("3.49", not "3.489136"), whole steps ("1", not "1.000000").
+# Steps are rounded to significant digits in plain notation ("r"): the plot gives a format the precision its tick
+# spacing needs, and with "g" ticks 100, 110 at precision 2 read "1e+2 1.1e+2".
+STEP_AXIS_FORMAT = "~r"
 LOSS_PLOT = {"x": "step", "y": "loss", "color": "split", "color_map": CURVE_COLOURS, "color_title": "",
-             "x_title": "step", "y_title": "loss", "x_axis_format": "~g", "y_axis_format": ".3~r"}
+             "x_title": "step", "y_title": "loss", "x_axis_format": STEP_AXIS_FORMAT, "y_axis_format": ".3~r"}
 # gr.LinePlot draws lines only (a point shows on hover): a series of one point would draw nothing, so a lone point
 # is drawn as a short level dash around its step, this share of the run's steps wide.
 LONE_POINT_WIDTH = 0.02
+# How often (seconds) the page reads a training run's measured speed.
+SPEED_EVERY_SECONDS = 3.0
 UPLOAD_NOTE = ("# {name} was uploaded to this app: run this where your copy of the file is (give its path on "
                "your machine).")
 
@@ -120,15 +125,6 @@ def loss_plot(run_dir: str | Path | None) -> Any:
     return gr.update(value=curve, x_lim=[0, length * (1 + LONE_POINT_WIDTH / 2)])
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "…"
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m {seconds % 60:02d}s"
-
-
 def data_line(summary: dict[str, Any]) -> str:
     """What a run trains on, from its record's data summary."""
     source = str(summary.get("source") or "")
@@ -144,15 +140,56 @@ def data_line(summary: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
+def refusal_notice(message: str, job: jobs.Job | None) -> dict[str, str]:
+    """What the status line keeps of a refused action: its message, and the job the page showed then, in its state
+    then (see `standing_refusal`)."""
+    return {"text": message, "job": job.job_id if job else "", "state": str(job.state) if job else ""}
+
+
+def standing_refusal(notice: Any, job: jobs.Job | None) -> str:
+    """The refusal the status line still shows: until the next action, which is a new job or a new state of the
+    job shown (a run that starts, trains, finishes), or a successful Start, Stop or Resume (which clears it)."""
+    if not isinstance(notice, dict):
+        return ""
+    shown = (job.job_id if job else "", str(job.state) if job else "")
+    return str(notice.get("text") or "") if (notice.get("job"), notice.get("state")) == shown else ""
+
+
+def next_step(job: jobs.Job, folder: runs.RunFolder) -> str:
+    """What to do with a run that has ended, in the page's words."""
+    if job.state == jobs.JobState.FINISHED:
+        return ("Next: talk to it in the **Chat** tab (beside the base model), or share it from the **Publish** tab. "
+                "The **Runs** tab compares it with your other runs.")
+    if job.state == jobs.JobState.STOPPED and folder.has_adapter:
+        return ("What it learned so far is saved: talk to it in the **Chat** tab, share it from the **Publish** tab, "
+                "or press **Resume** to train on.")
+    if job.state in (jobs.JobState.STOPPED, jobs.JobState.FAILED) and folder.last_checkpoint() is not None:
+        return "Press **Resume** to train on from its last checkpoint."
+    return ""
+
+
+def preparation_line() -> str:
+    """Said while the app prepares the built-in model (once, at start-up): a run started meanwhile waits for it."""
+    if not models.embedded_model_preparing():
+        return ""
+    return (f"⏳ {models.PREPARATION_MESSAGE}: it happens once, when the app starts; a run started now begins "
+            "once it is done.")
+
+
 def progress_markdown(job: jobs.Job | None, notice: str = "") -> str:
     """The status line: what this page's last action was refused for (`notice`), then the job it follows: its
-    state, step, headline losses (the smoothed training loss and the validation loss), data and plan."""
+    state, step, headline losses (the smoothed training loss and the validation loss), data and plan, and what to
+    do next once it has ended."""
     lines = [f"**Refused** · {notice}"] if notice else []
+    if preparing := preparation_line():
+        lines.append(preparing)
     if job is None:
-        return "\n\n".join(lines or ["No run yet. Check your data, pick a model and press **Start**."])
-    # A failure's reason is shown once, below; the first line then says only what happened.
-    lines.append(f"**{job.state.capitalize()}**"
-                 + ("" if job.error and job.message == job.error else f" · {job.message}"))
+        return "\n\n".join(lines + ["No run yet. Check your data, pick a model and press **Start**."])
+    # A failure's reason is shown once, below; the first line then says only what happened. A message that only
+    # repeats the state ("Finished." after **Finished**) is left out.
+    state = job.state.capitalize()
+    repeats = job.message.rstrip(".").lower() == state.lower()
+    lines.append(f"**{state}**" + ("" if (job.error and job.message == job.error) or repeats else f" · {job.message}"))
     if job.run_dir is not None and (Path(job.run_dir) / runs.RUN_FILE).is_file():
         folder = runs.RunFolder(Path(job.run_dir))
         entries = folder.read_metrics()
@@ -160,9 +197,9 @@ def progress_markdown(job: jobs.Job | None, notice: str = "") -> str:
         if steps:
             last = steps[-1]
             parts = [f"step {last['step']} of {last['max_steps']}", runs.headline_of(entries).text(),
-                     f"elapsed {_duration(last.get('elapsed_seconds'))}"]
+                     f"elapsed {estimate.duration(last.get('elapsed_seconds'))}"]
             if not job.done:
-                parts.append(f"ETA {_duration(last.get('eta_seconds'))}")
+                parts.append(f"ETA {estimate.duration(last.get('eta_seconds'))}")
             if last.get("tokens_per_second"):
                 parts.append(f"{last['tokens_per_second']:,.0f} tokens/s")
             if last.get("peak_gpu_memory_gib") is not None:
@@ -177,7 +214,10 @@ def progress_markdown(job: jobs.Job | None, notice: str = "") -> str:
         plan = record.get("plan") or {}
         if plan.get("reasons"):
             lines.append("Plan: " + "; ".join(plan["reasons"]))
-        lines.append(f"Run folder: `{folder.path}`")
+        # The run by its name, as the Runs tab lists it (its folder is the server's).
+        lines.append(f"Run: **{folder.run_id}**")
+        if job.done and (step := next_step(job, folder)):
+            lines.append(step)
     if job.error:
         lines.append(f"❌ {job.error}")
     return "\n\n".join(lines)
@@ -241,9 +281,36 @@ def estimate_markdown(hardware: Hardware, settings: RunSettings | None, report: 
     passes = (f"{settings.max_steps:,} steps" if settings.max_steps > 0 else
               f"{settings.epochs:g} epoch{'' if settings.epochs == 1 else 's'}")
     first = " (the first look at the data: the whole of it takes longer)" if report.first_look else ""
-    return (f"{line} This run: about **{_duration(length.seconds)}** of training{first} ({passes}, "
+    return (f"{line} This run: about **{estimate.duration(length.seconds)}** of training{first} ({passes}, "
             f"{length.tokens:,} tokens at ~{length.throughput.tokens_per_second:,.0f} tokens/s; "
             f"{length.throughput.source}), plus loading and the held-out answers.")
+
+
+def live_markdown(hardware: Hardware, run_dir: str | Path | None) -> str | None:
+    """The estimate replaced by the run's measured speed once its first steps are done, with a warning when the
+    machine trains much slower than its usual figure; None before (the estimate then stands)."""
+    if not run_dir:
+        return None
+    folder = runs.RunFolder(Path(run_dir))
+    entries = folder.read_metrics()
+    if estimate.live_estimate(entries, None) is None:
+        return None
+    key = (str(folder.path), hardware)
+    if key not in _USUAL_SPEEDS:
+        try:
+            record = folder.read()
+        except UserError:
+            record = {}
+        _USUAL_SPEEDS[key] = estimate.usual_throughput(hardware, record)
+    live = estimate.live_estimate(entries, _USUAL_SPEEDS[key])
+    text = f"This app trains on **{hardware.describe()}**. {estimate.describe_live(live)}"
+    if warning := estimate.slower_warning(live):
+        text += f"\n\n⚠️ {warning}"
+    return text
+
+
+# The usual tokens/s figure of each run followed (run folder, hardware → Throughput): read from its record once.
+_USUAL_SPEEDS: dict[tuple[str, Hardware], estimate.Throughput | None] = {}
 
 
 def visitor_job(manager: jobs.JobManager, owner: str, job_id: str) -> jobs.Job | None:
@@ -308,9 +375,12 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
     curve = gr.LinePlot(EMPTY_CURVE, label="Loss", elem_id="loss-plot", **LOSS_PLOT)
     command = gr.Code(label="The same run from the command line", language="shell", interactive=False,
                       elem_id="train-command")
-    # What this page's last Start, Stop or Resume was refused for, shown in the status line until the next one.
+    # What this page's last Start, Stop or Resume was refused for (`refusal_notice`), shown in the status line
+    # until the next action.
     notice = gr.State("")
     timer = gr.Timer(1.0, active=True)
+    # The estimate becomes the run's measured speed once its first steps are done; less often than the status.
+    speed_timer = gr.Timer(SPEED_EVERY_SECONDS, active=True)
 
     def on_preset(name: str) -> list[Any]:
         values = run_settings(name)
@@ -336,8 +406,9 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
                                           dict(zip(names, advanced_values)), report_value)
             job = manager.submit(settings, owner_id, client=gate.client())
         except (gr.Error, UserError) as err:
+            shown = shown_job(owner_id, current)
             refused = refusal("on_start", err)
-            return gr.skip(), progress_markdown(shown_job(owner_id, current), refused), gr.skip(), refused
+            return gr.skip(), progress_markdown(shown, refused), gr.skip(), refusal_notice(refused, shown)
         return job.job_id, progress_markdown(job), command_text(settings, gate.runs_dir), ""
 
     start.click(on_start, inputs=[session, job_id, report, data_settings, skip_invalid, model, preset,
@@ -351,8 +422,9 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
                 raise UserError("You have no run to stop.")
             manager.stop(job.job_id, owner_id)
         except UserError as err:
+            shown = shown_job(owner_id, current)
             refused = refusal("on_stop", err)
-            return progress_markdown(shown_job(owner_id, current), refused), refused
+            return progress_markdown(shown, refused), refusal_notice(refused, shown)
         return progress_markdown(job), ""
 
     stop.click(on_stop, inputs=[session, job_id], outputs=[progress, notice])
@@ -366,8 +438,9 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
                 raise UserError("Nothing to resume: resume a stopped or failed run of yours once it has stopped.")
             resumed = manager.resume(gate.runs_dir, job.run_dir, owner_id, client=gate.client())
         except (gr.Error, UserError) as err:
+            shown = shown_job(owner_id, current)
             refused = refusal("on_resume", err)
-            return gr.skip(), progress_markdown(shown_job(owner_id, current), refused), refused
+            return gr.skip(), progress_markdown(shown, refused), refusal_notice(refused, shown)
         return resumed.job_id, progress_markdown(resumed), ""
 
     resume.click(on_resume, inputs=[session, job_id], outputs=[job_id, progress, notice])
@@ -382,11 +455,23 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
         restored = form_values(job, gate.runs_dir) if job is not None and not current else None
         shown = [gr.update(value=restored[name]) for name in ("model", "preset", *names, "command")] if restored \
             else [gr.skip() for _ in form]
-        return ((job.job_id if job else current), progress_markdown(job, refused),
+        return ((job.job_id if job else current), progress_markdown(job, standing_refusal(refused, job)),
                 loss_plot(job.run_dir if job else None), *shown)
 
     timer.tick(refresh, inputs=[session, job_id, notice], outputs=[job_id, progress, curve, *form],
                show_progress="hidden")
+    # A new check of the data is a next action too: a refusal for the data it had is no longer the news.
+    report.change(lambda: "", outputs=notice, show_progress="hidden")
+
+    def on_speed(profile: gr.OAuthProfile | None, token, current):
+        """The run's measured speed in place of the estimate, while the run the page follows trains."""
+        owner_id = gate.known_visitor(token)
+        job = shown_job(owner_id, current) if owner_id else None
+        if job is None or job.done or not gate.training_access(profile).allowed:
+            return gr.skip()
+        return live_markdown(hardware, job.run_dir) or gr.skip()
+
+    speed_timer.tick(on_speed, inputs=[session, job_id], outputs=cost, show_progress="hidden")
 
     def on_access(profile: gr.OAuthProfile | None):
         """The page's load event: the refusal or the cost, as the setting decides for this visitor."""
@@ -394,10 +479,14 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
         return (gr.update(visible=not decision.allowed), decision.reason,
                 gr.update(visible=decision.allowed, value=estimate_markdown(hardware, None, None)))
 
-    def on_estimate(profile: gr.OAuthProfile | None, report_value, data_value, model_name, preset_name,
-                    *advanced_values):
+    def on_estimate(profile: gr.OAuthProfile | None, token, current, report_value, data_value, model_name,
+                    preset_name, *advanced_values):
         if not gate.training_access(profile).allowed:
             return gr.skip()
+        owner_id = gate.known_visitor(token)
+        job = shown_job(owner_id, current) if owner_id else None
+        if job is not None and not job.done and (live := live_markdown(hardware, job.run_dir)):
+            return live  # a form that changes while the run trains (a reload's restore) keeps its measured speed
         try:
             settings = settings_from_form(data_value, True, gate.model(model_name), preset_name, gate.runs_dir,
                                           dict(zip(names, advanced_values)))
@@ -406,6 +495,7 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
         return estimate_markdown(hardware, settings, report_value)
 
     gr.on([report.change, model.change, preset.change, *(advanced[n].change for n in names)], on_estimate,
-          inputs=[report, data_settings, model, preset, *advanced.values()], outputs=cost, show_progress="hidden",
+          inputs=[session, job_id, report, data_settings, model, preset, *advanced.values()], outputs=cost,
+          show_progress="hidden",
           trigger_mode="always_last")
     return TrainTab(job_id=job_id, on_access=on_access, access_outputs=[refused_row, refused_text, cost])
