@@ -460,12 +460,12 @@ class ControlTokens:
         overlaps = trained_mask([offsets[i] for i in controls], forged)
         if not any(overlaps):
             return None
-        forged_at = {i for i, overlap in zip(controls, overlaps) if overlap}
+        forged_at = [i for i, overlap in zip(controls, overlaps) if overlap]  # sorted
         kept = [i for i, overlap in zip(controls, overlaps) if not overlap]
         new_ids: list[int] = []
         new_offsets: list[tuple[int, int]] = []
         for before, after in zip([-1, *kept], [*kept, len(ids)]):
-            if any(before < i < after for i in forged_at):
+            if bisect.bisect_left(forged_at, after) > bisect.bisect_right(forged_at, before):
                 start = offsets[before][1] if before >= 0 else 0
                 end = offsets[after][0] if after < len(ids) else len(text)
                 encoding = self.literal().encode(text[start:end], add_special_tokens=False)
@@ -691,7 +691,8 @@ class Renderer:
         spans are where its own text wrote control-token strings (`forged_spans`), tokenized as text."""
         if example.messages is not None:
             text, spans, segments = self.layout(example.messages)
-            return text, spans, segments, False, forged_spans(self.tokenizer, example.messages, text, control=self.control)
+            forged = forged_spans(self.tokenizer, example.messages, text, control=self.control)
+            return text, spans, segments, False, forged
         text = example.text
         ends = getattr(example, "ends_document", True) and self.tokenizer.eos_token_id is not None
         return text, None, [(0, len(text), "text")], ends, self.control.spans(text)

@@ -96,7 +96,8 @@ def page_history(history: Any, chat_name: str) -> list[dict[str, str]]:
         where = f"Message {number} of the {chat_name} chat"
         if not isinstance(message, dict):
             raise UserError(f"{where} is a {data.type_name(message)}, not a message; press Clear.")
-        extra = [key for key, value in message.items() if key not in ("role", "content") and value not in (None, {}, [])]
+        extra = [key for key, value in message.items()
+                 if key not in ("role", "content") and value not in (None, {}, [])]
         if extra:
             raise UserError(f"{where} carries {data.shown(extra[0], 40)}, which this chat never writes; press Clear.")
         role = message.get("role")
