@@ -95,15 +95,18 @@ JobRunner = Callable[["Job", Callable[[str], None], Callable[[Path], None], Call
 
 class JobManager:
     def __init__(self, runner: JobRunner | None = None, max_queued: int = MAX_QUEUED_JOBS, runs_per_owner: int = 0,
-                 supervisor: child.Supervisor | None = None, anonymous_run_seconds: float = 0.0):
+                 supervisor: child.Supervisor | None = None, anonymous_run_seconds: float = 0.0,
+                 one_anonymous_job_per_client: bool = False):
         """`max_queued`: jobs that may wait behind the running one, for everyone; `runs_per_owner`: runs kept per
-        visitor (0: no limit); `anonymous_run_seconds`: how long a job of a visitor who is not signed in may take
-        from its start before it is stopped (0: no limit)."""
+        visitor (0: no limit). For visitors who are not signed in (where strangers reach the app, a Space):
+        `anonymous_run_seconds`, how long such a job may take from its start before it is stopped (0: no limit),
+        and `one_anonymous_job_per_client`, one such job waiting or running per client address."""
         self._supervisor = supervisor or child.Supervisor()
         self._runner = runner or self._supervisor.run
         self._max_queued = max_queued
         self._runs_per_owner = runs_per_owner
         self._anonymous_run_seconds = anonymous_run_seconds
+        self._one_anonymous_job_per_client = one_anonymous_job_per_client
         self._lock = threading.Lock()
         self._queue: list[Job] = []
         self._current: Job | None = None
@@ -137,7 +140,7 @@ class JobManager:
         if any(j.owner == owner and not j.done for j in self._jobs.values()):
             raise UserError("You already have a run in progress or waiting; stop it before starting another.")
         # A new anonymous id is free, so one address gets one place for all of its anonymous ids.
-        if client is not None and anonymous(owner) and any(
+        if self._one_anonymous_job_per_client and client is not None and anonymous(owner) and any(
                 j.client == client and anonymous(j.owner) and not j.done for j in self._jobs.values()):
             raise UserError("A run from your address is already training or waiting, and visitors who are not "
                             "signed in get one at a time each; wait for it to end (or sign in).")

@@ -72,7 +72,7 @@ def test_anonymous_runs_get_one_place_per_address_and_the_queue_a_cap_for_all(ga
     from sft_space import jobs
     from sft_space.settings import RunSettings
 
-    manager = jobs.JobManager(gated, max_queued=2)
+    manager = jobs.JobManager(gated, max_queued=2, one_anonymous_job_per_client=True)
     first = manager.submit(RunSettings(source="a.jsonl"), owner="0a1b", client="203.0.113.7")
     assert wait_until(lambda: first.state == jobs.JobState.RUNNING)
     with pytest.raises(UserError, match="from your address is already training or waiting"):
@@ -175,6 +175,17 @@ def test_uploads_past_their_age_are_swept_unless_a_run_needs_them(tmp_path):
 
 
 # ------------------------------------------------------------------------------- the app, by client address
+
+
+def test_the_client_address_is_the_one_our_proxies_saw():
+    assert access.client_address("10.0.0.2", ["1.1.1.1, 203.0.113.5"], 1) == "203.0.113.5"
+    assert access.client_address("10.0.0.2", ["1.1.1.1", "203.0.113.5, 10.0.0.9"], 2) == "203.0.113.5"
+    assert access.client_address("127.0.0.1", ["1.1.1.1"], 0) == "127.0.0.1", "no proxy: the header is the client's"
+    assert access.client_address("10.0.0.2", [], 1) == "10.0.0.2"
+    # An IPv6 client holds a /64 at least: it counts as one, whichever address of it it sends from.
+    assert access.client_address(None, ["2001:db8:1:2:aaaa::1"], 1) == access.client_address(
+        None, ["2001:db8:1:2:bbbb::7"], 1) == "2001:db8:1:2::/64"
+    assert access.client_address(None, ["::ffff:203.0.113.5"], 1) == "203.0.113.5"
 
 
 def from_address(address, forged="10.6.6.6"):
@@ -291,10 +302,14 @@ def served(monkeypatch, tmp_path):
                         ("UPLOAD_MB_PER_CLIENT_HOUR", "1")):
         monkeypatch.setenv(f"SFT_SPACE_{name}", value)
     monkeypatch.setattr(models, "prepare_embedded_model_in_background", lambda: None, raising=False)
+    from sft_space.settings import AccessSettings
+
     release = threading.Event()
+    gate = Gate("runs-never-made", access.Identity(b"s" * 32), AccessSettings(forwarded_hops=1))
     with gr.Blocks() as blocks:
         box = gr.Textbox()
         gr.Button().click(lambda text: release.wait(30) and text, box, box, api_name="wait", concurrency_limit=1)
+        gr.Button().click(gate.client, None, box, api_name="address")
     port = free_port()
     launch(blocks, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}/gradio_api", timeout=30) as client:
@@ -342,6 +357,9 @@ def test_one_address_may_have_a_few_events_waiting_or_running(served):
     for answer in waiting:
         assert "complete" in client.get(f"/call/wait/{answer.json()['event_id']}").text
     assert client.post("/call/wait", json={"data": ["5"]}, headers=behind_proxy("203.0.113.5")).status_code == 200
+    # A handler sees the client as the limits count it (Gate.client), from the request Gradio is answering.
+    asked = client.post("/call/address", json={"data": []}, headers=behind_proxy("203.0.113.5")).json()
+    assert '"203.0.113.5"' in client.get(f"/call/address/{asked['event_id']}").text
 
 
 def test_what_one_address_uploads_to_gradios_route_is_counted_as_it_arrives(served):

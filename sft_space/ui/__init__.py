@@ -38,11 +38,13 @@ def runs_dir() -> str:
 def build_app(manager: jobs.JobManager | None = None, default_model: str | None = None) -> gr.Blocks:
     folder = runs_dir()
     settings = access.access_settings()
-    # On a Space visitors are strangers: one who is not signed in gets runs limited in time.
+    # On a Space visitors are strangers: one who is not signed in gets runs limited in time, and one at a time
+    # per address.
     anonymous_run_seconds = settings.anonymous_run_minutes * 60 if access.running_on_space() else 0.0
     manager = manager or jobs.JobManager(runs_per_owner=settings.runs_per_visitor, max_queued=settings.queued_runs,
                                          supervisor=child.Supervisor(warm=settings.warm_start),
-                                         anonymous_run_seconds=anonymous_run_seconds)
+                                         anonymous_run_seconds=anonymous_run_seconds,
+                                         one_anonymous_job_per_client=access.running_on_space())
     # Runs a child of an earlier app process still trains are followed again; ones left by a dead one are marked.
     manager.adopt(folder)
     default_model = default_model or os.environ.get("SFT_SPACE_DEFAULT_MODEL") or models.default_model()
