@@ -122,12 +122,8 @@ TRAIN, CHAT = "train", "chat"
 WEIGHTS_HEADROOM = 1.2
 
 
-def this_machine() -> Hardware:
-    return _detected()
-
-
 @lru_cache(maxsize=1)
-def _detected() -> Hardware:
+def this_machine() -> Hardware:
     return detect_hardware()
 
 
@@ -151,12 +147,12 @@ def _size_label(parameters: float) -> str:
 
 
 def check_hub_model_fits(model_id: str, purpose: str = TRAIN, hardware: Hardware | None = None) -> None:
-    """Refuse a Hub model too large to `purpose` (TRAIN or CHAT) on this machine, judged from the size its
-    metadata gives, before anything of it is downloaded; the refusal says its size and what fits. When the Hub
-    does not answer, nothing is asked: a model in the local cache still loads, and any other is refused at once
-    when it is loaded (hub.reachable)."""
+    """Refuse a Hub model too large to train (`purpose` TRAIN) or to chat with (CHAT) on `hardware` (this machine
+    by default), judged from the size its metadata gives, before anything of it is downloaded; the refusal says its
+    size and what fits. A folder here or the embedded model is not the Hub's, and is not asked about; nor is any
+    model when the Hub does not answer (one in the local cache then loads, any other is refused when loaded)."""
     if not hub.is_repo_id(model_id) or Path(model_id).is_dir() or not hub.reachable():
-        return  # a folder here, or the embedded model: not the Hub's
+        return
     size = hub.model_size(model_id)
     hardware = hardware or this_machine()
     parameters = size.parameters or (size.weight_bytes and size.weight_bytes // 2)  # 16-bit weights, by far the most
@@ -166,8 +162,9 @@ def check_hub_model_fits(model_id: str, purpose: str = TRAIN, hardware: Hardware
     largest = largest_parameters(hardware, purpose)
     if parameters <= largest:
         return
-    fitting = [(shape_of(entry.model_id).parameters, entry.model_id) for entry in CATALOG
-               if shape_of(entry.model_id).parameters <= largest]
+    fitting = [(shape_of(entry.model_id).parameters, entry.model_id.replace(models.EMBEDDED_MODEL,
+                                                                            models.HUB_DEFAULT_MODEL))
+               for entry in CATALOG if shape_of(entry.model_id).parameters <= largest]
     suggestion = f", such as {max(fitting)[1]}" if fitting else ""
     needed = parameters * bytes_per_parameter(hardware, purpose) * WEIGHTS_HEADROOM / GIB
     doing = "train" if purpose == TRAIN else "chat with"

@@ -108,6 +108,9 @@ def _limit_memory(extra_bytes: int) -> None:
 
 def _work_in_child(work: Callable[[Callable[..., None] | None], Iterable[Any]], writer: Any, extra_bytes: int,
                    relay_progress: bool) -> None:
+    # The app's handlers (the web server's graceful shutdown) are not the worker's: Ctrl+C or a stop ends it at once.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _limit_memory(extra_bytes)
 
     def progress(*values: Any) -> None:
@@ -147,18 +150,28 @@ def stream_in_worker(work: Callable[[Callable[..., None] | None], Iterable[T]], 
     `work` runs in the worker: it may use anything the app has in memory (it is not pickled; what it yields is).
     `progress(*values)` there calls `on_progress(*values)` here (None when no `on_progress` is given). The deadline
     counts from the start, the time a consumer spends between items included. Closing the iterator early stops
-    the worker.
+    the worker. When `limits.at_once` workers run already, this waits up to `limits.wait_seconds` for one to end.
     """
     if not running.enter(limits):
         raise UserError(f"The server is already running {limits.at_once} checks or previews for visitors, the most it "
                         "runs at once; try again in a minute.")
+    try:
+        yield from _stream(work, task, limits, on_progress)
+    finally:
+        running.leave()
+
+
+def _stream(work: Callable[[Callable[..., None] | None], Iterable[T]], task: Task, limits: Limits,
+            on_progress: Callable[..., None] | None) -> Iterator[T]:
     context = multiprocessing.get_context("fork")
     reader, writer = context.Pipe(duplex=False)
     worker = context.Process(target=_work_in_child, args=(work, writer, int(limits.memory_gb * GB),
                                                           on_progress is not None), daemon=True)
     try:
         worker.start()
-        writer.close()  # the worker holds the only writing end: its death reads as the end of the pipe
+        # The worker holds the writing end now, so its death reads as the end of the pipe (or as the deadline, if
+        # another worker forked meanwhile holds a copy too).
+        writer.close()
         deadline = time.monotonic() + limits.seconds
         while True:
             if not reader.poll(max(0.0, deadline - time.monotonic())):
@@ -182,12 +195,12 @@ def stream_in_worker(work: Callable[[Callable[..., None] | None], Iterable[T]], 
             else:
                 raise UserError(f"{task.what} failed: {value}")
     finally:
+        writer.close()
         reader.close()
         if worker.is_alive():
             worker.kill()
         if worker.pid is not None:
             worker.join()
-        running.leave()
 
 
 def run_in_worker(work: Callable[[], T], task: Task, limits: Limits) -> T:

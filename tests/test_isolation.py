@@ -165,14 +165,17 @@ def test_a_template_that_takes_a_gigabyte_is_stopped_at_the_memory_limit_and_the
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 < before + 700
 
 
-def test_a_hub_datasets_first_look_still_comes_first_through_the_worker(tiny_model_dir, local_gate, monkeypatch,
+def test_a_hub_datasets_first_look_still_comes_first_through_the_worker(tmp_path, tiny_model_dir, monkeypatch,
                                                                         hub_online):
     import datasets
+
+    gate = Gate(str(tmp_path / "runs"), access.Identity.for_runs(tmp_path / "runs"),
+                offered_models={str(tiny_model_dir)})
 
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (
         chat((f"Question {i}?", f"Answer {i}.")) for i in range(checks.FIRST_LOOK_ROWS + 500)))
     shown = []
-    stages = data_tab.check_source_in_stages(local_gate, "alice", None, "someone/large", False, str(tiny_model_dir),
+    stages = data_tab.check_source_in_stages(gate, "alice", None, "someone/large", False, str(tiny_model_dir),
                                              "", "", "train", 2048, progress=lambda *a, **k: shown.append(a))
     first = next(stages)[0]
     assert first.first_look and first.rows == checks.FIRST_LOOK_ROWS
