@@ -233,9 +233,10 @@ class AccessSettings:
     queue_size: int = setting(100, "Events (checks, chats, page refreshes) that may wait in the app's queue, for "
                                    "all visitors together; beyond it a new one is refused as 'queue full'.",
                               bounds=(1, 1_000_000))
-    queued_events_per_client: int = setting(8, "Events one client address may have waiting or running at once; "
-                                               "visitors behind one address (an office, a school) share it.",
-                                            bounds=(1, 1_000_000))
+    queued_events_per_client: int = setting(16, "Events one client address may have waiting or running at once "
+                                                "(an open page has up to about six: its load, refresh timers, a "
+                                                "check, a chat reply); visitors behind one address (an office, a "
+                                                "school) share it.", bounds=(1, 1_000_000))
     max_request_kb: int = setting(1024, "Largest request body the app reads, in KB (uploads have their own limit, "
                                         "SFT_SPACE_MAX_FILE_MB); a larger one is refused before it is read.",
                                   bounds=(16, 10_000_000))
