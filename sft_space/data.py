@@ -61,6 +61,13 @@ SHAREGPT_ROLES = {
     "observation": "tool",
     "tool": "tool",
 }
+# Roles as other tools and people write them, for the checks' "did you mean" (data keeps roles as written).
+ROLE_ALIASES = {
+    "human": "user", "person": "user", "customer": "user",
+    "bot": "assistant", "ai": "assistant", "gpt": "assistant", "chatgpt": "assistant", "chatbot": "assistant",
+    "model": "assistant", "agent": "assistant",
+    "developer": "system",
+}
 
 
 
@@ -114,7 +121,7 @@ class Problem:
 
 
 # Problems reading finds that leave the rows valid: what of the source was left out or ignored, never silently.
-READING_WARNINGS = frozenset({"trailing_data", "ignored_files", "rows_not_read", "ignored_column"})
+READING_WARNINGS = frozenset({"trailing_data", "ignored_files", "rows_not_read", "ignored_column", "one_json_object"})
 
 
 @dataclass(slots=True)
@@ -192,7 +199,7 @@ def read_records(source: str, hub_config: str | None = None, hub_split: str = "t
         elif suffix == ".csv":
             yield from _bounded(_read_csv(path, max_row_kb), max_row_kb)
         elif suffix == ".parquet":
-            yield from _bounded(_read_parquet(path), max_row_kb)
+            yield from _bounded(_read_parquet(path, max_row_kb, max_file_mb, max_rows), max_row_kb)
         else:
             raise DataSourceError(
                 f"{path.name}: unsupported file type {path.suffix or '(none)'!r}. "
@@ -241,12 +248,23 @@ def _decode_line(raw: bytes, row: int, strip_bom: bool) -> tuple[int, Any]:
     try:
         return row, json.loads(text)
     except json.JSONDecodeError as err:
+        if _cut_short(err):
+            return row, Problem(row, "unreadable_row", f"row {row}: this line ends before its JSON is complete (cut "
+                                                          "short?); complete the line or remove it.")
         return row, Problem(
             row, "unreadable_row", f"row {row}: not valid JSON ({err.msg} at column {err.colno}); fix or remove the line."
         )
     except RecursionError:
         return row, Problem(row, "unreadable_row", f"row {row}: JSON nested too deeply to read; a training "
                                                       "example needs a few levels at most.")
+    except ValueError as err:  # Python refuses integers of over 4,300 digits
+        return row, Problem(row, "unreadable_row", f"row {row}: {_number_too_long(err)}; write it as text.")
+
+
+def _number_too_long(err: ValueError) -> str:
+    if "digits" not in str(err):
+        raise err
+    return "holds a number of over 4,300 digits, more than Python reads as a number"
 
 
 def _row_bytes(max_row_kb: float | None) -> int | None:
@@ -254,10 +272,13 @@ def _row_bytes(max_row_kb: float | None) -> int | None:
 
 
 def _row_too_large(row: int, size: int, max_row_kb: float) -> Problem:
+    return Problem(row, "row_too_large", f"row {row} is {_size_shown(size)}, over the limit of {max_row_kb:,g} KB per "
+                                            "row (max_row_kb, --max-row-kb); split it or raise the limit.")
+
+
+def _size_shown(size: float) -> str:
     # Rounded up, so that a row just over the limit never reads as the limit itself.
-    shown = f"{size / 2**20:,.1f} MB" if size >= 10 * 2**20 else f"{math.ceil(size / 1024):,} KB"
-    return Problem(row, "row_too_large", f"row {row} is {shown}, over the limit of {max_row_kb:,g} KB per row "
-                                            "(max_row_kb, --max-row-kb); split it or raise the limit.")
+    return f"{size / 2**20:,.1f} MB" if size >= 10 * 2**20 else f"{math.ceil(size / 1024):,} KB"
 
 
 def _bounded(records: Iterator[tuple[int, Any]], max_row_kb: float | None) -> Iterator[tuple[int, Any]]:
@@ -310,116 +331,354 @@ def _read_json_lines(path: Path, max_row_kb: float | None = None) -> Iterator[tu
                 yield _decode_line(raw, line_number, strip_bom=line_number == 1)
 
 
-def _read_json(path: Path, max_row_kb: float | None = None) -> Iterator[tuple[int, Any]]:
+def _read_json(path: Path, max_row_kb: float | None = None) -> Iterator[tuple[int | None, Any]]:
+    """A .json file as what it holds: an array of rows; rows one object per line (as many tools write "JSON"); or
+    one object, which is one row (one conversation) unless it wraps the list of rows under a key (then that list is
+    read). A warning says which, when it is one object.
+
+    An array's item (or a wrapped list's) whose text is over twice `max_row_kb` is skipped unparsed, read in
+    pieces, and reported as row_too_large; a smaller one is decoded and measured as compact JSON. Twice: the text
+    as written holds a pretty-printed file's indentation, which the compact form does not.
+    """
+    limit = _row_bytes(max_row_kb)
+    hold = None if limit is None else 2 * limit
     with path.open("rb") as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if not head.startswith(b"["):
-        # One object per line, as many tools write "JSON".
+    if head.startswith(b"["):
+        records = _numbered(_json_array_items(path, hold))
+    elif head.startswith(b"{") and not _one_object_per_line(path, limit):
+        records = _one_object(path, hold)
+    else:
         yield from _read_json_lines(path, max_row_kb)
         return
-    def numbered() -> Iterator[tuple[int | None, Any]]:
-        row = 0
-        for item in _json_array_items(path):
-            if isinstance(item, Problem):
-                yield None, item
-            else:
-                row += 1
-                yield row, item
-
     try:
-        yield from _bounded(numbered(), max_row_kb)
+        yield from _bounded(_measured(records, max_row_kb), max_row_kb)
     except UnicodeDecodeError:
         raise DataSourceError(f"{path.name}: not valid UTF-8; save the file as UTF-8.") from None
     except json.JSONDecodeError as err:
+        where = "" if err.msg == _ENDS_EARLY else f", line {err.lineno:,} column {err.colno:,}"
         raise DataSourceError(
-            f"{path.name}: not valid JSON ({err.msg}); fix the file, or save it as JSONL (one object per line) so "
-            "one bad row does not spoil the rest."
+            f"{path.name}: not valid JSON ({err.msg}{where}); fix the file, or save it as JSONL (one object per line) "
+            "so one bad row does not spoil the rest."
         ) from None
     except RecursionError:
         raise DataSourceError(f"{path.name}: JSON nested too deeply to read; a training example needs a few "
                               "levels at most.") from None
+    except ValueError as err:
+        raise DataSourceError(f"{path.name}: {_number_too_long(err)}; write it as text.") from None
+
+
+@dataclass(slots=True)
+class _Oversized:
+    """A JSON value skipped unparsed, its text being over the size held (see _JsonText.value): its size in bytes."""
+
+    size: int
+
+
+def _numbered(items: Iterable[Any]) -> Iterator[tuple[int | None, Any]]:
+    """Records numbered from 1 (the record index); a Problem, a warning about the whole file, gets no number."""
+    row = 0
+    for item in items:
+        if isinstance(item, Problem):
+            yield None, item
+        else:
+            row += 1
+            yield row, item
+
+
+def _measured(records: Iterable[tuple[int | None, Any]], max_row_kb: float | None) -> Iterator[tuple[int | None, Any]]:
+    for row, record in records:
+        yield row, (_row_too_large(row, record.size, max_row_kb) if isinstance(record, _Oversized) else record)
+
+
+def _one_object_per_line(path: Path, limit: int | None) -> bool:
+    """Whether a .json file that starts with '{' is written one object per line: it has two lines or more, and its
+    first or second line is a whole object (an object spread over many lines has neither)."""
+    lines = []
+    with path.open("rb") as f:
+        for raw, _size in _lines(f, limit):
+            if raw is None or raw.strip():
+                lines.append(raw)
+                if len(lines) == 2:
+                    break
+    for raw in lines if len(lines) == 2 else []:
+        try:
+            if raw is not None and isinstance(json.loads(raw.removeprefix(b"\xef\xbb\xbf")), dict):
+                return True
+        except (ValueError, RecursionError):  # ValueError: invalid JSON or invalid UTF-8
+            continue
+    return False
+
+
+def _one_object(path: Path, hold: int | None) -> Iterator[tuple[int | None, Any]]:
+    """The rows of a .json file that holds one object (see _read_json), with the warning that says how it was read."""
+    with path.open("r", encoding="utf-8-sig") as handle:
+        text = _JsonText(handle, hold)
+        text.peek()
+        whole = text.value()
+        text.peek()
+        trailing = list(_trailing_data(path, handle, text.buffer[text.at:], array=False))
+    if isinstance(whole, _Oversized):
+        yield from _rows_under_a_key(path, hold, whole.size)
+    elif (key := _rows_key(whole)) is None:
+        yield None, Problem(None, "one_json_object", f"{path.name}: holds one JSON object, read as one row (one "
+                                                     "conversation); for more rows, write a JSON array of objects, or "
+                                                     "one object per line (JSONL).")
+        yield 1, whole
+    else:
+        yield None, _wrapped_rows_warning(path, key, len(whole[key]), [k for k in whole if k != key])
+        yield from enumerate(whole[key], start=1)
+    for problem in trailing:
+        yield None, problem
+
+
+# Keys that make an object one row in a known format (see USED_COLUMNS): such an object never wraps rows.
+def _row_keys() -> set[str]:
+    return set().union(*USED_COLUMNS.values())
+
+
+def _rows_key(record: Any) -> str | None:
+    """The key of the first list of objects in an object that is not itself a row; None when there is none."""
+    if not isinstance(record, dict) or detect_row_format(record) is not None:
+        return None
+    return next((key for key, value in record.items()
+                 if isinstance(value, list) and value and isinstance(value[0], dict)), None)
+
+
+def _wrapped_rows_warning(path: Path, key: str, rows: int, others: list[str]) -> Problem:
+    not_read = (f"; its other key(s) {', '.join(shown(k, 40) for k in others[:5])}{', …' if len(others) > 5 else ''} "
+                "were not read") if others else ""
+    return Problem(None, "one_json_object", f"{path.name}: holds one JSON object; the {rows:,} rows listed under its "
+                                            f"key {shown(key, 40)} were read{not_read}.")
+
+
+def _rows_under_a_key(path: Path, hold: int, size: int) -> Iterator[tuple[int | None, Any]]:
+    """The rows of a .json file's one object too large to hold, read from the first key (not of a row's) whose value
+    is a list of objects, item by item as in an array; the other keys' values are skipped unparsed. An object with
+    no such key is one row, over the limit."""
+    with path.open("r", encoding="utf-8-sig") as handle:
+        text = _JsonText(handle, hold)
+        text.peek()
+        text.at += 1  # the '{'
+        key, others, rows, row_keys = None, [], 0, _row_keys()
+        while (char := text.peek()) not in ("}", ""):
+            if others or key is not None:
+                if char != ",":
+                    raise text.broken("expected ',' or '}' after a value", text.at)
+                text.at += 1
+                text.peek()
+            name = text.value()
+            if not isinstance(name, str):
+                raise text.broken("expected a key in double quotes", text.at)
+            if text.peek() != ":":
+                raise text.broken("expected ':' after a key", text.at)
+            text.at += 1
+            text.peek()
+            if key is None and not row_keys.intersection(others) and name not in row_keys and text.objects_follow():
+                key = name
+                text.at += 1  # the '['
+                for item in text.items():
+                    rows += 1
+                    yield rows, item
+            else:
+                others.append(name)
+                text.skip_value()
+        if not char:
+            raise text.broken(_ENDS_EARLY, text.at)
+        text.at += 1
+        text.peek()
+        trailing = list(_trailing_data(path, handle, text.buffer[text.at:], array=False))
+    if key is None:
+        yield 1, _Oversized(size)
+    else:
+        yield None, _wrapped_rows_warning(path, key, rows, [k for k in others if k != key])
+    for problem in trailing:
+        yield None, problem
 
 
 JSON_CHUNK = 1 << 20
 _SPACE = re.compile(r"\s*")
+_DECODER = json.JSONDecoder()
+_ENDS_EARLY = "the file ends before its JSON is complete: cut short?"
+# What a value skipped unparsed is scanned for: outside strings, what opens or closes one; inside, what ends it.
+_STRUCTURE = re.compile(r'["\[\]{}]')
+_STRING_END = re.compile(r'["\\]')
+_SCALAR_END = re.compile(r"[\s,\]}]")
+_NUMBER_TAIL = re.compile(r"[-+.eE0-9]*")
+
+
+def _cut_short(err: json.JSONDecodeError) -> bool:
+    """Whether JSON failed to decode only because its text ends too early (more text could complete it)."""
+    if err.msg.startswith("Unterminated string"):
+        return True
+    rest = err.doc[err.pos:].strip()
+    if err.msg.startswith("Invalid \\uXXXX escape"):
+        return len(rest) < 6
+    return any(word.startswith(rest) for word in ("true", "false", "null", "NaN", "Infinity", "-Infinity"))
 
 
 # Hand-written rather than ijson (3.6.0, its C backend), measured on the 2-core machine: ijson read a 70 MB array of
 # 60,000 chats in 0.11 s against 0.20 s here, but it builds every nesting level's path prefix, so one row nested
 # 30,000 levels deep (60 KB, far under the row limit) took it 5.9 s and 2.2 GB, and 100,000 levels (200 KB) were
 # killed for memory; here the decoder's RecursionError refuses any such file in under 5 ms.
-def _json_array_items(path: Path) -> Iterator[Any]:
-    """The items of a top-level JSON array, decoded one at a time from a buffered read (memory stays bounded by
-    the largest item, not the file).
+class _JsonText:
+    """JSON text read from a file in pieces and walked with a position, one value at a time: memory stays bounded
+    by the largest value held, not the file.
 
-    The buffer is walked with a position rather than sliced after every item (slicing copies what is left: quadratic
-    in the items per read), and a record that does not fit is read on by as much again as is held, so that decoding
-    a large record is retried a logarithmic number of times, not once per chunk.
+    The buffer is walked with a position rather than sliced after every value (slicing copies what is left:
+    quadratic in the values per read), and a value that does not fit is read on by as much again as is held, so
+    that decoding a large value is retried a logarithmic number of times, not once per read. With `hold`, a value
+    whose text grows past `hold` characters is not decoded but skipped in pieces (see `skip_value`).
     """
-    decoder = json.JSONDecoder()
-    with path.open("r", encoding="utf-8-sig") as handle:
-        buffer, at, at_end = "", 0, False
 
-        def read_more() -> bool:
-            nonlocal buffer, at, at_end
-            more = handle.read(max(JSON_CHUNK, len(buffer) - at))
-            at_end = not more
-            buffer, at = buffer[at:] + more, 0
-            return not at_end
+    def __init__(self, handle: Any, hold: int | None = None) -> None:
+        self.handle, self.hold = handle, hold
+        self.buffer, self.at, self.at_end = "", 0, False
+        self.lines_dropped = 0  # line ends in the text already dropped from the buffer: errors name the file's line
 
-        def skip_space() -> None:
-            nonlocal at
-            at = _SPACE.match(buffer, at).end()
+    def read_more(self) -> bool:
+        more = self.handle.read(max(JSON_CHUNK, len(self.buffer) - self.at))
+        self.at_end = not more
+        self.lines_dropped += self.buffer.count("\n", 0, self.at)
+        self.buffer, self.at = self.buffer[self.at:] + more, 0
+        return not self.at_end
 
-        read_more()
-        skip_space()
-        if not buffer.startswith("[", at):
-            raise json.JSONDecodeError("the file does not start with '['", buffer, at)
-        at += 1
+    def peek(self) -> str:
+        """The next character that is not white space ("" at the end of the file); the position moves onto it."""
+        while True:
+            self.at = _SPACE.match(self.buffer, self.at).end()
+            if self.at < len(self.buffer) or not self.read_more():
+                return self.buffer[self.at:self.at + 1]
+
+    def broken(self, message: str, position: int) -> json.JSONDecodeError:
+        """An error naming the file's line (the buffer holds only part of the file)."""
+        err = json.JSONDecodeError(message, self.buffer, position)
+        err.lineno += self.lines_dropped
+        return err
+
+    def value(self) -> Any:
+        """The value at the position (moved past it), or an _Oversized when its text grows past `hold`."""
+        while True:
+            try:
+                item, end = _DECODER.raw_decode(self.buffer, self.at)
+            except json.JSONDecodeError as err:
+                if not _cut_short(err):
+                    raise self.broken(err.msg, err.pos) from None
+                if self.at_end:
+                    raise self.broken(_ENDS_EARLY, err.pos) from None
+                if self.hold is not None and len(self.buffer) - self.at > self.hold:
+                    return _Oversized(self.skip_value())
+                self.read_more()
+                continue
+            # A value ending where the text read ends may be a number cut short (also "1." or "1e"): read on, decode again.
+            if not self.at_end and _NUMBER_TAIL.fullmatch(self.buffer, end):
+                if self.hold is not None and len(self.buffer) - self.at > self.hold:
+                    return _Oversized(self.skip_value())
+                self.read_more()
+                continue
+            self.at = end
+            return item
+
+    def skip_value(self) -> int:
+        """Move past the value at the position without decoding it, reading on in pieces that are dropped once
+        scanned (only the nesting depth and whether the scan is inside a string are kept); its size in bytes."""
+        size, depth, in_string, position = 0, 0, False, self.at
+        scalar = self.buffer[position] not in '[{"'
+        while True:
+            if scalar:
+                found = _SCALAR_END.search(self.buffer, position)
+                if found:
+                    position = found.start()
+                    break
+                position = len(self.buffer)
+            elif in_string:
+                found = _STRING_END.search(self.buffer, position)
+                if found and found.group() == '"':
+                    in_string, position = False, found.end()
+                    if depth == 0:
+                        break
+                    continue
+                if found and found.end() < len(self.buffer):
+                    position = found.end() + 1  # the escaped character, whatever it is
+                    continue
+                position = found.start() if found else len(self.buffer)  # an escape's backslash waits for more
+            else:
+                found = _STRUCTURE.search(self.buffer, position)
+                if found:
+                    char, position = found.group(), found.end()
+                    if char == '"':
+                        in_string = True
+                    elif char in "[{":
+                        depth += 1
+                    else:
+                        depth -= 1
+                        if depth <= 0:
+                            break
+                    continue
+                position = len(self.buffer)
+            size += len(self.buffer[self.at:position].encode("utf-8"))
+            self.at = position
+            if not self.read_more():
+                if scalar:
+                    return size
+                raise self.broken(_ENDS_EARLY, len(self.buffer))
+            position = 0
+        size += len(self.buffer[self.at:position].encode("utf-8"))
+        self.at = position
+        return size
+
+    def objects_follow(self) -> bool:
+        """Whether the value at the position is an array whose first item is an object."""
+        if len(self.buffer) - self.at < 4096 and not self.at_end:
+            self.read_more()
+        return re.match(r"\[\s*\{", self.buffer[self.at:self.at + 4096]) is not None
+
+    def items(self) -> Iterator[Any]:
+        """The items of the array whose '[' was just passed, each as `value` gives it; the position ends past ']'."""
         expecting_item = True
         while True:
-            skip_space()
-            if at == len(buffer) and not at_end:
-                read_more()
-                continue
-            if buffer.startswith("]", at):
-                at += 1
-                yield from _trailing_data(path, handle, buffer[at:])
+            char = self.peek()
+            if char == "]":
+                self.at += 1
                 return
-            if buffer.startswith(",", at):
+            if char == ",":
                 if expecting_item:
-                    raise json.JSONDecodeError("unexpected ','", buffer, at)
-                at, expecting_item = at + 1, True
+                    raise self.broken("unexpected ','", self.at)
+                self.at, expecting_item = self.at + 1, True
                 continue
-            if at == len(buffer):
-                raise json.JSONDecodeError("the array is not closed with ']'", buffer, at)
+            if not char:
+                raise self.broken("the array is not closed with ']'", self.at)
             if not expecting_item:
-                raise json.JSONDecodeError("expected ',' or ']' between records", buffer, at)
-            try:
-                item, end = decoder.raw_decode(buffer, at)
-            except json.JSONDecodeError:
-                if at_end:
-                    raise
-                read_more()
-                continue
-            # A record ending exactly at the end of the text read may be a number cut short: read on and decode again.
-            if end == len(buffer) and not at_end and read_more():
-                continue
-            yield item
-            at, expecting_item = end, False
+                raise self.broken("expected ',' or ']' between records", self.at)
+            yield self.value()
+            expecting_item = False
 
 
-def _trailing_data(path: Path, handle: Any, rest: str) -> Iterator[Problem]:
-    """A warning when anything but whitespace follows the array's closing ']' (read in pieces, never kept)."""
+def _json_array_items(path: Path, hold: int | None = None) -> Iterator[Any]:
+    """The items of a top-level JSON array, decoded one at a time (see _JsonText), then any trailing-data warning."""
+    with path.open("r", encoding="utf-8-sig") as handle:
+        text = _JsonText(handle, hold)
+        if text.peek() != "[":
+            raise text.broken("the file does not start with '['", text.at)
+        text.at += 1
+        yield from text.items()
+        text.peek()
+        yield from _trailing_data(path, handle, text.buffer[text.at:])
+
+
+def _trailing_data(path: Path, handle: Any, rest: str, array: bool = True) -> Iterator[Problem]:
+    """A warning when anything but whitespace follows the closing ']' of the array (or '}' of the one object) that
+    the file holds; read in pieces, never kept."""
     head = rest.strip()[:40]
     size = len(rest.strip())
     while more := handle.read(JSON_CHUNK):
         head = head or more.strip()[:40]
         size += len(more)
     if head:
-        yield Problem(None, "trailing_data", f"{path.name}: about {size:,} characters after the closing ']' of "
-                                                f"the JSON array were not read (they start {head!r}); remove them, or "
-                                                "put every record inside the one array.")
+        closing, fix = ("']' of the JSON array", "put every record inside the one array") if array else \
+            ("'}' of the JSON object", "write the rows as a JSON array, or one object per line (JSONL)")
+        yield Problem(None, "trailing_data", f"{path.name}: about {size:,} characters after the closing {closing} "
+                                                f"were not read (they start {head!r}); remove them, or {fix}.")
 
 
 def _read_csv(path: Path, max_row_kb: float | None = None) -> Iterator[tuple[int, Any]]:
@@ -435,6 +694,7 @@ def _read_csv(path: Path, max_row_kb: float | None = None) -> Iterator[tuple[int
             reader = csv.DictReader(handle)
             if not reader.fieldnames:
                 raise DataSourceError(f"{path.name}: empty CSV file; the first line must name the columns.")
+            _refuse_repeated_columns(path, reader.fieldnames)
             for index, record in enumerate(reader, start=1):
                 if None in record or None in record.values():
                     more_or_fewer = "more" if None in record else "fewer"
@@ -456,33 +716,166 @@ def _read_csv(path: Path, max_row_kb: float | None = None) -> Iterator[tuple[int
             raise DataSourceError(f"{path.name}: not a readable CSV file ({err}).") from None
 
 
+def _refuse_repeated_columns(path: Path, header: list[str]) -> None:
+    """A header naming a column twice is refused: a row can keep only one of the two values."""
+    repeated = next((name for name, n in Counter(header).items() if n > 1), None)
+    if repeated is not None:
+        places = [str(index) for index, name in enumerate(header, start=1) if name == repeated]
+        raise DataSourceError(f"{path.name}: the header names the column {shown(repeated)} "
+                              f"{'twice' if len(places) == 2 else f'{len(places)} times'} "
+                              f"(columns {', '.join(places)}); rename or remove all but one, so that no column's "
+                              "values are lost.")
+
+
 def _maybe_json_list(value: str) -> Any:
     """CSV cannot nest, so conversations in CSV cells are JSON strings; decode those, leave the rest."""
     stripped = value.strip()
     if stripped.startswith("[") and stripped.endswith("]"):
         try:
             return json.loads(stripped)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # not JSON after all, or a number Python does not read
             return value
     return value
 
 
-def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+# Rows per batch are chosen so that a batch holds about this much decompressed data. Up to 16,384 rows: text read
+# as dictionaries costs per batch (measured: 30,000 chats of 1 KB read in 1.9 s in batches of 1,024, 0.2 s of 16,384).
+PARQUET_BATCH_BYTES = 16 * 2**20
+PARQUET_BATCH_ROWS = 16_384
+
+
+def _read_parquet(path: Path, max_row_kb: float | None = None, max_file_mb: float | None = None,
+                  max_rows: int | None = None) -> Iterator[tuple[int, Any]]:
+    """The rows of a Parquet file, bounded before they are decoded.
+
+    A few KB of Parquet can decompress to GBs (one long repeated value compresses to almost nothing, and a value in a
+    column's dictionary is stored once for any number of rows), so the sizes are judged from the file's metadata
+    first: more rows than `max_rows`, or more data decompressed than `max_file_mb`, refuse the file; a row group
+    whose rows average over `max_row_kb` is not read (its rows are row_too_large). The rest is read batch by batch,
+    text columns as dictionaries, and each row is measured from the Arrow arrays (a dictionary value once per row
+    that uses it) before a Python object is made of it: a row over the limit is row_too_large and never made, and
+    the rows made add up to at most `max_file_mb`.
+    """
+    import numpy as np
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(path)
+        metadata = pq.read_metadata(path)
+        text_columns = [metadata.schema.column(i).path for i in range(metadata.num_columns)
+                        if metadata.schema.column(i).physical_type == "BYTE_ARRAY"]
+        parquet = pq.ParquetFile(path, read_dictionary=text_columns)
     except Exception as err:  # pyarrow raises several unrelated types for damaged files
         raise DataSourceError(f"{path.name}: not a readable Parquet file ({err}).") from None
-    # Batch by batch, so memory is bounded by the rows kept rather than the file.
-    row = 0
+    if max_rows is not None and metadata.num_rows > max_rows:
+        raise DataSourceError(f"{path.name}: more than {max_rows:,} rows, the limit (the max_rows setting, --max-rows): "
+                              f"it holds {metadata.num_rows:,}; train on a sample, or raise the limit.")
+    groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
+    # Decompressed size per row group; a column of many values is at least a byte per value whatever its pages say.
+    sizes = [sum(max(chunk.total_uncompressed_size, chunk.num_values) for chunk in map(group.column,
+                                                                                        range(group.num_columns)))
+             for group in groups]
+    file_limit = None if max_file_mb is None else max_file_mb * 2**20
+    if file_limit is not None and sum(sizes) > file_limit:
+        raise DataSourceError(f"{path.name}: {sum(sizes) / 2**20:,.1f} MB of data once decompressed, over the limit of "
+                              f"{max_file_mb:,g} MB (the max_file_mb setting, --max-file-mb); use a smaller sample "
+                              "or raise the limit.")
+    limit = _row_bytes(max_row_kb)
+    row, made = 0, 0
     try:
-        for batch in parquet.iter_batches(batch_size=1024):
-            for record in batch.to_pylist():
-                row += 1
-                yield row, record
+        for index, (group, size) in enumerate(zip(groups, sizes)):
+            if group.num_rows and limit is not None and size / group.num_rows > limit:
+                first = row + 1
+                for row in range(first, first + group.num_rows):
+                    yield row, _group_too_large(row, first, group.num_rows, size, max_row_kb)
+                continue
+            batch_size = max(1, min(PARQUET_BATCH_ROWS, PARQUET_BATCH_BYTES * group.num_rows // max(size, 1)))
+            for batch in parquet.iter_batches(batch_size=batch_size, row_groups=[index]):
+                if limit is None:
+                    over, row_sizes = [False] * batch.num_rows, None
+                else:
+                    row_sizes = sum((_value_sizes(column) for column in batch.columns), np.zeros(batch.num_rows, np.int64))
+                    made += int(row_sizes[row_sizes <= limit].sum())
+                    over = (row_sizes > limit).tolist()
+                    if file_limit is not None and made > file_limit:
+                        raise DataSourceError(
+                            f"{path.name}: its rows add up to more than {max_file_mb:,g} MB once read (a value "
+                            "stored once in the file's dictionary counts for every row that uses it), over the "
+                            "limit (the max_file_mb setting, --max-file-mb); use a smaller sample or raise the limit.")
+                # Rows made one by one when some are too large (slices, not RecordBatch.filter: that imports
+                # pyarrow.compute, ~40 MB of memory in each process that reads).
+                records = iter(batch.to_pylist()) if not any(over) else None
+                for position, too_large in enumerate(over):
+                    row += 1
+                    if too_large:
+                        yield row, _row_too_large(row, int(row_sizes[position]), max_row_kb)
+                    else:
+                        yield row, next(records) if records else batch.slice(position, 1).to_pylist()[0]
+    except DataSourceError:
+        raise
     except Exception as err:  # a damaged row group
         raise DataSourceError(f"{path.name}: could not read the Parquet file after row {row} ({err}).") from None
+
+
+def _group_too_large(row: int, first: int, rows: int, size: int, max_row_kb: float) -> Problem:
+    if rows == 1:
+        return _row_too_large(row, size, max_row_kb)
+    return Problem(row, "row_too_large", f"row {row} is in a Parquet row group (rows {first:,} to {first + rows - 1:,}) "
+                                         f"of {_size_shown(size)} decompressed, {_size_shown(size / rows)} per row on "
+                                         f"average, over the limit of {max_row_kb:,g} KB per row (max_row_kb, "
+                                         "--max-row-kb); the group was not read: split its large rows or raise the "
+                                         "limit.")
+
+
+def _value_sizes(array: Any) -> Any:
+    """Per value of an Arrow array, the least its compact JSON can take in bytes, from the Arrow buffers alone (no
+    Python objects are made): text and bytes by their length, a dictionary's values by their indices (once per value
+    that uses them), lists and structs as the sum of their parts, a null as 0, anything else as 1. A numpy array.
+
+    Read from the buffers rather than with pyarrow.compute: importing that takes ~40 MB in each process that reads."""
+    import numpy as np
+    import pyarrow as pa
+
+    kind, count = array.type, len(array)
+    if isinstance(array, pa.ExtensionArray):
+        return _value_sizes(array.storage)
+    if pa.types.is_null(kind):
+        return np.zeros(count, np.int64)
+    if pa.types.is_dictionary(kind):
+        values = _value_sizes(array.dictionary)
+        indices = _buffer_numbers(array.indices, array.indices.type.to_pandas_dtype(), count)
+        sizes = values[np.clip(indices, 0, len(values) - 1)] if len(values) else np.zeros(count, np.int64)
+    elif pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind) \
+            or pa.types.is_large_binary(kind):
+        wide = pa.types.is_large_string(kind) or pa.types.is_large_binary(kind)
+        sizes = np.diff(_buffer_numbers(array, np.int64 if wide else np.int32, count + 1)).astype(np.int64)
+    elif pa.types.is_fixed_size_binary(kind):
+        sizes = np.full(count, kind.byte_width, np.int64)
+    elif pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_map(kind):
+        offsets = _buffer_numbers(array, np.int64 if pa.types.is_large_list(kind) else np.int32, count + 1)
+        total = np.concatenate(([0], np.cumsum(_value_sizes(array.values))))
+        sizes = total[offsets[1:]] - total[offsets[:-1]]
+    elif pa.types.is_fixed_size_list(kind):
+        width = kind.list_size
+        parts = _value_sizes(array.values.slice(array.offset * width, count * width))
+        sizes = parts.reshape(count, width).sum(axis=1) if width else np.zeros(count, np.int64)
+    elif pa.types.is_struct(kind):
+        sizes = sum((_value_sizes(array.field(i)) for i in range(kind.num_fields)), np.zeros(count, np.int64))
+    else:
+        sizes = np.ones(count, np.int64)
+    bitmap = array.buffers()[0]
+    if array.null_count == 0 or bitmap is None:
+        return sizes
+    valid = np.unpackbits(np.frombuffer(bitmap, np.uint8), bitorder="little")[array.offset:array.offset + count]
+    return np.where(valid.astype(bool), sizes, 0)
+
+
+def _buffer_numbers(array: Any, dtype: Any, count: int) -> Any:
+    """The first `count` numbers of an array's second buffer (its offsets, or a dictionary's indices), from its own
+    offset on: zero-copy."""
+    import numpy as np
+
+    return np.frombuffer(array.buffers()[1], dtype)[array.offset:array.offset + count]
 
 
 def _read_dataset_folder(path: Path, split: str) -> Iterator[tuple[int, Any]]:
@@ -538,10 +931,10 @@ def _read_hub_dataset(dataset_id: str, config: str | None, split: str,
     import datasets
 
     def failed(err: Exception) -> DataSourceError:
-        if isinstance(err, ConnectionError) or "offline" in str(err).lower():
+        if _unreachable(err):
             return DataSourceError(
-                f"Could not reach the Hugging Face Hub to load the dataset {dataset_id!r} ({err}). "
-                "Check the network connection, or download the data and use the file instead.")
+                f"Could not reach the Hugging Face Hub to load the dataset {dataset_id!r}: {UNREACHABLE}. "
+                "Check the network connection and try again, or download the data and use the file instead.")
         return DataSourceError(
             f"Could not load the Hub dataset {dataset_id!r} (config {config or 'default'}, split {split!r}): {err}. "
             "Check the id, config and split on its Hub page; for a gated dataset accept its terms and log in.")
@@ -602,8 +995,7 @@ def hub_dataset_choices(dataset_id: str, config: str | None = None,
         raise DataSourceError(f"The Hub has no dataset {dataset_id!r} (or it is private to its owner): check the "
                               "id on the dataset's Hub page.") from None
     except Exception as err:  # offline mode, no network, a timeout, a Hub error: all "no answer" to the visitor
-        raise DataSourceError(f"The Hugging Face Hub did not answer for {dataset_id!r} ({type(err).__name__}: "
-                              f"{err}). {type_them}") from None
+        raise DataSourceError(f"{_no_answer(dataset_id, err)} {type_them}") from None
     import datasets
 
     try:
@@ -613,9 +1005,35 @@ def hub_dataset_choices(dataset_id: str, config: str | None = None,
     except Exception as err:
         if getattr(info, "gated", False):
             raise DataSourceError(_gated(dataset_id)) from None
-        raise DataSourceError(f"The Hub did not list the configs and splits of {dataset_id!r} "
-                              f"({type(err).__name__}: {err}). {type_them}") from None
+        raise DataSourceError(f"{_no_answer(dataset_id, err)} {type_them}") from None
     return HubChoices(dataset_id, configs, chosen, splits)
+
+
+UNREACHABLE = "the network or the Hub did not answer (offline, or the Hub's address could not be found)"
+# The network errors of the HTTP clients under huggingface_hub and datasets (httpx, requests, aiohttp), by name:
+# none of them is a ConnectionError, and which library raises depends on the versions installed.
+NETWORK_ERRORS = {"ConnectError", "ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout", "TimeoutException",
+                  "NetworkError", "ReadError", "RemoteProtocolError", "ConnectionError", "OfflineModeIsEnabled",
+                  "ClientConnectorError", "ServerDisconnectedError", "gaierror"}
+
+
+def _unreachable(err: BaseException) -> bool:
+    """Whether an error (or one it was raised from) means the network or the Hub did not answer."""
+    seen: BaseException | None = err
+    for _ in range(10):  # a chain of causes, not a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, (ConnectionError, TimeoutError)) or type(seen).__name__ in NETWORK_ERRORS \
+                or "offline" in str(seen).lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _no_answer(dataset_id: str, err: Exception) -> str:
+    if _unreachable(err):
+        return f"Could not reach the Hugging Face Hub for {dataset_id!r}: {UNREACHABLE}."
+    return f"The Hub did not list the configs and splits of {dataset_id!r} ({type(err).__name__}: {err})."
 
 
 def _gated(dataset_id: str) -> str:
@@ -955,19 +1373,38 @@ def load_records(records: Iterable[tuple[int | None, Any]], name: str, mapping: 
         else:
             result.row = row
             examples.append(result)
-    for (row_format, column), (n, first) in sorted(ignored.items(), key=lambda item: item[1][1]):
-        if row_format == file_format:
-            warnings.append(Problem(None, "ignored_column", f"{column} is not read in the "
-                                       f"{FORMAT_NAMES[file_format]} format and was ignored ({n:,} row(s), the first "
-                                       f"row {first}); remove it, or map your columns (--columns) if it holds the "
-                                       "data."))
+    warnings += _ignored_warnings(ignored, file_format)
     problems.sort(key=lambda p: p.row or 0)
     return LoadedData(name, file_format, row_count, examples, problems, warnings)
 
 
+# Columns (and turn fields) not read are named one warning each up to IGNORED_SHOWN; more are one warning that names
+# the first few and counts the rest (a file whose rows carry a million distinct keys made a report of 179 MB), and
+# past IGNORED_KEPT distinct names the rest are not even counted.
+IGNORED_SHOWN = 5
+IGNORED_KEPT = 10_000
+
+
+def _ignored_warnings(ignored: dict[tuple[str, str], list[int]], file_format: str) -> list[Problem]:
+    names = sorted(((column, n, first) for (row_format, column), (n, first) in ignored.items()
+                    if row_format == file_format), key=lambda item: item[2])
+    format_name = FORMAT_NAMES[file_format]
+    if len(names) <= IGNORED_SHOWN:
+        return [Problem(None, "ignored_column", f"{column} is not read in the {format_name} format and was ignored "
+                                                f"({n:,} row(s), the first row {first}); remove it, or map your columns "
+                                                "(--columns) if it holds the data.") for column, n, first in names]
+    counted = f"{len(names):,} or more" if len(ignored) >= IGNORED_KEPT else f"{len(names):,}"
+    shown_names = ", ".join(f"{column} ({n:,} row(s), the first row {first})"
+                            for column, n, first in names[:IGNORED_SHOWN])
+    return [Problem(None, "ignored_column", f"{counted} columns or turn fields are not read in the {format_name} "
+                                            f"format and were ignored, among them {shown_names}; remove them, or map "
+                                            "your columns (--columns) if one of them holds the data.")]
+
+
 def _count_ignored(record: dict[str, Any], row_format: str, mapping: ColumnMapping | None, row: int,
                    ignored: dict[tuple[str, str], list[int]]) -> None:
-    """Count the columns (and ShareGPT turn fields) that this row's format does not read."""
+    """Count the columns (and ShareGPT turn fields) that this row's format does not read (up to IGNORED_KEPT
+    distinct names)."""
     used = used_columns(record, row_format, mapping)
     names = [f"column {shown(key)}" for key in record if key not in used]
     if row_format == SHAREGPT and isinstance(record.get("conversations"), list):
@@ -975,7 +1412,11 @@ def _count_ignored(record: dict[str, Any], row_format: str, mapping: ColumnMappi
         names += [f"turn field {shown(key)}" for key in fields if key not in SHAREGPT_TURN_KEYS
                   and key not in WEIGHT_KEYS]
     for name in names:
-        entry = ignored.setdefault((row_format, name), [0, row])
+        entry = ignored.get((row_format, name))
+        if entry is None:
+            if len(ignored) >= IGNORED_KEPT:
+                continue
+            entry = ignored[(row_format, name)] = [0, row]
         entry[0] += 1
 
 

@@ -60,7 +60,7 @@ ERROR_CASES = {
 }
 WARNING_CASES = {"few_examples", "all_tokens_trained", "roles_not_alternating", "duplicate",
                  "same_prompt_different_answers", "same_answer_many_prompts", "text_split", "ignored_column",
-                 "trailing_data", "ignored_files", "rows_not_read",
+                 "trailing_data", "ignored_files", "rows_not_read", "one_json_object",
                  "control_token_in_text"}
 # Source-level problems, tested in test_cli.py::test_unusable_source_exits_1_without_traceback.
 SOURCE_CASES = {"unusable_source"}

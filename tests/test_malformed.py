@@ -141,7 +141,13 @@ def test_json_arrays_are_read_item_by_item_across_chunk_boundaries(tmp_path, mon
     path = tmp_path / "array.json"
     path.write_text(json.dumps(records, indent=1))
     assert list(data._json_array_items(path)) == records
-    for broken, says in (('[{"a": 1}, {"b": 2', "delimiter"), ('[{"a": 1}', "not closed"),
+    # Past `hold`, an item is skipped unparsed, in pieces as small as the reads, escapes and nesting followed.
+    escaped, long = 'x\\"]}' * 20, "w" * 100
+    path.write_text(json.dumps(records, indent=1)[:-2] + f', "{escaped}", [[{{"s": "]}}]"}}], "{{[[", "{long}", 7777777777777777], 8]')
+    items = list(data._json_array_items(path, hold=30))
+    assert [type(item).__name__ for item in items] == ["_Oversized", "int", "str"] * 3 + ["_Oversized"] * 2 + ["int"]
+    assert items[0].size == len(json.dumps(records[0], indent=1).replace("\n", "\n ")) and items[-1] == 8
+    for broken, says in (('[{"a": 1}, {"b": 2', "cut short"), ('[{"a": 1}', "not closed"),
                          ('[{"a": 1} {"b": 2}]', "expected ','")):
         path.write_text(broken)
         with pytest.raises(json.JSONDecodeError, match=says):
