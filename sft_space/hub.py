@@ -85,19 +85,23 @@ def model_size(model_id: str, timeout: float = PROBE_TIMEOUT) -> ModelSize:
     """The size of a Hub model from its metadata (`HfApi.model_info`); nothing of the model is downloaded. A model
     that is not there (or private) is a ModelLoadError; so is a Hub that does not answer in `timeout`."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     kept = _sizes.get(model_id)
     if kept is not None and time.monotonic() - kept[0] < SIZE_KEPT_SECONDS:
         return kept[1]
     try:
         info = HfApi().model_info(model_id, timeout=timeout, files_metadata=True)
+    except GatedRepoError:  # a kind of RepositoryNotFoundError: asked first
+        raise ModelLoadError(f"Model {model_id!r} is gated: accept its licence on https://huggingface.co/{model_id} "
+                             "and log in (or set HF_TOKEN) with an account that has access.") from None
     except RepositoryNotFoundError:
         raise ModelLoadError(f"Model {model_id!r} was not found on the Hugging Face Hub; check the spelling of the "
                              "id.") from None
     except Exception as err:  # httpx/httpx2 connection and timeout errors, HTTP errors of the Hub
-        raise ModelLoadError(f"Could not read the size of {model_id!r} from the Hugging Face Hub ({err}); try again "
-                             "in a moment.") from None
+        said = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise ModelLoadError(f"Could not read the size of {model_id!r} from the Hugging Face Hub ({said}); try "
+                             "again in a moment.") from None
     parameters = info.safetensors.total if info.safetensors is not None else None
     weight_bytes = sum(sibling.size or 0 for sibling in info.siblings or ()
                        if sibling.rfilename.endswith(".safetensors")) or None

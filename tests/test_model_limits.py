@@ -45,6 +45,8 @@ class StandInHub:
                    expand=None, token=None):
         self.asked.append(repo_id)
         assert timeout and timeout <= 10, "a page waits for the answer: it must give up quickly"
+        if repo_id == "someone/slow":
+            raise httpx2.ReadTimeout("The read operation timed out")
         if repo_id in self.without_safetensors:
             return ModelInfo(id=repo_id, siblings=[{"rfilename": "pytorch_model.bin", "size": 10**9}])
         if repo_id not in self.models:
@@ -102,12 +104,15 @@ def test_chat_refuses_a_model_too_large_before_loading_it(monkeypatch, hub_onlin
         ChatModelCache().get(None, KIMI_1T[0])
 
 
-def test_unknown_or_unsized_models_are_refused_with_what_to_do(monkeypatch, hub_online):
+def test_unknown_unsized_or_unanswered_models_are_refused_with_what_to_do(monkeypatch, hub_online):
     StandInHub(monkeypatch, without_safetensors=["someone/pickled"])
     with pytest.raises(UserError, match="was not found on the Hugging Face Hub; check the spelling"):
         access.model_name("someone/missing", set(), AccessSettings(), hardware=CPU_16GB)
     with pytest.raises(UserError, match="has no safetensors weights on the Hub"):
         access.model_name("someone/pickled", set(), AccessSettings(), hardware=CPU_16GB)
+    with pytest.raises(UserError, match=r"Could not read the size of 'someone/slow' from the Hugging Face Hub \(The "
+                                        r"read operation timed out\); try again in a moment"):
+        access.model_name("someone/slow", set(), AccessSettings(), hardware=CPU_16GB)
 
 
 def test_the_operator_chooses_which_hub_models_visitors_may_name(monkeypatch, hub_online):
