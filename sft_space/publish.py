@@ -260,6 +260,8 @@ DOWNLOADS_DIR = "sft-space-downloads"
 # A file handed to a page this recently is never evicted for another: Gradio copies it into its own cache just
 # after the handler returns it, and the page fetches it from there.
 HANDED_OUT_SECONDS = 60.0
+# A half-made file not written to for this long was left by a process that died (this one's are reserved).
+ABANDONED_SECONDS = 3600.0
 # What a zip holds besides the run's files: the model card and the loss curve.
 ZIP_EXTRAS_BYTES = 1_000_000
 
@@ -345,15 +347,18 @@ class Downloads:
         return sum(size for _, size, _ in self._kept())
 
     def _kept(self) -> list[tuple[Path, int, float]]:
-        """(file, size, when it was last handed out) of every finished file here, longest ago first."""
+        """(file, size, when it was last handed out) of every finished file here, longest ago first. A file left
+        half-made by a process that died (not written to for an hour) goes."""
         kept = []
         for path in self.root.glob("*/*"):
             try:
                 info = path.stat()
             except OSError:
                 continue
-            if path.is_file() and not path.name.startswith("."):
+            if not path.name.startswith("."):
                 kept.append((path, info.st_size, info.st_mtime))
+            elif path.parent not in self._reserved and time.time() - info.st_mtime > ABANDONED_SECONDS:
+                path.unlink(missing_ok=True)
         return sorted(kept, key=lambda item: item[2])
 
     def _provide(self, key: str, name: str, estimate: int, visitor: str, what: str, make: Callable[[Path], Path],

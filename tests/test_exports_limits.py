@@ -105,8 +105,16 @@ def test_the_downloads_folder_is_capped_the_oldest_going_first(tmp_path, zips_ma
     handed_out_long_ago(second)
     handed_out_long_ago(first)
     os.utime(second)  # handed out again since: the first is the older
+    # Left half-made by a process that died, and one another process is writing now.
+    abandoned, in_progress = (tmp_path / "downloads" / "gone" / ".x.gguf.1.partial",
+                              tmp_path / "downloads" / "other" / ".y.gguf.2.partial")
+    for partial in (abandoned, in_progress):
+        partial.parent.mkdir()
+        partial.write_bytes(b"GGUF")
+    handed_out_long_ago(abandoned)
     third = downloads.zip(runs[2], "alice")
     assert not first.exists() and second.is_file() and third.is_file()
+    assert not abandoned.exists() and in_progress.exists()
     assert downloads.used_bytes() <= 3_500_000 and zips_made == ["run-0", "run-1", "run-2"]
     assert not first.parent.exists(), "an evicted file's folder goes with it"
 

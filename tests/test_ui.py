@@ -126,19 +126,19 @@ def test_the_app_starts_and_lists_runs_whose_records_are_broken(monkeypatch, tmp
 
     monkeypatch.setenv("SFT_SPACE_RUNS", str(tmp_path))
     for run_id, text in (("empty-list", "[]"), ("cut-off", '{"run_id": "cut-off", "sta'),
-                         ("wrong-types", '{"run_id": "wrong-types", "status": "finished", "created_at": 5, '
-                                         '"final_metrics": {"loss": "low"}, "settings": null}')):
+                         ("wrong-types", '{"run_id": "wrong-types", "owner": "alice", "status": "finished", '
+                                         '"created_at": 5, "final_metrics": {"loss": "low"}, "settings": null}')):
         folder = runs.RunFolder.create(tmp_path, run_id)
         folder.record_path.write_text(text)
         folder.adapter_path.mkdir()
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             (folder.adapter_path / name).write_text("{}")
     build_app(jobs.JobManager(), default_model=str(tiny_model_dir))
-    table = runs_tab.runs_table(str(tmp_path), None)
-    assert set(table["run"]) == {"empty-list", "cut-off", "wrong-types"}
+    table = runs_tab.runs_table(str(tmp_path), "alice")
+    assert set(table["run"]) == {"wrong-types"}  # the others name no owner: the operator's, shown to no visitor
     assert all(status.startswith("unreadable: ") for status in table["status"])
-    assert chat_tab.run_choices(str(tmp_path), None) == [(chat_tab.BASE_ONLY, chat_tab.BASE_ONLY)]
-    assert runs_tab.run_details(str(tmp_path), "wrong-types", None)[0].startswith("❌")
+    assert chat_tab.run_choices(str(tmp_path), "alice") == [(chat_tab.BASE_ONLY, chat_tab.BASE_ONLY)]
+    assert runs_tab.run_details(str(tmp_path), "wrong-types", "alice")[0].startswith("❌")
 
 
 def test_two_visitors_in_one_app_reach_only_their_own_uploads_and_models(tmp_path, tiny_model_dir):
@@ -377,9 +377,9 @@ def test_the_compare_view_overlays_a_visitors_runs_and_tells_their_settings_apar
 
     from sft_space.ui import runs_tab
 
-    make_run(tmp_path, "quick", lora_r=8)
-    make_run(tmp_path, "rank16", lora_r=16, losses=(3.2, 2.4, 1.9), eval_losses=(2.9, 2.2))
-    note, train, validation, table = runs_tab.compare_view(str(tmp_path), ["quick", "rank16"], True, None)
+    make_run(tmp_path, "quick", owner="alice", lora_r=8)
+    make_run(tmp_path, "rank16", owner="alice", lora_r=16, losses=(3.2, 2.4, 1.9), eval_losses=(2.9, 2.2))
+    note, train, validation, table = runs_tab.compare_view(str(tmp_path), ["quick", "rank16"], True, "alice")
     for plot in (train, validation):
         assert {row[2] for row in plot.value["data"]} == {"quick", "rank16"}
         assert set(plot.color_map) == {"quick", "rank16"} and len(set(plot.color_map.values())) == 2
@@ -387,7 +387,7 @@ def test_the_compare_view_overlays_a_visitors_runs_and_tells_their_settings_apar
     assert list(table.columns[1:]) == ["quick", "rank16"] and "lora_r" in list(table.iloc[:, 0])
     assert "learning_rate" not in list(table.iloc[:, 0]) and note.startswith(f"{len(table)} of ")
     # Every setting, the differing rows highlighted.
-    styled = runs_tab.compare_view(str(tmp_path), ["quick", "rank16"], False, None)[3]
+    styled = runs_tab.compare_view(str(tmp_path), ["quick", "rank16"], False, "alice")[3]
     shown = styled.data.set_index(styled.data.columns[0])
     assert "learning_rate" in shown.index
     styles = styled._compute().ctx  # (row, column) -> the CSS the table cell gets
@@ -395,7 +395,7 @@ def test_the_compare_view_overlays_a_visitors_runs_and_tells_their_settings_apar
     assert highlighted == {"lora_r", "train loss (smoothed)", "validation loss"}
     assert all(style == [tuple(runs_tab.DIFFERENT.split(": "))] for style in styles.values() if style)
     # One run picked (or none): a prompt, nothing drawn.
-    assert runs_tab.compare_view(str(tmp_path), ["quick"], True, None)[:3] == (runs_tab.PICK_TWO, None, None)
+    assert runs_tab.compare_view(str(tmp_path), ["quick"], True, "alice")[:3] == (runs_tab.PICK_TWO, None, None)
 
 
 def test_the_compare_view_is_off_the_api_and_refuses_another_visitors_runs(monkeypatch, tmp_path, tiny_model_dir):
@@ -430,11 +430,11 @@ def test_the_runs_table_fits_the_page(tmp_path):
     from sft_space.ui import runs_tab
 
     folder = runs.RunFolder.create(tmp_path, "20250101-100000-captain_byte")
-    folder.write({"run_id": folder.run_id, "status": "finished", "created_at": "2025-01-01T10:00:00+0100",
-                  "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    folder.write({"run_id": folder.run_id, "owner": "alice", "status": "finished",
+                  "created_at": "2025-01-01T10:00:00+0100", "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
                   "data": {"source": "/srv/app/runs/.uploads/0123456789abcdef01234567/captain_byte.jsonl",
                            "train_examples": 144}, "final_metrics": {"step": 46, "loss": 2.41234, "eval_loss": 2.3}})
-    table = runs_tab.runs_table(str(tmp_path), None)
+    table = runs_tab.runs_table(str(tmp_path), "alice")
     row = table.iloc[0]
     assert row["started"] == "2025-01-01 10:00" and row["model"] == "SmolLM2-135M-Instruct"
     assert row["data"] == "captain_byte.jsonl"
