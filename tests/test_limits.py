@@ -177,6 +177,29 @@ def test_uploads_past_their_age_are_swept_unless_a_run_needs_them(tmp_path):
 # ------------------------------------------------------------------------------- the app, by client address
 
 
+def test_a_rate_limit_says_when_to_come_back_and_forgets_idle_clients(monkeypatch):
+    now = [0.0]
+    limit = access.RateLimit(3, "uploads", window=3600, clock=lambda: now[0])
+    for _ in range(3):
+        limit.take("203.0.113.5")
+    with pytest.raises(UserError, match=r"Too many uploads from your address \(3 in the last 60 minutes.*try "
+                                        r"again in 60 minutes"):
+        limit.take("203.0.113.5")
+    limit.take("198.51.100.9")
+    now[0] = 3000.0
+    with pytest.raises(UserError, match="try again in 10 minutes"):
+        limit.take("203.0.113.5")
+    now[0] = 3601.0
+    limit.take("203.0.113.5")
+    # Addresses are cheap: the ones whose window has passed are forgotten when there are too many.
+    monkeypatch.setattr(access, "MAX_CLIENTS_REMEMBERED", 2)
+    now[0] = 8000.0
+    limit.take("192.0.2.1")
+    assert set(limit._spent) == {"192.0.2.1"}
+
+
+
+
 def test_the_client_address_is_the_one_our_proxies_saw():
     assert access.client_address("10.0.0.2", ["1.1.1.1, 203.0.113.5"], 1) == "203.0.113.5"
     assert access.client_address("10.0.0.2", ["1.1.1.1", "203.0.113.5, 10.0.0.9"], 2) == "203.0.113.5"
