@@ -355,6 +355,8 @@ class Downloads:
                 info = path.stat()
             except OSError:
                 continue
+            if not path.is_file():
+                continue
             if not path.name.startswith("."):
                 kept.append((path, info.st_size, info.st_mtime))
             elif path.parent not in self._reserved and time.time() - info.st_mtime > ABANDONED_SECONDS:
@@ -379,9 +381,9 @@ class Downloads:
             self._make_room(estimate, what, too_large)
             self._making[visitor] = what
             self._reserved[place] = estimate
+        staging = place / f".{name}.{os.getpid()}.partial"
         try:
             place.mkdir(parents=True, exist_ok=True)
-            staging = place / f".{name}.{os.getpid()}.partial"
             make(staging)
             os.replace(staging, target)
             return target
@@ -389,8 +391,7 @@ class Downloads:
             with self._lock:
                 del self._making[visitor]
                 del self._reserved[place]
-                for leftover in place.glob(".*.partial"):
-                    leftover.unlink(missing_ok=True)
+                staging.unlink(missing_ok=True)
                 with contextlib.suppress(OSError):
                     place.rmdir()  # only when nothing was made
 

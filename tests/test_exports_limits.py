@@ -92,6 +92,23 @@ def test_a_visitor_makes_one_download_at_a_time(tmp_path, monkeypatch):
     assert downloads.zip(RunFolder(runs_dir / "second"), "alice").is_file()  # once the first is made
 
 
+def test_a_download_that_fails_leaves_nothing_behind_and_the_visitor_may_ask_again(tmp_path, monkeypatch):
+    run = make_run(tmp_path / "runs", "sailor")
+    downloads = publish.Downloads(tmp_path / "downloads", 10**9)
+
+    def cut_short(run_dir, path):  # a disk that fills halfway through the file
+        path.write_bytes(b"PK half a zip")
+        raise UserError("No space left on the device.")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(publish, "export_zip", cut_short)
+        with pytest.raises(UserError, match="No space left"):
+            downloads.zip(run, "alice")
+    assert not list((tmp_path / "downloads").rglob("*"))
+    with zipfile.ZipFile(downloads.zip(run, "alice")) as archive:
+        assert ADAPTER_WEIGHTS in archive.namelist()
+
+
 def test_the_downloads_folder_is_capped_the_oldest_going_first(tmp_path, zips_made):
     runs_dir = tmp_path / "runs"
     # Random bytes do not compress: each zip holds about 1 MB, and is estimated at 2 MB before it is made.
