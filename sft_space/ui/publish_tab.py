@@ -166,6 +166,9 @@ def build(gate: Gate, session: gr.BrowserState) -> RunPicker:
     # One merge at a time for all visitors (publish.one_merge_at_a_time): merging loads the whole model in float32.
     make_gguf.click(refusal_said(on_gguf, download_refused), inputs=[run, session, form["gguf_quant"]],
                     outputs=[download, outcome])
+    # A file made for another run or quantization is not offered once the pick changes.
+    for picker in (run, form["gguf_quant"]):
+        picker.change(lambda: gr.update(visible=False), outputs=download, show_progress="hidden")
 
     def on_refresh(current, token):
         return keep_choice(adapter_run_choices(runs_dir, gate.known_visitor(token)), current)
