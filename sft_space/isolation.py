@@ -4,7 +4,7 @@ a chat template or tokenizer they name) cannot take the web server's memory or t
 The worker is forked from the app: it starts at once, with the libraries (and any tokenizer the app has loaded)
 already in memory. In the worker the address space may grow by `worker_memory_gb` beyond what it was at the fork
 (RLIMIT_AS: an allocation past it fails there, as MemoryError or a crash, not in the app); the app kills the worker
-at its deadline. What the function yields comes back through a pipe, one item at a time, as it is made. At most
+at its deadline. It runs at a lower CPU priority than the app and training. What the function yields comes back through a pipe, one item at a time, as it is made. At most
 `workers` of them run at once for the whole app, so that two hostile checks cannot add their limits up beyond that.
 A failure is a UserError for the visitor who asked, with what to do; the app and every other visitor go on.
 """
@@ -33,6 +33,7 @@ _ITEM, _PROGRESS, _DONE, _REFUSED, _OUT_OF_MEMORY, _FAILED = "item", "progress",
 # How a worker out of memory can die instead of raising MemoryError: native code (the tokenizers' Rust, numpy)
 # aborts when an allocation fails, and the kernel's OOM killer sends SIGKILL.
 _MEMORY_DEATHS = (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGKILL)
+WORKER_NICENESS = 10
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,8 @@ def _work_in_child(work: Callable[[Callable[..., None] | None], Iterable[Any]], 
     # The app's handlers (the web server's graceful shutdown) are not the worker's: Ctrl+C or a stop ends it at once.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Behind the web server and training for the CPU: a slow check should not make pages or runs slow.
+    os.nice(WORKER_NICENESS)
     _limit_memory(extra_bytes)
 
     def progress(*values: Any) -> None:

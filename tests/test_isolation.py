@@ -46,6 +46,13 @@ def test_a_worker_gives_back_what_it_made_item_by_item_with_its_progress():
     assert progress == [(0, 3), (1, 3), (2, 3)]
 
 
+def test_a_worker_gives_way_to_the_app_for_the_cpu():
+    def niceness():
+        return os.getpriority(os.PRIO_PROCESS, 0)
+
+    assert isolation.run_in_worker(niceness, TASK, QUICK) == min(niceness() + isolation.WORKER_NICENESS, 19)
+
+
 def test_a_worker_past_its_deadline_is_stopped_with_a_message():
     started = time.monotonic()
     with pytest.raises(UserError, match=r"took longer than 1 s, the most one may take .*; ask for less"):
