@@ -133,15 +133,29 @@ def test_the_chat_is_one_event_in_a_small_shared_group_that_queues_a_second_send
     assert event.api_name == "chat"
 
 
-def test_what_is_typed_during_a_reply_is_kept(tiny_model_dir):
-    """The message box is emptied with the first update, then left alone while the replies stream."""
+def test_what_is_typed_during_a_reply_is_kept(chat_app, tiny_model_dir, monkeypatch):
+    """The message box is emptied with the first update, before any model loads, then left alone while the replies
+    stream: a message typed meanwhile is the next one sent, not wiped."""
+    from sft_space import chat
     from sft_space.ui import chat_tab
 
+    def not_yet(*args, **kwargs):
+        raise AssertionError("the box must be emptied before the model loads")
+
+    _, on_send, token = chat_app
+    with monkeypatch.context() as patched:
+        patched.setattr(chat.ChatModelCache, "get", not_yet)
+        first = next(iter(on_send("Hi", [], [], None, str(tiny_model_dir), "", 0.0, 4, token, 0.95)))
+    assert first == ([{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Hi"}], "")
     replies = chat_tab.respond("Hi", [], [], None, str(tiny_model_dir), GenerationSettings(max_new_tokens=4))
     updates = [copy.deepcopy(update) for update in replies]  # the histories are the same lists, growing
-    assert updates[0][2] == "" and updates[0][1] == [{"role": "user", "content": "Hi"}]
-    assert len(updates) > 2 and all(isinstance(box, type(gr.skip())) for _, _, box in updates[1:])
+    assert len(updates) > 2 and all(isinstance(box, type(gr.skip())) for _, _, box in updates)
     assert updates[-1][1][-1]["role"] == "assistant"
+    # A model that cannot load puts the page back as it was before Send: the message is not lost.
+    refused = chat_tab.respond("Hi", [], [], None, "no/such-model", GenerationSettings())
+    assert next(refused) == ([], [], "Hi")
+    with pytest.raises(gr.Error):
+        next(refused)
 
 
 class Stop(Exception):

@@ -244,7 +244,7 @@ def test_a_chat_conversation_is_bounded_before_any_model_is_loaded(tmp_path):
     import gradio as gr
 
     with pytest.raises(gr.Error) as refused:
-        next(chat_tab.respond("hi", [], [], None, "no/such-model", GenerationSettings()))
+        list(chat_tab.respond("hi", [], [], None, "no/such-model", GenerationSettings()))
     assert "no/such-model" in refused.value.message
 
 

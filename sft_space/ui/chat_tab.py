@@ -149,13 +149,13 @@ def respond(message: str, tuned_history: list[dict[str, str]], base_history: lis
             run_dir: str | None, base_model: str, settings: GenerationSettings) -> Iterator[tuple[Any, Any, Any]]:
     """Stream the fine-tuned reply, then the base model's reply to the same conversation. The message, histories
     and `run_dir` are checked already (`checked_conversation`, `check_prompt_tokens`, `own_run_dir`). The message
-    box is emptied once, with the first update, and left alone after: what the visitor types meanwhile is their
-    next message. A model that cannot load is refused with gr.Error: on ZeroGPU the worker passes only gr.Error on
-    with its message (anything else reads "ZeroGPU worker error"), and the app shows it as a message (ui/common.py
-    `refusals_as_messages`)."""
+    box is left alone (`sent` emptied it): what the visitor types meanwhile is their next message. A model that
+    cannot load is refused with gr.Error: on ZeroGPU the worker passes only gr.Error on with its message (anything
+    else reads "ZeroGPU worker error"), and the app shows it as a message (ui/common.py `refusals_as_messages`)."""
     try:
         model = chat_models.get(run_dir, base_model)
     except UserError as err:
+        yield tuned_history, base_history, message  # the page as before Send: the message is not lost
         raise gr.Error(str(err)) from None
     tuned_history = [*tuned_history, {"role": "user", "content": message}]
     base_history = [*base_history, {"role": "user", "content": message}]
@@ -163,7 +163,7 @@ def respond(message: str, tuned_history: list[dict[str, str]], base_history: lis
     targets.append((base_history, False))
     if not model.has_adapter:
         tuned_history.append({"role": "assistant", "content": NO_RUN_CHOSEN})
-    yield tuned_history, base_history, ""
+    yield tuned_history, base_history, gr.skip()
     for history, use_adapter in targets:
         conversation = [dict(m) for m in history]
         history.append({"role": "assistant", "content": ""})
@@ -171,6 +171,14 @@ def respond(message: str, tuned_history: list[dict[str, str]], base_history: lis
             history[-1]["content"] = partial
             yield tuned_history, base_history, gr.skip()
     yield tuned_history, base_history, gr.skip()
+
+
+def sent(message: str, tuned_history: list[dict[str, str]],
+         base_history: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]], str]:
+    """The page's first update for a message that passed the checks, before any model loads: the message shown in
+    both chats, and the box emptied at once (emptied later, it would take what the visitor typed meanwhile)."""
+    turn = {"role": "user", "content": message}
+    return [*tuned_history, turn], [*base_history, turn], ""
 
 
 def settings_slider(name: str, label: str) -> gr.Slider:
@@ -220,6 +228,7 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> RunPicker
         message, tuned, base = checked_conversation(message, settings, tuned, base)
         run_dir = own_run_dir(runs_dir, run, visitor)
         check_prompt_tokens(chat_models.tokenizer(run_dir, base_model), message, tuned, base, settings)
+        yield sent(message, tuned, base)
         yield from respond(message, tuned, base, run_dir, base_model, settings)
 
     # Send and Enter are one event, so a page runs one reply at a time; a message sent during a reply waits for it
