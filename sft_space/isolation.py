@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import pickle
 import resource
 import signal
 import threading
@@ -114,6 +115,8 @@ def _work_in_child(work: Callable[[Callable[..., None] | None], Iterable[Any]], 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Behind the web server and training for the CPU: a slow check should not make pages or runs slow.
     os.nice(WORKER_NICENESS)
+    # Made before the limit: when memory has run out, the news must not need any.
+    out_of_memory = pickle.dumps((_OUT_OF_MEMORY, None))
     _limit_memory(extra_bytes)
 
     def progress(*values: Any) -> None:
@@ -124,7 +127,7 @@ def _work_in_child(work: Callable[[Callable[..., None] | None], Iterable[Any]], 
             writer.send((_ITEM, item))
         writer.send((_DONE, None))
     except MemoryError:
-        writer.send((_OUT_OF_MEMORY, None))
+        writer.send_bytes(out_of_memory)
     except UserError as err:
         writer.send((_REFUSED, str(err)))
     except BaseException as err:  # told to the app as text: the worker's objects end with it
