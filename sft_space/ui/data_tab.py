@@ -405,7 +405,7 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> DataTab:
     with gr.Row():
         # Empty tables with their headers until a check; widths that fit the headers ("severity" on one line).
         counts = gr.Dataframe(pd.DataFrame(columns=TABLE_COLUMNS["counts"]), label="Problems by code",
-                              interactive=False, wrap=True, column_widths=["26%", "15%", "10%", "49%"],
+                              interactive=False, wrap=True, column_widths=["31%", "14%", "9%", "46%"],
                               elem_id="problem-counts")
         statistics = gr.Dataframe(pd.DataFrame(columns=TABLE_COLUMNS["statistics"]),
                                   label="Statistics (valid examples)", interactive=False, elem_id="data-statistics")
@@ -460,22 +460,28 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> DataTab:
 
     upload.clear(on_file_removed, inputs=[session, *form], outputs=[upload_handle, kept_file, *check_outputs])
 
-    def form_changed(picked: str | None):
-        """A change of what would be checked (`picked`: the source that the change picks): the last report no longer
-        says what Start would train, so it goes, and the summary says what Check will read."""
-        def on_change(token, handle, *values):
-            values = form_choice(picked or values[0], *values[1:])
-            choice = DataChoice(**values, upload=handle)
-            if visitor := gate.known_visitor(token):
-                choice = choices.update(visitor, **values, checked=False)
-            return values["source"], *cleared_outputs(chosen_summary(choice))
-        return on_change
+    def form_changed(token, handle, picked, values):
+        """A change of what would be checked (`picked`: the source it picks): the last report no longer says what
+        Start would train, so it goes, and the summary says what Check will read."""
+        values = form_choice(picked, *values[1:])
+        choice = DataChoice(**values, upload=handle)
+        if visitor := gate.known_visitor(token):
+            choice = choices.update(visitor, **values, checked=False)
+        # The upload box is an output (left as it is) so that a change clears the red "Error" Gradio leaves on it
+        # after a file of the wrong type.
+        return gr.skip(), values["source"], *cleared_outputs(chosen_summary(choice))
 
-    changes = dict(inputs=[session, upload_handle, *form], outputs=[source, *check_outputs], show_progress="hidden",
-                   trigger_mode="always_last")
-    gr.on([source.input, hub_config.input, hub_split.input, columns.input, max_length.input], form_changed(None),
+    def on_form_change(token, handle, *values):
+        return form_changed(token, handle, values[0], values)
+
+    def on_hub_typed(token, handle, *values):
+        return form_changed(token, handle, HUB, values)
+
+    changes = dict(inputs=[session, upload_handle, *form], outputs=[upload, source, *check_outputs],
+                   show_progress="hidden", trigger_mode="always_last")
+    gr.on([source.input, hub_config.input, hub_split.input, columns.input, max_length.input], on_form_change,
           **changes)
-    hub_id.input(form_changed(HUB), **changes)
+    hub_id.input(on_hub_typed, **changes)
 
     def on_skip(token, skip):
         if visitor := gate.known_visitor(token):
@@ -519,6 +525,11 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> DataTab:
             handle = None
         restored = (choice.source, choice.hub_id, choice.hub_config, choice.hub_split, choice.columns,
                     choice.max_length, choice.skip_invalid, handle, upload_note(handle))
+        if choice.source == UPLOAD and choice.upload and handle is None:
+            gone = (f"Your file {markdown_text(Path(choice.upload).name)} is not kept on the server any more (files "
+                    "are kept for a while, a few per visitor): upload it again.")
+            yield *restored, *cleared_outputs(gone)
+            return
         if not choice.checked:
             yield *restored, *cleared_outputs(chosen_summary(dataclasses.replace(choice, upload=handle)))
             return
