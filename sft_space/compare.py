@@ -28,7 +28,7 @@ NOT_COMPARED = {"output_dir"}
 ROW, DIFFERS = "run →", "differs?"
 # The plots' legend cuts a label past about 160 px where it likes ("20261203-1015…"): a run is named there by at
 # most this many characters, its start time first, shortened in the middle by us.
-LEGEND_CHARACTERS = 22
+LEGEND_CHARACTERS = 24
 LEGEND_TAIL = 6  # characters kept at a shortened label's end (an app run's id ends in 4 letters of its own)
 # A run id as new runs get it (runs.new_run_id): date, time, then the data's name (and the app's suffix).
 DATED_RUN_ID = re.compile(r"\d{8}-(\d{2})(\d{2})\d{2}-(.+)")

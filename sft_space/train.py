@@ -45,7 +45,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, NoReturn, TypeVar
 
-from . import checks, data, distributed, models, render, runs
+from . import catalog, checks, data, distributed, models, render, runs
 from .chat import generate_reply
 from .errors import UserError
 from .hardware import Hardware, TrainingPlan, detect_hardware, plan_training
@@ -268,6 +268,10 @@ def library_versions() -> dict[str, str]:
 
 
 def model_shape(model_name: str, trust_remote_code: bool = False) -> ModelShape:
+    if models.needs_preparation(model_name):
+        # The catalogue's numbers: reading its config would convert it first (or parse its GGUF file, as slow), and
+        # the one-time conversion waits until the data has passed its checks and the model loads (`_load_model`).
+        return catalog.shape_of(models.EMBEDDED_MODEL)
     return ModelShape.from_config(models.load_config(model_name, trust_remote_code))
 
 

@@ -681,3 +681,54 @@ def test_trust_remote_code_reaches_the_tokenizer_as_it_reaches_the_model(tiny_se
     monkeypatch.setattr(models, "load_tokenizer", stop_here)
     with pytest.raises(Seen, match="True"):
         train(TrainRequest(tiny_settings(trust_remote_code=True)))
+
+
+@pytest.fixture
+def small_embedded_model(tiny_model_dir, tmp_path, monkeypatch):
+    """The embedded default as a tiny GGUF file (the tiny Llama, real tokenizer), converted into a cache of the
+    test's own: its one-time preparation takes a second or two instead of ~20 s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft_space import gguf_export
+
+    gguf = tmp_path / "gguf" / models.EMBEDDED_GGUF_FILE
+    gguf.parent.mkdir()
+    gguf_export.write_gguf(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                           AutoTokenizer.from_pretrained(tiny_model_dir), gguf, quant="f16")
+    monkeypatch.setenv("SFT_SPACE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "embedded_gguf", lambda: gguf)
+    return gguf
+
+
+def test_the_app_prepares_the_built_in_model_in_the_background_once_and_the_page_says_so(small_embedded_model):
+    from sft_space.ui import train_tab
+
+    assert models.needs_preparation(models.EMBEDDED_MODEL) and not models.embedded_model_preparing()
+    # Another process converting holds the lock: the app's preparation waits, and the page says it is under way.
+    with models._conversion_lock(models.embedded_checkpoint_dir().parent):
+        thread = models.prepare_embedded_model_in_background()
+        assert thread is not None and models.embedded_model_preparing()
+        line = train_tab.preparation_line()
+        assert line.startswith("⏳ One-time preparation of the built-in model (about 20 s)")
+        assert line in train_tab.progress_markdown(None)
+    thread.join(timeout=120)
+    assert not thread.is_alive() and models.PREPARATION.error is None
+    assert models.embedded_model_prepared() and not models.needs_preparation(models.EMBEDDED_MODEL)
+    assert train_tab.preparation_line() == "" and "preparation" not in train_tab.progress_markdown(None)
+    # Done once: later calls find it (nothing said, nothing written again), and no second thread starts.
+    config = models.embedded_checkpoint_dir() / "config.json"
+    written = config.stat().st_mtime_ns
+    said = []
+    assert models.convert_embedded_model(said.append) == models.embedded_checkpoint_dir() and said == []
+    assert models.prepare_embedded_model_in_background() is None and config.stat().st_mtime_ns == written
+
+
+@pytest.mark.slow  # a whole (one-step) run
+def test_a_run_that_must_prepare_the_built_in_model_says_so_with_its_stages(small_embedded_model, tiny_settings):
+    said = []
+    folder = train(TrainRequest(tiny_settings(model=models.EMBEDDED_MODEL, max_steps=1, sample_prompts=0),
+                                on_status=said.append))
+    preparing = [message for message in said if message.startswith(models.PREPARATION_MESSAGE)]
+    assert len(preparing) >= 3 and said.index(preparing[0]) < said.index(f"Loading {models.EMBEDDED_MODEL}…")
+    assert any(message.startswith("The built-in model is prepared") for message in said)
+    assert folder.read()["status"] == runs.FINISHED
