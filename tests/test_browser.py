@@ -129,14 +129,14 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     # The first visitor's upload sits on this server: typed as a "Hub dataset", its path is not read.
     uploads = [p for p in (runs_dir / ".uploads").rglob("*.jsonl")]
     assert len(uploads) == 1 and not any(PLANTED_TOKEN in str(p) for p in uploads)
-    stranger.get_by_label("…or a Hub dataset id").fill(str(uploads[0]))
+    stranger.get_by_label("Hub dataset id").fill(str(uploads[0]))
     stranger.click("#check-data")
     expect(stranger.get_by_text("is not a Hub dataset id").first).to_be_visible(timeout=30_000)
     # A refusal is a message: no output is left with a red "Error" badge, as if the page had crashed.
     expect(stranger.locator("#data-summary")).not_to_contain_text("rows")
     expect(stranger.locator("#data-summary")).not_to_contain_text("Error")
     expect(stranger.locator("#chatml-preview")).not_to_contain_text("Error")
-    stranger.get_by_label("…or a Hub dataset id").fill("")
+    stranger.get_by_label("Hub dataset id").fill("")
     stranger.get_by_label("Use the sample dataset").check()
     stranger.click("#check-data")
     expect(stranger.locator("#data-summary")).to_contain_text("All 160 rows are valid", timeout=60_000)
@@ -203,7 +203,8 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
                                                           timeout=60_000)
     page.locator("#publish-repo textarea, #publish-repo input").first.fill("alice/captain-byte")
     page.click("#publish-push")
-    expect(page.get_by_text("Could not reach the Hugging Face Hub")).to_be_visible(timeout=30_000)
+    # Said in the tab's outcome line, where it stays (and in a toast, which fades).
+    expect(page.locator("#publish-outcome")).to_contain_text("Could not reach the Hugging Face Hub", timeout=30_000)
     page.screenshot(path=str(tmp_path / "publish.png"), full_page=True)
     assert PLANTED_TOKEN not in page.content() and PLANTED_TOKEN not in stranger.content()
 

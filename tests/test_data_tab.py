@@ -200,3 +200,20 @@ def test_a_publish_refusal_stays_said_in_its_outcome_line(app):
     with pytest.warns(UserWarning, match="no run"):
         download, outcome = handlers["on_zip"](None, "someone-elses-run", token)
     assert download["visible"] is False and outcome.startswith("**Refused** · ")
+
+
+def test_checked_data_is_checked_again_when_another_model_is_picked(app, tiny_model_dir):
+    """The preview and the token counts are the model's: picking another model checks the data again with it, so
+    the tab never shows another model's view of the data; a model the page may not name clears the report."""
+    handlers, token = app
+    on_model_change = handlers["on_model_change"]
+    (untouched,) = on_model_change(token, None, str(tiny_model_dir), progress=None)
+    assert all(isinstance(value, type(gr.skip())) for value in untouched)  # nothing checked yet
+    check(handlers, token, None, data_tab.SAMPLE, tiny_model_dir)
+    *_, again = on_model_change(token, None, str(tiny_model_dir), progress=None)
+    assert again[REPORT].rows == 160
+    with pytest.warns(UserWarning, match="not a Hub model id"):
+        *_, refused = on_model_change(token, None, "/etc", progress=None)
+    assert refused[REPORT] is None and refused[SUMMARY].startswith("**Refused** · ")
+    (untouched,) = on_model_change(token, None, str(tiny_model_dir), progress=None)
+    assert all(isinstance(value, type(gr.skip())) for value in untouched)

@@ -262,6 +262,14 @@ class DataChoice:
     checked: bool = False  # the last check of these values succeeded
 
 
+FORM_FIELDS = ("source", "hub_id", "hub_config", "hub_split", "columns", "max_length")
+
+
+def form_values(choice: DataChoice) -> dict[str, Any]:
+    """The form's part of a DataChoice (what a check reads), by name."""
+    return {name: getattr(choice, name) for name in FORM_FIELDS}
+
+
 # Of each value typed in the form, what is kept: a Hub id or a column mapping is far shorter.
 KEPT_CHARACTERS = 1000
 
@@ -496,13 +504,22 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> DataTab:
         except gr.Error as err:
             yield cleared_outputs(refused_summary("check_data", err))
             return
+        yield from checked_and_kept(visitor, handle, model_name, progress,
+                                    dict(zip(FORM_FIELDS, (source_value, hub, config, split, columns_value, length))))
+
+    def checked_and_kept(visitor, handle, model_name, progress, values):
+        """The check of the form's `values` (by name), stage by stage. The values are kept for the visitor, and
+        whether the check succeeded; values too long to keep whole are never restored as checked."""
         outputs = None
-        for outputs in check_choice(gate, visitor, handle, source_value, hub, model_name, columns_value, config,
-                                    split, length, progress, limits):
+        for outputs in check_choice(gate, visitor, handle, values["source"], values["hub_id"], model_name,
+                                    values["columns"], values["hub_config"], values["hub_split"],
+                                    values["max_length"], progress, limits):
             yield outputs
         report = outputs[0] if outputs else None
-        choices.update(visitor, **form_choice(source_value, hub, config, split, columns_value, length),
-                       checked=report is not None and not report.first_look)
+        whole = all(len(str(values[name] or "")) <= KEPT_CHARACTERS
+                    for name in ("hub_id", "hub_config", "hub_split", "columns"))
+        choices.update(visitor, **form_choice(**values),
+                       checked=report is not None and not report.first_look and whole)
 
     check.click(
         on_check,
@@ -523,8 +540,7 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> DataTab:
             handle = str(access.own_upload(gate.runs_dir, visitor, choice.upload)) if choice.upload else None
         except UserError:
             handle = None
-        restored = (choice.source, choice.hub_id, choice.hub_config, choice.hub_split, choice.columns,
-                    choice.max_length, choice.skip_invalid, handle, upload_note(handle))
+        restored = (*form_values(choice).values(), choice.skip_invalid, handle, upload_note(handle))
         if choice.source == UPLOAD and choice.upload and handle is None:
             gone = (f"Your file {markdown_text(Path(choice.upload).name)} is not kept on the server any more (files "
                     "are kept for a while, a few per visitor): upload it again.")
@@ -533,9 +549,21 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> DataTab:
         if not choice.checked:
             yield *restored, *cleared_outputs(chosen_summary(dataclasses.replace(choice, upload=handle)))
             return
-        for outputs in check_choice(gate, visitor, handle, choice.source, choice.hub_id, model_name, choice.columns,
-                                    choice.hub_config, choice.hub_split, choice.max_length, progress, limits):
+        for outputs in checked_and_kept(visitor, handle, model_name, progress, form_values(choice)):
             yield *restored, *outputs
+
+    def on_model_change(token, handle, model_name, progress=gr.Progress()):
+        """Another model picked: the preview and the token counts are its tokenizer's, so checked data is checked
+        again with it (what the tab shows is what Start would train)."""
+        visitor = gate.known_visitor(token)
+        choice = choices.get(visitor) if visitor else None
+        if choice is None or not choice.checked:
+            yield tuple(gr.skip() for _ in check_outputs)
+            return
+        yield from checked_and_kept(visitor, handle, model_name, progress, form_values(choice))
+
+    model.input(on_model_change, inputs=[session, upload_handle, model], outputs=check_outputs,
+                trigger_mode="always_last")
 
     example_number.change(lambda report, name, n: preview_html(report, gate.model(name), n, gate),
                           inputs=[report_state, model, example_number], outputs=preview)
