@@ -12,6 +12,7 @@ A failure is a UserError for the visitor who asked, with what to do; the app and
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -35,6 +36,7 @@ _ITEM, _PROGRESS, _DONE, _REFUSED, _OUT_OF_MEMORY, _FAILED = "item", "progress",
 # aborts when an allocation fails, and the kernel's OOM killer sends SIGKILL.
 _MEMORY_DEATHS = (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGKILL)
 WORKER_NICENESS = 10
+ALARM_GRACE_SECONDS = 1
 
 
 @dataclass(frozen=True)
@@ -108,16 +110,19 @@ def _limit_memory(extra_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))
 
 
-def _work_in_child(work: Callable[[Callable[..., None] | None], Iterable[Any]], writer: Any, extra_bytes: int,
+def _work_in_child(work: Callable[[Callable[..., None] | None], Iterable[Any]], writer: Any, limits: Limits,
                    relay_progress: bool) -> None:
     # The app's handlers (the web server's graceful shutdown) are not the worker's: Ctrl+C or a stop ends it at once.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
+        signal.signal(stop, signal.SIG_DFL)
+    # The app stops the worker at its deadline while it reads the worker's answers; a worker nobody reads any more
+    # (its page gone, its iterator never closed) is ended by the kernel soon after.
+    signal.alarm(math.ceil(limits.seconds) + ALARM_GRACE_SECONDS)
     # Behind the web server and training for the CPU: a slow check should not make pages or runs slow.
     os.nice(WORKER_NICENESS)
     # Made before the limit: when memory has run out, the news must not need any.
     out_of_memory = pickle.dumps((_OUT_OF_MEMORY, None))
-    _limit_memory(extra_bytes)
+    _limit_memory(int(limits.memory_gb * GB))
 
     def progress(*values: Any) -> None:
         writer.send((_PROGRESS, values))
@@ -156,28 +161,28 @@ def stream_in_worker(work: Callable[[Callable[..., None] | None], Iterable[T]], 
     `work` runs in the worker: it may use anything the app has in memory (it is not pickled; what it yields is).
     `progress(*values)` there calls `on_progress(*values)` here (None when no `on_progress` is given). The deadline
     counts from the start, the time a consumer spends between items included. Closing the iterator early stops
-    the worker. When `limits.at_once` workers run already, this waits up to `limits.wait_seconds` for one to end.
+    the worker; one whose iterator is left unclosed (a page gone) ends at its deadline by itself, and its place is
+    free again. When `limits.at_once` workers run already, this waits up to `limits.wait_seconds` for one to end.
     """
     if not running.enter(limits):
         raise UserError(f"The server is already running {limits.at_once} checks or previews for visitors, the most it "
                         "runs at once; try again in a minute.")
-    try:
-        yield from _stream(work, task, limits, on_progress)
-    finally:
-        running.leave()
-
-
-def _stream(work: Callable[[Callable[..., None] | None], Iterable[T]], task: Task, limits: Limits,
-            on_progress: Callable[..., None] | None) -> Iterator[T]:
     context = multiprocessing.get_context("fork")
-    reader, writer = context.Pipe(duplex=False)
-    worker = context.Process(target=_work_in_child, args=(work, writer, int(limits.memory_gb * GB),
-                                                          on_progress is not None), daemon=True)
     try:
+        reader, writer = context.Pipe(duplex=False)
+        worker = context.Process(target=_work_in_child, args=(work, writer, limits, on_progress is not None),
+                                 daemon=True)
         worker.start()
-        # The worker holds the writing end now, so its death reads as the end of the pipe (or as the deadline, if
-        # another worker forked meanwhile holds a copy too).
-        writer.close()
+    except BaseException:
+        running.leave()
+        raise
+    # The place is given back when the worker ends, however it ends: a thread waits for that.
+    ended = threading.Event()
+    threading.Thread(target=_give_back_place, args=(worker, ended), daemon=True, name="worker-ended").start()
+    # The worker holds the writing end now, so its death reads as the end of the pipe (or as the deadline, if another
+    # worker forked meanwhile holds a copy too).
+    writer.close()
+    try:
         deadline = time.monotonic() + limits.seconds
         while True:
             if not reader.poll(max(0.0, deadline - time.monotonic())):
@@ -186,7 +191,7 @@ def _stream(work: Callable[[Callable[..., None] | None], Iterable[T]], task: Tas
             try:
                 kind, value = reader.recv()
             except EOFError:
-                worker.join()
+                ended.wait()
                 raise _failure(task, limits, worker.exitcode) from None
             if kind == _ITEM:
                 yield value
@@ -201,12 +206,16 @@ def _stream(work: Callable[[Callable[..., None] | None], Iterable[T]], task: Tas
             else:
                 raise UserError(f"{task.what} failed: {value}")
     finally:
-        writer.close()
         reader.close()
-        if worker.is_alive():
+        if not ended.is_set():
             worker.kill()
-        if worker.pid is not None:
-            worker.join()
+        ended.wait()
+
+
+def _give_back_place(worker: Any, ended: threading.Event) -> None:
+    worker.join()
+    running.leave()
+    ended.set()
 
 
 def run_in_worker(work: Callable[[], T], task: Task, limits: Limits) -> T:

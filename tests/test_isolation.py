@@ -113,6 +113,20 @@ def test_leaving_a_stream_early_stops_its_worker():
         os.kill(pids[0], 0)
 
 
+def test_a_worker_nobody_reads_any_more_ends_at_its_deadline_and_frees_its_place():
+    def endless(progress):
+        while True:
+            yield "x" * 100_000  # soon fills the pipe, and waits there for a reader that never comes
+
+    one_at_once = isolation.Limits(memory_gb=0.5, seconds=1, at_once=1, wait_seconds=5)
+    left = isolation.stream_in_worker(endless, TASK, one_at_once)
+    next(left)  # kept, never closed: as a page that went away mid-check may leave it
+    started = time.monotonic()
+    assert isolation.run_in_worker(lambda: "next", TASK, one_at_once) == "next"
+    assert time.monotonic() - started < 4
+    left.close()
+
+
 # ------------------------------------------------------------------------------------- the Data tab's check
 
 
