@@ -295,3 +295,34 @@ def test_train_takes_its_data_from_the_config_file_unless_named(tmp_path):
     assert named.source == "other.jsonl"
     with pytest.raises(cli.UserError, match="Name the data"):
         cli.train_settings(cli.build_parser().parse_args(["train"]))
+
+
+def test_train_refuses_invalid_rows_naming_the_flag_that_skips_them(write_jsonl, tiny_model_dir, tmp_path, capsys):
+    path = write_jsonl(distinct_chats(10) + [{"messages": [{"role": "user", "content": "no reply"}]}])
+    code = cli.main(["train", str(path), "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "runs")])
+    error = capsys.readouterr().err
+    assert code == 1 and "1 of 11 rows have errors" in error
+    assert "add --skip-invalid-rows to train on the 10 valid ones" in error and "choose to skip" not in error
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_says_the_speed_after_the_first_steps_and_warns_on_a_slow_machine(tmp_path, monkeypatch):
+    from sft_space import estimate, hardware
+
+    monkeypatch.setattr(hardware, "detect_hardware", lambda: hardware.Hardware("cpu", "CPU", 24.0, None, 2))
+    folder = runs.RunFolder.create(tmp_path, "r")
+    folder.write({"run_id": "r", "status": runs.RUNNING, "base_model": "embedded:SmolLM2-135M-Instruct",
+                  "plan": {"device": "cpu", "precision": "fp32", "four_bit": False, "gradient_checkpointing": False,
+                           "batch_size": 4, "sequence_length": 512, "packing": True, "estimated_peak_gib": 1.0,
+                           "fits": True}})
+    said = []
+    report = cli.SpeedReport(said.append, lambda: folder)
+    for step in (1, 2, 3, 4):
+        report({"step": step, "max_steps": 100, "loss": 2.0, "elapsed_seconds": 18.0 * step,
+                "eta_seconds": 18.0 * (100 - step), "tokens_per_second": 12.3})
+    assert said == [
+        f"At this speed: about 30m 00s in all, 29m 06s left (12 tokens/s measured over {estimate.MEASURED_AFTER_STEPS} "
+        "steps).",
+        "Warning: This machine trains about 10× slower than its usual figure for this model (12 vs ~125 tokens/s): "
+        "it is busy with other work, so the run takes that much longer than estimated. It goes on; Stop keeps what "
+        "it has learned so far."]
