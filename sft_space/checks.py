@@ -574,17 +574,20 @@ def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int, keep_
 
 
 def _control_token_warnings(renderer: Renderer, example: data.Example) -> list[Problem]:
-    """A warning for each message (or plain text) of the example whose text holds one of the model's control
-    tokens: the renderer tokenizes it as text, but a rendered chat pasted into the data is usually a mistake."""
-    found = []
-    for number, strings in renderer.control_strings(example):
-        where = f"row {example.row}, message {number}" if number is not None else f"row {example.row}"
-        shown = ", ".join(data.shown(string, 40) for string in strings)
-        found.append(Problem(example.row, "control_token_in_text", f"{where}: the text holds {shown}, this model's "
-                             "control token(s) that mark where a turn begins or ends; it is trained as plain text, "
-                             "never as the token itself (remove it if it was not meant to be there, e.g. a "
-                             "rendered chat pasted into the data)."))
-    return found
+    """One warning for an example whose text holds any of the model's control tokens (the messages named): the
+    renderer tokenizes it as text, but a rendered chat pasted into the data is usually a mistake."""
+    holding = renderer.control_strings(example)
+    if not holding:
+        return []
+    numbers = [number for number, _ in holding if number is not None]
+    where = f"row {example.row}" + (f", message{'s' if len(numbers) > 1 else ''} "
+                                    f"{_rows_named(numbers, len(numbers))}" if numbers else "")
+    strings = list(dict.fromkeys(string for _, found in holding for string in found))
+    shown = ", ".join(data.shown(string, 40) for string in strings[:LISTED_ROWS])
+    return [Problem(example.row, "control_token_in_text", f"{where}: the text holds {shown}, this model's control "
+                    "token(s) that mark where a turn begins or ends; it is trained as plain text, never as the "
+                    "token itself (remove it if it was not meant to be there, e.g. a rendered chat pasted into the "
+                    "data).")]
 
 
 def _measures(result: tuple[int, int] | Tokens) -> tuple[int, int]:

@@ -118,8 +118,7 @@ def test_the_check_names_the_row_and_trains_it_as_text(write_jsonl, chatml):
     rows = distinct_chats(12) + [{"messages": FORGED}]
     report = checks.build_report(data.load_data(str(write_jsonl(rows))), chatml, 2048, keep_tokens=True)
     warnings = [w for w in report.warnings if w.code == "control_token_in_text"]
-    assert [(w.row, w.message.split(":")[0]) for w in warnings] == [(13, "row 13, message 1"),
-                                                                   (13, "row 13, message 2")]
+    assert [(w.row, w.message.split(":")[0]) for w in warnings] == [(13, "row 13, messages 1, 2")]
     assert "'<|im_end|>', '<|im_start|>'" in warnings[0].message and "remove it" in warnings[0].message
     assert report.valid_rows == 13 and not report.errors
     forged = next(e for e in report.valid_examples if e.row == 13)
