@@ -1,7 +1,7 @@
 """Read a data source, detect its format, and normalise every row to chat messages.
 
-Sources: local `.jsonl`, `.json` (an array, or one object per line), `.csv`, `.parquet`, a local dataset
-folder, or a Hugging Face Hub dataset id. Formats: OpenAI chat, ShareGPT, Alpaca, prompt/completion, plain
+Sources: local `.jsonl`, `.json` (an array, one object per line, or one object: a conversation, or the rows
+listed under one of its keys), `.csv`, `.parquet`, a local dataset folder, or a Hugging Face Hub dataset id. Formats: OpenAI chat, ShareGPT, Alpaca, prompt/completion, plain
 text, or any columns through an explicit mapping. Every row keeps its row number (the 1-based line for JSONL
 and line-per-object JSON, the 1-based record index otherwise) so that every later problem can name it.
 
@@ -175,7 +175,9 @@ def read_records(source: str, hub_config: str | None = None, hub_split: str = "t
     """Yield (row number, record) for every row; a record is a parsed value or a Problem.
 
     A row over `max_row_kb` becomes a `row_too_large` problem: a JSONL line is measured as it is read and never
-    held whole; other sources are measured as each record arrives (as compact JSON), before anything else sees it.
+    held whole, and so is a JSON array's item whose text is over twice the limit; a Parquet row is measured from the
+    file's metadata and its Arrow buffers before it is made (see _read_parquet); other sources are measured as each
+    record arrives (as compact JSON), before anything else sees it.
     A Problem with a code of READING_WARNINGS (row None) says what of the source was left out: data after a JSON array,
     files of another format in a folder, the rows of a Hub dataset past `max_rows` (a Hub dataset is streamed,
     so only the rows read are downloaded).
@@ -369,10 +371,12 @@ def _read_json(path: Path, max_row_kb: float | None = None) -> Iterator[tuple[in
 
 
 @dataclass(slots=True)
-class _Oversized:
-    """A JSON value skipped unparsed, its text being over the size held (see _JsonText.value): its size in bytes."""
+class _Skipped:
+    """A JSON value skipped unparsed (see _JsonText.value): its text is over the size held, or it is nested too
+    deeply to decode. Its size in bytes."""
 
     size: int
+    too_deep: bool = False
 
 
 def _numbered(items: Iterable[Any]) -> Iterator[tuple[int | None, Any]]:
@@ -387,8 +391,13 @@ def _numbered(items: Iterable[Any]) -> Iterator[tuple[int | None, Any]]:
 
 
 def _measured(records: Iterable[tuple[int | None, Any]], max_row_kb: float | None) -> Iterator[tuple[int | None, Any]]:
+    """Skipped values as the row problems they are."""
     for row, record in records:
-        yield row, (_row_too_large(row, record.size, max_row_kb) if isinstance(record, _Oversized) else record)
+        if isinstance(record, _Skipped):
+            record = Problem(row, "unreadable_row", f"row {row}: JSON nested too deeply to read; a training example "
+                                                    "needs a few levels at most.") if record.too_deep else \
+                _row_too_large(row, record.size, max_row_kb)
+        yield row, record
 
 
 def _one_object_per_line(path: Path, limit: int | None) -> bool:
@@ -418,7 +427,7 @@ def _one_object(path: Path, hold: int | None) -> Iterator[tuple[int | None, Any]
         whole = text.value()
         text.peek()
         trailing = list(_trailing_data(path, handle, text.buffer[text.at:], array=False))
-    if isinstance(whole, _Oversized):
+    if isinstance(whole, _Skipped):
         yield from _rows_under_a_key(path, hold, whole.size)
     elif (key := _rows_key(whole)) is None:
         yield None, Problem(None, "one_json_object", f"{path.name}: holds one JSON object, read as one row (one "
@@ -482,14 +491,14 @@ def _rows_under_a_key(path: Path, hold: int, size: int) -> Iterator[tuple[int | 
                     yield rows, item
             else:
                 others.append(name)
-                text.skip_value()
+                text.scan()
         if not char:
             raise text.broken(_ENDS_EARLY, text.at)
         text.at += 1
         text.peek()
         trailing = list(_trailing_data(path, handle, text.buffer[text.at:], array=False))
     if key is None:
-        yield 1, _Oversized(size)
+        yield 1, _Skipped(size)
     else:
         yield None, _wrapped_rows_warning(path, key, rows, [k for k in others if k != key])
     for problem in trailing:
@@ -500,9 +509,16 @@ JSON_CHUNK = 1 << 20
 _SPACE = re.compile(r"\s*")
 _DECODER = json.JSONDecoder()
 _ENDS_EARLY = "the file ends before its JSON is complete: cut short?"
-# What a value skipped unparsed is scanned for: outside strings, what opens or closes one; inside, what ends it.
-_STRUCTURE = re.compile(r'["\[\]{}]')
-_STRING_END = re.compile(r'["\\]')
+# How a value skipped unparsed is scanned (see _JsonText.scan): in one step, a run of strings, what lies between
+# them, and containers holding no container (a messages list's messages); then runs of opening or closing
+# brackets; the body of a string that goes on past what is read; the end of a bare number or literal. Possessive
+# (Python 3.11): with backtracking kept, one match over 1 MB of short strings took 142 MB.
+_STRING = r'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+_FLAT = rf'(?:[^"\[\]{{}}]++|{_STRING})*+'
+_PLAIN_RUN = re.compile(rf"(?:[^\"\[\]{{}}]++|{_STRING}|\[{_FLAT}\]|\{{{_FLAT}\}})*+", re.DOTALL)
+_OPENERS = re.compile(r"[\[{]+")
+_CLOSERS = re.compile(r"[\]}]+")
+_STRING_BODY = re.compile(r'[^"\\]*+(?:\\.[^"\\]*+)*+', re.DOTALL)
 _SCALAR_END = re.compile(r"[\s,\]}]")
 _NUMBER_TAIL = re.compile(r"[-+.eE0-9]*")
 
@@ -528,7 +544,7 @@ class _JsonText:
     The buffer is walked with a position rather than sliced after every value (slicing copies what is left:
     quadratic in the values per read), and a value that does not fit is read on by as much again as is held, so
     that decoding a large value is retried a logarithmic number of times, not once per read. With `hold`, a value
-    whose text grows past `hold` characters is not decoded but skipped in pieces (see `skip_value`).
+    whose text grows past `hold` characters is not decoded but scanned past in pieces (see `scan`).
     """
 
     def __init__(self, handle: Any, hold: int | None = None) -> None:
@@ -557,31 +573,47 @@ class _JsonText:
         return err
 
     def value(self) -> Any:
-        """The value at the position (moved past it), or an _Oversized when its text grows past `hold`."""
+        """The value at the position, decoded (the position moves past it); or a _Skipped when its text is over
+        `hold` characters or it is nested too deeply to decode (then it is scanned past, never held)."""
+        scanned = False
         while True:
             try:
                 item, end = _DECODER.raw_decode(self.buffer, self.at)
             except json.JSONDecodeError as err:
-                if not _cut_short(err):
+                if not _cut_short(err) or scanned:
                     raise self.broken(err.msg, err.pos) from None
                 if self.at_end:
                     raise self.broken(_ENDS_EARLY, err.pos) from None
-                if self.hold is not None and len(self.buffer) - self.at > self.hold:
-                    return _Oversized(self.skip_value())
-                self.read_more()
+                if self.hold is None:
+                    self.read_more()
+                    continue
+                # The value goes on past what is read: find its end first, so that it is decoded once, whole, and
+                # only when it is within `hold`.
+                if self.scan(self.hold) is None:
+                    return _Skipped(self.scan())
+                scanned = True
                 continue
+            except RecursionError:
+                return _Skipped(self.scan(), too_deep=True)
             # A value ending where the text read ends may be a number cut short (also "1." or "1e"): read on, decode again.
-            if not self.at_end and _NUMBER_TAIL.fullmatch(self.buffer, end):
+            if not self.at_end and not scanned and _NUMBER_TAIL.fullmatch(self.buffer, end):
                 if self.hold is not None and len(self.buffer) - self.at > self.hold:
-                    return _Oversized(self.skip_value())
+                    return _Skipped(self.scan())
                 self.read_more()
                 continue
             self.at = end
             return item
 
-    def skip_value(self) -> int:
-        """Move past the value at the position without decoding it, reading on in pieces that are dropped once
-        scanned (only the nesting depth and whether the scan is inside a string are kept); its size in bytes."""
+    def scan(self, hold: int | None = None) -> int | None:
+        """Scan the value at the position to its end without decoding it, reading on as needed.
+
+        With `hold`: keep what is read, and give the value's end in the buffer, or None once the value is over
+        `hold` characters (the position stays). Without: drop what is scanned as it goes (only the nesting depth and
+        whether the scan is inside a string are kept), move past the value, and give its size in bytes.
+
+        Each step is one regular expression over as much as it can take (a run of strings and separators, of
+        brackets, or a string's body with its escapes), so that no shape of text makes the scan one step per
+        character."""
         size, depth, in_string, position = 0, 0, False, self.at
         scalar = self.buffer[position] not in '[{"'
         while True:
@@ -592,37 +624,44 @@ class _JsonText:
                     break
                 position = len(self.buffer)
             elif in_string:
-                found = _STRING_END.search(self.buffer, position)
-                if found and found.group() == '"':
-                    in_string, position = False, found.end()
+                position = _STRING_BODY.match(self.buffer, position).end()
+                if self.buffer.startswith('"', position):
+                    in_string, position = False, position + 1
                     if depth == 0:
                         break
                     continue
-                if found and found.end() < len(self.buffer):
-                    position = found.end() + 1  # the escaped character, whatever it is
-                    continue
-                position = found.start() if found else len(self.buffer)  # an escape's backslash waits for more
+                # At the end of what is read (a backslash there waits for the character it escapes).
             else:
-                found = _STRUCTURE.search(self.buffer, position)
-                if found:
-                    char, position = found.group(), found.end()
-                    if char == '"':
-                        in_string = True
-                    elif char in "[{":
-                        depth += 1
-                    else:
-                        depth -= 1
-                        if depth <= 0:
-                            break
+                position = _PLAIN_RUN.match(self.buffer, position).end()
+                char = self.buffer[position:position + 1]
+                if char == '"':  # a string that goes on past what is read
+                    in_string, position = True, position + 1
                     continue
-                position = len(self.buffer)
-            size += len(self.buffer[self.at:position].encode("utf-8"))
-            self.at = position
+                if char in ("[", "{"):
+                    run = _OPENERS.match(self.buffer, position).end() - position
+                    depth, position = depth + run, position + run
+                    continue
+                if char in ("]", "}"):
+                    run = _CLOSERS.match(self.buffer, position).end() - position
+                    if run >= depth:
+                        position += depth
+                        break
+                    depth, position = depth - run, position + run
+                    continue
+            if hold is not None:
+                if position - self.at > hold:
+                    return None
+            else:
+                size += len(self.buffer[self.at:position].encode("utf-8"))
+                self.at = position
+            kept = self.at
             if not self.read_more():
                 if scalar:
-                    return size
+                    break
                 raise self.broken(_ENDS_EARLY, len(self.buffer))
-            position = 0
+            position -= kept
+        if hold is not None:
+            return position
         size += len(self.buffer[self.at:position].encode("utf-8"))
         self.at = position
         return size

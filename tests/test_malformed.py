@@ -81,7 +81,8 @@ def test_any_bytes_give_a_report_or_a_user_error(content, tmp_path, embedded_tok
     ("CSV in UTF-16", "UTF-16"), ("PNG renamed .jsonl", "PNG image"), ("zero bytes", "binary data"),
     ("random binary", "binary data"), ("deeply nested JSON", "nested too deeply"),
     ("image parts in content", "text-only"), ("unsupported suffix", "unsupported file type"),
-    ("surrogate escapes", "not valid Unicode"),
+    ("surrogate escapes", "not valid Unicode"), ("CSV header repeats a column", "the column 'prompt' twice"),
+    ("pretty-printed JSON cut short", "cut short?"), ("a number of 5,000 digits", "over 4,300 digits"),
 ])
 def test_the_message_says_what_the_file_really_is(name, says, corpus, tiny_model_dir):
     try:
@@ -145,7 +146,7 @@ def test_json_arrays_are_read_item_by_item_across_chunk_boundaries(tmp_path, mon
     escaped, long = 'x\\"]}' * 20, "w" * 100
     path.write_text(json.dumps(records, indent=1)[:-2] + f', "{escaped}", [[{{"s": "]}}]"}}], "{{[[", "{long}", 7777777777777777], 8]')
     items = list(data._json_array_items(path, hold=30))
-    assert [type(item).__name__ for item in items] == ["_Oversized", "int", "str"] * 3 + ["_Oversized"] * 2 + ["int"]
+    assert [type(item).__name__ for item in items] == ["_Skipped", "int", "str"] * 3 + ["_Skipped"] * 2 + ["int"]
     assert items[0].size == len(json.dumps(records[0], indent=1).replace("\n", "\n ")) and items[-1] == 8
     for broken, says in (('[{"a": 1}, {"b": 2', "cut short"), ('[{"a": 1}', "not closed"),
                          ('[{"a": 1} {"b": 2}]', "expected ','")):
