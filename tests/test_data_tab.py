@@ -217,3 +217,21 @@ def test_checked_data_is_checked_again_when_another_model_is_picked(app, tiny_mo
     assert refused[REPORT] is None and refused[SUMMARY].startswith("**Refused** · ")
     (untouched,) = on_model_change(token, None, str(tiny_model_dir), progress=None)
     assert all(isinstance(value, type(gr.skip())) for value in untouched)
+
+
+def test_a_refused_upload_leaves_the_box_and_the_report_and_says_why(monkeypatch, tmp_path, tiny_model_dir,
+                                                                      write_jsonl):
+    """An upload over what the app keeps per visitor: the box is emptied, the earlier report and handle go (what
+    the tab shows is what Check would read), and the summary says why."""
+    from sft_space import jobs
+    from sft_space.ui import build_app
+
+    monkeypatch.setenv("SFT_SPACE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("SFT_SPACE_UPLOAD_MB_PER_VISITOR", "1")
+    built = build_app(jobs.JobManager(), default_model=str(tiny_model_dir))
+    handlers = {f.fn.__name__: f.fn for f in built.fns.values() if f.fn is not None}
+    token = handlers["on_load"]("")
+    with pytest.warns(UserWarning, match="MB this app keeps per visitor"):
+        box, handle, _, source, note, *outputs = upload(handlers, token, write_jsonl([chat("x" * 2**20)]))
+    assert box is None and handle is None and source == data_tab.UPLOAD and note == ""
+    assert outputs[REPORT] is None and outputs[SUMMARY].startswith("**Refused** · ")

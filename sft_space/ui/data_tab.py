@@ -451,11 +451,10 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> DataTab:
         except (gr.Error, UserError) as err:
             if visitor := gate.known_visitor(token):
                 choices.update(visitor, source=UPLOAD, upload=None, checked=False)
-            # The refused file leaves the box too: what the box shows is what Check would read.
+            # The box is an output for this: a refused file leaves it (what it shows is what Check would read).
             return None, None, gr.skip(), UPLOAD, "", *cleared_outputs(refused_summary("upload", err))
         choice = choices.update(gate.visitor(token), source=UPLOAD, upload=handle, checked=False)
-        # The box is an output so that a successful upload clears an error it showed before (a wrong file type).
-        return gr.update(), handle, token, UPLOAD, upload_note(handle), *cleared_outputs(chosen_summary(choice))
+        return gr.skip(), handle, token, UPLOAD, upload_note(handle), *cleared_outputs(chosen_summary(choice))
 
     upload.upload(on_new_file, inputs=[upload, session],
                   outputs=[upload, upload_handle, session, source, kept_file, *check_outputs])
