@@ -345,9 +345,10 @@ class SpeedReport:
             return
         self.said = True
         live = estimate.live_estimate(self.entries, estimate.usual_throughput(detect_hardware(), folder.read()))
-        self.say(estimate.describe_live(live))
+        # Indented, under the progress lines: a note on them, not a status (the app's page shows its own).
+        self.say(f"  {estimate.describe_live(live)}")
         if warning := estimate.slower_warning(live):
-            self.say(f"Warning: {warning}")
+            self.say(f"  Warning: {warning}")
 
 
 def _prepare_model(name: str, say: Any) -> None:

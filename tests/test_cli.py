@@ -321,8 +321,8 @@ def test_train_says_the_speed_after_the_first_steps_and_warns_on_a_slow_machine(
         report({"step": step, "max_steps": 100, "loss": 2.0, "elapsed_seconds": 18.0 * step,
                 "eta_seconds": 18.0 * (100 - step), "tokens_per_second": 12.3})
     assert said == [
-        f"At this speed: about 30m 00s in all, 29m 06s left (12 tokens/s measured over {estimate.MEASURED_AFTER_STEPS} "
+        f"  At this speed: about 30m 00s in all, 29m 06s left (12 tokens/s measured over {estimate.MEASURED_AFTER_STEPS} "
         "steps).",
-        "Warning: This machine trains about 10× slower than its usual figure for this model (12 vs ~125 tokens/s): "
+        "  Warning: This machine trains about 10× slower than its usual figure for this model (12 vs ~125 tokens/s): "
         "it is busy with other work, so the run takes that much longer than estimated. It goes on; Stop keeps what "
         "it has learned so far."]

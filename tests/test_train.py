@@ -709,7 +709,7 @@ def test_the_app_prepares_the_built_in_model_in_the_background_once_and_the_page
         thread = models.prepare_embedded_model_in_background()
         assert thread is not None and models.embedded_model_preparing()
         line = train_tab.preparation_line()
-        assert line.startswith("⏳ One-time preparation of the built-in model (about 20 s)")
+        assert line.startswith("**One-time preparation of the built-in model (about 20 s)**")
         assert line in train_tab.progress_markdown(None)
     thread.join(timeout=120)
     assert not thread.is_alive() and models.PREPARATION.error is None

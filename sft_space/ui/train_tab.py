@@ -172,7 +172,7 @@ def preparation_line() -> str:
     """Said while the app prepares the built-in model (once, at start-up): a run started meanwhile waits for it."""
     if not models.embedded_model_preparing():
         return ""
-    return (f"⏳ {models.PREPARATION_MESSAGE}: it happens once, when the app starts; a run started now begins "
+    return (f"**{models.PREPARATION_MESSAGE}**: it happens once, when the app starts; a run started now begins "
             "once it is done.")
 
 
