@@ -22,14 +22,18 @@ SHOTS = Path("/tmp/shots-datatab")
 # Nothing listens there: a request to it is only the browser obeying text from the data.
 TRACKER = "http://127.0.0.1:9/track.png"
 IMAGE_COLUMN = f"![t]({TRACKER})"
+IMAGE_ROLE = "![r](http://127.0.0.1:9/role.png)"
 
 
 def dialog_rows():
-    """Four conversations under a key no format reads ("dialog"), with a column named like a Markdown image;
-    the last one ends with the user (an error the check names)."""
+    """Five conversations under a key no format reads ("dialog"), with a column named like a Markdown image; the
+    fourth ends with the user and the fifth has a role named like one (errors the check names, in its problem
+    rows)."""
     rows = [{"dialog": [{"role": "user", "content": f"Question {n}?"},
                         {"role": "assistant", "content": f"Answer {n}."}], IMAGE_COLUMN: "x"} for n in range(3)]
     rows.append({"dialog": [{"role": "user", "content": "A question left without a reply"}], IMAGE_COLUMN: "x"})
+    rows.append({"dialog": [{"role": IMAGE_ROLE, "content": "Hi"}, {"role": "assistant", "content": "Ahoy."}],
+                 IMAGE_COLUMN: "x"})
     return rows
 
 
@@ -111,10 +115,11 @@ def test_what_the_data_tab_shows_is_what_start_trains(app_url, tiny_model_dir, t
         page.get_by_text("Column mapping").first.click()
         page.get_by_label("Column mapping").fill("messages=dialog")
         page.click("#check-data")
-        expect(summary).to_contain_text("1 of 4 rows have errors", timeout=60_000)
+        expect(summary).to_contain_text("2 of 5 rows have errors", timeout=60_000)
         expect(summary).to_contain_text(f"column '{IMAGE_COLUMN}' is not read")
         expect(summary).to_contain_text("“Column mapping”")
         expect(page.locator("#problem-rows")).to_contain_text("row 4")
+        expect(page.locator("#problem-rows")).to_contain_text(IMAGE_ROLE)
         page.get_by_label("Skip invalid rows").check()
         time.sleep(0.5)  # the tick is kept by its own small event
         # The problem rows' last column ends inside the table: nothing is cut at its right edge.
@@ -152,9 +157,9 @@ def test_what_the_data_tab_shows_is_what_start_trains(app_url, tiny_model_dir, t
         # and the report come back, and the Train tab has its estimate again.
         page.get_by_role("tab", name="Data").click()
         page.click("#check-data")
-        expect(summary).to_contain_text("1 of 4 rows have errors", timeout=60_000)
+        expect(summary).to_contain_text("2 of 5 rows have errors", timeout=60_000)
         page.reload()
-        expect(page.locator("#data-summary")).to_contain_text("1 of 4 rows have errors", timeout=60_000)
+        expect(page.locator("#data-summary")).to_contain_text("2 of 5 rows have errors", timeout=60_000)
         expect(page.get_by_label("Your file")).to_be_checked()
         expect(page.locator("#upload-note")).to_contain_text("dialog.jsonl")
         expect(page.get_by_label("Skip invalid rows")).to_be_checked()
