@@ -362,7 +362,7 @@ def check_choice(gate: Gate, visitor: str, handle: str | None, source: str, hub_
 
 @dataclasses.dataclass(frozen=True)
 class DataTab:
-    """What the Train tab uses of the Data tab."""
+    """What the rest of the app uses of the Data tab: the Train tab its checked data, the page's load its restore."""
 
     report: gr.State  # the checked data's report (None until a check)
     settings: gr.State  # the settings the data was checked with, the operator's limits included
