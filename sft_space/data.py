@@ -1,9 +1,10 @@
 """Read a data source, detect its format, and normalise every row to chat messages.
 
 Sources: local `.jsonl`, `.json` (an array, one object per line, or one object: a conversation, or the rows
-listed under one of its keys), `.csv`, `.parquet`, a local dataset folder, or a Hugging Face Hub dataset id. Formats: OpenAI chat, ShareGPT, Alpaca, prompt/completion, plain
-text, or any columns through an explicit mapping. Every row keeps its row number (the 1-based line for JSONL
-and line-per-object JSON, the 1-based record index otherwise) so that every later problem can name it.
+listed under one of its keys), `.csv`, `.parquet`, a local dataset folder, or a Hugging Face Hub dataset id.
+Formats: OpenAI chat, ShareGPT, Alpaca, prompt/completion, plain text, or any columns through an explicit mapping.
+Every row keeps its row number (the 1-based line for JSONL and line-per-object JSON, the 1-based record index
+otherwise) so that every later problem can name it.
 
 This module only reshapes; judging the result (roles, content, length, ...) is `checks.py`'s job, so a
 row with a misspelled role is carried through as it is and reported there.
@@ -366,6 +367,11 @@ def _read_json(path: Path, max_row_kb: float | None = None) -> Iterator[tuple[in
     except RecursionError:
         raise DataSourceError(f"{path.name}: JSON nested too deeply to read; a training example needs a few "
                               "levels at most.") from None
+    except TooIntricate as err:
+        raise DataSourceError(f"{path.name}: the record at line {err.line:,} is over the limit of {max_row_kb:,g} KB "
+                              "per row and built of so many small nested parts that skipping it would take too long; "
+                              "the file was not read further. Split or remove that record, or save the file as JSONL "
+                              "(one object per line), where a line over the limit is skipped at once.") from None
     except ValueError as err:
         raise DataSourceError(f"{path.name}: {_number_too_long(err)}; write it as text.") from None
 
@@ -428,7 +434,7 @@ def _one_object(path: Path, hold: int | None) -> Iterator[tuple[int | None, Any]
         text.peek()
         trailing = list(_trailing_data(path, handle, text.buffer[text.at:], array=False))
     if isinstance(whole, _Skipped):
-        yield from _rows_under_a_key(path, hold, whole.size)
+        yield from _rows_under_a_key(path, hold, whole)
     elif (key := _rows_key(whole)) is None:
         yield None, Problem(None, "one_json_object", f"{path.name}: holds one JSON object, read as one row (one "
                                                      "conversation); for more rows, write a JSON array of objects, or "
@@ -441,8 +447,8 @@ def _one_object(path: Path, hold: int | None) -> Iterator[tuple[int | None, Any]
         yield None, problem
 
 
-# Keys that make an object one row in a known format (see USED_COLUMNS): such an object never wraps rows.
 def _row_keys() -> set[str]:
+    """Keys that make an object one row in a known format (see USED_COLUMNS): such an object never wraps rows."""
     return set().union(*USED_COLUMNS.values())
 
 
@@ -461,10 +467,10 @@ def _wrapped_rows_warning(path: Path, key: str, rows: int, others: list[str]) ->
                                             f"key {shown(key, 40)} were read{not_read}.")
 
 
-def _rows_under_a_key(path: Path, hold: int, size: int) -> Iterator[tuple[int | None, Any]]:
-    """The rows of a .json file's one object too large to hold, read from the first key (not of a row's) whose value
-    is a list of objects, item by item as in an array; the other keys' values are skipped unparsed. An object with
-    no such key is one row, over the limit."""
+def _rows_under_a_key(path: Path, hold: int | None, whole: _Skipped) -> Iterator[tuple[int | None, Any]]:
+    """The rows of a .json file's one object that was skipped whole (too large to hold, or too deep), read from the
+    first key (not of a row's) whose value is a list of objects, item by item as in an array; the other keys' values
+    are skipped unparsed. An object with no such key is one row, skipped."""
     with path.open("r", encoding="utf-8-sig") as handle:
         text = _JsonText(handle, hold)
         text.peek()
@@ -498,7 +504,7 @@ def _rows_under_a_key(path: Path, hold: int, size: int) -> Iterator[tuple[int | 
         text.peek()
         trailing = list(_trailing_data(path, handle, text.buffer[text.at:], array=False))
     if key is None:
-        yield 1, _Skipped(size)
+        yield 1, whole
     else:
         yield None, _wrapped_rows_warning(path, key, rows, [k for k in others if k != key])
     for problem in trailing:
@@ -537,6 +543,22 @@ def _cut_short(err: json.JSONDecodeError) -> bool:
 # 60,000 chats in 0.11 s against 0.20 s here, but it builds every nesting level's path prefix, so one row nested
 # 30,000 levels deep (60 KB, far under the row limit) took it 5.9 s and 2.2 GB, and 100,000 levels (200 KB) were
 # killed for memory; here the decoder's RecursionError refuses any such file in under 5 ms.
+# A value is scanned past in steps of one regular expression each (see _JsonText.scan). Ordinary data takes one
+# step per run of strings and flat objects (chat messages with nested tool calls: a step per 20 to 30 characters, 16 MB
+# in 1.1 s); text built so that every few characters need a step of their own ("[[1]]," repeated: 16 MB took 6 s)
+# is given up once past SCAN_STEPS_FREE steps at under SCAN_CHARACTERS_PER_STEP characters a step.
+SCAN_STEPS_FREE = 10_000
+SCAN_CHARACTERS_PER_STEP = 8
+
+
+class TooIntricate(Exception):
+    """A value over the row limit whose shape makes scanning past it cost a step every few characters."""
+
+    def __init__(self, line: int) -> None:
+        super().__init__(f"line {line}")
+        self.line = line
+
+
 class _JsonText:
     """JSON text read from a file in pieces and walked with a position, one value at a time: memory stays bounded
     by the largest value held, not the file.
@@ -595,7 +617,7 @@ class _JsonText:
                 continue
             except RecursionError:
                 return _Skipped(self.scan(), too_deep=True)
-            # A value ending where the text read ends may be a number cut short (also "1." or "1e"): read on, decode again.
+            # A value ending where the text read ends may be a number cut short (also "1." or "1e"): read on.
             if not self.at_end and not scanned and _NUMBER_TAIL.fullmatch(self.buffer, end):
                 if self.hold is not None and len(self.buffer) - self.at > self.hold:
                     return _Skipped(self.scan())
@@ -616,7 +638,11 @@ class _JsonText:
         character."""
         size, depth, in_string, position = 0, 0, False, self.at
         scalar = self.buffer[position] not in '[{"'
+        steps, dropped = 0, 0
         while True:
+            steps += 1
+            if steps > SCAN_STEPS_FREE and steps * SCAN_CHARACTERS_PER_STEP > dropped + position - self.at:
+                raise TooIntricate(self.lines_dropped + self.buffer.count("\n", 0, position) + 1)
             if scalar:
                 found = _SCALAR_END.search(self.buffer, position)
                 if found:
@@ -653,6 +679,7 @@ class _JsonText:
                     return None
             else:
                 size += len(self.buffer[self.at:position].encode("utf-8"))
+                dropped += position - self.at
                 self.at = position
             kept = self.at
             if not self.read_more():
@@ -807,8 +834,8 @@ def _read_parquet(path: Path, max_row_kb: float | None = None, max_file_mb: floa
     except Exception as err:  # pyarrow raises several unrelated types for damaged files
         raise DataSourceError(f"{path.name}: not a readable Parquet file ({err}).") from None
     if max_rows is not None and metadata.num_rows > max_rows:
-        raise DataSourceError(f"{path.name}: more than {max_rows:,} rows, the limit (the max_rows setting, --max-rows): "
-                              f"it holds {metadata.num_rows:,}; train on a sample, or raise the limit.")
+        raise DataSourceError(f"{path.name}: more than {max_rows:,} rows, the limit (the max_rows setting, "
+                              f"--max-rows): it holds {metadata.num_rows:,}; train on a sample, or raise the limit.")
     groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
     # Decompressed size per row group; a column of many values is at least a byte per value whatever its pages say.
     sizes = [sum(max(chunk.total_uncompressed_size, chunk.num_values) for chunk in map(group.column,
@@ -833,7 +860,8 @@ def _read_parquet(path: Path, max_row_kb: float | None = None, max_file_mb: floa
                 if limit is None:
                     over, row_sizes = [False] * batch.num_rows, None
                 else:
-                    row_sizes = sum((_value_sizes(column) for column in batch.columns), np.zeros(batch.num_rows, np.int64))
+                    row_sizes = sum((_value_sizes(column) for column in batch.columns),
+                                    np.zeros(batch.num_rows, np.int64))
                     made += int(row_sizes[row_sizes <= limit].sum())
                     over = (row_sizes > limit).tolist()
                     if file_limit is not None and made > file_limit:
@@ -859,7 +887,8 @@ def _read_parquet(path: Path, max_row_kb: float | None = None, max_file_mb: floa
 def _group_too_large(row: int, first: int, rows: int, size: int, max_row_kb: float) -> Problem:
     if rows == 1:
         return _row_too_large(row, size, max_row_kb)
-    return Problem(row, "row_too_large", f"row {row} is in a Parquet row group (rows {first:,} to {first + rows - 1:,}) "
+    last = first + rows - 1
+    return Problem(row, "row_too_large", f"row {row} is in a Parquet row group (rows {first:,} to {last:,}) "
                                          f"of {_size_shown(size)} decompressed, {_size_shown(size / rows)} per row on "
                                          f"average, over the limit of {max_row_kb:,g} KB per row (max_row_kb, "
                                          "--max-row-kb); the group was not read: split its large rows or raise the "
@@ -1429,9 +1458,10 @@ def _ignored_warnings(ignored: dict[tuple[str, str], list[int]], file_format: st
                     if row_format == file_format), key=lambda item: item[2])
     format_name = FORMAT_NAMES[file_format]
     if len(names) <= IGNORED_SHOWN:
-        return [Problem(None, "ignored_column", f"{column} is not read in the {format_name} format and was ignored "
-                                                f"({n:,} row(s), the first row {first}); remove it, or map your columns "
-                                                "(--columns) if it holds the data.") for column, n, first in names]
+        return [Problem(None, "ignored_column", f"{column} is not read in the {format_name} format and was "
+                                                f"ignored ({n:,} row(s), the first row {first}); remove it, or map "
+                                                "your columns (--columns) if it holds the data.")
+                for column, n, first in names]
     counted = f"{len(names):,} or more" if len(ignored) >= IGNORED_KEPT else f"{len(names):,}"
     shown_names = ", ".join(f"{column} ({n:,} row(s), the first row {first})"
                             for column, n, first in names[:IGNORED_SHOWN])

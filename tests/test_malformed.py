@@ -144,7 +144,8 @@ def test_json_arrays_are_read_item_by_item_across_chunk_boundaries(tmp_path, mon
     assert list(data._json_array_items(path)) == records
     # Past `hold`, an item is skipped unparsed, in pieces as small as the reads, escapes and nesting followed.
     escaped, long = 'x\\"]}' * 20, "w" * 100
-    path.write_text(json.dumps(records, indent=1)[:-2] + f', "{escaped}", [[{{"s": "]}}]"}}], "{{[[", "{long}", 7777777777777777], 8]')
+    more = f', "{escaped}", [[{{"s": "]}}]"}}], "{{[[", "{long}", 7777777777777777], 8]'
+    path.write_text(json.dumps(records, indent=1)[:-2] + more)
     items = list(data._json_array_items(path, hold=30))
     assert [type(item).__name__ for item in items] == ["_Skipped", "int", "str"] * 3 + ["_Skipped"] * 2 + ["int"]
     assert items[0].size == len(json.dumps(records[0], indent=1).replace("\n", "\n ")) and items[-1] == 8
