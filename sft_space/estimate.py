@@ -210,11 +210,20 @@ def describe_live(live: LiveEstimate) -> str:
             f"({live.tokens_per_second:,.0f} tokens/s measured over {live.steps} steps).")
 
 
-def slower_warning(live: LiveEstimate) -> str:
-    """What it means when the machine trains much slower than its usual figure; "" when it does not."""
+def describe_ended(live: LiveEstimate) -> str:
+    """The speed a run that has ended trained at, in one sentence."""
+    return (f"The last run trained at {live.tokens_per_second:,.0f} tokens/s ({duration(live.elapsed_seconds)} of "
+            "training).")
+
+
+def slower_warning(live: LiveEstimate, ended: bool = False) -> str:
+    """What it means when the machine trains much slower than its usual figure (for a run under way, or for the
+    next runs once it has `ended`); "" when it does not."""
     times = live.times_slower
     if times is None or live.usual is None:
         return ""
+    what = ("runs take that much longer than estimated." if ended else
+            "the run takes that much longer than estimated. It goes on; Stop keeps what it has learned so far.")
     return (f"This machine trains about {times:.0f}× slower than its usual figure for this model "
             f"({live.tokens_per_second:,.0f} vs ~{live.usual.tokens_per_second:,.0f} tokens/s): it is busy with other "
-            "work, so the run takes that much longer than estimated. It goes on; Stop keeps what it has learned so far.")
+            f"work, so {what}")

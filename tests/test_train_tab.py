@@ -149,13 +149,18 @@ def test_a_refusal_line_clears_once_a_run_starts_and_the_estimate_follows_the_ru
     # Even a page that still holds the old refusal (its Start's answer and a refresh crossing) shows it no more.
     running = handlers["refresh"](token, job_id, notice)[1]
     assert "Refused" not in running and running.startswith("**Running**")
-    assert "At this speed" in handlers["on_speed"](None, token, job_id)
+    speed, speed_of = handlers["on_speed"](None, token, job_id, "")
+    assert "At this speed" in speed and speed_of == job_id
     job.stop_event.set()
     assert wait_until(lambda: job.done)
     finished = handlers["refresh"](token, job_id, notice)[1]
     assert "Refused" not in finished and "Finished · Finished" not in finished
     assert "**Chat**" in finished and "**Publish**" in finished
-    assert isinstance(handlers["on_speed"](None, token, job_id), type(gr.skip()))  # a run that ended: left as is
+    # Once ended, the box says once what the run trained at, for the runs to come; then it is left as it is.
+    speed, speed_of = handlers["on_speed"](None, token, job_id, job_id)
+    assert speed.endswith("so runs take that much longer than estimated.") and "The last run trained at 12" in speed
+    assert speed_of == "" and "Stop" not in speed
+    assert all(isinstance(value, type(gr.skip())) for value in handlers["on_speed"](None, token, job_id, ""))
 
 
 def test_the_train_and_runs_tabs_speak_no_code_outside_the_command_box(app, tmp_path, embedded_tokenizer):

@@ -286,9 +286,10 @@ def estimate_markdown(hardware: Hardware, settings: RunSettings | None, report: 
             f"{length.throughput.source}), plus loading and the held-out answers.")
 
 
-def live_markdown(hardware: Hardware, run_dir: str | Path | None) -> str | None:
+def live_markdown(hardware: Hardware, run_dir: str | Path | None, ended: bool = False) -> str | None:
     """The estimate replaced by the run's measured speed once its first steps are done, with a warning when the
-    machine trains much slower than its usual figure; None before (the estimate then stands)."""
+    machine trains much slower than its usual figure; None before (the estimate then stands). Once the run has
+    `ended`, the speed it trained at, for the runs to come."""
     if not run_dir:
         return None
     folder = runs.RunFolder(Path(run_dir))
@@ -303,8 +304,9 @@ def live_markdown(hardware: Hardware, run_dir: str | Path | None) -> str | None:
             record = {}
         _USUAL_SPEEDS[key] = estimate.usual_throughput(hardware, record)
     live = estimate.live_estimate(entries, _USUAL_SPEEDS[key])
-    text = f"This app trains on **{hardware.describe()}**. {estimate.describe_live(live)}"
-    if warning := estimate.slower_warning(live):
+    said = estimate.describe_ended(live) if ended else estimate.describe_live(live)
+    text = f"This app trains on **{hardware.describe()}**. {said}"
+    if warning := estimate.slower_warning(live, ended):
         text += f"\n\n⚠️ {warning}"
     return text
 
@@ -463,15 +465,22 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
     # A new check of the data is a next action too: a refusal for the data it had is no longer the news.
     report.change(lambda: "", outputs=notice, show_progress="hidden")
 
-    def on_speed(profile: gr.OAuthProfile | None, token, current):
-        """The run's measured speed in place of the estimate, while the run the page follows trains."""
+    def on_speed(profile: gr.OAuthProfile | None, token, current, speed_of):
+        """The run's measured speed in place of the estimate while the run the page follows trains (`speed_of`:
+        the job whose speed the box shows); once it has ended, once, the speed it trained at."""
         owner_id = gate.known_visitor(token)
         job = shown_job(owner_id, current) if owner_id else None
-        if job is None or job.done or not gate.training_access(profile).allowed:
-            return gr.skip()
-        return live_markdown(hardware, job.run_dir) or gr.skip()
+        if job is None or not gate.training_access(profile).allowed:
+            return gr.skip(), gr.skip()
+        if not job.done:
+            live = live_markdown(hardware, job.run_dir)
+            return (live, job.job_id) if live else (gr.skip(), gr.skip())
+        if speed_of == job.job_id:
+            return live_markdown(hardware, job.run_dir, ended=True) or gr.skip(), ""
+        return gr.skip(), gr.skip()
 
-    speed_timer.tick(on_speed, inputs=[session, job_id], outputs=cost, show_progress="hidden")
+    speed_of = gr.State("")
+    speed_timer.tick(on_speed, inputs=[session, job_id, speed_of], outputs=[cost, speed_of], show_progress="hidden")
 
     def on_access(profile: gr.OAuthProfile | None):
         """The page's load event: the refusal or the cost, as the setting decides for this visitor."""
