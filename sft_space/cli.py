@@ -345,6 +345,8 @@ class SpeedReport:
             return
         self.said = True
         live = estimate.live_estimate(self.entries, estimate.usual_throughput(detect_hardware(), folder.read()))
+        if live.left_seconds <= 0:
+            return  # measured at its last step: nothing left to say it of
         # Indented, under the progress lines: a note on them, not a status (the app's page shows its own).
         self.say(f"  {estimate.describe_live(live)}")
         if warning := estimate.slower_warning(live):

@@ -136,8 +136,9 @@ def estimate_run(settings: RunSettings, hardware: Hardware, total_tokens: int, l
 
 # A run is measured once this many steps are done (the first step alone carries the start-up's costs).
 MEASURED_AFTER_STEPS = 3
-# A machine this many times slower than its usual figure is said to be busy.
-SLOWER_THAN_USUAL = 2.0
+# A machine this many times slower than its usual figure is said to be busy (a short run's first steps, which carry
+# its warm-up, measured 2× slower than the figure on a machine that was only moderately busy).
+SLOWER_THAN_USUAL = 3.0
 
 
 @dataclass(frozen=True)

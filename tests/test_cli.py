@@ -326,3 +326,10 @@ def test_train_says_the_speed_after_the_first_steps_and_warns_on_a_slow_machine(
         "  Warning: This machine trains about 10× slower than its usual figure for this model (12 vs ~125 tokens/s): "
         "it is busy with other work, so the run takes that much longer than estimated. It goes on; Stop keeps what "
         "it has learned so far."]
+    # A run whose first measurement comes at its last step has nothing left to say it of.
+    short = []
+    report = cli.SpeedReport(short.append, lambda: folder)
+    for step in (1, 2, 3):
+        report({"step": step, "max_steps": 3, "loss": 2.0, "elapsed_seconds": 18.0 * step,
+                "eta_seconds": 18.0 * (3 - step), "tokens_per_second": 12.3})
+    assert short == []
