@@ -273,6 +273,11 @@ def test_json_with_one_object_per_line_is_still_read_line_by_line(tmp_path):
     assert [e.row for e in loaded.examples] == [1, 3] and [(p.row, p.code) for p in loaded.problems] == [
         (2, "unreadable_row")]
     assert loaded.warnings == []
+    # Lines over the row limit are rows of their own too, even the first two.
+    path.write_text((json.dumps(chat(("Hi", "z" * 9000))) + "\n") * 2 + json.dumps(HELLO) + "\n")
+    loaded = data.load_data(str(path), max_row_kb=2)
+    assert [(p.row, p.code) for p in loaded.problems] == [(1, "row_too_large"), (2, "row_too_large")]
+    assert [e.row for e in loaded.examples] == [3] and loaded.warnings == []
 
 
 def test_a_csv_header_naming_a_column_twice_is_an_error_naming_it(tmp_path):
