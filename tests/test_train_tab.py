@@ -200,12 +200,16 @@ def test_the_train_and_runs_tabs_speak_no_code_outside_the_command_box(app, tmp_
 
 
 def test_run_details_are_a_readable_summary_without_the_servers_paths_or_the_visitors_id(tmp_path):
-    run_folder(tmp_path, status=runs.FINISHED, final_metrics={"step": 100, "loss_smoothed": 1.234})
+    folder = run_folder(tmp_path, status=runs.FINISHED, final_metrics={"step": 100, "loss_smoothed": 1.234})
     text, _ = runs_tab.run_details(str(tmp_path), RUN_ID, OWNER)
     assert text.startswith(f"**{RUN_ID}** · finished")
     assert "| data | captain.jsonl |" in text and "| train loss (smoothed) | 1.234 |" in text
-    assert "| learning_rate | 0.0002 |" in text and "Plan: fp32 on CPU" in text
+    assert "| preset | balanced |" in text and "Plan: fp32 on CPU" in text
     assert "{" not in text and str(tmp_path) not in text and OWNER not in text and "output_dir" not in text
+    # The settings its preset chose go without saying; one chosen otherwise is listed.
+    assert "learning_rate" not in text and "lora_r" not in text
+    folder.update(settings={**folder.read()["settings"], "lora_r": 32})
+    assert "| lora_r | 32 |" in runs_tab.run_details(str(tmp_path), RUN_ID, OWNER)[0]
 
 
 def test_compare_plots_name_each_run_within_the_legend(tmp_path):

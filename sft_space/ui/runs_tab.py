@@ -3,6 +3,7 @@ two or more (their curves overlaid, their settings side by side: `compare` does 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -12,6 +13,7 @@ import pandas as pd
 
 from .. import compare, jobs, runs
 from ..errors import UserError
+from ..settings import PRESET_NAMES, run_settings
 from .common import Gate, keep_choice
 from .train_tab import EMPTY_CURVE, LOSS_PLOT, STEP_AXIS_FORMAT, loss_curve
 
@@ -79,9 +81,16 @@ def details_markdown(folder: runs.RunFolder, record: dict[str, Any]) -> str:
         lines.append(f"Started {started}")
     if reasons := (record.get("plan") or {}).get("reasons"):
         lines.append("Plan: " + "; ".join(map(str, reasons)))
-    rows = [(name, compare.shown(value)) for name, value in compare.run_rows(folder, record).items()]
-    lines.append("| | |\n|---|---|\n" + "\n".join(f"| {name} | {_cell(value)} |" for name, value in rows
-                                                 if value != compare.shown(None) and name != "status"))
+    preset = str((record.get("settings") or {}).get("preset") or "")
+    defaults = dataclasses.asdict(run_settings(preset)) if preset in PRESET_NAMES else {}
+    rows = [(name, compare.shown(value)) for name, value in compare.run_rows(folder, record).items()
+            # The settings its preset chose are said by the preset's name; the rest (results, data, plan) all.
+            if name != "status" and not (name in defaults and name != "preset"
+                                         and compare.shown(defaults[name]) == compare.shown(value))]
+    lines.append("| result or setting | value |\n|---|---|\n" + "\n".join(
+        f"| {name} | {_cell(value)} |" for name, value in rows if value != compare.shown(None)))
+    if defaults:
+        lines.append(f"Settings not listed are the **{preset}** preset's; compare runs below to see them all.")
     return "\n\n".join(lines)
 
 
