@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from builders import chat, distinct_chats
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from sft_space import checks, data
 from sft_space.errors import DataSourceError
@@ -226,6 +227,72 @@ def test_a_json_array_cut_short_or_broken_says_where(tmp_path, monkeypatch):
     with pytest.raises(DataSourceError, match=r"not valid JSON \(Expecting property name enclosed in double quotes, "
                                               r"line 11 column 7\)"):
         data.load_data(str(path))
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(alphabet=st.sampled_from('ab "\\[]{},:\n\u00e9\u4e2d'), max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(items=st.lists(JSON_VALUES, max_size=6), indent=st.sampled_from([None, 0, 2]), chunk=st.integers(3, 40),
+       hold=st.integers(1, 60))
+def test_items_are_decoded_or_skipped_with_their_exact_size_whatever_the_reads(items, indent, chunk, hold,
+                                                                                tmp_path_factory, monkeypatch):
+    """Against Python's own decoder: every item comes back equal, or skipped with the size of its text as written
+    (strings full of quotes, backslashes and brackets; multi-byte characters; reads of a few characters)."""
+    monkeypatch.setattr(data, "JSON_CHUNK", chunk)
+    texts = [json.dumps(item, indent=indent, ensure_ascii=False) for item in items]
+    path = tmp_path_factory.mktemp("array") / "d.json"
+    path.write_text("[" + ",\n".join(texts) + "]", encoding="utf-8")
+    for item, text, read in zip(items, texts, data._json_array_items(path, hold=hold), strict=True):
+        if isinstance(read, data._Skipped):
+            assert read.size == len(text.encode()) and not read.too_deep
+        else:
+            assert read == item or (isinstance(item, float) and read == pytest.approx(item))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.dictionaries(st.text(max_size=3), JSON_VALUES, max_size=3), min_size=1, max_size=5),
+       meta=JSON_VALUES.filter(lambda value: not isinstance(value, list)), indent=st.sampled_from([None, 2]),
+       chunk=st.integers(3, 40), hold=st.integers(10, 200))
+def test_rows_wrapped_under_a_key_stream_as_an_array_would(rows, meta, indent, chunk, hold, tmp_path_factory,
+                                                            monkeypatch):
+    """The rows under a key of one object too large to hold come back as from an array: equal, or skipped with the
+    size of their text as written; the key before them is scanned past, the one after named as not read."""
+    monkeypatch.setattr(data, "JSON_CHUNK", chunk)
+    whole = {"meta": meta, "rows": rows, "after": meta}
+    path = tmp_path_factory.mktemp("wrapped") / "d.json"
+    path.write_text(json.dumps(whole, indent=indent, ensure_ascii=False), encoding="utf-8")
+    records = list(data._one_object(path, hold))
+    warnings = [record.message for row, record in records if row is None]
+    assert warnings == [f"d.json: holds one JSON object; the {len(rows)} rows listed under its key 'rows' were read; "
+                        "its other key(s) 'meta', 'after' were not read."]
+    records = [(row, record) for row, record in records if row is not None]
+    assert [row for row, _ in records] == list(range(1, len(rows) + 1))
+    for row, (_, read) in zip(rows, records):
+        if isinstance(read, data._Skipped):  # as written: indented one level deeper than on its own
+            text = json.dumps(row, indent=indent, ensure_ascii=False).replace("\n", "\n" + " " * (indent or 0) * 2)
+            assert read.size == len(text.encode())
+        else:
+            assert read == row
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.binary(max_size=600) | JSON_VALUES.map(lambda v: json.dumps(v, indent=1).encode())
+       | st.text(alphabet=st.sampled_from('{}[]",: \n\\ab1'), max_size=200).map(str.encode))
+def test_any_bytes_as_a_json_file_give_rows_or_a_data_source_error(content, tmp_path_factory):
+    path = tmp_path_factory.mktemp("json") / "fuzz.json"
+    path.write_bytes(content)
+    for max_row_kb in (None, 0.05):
+        try:
+            loaded = data.load_data(str(path), max_row_kb=max_row_kb)
+        except DataSourceError as err:
+            assert str(err)
+        else:
+            assert loaded.rows == len(loaded.examples) + len({p.row for p in loaded.problems})
 
 
 # -------------------------------------------------------------------------------- .json read as what it is
