@@ -732,3 +732,5 @@ def test_a_run_that_must_prepare_the_built_in_model_says_so_with_its_stages(smal
     assert len(preparing) >= 3 and said.index(preparing[0]) < said.index(f"Loading {models.EMBEDDED_MODEL}…")
     assert any(message.startswith("The built-in model is prepared") for message in said)
     assert folder.read()["status"] == runs.FINISHED
+    # Each logged step says the slowest step so far: what the app's grace after Stop covers (child.py).
+    assert all(entry["slowest_step_seconds"] > 0 for entry in folder.read_metrics() if "loss" in entry)
