@@ -9,8 +9,9 @@ Stop is a signal: SIGINT asks the child to save a checkpoint and the adapter at 
 grace it has for that covers the slowest step the run has taken so far (its metrics.jsonl says), twice, on top of
 STOP_GRACE_SECONDS for the save itself: on a busy machine a step can take longer than any fixed grace. If it has
 not exited by then, or on a second Stop, the whole group is killed, the run is `stopped` at its last checkpoint,
-and that checkpoint's adapter is copied out as the run's adapter, to chat with or publish. A child that dies otherwise (SIGKILL, SIGSEGV, the OOM killer) leaves its run `failed`
-with the signal and the tail of its output in failure.txt.
+and that checkpoint's adapter is copied out as the run's adapter, to chat with or publish. A child that dies
+otherwise (SIGKILL, SIGSEGV, the OOM killer) leaves its run `failed` with the signal and the tail of its output in
+failure.txt.
 
 With `warm`, the next run's process is started ahead, its libraries loaded (see standby.py): Start then costs no
 library loading, about 5 s on two CPU cores.
@@ -183,7 +184,8 @@ def settle(folder: runs.RunFolder, returncode: int | None, tail: list[str], kill
     why = (describe_exit(returncode) if returncode is not None
            else "The training process ended without recording an outcome")
     (folder.path / "failure.txt").write_text("".join(tail), encoding="utf-8")
-    folder.update(status=runs.FAILED, error=f"{why}; {resume}. Its last output is kept with the run, for the app's operator.")
+    folder.update(status=runs.FAILED,
+                  error=f"{why}; {resume}. Its last output is kept with the run, for the app's operator.")
 
 
 class Supervisor:

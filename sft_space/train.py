@@ -101,7 +101,8 @@ class InvalidRows(UserError):
 
     def __init__(self, problem: str, valid_rows: int):
         self.problem, self.valid_rows = problem, valid_rows
-        super().__init__(f"{problem} Fix them, or choose to skip invalid rows and train on the {valid_rows} valid ones.")
+        super().__init__(f"{problem} Fix them, or choose to skip invalid rows and train on the {valid_rows} valid "
+                         "ones.")
 
 
 class TrainingStopped(UserError):

@@ -76,7 +76,8 @@ def run_details(runs_dir: str, run_id: str | None, visitor: str | None) -> tuple
 def details_markdown(folder: runs.RunFolder, record: dict[str, Any]) -> str:
     """A run's details for a reader: its outcome, the plan's reasons, then its results, data and settings as a table
     (the comparison's rows: the data by its file name, nothing of the server's folders or of who started it)."""
-    lines = [f"**{folder.run_id}** · {record.get('status')}" + (f" · {record['error']}" if record.get("error") else "")]
+    outcome = f" · {record['error']}" if record.get("error") else ""
+    lines = [f"**{folder.run_id}** · {record.get('status')}{outcome}"]
     if started := str(record.get("created_at") or "")[:16].replace("T", " "):
         lines.append(f"Started {started}")
     if reasons := (record.get("plan") or {}).get("reasons"):
