@@ -163,6 +163,39 @@ def test_row_sizes_from_arrow_never_exceed_the_rows_compact_json():
     assert list(measured) == [values_only(row) for row in batch.to_pylist()]
 
 
+PARQUET_ROWS = st.lists(st.fixed_dictionaries({
+    "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]),
+                                                "content": st.sampled_from(["Hi", "x" * 300, "é" * 50]) | st.text()}),
+                         max_size=3) | st.none(),
+    "tags": st.lists(st.none() | st.sampled_from(["a", "b" * 100]), max_size=3) | st.none(),
+    "n": st.none() | st.integers(-5, 5),
+}), min_size=1, max_size=12)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=PARQUET_ROWS, group=st.integers(1, 5), batch=st.sampled_from([1, 3, 1024]), limit_kb=st.sampled_from(
+    [None, 0.2, 1, 64]))
+def test_parquet_rows_read_back_as_written_or_as_too_large(rows, group, batch, limit_kb, tmp_path_factory,
+                                                           monkeypatch):
+    """Against pyarrow's own reading: every row the reader makes equals the row written (dictionaries, row groups,
+    batches of any size), and a row it refuses is over the limit as compact JSON or in a row group over it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(data, "PARQUET_BATCH_ROWS", batch)
+    path = tmp_path_factory.mktemp("parquet") / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=group)
+    read = list(data._read_parquet(path, limit_kb))
+    assert [row for row, _ in read] == list(range(1, len(rows) + 1))
+    for written, (row, record) in zip(rows, read):
+        if isinstance(record, data.Problem):
+            assert record.code == "row_too_large" and limit_kb is not None
+            if "row group" not in record.message:
+                assert len(json.dumps(written, ensure_ascii=False, separators=(",", ":")).encode()) > limit_kb * 1024
+        else:
+            assert record == written
+
+
 # ------------------------------------------------------------------------------------------- JSON arrays
 
 
