@@ -539,9 +539,10 @@ def describe_who_may_train(setting: str, environ: Mapping[str, str]) -> str:
            SIGNED_IN_VISITORS: "any visitor signed in with Hugging Face",
            OWNER: f"this Space's owner, {owner} (or its members, if that is an organisation), signed in"
                   if owner else "the Space's owner, signed in"}[level]
-    origin = (f"{ENV_PREFIX}WHO_MAY_TRAIN={level}" if setting != AUTO else
-              f"the default {'on a Space' if environ.get('SPACE_ID') else 'off a Space'}; "
-              f"{ENV_PREFIX}WHO_MAY_TRAIN changes it")
+    # In the page's words: the variable that sets it is the operator's business (README, "Who may train").
+    origin = ("as the app's operator set it" if setting != AUTO else
+              f"the default {'on a Space' if environ.get('SPACE_ID') else 'off a Space'}; the app's operator can "
+              "change it")
     return f"Who may train and publish here: **{who}** ({origin})."
 
 

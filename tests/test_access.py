@@ -259,8 +259,8 @@ def test_the_level_is_read_from_the_environment_and_shown(monkeypatch):
         access.access_settings()
     assert access.describe_who_may_train("auto", SPACE) == (
         "Who may train and publish here: **this Space's owner, acme (or its members, if that is an organisation), "
-        "signed in** (the default on a Space; SFT_SPACE_WHO_MAY_TRAIN changes it).")
-    assert "**anyone who opens this app** (SFT_SPACE_WHO_MAY_TRAIN=anyone)" in access.describe_who_may_train(
+        "signed in** (the default on a Space; the app's operator can change it).")
+    assert "**anyone who opens this app** (as the app's operator set it)" in access.describe_who_may_train(
         "anyone", SPACE)
 
 

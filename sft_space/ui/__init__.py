@@ -144,4 +144,6 @@ def launch(app: gr.Blocks, **kwargs) -> None:
     app_kwargs = kwargs.setdefault("app_kwargs", {})
     app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(RequestLimits, blocks=app,
                                                                               settings=settings)]
+    # The built-in model's one-time conversion, done while nobody waits for it rather than in the first run.
+    models.prepare_embedded_model_in_background()
     app.queue(default_concurrency_limit=4, max_size=settings.queue_size).launch(theme=gr.themes.Soft(), **kwargs)
