@@ -830,7 +830,6 @@ def _read_parquet(path: Path, max_row_kb: float | None = None, max_file_mb: floa
     the rows made add up to at most `max_file_mb`.
     """
     import numpy as np
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
