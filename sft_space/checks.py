@@ -62,6 +62,7 @@ PROBLEM_CODES = {
     "text_split": "plain text over the maximum length, split into chunks of the maximum length",
     "ignored_column": "a column (or ShareGPT turn field) the format does not read; it was ignored",
     "trailing_data": "data after the closing ']' of a JSON array; it was not read",
+    "one_json_object": "a .json file holding one object: read as one row, or as the list of rows under the key named",
     "ignored_files": "files of another format in a dataset folder; they were not read",
     "rows_not_read": "a Hub dataset has more rows than max_rows; only the first max_rows were read",
     "control_token_in_text": "a message's text holds a control token of the model (e.g. <|im_end|>); it is trained "
@@ -273,7 +274,8 @@ def structure_problems(row: int, messages: Any, rules: TemplateRules) -> tuple[l
             continue
         role = message.get("role")
         if not isinstance(role, str) or role not in ROLES:
-            guess = difflib.get_close_matches(role.lower(), ROLES, n=1) if isinstance(role, str) else []
+            alias = data.ROLE_ALIASES.get(role.lower()) if isinstance(role, str) else None
+            guess = [alias] if alias else difflib.get_close_matches(role.lower(), ROLES, n=1) if isinstance(role, str) else []
             hint = f"did you mean {guess[0]!r}?" if guess else f"use one of {', '.join(ROLES)}."
             errors.append(Problem(row, "unknown_role", f"row {row}, {where}: role {data.shown(role)} is not one of "
                                   f"{', '.join(ROLES)}; {hint}"))
