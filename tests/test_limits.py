@@ -282,11 +282,15 @@ def test_one_address_may_upload_a_few_files_an_hour_and_a_refused_one_is_deleted
     assert len(list((tmp_path / "runs" / access.UPLOADS_DIR).glob("*/*/*"))) == 3
 
 
-def test_the_report_a_page_keeps_expires_and_gradio_keeps_fewer_sessions(limited_app):
+def test_the_report_a_page_keeps_expires_and_gradio_keeps_fewer_sessions(limited_app, monkeypatch):
     """Each session kept its last report in gr.State for as long as the process lived (raw clients never close
     their page): the report has a time to live, and the app keeps fewer sessions than Gradio's 10,000."""
+    from sft_space import models
     from sft_space.settings import AccessSettings
     from sft_space.ui import launch
+
+    # launch also starts the built-in model's conversion, which this test has no use for.
+    monkeypatch.setattr(models, "prepare_embedded_model_in_background", lambda: None)
 
     app, _ = limited_app
     lives = [block.time_to_live for block in app.blocks.values() if isinstance(block, gr.State)]

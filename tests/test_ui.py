@@ -93,9 +93,12 @@ def test_a_visitor_sees_and_opens_only_their_own_runs(tmp_path):
 def test_the_app_caps_uploads_at_the_data_file_limit(monkeypatch):
     """Gradio refuses larger uploads before they fill the disk; the cap is the data settings' own limit, or the
     operator's."""
+    from sft_space import models
     from sft_space.settings import DataSettings
     from sft_space.ui import launch
 
+    # launch also starts the built-in model's conversion, which this test has no use for.
+    monkeypatch.setattr(models, "prepare_embedded_model_in_background", lambda: None)
     captured = {}
 
     class StandIn:
