@@ -734,3 +734,28 @@ def test_top_p_reaches_sampling_and_greedy_ignores_it(tiny_model_dir):
 
     assert reply(1.0, 0.05) != reply(1.0, 1.0)
     assert reply(0.0, 0.05) == reply(0.0, 1.0)
+
+
+def test_launch_prepares_the_built_in_model_only_where_the_page_preselects_it(monkeypatch, tiny_model_dir):
+    """The one-time conversion at start-up is for the first run of the built-in default; an app whose operator
+    preselects another model (as the browser tests do) spends no start-up CPU on it."""
+    from sft_space import models
+    from sft_space.ui import launch
+
+    started = []
+    monkeypatch.setattr(models, "prepare_embedded_model_in_background", lambda: started.append(True))
+    monkeypatch.setattr(models, "default_model", lambda: models.EMBEDDED_MODEL)
+
+    class StandIn:
+        def queue(self, **kwargs):
+            return self
+
+        def launch(self, **kwargs):
+            pass
+
+    monkeypatch.delenv("SFT_SPACE_DEFAULT_MODEL", raising=False)
+    launch(StandIn())
+    assert started == [True]
+    monkeypatch.setenv("SFT_SPACE_DEFAULT_MODEL", str(tiny_model_dir))
+    launch(StandIn())
+    assert started == [True]

@@ -35,6 +35,11 @@ def runs_dir() -> str:
     return os.environ.get("SFT_SPACE_RUNS", "runs")
 
 
+def operator_default_model() -> str:
+    """The model the page preselects: the operator's SFT_SPACE_DEFAULT_MODEL, else the built-in one."""
+    return os.environ.get("SFT_SPACE_DEFAULT_MODEL") or models.default_model()
+
+
 def build_app(manager: jobs.JobManager | None = None, default_model: str | None = None) -> gr.Blocks:
     folder = runs_dir()
     settings = access.access_settings()
@@ -47,7 +52,7 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
                                          one_anonymous_job_per_client=access.running_on_space())
     # Runs a child of an earlier app process still trains are followed again; ones left by a dead one are marked.
     manager.adopt(folder)
-    default_model = default_model or os.environ.get("SFT_SPACE_DEFAULT_MODEL") or models.default_model()
+    default_model = default_model or operator_default_model()
     picker = train_tab.model_picker(default_model, render=False, local_paths=settings.local_paths)
     # The models the page offers (and the operator's default) may be named without being Hub ids.
     gate = Gate(folder, access.Identity.for_runs(folder), settings, {value for _, value in picker.choices})
@@ -144,6 +149,8 @@ def launch(app: gr.Blocks, **kwargs) -> None:
     app_kwargs = kwargs.setdefault("app_kwargs", {})
     app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(RequestLimits, blocks=app,
                                                                               settings=settings)]
-    # The built-in model's one-time conversion, done while nobody waits for it rather than in the first run.
-    models.prepare_embedded_model_in_background()
+    # The built-in model's one-time conversion, done while nobody waits for it rather than in the first run; only
+    # where it is the model the page preselects (another default leaves it to whoever picks it).
+    if operator_default_model() == models.EMBEDDED_MODEL:
+        models.prepare_embedded_model_in_background()
     app.queue(default_concurrency_limit=4, max_size=settings.queue_size).launch(theme=gr.themes.Soft(), **kwargs)
