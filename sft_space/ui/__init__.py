@@ -24,8 +24,9 @@ INTRO = (
 )
 
 
-# identify → a visitor token, which check_data (a Hub dataset or the sample) takes as its first value and chat as
-# its ninth (after the conversation, run, model and generation settings; top_p, added later, comes last).
+# identify → a visitor token, which check_data takes as its first value (then the source: "hub" with a Hub dataset
+# id, or "sample") and chat as its ninth (after the conversation, run, model and generation settings; top_p and the
+# base model's max new tokens come last, so that clients sending fewer values keep working).
 PUBLIC_API = ("identify", "check_data", "chat")
 # (how often, how old) in seconds: Gradio's own sweep of its upload and download folder.
 GRADIO_CACHE_SWEEP = (900, 3600)
