@@ -158,6 +158,10 @@ def test_what_the_data_tab_shows_is_what_start_trains(app_url, tiny_model_dir, t
         page.get_by_role("tab", name="Data").click()
         page.click("#check-data")
         expect(summary).to_contain_text("2 of 5 rows have errors", timeout=60_000)
+        # The Train tab's refusal was about the data: checked again, it is gone, not left above what comes next.
+        page.get_by_role("tab", name="Train").click()
+        expect(page.locator("#train-progress")).not_to_contain_text("Refused", timeout=15_000)
+        page.get_by_role("tab", name="Data").click()
         page.reload()
         expect(page.locator("#data-summary")).to_contain_text("2 of 5 rows have errors", timeout=60_000)
         expect(page.get_by_label("Your file")).to_be_checked()
