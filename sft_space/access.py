@@ -517,9 +517,9 @@ def training_access(setting: str, environ: Mapping[str, str], profile: Mapping[s
     if not sign_in_available(environ):
         # Nobody can be recognised, so nobody trains: safer than letting every stranger onto the owner's GPU.
         return TrainingAccess(level, False, f"Only {_who(level, owner)} may train or publish here, and this app "
-                                            "has no sign-in with Hugging Face to tell who you are (a Space needs "
-                                            "`hf_oauth: true` in its README; elsewhere set "
-                                            f"{ENV_PREFIX}WHO_MAY_TRAIN=anyone).")
+                                            "has no sign-in with Hugging Face to tell who you are (its operator "
+                                            "can turn sign-in on, or let anyone train: the README's \"Who may "
+                                            "train\" says how).")
     username = (profile or {}).get("preferred_username")
     if not username:
         you = "sign in with Hugging Face if that is you" if level == OWNER else "sign in with Hugging Face"

@@ -15,7 +15,7 @@ EPHEMERAL_RUNS_NOTE = (
     "⚠️ This Space has no persistent storage: runs are kept on its own disk, which is wiped when the Space "
     "restarts (a rebuild, a change of settings, or a sleep after some idle time), and the runs vanish with it. "
     "Publish a run you want to keep (**Publish** tab: to the Hub, or download the adapter as a zip). The Space's "
-    "owner can add persistent storage in the Space's settings; runs are then kept in /data."
+    "owner can add persistent storage in the Space's settings; runs are then kept on it."
 )
 
 
