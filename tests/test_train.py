@@ -700,6 +700,7 @@ def small_embedded_model(tiny_model_dir, tmp_path, monkeypatch):
     return gguf
 
 
+@pytest.mark.slow  # a real conversion of the (tiny) built-in model, ~12 s
 def test_the_app_prepares_the_built_in_model_in_the_background_once_and_the_page_says_so(small_embedded_model):
     from sft_space.ui import train_tab
 
