@@ -202,3 +202,29 @@ def test_a_hub_datasets_first_look_still_comes_first_through_the_worker(tmp_path
     assert first.first_look and first.rows == checks.FIRST_LOOK_ROWS
     assert [outputs[0].rows for outputs in stages] == [checks.FIRST_LOOK_ROWS + 500]
     assert shown  # the worker's progress reached the page's progress bar
+
+
+# ------------------------------------------------------------------------------------------------- the chat
+
+
+def test_a_chat_template_the_app_does_not_ship_is_read_in_a_worker_first(tmp_path, embedded_tokenizer,
+                                                                          tiny_model_dir, local_gate):
+    """The chat counts a conversation's tokens with the model's template before it answers; a template the app does
+    not ship runs there in a worker first, so one that never ends is refused at the deadline, not run in the app."""
+    from sft_space import models
+    from sft_space.settings import GenerationSettings
+    from sft_space.ui import chat_tab
+
+    endless = tokenizer_folder(tmp_path, embedded_tokenizer, ENDLESS_TEMPLATE, "endless")
+    assert not chat_tab.ships_template(local_gate, None, endless)
+    assert chat_tab.ships_template(local_gate, None, str(tiny_model_dir))
+    settings = GenerationSettings()
+    started = time.monotonic()
+    with pytest.raises(UserError, match="Reading this conversation with the model's chat template took longer"):
+        chat_tab.check_prompt_tokens_bounded(local_gate, lambda: models.load_tokenizer(endless), False, "Hi", [], [],
+                                             settings)
+    assert time.monotonic() - started < 12
+    # A shipped template is read in the app, as before; a template that answers passes in a worker too.
+    chat_tab.check_prompt_tokens_bounded(local_gate, lambda: embedded_tokenizer, True, "Hi", [], [], settings)
+    chat_tab.check_prompt_tokens_bounded(local_gate, lambda: embedded_tokenizer, False, "Hi", [], [], settings)
+    assert isolation.running.count == 0

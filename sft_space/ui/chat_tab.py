@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import gradio as gr
 import spaces
 
-from .. import access, chat, data, runs
+from .. import access, card, chat, data, isolation, runs
 from ..chat import chat_models
 from ..errors import UserError
 from ..settings import GenerationSettings, field_help
@@ -144,6 +144,32 @@ def check_prompt_tokens(tokenizer: Any, message: str, tuned: list[dict[str, str]
         chat.check_prompt_length(tokenizer, [*history, {"role": "user", "content": message}], settings)
 
 
+# What the visitor reads when a chat template the app does not ship needs more than a worker may take.
+PROMPT_TASK = isolation.Task("Reading this conversation with the model's chat template",
+                             "choose a model the app offers, or one whose chat template is simpler.")
+
+
+def ships_template(gate: Gate, run_dir: str | None, base_model: str) -> bool:
+    """Whether the chat template the chat would run is one the app ships: that of an offered model (a run's is its
+    base model's)."""
+    if run_dir is not None:
+        base_model = card.base_model_of(runs.RunFolder.open(run_dir).read()) or ""
+    return base_model in gate.offered_models
+
+
+def check_prompt_tokens_bounded(gate: Gate, tokenizer_of: Any, shipped: bool, message: str,
+                                tuned: list[dict[str, str]], base: list[dict[str, str]],
+                                settings: GenerationSettings) -> None:
+    """`check_prompt_tokens` with the tokenizer `tokenizer_of()` gives. A template the app does not ship (a
+    stranger's program) first runs in a worker process under the operator's limits (isolation.py): one that loops
+    or takes gigabytes is refused there, before the app loads or renders it for the reply."""
+    if shipped:
+        check_prompt_tokens(tokenizer_of(), message, tuned, base, settings)
+        return
+    isolation.run_in_worker(lambda: check_prompt_tokens(tokenizer_of(), message, tuned, base, settings),
+                            PROMPT_TASK, isolation.Limits.of(gate.settings))
+
+
 @spaces.GPU
 def respond(message: str, tuned_history: list[dict[str, str]], base_history: list[dict[str, str]],
             run_dir: str | None, base_model: str, settings: GenerationSettings) -> Iterator[tuple[Any, Any, Any]]:
@@ -227,7 +253,8 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> RunPicker
         settings = generation_settings(system_prompt, temperature, top_p, max_new_tokens, compare_max_new_tokens)
         message, tuned, base = checked_conversation(message, settings, tuned, base)
         run_dir = own_run_dir(runs_dir, run, visitor)
-        check_prompt_tokens(chat_models.tokenizer(run_dir, base_model), message, tuned, base, settings)
+        check_prompt_tokens_bounded(gate, lambda: chat_models.tokenizer(run_dir, base_model),
+                                    ships_template(gate, run_dir, base_model), message, tuned, base, settings)
         yield sent(message, tuned, base)
         yield from respond(message, tuned, base, run_dir, base_model, settings)
 
