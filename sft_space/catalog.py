@@ -142,7 +142,8 @@ def largest_parameters(hardware: Hardware, purpose: str) -> int:
     return int(usable / (bytes_per_parameter(hardware, purpose) * WEIGHTS_HEADROOM))
 
 
-def _size_label(parameters: float) -> str:
+def size_label(parameters: float) -> str:
+    """A parameter count as people write it: 135M, 1.2B."""
     return f"{parameters / 1e9:.1f}B" if parameters >= 1e9 else f"{parameters / 1e6:.0f}M"
 
 
@@ -168,6 +169,6 @@ def check_hub_model_fits(model_id: str, purpose: str = TRAIN, hardware: Hardware
     suggestion = f", such as {max(fitting)[1]}" if fitting else ""
     needed = parameters * bytes_per_parameter(hardware, purpose) * WEIGHTS_HEADROOM / GIB
     doing = "train" if purpose == TRAIN else "chat with"
-    raise UserError(f"{model_id} has {_size_label(parameters)} parameters: to {doing} it needs about {needed:,.0f} GiB, "
+    raise UserError(f"{model_id} has {size_label(parameters)} parameters: to {doing} it needs about {needed:,.0f} GiB, "
                     f"and this machine ({hardware.describe()}) can {doing} models of up to about "
-                    f"{_size_label(largest)} parameters. Choose a smaller model{suggestion}.")
+                    f"{size_label(largest)} parameters. Choose a smaller model{suggestion}.")

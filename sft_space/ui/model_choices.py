@@ -9,10 +9,6 @@ from ..hardware import Hardware
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 
 
-def size_label(parameters: int) -> str:
-    return f"{parameters / 1e9:.1f}B" if parameters >= 1e9 else f"{parameters / 1e6:.0f}M"
-
-
 def picker_choices(hardware: Hardware) -> list[tuple[str, str]]:
     """(label, model id) pairs for the model dropdown."""
     choices = []
@@ -20,5 +16,5 @@ def picker_choices(hardware: Hardware) -> list[tuple[str, str]]:
         name = offer.model_id
         if offer.embedded:
             name = EMBEDDED_NAME + (" (built in)" if offer.built_in else "")
-        choices.append((f"{name} · {size_label(offer.parameters)} · {offer.verdict}", offer.model_id))
+        choices.append((f"{name} · {catalog.size_label(offer.parameters)} · {offer.verdict}", offer.model_id))
     return choices
