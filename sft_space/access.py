@@ -38,7 +38,7 @@ from typing import Any
 
 from . import hub, runs
 from .errors import UserError
-from .settings import AUTO, AccessSettings, DataSettings, field_type
+from .settings import AUTO, AccessSettings, OperatorSettings, environment_variable, from_environment
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ SECRET_FILE = ".visitor-secret"
 UPLOADS_DIR = ".uploads"
 TOKEN_VERSION = "v1"
 SIGNED_IN = "hf:"
-ENV_PREFIX = "SFT_SPACE_"
 # A chat is answered on the shared hardware: its whole conversation (both sides, the system prompt and the new
 # message) is bounded so that no page can make one reply take minutes of everyone's time or gigabytes of memory.
 MAX_CHAT_CHARACTERS = 32_000
@@ -62,52 +61,27 @@ def running_on_space() -> bool:
     return bool(os.environ.get("SPACE_ID"))
 
 
-def access_settings() -> AccessSettings:
+def access_settings() -> OperatorSettings:
     """The operator's settings, from SFT_SPACE_<FIELD> environment variables (never from the page)."""
-    settings = AccessSettings(**operator_values(AccessSettings))
+    settings = from_environment()
     if settings.local_paths and running_on_space():
         # On a Space the visitors are strangers: the operator's wish cannot open the machine's files to them.
-        log.warning("%sLOCAL_PATHS is ignored on a Space: visitors there are strangers.", ENV_PREFIX)
+        log.warning("%s is ignored on a Space: visitors there are strangers.", environment_variable("local_paths"))
         settings.local_paths = False
     return settings
 
 
 def data_limits() -> dict[str, Any]:
-    """The operator's limits on what the app reads (SFT_SPACE_MAX_ROWS, SFT_SPACE_MAX_FILE_MB), checked against
-    their bounds; only the ones set. A visitor cannot raise them: they protect a server shared by strangers."""
-    values = operator_values(DataSettings, OPERATOR_DATA_LIMITS)
-    DataSettings(**values)  # refuses a value out of bounds when the app starts, not when a visitor checks data
-    return values
+    """The operator's limits on what the app reads (SFT_SPACE_MAX_ROWS, SFT_SPACE_MAX_FILE_MB), as DataSettings
+    values. A visitor cannot raise them: they protect a server shared by strangers."""
+    settings = from_environment()
+    return {name: getattr(settings, name) for name in OPERATOR_DATA_LIMITS}
 
 
 def max_upload_bytes() -> int:
-    """The largest upload the app accepts: the operator's max_file_mb (or its default) in bytes, as data.py counts
-    a megabyte (2**20 bytes), rounded up, so that Gradio never refuses a file the data checks would read."""
-    return math.ceil(data_limits().get("max_file_mb", DataSettings.max_file_mb) * 2**20)
-
-
-def operator_values(settings_class: type, names: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """The fields of `settings_class` (those in `names`, or all) that the operator set through SFT_SPACE_<FIELD>
-    environment variables, converted to the fields' types."""
-    values = {}
-    for spec in dataclasses.fields(settings_class):
-        if names is not None and spec.name not in names:
-            continue
-        raw = os.environ.get(ENV_PREFIX + spec.name.upper())
-        if raw is None or not raw.strip():
-            continue
-        kind = field_type(spec)
-        choices = spec.metadata.get("choices")
-        if choices is not None:
-            raw = raw.strip().lower()
-            if raw not in choices:
-                raise UserError(f"{ENV_PREFIX}{spec.name.upper()}={raw!r} is not one of {', '.join(choices)}; "
-                                "set one of them (or remove the variable for the default).")
-        try:
-            values[spec.name] = raw.strip().lower() in ("1", "true", "yes", "on") if kind is bool else kind(raw)
-        except ValueError:
-            raise UserError(f"{ENV_PREFIX}{spec.name.upper()}={raw!r} is not a valid {kind.__name__}.") from None
-    return values
+    """The largest upload the app accepts: the operator's max_file_mb in bytes, as data.py counts a megabyte
+    (2**20 bytes), rounded up, so that Gradio never refuses a file the data checks would read."""
+    return math.ceil(data_limits()["max_file_mb"] * 2**20)
 
 
 # --------------------------------------------------------------------------------------------- identity
@@ -115,7 +89,7 @@ def operator_values(settings_class: type, names: tuple[str, ...] | None = None) 
 
 def _server_secret(runs_dir: str | Path) -> bytes:
     """SFT_SPACE_SECRET, else a random secret kept beside the runs (so ids survive a restart, as runs do)."""
-    configured = os.environ.get(ENV_PREFIX + "SECRET")
+    configured = from_environment().secret
     if configured:
         return configured.encode()
     path = Path(runs_dir) / SECRET_FILE

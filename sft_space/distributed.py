@@ -22,12 +22,13 @@ import time
 from typing import Any, Callable
 
 from .errors import UserError
+from .settings import environment_variable, from_environment
 
 EXIT_STOPPED = 130
 
 # The environment the elastic launcher gives each process; a process with it is not launched again.
 LAUNCHED = "LOCAL_RANK"
-PROCESSES_VARIABLE = "SFT_SPACE_PROCESSES"
+PROCESSES_VARIABLE = environment_variable("processes")
 
 
 def world_size() -> int:
@@ -52,8 +53,9 @@ def processes_wanted(requested: int = 0) -> int:
     per CUDA GPU (1 without GPUs: two CPU processes share the same cores, so they only test the path)."""
     if requested > 0:
         return requested
-    if os.environ.get(PROCESSES_VARIABLE, "").strip():
-        return max(1, int(os.environ[PROCESSES_VARIABLE]))
+    configured = from_environment().processes
+    if configured:
+        return configured
     import torch
 
     return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1

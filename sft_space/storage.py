@@ -9,6 +9,7 @@ from collections.abc import MutableMapping
 from pathlib import Path
 
 from .access import running_on_space
+from .settings import environment_variable
 
 PERSISTENT_MOUNT = Path("/data")
 EPHEMERAL_RUNS_NOTE = (
@@ -36,9 +37,9 @@ def use_persistent_storage(environ: MutableMapping[str, str] | None = None, moun
     environ = os.environ if environ is None else environ
     root = persistent_storage(mount)
     if root is not None:
-        environ.setdefault("SFT_SPACE_RUNS", str(root / "runs"))
+        environ.setdefault(environment_variable("runs"), str(root / "runs"))
         environ.setdefault("HF_HOME", str(root / ".huggingface"))
-        environ.setdefault("SFT_SPACE_CACHE", str(root / ".cache" / "sft_space"))
+        environ.setdefault(environment_variable("cache"), str(root / ".cache" / "sft_space"))
     return root
 
 

@@ -192,8 +192,8 @@ def test_app_prepare_sets_hf_home_before_huggingface_hub_reads_it(tmp_path):
         storage.PERSISTENT_MOUNT = Path({str(data)!r})
         app.prepare()
         from huggingface_hub import constants
-        from sft_space.ui import runs_dir
-        print(json.dumps({{"hf_home": constants.HF_HOME, "runs": runs_dir()}}))
+        from sft_space.settings import from_environment
+        print(json.dumps({{"hf_home": constants.HF_HOME, "runs": from_environment().runs}}))
     """)
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "SFT_SPACE_RUNS", "SFT_SPACE_CACHE")}
     env["SPACE_ID"] = "owner/sft-space"

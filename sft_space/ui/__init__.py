@@ -6,12 +6,11 @@ Data → Train → Chat → Publish, plus Runs. Every visitor gets an id signed 
 
 from __future__ import annotations
 
-import os
-
 import gradio as gr
 from starlette.middleware import Middleware
 
 from .. import access, child, jobs, models
+from ..settings import OperatorSettings
 from . import chat_tab, data_tab, publish_tab, runs_tab, train_tab
 from .common import Gate, RequestLimits, RunPicker, own_run, refusals_as_messages
 
@@ -32,18 +31,14 @@ PUBLIC_API = ("identify", "check_data", "chat")
 GRADIO_CACHE_SWEEP = (900, 3600)
 
 
-def runs_dir() -> str:
-    return os.environ.get("SFT_SPACE_RUNS", "runs")
-
-
-def operator_default_model() -> str:
+def operator_default_model(settings: OperatorSettings) -> str:
     """The model the page preselects: the operator's SFT_SPACE_DEFAULT_MODEL, else the built-in one."""
-    return os.environ.get("SFT_SPACE_DEFAULT_MODEL") or models.default_model()
+    return settings.default_model or models.default_model()
 
 
 def build_app(manager: jobs.JobManager | None = None, default_model: str | None = None) -> gr.Blocks:
-    folder = runs_dir()
     settings = access.access_settings()
+    folder = settings.runs
     # On a Space visitors are strangers: one who is not signed in gets runs limited in time, and one at a time
     # per address.
     anonymous_run_seconds = settings.anonymous_run_minutes * 60 if access.running_on_space() else 0.0
@@ -53,7 +48,7 @@ def build_app(manager: jobs.JobManager | None = None, default_model: str | None 
                                          one_anonymous_job_per_client=access.running_on_space())
     # Runs a child of an earlier app process still trains are followed again; ones left by a dead one are marked.
     manager.adopt(folder)
-    default_model = default_model or operator_default_model()
+    default_model = default_model or operator_default_model(settings)
     picker = train_tab.model_picker(default_model, render=False, local_paths=settings.local_paths)
     # The models the page offers (and the operator's default) may be named without being Hub ids.
     gate = Gate(folder, access.Identity.for_runs(folder), settings, {value for _, value in picker.choices})
@@ -152,6 +147,6 @@ def launch(app: gr.Blocks, **kwargs) -> None:
                                                                               settings=settings)]
     # The built-in model's one-time conversion, done while nobody waits for it rather than in the first run; only
     # where it is the model the page preselects (another default leaves it to whoever picks it).
-    if operator_default_model() == models.EMBEDDED_MODEL:
+    if operator_default_model(settings) == models.EMBEDDED_MODEL:
         models.prepare_embedded_model_in_background()
     app.queue(default_concurrency_limit=4, max_size=settings.queue_size).launch(theme=gr.themes.Soft(), **kwargs)
