@@ -38,20 +38,25 @@ def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], settings: Generat
     return render.prompt_ids(tokenizer, messages)
 
 
-def check_prompt_length(tokenizer: Any, messages: list[dict[str, Any]], settings: GenerationSettings) -> int:
-    """The prompt's length in tokens, or UserError when it is over `settings.max_prompt_tokens`: a reply's time and
-    memory grow with its prompt, counted in tokens whatever the characters."""
-    length = len(prompt_ids(tokenizer, messages, settings))
+def checked_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], settings: GenerationSettings) -> list[int]:
+    """`prompt_ids`, or UserError when they are over `settings.max_prompt_tokens`."""
+    ids = prompt_ids(tokenizer, messages, settings)
+    check_prompt_length(len(ids), settings)
+    return ids
+
+
+def check_prompt_length(length: int, settings: GenerationSettings) -> None:
+    """UserError when a prompt of `length` tokens is over `settings.max_prompt_tokens`: a reply's time and memory
+    grow with its prompt, counted in tokens whatever the characters."""
     if length > settings.max_prompt_tokens:
         raise UserError(f"This conversation is {length:,} tokens long, more than the {settings.max_prompt_tokens:,} "
                         "the chat answers; press Clear to start a new one (or shorten the message).")
-    return length
 
 
-def _prompt_ids(model: Any, tokenizer: Any, messages: list[dict[str, Any]], settings: GenerationSettings) -> Any:
+def _model_inputs(model: Any, prompt: list[int]) -> Any:
     import torch
 
-    ids = torch.tensor([prompt_ids(tokenizer, messages, settings)], device=model.device)
+    ids = torch.tensor([prompt], device=model.device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
@@ -75,13 +80,13 @@ def _stop_when_set(stop_event: threading.Event) -> Any:
 
 def generate_reply(model: Any, tokenizer: Any, messages: list[dict[str, Any]],
                    settings: GenerationSettings | None = None, use_adapter: bool = True,
-                   stop_event: threading.Event | None = None) -> str:
+                   stop_event: threading.Event | None = None, prompt: list[int] | None = None) -> str:
     """The model's whole reply to `messages` (OpenAI-style), as text; setting `stop_event` ends it at the next
-    token (the reply so far is returned)."""
+    token (the reply so far is returned). `prompt`: the messages' prompt ids, when they were rendered already."""
     import torch
 
     settings = settings or GenerationSettings()
-    inputs = _prompt_ids(model, tokenizer, messages, settings)
+    inputs = _model_inputs(model, prompt if prompt is not None else prompt_ids(tokenizer, messages, settings))
     kwargs = _generate_kwargs(tokenizer, settings)
     if stop_event is not None:
         kwargs["stopping_criteria"] = _stop_when_set(stop_event)
@@ -91,13 +96,15 @@ def generate_reply(model: Any, tokenizer: Any, messages: list[dict[str, Any]],
 
 
 def stream_reply(model: Any, tokenizer: Any, messages: list[dict[str, Any]],
-                 settings: GenerationSettings | None = None, use_adapter: bool = True) -> Iterator[str]:
-    """Yield the reply so far, growing as tokens arrive (for the app's streaming chat)."""
+                 settings: GenerationSettings | None = None, use_adapter: bool = True,
+                 prompt: list[int] | None = None) -> Iterator[str]:
+    """Yield the reply so far, growing as tokens arrive (for the app's streaming chat); `prompt` as in
+    `generate_reply`."""
     import torch
     from transformers import TextIteratorStreamer
 
     settings = settings or GenerationSettings()
-    inputs = _prompt_ids(model, tokenizer, messages, settings)
+    inputs = _model_inputs(model, prompt if prompt is not None else prompt_ids(tokenizer, messages, settings))
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     errors: list[BaseException] = []
 
@@ -135,21 +142,27 @@ class ChatModel:
 
     def reply(self, messages: list[dict[str, Any]], settings: GenerationSettings | None = None,
               use_adapter: bool = True) -> str:
-        settings = self._settings(messages, settings, use_adapter)
-        return generate_reply(self.model, self.tokenizer, messages, settings, use_adapter and self.has_adapter)
+        settings, prompt = self._prepared(messages, settings, use_adapter, None)
+        return generate_reply(self.model, self.tokenizer, messages, settings, use_adapter and self.has_adapter,
+                              prompt=prompt)
 
     def stream(self, messages: list[dict[str, Any]], settings: GenerationSettings | None = None,
-               use_adapter: bool = True) -> Iterator[str]:
-        settings = self._settings(messages, settings, use_adapter)
-        return stream_reply(self.model, self.tokenizer, messages, settings, use_adapter and self.has_adapter)
+               use_adapter: bool = True, prompt: list[int] | None = None) -> Iterator[str]:
+        """The reply so far, growing; `prompt`: the messages' prompt ids when they were rendered already (the app
+        renders a chat template it does not ship in a worker process, never in the web server)."""
+        settings, prompt = self._prepared(messages, settings, use_adapter, prompt)
+        return stream_reply(self.model, self.tokenizer, messages, settings, use_adapter and self.has_adapter,
+                            prompt=prompt)
 
-    def _settings(self, messages: list[dict[str, Any]], settings: GenerationSettings | None,
-                  use_adapter: bool) -> GenerationSettings:
-        """The settings of one reply, its prompt checked to be within their bound: the base model's reply beside
-        the fine-tuned one takes the comparison's (`GenerationSettings.for_comparison`)."""
+    def _prepared(self, messages: list[dict[str, Any]], settings: GenerationSettings | None, use_adapter: bool,
+                  prompt: list[int] | None) -> tuple[GenerationSettings, list[int]]:
+        """The settings of one reply and its prompt, checked to be within their bound: the base model's reply
+        beside the fine-tuned one takes the comparison's (`GenerationSettings.for_comparison`)."""
         settings = settings or GenerationSettings()
-        check_prompt_length(self.tokenizer, messages, settings)
-        return settings.for_comparison() if self.has_adapter and not use_adapter else settings
+        if prompt is None:
+            prompt = prompt_ids(self.tokenizer, messages, settings)
+        check_prompt_length(len(prompt), settings)
+        return (settings.for_comparison() if self.has_adapter and not use_adapter else settings), prompt
 
 
 def _inference_dtype() -> Any:

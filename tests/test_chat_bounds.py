@@ -196,3 +196,37 @@ def test_the_base_models_reply_length_is_a_slider_of_the_chat(chat_app):
     assert settings.for_comparison().max_new_tokens == 64 and settings.max_new_tokens == 200
     with pytest.raises(Exception, match="not a number"):
         chat_tab.generation_settings("", "hot", 0.95, 200.0)
+
+
+def test_a_template_the_app_does_not_ship_is_rendered_only_in_a_worker_and_the_reply_uses_its_ids(
+        monkeypatch, tiny_model_dir):
+    """The web server never runs a stranger's chat template: the worker renders both chats' prompts, and the reply
+    is generated from those ids (the app only decodes)."""
+    import os
+
+    from sft_space import chat
+    from sft_space.chat import load_chat_model
+    from sft_space.settings import AccessSettings
+    from sft_space.ui import chat_tab
+
+    app_process = os.getpid()
+    real_prompt_ids = chat.prompt_ids
+
+    def prompt_ids_outside_the_app(*args, **kwargs):
+        if os.getpid() == app_process:
+            raise AssertionError("the app rendered a chat template it does not ship")
+        return real_prompt_ids(*args, **kwargs)
+
+    monkeypatch.setattr(chat, "prompt_ids", prompt_ids_outside_the_app)
+    gate = type("G", (), {"settings": AccessSettings()})()
+    model = load_chat_model(None, str(tiny_model_dir))
+    history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}]
+    prompts = chat_tab.conversation_prompts_bounded(gate, lambda: model.tokenizer, False, "And?", history, [],
+                                                    GenerationSettings())
+    assert len(prompts.tuned) > len(prompts.base) > 0
+    # Generated from the worker's ids: prompt_ids_outside_the_app would fail the test if the app rendered.
+    list(model.stream([*history, {"role": "user", "content": "And?"}], GenerationSettings(max_new_tokens=2),
+                      prompt=prompts.tuned))
+    # Too long a prompt is still refused from the worker's ids.
+    with pytest.raises(chat.UserError, match="tokens long"):
+        list(model.stream([], GenerationSettings(max_prompt_tokens=3), prompt=prompts.tuned))

@@ -221,10 +221,10 @@ def test_a_chat_template_the_app_does_not_ship_is_read_in_a_worker_first(tmp_pat
     settings = GenerationSettings()
     started = time.monotonic()
     with pytest.raises(UserError, match="Reading this conversation with the model's chat template took longer"):
-        chat_tab.check_prompt_tokens_bounded(local_gate, lambda: models.load_tokenizer(endless), False, "Hi", [], [],
+        chat_tab.conversation_prompts_bounded(local_gate, lambda: models.load_tokenizer(endless), False, "Hi", [], [],
                                              settings)
     assert time.monotonic() - started < 12
     # A shipped template is read in the app, as before; a template that answers passes in a worker too.
-    chat_tab.check_prompt_tokens_bounded(local_gate, lambda: embedded_tokenizer, True, "Hi", [], [], settings)
-    chat_tab.check_prompt_tokens_bounded(local_gate, lambda: embedded_tokenizer, False, "Hi", [], [], settings)
+    chat_tab.conversation_prompts_bounded(local_gate, lambda: embedded_tokenizer, True, "Hi", [], [], settings)
+    chat_tab.conversation_prompts_bounded(local_gate, lambda: embedded_tokenizer, False, "Hi", [], [], settings)
     assert isolation.running.count == 0

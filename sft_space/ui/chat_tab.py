@@ -7,7 +7,7 @@ the decorator does nothing.
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import gradio as gr
 import spaces
@@ -137,11 +137,19 @@ def checked_conversation(message: Any, settings: GenerationSettings, tuned_histo
     return message, tuned, base
 
 
-def check_prompt_tokens(tokenizer: Any, message: str, tuned: list[dict[str, str]], base: list[dict[str, str]],
-                        settings: GenerationSettings) -> None:
-    """UserError when either chat's prompt, with the new message, is over the tokens the app answers."""
-    for history in (tuned, base):
-        chat.check_prompt_length(tokenizer, [*history, {"role": "user", "content": message}], settings)
+class Prompts(NamedTuple):
+    """The prompt ids of the fine-tuned chat's conversation and of the base model's."""
+
+    tuned: list[int]
+    base: list[int]
+
+
+def conversation_prompts(tokenizer: Any, message: str, tuned: list[dict[str, str]], base: list[dict[str, str]],
+                         settings: GenerationSettings) -> Prompts:
+    """The prompt ids of both chats with the new message, or UserError when either is over the tokens the app
+    answers."""
+    return Prompts(*(chat.checked_prompt_ids(tokenizer, [*history, {"role": "user", "content": message}], settings)
+                     for history in (tuned, base)))
 
 
 # What the visitor reads when a chat template the app does not ship needs more than a worker may take.
@@ -157,24 +165,27 @@ def ships_template(gate: Gate, run_dir: str | None, base_model: str) -> bool:
     return base_model in gate.offered_models
 
 
-def check_prompt_tokens_bounded(gate: Gate, tokenizer_of: Any, shipped: bool, message: str,
-                                tuned: list[dict[str, str]], base: list[dict[str, str]],
-                                settings: GenerationSettings) -> None:
-    """`check_prompt_tokens` with the tokenizer `tokenizer_of()` gives. A template the app does not ship (a
-    stranger's program) first runs in a worker process under the operator's limits (isolation.py): one that loops
-    or takes gigabytes is refused there, before the app loads or renders it for the reply."""
+def conversation_prompts_bounded(gate: Gate, tokenizer_of: Any, shipped: bool, message: str,
+                                 tuned: list[dict[str, str]], base: list[dict[str, str]],
+                                 settings: GenerationSettings) -> Prompts:
+    """`conversation_prompts` with the tokenizer `tokenizer_of()` gives. A template the app does not ship (a
+    stranger's program) runs only in a worker process under the operator's limits (isolation.py): one that loops
+    or takes gigabytes is refused there, and the reply is generated from the ids the worker rendered, so the web
+    server never runs that template. (The app still loads that tokenizer to decode the reply: the worker has just
+    loaded the same files within its limits.)"""
     if shipped:
-        check_prompt_tokens(tokenizer_of(), message, tuned, base, settings)
-        return
-    isolation.run_in_worker(lambda: check_prompt_tokens(tokenizer_of(), message, tuned, base, settings),
-                            PROMPT_TASK, isolation.Limits.of(gate.settings))
+        return conversation_prompts(tokenizer_of(), message, tuned, base, settings)
+    return isolation.run_in_worker(lambda: conversation_prompts(tokenizer_of(), message, tuned, base, settings),
+                                   PROMPT_TASK, isolation.Limits.of(gate.settings))
 
 
 @spaces.GPU
 def respond(message: str, tuned_history: list[dict[str, str]], base_history: list[dict[str, str]],
-            run_dir: str | None, base_model: str, settings: GenerationSettings) -> Iterator[tuple[Any, Any, Any]]:
+            run_dir: str | None, base_model: str, settings: GenerationSettings,
+            prompts: Prompts | None = None) -> Iterator[tuple[Any, Any, Any]]:
     """Stream the fine-tuned reply, then the base model's reply to the same conversation. The message, histories
-    and `run_dir` are checked already (`checked_conversation`, `check_prompt_tokens`, `own_run_dir`). The message
+    and `run_dir` are checked already (`checked_conversation`, `conversation_prompts`, `own_run_dir`), and
+    `prompts` are their prompt ids when rendered already. The message
     box is left alone (`sent` emptied it): what the visitor types meanwhile is their next message. A model that
     cannot load is refused with gr.Error: on ZeroGPU the worker passes only gr.Error on with its message (anything
     else reads "ZeroGPU worker error"), and the app shows it as a message (ui/common.py `refusals_as_messages`)."""
@@ -193,7 +204,8 @@ def respond(message: str, tuned_history: list[dict[str, str]], base_history: lis
     for history, use_adapter in targets:
         conversation = [dict(m) for m in history]
         history.append({"role": "assistant", "content": ""})
-        for partial in model.stream(conversation, settings, use_adapter=use_adapter):
+        prompt = None if prompts is None else (prompts.tuned if use_adapter else prompts.base)
+        for partial in model.stream(conversation, settings, use_adapter=use_adapter, prompt=prompt):
             history[-1]["content"] = partial
             yield tuned_history, base_history, gr.skip()
     yield tuned_history, base_history, gr.skip()
@@ -253,10 +265,11 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> RunPicker
         settings = generation_settings(system_prompt, temperature, top_p, max_new_tokens, compare_max_new_tokens)
         message, tuned, base = checked_conversation(message, settings, tuned, base)
         run_dir = own_run_dir(runs_dir, run, visitor)
-        check_prompt_tokens_bounded(gate, lambda: chat_models.tokenizer(run_dir, base_model),
-                                    ships_template(gate, run_dir, base_model), message, tuned, base, settings)
+        prompts = conversation_prompts_bounded(gate, lambda: chat_models.tokenizer(run_dir, base_model),
+                                               ships_template(gate, run_dir, base_model), message, tuned, base,
+                                               settings)
         yield sent(message, tuned, base)
-        yield from respond(message, tuned, base, run_dir, base_model, settings)
+        yield from respond(message, tuned, base, run_dir, base_model, settings, prompts)
 
     # Send and Enter are one event, so a page runs one reply at a time; a message sent during a reply waits for it
     # and is answered next (Gradio's "always_last": the newest one, read from the box when its turn comes) instead
