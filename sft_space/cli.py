@@ -35,8 +35,8 @@ from typing import Any, Iterator
 from . import checks, data, models, render
 from .errors import UserError
 from .settings import (DEFAULT_PRESET, BenchSettings, DataSettings, GenerationSettings, PublishSettings, RunSettings,
-                       add_arguments, explicit_arguments, field_help, from_arguments, run_settings, settings_from_file,
-                       train_command)
+                       add_arguments, explicit_arguments, field_help, from_arguments, from_environment, run_settings,
+                       settings_from_file, train_command)
 
 MAX_LISTED_PROBLEMS = 50
 # Exit status of `train` when the run was stopped (as a shell reports a process ended by Ctrl+C).
@@ -265,9 +265,11 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def train_settings(args: argparse.Namespace) -> RunSettings:
-    """Preset, then --config, then explicit flags: the later wins."""
+    """Preset, then --config, then explicit flags: the later wins. The runs folder, when none of them names it,
+    is the operator's (SFT_SPACE_RUNS), as in the app."""
     values = settings_from_file(args.config) if args.config else {}
     values.update(explicit_arguments(RunSettings, args))
+    values.setdefault("output_dir", from_environment().runs)
     if not values.get("source"):
         raise UserError("Name the data to train on (a file, folder or Hub dataset id), or --resume a run.")
     preset = values.pop("preset", None) or DEFAULT_PRESET

@@ -16,7 +16,7 @@ import pandas as pd
 
 from . import runs
 from .errors import UserError
-from .settings import RunSettings
+from .settings import RunSettings, is_number
 
 MIN_RUNS, MAX_RUNS = 2, 6
 LONE_POINT = 0.04  # a run's only point on a plot is drawn this share of the steps wide
@@ -108,13 +108,9 @@ def curves(folders: list[runs.RunFolder]) -> pd.DataFrame:
         for entry in folder.read_metrics():
             for key, split in (("loss", "train"), ("eval_loss", "validation")):
                 value = entry.get(key)
-                if _number(value) and _number(entry.get("step")):
+                if is_number(value) and is_number(entry.get("step")):
                     points.append((entry["step"], float(value), folder.run_id, split))
     return pd.DataFrame(points, columns=["step", "loss", "run", "split"])
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def shown(value: Any) -> str:

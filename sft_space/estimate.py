@@ -19,7 +19,7 @@ from .bench import PEAK_TFLOPS, peak_tflops
 from .errors import UserError
 from .hardware import Hardware, TrainingPlan, cores, plan_training
 from .memory import ModelShape
-from .settings import RunSettings
+from .settings import RunSettings, is_number
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ def live_estimate(entries: list[dict[str, Any]], usual: Throughput | None) -> Li
 
 
 def _positive(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    return is_number(value) and value > 0
 
 
 def usual_throughput(hardware: Hardware, record: dict[str, Any]) -> Throughput | None:
