@@ -326,19 +326,21 @@ class OperatorSettings(AccessSettings):
                                                     "Visitors cannot change it.")
 
 
-def environment_variable(name: str) -> str:
-    """The environment variable of the OperatorSettings field `name`."""
-    return ENV_PREFIX + name.upper()
+def environment_variable(name: str, prefix: str = ENV_PREFIX) -> str:
+    """The environment variable of the field `name` (of OperatorSettings, by default)."""
+    return prefix + name.upper()
 
 
-def from_environment(environ: Mapping[str, str] | None = None) -> OperatorSettings:
+def from_environment(environ: Mapping[str, str] | None = None, settings_class: type = OperatorSettings,
+                     prefix: str = ENV_PREFIX) -> Any:
     """The operator's settings from the SFT_SPACE_<FIELD> variables of `environ` (by default this process's),
     converted to the fields' types and checked: a value that is not one the field takes is a UserError naming the
-    variable. A variable that is unset or blank leaves the field's default."""
+    variable. A variable that is unset or blank leaves the field's default. `settings_class` and `prefix`: another
+    class of the ENVIRONMENT table, read from its own variables."""
     environ = os.environ if environ is None else environ
     values = {}
-    for spec in dataclasses.fields(OperatorSettings):
-        variable = environment_variable(spec.name)
+    for spec in dataclasses.fields(settings_class):
+        variable = environment_variable(spec.name, prefix)
         raw = environ.get(variable)
         if raw is None or not raw.strip():
             continue
@@ -355,7 +357,12 @@ def from_environment(environ: Mapping[str, str] | None = None) -> OperatorSettin
             raise UserError(f"{variable}={raw!r} is not a valid {kind.__name__}.") from None
         check_field(spec, value, variable)
         values[spec.name] = value
-    return OperatorSettings(**values)
+    return settings_class(**values)
+
+
+# Every settings class read from environment variables, by the variables' prefix (tests/test_operator_settings.py
+# checks that each SFT_SPACE_ name the package uses is one of theirs).
+ENVIRONMENT: dict[str, type] = {ENV_PREFIX: OperatorSettings}
 
 
 @dataclass

@@ -11,12 +11,13 @@ import pytest
 
 from sft_space import cli
 from sft_space.errors import UserError
-from sft_space.settings import (DEFAULT_RUNS_DIR, AccessSettings, DataSettings, OperatorSettings, RunSettings,
-                                environment_variable, from_environment)
+from sft_space.settings import (DEFAULT_RUNS_DIR, ENVIRONMENT, AccessSettings, DataSettings, OperatorSettings,
+                                RunSettings, environment_variable, from_environment)
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [ROOT / "app.py", *sorted((ROOT / "sft_space").rglob("*.py"))]
-VARIABLES = {environment_variable(spec.name) for spec in dataclasses.fields(OperatorSettings)}
+VARIABLES = {environment_variable(spec.name, prefix) for prefix, settings_class in ENVIRONMENT.items()
+             for spec in dataclasses.fields(settings_class)}
 
 
 def test_every_variable_the_package_names_is_a_field_of_the_operators_settings():
@@ -31,7 +32,8 @@ def test_only_the_settings_module_reads_the_variables():
     readers = [path.name for path in SOURCES if reading.search(path.read_text(encoding="utf-8"))]
     assert readers == []
     # Every field has help text, as the README's table and the operator's questions need.
-    assert all(spec.metadata.get("help") for spec in dataclasses.fields(OperatorSettings))
+    assert all(spec.metadata.get("help") for settings_class in ENVIRONMENT.values()
+               for spec in dataclasses.fields(settings_class))
 
 
 def test_the_variables_are_read_checked_and_named_in_refusals():
