@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from functools import lru_cache
 from typing import Any
 
-from . import catalog, models
+from . import catalog, isolation, models
 from .bench import PEAK_TFLOPS, peak_tflops
 from .errors import UserError
+from .events import duration
 from .hardware import Hardware, TrainingPlan, cores, plan_training
 from .memory import ModelShape
 from .settings import RunSettings, is_number
@@ -113,20 +115,35 @@ def run_tokens(settings: RunSettings, plan: TrainingPlan, total_tokens: int, exa
     return int(total_tokens * settings.epochs)
 
 
-def model_shape(name: str) -> ModelShape:
-    """A model's shape from the catalogue's numbers when it is listed, else from its config (no weights)."""
+def model_shape(name: str, limits: isolation.Limits | None = None) -> ModelShape:
+    """A model's shape from the catalogue's numbers when it is listed, else from its config (no weights). With
+    `limits` (the app, for a model a visitor named), the config is read and the model laid out on the meta device in
+    a worker process under them: a config that claims millions of layers is refused there, not built in the app."""
     listed = {entry.model_id for entry in catalog.CATALOG}
     if name == models.HUB_DEFAULT_MODEL or not name:
         name = models.EMBEDDED_MODEL  # the same model
     if name in listed:
         return catalog.shape_of(name)
+    if limits is not None:
+        return _shape_in_worker(name, limits)
     return ModelShape.from_config(models.load_config(name))
 
 
+# What the visitor reads when a model's config needs more than a worker may take to lay out.
+SHAPE_TASK = isolation.Task("Reading this model's size from its config",
+                            "choose a model the app offers, or one whose config describes a model of usual size.")
+
+
+@lru_cache(maxsize=32)
+def _shape_in_worker(name: str, limits: isolation.Limits) -> ModelShape:
+    return isolation.run_in_worker(lambda: ModelShape.from_config(models.load_config(name)), SHAPE_TASK, limits)
+
+
 def estimate_run(settings: RunSettings, hardware: Hardware, total_tokens: int, longest_example: int,
-                 examples: int) -> tuple[TrainingPlan, RunEstimate | None]:
-    """The plan a run of `settings` would get here, and its estimated length (None for a GPU of unknown speed)."""
-    shape = model_shape(settings.model)
+                 examples: int, limits: isolation.Limits | None = None) -> tuple[TrainingPlan, RunEstimate | None]:
+    """The plan a run of `settings` would get here, and its estimated length (None for a GPU of unknown speed);
+    `limits` as in `model_shape`."""
+    shape = model_shape(settings.model, limits)
     plan = plan_training(settings, hardware, shape, total_tokens, longest_example)
     speed = throughput(hardware, shape, plan)
     if speed is None:
@@ -182,15 +199,17 @@ def _positive(value: Any) -> bool:
     return is_number(value) and value > 0
 
 
-def usual_throughput(hardware: Hardware, record: dict[str, Any]) -> Throughput | None:
+def usual_throughput(hardware: Hardware, record: dict[str, Any],
+                     limits: isolation.Limits | None = None) -> Throughput | None:
     """The usual tokens/s figure here for a run, from its record (its model and plan); None when it cannot be told
-    (a GPU of unknown speed, a record without a plan, a model whose shape cannot be read)."""
+    (a GPU of unknown speed, a record without a plan, a model whose shape cannot be read); `limits` as in
+    `model_shape`."""
     plan_values = record.get("plan") or {}
     model = record.get("base_model") or (record.get("settings") or {}).get("model") or ""
     try:
         plan = TrainingPlan(**{spec.name: plan_values[spec.name] for spec in fields(TrainingPlan)
                                if spec.name in plan_values})
-        return throughput(hardware, model_shape(str(model)), plan)
+        return throughput(hardware, model_shape(str(model), limits), plan)
     except (UserError, TypeError, ValueError, OSError):  # an older record, a model gone from the cache: no comparison
         return None
 

@@ -136,3 +136,30 @@ def test_offline_a_hub_model_is_not_sized_and_loads_as_before(monkeypatch):
     monkeypatch.setattr(hub, "reachable", lambda timeout=None: False)
     assert access.model_name(LLAMA_70B[0], set(), AccessSettings(), hardware=CPU_16GB) == LLAMA_70B[0]
     assert stand_in.asked == []
+
+
+def test_the_train_tabs_estimate_lays_out_a_visitors_model_config_in_a_worker(tmp_path, tiny_model_dir):
+    """A config claiming two million layers would hold the web server for minutes laid out on the meta device: the
+    estimate reads it in a worker under the operator's limits, and the page says why there is no estimate."""
+    import json
+    import time
+
+    from sft_space import checks, isolation, models
+    from sft_space.settings import run_settings
+    from sft_space.ui import train_tab
+
+    folder = tmp_path / "layers"
+    folder.mkdir()
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2_000_000}))
+    limits = isolation.Limits(memory_gb=0.5, seconds=3, at_once=2, wait_seconds=1)
+    report = checks.Report("data.jsonl", "openai", 10, 2048, token_counts=[(2, 80, 40)] * 10)
+    settings = run_settings("quick", model=str(folder))
+    started = time.monotonic()
+    text = train_tab.estimate_markdown(CPU_16GB, settings, report, limits)
+    assert time.monotonic() - started < 12
+    assert "No estimate of the run's length: Reading this model's size from its config" in text
+    assert isolation.running.count == 0
+    # The offered models are read from the catalogue, with no worker.
+    offered = run_settings("quick", model=models.EMBEDDED_MODEL)
+    assert "This run: about" in train_tab.estimate_markdown(CPU_16GB, offered, report, limits)

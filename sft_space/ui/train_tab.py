@@ -15,7 +15,7 @@ from typing import Any, Callable
 import gradio as gr
 import pandas as pd
 
-from .. import access, checks, data, estimate, jobs, models, runs, storage
+from .. import access, checks, data, estimate, events, isolation, jobs, models, runs, storage
 from ..errors import UserError
 from ..hardware import Hardware, detect_hardware
 from ..settings import (DEFAULT_PRESET, PRESET_NAMES, DataSettings, RunSettings, field_help, field_type, run_settings,
@@ -264,7 +264,8 @@ def refusal(action: str, err: Exception) -> str:
     return str(message)
 
 
-def estimate_markdown(hardware: Hardware, settings: RunSettings | None, report: checks.Report | None) -> str:
+def estimate_markdown(hardware: Hardware, settings: RunSettings | None, report: checks.Report | None,
+                      limits: isolation.Limits | None = None) -> str:
     """What a run costs the Space's owner, said before Start: the hardware, and how long a run of these settings
     on this data would take here, with where its tokens/s figure comes from."""
     line = f"This app trains on **{hardware.describe()}**."
@@ -273,7 +274,7 @@ def estimate_markdown(hardware: Hardware, settings: RunSettings | None, report: 
     stats = report.stats()
     try:
         _, length = estimate.estimate_run(settings, hardware, stats["total_tokens"],
-                                          stats["tokens_per_example"]["max"], stats["examples"])
+                                          stats["tokens_per_example"]["max"], stats["examples"], limits)
     except UserError as err:
         return f"{line} No estimate of the run's length: {err}"
     if length is None:
@@ -286,7 +287,8 @@ def estimate_markdown(hardware: Hardware, settings: RunSettings | None, report: 
             f"{length.throughput.source}), plus loading and the held-out answers.")
 
 
-def live_markdown(hardware: Hardware, run_dir: str | Path | None, ended: bool = False) -> str | None:
+def live_markdown(hardware: Hardware, run_dir: str | Path | None, ended: bool = False,
+                  limits: isolation.Limits | None = None) -> str | None:
     """The estimate replaced by the run's measured speed once its first steps are done, with a warning when the
     machine trains much slower than its usual figure; None before (the estimate then stands). Once the run has
     `ended`, the speed it trained at, for the runs to come."""
@@ -302,7 +304,7 @@ def live_markdown(hardware: Hardware, run_dir: str | Path | None, ended: bool = 
             record = folder.read()
         except UserError:
             record = {}
-        _USUAL_SPEEDS[key] = estimate.usual_throughput(hardware, record)
+        _USUAL_SPEEDS[key] = estimate.usual_throughput(hardware, record, limits)
     live = estimate.live_estimate(entries, _USUAL_SPEEDS[key])
     said = estimate.describe_ended(live) if ended else estimate.describe_live(live)
     text = f"This app trains on **{hardware.describe()}**. {said}"
@@ -465,6 +467,9 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
     # A new check of the data is a next action too: a refusal for the data it had is no longer the news.
     report.change(lambda: "", outputs=notice, show_progress="hidden")
 
+    # A model a visitor named is laid out from its config in a worker process (estimate.model_shape).
+    limits = isolation.Limits.of(gate.settings)
+
     def on_speed(profile: gr.OAuthProfile | None, token, current, speed_of):
         """The run's measured speed in place of the estimate while the run the page follows trains (`speed_of`:
         the job whose speed the box shows); once it has ended, once, the speed it trained at."""
@@ -473,10 +478,10 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
         if job is None or not gate.training_access(profile).allowed:
             return gr.skip(), gr.skip()
         if not job.done:
-            live = live_markdown(hardware, job.run_dir)
+            live = live_markdown(hardware, job.run_dir, limits=limits)
             return (live, job.job_id) if live else (gr.skip(), gr.skip())
         if speed_of == job.job_id:
-            return live_markdown(hardware, job.run_dir, ended=True) or gr.skip(), ""
+            return live_markdown(hardware, job.run_dir, ended=True, limits=limits) or gr.skip(), ""
         return gr.skip(), gr.skip()
 
     speed_of = gr.State("")
@@ -494,14 +499,14 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
             return gr.skip()
         owner_id = gate.known_visitor(token)
         job = shown_job(owner_id, current) if owner_id else None
-        if job is not None and not job.done and (live := live_markdown(hardware, job.run_dir)):
+        if job is not None and not job.done and (live := live_markdown(hardware, job.run_dir, limits=limits)):
             return live  # a form that changes while the run trains (a reload's restore) keeps its measured speed
         try:
             settings = settings_from_form(data_value, True, gate.model(model_name), preset_name, gate.runs_dir,
                                           dict(zip(names, advanced_values)))
         except (gr.Error, UserError):
             settings = None
-        return estimate_markdown(hardware, settings, report_value)
+        return estimate_markdown(hardware, settings, report_value, limits)
 
     gr.on([report.change, model.change, preset.change, *(advanced[n].change for n in names)], on_estimate,
           inputs=[session, job_id, report, data_settings, model, preset, *advanced.values()], outputs=cost,
