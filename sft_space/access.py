@@ -378,10 +378,7 @@ def hub_id(value: str, what: str) -> str:
         validate_repo_id(value)
     except HFValidationError:
         raise refusal from None
-    # Loaders look for a local folder of that name first, so a relative path shaped like owner/name (runs/<id>)
-    # must not reach one. The test is on the first part, whose names in the app's folder are public (the Space's
-    # files, runs), so the refusal says nothing about which runs or files exist below it.
-    if not hub.is_repo_id(value) or Path(value.partition("/")[0]).exists():
+    if not hub.is_hub_name(value):
         raise refusal
     return value
 

@@ -93,10 +93,8 @@ Made with SFT Space: data checked, rendered and trained with TRL's SFTTrainer an
 
 
 def _hub_id(name: str) -> str | None:
-    """`name` when it is a Hub id (owner/name) and not a folder here that happens to look like one."""
-    if name and hub.is_repo_id(name) and not Path(name).expanduser().exists():
-        return name
-    return None
+    """`name` when it names a Hub repository, not a file or folder here that happens to look like one."""
+    return name if hub.is_hub_name(name) else None
 
 
 def base_model_of(record: dict[str, Any]) -> str:

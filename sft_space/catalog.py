@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from functools import lru_cache, partial
-from pathlib import Path
 from typing import Any
 
 from . import hub, models
@@ -152,7 +151,7 @@ def check_hub_model_fits(model_id: str, purpose: str = TRAIN, hardware: Hardware
     by default), judged from the size its metadata gives, before anything of it is downloaded; the refusal says its
     size and what fits. A folder here or the embedded model is not the Hub's, and is not asked about; nor is any
     model when the Hub does not answer (one in the local cache then loads, any other is refused when loaded)."""
-    if not hub.is_repo_id(model_id) or Path(model_id).is_dir() or not hub.reachable():
+    if not hub.is_hub_name(model_id) or not hub.reachable():
         return
     size = hub.model_size(model_id)
     hardware = hardware or this_machine()

@@ -165,9 +165,9 @@ def check_source_exists(source: str) -> None:
 
 
 def is_hub_dataset(source: str) -> bool:
-    """Whether `source` names a Hub dataset (streamed, so its size is unknown until the end): an owner/name id
-    that is not a file or folder here."""
-    return not Path(source).expanduser().exists() and hub.is_repo_id(source)
+    """Whether `source` names a Hub dataset (streamed, so its size is unknown until the end), not a file or
+    folder here (`hub.is_hub_name`)."""
+    return hub.is_hub_name(source)
 
 
 def read_records(source: str, hub_config: str | None = None, hub_split: str = "train",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import ModelLoadError
 
@@ -65,6 +66,14 @@ def is_repo_id(text: str | None) -> bool:
     except HFValidationError:
         return False
     return True
+
+
+def is_hub_name(text: str | None) -> bool:
+    """Whether `text` names a Hub repository rather than a file or folder here: an owner/name id (`is_repo_id`)
+    whose first part is no path on this machine. Loaders look for a local folder of that name first, so a relative
+    path shaped like owner/name (runs/<id>) is never taken for an id; and the test is on the first part, whose names
+    in the app's folder are public (its files, runs), so that a refusal says nothing about what exists below it."""
+    return is_repo_id(text) and not Path(str(text).partition("/")[0]).expanduser().exists()
 
 
 # A model's size is asked once per this long: every event of a page names its model again.

@@ -98,3 +98,27 @@ def test_one_rule_for_hub_ids_everywhere_by_huggingface_hubs_own_validator():
     with pytest.raises(Exception, match="neither a folder here nor a Hub model id"):
         models.resolve_model("alice/model.git")
     assert access.model_name("alice/captain_byte.v2", set(), access.AccessSettings()) == "alice/captain_byte.v2"
+
+
+def test_one_rule_for_a_hub_id_rather_than_a_path_here(monkeypatch, tmp_path):
+    """Whether a name is a Hub repository or a file or folder here is decided once (hub.is_hub_name): the data
+    reader, the model card, the visitor's names and the model-size check agree, also about a path shaped like an
+    id whose first folder exists (runs/<id>), which is never taken for an id."""
+    from sft_space import access, card, catalog
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    asked = []
+    monkeypatch.setattr(hub, "model_size", lambda model_id, timeout=None: asked.append(model_id))
+    monkeypatch.setattr(hub, "reachable", lambda timeout=None: True)
+    for local in ("runs/gone", "runs/x.y"):
+        assert not hub.is_hub_name(local)
+        assert not data.is_hub_dataset(local)
+        assert card.hub_dataset(local) is None and card.hub_base_model(local) is None
+        with pytest.raises(Exception, match="is not a Hub dataset id"):
+            access.hub_id(local, "dataset")
+        catalog.check_hub_model_fits(local)
+    assert asked == []
+    name = "HuggingFaceH4/no_robots"
+    assert hub.is_hub_name(name) and data.is_hub_dataset(name) and card.hub_dataset(name) == name
+    assert access.hub_id(name, "dataset") == name
