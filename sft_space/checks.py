@@ -136,6 +136,13 @@ class Report:
     # check_data_in_stages); never what training uses.
     first_look: bool = False
 
+    @classmethod
+    def unusable(cls, source: str, message: str) -> Report:
+        """The report of a source that cannot be used as a whole (missing, unreadable, unrecognised): no rows, one
+        unusable_source error saying why. Its JSON has the shape of every report's, so a script reads a refusal
+        where it reads a result."""
+        return cls(source, None, 0, 0, errors=[Problem(None, "unusable_source", message)])
+
     @property
     def valid_rows(self) -> int:
         """Rows without errors: the rows trained on, and the duplicates of them dropped (a repeat is not broken)."""

@@ -552,5 +552,4 @@ def json_refusal(args: argparse.Namespace, message: str) -> dict[str, Any]:
     reads a refusal where it reads a result (validate's report; the bench's settings)."""
     if args.command == "bench":
         return {"error": message, "settings": explicit_arguments(BenchSettings, args)}
-    return {"format": None, "rows": 0, "valid_rows": 0,
-            "errors": [{"row": None, "code": "unusable_source", "message": message}], "warnings": [], "stats": {}}
+    return checks.Report.unusable(getattr(args, "source", ""), message).to_dict()

@@ -142,3 +142,18 @@ def test_statistics(write_jsonl, embedded_tokenizer):
     assert stats["total_trained_tokens"] == 9
     assert stats["total_tokens"] == sum(n for _, n, _ in report.token_counts)
     assert report.to_dict()["valid_rows"] == 2
+
+
+def test_a_refusal_of_the_whole_source_has_the_shape_of_every_report(write_jsonl, embedded_tokenizer):
+    """validate --json prints one object whatever happens: a source it cannot use gives the keys a report has
+    (problem_counts included), from the one place that makes them (Report.to_dict)."""
+    from sft_space import cli
+
+    checked = checks.check_data(data.DataSettings(source=str(write_jsonl([chat(("Hi", "Hello!"))]))),
+                                embedded_tokenizer).to_dict()
+    args = cli.build_parser().parse_args(["validate", "missing.jsonl", "--json"])
+    refused = cli.json_refusal(args, "missing.jsonl: no such file; check the path.")
+    assert refused.keys() == checked.keys() and refused["stats"].keys() == checked["stats"].keys()
+    assert refused["errors"] == [{"row": None, "code": "unusable_source",
+                                  "message": "missing.jsonl: no such file; check the path."}]
+    assert refused["problem_counts"] == {"unusable_source": 1} and refused["valid_rows"] == 0
