@@ -156,7 +156,8 @@ def run_bench(settings: BenchSettings, hardware: Hardware | None = None) -> dict
     from datasets import Dataset
 
     from .runs import RunFolder
-    from .train import build_trainer, load_model_for_training, lora_config, prepare_data, release_memory, torch_dtype
+    from .trainer import build_trainer, load_model_for_training, lora_config, release_memory, torch_dtype
+    from .training_data import prepare_data
 
     # The LoRA dropout of TRL's own LoRA settings (trl.ModelConfig, what `trl sft` uses); rank, alpha, targets and
     # learning rate are ours for both paths.
@@ -192,7 +193,8 @@ def run_bench(settings: BenchSettings, hardware: Hardware | None = None) -> dict
 
         folder = RunFolder(work / "ours")
         folder.path.mkdir()
-        ours = build_trainer(run, plan, folder, fresh_model(plan.precision), tokenizer, prepared)
+        ours = build_trainer(run, plan, folder, fresh_model(plan.precision), tokenizer, prepared,
+                             gradient_accumulation=run.gradient_accumulation)
         ours_result = _measure("SFT Space default", ours, settings, hardware, shape, plan.sequence_length,
                                "; ".join(plan.reasons))
         del ours

@@ -364,7 +364,8 @@ def _prepare_model(name: str, say: Any) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) a run: 0 finished, 130 stopped, 1 failed or refused (UserError, see `main`)."""
     from . import distributed, runs
-    from .train import InvalidRows, TrainRequest, TrainingStopped, train
+    from .train import TrainRequest, TrainingStopped, train
+    from .training_data import InvalidRows
 
     processes = distributed.processes_wanted(args.processes)
     if processes > 1 and not distributed.launched():

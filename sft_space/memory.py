@@ -147,7 +147,7 @@ def estimate_memory(
         logits = (min(trained, FUSED_HEAD_TOKENS) * min(shape.vocab_size, FUSED_HEAD_VOCABULARY) * element
                   + trained * shape.hidden_size * (element + 4))
     else:
-        # The CPU path (train.trained_positions_loss): logits at the trained positions, their fp32 copy and gradient.
+        # The CPU path (trainer.trained_positions_loss): logits at the trained positions, their fp32 copy and gradient.
         logits = trained * shape.vocab_size * (element + 8)
     allocated = weights + adapter + activations + masks + logits
     overhead = RUNTIME_OVERHEAD_GIB * GIB if gpu else 0

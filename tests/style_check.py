@@ -59,7 +59,8 @@ def main() -> int:
     from sft_space.settings import GenerationSettings
     from sft_space.runs import RunFolder
     from sft_space.settings import RunSettings
-    from sft_space.train import SAMPLE_MAX_NEW_TOKENS, prepare_data
+    from sft_space.train import SAMPLE_MAX_NEW_TOKENS
+    from sft_space.training_data import prepare_data
 
     folder = RunFolder.open(runs_dir / "style")
     record = folder.read()

@@ -162,13 +162,13 @@ def test_a_run_that_does_not_quantize_leaves_bitsandbytes_unloaded(monkeypatch, 
     that loads in 16 or 32 bit keeps it out, a 4-bit one needs it."""
     import sys
 
-    from sft_space import models, train
+    from sft_space import models, trainer
 
     monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)  # as in a fresh process; restored after
     monkeypatch.setattr(models, "load_causal_lm", lambda name, **kwargs: kwargs)
     plan = plan_training(RunSettings(), T4, shapes["7b" if four_bit else "135m"])
     assert plan.four_bit == four_bit
-    loaded = train.load_model_for_training(RunSettings(), dataclasses.replace(plan, device="cpu"))
+    loaded = trainer.load_model_for_training(RunSettings(), dataclasses.replace(plan, device="cpu"))
     assert ("quantization_config" in loaded) == four_bit
     assert (sys.modules.get("bitsandbytes", "absent") is None) != four_bit
 
@@ -218,7 +218,7 @@ def test_a_packed_gpu_batch_is_sized_by_its_masks(shapes):
 
 
 def test_after_out_of_memory_the_plan_shrinks_in_order_of_cost_keeping_the_examples_per_step(shapes):
-    from sft_space.train import plan_after_out_of_memory
+    from sft_space.planning import plan_after_out_of_memory
 
     settings = RunSettings(gradient_accumulation=1)
     plan = dataclasses.replace(plan_training(settings, T4, shapes["135m"]), batch_size=6, gradient_checkpointing=False,

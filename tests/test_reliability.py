@@ -18,7 +18,8 @@ from sft_space import models, runs
 from sft_space import train as train_module
 from sft_space.errors import UserError
 from sft_space.settings import RunSettings, run_settings
-from sft_space.train import DISK_FULL_ADVICE, TrainRequest, TrainingFailed, train
+from sft_space.planning import DISK_FULL_ADVICE
+from sft_space.train import TrainRequest, TrainingFailed, train
 
 ROOT = Path(__file__).resolve().parent.parent
 

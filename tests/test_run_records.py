@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from builders import persona_chats
-from sft_space import cli, runs, train as train_module
+from sft_space import cli, planning, runs
 from sft_space.errors import UserError
 from sft_space.runs import RunFolder, RunLocked, UnreadableRun
 from sft_space.settings import RunSettings, run_settings
@@ -256,13 +256,13 @@ def test_training_holds_the_lock_until_it_returns_in_every_path(tiny_settings):
 
 
 def test_the_disk_a_run_needs_grows_with_the_adapter_and_the_checkpoints_kept():
-    small = train_module.disk_needed(1_000_000)
+    small = planning.disk_needed(1_000_000)
     # Weights and two fp32 AdamW moments per trainable parameter, in every checkpoint kept, plus the saving
     # one, plus the final adapter, plus a margin.
-    at_least = (train_module.KEEP_CHECKPOINTS + 1) * 1_000_000 * 12 + 1_000_000 * 4
+    at_least = (planning.KEEP_CHECKPOINTS + 1) * 1_000_000 * 12 + 1_000_000 * 4
     assert at_least < small < at_least + 500 * 2**20
-    assert train_module.disk_needed(2_000_000) - small == (train_module.KEEP_CHECKPOINTS + 1) * 12_000_000 + 4_000_000
-    assert train_module.disk_needed(1_000_000, checkpoints=1) < small
+    assert planning.disk_needed(2_000_000) - small == (planning.KEEP_CHECKPOINTS + 1) * 12_000_000 + 4_000_000
+    assert planning.disk_needed(1_000_000, checkpoints=1) < small
 
 
 def test_a_run_is_refused_before_its_folder_exists_when_the_disk_is_too_small(tiny_settings, monkeypatch):

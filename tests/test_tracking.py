@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from builders import persona_chats
 
-from sft_space import runs, train
+from sft_space import runs, trainer
 from sft_space.errors import UserError
 from sft_space.settings import run_settings
 
@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_tracking_is_off_by_default_and_names_the_run_when_on(tmp_path):
     folder = runs.RunFolder(tmp_path / "my-run")
     assert run_settings("balanced", source="x").report_to == "none"
-    assert train.tracker_arguments(run_settings("balanced", source="x"), folder) == {"report_to": "none"}
-    on = train.tracker_arguments(run_settings("balanced", source="x", report_to="trackio"), folder)
+    assert trainer.tracker_arguments(run_settings("balanced", source="x"), folder) == {"report_to": "none"}
+    on = trainer.tracker_arguments(run_settings("balanced", source="x", report_to="trackio"), folder)
     assert on == {"report_to": ["trackio"], "run_name": "my-run", "project": "sft-space",
                   "trackio_static_space_id": False}
 
@@ -34,8 +34,8 @@ def test_a_tracker_without_its_package_is_refused_before_the_run(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))
     with pytest.raises(UserError, match="report_to=tensorboard needs the tensorboard package: pip install tensorboard"):
-        train.check_tracker(run_settings("balanced", source="x", report_to="tensorboard"))
-    train.check_tracker(run_settings("balanced", source="x"))  # none needs nothing
+        trainer.check_tracker(run_settings("balanced", source="x", report_to="tensorboard"))
+    trainer.check_tracker(run_settings("balanced", source="x"))  # none needs nothing
 
 
 @pytest.mark.slow

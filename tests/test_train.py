@@ -19,8 +19,10 @@ from sft_space import models, render, runs
 from sft_space.chat import load_chat_model
 from sft_space.hardware import detect_hardware, plan_training
 from sft_space.settings import GenerationSettings, run_settings
-from sft_space.train import (STOPPED_BEFORE_FIRST_STEP, TrainRequest, TrainingFailed, TrainingStopped,
-                             build_trainer, model_shape, prepare_data, token_count, train, trained_positions_loss)
+from sft_space.train import (STOPPED_BEFORE_FIRST_STEP, TrainRequest, TrainingFailed, TrainingStopped, model_shape,
+                             train)
+from sft_space.trainer import build_trainer, trained_positions_loss
+from sft_space.training_data import prepare_data, token_count
 
 PLANTED_TOKEN = "hf_PlantedSecretTokenForTests0123456789"
 
@@ -103,7 +105,8 @@ def test_training_drives_the_loss_down_and_fills_the_run_folder(tiny_settings, m
     from transformers import AutoModelForCausalLM
 
     from sft_space.chat import generate_reply
-    from sft_space.train import SAMPLE_MAX_NEW_TOKENS, torch_dtype
+    from sft_space.train import SAMPLE_MAX_NEW_TOKENS
+    from sft_space.trainer import torch_dtype
 
     # The base weights as the run loaded them (bf16 on a CPU with bf16 instructions, else fp32).
     base = AutoModelForCausalLM.from_pretrained(settings.model, dtype=torch_dtype(record["plan"]["precision"]))
@@ -118,7 +121,7 @@ def test_training_drives_the_loss_down_and_fills_the_run_folder(tiny_settings, m
 def test_trained_labels_are_exactly_the_preview_mask(tiny_settings, tiny_model_dir, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    import sft_space.train as train_module
+    from sft_space import training_data
 
     def rendered_again(*args):
         raise AssertionError("training rendered an example the check had already tokenized")
@@ -135,8 +138,9 @@ def test_trained_labels_are_exactly_the_preview_mask(tiny_settings, tiny_model_d
         folder = runs.RunFolder.create(settings.output_dir, f"mask-{packing}")
         # Training uses the tokens the check kept: nothing is rendered a second time.
         with monkeypatch.context() as patched:
-            patched.setattr(train_module, "render_example", rendered_again)
-            trainer = build_trainer(settings, plan, folder, model, tokenizer, prepared)
+            patched.setattr(training_data, "render_example", rendered_again)
+            trainer = build_trainer(settings, plan, folder, model, tokenizer, prepared,
+                                    gradient_accumulation=settings.gradient_accumulation)
 
         expected = []
         for example in prepared.train:
@@ -310,7 +314,10 @@ def test_evaluation_takes_at_most_a_tenth_of_a_run_on_the_sample(preset, max_ste
     plan = plan_training(settings, detect_hardware(), model_shape(settings.model), stats["total_tokens"],
                          stats["tokens_per_example"]["max"])
     folder = runs.RunFolder.create(tmp_path, "plan")
-    trainer = build_trainer(settings, plan, folder, models.load_causal_lm(settings.model), tokenizer, prepared)
+    # As the recipe plans it, on one process.
+    evaluation = prepared.evaluation_plan(settings, plan, tokenizer, plan.batch_size * settings.gradient_accumulation)
+    trainer = build_trainer(settings, plan, folder, models.load_causal_lm(settings.model), tokenizer, prepared,
+                            gradient_accumulation=settings.gradient_accumulation, evaluation=evaluation)
     steps_per_epoch = math.ceil(len(trainer.get_train_dataloader()) / trainer.args.gradient_accumulation_steps)
     total = max_steps or math.ceil(settings.epochs * steps_per_epoch)
     evaluated = evaluated_steps(total, trainer.args.eval_steps)
@@ -321,7 +328,7 @@ def test_evaluation_takes_at_most_a_tenth_of_a_run_on_the_sample(preset, max_ste
     trained_tokens = token_count(trainer.train_dataset) * total / steps_per_epoch
     assert len(evaluated) * token_count(trainer.eval_dataset) <= 0.1 * 2 * trained_tokens
     # A run too short for one evaluation of every held-out example evaluates as many as fit.
-    shown = prepared.evaluation_plan(settings, plan, tokenizer).reason()
+    shown = evaluation.reason()
     assert ("of the 16 held-out examples once, at the last step" in shown if max_steps == 20
             else "on 16 held-out examples" in shown)
 
@@ -349,10 +356,10 @@ def test_packed_batches_give_the_same_loss_as_unpacked(tiny_settings, tiny_model
     computes it with the LM head at the trained positions only, and gets the model's own loss."""
     from transformers import AutoModelForCausalLM
 
-    from sft_space import train as engine
+    from sft_space import trainer as trainer_parts
 
     calls = []
-    monkeypatch.setattr(engine, "trained_positions_loss",
+    monkeypatch.setattr(trainer_parts, "trained_positions_loss",
                         lambda *args, **kwargs: calls.append(1) or trained_positions_loss(*args, **kwargs))
     rows = persona_chats(6)
     losses = {}
@@ -365,7 +372,8 @@ def test_packed_batches_give_the_same_loss_as_unpacked(tiny_settings, tiny_model
                                    packing=packing)
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
         folder = runs.RunFolder.create(settings.output_dir, f"loss-{packing}")
-        trainer = build_trainer(settings, plan, folder, model, tokenizer, prepared)
+        trainer = build_trainer(settings, plan, folder, model, tokenizer, prepared,
+                                gradient_accumulation=settings.gradient_accumulation)
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
         if packing:
             assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch, "one packed sequence"
@@ -382,7 +390,7 @@ def test_packed_batches_give_the_same_loss_as_unpacked(tiny_settings, tiny_model
 def test_a_full_disk_while_saving_fails_clearly_and_marks_no_checkpoint_good(tiny_settings, monkeypatch):
     import errno
 
-    from sft_space.train import DISK_FULL_ADVICE
+    from sft_space.planning import DISK_FULL_ADVICE
 
     settings = tiny_settings(max_steps=8, save_every=3)
     real_save = torch.save
@@ -573,8 +581,6 @@ def test_the_loss_at_trained_positions_only_equals_the_full_head_loss(tiny_model
     full-logits loss's, on a batch of two sequences with different masks and padding."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-
-    from sft_space.train import trained_positions_loss
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
