@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import card, gguf_export, hub, models, runs
+from . import card, gguf_export, hub, models, runs, threads
 from .access import running_on_space
 from .errors import UserError
 from .runs import RunFolder
@@ -36,8 +36,10 @@ DEMO_TEMPLATE_DIR = Path(__file__).resolve().parent / "demo_space"
 # peft writes a placeholder README into the adapter folder; ours replaces it.
 NOT_PUBLISHED = {"README.md"}
 TOKENS_PAGE = "https://huggingface.co/settings/tokens"
-# The first call to the Hub: huggingface_hub waits without a time limit, and a network that drops packets
-# would hold the push for minutes before the system gives up. A healthy Hub answers in well under a second.
+# The first call to the Hub (who the token belongs to), before anything is made or uploaded: huggingface_hub waits
+# without a time limit, and a network that drops packets would hold the push for minutes before the system gives
+# up. A healthy Hub answers in well under a second. The uploads themselves have no such limit: a large one may
+# rightly take many minutes.
 HUB_ANSWER_SECONDS = 10.0
 
 Progress = Callable[[float, str], None]
@@ -533,30 +535,6 @@ def explain_hub_error(err: BaseException, action: str, repo_id: str, token: str,
     return UserError(_scrub(message, token))
 
 
-def answer_within(seconds: float, call: Callable[[], Any]) -> Any:
-    """call()'s result (or its error), or TimeoutError when it has not returned after `seconds`.
-
-    It runs in a daemon thread: one left waiting on a silent network neither holds the caller nor keeps the
-    command line from exiting.
-    """
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = call()
-        except Exception as err:  # handed to the caller, who decides
-            outcome["error"] = err
-
-    thread = threading.Thread(target=run, name="hub-call", daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        raise TimeoutError(f"no answer after {seconds:g} s")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
-
 def _write_access(account: dict[str, Any], namespace: str) -> bool | None:
     """Whether the token can write to `namespace`: True, False, or None when the Hub does not say."""
     auth = account.get("auth") or {}
@@ -580,7 +558,7 @@ def check_access(api: Any, repo_id: str, token: str, in_app: bool = False,
     """Refuse early, with the reason, when the token cannot create or update `repo_id`; the first call to the
     Hub, so the one that says quickly (within `deadline` seconds) when the Hub cannot be reached."""
     try:
-        account = answer_within(deadline, api.whoami)
+        account = threads.wait_for(api.whoami, "hub-call", seconds=deadline)
     except Exception as err:
         raise explain_hub_error(err, "check who you are", repo_id, token, in_app) from None
     user = account.get("name", "")
