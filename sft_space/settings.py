@@ -552,3 +552,43 @@ def train_command(settings: RunSettings, source: str | None = None) -> str:
     the reader should name it, when that is not the path this machine read (an upload)."""
     return shlex.join(["python", "-m", "sft_space", "train", source or settings.source, "--preset", settings.preset,
                        *to_command_line(settings)])
+
+
+# Python with uv, the version the Space runs: the job installs the pinned requirements (torch's CUDA wheels need no
+# CUDA in the image, only the host's driver).
+DEFAULT_JOB_IMAGE = "ghcr.io/astral-sh/uv:python3.11-bookworm"
+
+
+@dataclass
+class JobsSettings:
+    """Training on Hugging Face Jobs (`train --jobs FLAVOR`, or the Train tab's choice): what a job runs in, what its
+    start costs, and how long it may run. Set by whoever runs the app or the command line, through environment
+    variables named after the fields (SFT_SPACE_JOBS_API=local, SFT_SPACE_JOBS_IMAGE, …)."""
+
+    api: str = setting("hub", "Which Jobs API to call: 'hub' (Hugging Face's), or 'local', a stand-in that runs each "
+                              "job as a process of this machine with each volume a local folder (for tests and "
+                              "demos; ignored on a Space).", choices=("hub", "local"))
+    image: str = setting(DEFAULT_JOB_IMAGE, "The container image a job runs in; it needs Python 3.11 (and uv or "
+                                            "pip): the job installs requirements.txt unless the image has torch, "
+                                            "transformers, trl, peft, accelerate and datasets already.")
+    startup_minutes: float = setting(6.0, "Minutes a job is expected to take before its first step: scheduling, "
+                                          "installing the requirements (torch's CUDA wheels are about 3 GB) and "
+                                          "loading the model. Added to the estimate of the run's length and cost.",
+                                     bounds=(0, 600))
+    timeout_margin: float = setting(2.0, "A job's timeout is its start-up plus this many times the run's estimated "
+                                         "training time (at least the estimate plus timeout_extra_minutes): a run "
+                                         "that goes wrong cannot bill for hours.", bounds=(1, 100))
+    timeout_extra_minutes: float = setting(15.0, "The least a job's timeout leaves beyond the estimate, in minutes "
+                                                 "(short runs' estimates are the least exact).", bounds=(0, 10_000))
+    stop_grace_seconds: float = setting(120.0, "After Stop asks a job's run to save and stop, how long to wait "
+                                               "before cancelling the job (a second Stop cancels at once).",
+                                        bounds=(0, 86_400))
+    local_folder: str = setting("", "Where the local stand-in keeps its buckets and jobs (empty: .hub-jobs-local in "
+                                    "the runs folder).")
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
+
+JOBS_ENV_PREFIX = ENV_PREFIX + "JOBS_"
+ENVIRONMENT[JOBS_ENV_PREFIX] = JobsSettings

