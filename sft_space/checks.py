@@ -71,6 +71,17 @@ PROBLEM_CODES = {
 WARNING_CODES = {"few_examples", "all_tokens_trained", "duplicate", "same_prompt_different_answers",
                  "same_answer_many_prompts", "text_split", "control_token_in_text", *data.READING_WARNINGS}
 
+# Rows with errors stop a run unless the person chooses to train on the valid ones: the app's checkbox, the command
+# line's flag (DataSettings.skip_invalid_rows), each named in its own skin's words.
+SKIP_INVALID_LABEL = "Skip invalid rows"
+SKIP_IN_APP = f"tick {SKIP_INVALID_LABEL}"
+SKIP_ON_COMMAND_LINE = "add --skip-invalid-rows"
+
+
+def invalid_rows_advice(valid_rows: int, skip: str = SKIP_IN_APP) -> str:
+    """What to do about rows with errors, `skip` naming the skin's way to train on the `valid_rows` valid ones."""
+    return f"Fix them in your file, or {skip} to train on the {valid_rows} valid ones."
+
 
 @dataclass
 class TemplateRules:

@@ -401,8 +401,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except InvalidRows as err:
         if args.owner:  # a run the app started: its page has its own words for the choice
             raise
-        raise UserError(f"{err.problem} Fix them, or add --skip-invalid-rows to train on the {err.valid_rows} valid "
-                        "ones.") from None
+        raise UserError(f"{err.problem} {checks.invalid_rows_advice(err.valid_rows, checks.SKIP_ON_COMMAND_LINE)}"
+                        ) from None
     except TrainingStopped as err:
         _status_line(str(err))
         return EXIT_STOPPED

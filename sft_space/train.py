@@ -34,7 +34,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, NoReturn, TypeVar
 
-from . import catalog, data, distributed, models, runs
+from . import catalog, data, distributed, models, runs, threads
 from .chat import generate_reply
 from .errors import UserError
 from .hardware import Hardware, TrainingPlan, detect_hardware, plan_training
@@ -474,23 +474,8 @@ def _unless_stopped(request: TrainRequest, work: Callable[[], T]) -> T:
     helper thread, and on a stop it is left to finish alone; what it returns is dropped.
     """
     _stop_here_if_asked(request)
-    outcome: dict[str, Any] = {}
-    done = threading.Event()
-
-    def run() -> None:
-        try:
-            outcome["value"] = work()
-        except BaseException as err:  # handed to the caller below
-            outcome["error"] = err
-        finally:
-            done.set()
-
-    threading.Thread(target=run, name=STAGE_THREAD, daemon=True).start()
-    while not done.wait(STOP_POLL_SECONDS):
-        _stop_here_if_asked(request)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    return threads.wait_for(work, STAGE_THREAD, give_up=lambda: _stop_here_if_asked(request),
+                            poll_seconds=STOP_POLL_SECONDS)
 
 
 def accumulation_per_process(accumulation: int) -> int:
@@ -509,7 +494,7 @@ def processes_reason(accumulation: int, batch_size: int) -> str:
 
 def stages_left_running() -> bool:
     """Whether a stage that a stop left to finish alone (see `_unless_stopped`) is still running."""
-    return any(thread.name == STAGE_THREAD and thread.is_alive() for thread in threading.enumerate())
+    return threads.still_running(STAGE_THREAD)
 
 
 def library_versions() -> dict[str, str]:

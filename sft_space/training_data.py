@@ -27,8 +27,7 @@ class InvalidRows(UserError):
 
     def __init__(self, problem: str, valid_rows: int):
         self.problem, self.valid_rows = problem, valid_rows
-        super().__init__(f"{problem} Fix them, or choose to skip invalid rows and train on the {valid_rows} valid "
-                         "ones.")
+        super().__init__(f"{problem} {checks.invalid_rows_advice(valid_rows)}")
 
 
 def example_tokens(tokenizer: Any, example: data.Example) -> render.Tokens:

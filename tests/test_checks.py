@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 
 import pytest
 from builders import chat, distinct_chats
@@ -157,3 +158,16 @@ def test_a_refusal_of_the_whole_source_has_the_shape_of_every_report(write_jsonl
     assert refused["errors"] == [{"row": None, "code": "unusable_source",
                                   "message": "missing.jsonl: no such file; check the path."}]
     assert refused["problem_counts"] == {"unusable_source": 1} and refused["valid_rows"] == 0
+
+
+def test_the_advice_about_invalid_rows_is_written_once():
+    """The app's two tabs, the run and the command line say what to do about invalid rows with one sentence
+    (checks.invalid_rows_advice), each naming its own way to skip them."""
+    from pathlib import Path
+
+    package = Path(checks.__file__).parent
+    writers = sorted(path.name for path in package.rglob("*.py")
+                     if re.search(r"\bvalid ones", path.read_text(encoding="utf-8")))
+    assert writers == ["checks.py"]
+    assert checks.invalid_rows_advice(10, checks.SKIP_ON_COMMAND_LINE) == (
+        "Fix them in your file, or add --skip-invalid-rows to train on the 10 valid ones.")

@@ -279,7 +279,7 @@ def test_invalid_rows_stop_training_before_a_run_folder_exists(tiny_settings, tm
     settings = tiny_settings(rows)
     from sft_space.errors import UserError
 
-    with pytest.raises(UserError, match="row 13.*skip invalid rows"):
+    with pytest.raises(UserError, match="row 13.*tick Skip invalid rows to train on the 12 valid ones"):
         train(TrainRequest(settings))
     assert not (tmp_path / "runs").exists()
     folder = train(TrainRequest(dataclasses.replace(settings, skip_invalid_rows=True, max_steps=2)))

@@ -36,7 +36,7 @@ SOURCE_CHOICES = [("Your file", UPLOAD), ("A Hub dataset", HUB),
                   ("Use the sample dataset (Captain Byte, 160 pirate-flavoured conversations)", SAMPLE)]
 # The boxes of this tab that the core's messages name by their command-line flag (`--columns`).
 PAGE_NAMES = {"columns": "“Column mapping”", "max_length": "“Maximum length”",
-              "skip_invalid_rows": "“Skip invalid rows”"}
+              "skip_invalid_rows": f"“{checks.SKIP_INVALID_LABEL}”"}
 # A flag in a message: `, --max-rows`, or `--columns` and the value it is shown with (`--columns prompt=question`).
 FLAG = re.compile(r"(, )?--([a-z][a-z-]*)( (?=[a-z]+=))?")
 TABLE_COLUMNS = {
@@ -61,8 +61,8 @@ def summary_markdown(report: checks.Report) -> str:
     stats = report.stats()
     verdict = (
         f"✅ All {report.valid_rows} rows are valid." if not report.errors
-        else f"⚠️ {report.invalid_rows} of {report.rows} rows have errors; {report.valid_rows} are valid. "
-        "Fix them in your file, or tick *Skip invalid rows* to train on the valid ones."
+        else f"⚠️ {report.invalid_rows} of {report.rows} rows have errors. "
+        + checks.invalid_rows_advice(report.valid_rows, f"tick *{checks.SKIP_INVALID_LABEL}*")
     )
     lines = [
         f"**{markdown_text(report.source)}** · {data.FORMAT_NAMES[report.format]} · {report.rows} rows",
@@ -408,7 +408,7 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> DataTab:
                 columns = gr.Textbox(label="Column mapping", info=HELP["columns"])
             check = gr.Button("Check data", variant="primary", elem_id="check-data")
     summary = gr.Markdown(chosen_summary(DataChoice()), elem_id="data-summary")
-    skip_invalid = gr.Checkbox(label="Skip invalid rows", value=DataSettings.skip_invalid_rows,
+    skip_invalid = gr.Checkbox(label=checks.SKIP_INVALID_LABEL, value=DataSettings.skip_invalid_rows,
                                info=HELP["skip_invalid_rows"])
     with gr.Row():
         # Empty tables with their headers until a check; widths that fit the headers ("severity" on one line).

@@ -60,8 +60,8 @@ def settings_from_form(data_settings: DataSettings | None, skip_invalid: bool, m
         raise UserError("Check your data in the Data tab first: there is no checked data.")
     if report is not None and report.errors and not skip_invalid:
         # Said here, before a run is started only to be refused.
-        raise UserError(f"{report.invalid_rows} of {report.rows} rows have errors (see the Data tab): fix them in "
-                        f"your file, or tick Skip invalid rows to train on the {report.valid_rows} valid ones.")
+        raise UserError(f"{report.invalid_rows} of {report.rows} rows have errors (see the Data tab). "
+                        + checks.invalid_rows_advice(report.valid_rows))
     values = {f.name: getattr(data_settings, f.name) for f in dataclasses.fields(DataSettings)}
     values.update(skip_invalid_rows=bool(skip_invalid), model=model or "", output_dir=runs_dir)
     for spec in advanced_fields():
