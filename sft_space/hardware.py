@@ -94,16 +94,6 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return False
 
 
-# Named GPUs people duplicate Spaces onto; used to say whether a model fits hardware other than this one.
-KNOWN_HARDWARE = {
-    "T4 (16 GB)": Hardware("cuda", "Tesla T4", 15.0, (7, 5)),
-    "L4 (24 GB)": Hardware("cuda", "NVIDIA L4", 22.0, (8, 9)),
-    "A10G (24 GB)": Hardware("cuda", "NVIDIA A10G", 22.0, (8, 6)),
-    "A100 (80 GB)": Hardware("cuda", "NVIDIA A100 80GB", 79.0, (8, 0)),
-    "H100 (80 GB)": Hardware("cuda", "NVIDIA H100", 79.0, (9, 0)),
-}
-
-
 @dataclass
 class TrainingPlan:
     """The resolved settings a run trains with, and why each was chosen."""

@@ -11,6 +11,16 @@ from pathlib import Path
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "sft_space" / "samples" / "captain_byte.jsonl"
 
 
+def gpu(name, memory_gib, capability):
+    """A GPU as hardware.detect_hardware describes one (the plan and the estimate are tested on GPUs not here)."""
+    from sft_space.hardware import Hardware
+
+    return Hardware("cuda", name, memory_gib, capability)
+
+
+T4, A10G, H100 = gpu("Tesla T4", 15.0, (7, 5)), gpu("NVIDIA A10G", 22.0, (8, 6)), gpu("NVIDIA H100", 79.0, (9, 0))
+
+
 def chat(*pairs, system=None):
     """A conversation from (user, assistant) pairs, as an OpenAI-style row."""
     messages = [{"role": "system", "content": system}] if system else []

@@ -2,14 +2,13 @@
 said to be derived."""
 
 import pytest
+from builders import H100, T4
 
 from sft_space import checks, estimate, models
-from sft_space.hardware import KNOWN_HARDWARE, Hardware
+from sft_space.hardware import Hardware
 from sft_space.settings import run_settings
 
 TWO_CORES = Hardware("cpu", "CPU", 24.0, None, 2)
-T4 = KNOWN_HARDWARE["T4 (16 GB)"]
-H100 = KNOWN_HARDWARE["H100 (80 GB)"]
 
 
 def report(examples=160, tokens=85):

@@ -4,15 +4,15 @@ import dataclasses
 import json
 
 import pytest
+from builders import A10G, H100, T4
 
 from sft_space import catalog, cli, models
 from sft_space.errors import UserError
-from sft_space.hardware import KNOWN_HARDWARE, Hardware, plan_training
+from sft_space.hardware import Hardware, plan_training
 from sft_space.memory import estimate_memory
 from sft_space.settings import PRESETS, GenerationSettings, RunSettings, run_settings, to_command_line
 
 CPU = Hardware("cpu", "CPU", 16.0, None, 2)
-T4, A10G, H100 = KNOWN_HARDWARE["T4 (16 GB)"], KNOWN_HARDWARE["A10G (24 GB)"], KNOWN_HARDWARE["H100 (80 GB)"]
 
 
 
