@@ -9,6 +9,7 @@
                                      [--demo-space]
     python -m sft_space export RUN_DIR (--merged OUT_DIR | --adapter OUT_DIR | --zip FILE | --gguf FILE [--quant Q])
     python -m sft_space bench [--shape NAME] [--steps N] [--json]
+    python -m sft_space doctor [--quick] [--json] [--out DIR]
 
 Exit status: 0 all rows valid (validate) or the run finished (train); 1 some rows invalid, the source unusable,
 or the run failed or was refused; 2 bad command-line usage; 130 the run was stopped (Ctrl+C or SIGTERM).
@@ -34,9 +35,9 @@ from typing import Any, Iterator
 
 from . import checks, data, models, render
 from .errors import UserError
-from .settings import (DEFAULT_PRESET, BenchSettings, DataSettings, GenerationSettings, PublishSettings, RunSettings,
-                       add_arguments, explicit_arguments, field_help, from_arguments, from_environment, run_settings,
-                       settings_from_file, train_command)
+from .settings import (DEFAULT_PRESET, BenchSettings, DataSettings, DoctorSettings, GenerationSettings, PublishSettings,
+                       RunSettings, add_arguments, explicit_arguments, field_help, from_arguments, from_environment,
+                       run_settings, settings_from_file, train_command)
 
 MAX_LISTED_PROBLEMS = 50
 # Exit status of `train` when the run was stopped (as a shell reports a process ended by Ctrl+C).
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     _chat_parser(commands)
     _publish_parsers(commands)
     _bench_parser(commands)
+    _doctor_parser(commands)
     return parser
 
 
@@ -138,6 +140,18 @@ def _quant_argument(parser: argparse.ArgumentParser) -> None:
     spec = PublishSettings.__dataclass_fields__["gguf_quant"]
     parser.add_argument("--quant", dest="gguf_quant", choices=spec.metadata["choices"], default=spec.default,
                         help=spec.metadata["help"] + f" With --gguf; default {spec.default}.")
+
+
+def _doctor_parser(commands: Any) -> None:
+    doctor = commands.add_parser("doctor", help="Check that this machine trains: short real trainings of each plan "
+                                                "it supports, with speed and memory measured.",
+                                 description="Print the machine (GPUs, versions, precisions, attention), then train "
+                                             "a few steps of each plan this hardware supports and report each as a "
+                                             "row: tokens/s, peak memory measured against the estimate, the loss "
+                                             "before and after, passed, failed or skipped with the reason. Exit "
+                                             "status 1 when a row failed.")
+    add_arguments(doctor, DoctorSettings)
+    doctor.add_argument("--json", action="store_true", help="Print exactly one JSON object: the machine and the rows.")
 
 
 def _bench_parser(commands: Any) -> None:
@@ -500,6 +514,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    settings = from_arguments(DoctorSettings, args)
+    result = doctor.run_doctor(settings, on_status=_status_line)
+    if settings.out:
+        for path in doctor.write_results(result, settings.out):
+            _status_line(f"Wrote {path}")
+    print(json.dumps(result) if args.json else doctor.format_report(result))
+    return 1 if doctor.failed(result) else 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import format_report, run_bench
 
@@ -533,7 +559,8 @@ def _run_command(args: argparse.Namespace) -> int:
     try:
         _quiet_libraries()
         commands = {"validate": cmd_validate, "preview": cmd_preview, "train": cmd_train, "chat": cmd_chat,
-                    "push": cmd_push, "export": cmd_export, "bench": cmd_bench}
+                    "push": cmd_push, "export": cmd_export, "bench": cmd_bench,
+                    "doctor": cmd_doctor}
         return commands[args.command](args)
     except KeyboardInterrupt:
         if args.command != "train":
@@ -553,4 +580,6 @@ def json_refusal(args: argparse.Namespace, message: str) -> dict[str, Any]:
     reads a refusal where it reads a result (validate's report; the bench's settings)."""
     if args.command == "bench":
         return {"error": message, "settings": explicit_arguments(BenchSettings, args)}
+    if args.command == "doctor":
+        return {"error": message, "machine": None, "rows": []}
     return checks.Report.unusable(getattr(args, "source", ""), message).to_dict()

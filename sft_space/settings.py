@@ -445,6 +445,28 @@ class BenchSettings:
     seed: int = setting(0, "Seed for the synthetic data and the random weights.")
 
 
+@dataclass
+class DoctorSettings:
+    """What the doctor checks: short real trainings of each plan this machine supports."""
+
+    quick: bool = setting(False, "Only the quick pass: the model below in each plan this machine supports. Without "
+                                 "it, model shapes with random weights follow, up to the largest the memory "
+                                 "estimate says fits, and the benchmark against TRL's defaults on a GPU.")
+    model: str = setting("", "Model of the quick pass: the built-in SmolLM2-135M (empty), a local folder or a Hub id.",
+                         metavar="MODEL")
+    steps: int = setting(0, "Optimizer steps per training (0: 10 on a GPU, 3 on a CPU).", bounds=(0, 10_000))
+    max_length: int = setting(0, "Tokens per training sequence (0: 1,024 on a GPU, the length the memory estimate "
+                                 "was calibrated at; 128 on a CPU).", bounds=(0, 131_072))
+    out: str = setting("", "Folder to write doctor.json and doctor.md (the table, to paste into an issue or "
+                           "docs/BENCHMARKS.md) into; nothing is written when empty.", metavar="DIR")
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+        if 0 < self.max_length < 32:
+            raise UserError(f"max_length = {self.max_length} is too short for a conversation: use 32 or more, or 0 "
+                            "(--max-length).")
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # A first look in minutes: one pass, a small adapter, a brisk learning rate.
     "quick": {"epochs": 1.0, "lora_r": 8, "lora_alpha": 16, "learning_rate": 3e-4},

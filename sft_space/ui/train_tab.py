@@ -18,9 +18,9 @@ import pandas as pd
 from .. import access, checks, data, estimate, events, isolation, jobs, models, runs, storage
 from ..errors import UserError
 from ..hardware import Hardware, detect_hardware
-from ..settings import (DEFAULT_PRESET, PRESET_NAMES, DataSettings, RunSettings, field_help, field_type, run_settings,
-                         train_command)
-from .common import Gate, settings_component
+from ..settings import (DEFAULT_PRESET, PRESET_NAMES, DataSettings, DoctorSettings, RunSettings, field_help, field_type,
+                         run_settings, train_command)
+from .common import Gate, markdown_text, refused_markdown, settings_component
 from .model_choices import picker_choices
 
 log = logging.getLogger(__name__)
@@ -317,6 +317,38 @@ def live_markdown(hardware: Hardware, run_dir: str | Path | None, ended: bool = 
 _USUAL_SPEEDS: dict[tuple[str, Hardware], estimate.Throughput | None] = {}
 
 
+def hardware_check_access(gate: Gate, profile: Any) -> access.TrainingAccess:
+    """Who may check the hardware: on a Space only its owner (a check trains on the GPU the owner pays for, for
+    minutes), whoever may train elsewhere."""
+    level = access.OWNER if gate.environ.get("SPACE_ID") else gate.settings.who_may_train
+    return access.training_access(level, gate.environ, profile)
+
+
+def check_hardware(gate: Gate, manager: jobs.JobManager, profile: Any,
+                   run_check: Callable[[], Any] | None = None) -> Any:
+    """The "Check this hardware" button: the doctor's quick pass in a child process, its progress as it comes,
+    then its table; a refusal (not the owner, a run training, a check already running) is a message."""
+    from .. import doctor
+
+    decision = hardware_check_access(gate, profile)
+    if not decision.allowed:
+        raise gr.Error(decision.reason.replace("may train or publish here", "may check this hardware"))
+    current = manager.current()
+    if current is not None and not current.done:
+        raise UserError("A run is training on this machine: check the hardware once it has ended (the check trains "
+                        "too, and would slow the run or take the memory it needs).")
+    lines: list[str] = []
+    for item in (run_check or (lambda: doctor.check_in_child(DoctorSettings(quick=True))))():
+        if isinstance(item, dict):
+            counts = {status: sum(row["status"] == status for row in item["rows"])
+                      for status in (doctor.PASSED, doctor.FAILED, doctor.SKIPPED)}
+            yield (f"**Checked** · {counts[doctor.PASSED]} passed, {counts[doctor.FAILED]} failed, "
+                   f"{counts[doctor.SKIPPED]} skipped\n\n" + doctor.markdown_table(item))
+            return
+        lines = [*lines[-5:], f"- {markdown_text(item)}"]
+        yield "**Checking this hardware** (a few minutes)…\n\n" + "\n".join(lines)
+
+
 def visitor_job(manager: jobs.JobManager, owner: str, job_id: str) -> jobs.Job | None:
     """The job this page shows: the one it started, else the visitor's latest (after a reload)."""
     return manager.get(job_id, owner) if job_id else manager.latest_for(owner)
@@ -512,4 +544,17 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
           inputs=[session, job_id, report, data_settings, model, preset, *advanced.values()], outputs=cost,
           show_progress="hidden",
           trigger_mode="always_last")
+    with gr.Accordion("Check this hardware", open=False):
+        gr.Markdown("A few short trainings of each plan this machine supports, with their speed, memory and loss: "
+                    "whether it trains, and how fast. A few minutes; on a Space, for its owner.")
+        check_button = gr.Button("Check this hardware", elem_id="check-hardware")
+        hardware_report = gr.Markdown(elem_id="hardware-report")
+
+    def on_check_hardware(profile: gr.OAuthProfile | None):
+        try:
+            yield from check_hardware(gate, manager, profile)
+        except (gr.Error, UserError) as err:
+            yield refused_markdown("on_check_hardware", err)
+
+    check_button.click(on_check_hardware, outputs=hardware_report, concurrency_limit=1)
     return TrainTab(job_id=job_id, on_access=on_access, access_outputs=[refused_row, refused_text, cost])
