@@ -98,8 +98,9 @@ def _hub_id(name: str) -> str | None:
 
 
 def base_model_of(record: dict[str, Any]) -> str:
-    """The base model a run record names, as the run was trained on it."""
-    return record.get("base_model") or (record.get("settings") or {}).get("model", "")
+    """The base model a run record names, as the run was trained on it (its settings' model, the default
+    filled in)."""
+    return record.get("base_model") or ""
 
 
 def hub_base_model(model: str) -> str | None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from . import runs
+from . import card, runs
 from .errors import UserError
 from .settings import RunSettings, is_number
 
@@ -148,7 +148,7 @@ def run_rows(folder: runs.RunFolder, record: dict[str, Any]) -> dict[str, Any]:
         "data fingerprint": str(data.get("fingerprint") or "")[:12],
         "train examples": data.get("train_examples"),
         "validation examples": data.get("validation_examples"),
-        "model": record.get("base_model") or settings.get("model"),
+        "model": card.base_model_of(record),
     }
     declared = [spec.name for spec in dataclasses.fields(RunSettings)]
     # Declared order first (the Train tab's), then what another version of the app wrote.

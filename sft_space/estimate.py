@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Any
 
-from . import catalog, isolation, models
+from . import card, catalog, isolation, models
 from .bench import PEAK_TFLOPS, peak_tflops
 from .errors import UserError
 from .events import duration
@@ -205,12 +205,12 @@ def usual_throughput(hardware: Hardware, record: dict[str, Any],
     (a GPU of unknown speed, a record without a plan, a model whose shape cannot be read); `limits` as in
     `model_shape`."""
     plan_values = record.get("plan") or {}
-    model = record.get("base_model") or (record.get("settings") or {}).get("model") or ""
+    model = card.base_model_of(record)
     try:
         plan = TrainingPlan(**{spec.name: plan_values[spec.name] for spec in fields(TrainingPlan)
                                if spec.name in plan_values})
         return throughput(hardware, model_shape(str(model), limits), plan)
-    except (UserError, TypeError, ValueError, OSError):  # an older record, a model gone from the cache: no comparison
+    except (UserError, TypeError, ValueError, OSError):  # a run that ended before its plan, a model gone: none
         return None
 
 

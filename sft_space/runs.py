@@ -616,9 +616,3 @@ def check_resumable(folder: RunFolder, record: dict[str, Any] | None = None) -> 
     return checkpoint
 
 
-def resumable_runs(runs_dir: str | Path) -> list[RunFolder]:
-    """Runs a restarted process can continue: stopped, failed, or left "running" by a process that died (not
-    one a live process is training, and not one whose record cannot be used)."""
-    return [folder for folder, record in list_runs(runs_dir)
-            if record.get("status") not in (FINISHED, UNREADABLE) and folder.last_checkpoint() is not None
-            and folder.lock_holder() is None]

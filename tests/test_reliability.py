@@ -47,7 +47,7 @@ def test_a_killed_run_resumes_losing_at_most_one_save_interval(tiny_model_dir, t
     process.wait(timeout=30)
     killed_at = max(m["step"] for m in folder.read_metrics() if "loss" in m)
     assert folder.read()["status"] == runs.RUNNING  # what a dead process leaves behind
-    assert runs.resumable_runs(runs_dir) == [folder]
+    assert runs.check_resumable(folder) == folder.last_checkpoint() and folder.lock_holder() is None
     checkpoint = int(folder.last_checkpoint().name.split("-")[1])
     assert killed_at - checkpoint <= save_every, "at most one save interval is lost"
 

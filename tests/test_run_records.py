@@ -113,13 +113,16 @@ def test_a_command_line_run_is_shown_to_no_visitor_readable_or_not(broken_runs):
     assert RunFolder.open(broken_runs / "from-cli").read()["owner"] is None  # the command line still opens it
 
 
-def test_broken_runs_are_not_offered_for_resuming(broken_runs):
+def test_a_broken_run_cannot_be_resumed_and_says_why(broken_runs):
     for run_id in ("good", "int-created"):
         checkpoint = broken_runs / run_id / "checkpoint-2"
         checkpoint.mkdir()
         (checkpoint / "trainer_state.json").write_text("{}")
-    (broken_runs / "good" / runs.RUN_FILE).write_text(json.dumps({**GOOD, "status": "stopped"}))
-    assert [folder.run_id for folder in runs.resumable_runs(broken_runs)] == ["good"]
+    (broken_runs / "good" / runs.RUN_FILE).write_text(json.dumps({**GOOD, "status": "stopped",
+                                                                  "settings": {"source": "data.jsonl"}}))
+    assert runs.check_resumable(RunFolder(broken_runs / "good")) == broken_runs / "good" / "checkpoint-2"
+    with pytest.raises(UnreadableRun, match="'created_at' should be text"):
+        runs.check_resumable(RunFolder(broken_runs / "int-created"))
 
 
 @pytest.mark.parametrize("command", [
@@ -174,7 +177,6 @@ def test_a_second_resume_of_a_locked_run_is_refused_before_anything_is_read_or_w
         with pytest.raises(RunLocked, match="wait for it to end or stop it"):
             with folder.locked():
                 pass
-        assert runs.resumable_runs(tmp_path / "runs") == [], "a run in training is not offered for resuming"
     assert snapshot(folder) == before, "nothing was written to the run folder"
     assert folder.lock_holder() is None and not (folder.path / runs.LOCK_FILE).exists()
 

@@ -176,7 +176,7 @@ def test_stop_then_resume_continues_the_step_count(tiny_settings):
     assert 4 <= stopped_at < 10
     assert folder.last_checkpoint().name == f"checkpoint-{stopped_at}", "stopping saves a checkpoint at that step"
     assert (folder.adapter_path / "adapter_model.safetensors").is_file(), "stopping keeps the adapter"
-    assert runs.resumable_runs(settings.output_dir) == [folder]
+    assert runs.check_resumable(folder) == folder.last_checkpoint() and folder.lock_holder() is None
 
     resumed = train(TrainRequest(settings, resume=folder.path))
     assert resumed.path == folder.path
@@ -481,7 +481,7 @@ def test_a_stop_in_each_stage_ends_the_run_at_once_with_what_it_has(tiny_setting
         assert record["status"] == runs.STOPPED and record["error"] is None
         assert record["final_metrics"]["step"] == 1
         assert folder.last_checkpoint().name == "checkpoint-1", "the step it stopped at is resumable"
-        assert runs.resumable_runs(settings.output_dir) == [folder]
+        assert runs.check_resumable(folder) == folder.last_checkpoint() and folder.lock_holder() is None
     else:
         assert record["status"] == runs.FINISHED and record["final_metrics"]["step"] == 8
 
