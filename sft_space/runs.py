@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import UserError
-from .settings import DEFAULT_PRESET, RunSettings, run_settings
+from .settings import DEFAULT_PRESET, RunSettings, is_number, run_settings
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -75,10 +75,6 @@ def _kind(value: Any) -> str:
     if isinstance(value, str):
         return "text"
     return "a list" if isinstance(value, list) else "an object"
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _text(value: Any) -> bool:
@@ -125,7 +121,7 @@ def validate_record(run_id: str, record: Any) -> dict[str, Any]:
         if key in record and not valid(record[key]):
             raise unusable(f"{key!r} should be {expected}, not {_kind(record[key])}")
     for name, value in (record.get("final_metrics") or {}).items():
-        if value is not None and not _is_number(value):
+        if value is not None and not is_number(value):
             raise unusable(f"'final_metrics' should hold numbers (or null), but {name!r} is {_kind(value)}")
     return record
 
