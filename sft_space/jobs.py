@@ -1,4 +1,5 @@
-"""One training job per GPU, shared by every visitor of the app.
+"""One training job at a time on this machine, shared by every visitor of the app: a run trains on every GPU the
+machine has (one process each, see distributed.py), so a second run would find none free.
 
 A job trains in a child process (`child.Supervisor`), so closing the browser tab does not stop it and a crash of
 the run cannot take the app down; its run folder is the source of truth, so a reloaded page re-attaches by reading
@@ -53,7 +54,7 @@ class JobState(StrEnum):
 
 @dataclass
 class Job:
-    """One visitor's place in the app's queue for the GPU, and what the page shows of it: its state, its latest
+    """One visitor's place in the app's queue for the machine's training, and what the page shows of it: its state, its latest
     status line, its run folder once there is one.
 
     Not `train.TrainRequest`, which is the input of one call to `train` inside the training process: a Job lives
@@ -67,7 +68,7 @@ class Job:
     settings: RunSettings
     resume: str | None = None
     state: JobState = JobState.QUEUED
-    message: str = "Waiting for the GPU."
+    message: str = "Waiting for the run in training to end."
     run_dir: Path | None = None
     error: str | None = None
     submitted_at: float = field(default_factory=time.time)
@@ -113,7 +114,7 @@ class JobManager:
         self._jobs: dict[str, Job] = {}
 
     def submit(self, settings: RunSettings, owner: str, client: str | None = None) -> Job:
-        """Start a new run of `settings` for `owner`, or queue it while the GPU is busy. `client`: the address
+        """Start a new run of `settings` for `owner`, or queue it while another run trains. `client`: the address
         the app was asked from, which bounds what visitors who are not signed in may queue."""
         with self._lock:
             self._check_may_queue(owner, client)
@@ -145,7 +146,7 @@ class JobManager:
             raise UserError("A run from your address is already training or waiting, and visitors who are not "
                             "signed in get one at a time each; wait for it to end (or sign in).")
         if self._current is not None and len(self._queue) >= self._max_queued:
-            raise UserError(f"The GPU is busy and {len(self._queue)} runs are already waiting; "
+            raise UserError(f"A run is training and {len(self._queue)} runs are already waiting; "
                             "try again when one finishes.")
 
     def _enqueue(self, job: Job) -> Job:
@@ -154,7 +155,7 @@ class JobManager:
             self._start(job)
         else:
             self._queue.append(job)
-            job.message = f"Waiting for the GPU: position {len(self._queue)} in the queue."
+            job.message = f"Waiting for the run in training to end: position {len(self._queue)} in the queue."
         return job
 
     def _check_resumable(self, folder: runs.RunFolder) -> None:
@@ -207,7 +208,7 @@ class JobManager:
             with self._lock:
                 if folder.run_id in self._jobs:
                     continue
-                # Command-line runs have no owner: the GPU is busy, and no visitor may stop them.
+                # Command-line runs have no owner: the machine is training, and no visitor may stop them.
                 job = Job(folder.run_id, record.get("owner") or "", RunSettings(output_dir=str(folder.path.parent)),
                           state=JobState.RUNNING, message="Training (re-attached after the app restarted)…",
                           run_dir=folder.path, pid=holder["pid"])
@@ -245,7 +246,7 @@ class JobManager:
             outcome = self._outcome(job)
         except UserError as err:
             outcome = (JobState.FAILED if self._run_failed(job) else JobState.REFUSED, str(err), str(err))
-        except Exception as err:  # a bug, not the user's doing: still end the job and free the GPU
+        except Exception as err:  # a bug, not the user's doing: still end the job and free the machine
             reason = f"{type(err).__name__}: {err}"
             outcome = (JobState.FAILED, f"The run failed unexpectedly: {reason}", reason)
         finally:
@@ -254,13 +255,13 @@ class JobManager:
         if job.out_of_time and outcome[0] == JobState.STOPPED:
             outcome = (JobState.STOPPED, self._out_of_time_message(job), None)
         with self._lock:
-            # The GPU is released before the job reads as done, so whoever sees it done can start another.
+            # The machine is released before the job reads as done, so whoever sees it done can start another.
             self._current = None
             job.state, job.message, job.error = outcome
             if self._queue:
                 self._start(self._queue.pop(0))
             for position, waiting in enumerate(self._queue, start=1):
-                waiting.message = f"Waiting for the GPU: position {position} in the queue."
+                waiting.message = f"Waiting for the run in training to end: position {position} in the queue."
 
     @staticmethod
     def _out_of_time(job: Job) -> None:

@@ -439,10 +439,14 @@ class BenchSettings:
 
     shape: str = setting("tiny", "Model shape, with random weights (tiny suits a CPU), or 'embedded' for the "
                                  "embedded default model's real weights.", choices=BENCH_SHAPES)
-    steps: int = setting(10, "Optimizer steps measured per path, after the warm-up steps.")
-    warmup_steps: int = setting(2, "Steps run first and not measured (allocation, kernel selection).")
-    max_length: int = setting(1024, "Maximum sequence length, the same for both paths.")
-    seed: int = setting(0, "Seed for the synthetic data and the random weights.")
+    steps: int = setting(10, "Optimizer steps measured per path, after the warm-up steps.", bounds=(1, 100_000))
+    warmup_steps: int = setting(2, "Steps run first and not measured (allocation, kernel selection).",
+                                bounds=(0, 10_000))
+    max_length: int = setting(1024, "Maximum sequence length, the same for both paths.", bounds=(16, 1_048_576))
+    seed: int = setting(0, "Seed for the synthetic data and the random weights.", bounds=(0, 4_294_967_295))
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 @dataclass

@@ -66,7 +66,7 @@ def test_second_visitor_is_queued_then_refused_and_never_disturbs_the_first(mana
     assert wait_until(lambda: first.state == JobState.RUNNING)
     second = manager.submit(RunSettings(source="b.jsonl"), owner="bob")
     assert second.state == JobState.QUEUED and "position 1" in second.message
-    with pytest.raises(UserError, match="busy"):
+    with pytest.raises(UserError, match="A run is training and 1 runs are already waiting"):
         manager.submit(RunSettings(source="c.jsonl"), owner="carol")
     assert first.state == JobState.RUNNING and runner.started == [first.job_id]
 

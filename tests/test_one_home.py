@@ -15,3 +15,26 @@ def holders(pattern: str) -> list[str]:
 def test_a_number_but_not_a_bool_is_one_rule():
     """JSON's true is Python's 1: settings.is_number is the one test that tells them apart."""
     assert holders(r"isinstance\(\w+, \(int, float\)\) and not isinstance\(\w+, bool\)") == ["sft_space/settings.py"]
+
+
+def test_every_numeric_setting_has_bounds_that_are_enforced():
+    """RELIABILITY.md's claim: a number from a flag, a config file, the environment or the page is checked against
+    bounds declared once, in every settings class."""
+    import dataclasses
+
+    import pytest
+
+    from sft_space import settings
+    from sft_space.errors import UserError
+
+    classes = [value for value in vars(settings).values()
+               if isinstance(value, type) and dataclasses.is_dataclass(value) and value.__module__ == settings.__name__]
+    assert len(classes) >= 7
+    for settings_class in classes:
+        for spec in dataclasses.fields(settings_class):
+            if settings.field_type(spec) not in (int, float):
+                continue
+            assert "bounds" in spec.metadata, f"{settings_class.__name__}.{spec.name} has no bounds"
+            low, _ = spec.metadata["bounds"]
+            with pytest.raises(UserError, match="out of range"):
+                settings_class(**{spec.name: low - 1})
