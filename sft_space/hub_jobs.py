@@ -283,6 +283,27 @@ def estimate_cost(run_settings: RunSettings, flavor: Flavor, stats: dict[str, An
     return CostEstimate(flavor, training, settings.startup_minutes * 60, job_timeout(training, settings, timeout))
 
 
+# The Hub's flavors and prices, asked at most this often by the app (they change rarely; every form change asks).
+FLAVORS_KEPT_SECONDS = 600.0
+_flavors_seen: tuple[float, dict[str, Flavor]] | None = None
+
+
+def known_flavors(api: Any, token: str | None) -> dict[str, Flavor]:
+    """list_flavors, kept for FLAVORS_KEPT_SECONDS."""
+    global _flavors_seen
+    if _flavors_seen is None or time.monotonic() - _flavors_seen[0] > FLAVORS_KEPT_SECONDS:
+        _flavors_seen = (time.monotonic(), list_flavors(api, token))
+    return _flavors_seen[1]
+
+
+def cost_line(runs_dir: str | Path, token: str | None, settings: RunSettings, flavor_name: str,
+              stats: dict[str, Any], environ: Mapping[str, str] | None = None) -> str:
+    """What the app says beside Start on Jobs: the run's cost on that flavor, and the timeout that bounds it."""
+    jobs = jobs_settings(environ)
+    flavor = choose_flavor(known_flavors(jobs_api(jobs, runs_dir, token), token), flavor_name)
+    return estimate_cost(settings, flavor, stats, jobs).describe()
+
+
 def billed_seconds(info: Any) -> float | None:
     """The seconds a job ran (what it is billed for), from the Hub's JobInfo."""
     durations = getattr(info, "durations", None)
@@ -299,11 +320,12 @@ def billed_seconds(info: Any) -> float | None:
 def explain_error(err: BaseException, action: str, flavor: str = "", in_app: bool = False) -> UserError:
     """What went wrong with a call to the Jobs API, for a person: no `jobs` permission, no payment method, a flavor
     the Hub refused, the Hub unreachable; the rest as publish says the Hub's answers."""
-    from .publish import _hub_failure_kind, explain_hub_error
+    from .hub import failure_kind
+    from .publish import explain_hub_error
 
     if isinstance(err, UserError):
         return err
-    kind, status = _hub_failure_kind(err)
+    kind, status = failure_kind(err)
     server = str(getattr(err, "server_message", "") or "")
     if status == 402:
         return JobsError(f"The Hub asks for a payment method to {action}: Jobs are billed by the second to the "
@@ -318,6 +340,22 @@ def explain_error(err: BaseException, action: str, flavor: str = "", in_app: boo
         return JobsError(f"The Hub refused the hardware {flavor} ({status}: {server or err}). It may be "
                          "unavailable right now: choose another flavor, or try again later.")
     return explain_hub_error(err, action, f"you/{RUNS_BUCKET}", "", in_app=in_app)
+
+
+def visitor_token(on_space: bool, oauth_token: Any, own_token: str | None, stand_in: bool) -> str | None:
+    """The token a visitor's Jobs run is started and billed with. On a Space: their own sign-in, which must have
+    granted the `jobs` scope (the Space's owner and its HF_TOKEN are never involved). On this machine: the
+    operator's HF_TOKEN or saved login (`own_token`); the local stand-in needs none."""
+    if on_space:
+        if oauth_token is None:
+            raise JobsError("Training on Hugging Face Jobs runs on your own Hugging Face account and is billed to "
+                            "it: press \"Sign in with Hugging Face\" (allowing 'jobs'), then Start again.")
+        refuse_without_scope(getattr(oauth_token, "scope", None))
+        return oauth_token.token
+    if own_token is None and not stand_in:
+        raise JobsError("Training on Hugging Face Jobs needs a Hugging Face token that may start Jobs: start the app "
+                        "with HF_TOKEN set, or after 'hf auth login'.")
+    return own_token
 
 
 def refuse_without_scope(scope: str | None) -> None:
@@ -751,6 +789,98 @@ def is_job_run(folder: runs.RunFolder) -> bool:
         return isinstance(folder.read().get("job"), dict)
     except UserError:
         return False
+
+
+# ------------------------------------------------------------------------------------------------ the app's runs
+
+
+# The last lines of a launched run's output kept for its status line.
+STATUS_LINES = 40
+
+
+@dataclass
+class LaunchedRun:
+    """A Jobs run the app started for a visitor: the command line's `train --jobs` as a child process."""
+
+    owner: str
+    run_id: str
+    run_dir: Path
+    flavor: str
+    process: subprocess.Popen = field(repr=False)
+    lines: list[str] = field(default_factory=list)
+    stops: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.process.poll() is not None
+
+    @property
+    def status(self) -> str:
+        """What the run says it is doing: its latest line that is a status (not its command or a progress bar)."""
+        from .child import is_status
+
+        return next((line for line in reversed(self.lines) if is_status(line)), "Starting…")
+
+
+class JobsLauncher:
+    """The app's Jobs runs, one child process each (`python -m sft_space train --jobs FLAVOR`), so that the visitor's
+    data is checked, and the job followed, outside the web server, as a local run's `train` is. The visitor's token
+    reaches the child in its environment (HF_TOKEN) only: never its command line, a file or the page. Stop sends it
+    SIGINT, which the command line turns into the run's stop request; a second Stop cancels the job."""
+
+    def __init__(self, runs_dir: str | Path):
+        self.runs_dir = Path(runs_dir)
+        self._runs: dict[str, LaunchedRun] = {}
+        self._lock = threading.Lock()
+
+    def latest(self, owner: str) -> LaunchedRun | None:
+        with self._lock:
+            return self._runs.get(owner)
+
+    def start(self, owner: str, token: str | None, flavor: str, settings: RunSettings | None = None,
+              resume: Path | None = None) -> LaunchedRun:
+        from .child import child_environment
+
+        running = self.latest(owner)
+        if running is not None and not running.done:
+            raise JobsError(f"Your Jobs run {running.run_id} is still going: stop it, or wait for it to end.")
+        if resume is not None:
+            run_id, arguments = resume.name, ["--resume", str(resume), "--jobs", flavor]
+        else:
+            run_id = runs.new_run_id(settings.source)
+            launch = self.runs_dir / ".jobs-launch"
+            launch.mkdir(parents=True, exist_ok=True)
+            path = launch / f"{run_id}.json"
+            runs.write_json_atomic(path, dataclasses.asdict(settings))
+            arguments = ["--config", str(path), "--jobs", flavor, "--run-name", run_id, "--owner", owner]
+        environment = child_environment()
+        environment.pop("HF_TOKEN", None)  # the operator's token is never a visitor's
+        if token:
+            environment["HF_TOKEN"] = token
+        process = subprocess.Popen([sys.executable, "-m", "sft_space", "train", *arguments], env=environment,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                   text=True, start_new_session=True)
+        run = LaunchedRun(owner, run_id, Path(settings.output_dir if settings else resume.parent) / run_id, flavor,
+                          process)
+        threading.Thread(target=self._read, args=(run,), name="jobs-run-output", daemon=True).start()
+        with self._lock:
+            self._runs[owner] = run
+        return run
+
+    @staticmethod
+    def _read(run: LaunchedRun) -> None:
+        for line in run.process.stderr:
+            run.lines.append(line.rstrip("\n"))
+            del run.lines[:-STATUS_LINES]
+
+    def stop(self, owner: str) -> LaunchedRun:
+        """The first Stop asks the run to save and stop; the next cancels its job."""
+        run = self.latest(owner)
+        if run is None or run.done:
+            raise JobsError("You have no Jobs run to stop.")
+        run.stops += 1
+        _signal(run.process.pid, signal.SIGINT)
+        return run
 
 
 # ------------------------------------------------------------------------------------------------ which API

@@ -186,6 +186,22 @@ def test_a_visitor_must_have_granted_the_jobs_scope():
             hub_jobs.refuse_without_scope(scope)
 
 
+def test_on_a_space_the_visitor_pays_with_their_own_sign_in_and_its_jobs_scope():
+    from types import SimpleNamespace
+
+    signed_in = SimpleNamespace(token=TOKEN, scope="openid profile jobs")
+    assert hub_jobs.visitor_token(True, signed_in, "hf_operators_own", stand_in=False) == TOKEN
+    with pytest.raises(UserError, match="Sign in with Hugging Face"):
+        hub_jobs.visitor_token(True, None, "hf_operators_own", stand_in=True)  # never the operator's token
+    with pytest.raises(UserError, match="allowing 'jobs'"):
+        hub_jobs.visitor_token(True, SimpleNamespace(token=TOKEN, scope="openid profile"), None, stand_in=False)
+    # On the operator's own machine: their HF_TOKEN or saved login; the stand-in needs none.
+    assert hub_jobs.visitor_token(False, None, "hf_operators_own", stand_in=False) == "hf_operators_own"
+    assert hub_jobs.visitor_token(False, None, None, stand_in=True) is None
+    with pytest.raises(UserError, match="HF_TOKEN"):
+        hub_jobs.visitor_token(False, None, None, stand_in=False)
+
+
 def test_out_of_memory_suggests_the_next_flavor_up(flavors):
     assert hub_jobs.next_flavor_up(flavors, "t4-small").name == "l4x1"
     assert hub_jobs.next_flavor_up(flavors, "a100-large").name == "h200"
@@ -221,7 +237,7 @@ def test_a_402_when_the_job_starts_refuses_the_run_and_writes_no_run(tmp_path, t
 
 def test_the_plan_ships_the_checked_examples_the_package_and_the_model_and_the_token_only_as_a_secret(
         stand_in, tmp_path, tiny_model_dir):
-    from sft_space.data import Example
+    from sft_space.formats import Example
 
     settings = run_settings("quick", source="/home/alice/raw private file.csv", columns="prompt=q,response=a",
                             model=str(tiny_model_dir))
@@ -277,3 +293,46 @@ def test_train_on_jobs_from_the_command_line_through_the_stand_in(write_jsonl, t
     assert not list((runs_dir / "on-jobs").glob("checkpoint-*")), "checkpoints stay in the bucket"
     assert f"Run finished: {runs_dir / 'on-jobs'}" in out
     assert files_holding(tmp_path, TOKEN) == [] and TOKEN not in out + err
+
+
+@pytest.mark.slow
+def test_stop_saves_the_run_in_the_bucket_and_a_new_job_resumes_it_and_a_restarted_app_follows_it_again(
+        write_jsonl, tiny_model_dir, tmp_path):
+    """Stop asks the job's run to save (a stop request in its bucket folder), the run stops with its adapter and a
+    checkpoint; a resume is a new job going on from the bucket's checkpoint, which a new API object (an app that
+    restarted) follows again instead of starting another."""
+    import threading
+
+    api, jobs = hub_jobs.LocalJobsApi(tmp_path / "hub"), JobsSettings(stop_grace_seconds=600)
+    settings = run_settings("quick", source=str(write_jsonl(distinct_chats(24))), model=str(tiny_model_dir),
+                            max_steps=400, lora_r=4, sample_prompts=0, save_every=1000)
+    run = hub_jobs.start_run(api, TOKEN, settings, "t4-small", tmp_path / "runs", jobs, run_id="stop-me")
+    ended = {}
+    follower = threading.Thread(target=lambda: ended.update(run.follow(settings=jobs, poll_seconds=0.5)))
+    follower.start()
+    bucket_events = tmp_path / "hub" / "buckets" / "local-user" / "sft-space-runs" / "stop-me" / "events.jsonl"
+    deadline = time.monotonic() + 240
+    while '"event": "step"' not in (bucket_events.read_text() if bucket_events.is_file() else ""):
+        assert time.monotonic() < deadline, "no step in four minutes"
+        time.sleep(0.5)
+    assert run.request_stop() is False  # the first Stop asks; it does not cancel
+    follower.join(240)
+    assert ended["status"] == "stopped", ended.get("error")
+    assert ended["job"]["stage"] in ("ERROR", "COMPLETED") and "stop_requested_at" in ended["job"]
+    assert (run.folder.adapter_path / "adapter_model.safetensors").is_file()
+    stopped_at = ended["final_metrics"]["step"]
+    assert 0 < stopped_at < 400 and list(bucket_events.parent.glob("checkpoint-*"))
+
+    resumed = hub_jobs.resume_run(api, TOKEN, run.folder, jobs, "l4x1")
+    second = run.folder.read()["job"]
+    assert second["id"] != ended["job"]["id"] and second["flavor"] == "l4x1"
+    # An app that restarted: another API object, the same job followed, no third job.
+    again = hub_jobs.resume_run(hub_jobs.LocalJobsApi(tmp_path / "hub"), TOKEN, run.folder, jobs)
+    assert again.folder.read()["job"]["id"] == second["id"]
+    record = again.follow(settings=jobs, poll_seconds=0.5)
+    assert record["status"] == "finished", record.get("error")
+    assert record["final_metrics"]["step"] == 400
+    assert [job["id"] for job in record["jobs"]] == [ended["job"]["id"], second["id"]]
+    assert record["cost_usd"] == pytest.approx(sum(job["cost_usd"] for job in record["jobs"]), abs=1e-6)
+    assert resumed.folder.path == run.folder.path
+    assert files_holding(tmp_path, TOKEN) == []

@@ -184,6 +184,7 @@ def test_the_train_and_runs_tabs_speak_no_code_outside_the_command_box(app, tmp_
               train_tab.progress_markdown(job_of(failed, jobs.JobState.FAILED, failed.read()["error"],
                                                  failed.read()["error"])),
               train_tab.live_markdown(TWO_CORES, running.path),
+              train_tab.jobs_progress_markdown(None),
               access.describe_who_may_train("auto", {}), access.describe_who_may_train("anyone", {}),
               runs_tab.run_details(str(runs_dir), "finished", OWNER)[0]]
     settings = RunSettings(source=str(SAMPLE_DATA), model=models.EMBEDDED_MODEL)
@@ -195,7 +196,8 @@ def test_the_train_and_runs_tabs_speak_no_code_outside_the_command_box(app, tmp_
     # Steps in plain numbers on every loss plot: with "~g" the plot gives the format the precision of its tick
     # spacing, and ticks 100, 110 read "1e+2 1.1e+2"; "r" keeps them whole.
     plots = [block for block in blocks.blocks.values() if isinstance(block, gr.LinePlot) and block.x == "step"]
-    assert len(plots) == 4 and {plot.x_axis_format for plot in plots} == {train_tab.STEP_AXIS_FORMAT}
+    # The Train tab's (a run here, a run on Jobs), the Runs tab's and the comparison's.
+    assert len(plots) == 5 and {plot.x_axis_format for plot in plots} == {train_tab.STEP_AXIS_FORMAT}
     assert train_tab.STEP_AXIS_FORMAT.endswith("r")
 
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import gradio as gr
 import pandas as pd
 
-from .. import access, checks, data, estimate, events, isolation, jobs, models, runs, storage
+from .. import access, checks, data, estimate, events, hub_jobs, isolation, jobs, models, runs, storage
 from ..errors import UserError
 from ..hardware import Hardware, detect_hardware
 from ..settings import (DEFAULT_PRESET, PRESET_NAMES, DataSettings, DoctorSettings, RunSettings, field_help, field_type,
@@ -375,6 +375,138 @@ class TrainTab:
     access_outputs: list[gr.components.Component]  # what `on_access` updates, in its order
 
 
+THIS_SPACE, ON_JOBS = "This Space", "Hugging Face Jobs"
+# The flavors offered: huggingface_hub's list of Jobs hardware with a GPU (their prices come from the Hub).
+JOBS_FLAVORS = [flavor.value for flavor in __import__("huggingface_hub").JobHardware
+                if not flavor.value.startswith("cpu")]
+
+
+def jobs_progress_markdown(run: hub_jobs.LaunchedRun | None, notice: str = "") -> str:
+    """The status of the visitor's Jobs run: what it says it does, where its curve is, its job and what it cost."""
+    lines = [f"**Refused** · {notice}"] if notice else []
+    if run is None:
+        return "\n\n".join(lines + ["No Jobs run yet. Check your data, pick a model and a GPU, and press **Start "
+                                      "on Jobs**."])
+    lines.append(f"**{'Ended' if run.done else 'Running'}** · {run.status}")
+    folder = runs.RunFolder(run.run_dir)
+    if folder.record_path.is_file():
+        if points := events.curve(events.read_file(folder.events_path)):
+            lines.append(events.progress_text(points[-1], events.headline_of(points), ended=run.done))
+        try:
+            record = folder.read()
+        except UserError:
+            record = {}
+        if isinstance(record.get("job"), dict):
+            lines.append(hub_jobs.describe_job(record["job"]))
+        if run.done and record.get("error"):
+            lines.append(f"❌ {record['error']}")
+        lines.append(f"Run: **{folder.run_id}**")
+    return "\n\n".join(lines)
+
+
+def build_jobs(gate: Gate, session: gr.BrowserState, where: gr.Radio, local: list[gr.components.Component],
+               report: gr.State, data_settings: gr.State, skip_invalid: gr.Checkbox, model: gr.Dropdown,
+               preset: gr.Radio, advanced: list[gr.components.Component], names: list[str]) -> None:
+    """The Train tab's Hugging Face Jobs part: a GPU flavor, the run's cost beside Start, Start / Stop / Resume, the
+    status and the curve of the visitor's Jobs run. On a Space, only a visitor signed in with the `jobs` scope
+    starts one, billed to them (the Space's owner and who may train here are not involved)."""
+    launcher = hub_jobs.JobsLauncher(gate.runs_dir)
+    on_space = bool(gate.environ.get("SPACE_ID"))
+    with gr.Group(visible=False) as group:
+        with gr.Row():
+            flavor = gr.Dropdown(JOBS_FLAVORS, value="t4-small", label="GPU", elem_id="jobs-flavor", scale=1)
+            jobs_cost = gr.Markdown(elem_id="jobs-cost")
+        with gr.Row():
+            start = gr.Button("Start on Jobs", variant="primary", elem_id="start-jobs")
+            stop = gr.Button("Stop", variant="stop", elem_id="stop-jobs")
+            resume = gr.Button("Resume on Jobs", elem_id="resume-jobs")
+        status = gr.Markdown(jobs_progress_markdown(None), elem_id="jobs-progress")
+        curve = gr.LinePlot(EMPTY_CURVE, label="Loss", elem_id="jobs-loss-plot", **LOSS_PLOT)
+    timer = gr.Timer(2.0, active=True)
+
+    where.change(lambda chosen: [gr.update(visible=chosen == ON_JOBS)] +
+                 [gr.update(visible=chosen != ON_JOBS) for _ in local], inputs=where, outputs=[group, *local],
+                 show_progress="hidden")
+
+    def token_of(profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None) -> str | None:
+        from ..publish import resolve_token
+
+        settings = hub_jobs.jobs_settings(gate.environ)
+        if not on_space:
+            gate.may_train(profile)
+        return hub_jobs.visitor_token(on_space, oauth_token, None if on_space else resolve_token(),
+                                      settings.api == "local")
+
+    def settings_of(report_value, data_value, skip, model_name, preset_name, advanced_values) -> RunSettings:
+        return settings_from_form(data_value, skip, gate.model(model_name), preset_name, gate.runs_dir,
+                                  dict(zip(names, advanced_values)), report_value)
+
+    def on_start(profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None, token, report_value,
+                 data_value, skip, model_name, preset_name, flavor_name, *advanced_values):
+        owner_id = gate.visitor(token)
+        try:
+            if flavor_name not in JOBS_FLAVORS:
+                raise UserError(f"Choose one of the GPUs offered, not {flavor_name!r}.")
+            settings = settings_of(report_value, data_value, skip, model_name, preset_name, advanced_values)
+            run = launcher.start(owner_id, token_of(profile, oauth_token), flavor_name, settings)
+        except (gr.Error, UserError) as err:
+            return jobs_progress_markdown(launcher.latest(owner_id), refusal("on_start_jobs", err))
+        return jobs_progress_markdown(run)
+
+    start.click(on_start, inputs=[session, report, data_settings, skip_invalid, model, preset, flavor, *advanced],
+                outputs=status)
+
+    def on_stop(token):
+        owner_id = gate.visitor(token)
+        try:
+            run = launcher.stop(owner_id)
+        except UserError as err:
+            return jobs_progress_markdown(launcher.latest(owner_id), refusal("on_stop_jobs", err))
+        return jobs_progress_markdown(run)
+
+    stop.click(on_stop, inputs=session, outputs=status)
+
+    def on_resume(profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None, token, flavor_name):
+        owner_id = gate.visitor(token)
+        latest = launcher.latest(owner_id)
+        try:
+            if latest is None or not latest.done or flavor_name not in JOBS_FLAVORS:
+                raise UserError("Nothing to resume: resume your stopped or failed Jobs run once it has ended.")
+            run = launcher.start(owner_id, token_of(profile, oauth_token), flavor_name, resume=latest.run_dir)
+        except (gr.Error, UserError) as err:
+            return jobs_progress_markdown(latest, refusal("on_resume_jobs", err))
+        return jobs_progress_markdown(run)
+
+    resume.click(on_resume, inputs=[session, flavor], outputs=status)
+
+    def refresh(token, chosen):
+        if chosen != ON_JOBS:
+            return gr.skip(), gr.skip()
+        owner_id = gate.known_visitor(token)
+        run = launcher.latest(owner_id) if owner_id else None
+        return jobs_progress_markdown(run), loss_plot(run.run_dir if run else None)
+
+    timer.tick(refresh, inputs=[session, where], outputs=[status, curve], show_progress="hidden")
+
+    def on_cost(oauth_token: gr.OAuthToken | None, chosen, report_value, data_value, model_name, preset_name,
+                flavor_name, *advanced_values):
+        if chosen != ON_JOBS:
+            return gr.skip()
+        if report_value is None or not report_value.token_counts:
+            return "No checked data: check your data (Data tab) to see what a run costs on Jobs."
+        try:
+            settings = settings_of(report_value, data_value, True, model_name, preset_name, advanced_values)
+            return hub_jobs.cost_line(gate.runs_dir, getattr(oauth_token, "token", None), settings, flavor_name,
+                                      report_value.stats(), gate.environ)
+        except (gr.Error, UserError) as err:
+            return f"No cost yet: {err}"
+
+    gr.on([where.change, flavor.change, report.change, model.change, preset.change,
+           *(component.change for component in advanced)], on_cost,
+          inputs=[where, report, data_settings, model, preset, flavor, *advanced], outputs=jobs_cost,
+          show_progress="hidden", trigger_mode="always_last")
+
+
 def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model: gr.Dropdown,
           report: gr.State, data_settings: gr.State, skip_invalid: gr.Checkbox) -> TrainTab:
     """Lay out the Train tab; returns what other tabs use."""
@@ -403,7 +535,9 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
                     if spec.metadata.get("group") == group:
                         advanced[spec.name] = settings_component(spec)
     names = list(advanced)
-    with gr.Row():
+    where = gr.Radio([THIS_SPACE, ON_JOBS], value=THIS_SPACE, label="Where to train", elem_id="train-where",
+                     info="Hugging Face Jobs: a GPU you choose, billed by the second to your Hugging Face account.")
+    with gr.Row() as local_controls:
         start = gr.Button("Start", variant="primary", elem_id="start-training")
         stop = gr.Button("Stop", variant="stop", elem_id="stop-training")
         resume = gr.Button("Resume", elem_id="resume-training")
@@ -411,6 +545,8 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
     curve = gr.LinePlot(EMPTY_CURVE, label="Loss", elem_id="loss-plot", **LOSS_PLOT)
     command = gr.Code(label="The same run from the command line", language="shell", interactive=False,
                       elem_id="train-command")
+    build_jobs(gate, session, where, [local_controls, progress, curve, cost], report, data_settings, skip_invalid,
+               model, preset, [advanced[n] for n in names], names)
     # What this page's last Start, Stop or Resume was refused for (`refusal_notice`), shown in the status line
     # until the next action.
     notice = gr.State("")
