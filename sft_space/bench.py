@@ -34,8 +34,9 @@ SHAPES = {
     "qwen2.5-7b": catalog.entry("Qwen/Qwen2.5-7B-Instruct"),
 }
 EMBEDDED = "embedded"
-# The replies of the GPU memory measurements in issue 15 (lognormal(5.3, 0.8) words, capped at 1,400): long enough
-# that most batches of 8 pad to the 1,024-token maximum. tests/test_plan.py checks the estimator against them.
+# The replies of the H100 memory measurements (docs/BENCHMARKS.md; lognormal(5.3, 0.8) words, capped at 1,400):
+# long enough that most batches of 8 pad to the 1,024-token maximum. tests/test_plan.py checks the estimator
+# against them.
 GPU_MEMORY_RECIPE_REPLY_WORDS = (5.3, 0.8, 1400)
 # Dense bf16 (fp16 on the T4) tensor-core peaks, TFLOP/s, for MFU.
 PEAK_TFLOPS = {"T4": 65.0, "L4": 121.0, "A10G": 125.0, "A100": 312.0, "H100": 989.0, "H200": 989.0}

@@ -2,7 +2,7 @@
 tokens/s figure that names where it comes from.
 
 Only two kinds of figure were measured: the embedded SmolLM2-135M on this project's 2-core CPU (docs/BENCHMARKS.md)
-and two model sizes on one H100 (issue 15). Every other machine and model size is derived from the nearest of
+and two model sizes on one H100 (docs/BENCHMARKS.md, GPU). Every other machine and model size is derived from the nearest of
 them, and the figure says so: by CPU cores, by the GPU's dense 16-bit tensor peak (bench.PEAK_TFLOPS), and by
 the parameter count for a model larger than the one measured (its compute per token grows with its size; a
 smaller one is not assumed faster, since small models were not compute-bound on the H100).
@@ -31,25 +31,25 @@ class Measured:
     where: str
 
 
-# Where a figure was measured, as the page says it (the page names no files: docs/BENCHMARKS.md and issue 15 hold
-# the measurements and their commands).
+# Where a figure was measured, as the page says it (the page names no files: docs/BENCHMARKS.md holds the
+# measurements and their commands).
 BENCHMARKS = "the project's benchmarks"
 # `python tests/style_check.py` on the 2-core CPU over a whole run of the sample data (docs/BENCHMARKS.md, "Whole
-# runs"), per precision of the plan: bf16 where the CPU has bf16 instructions (203.6 tokens/s), and fp32 as measured
-# before issue 15's CPU changes (125.5; those made it faster, so the figure is on the slow side).
+# runs"), per precision of the plan: bf16 where the CPU has bf16 instructions (203.6 tokens/s), and fp32 (125.5,
+# measured without the CPU path's later speed-ups, so the figure is on the slow side).
 CPU_MEASURED = {
     "bf16": Measured(134.5e6, 200.0, f"measured: SmolLM2-135M on a 2-core CPU, bf16 ({BENCHMARKS})"),
     "fp32": Measured(134.5e6, 125.0, f"measured: SmolLM2-135M on a 2-core CPU, fp32 ({BENCHMARKS})"),
 }
 CPU_MEASURED_CORES = 2
-# Issue 15: one H100, bf16, SDPA, LoRA r=16 all-linear, batch 8, max length 1024, padded batches, gradient
-# checkpointing off (the plan's choice when memory allows).
+# One H100, bf16, SDPA, LoRA r=16 all-linear, batch 8, max length 1024, padded batches, gradient checkpointing off
+# (the plan's choice when memory allows); docs/BENCHMARKS.md, GPU.
 H100_MEASURED = (
     Measured(134.5e6, 13_146.0, f"measured: SmolLM2-135M on one H100, bf16, batch 8 ({BENCHMARKS})"),
     Measured(1.236e9, 19_443.0, f"measured: Llama-3.2-1B on one H100, bf16, batch 8 ({BENCHMARKS})"),
 )
 H100_PEAK = PEAK_TFLOPS["H100"]
-# Issue 15, same runs with checkpointing on: 5,867 vs 13,146 tokens/s (135M) and 9,000 vs 19,443 (1B).
+# The same H100 runs with checkpointing on: 5,867 vs 13,146 tokens/s (135M) and 9,000 vs 19,443 (1B).
 CHECKPOINTING_SPEED = 0.45
 
 

@@ -1,4 +1,4 @@
-"""Does the quick preset teach the sample's style? A measured check against the real embedded model (issue 14).
+"""Does the quick preset teach the sample's style? A measured check against the real embedded model.
 
     python tests/style_check.py [--preset quick] [--output-dir /tmp/style-check] [--json]
 

@@ -111,7 +111,7 @@ def test_the_progress_line_writes_plain_lines_now_and_then(monkeypatch, capsys):
 
 @pytest.mark.parametrize("command", ["validate", "preview", "train"])
 def test_a_missing_file_is_refused_before_any_model_loads(command, tmp_path, monkeypatch, capsys):
-    """Before: the model's tokenizer was loaded first, and 'no such file' came 11-13 s later."""
+    """'No such file' is said before the model's tokenizer loads, which takes seconds."""
     from sft_space import models
 
     monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: pytest.fail("a tokenizer was loaded"))

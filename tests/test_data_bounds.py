@@ -72,7 +72,7 @@ def long_text(n_bytes):
 
 def test_a_long_value_compressed_into_a_few_kb_of_parquet_is_refused_from_the_metadata(tmp_path):
     """48 MB of one repeated character compresses to a few KB; the row is judged from its row group's decompressed
-    size and never decoded. Before: decoded, made a Python string, then measured as JSON (the peak grew by 300 MB)."""
+    size and never decoded (decoding it into a Python string to measure it as JSON grows the peak by 300 MB)."""
     import pyarrow as pa
 
     small = pa.array(["Hi", "Hi"])
@@ -87,8 +87,8 @@ def test_a_long_value_compressed_into_a_few_kb_of_parquet_is_refused_from_the_me
 
 def test_a_value_shared_through_a_parquet_dictionary_is_measured_per_row_and_never_made(tmp_path):
     """One 2 MB value stored once in a column's dictionary and used by 100 rows is 200 MB once decoded. Each row is
-    measured from the dictionary's value lengths and its indices, and no row over the limit is made into Python.
-    Before: every row was decoded and made (the peak grew by 670 MB)."""
+    measured from the dictionary's value lengths and its indices, and no row over the limit is made into Python
+    (making every row grows the peak by 670 MB)."""
     import pyarrow as pa
 
     shared = pa.DictionaryArray.from_arrays(pa.array([0] * 100, pa.int32()), long_text(2 * 2**20))
@@ -212,8 +212,8 @@ HUGE_ITEM_SHAPES = {
 @pytest.mark.parametrize("shape", HUGE_ITEM_SHAPES)
 def test_a_huge_item_of_a_json_array_is_skipped_unparsed_while_streaming(tmp_path, shape):
     """An item over the row limit (or nested too deeply to decode) is scanned in pieces and never held whole,
-    whatever its shape, and the items after it are read. Before: the item was read whole, decoded and measured as
-    JSON (the peak grew by 120 MB for escapes, 595 MB for short strings), or the whole file was refused."""
+    whatever its shape, and the items after it are read (reading it whole to decode and measure it grows the peak
+    by 120 MB for escapes, 595 MB for short strings)."""
     head, piece, tail, problem = HUGE_ITEM_SHAPES[shape]
     path = tmp_path / "array.json"
     with path.open("w") as f:
@@ -227,7 +227,7 @@ def test_a_huge_item_of_a_json_array_is_skipped_unparsed_while_streaming(tmp_pat
 
 
 def test_an_item_built_to_make_skipping_it_slow_stops_the_file_at_once(tmp_path):
-    """Text where every few characters need a scanning step of their own ("[[1]]," repeated: 16 MB took 6 s) is
+    """Text where every few characters need a scanning step of their own ("[[1]]," repeated: 16 MB takes 6 s) is
     given up after a few thousand steps, naming its line; ordinary shapes take one step per run of values."""
     path = tmp_path / "d.json"
     path.write_text("[\n" + json.dumps(HELLO) + ',\n{"messages": [' + "[[1]]," * 2_000_000 + "1]}]")
@@ -391,8 +391,8 @@ def test_a_csv_header_naming_a_column_twice_is_an_error_naming_it(tmp_path):
 
 
 def test_columns_not_read_are_one_warning_however_many_distinct_keys(tmp_path):
-    """100,000 distinct extra keys (1,000 on each of 100 rows) are one warning of a few hundred characters. Before:
-    one warning per key (a million keys made a 179 MB report)."""
+    """100,000 distinct extra keys (1,000 on each of 100 rows) are one warning of a few hundred characters, not one
+    per key (a million keys would make a 179 MB report)."""
     path = tmp_path / "keys.jsonl"
     with path.open("w") as f:
         for row in range(100):

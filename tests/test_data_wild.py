@@ -1,4 +1,4 @@
-"""Data as other tools write it, and at real scale (issue 13): formats, repeats, long texts, streamed Hub
+"""Data as other tools write it, and at real scale: formats, repeats, long texts, streamed Hub
 datasets, values of any type in any place, and a report that stays readable for tens of thousands of rows."""
 
 import datetime
@@ -97,7 +97,7 @@ def tool_calling_rows(n):
 
 
 def test_tool_calls_and_tool_turns_are_legal_sequences(write_jsonl, embedded_tokenizer):
-    """Before: a false roles_not_alternating warning on every assistant -> tool -> assistant row."""
+    """assistant -> tool -> assistant is a legal sequence: no roles_not_alternating warning."""
     report = report_for(write_jsonl, embedded_tokenizer, tool_calling_rows(30))
     assert not report.errors and report.valid_rows == 30
     assert [p.code for p in report.warnings] == []
@@ -118,7 +118,7 @@ def test_tool_calls_in_the_wrong_place_are_a_row_error(write_jsonl, embedded_tok
 
 
 def test_a_conversation_may_open_with_the_assistant_when_the_template_allows_it(write_jsonl, embedded_tokenizer):
-    """Before: template_error 'Cannot apply chat template to an empty conversation'."""
+    """No template_error ('Cannot apply chat template to an empty conversation') for an opening assistant turn."""
     row = {"messages": [{"role": "assistant", "content": "Welcome! Ask me anything."}, U, A]}
     report = report_for(write_jsonl, embedded_tokenizer, [row])
     assert not report.errors and not report.warnings[1:] and report.valid_rows == 1

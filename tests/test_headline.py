@@ -1,4 +1,4 @@
-"""What a newcomer reads first (issue 14): the headline losses (smoothed training loss and validation loss, never
+"""What a newcomer reads first: the headline losses (smoothed training loss and validation loss, never
 one step's raw loss), the loss plot, a reloaded Train tab, and status words that are true."""
 
 import json

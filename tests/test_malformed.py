@@ -182,7 +182,7 @@ def _check_within_budget(path, tokenizer, seconds=2.0, megabytes=300, **limits):
 
 
 def test_a_50_mb_row_is_answered_in_seconds_without_reading_it_whole(tmp_path, embedded_tokenizer):
-    """Measured before the bound: a 50 MB row (far under the 1 GB file limit) took 176 s and 13 GB to check."""
+    """The row limit is why: checked whole, a 50 MB row (far under the 1 GB file limit) takes 176 s and 13 GB."""
     from builders import distinct_chats
 
     path = tmp_path / "huge_row.jsonl"
@@ -199,7 +199,7 @@ def test_a_50_mb_row_is_answered_in_seconds_without_reading_it_whole(tmp_path, e
 
 
 def test_a_row_of_4000_messages_is_answered_in_seconds(tmp_path, embedded_tokenizer):
-    """Measured before the bound: one 160 KB row of 4,000 short messages took 87 s to check."""
+    """The message limit is why: checked whole, one 160 KB row of 4,000 short messages takes 87 s."""
     path = tmp_path / "many_turns.jsonl"
     turns = [{"role": role, "content": f"{role} turn {i}"} for i in range(2000) for role in ("user", "assistant")]
     path.write_text(json.dumps({"messages": turns}) + "\n")

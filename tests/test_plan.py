@@ -212,7 +212,8 @@ def test_the_measurements_recipe_reaches_full_batches_of_the_maximum_length(embe
 
 def test_a_packed_gpu_batch_is_sized_by_its_masks(shapes):
     """Packed batches are flattened into one sequence whose [tokens × tokens] mask every layer keeps: the plan
-    takes a smaller batch than the padded estimate would allow (issue 15: 26.5 GiB at 16 × 1024 on 135M)."""
+    takes a smaller batch than the padded estimate would allow (on one H100: 26.5 GiB at 16 × 1024 on 135M,
+    docs/BENCHMARKS.md)."""
     plan = plan_training(RunSettings(max_length=1024), T4, shapes["135m"], total_tokens=10**7, longest_example=1024)
     assert plan.packing and plan.batch_size <= 8 and plan.fits
 

@@ -234,7 +234,8 @@ def _turns(n):
 
 
 def test_rendering_time_grows_linearly_with_the_turns(embedded_tokenizer):
-    """Before: every prefix was rendered, so 4,000 short turns took over a minute (time ~ turns squared)."""
+    """A conversation is rendered once, not prefix by prefix: rendering every prefix makes time grow with the
+    square of the turns (4,000 short turns: over a minute)."""
     import time
 
     # This process's CPU time, not the wall clock: on a machine busy with other tests (two or more workers on two
@@ -254,7 +255,7 @@ def test_rendering_time_grows_linearly_with_the_turns(embedded_tokenizer):
 
 
 def test_pieces_of_a_long_example_take_linear_time(embedded_tokenizer):
-    """The preview merged neighbouring tokens by adding to a string token by token: 200,000 tokens took 2.4 s."""
+    """Neighbouring tokens are merged in one join: adding to a string token by token takes 2.4 s for 200,000."""
     import time
 
     rendered = render.render_text(embedded_tokenizer, "wave " * 200_000)
@@ -294,7 +295,8 @@ def test_rendering_many_at_once_equals_rendering_each(tokenizers, template):
 
 
 def test_an_opening_assistant_turn_is_trained_when_the_template_allows_it(embedded_tokenizer):
-    """Before: 'Cannot apply chat template to an empty conversation' (a prompt was rendered for no history)."""
+    """No prompt is rendered for an empty history, which templates refuse ('Cannot apply chat template to an empty
+    conversation')."""
     messages = [{"role": "assistant", "content": "Welcome aboard!"}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Ahoy."}]
     rendered = render.render_conversation(embedded_tokenizer, messages)
@@ -358,8 +360,8 @@ def _role_texts(rendered):
 
 
 def test_the_default_system_message_the_template_inserts_is_coloured_as_system(embedded_tokenizer):
-    """Before: SmolLM2's own system message, written when the data has none, was part of the first user turn and
-    coloured blue, though the legend says system is purple."""
+    """SmolLM2's own system message, which its template writes when the data has none, is a system piece (purple, as
+    the legend says), not part of the first user turn."""
     messages = CONVERSATIONS["multi-turn, no system"]
     rendered = render.render_conversation(embedded_tokenizer, messages)
     roles = _role_texts(rendered)

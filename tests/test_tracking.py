@@ -1,4 +1,4 @@
-"""Opt-in experiment tracking (issue 14): off by default; trackio logs each run locally, tested with the package
+"""Opt-in experiment tracking: off by default; trackio logs each run locally, tested with the package
 installed; a tracker whose package is missing is refused before anything starts."""
 
 import json

@@ -326,8 +326,8 @@ def test_the_data_tab_shows_complete_counts_and_a_sample_of_rows_for_each_proble
 
 
 def test_the_preview_shows_the_kept_examples_of_a_file_with_repeats(tmp_path, tiny_model_dir, monkeypatch):
-    """Before: the preview counted valid rows (repeats included) and indexed the examples kept for training, so the
-    last numbers of a file with repeats raised IndexError; and a session kept every example of a large file."""
+    """The preview numbers the examples kept for training (repeats dropped), not the valid rows, so every number it
+    offers shows an example; and a session keeps a bounded number of them, however large the file."""
     import json
 
     from builders import distinct_chats
@@ -427,8 +427,8 @@ def test_the_compare_view_is_off_the_api_and_refuses_another_visitors_runs(monke
 
 
 def test_the_runs_table_fits_the_page(tmp_path):
-    """Before, the table ran past the right edge at 1280 px (the last column cut off): a full time stamp and a whole
-    model path or Hub id. Now a run's row stays within what fits beside the others."""
+    """A run's row stays within what fits beside the others at 1280 px: a short time stamp and model name, never a
+    full time stamp or a whole model path, which push the last column past the page's edge."""
     from sft_space import runs
     from sft_space.ui import runs_tab
 
@@ -452,8 +452,8 @@ def test_the_runs_table_fits_the_page(tmp_path):
 
 def test_the_token_histogram_starts_at_zero_and_names_both_lines(write_jsonl, embedded_tokenizer, tmp_path,
                                                                 tiny_model_dir, monkeypatch):
-    """Before: the bar plot's axis started at -100/-200 (Gradio's plots do not start at zero by themselves), its
-    legend was cut off by the plot's fixed height, and bars of the two kinds at one position were stacked."""
+    """The bar plot's axis starts at zero (Gradio's plots do not by themselves: they start at -100/-200), its legend
+    is not cut off (no fixed height), and bars of the two kinds at one position stand side by side, not stacked."""
     import gradio as gr
 
     from builders import distinct_chats
