@@ -2,16 +2,16 @@
 
 The app never trains in its own process: a crash inside a kernel, the kernel's OOM killer or a leak in one run
 would take the whole Space down for every visitor. Each run is `python -m sft_space train …` in a process group
-of its own; the run folder is the channel between the two (run.json for the outcome, metrics.jsonl for the
-curve), and the child's output lines are its live status.
+of its own; the run folder is the channel between the two (run.json for the outcome, events.jsonl for the
+curve), and the events on the child's output (events.py) are its live status: no line of its human output is read.
 
 Stop is a signal: SIGINT asks the child to save a checkpoint and the adapter at the current step and exit. The
-grace it has for that covers the slowest step the run has taken so far (its metrics.jsonl says), twice, on top of
+grace it has for that covers the slowest step the run has taken so far (its events say), twice, on top of
 STOP_GRACE_SECONDS for the save itself: on a busy machine a step can take longer than any fixed grace. If it has
 not exited by then, or on a second Stop, the whole group is killed, the run is `stopped` at its last checkpoint,
 and that checkpoint's adapter is copied out as the run's adapter, to chat with or publish. A child that dies
 otherwise (SIGKILL, SIGSEGV, the OOM killer) leaves its run `failed` with the signal and the tail of its output in
-failure.txt.
+failure.txt. Either way the supervisor writes the terminal event the child could not.
 
 With `warm`, the next run's process is started ahead, its libraries loaded (see standby.py): Start then costs no
 library loading, about 5 s on two CPU cores.
@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import runs
+from . import events, runs
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,6 @@ STOP_GRACE_SECONDS = 30.0
 SLOWEST_STEPS_OF_GRACE = 2
 LOG_TAIL_LINES = 40
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
-# Lines the command line prints that are not status messages: the progress bar, its own command, and the lines of
-# its summary (indented), which name files and commands of the server's, not words for the page.
-NOT_STATUS = ("█", "·", "python -m", "Run ", "Continue with:")
 # What a checkpoint holds besides the adapter: the trainer's state (pickles among them), not part of an adapter.
 TRAINER_STATE_FILES = ("trainer_state.json",)
 ADAPTER_SUFFIXES = (".json", ".safetensors", ".jinja", ".txt", ".model", ".md")
@@ -104,18 +101,12 @@ def says_running(folder: runs.RunFolder) -> bool:
 
 @dataclass(frozen=True)
 class Listeners:
-    """What the job manager is told while a child runs: each status line, the run folder once it exists, and the
-    moment the run is training."""
+    """What the job manager is told while a child runs: what its events say (`events.said`), the run folder once it
+    exists, and the moment the run is training."""
 
     on_status: Callable[[str], None]
     on_folder: Callable[[Path], None]
     on_running: Callable[[], None]
-
-
-def is_status(line: str) -> bool:
-    """Whether a line of the child's output is a status message for the page (see NOT_STATUS)."""
-    text = line.strip()
-    return bool(text) and not line.startswith(" ") and not text.startswith(NOT_STATUS) and "python -m" not in text
 
 
 def slowest_step_seconds(entries: list[dict[str, Any]]) -> float:
@@ -178,14 +169,16 @@ def settle(folder: runs.RunFolder, returncode: int | None, tail: list[str], kill
                     "or publish it, or resume to train on from there")
         else:
             kept = f"no adapter was kept; {resume}"
-        folder.update(status=runs.STOPPED,
-                      error=f"Stopped: the process did not exit in time to save this step and was killed; {kept}.")
+        error = f"Stopped: the process did not exit in time to save this step and was killed; {kept}."
+        folder.update(status=runs.STOPPED, error=error)
+        events.append(folder.path, events.Stopped(reason=error, run_dir=str(folder.path)))
         return
     why = (describe_exit(returncode) if returncode is not None
            else "The training process ended without recording an outcome")
     (folder.path / "failure.txt").write_text("".join(tail), encoding="utf-8")
-    folder.update(status=runs.FAILED,
-                  error=f"{why}; {resume}. Its last output is kept with the run, for the app's operator.")
+    error = f"{why}; {resume}. Its last output is kept with the run, for the app's operator."
+    folder.update(status=runs.FAILED, error=error)
+    events.append(folder.path, events.Failed(reason=error, run_dir=str(folder.path)))
 
 
 class Supervisor:
@@ -293,9 +286,9 @@ class Supervisor:
 
     def _follow(self, job: Any, folder: runs.RunFolder, log_path: Path, offset: int, alive: Callable[[], bool],
                 listeners: Listeners) -> tuple[list[str], list[str]]:
-        """Read the child's output as it comes (status lines, errors), tell when its run folder appears and when
-        its run.json says it is training, and turn Stop into signals, until it ends. Returns the error lines and
-        the output's tail."""
+        """Read the child's events as they come (what they say, its failure's reason), tell when its run folder
+        appears and when its run.json says it is training, and turn Stop into signals, until it ends. Returns the
+        reasons of its failures and the output's tail."""
         tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         errors: list[str] = []
         announced = training = False
@@ -310,11 +303,13 @@ class Supervisor:
                 *lines, pending = pending.split("\n")
                 for line in lines:
                     tail.append(line + "\n")
-                    text = line.strip()
-                    if text.startswith("error: "):
-                        errors.append(text.removeprefix("error: "))
-                    elif is_status(line):
-                        listeners.on_status(text)
+                    event = events.from_log_line(line)
+                    if event is None:
+                        continue
+                    if event["event"] == "failed":
+                        errors.append(event["reason"])
+                    elif (said := events.said(event)) is not None:
+                        listeners.on_status(said)
                 if not announced and folder.record_path.is_file():
                     announced = True
                     listeners.on_folder(folder.path)

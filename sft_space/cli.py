@@ -15,9 +15,10 @@ Exit status: 0 all rows valid (validate) or the run finished (train); 1 some row
 or the run failed or was refused; 2 bad command-line usage; 130 the run was stopped (Ctrl+C or SIGTERM).
 Bad data never produces a traceback: problems are printed as the person can act on them.
 
-`train` writes its status and progress to stderr, one flushed line each (a supervising process reads them as
-they come); the first Ctrl+C or SIGTERM stops the run at the end of the current step, saving a checkpoint and
-the adapter, and a second Ctrl+C aborts at once.
+`train` says what the run does as events (events.py): one line each on stdout, marked with events.PREFIX, for a
+supervising process or a Hugging Face Job's log, and the same events rendered for people on stderr, one flushed
+line each. The first Ctrl+C or SIGTERM stops the run at the end of the current step, saving a checkpoint and the
+adapter, and a second Ctrl+C aborts at once.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import threading
 import time
 from typing import Any, Iterator
 
-from . import checks, data, formats, models, render
+from . import checks, data, events, models, render
 from .errors import UserError
 from .settings import (DEFAULT_PRESET, BenchSettings, DataSettings, DoctorSettings, GenerationSettings, PublishSettings,
                        RunSettings, add_arguments, explicit_arguments, field_help, from_arguments, from_environment,
@@ -215,7 +216,7 @@ def _format_distribution(name: str, values: dict[str, Any]) -> str:
 def print_report(report: checks.Report, out: Any = None) -> None:
     out = out or sys.stdout
     stats = report.stats()
-    print(f"{report.source}: {formats.FORMAT_NAMES[report.format]}, {report.rows} rows, "
+    print(f"{report.source}: {data.FORMAT_NAMES[report.format]}, {report.rows} rows, "
           f"{report.valid_rows} valid, {report.invalid_rows} with errors", file=out)
     if report.errors:
         counts = ", ".join(f"{code} ×{n}" for code, n in sorted(report.error_counts().items()))
@@ -290,24 +291,35 @@ def train_settings(args: argparse.Namespace) -> RunSettings:
     return run_settings(preset, **values)
 
 
-def progress_line(entry: dict[str, Any], validation_loss: float | None = None) -> str:
-    """One line per logged step: where the run is, its headline losses (the smoothed training loss, and the
-    latest validation loss: this entry's, or `validation_loss` from an earlier one), speed and time left."""
-    from .runs import Headline
-
-    done = entry["step"] / entry["max_steps"] if entry.get("max_steps") else 0
+def progress_line(point: dict[str, Any], headline: events.Headline) -> str:
+    """One line per step or evaluation: a bar, then where the run is (`events.progress_text`)."""
+    done = point["step"] / point["max_steps"] if point["max_steps"] else 0
     bar = "█" * round(done * 20) + "·" * (20 - round(done * 20))
-    parts = [f"{bar} step {entry['step']}/{entry.get('max_steps')}"]
-    headline = Headline(entry.get("loss_smoothed"), entry.get("eval_loss", validation_loss))
-    if headline.text(4):
-        parts.append(headline.text(4))
-    if entry.get("eval_seconds") is not None:
-        parts.append(f"evaluated in {entry['eval_seconds']:.1f} s")
-    if entry.get("tokens_per_second"):
-        parts.append(f"{entry['tokens_per_second']:,.0f} tokens/s")
-    if entry.get("eta_seconds") is not None:
-        parts.append(f"ETA {entry['eta_seconds']:.0f} s")
-    return " · ".join(parts)
+    return f"{bar} {events.progress_text(point, headline)}"
+
+
+class Rendering:
+    """The run's events as lines for people on stderr: what its status events say, a progress line per step or
+    evaluation (its headline over the steps seen), and the speed note after the first steps. The terminal event is
+    the summary `cmd_train` prints, or the refusal `main` prints."""
+
+    def __init__(self, say: Any, speed: Any):
+        self.say = say
+        self.speed = speed
+        self.points: list[dict[str, Any]] = []
+        self.end: dict[str, Any] | None = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind in ("step", "evaluation"):
+            self.points.append(event)
+            self.say(progress_line(event, events.headline_of(self.points)))
+            if kind == "step":
+                self.speed(event)
+        elif kind in events.TERMINAL:
+            self.end = event
+        elif (text := events.said(event)) is not None:
+            self.say(text)
 
 
 @contextlib.contextmanager
@@ -378,40 +390,24 @@ def _prepare_model(name: str, say: Any) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) a run: 0 finished, 130 stopped, 1 failed or refused (UserError, see `main`)."""
     from . import distributed, runs
-    from .train import TrainRequest, TrainingStopped, train
+    from .train import TrainingStopped, train
     from .training_data import InvalidRows
 
     processes = distributed.processes_wanted(args.processes)
     if processes > 1 and not distributed.launched():
         return distributed.run_processes(processes, args.arguments)
     # With several processes the main one speaks for all.
-    say = _status_line if distributed.is_main() else (lambda message: None)
-    if args.resume:
-        folder = runs.RunFolder.open(args.resume)
-        if args.run_name not in (None, folder.run_id):
-            raise UserError(f"--run-name names a new run; the resumed run keeps its folder ({folder.run_id}).")
-        request = TrainRequest(RunSettings(), resume=args.resume)
-    else:
-        settings = train_settings(args)
-        request = TrainRequest(settings, run_id=args.run_name, owner=args.owner)
-        if distributed.is_main():
-            print(train_command(settings), flush=True)
-    request.stop_event = getattr(args, "stop_event", None) or request.stop_event
-    started = []
-    request.on_folder = started.append
-    request.on_status = say
-    validation: list[float] = []
-    speed = SpeedReport(say, lambda: started[0] if started else None)
-
-    def on_metrics(entry: dict[str, Any]) -> None:
-        if "eval_loss" in entry:
-            validation.append(entry["eval_loss"])
-        say(progress_line(entry, validation[-1] if validation else None))
-        speed(entry)
-
-    request.on_metrics = on_metrics
+    main = distributed.is_main()
+    say = _status_line if main else (lambda message: None)
+    started: list[runs.RunFolder] = []
+    rendering = Rendering(say, SpeedReport(say, lambda: started[0] if started else None))
+    log = events.EventLog(echo=main, listeners=[rendering] if main else [])
     try:
-        folder = train(request)
+        request = _train_request(args, main)
+        request.stop_event = getattr(args, "stop_event", None) or request.stop_event
+        request.on_folder = started.append
+        request.events = log
+        train(request)
     except InvalidRows as err:
         if args.owner:  # a run the app started: its page has its own words for the choice
             raise
@@ -424,15 +420,43 @@ def cmd_train(args: argparse.Namespace) -> int:
         _status_line("Interrupted.")
         _after_stop(started[0] if started else None)
         return EXIT_STOPPED
-    if not distributed.is_main():
+    except UserError as err:
+        # Refused before the run began (its settings, the folder to resume): the stream still ends, saying why.
+        log.emit(events.Failed(reason=str(err)))
+        raise
+    if not main:
         return EXIT_STOPPED if request.stop_event.is_set() else 0
-    record = folder.read()
-    final = record.get("final_metrics", {})
-    print(f"Run {record['status']}: {folder.path}")
-    if record["status"] == runs.STOPPED and record.get("error"):
-        print(f"  {record['error']}")
+    return print_outcome(rendering.end)
+
+
+def _train_request(args: argparse.Namespace, main: bool) -> Any:
+    """The request of a new run (its settings from the preset, --config and flags) or of a resume."""
+    from . import runs
+    from .train import TrainRequest
+
+    if args.resume:
+        folder = runs.RunFolder.open(args.resume)
+        if args.run_name not in (None, folder.run_id):
+            raise UserError(f"--run-name names a new run; the resumed run keeps its folder ({folder.run_id}).")
+        return TrainRequest(RunSettings(), resume=args.resume)
+    settings = train_settings(args)
+    if main:
+        print(train_command(settings), flush=True)
+    return TrainRequest(settings, run_id=args.run_name, owner=args.owner)
+
+
+def print_outcome(end: dict[str, Any]) -> int:
+    """The summary of a run that ended in its folder (its terminal event): where it is, its headline, its time and
+    speed, its adapter and what to run next. The exit status: 0 finished, EXIT_STOPPED stopped."""
+    from . import runs
+
+    folder = runs.RunFolder(end["run_dir"])
+    print(f"Run {end['event']}: {folder.path}")
+    if end["event"] == "stopped":
+        print(f"  {end['reason']}")
+    final = end.get("final_metrics") or {}
     if final.get("step") is not None:
-        headline = folder.headline(record).text(4) or "no loss logged"
+        headline = events.Headline(final.get("loss_smoothed"), final.get("eval_loss")).text() or "no loss logged"
         timing = f"{final.get('train_runtime_seconds')} s"
         if final.get("evaluation_seconds"):
             timing += f" (evaluation {final['evaluation_seconds']} s)"
@@ -440,7 +464,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if folder.has_adapter:
         print(f"  adapter: {folder.adapter_path}")
         print(f"  chat with it: python -m sft_space chat {shlex.quote(str(folder.path))} --compare")
-    if record["status"] == runs.STOPPED:
+    if end["event"] == "stopped":
         _after_stop(folder)
         return EXIT_STOPPED
     return 0

@@ -160,7 +160,7 @@ SLOWER_THAN_USUAL = 3.0
 
 @dataclass(frozen=True)
 class LiveEstimate:
-    """A run's length at the speed it trains at now, from its metrics.jsonl, beside the usual figure for it here."""
+    """A run's length at the speed it trains at now, from its curve, beside the usual figure for it here."""
 
     tokens_per_second: float  # measured since the run (or its resume) began training
     elapsed_seconds: float
@@ -183,7 +183,7 @@ class LiveEstimate:
 
 def live_estimate(entries: list[dict[str, Any]], usual: Throughput | None) -> LiveEstimate | None:
     """The run's length at its measured speed, once its first steps are done (None before, or when its metrics do
-    not tell): metrics.jsonl's tokens/s and time left, from the latest training entry."""
+    not tell): the tokens/s and time left of its latest step."""
     trained = [entry for entry in entries if "loss" in entry]
     if not trained:
         return None
@@ -212,16 +212,6 @@ def usual_throughput(hardware: Hardware, record: dict[str, Any],
         return throughput(hardware, model_shape(str(model), limits), plan)
     except (UserError, TypeError, ValueError, OSError):  # a run that ended before its plan, a model gone: none
         return None
-
-
-def duration(seconds: float | None) -> str:
-    """A length of time as the page and the command line say it: "36m 40s", "1h 05m"; "…" when unknown."""
-    if seconds is None:
-        return "…"
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m {seconds % 60:02d}s"
 
 
 def describe_live(live: LiveEstimate) -> str:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import threading
 import time
 import types
@@ -41,9 +42,12 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .settings import is_number
+
 # The start of an event's line on stdout: rare enough never to begin a library's line.
 PREFIX = "@sft-space-event "
 EVENTS_FILE = "events.jsonl"
+_DECODER = json.JSONDecoder()
 
 
 @dataclass(frozen=True)
@@ -143,7 +147,7 @@ def _matches(value: Any, hint: Any) -> bool:
     if hint is type(None):
         return value is None
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return is_number(value)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, typing.get_origin(hint) or hint)
@@ -182,9 +186,16 @@ def _parsed(text: str) -> dict[str, Any] | None:
 
 
 def from_log_line(line: str) -> dict[str, Any] | None:
-    """The event a line of a process's output carries (after PREFIX, wherever the line has it), or None."""
+    """The event a line of a process's output carries (after PREFIX, wherever the line has it, whatever another
+    writer put after it), or None."""
     start = line.find(PREFIX)
-    return None if start < 0 else _parsed(line[start + len(PREFIX):])
+    if start < 0:
+        return None
+    try:
+        event, _ = _DECODER.raw_decode(line, start + len(PREFIX))
+    except ValueError:
+        return None
+    return event if problem(event) is None else None
 
 
 def read_lines(lines: Iterable[str]) -> list[dict[str, Any]]:
@@ -257,14 +268,18 @@ class EventLog:
                 if self.ended:
                     return None
                 self.ended = True
-            if self.path is None:
-                self.pending.append(record)
-            else:
-                self._append([record])
             if self.echo:
-                print(PREFIX + json.dumps(record, ensure_ascii=False), flush=True)
-        for listener in self.listeners:
-            listener(record)
+                # One write: a line written in pieces could be split by another thread's output.
+                sys.stdout.write(PREFIX + json.dumps(record, ensure_ascii=False) + "\n")
+                sys.stdout.flush()
+            try:
+                if self.path is None:
+                    self.pending.append(record)
+                else:
+                    self._append([record])  # an OSError (a full disk) is the caller's, once the others have heard
+            finally:
+                for listener in self.listeners:
+                    listener(record)
         return record
 
     def _append(self, records: list[dict[str, Any]]) -> None:

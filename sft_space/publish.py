@@ -32,6 +32,8 @@ from .settings import PublishSettings
 log = logging.getLogger(__name__)
 
 RUN_RECORD_FILE = "training_run.json"
+# The published run's curve: a step or evaluation event a line (events.py).
+METRICS_FILE = "metrics.jsonl"
 DEMO_TEMPLATE_DIR = Path(__file__).resolve().parent / "demo_space"
 # peft writes a placeholder README into the adapter folder; ours replaces it.
 NOT_PUBLISHED = {"README.md"}
@@ -208,8 +210,9 @@ def stage(run_dir: str | Path, target: str | Path, settings: PublishSettings | N
     _progress(on_progress, 0.95, "Writing the model card…")
     (target / RUN_RECORD_FILE).write_text(json.dumps(public_record(folder), indent=2, ensure_ascii=False) + "\n",
                                           encoding="utf-8")
-    if folder.metrics_path.is_file():
-        shutil.copy2(folder.metrics_path, target / folder.metrics_path.name)
+    if metrics := folder.read_metrics():
+        # The curve (its steps and evaluations), not the whole events.jsonl, whose events name the server's folders.
+        (target / METRICS_FILE).write_text("".join(json.dumps(point) + "\n" for point in metrics), encoding="utf-8")
     has_curve = card.write_loss_curve(folder, target / card.LOSS_CURVE_FILE)
     model_card = card.model_card(folder, settings.repo_id or folder.run_id, merged=settings.merged,
                                  description=settings.description, has_curve=has_curve, licence=licence,
@@ -337,7 +340,7 @@ class Downloads:
         """The run's adapter with its card, settings and metrics as one zip (`export_zip`), made or handed out
         again."""
         folder.require_adapter("export")
-        sources = sorted(folder.adapter_path.iterdir()) + [folder.record_path, folder.metrics_path,
+        sources = sorted(folder.adapter_path.iterdir()) + [folder.record_path, folder.events_path,
                                                              folder.samples_path]
         state = _files_state(sources)
         key = _fingerprint(str(folder.path.resolve()), "zip", state)
@@ -466,9 +469,39 @@ def _scrub(text: str, token: str) -> str:
     return text.replace(token, "hf_***") if token else text
 
 
+def _hub_failure_kind(err: BaseException) -> tuple[str, int | None]:
+    """What went wrong, looked for along the error's chain: ("offline" | "timeout" | "network" | "http" |
+    "other", HTTP status or None).
+
+    huggingface_hub 2.x talks through httpx2 and raises its errors as they are (httpx2.ConnectError,
+    httpx2.ReadTimeout, ...) besides its own (OfflineModeIsEnabled, HfHubHTTPError and subclasses); httpx's
+    are accepted too, for clients built on it.
+    """
+    import httpx
+    import httpx2
+    from huggingface_hub import errors as hub_errors
+
+    timeouts = (httpx2.TimeoutException, httpx.TimeoutException, TimeoutError)
+    network = (httpx2.TransportError, httpx.TransportError, ConnectionError)
+    seen: list[BaseException] = []
+    while err is not None and err not in seen:
+        seen.append(err)
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if isinstance(err, hub_errors.OfflineModeIsEnabled):
+            return "offline", None
+        if isinstance(err, timeouts):  # before network: httpx's timeouts are transport errors too
+            return "timeout", None
+        if isinstance(err, network):
+            return "network", None
+        if isinstance(status, int):
+            return "http", status
+        err = err.__cause__ or err.__context__
+    return "other", None
+
+
 def explain_hub_error(err: BaseException, action: str, repo_id: str, token: str, in_app: bool = False) -> UserError:
     """One sentence a person can act on, for whatever the Hub (or the network) answered."""
-    kind, status = hub.failure_kind(err)
+    kind, status = _hub_failure_kind(err)
     namespace = repo_id.split("/")[0]
     if kind == "offline":
         message = (f"Could not reach the Hugging Face Hub to {action}: HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is "

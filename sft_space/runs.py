@@ -2,8 +2,8 @@
 
     runs/<run-id>/
         run.json          settings, resolved plan, data fingerprint, versions, hardware, status, final metrics
-        metrics.jsonl     one JSON object per logged step, appended while training runs (the raw `loss` and its
-                          smoothed value `loss_smoothed`; `eval_loss` on evaluations)
+        events.jsonl      the run's events (events.py), appended while it trains: its steps and evaluations are
+                          its curve (`read_metrics`)
         checkpoint-N/     resumable trainer checkpoints (adapter, optimizer, scheduler, RNG state)
         adapter/          the final (or stopped) adapter: safetensors, adapter config, tokenizer, chat template
         samples.json      answers to held-out prompts before and after training
@@ -33,11 +33,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from . import events
 from .errors import UserError
+from .events import Headline
 from .settings import DEFAULT_PRESET, RunSettings, is_number, run_settings
 
 RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.json"
 ADAPTER_DIR = "adapter"
 LOCK_FILE = ".lock"
@@ -182,49 +183,6 @@ class LossSmoother:
         return self.biased / (1 - self.weight**self.count)
 
 
-def training_losses(entries: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
-    """(step, loss, smoothed loss) of each logged training step; the smoothed value is computed for entries
-    written before metrics.jsonl held it."""
-    smoother = LossSmoother()
-    points = []
-    for entry in entries:
-        if isinstance(entry.get("loss"), (int, float)):
-            smoothed = smoother.add(float(entry["loss"]))
-            if isinstance(entry.get("loss_smoothed"), (int, float)):
-                smoothed = float(entry["loss_smoothed"])
-            points.append((entry.get("step"), float(entry["loss"]), smoothed))
-    return points
-
-
-@dataclass(frozen=True)
-class Headline:
-    """The numbers a run is judged by: its smoothed training loss and its latest validation loss. One step's raw
-    loss is never the headline: it goes up and down with its batch."""
-
-    train_loss: float | None = None
-    validation_loss: float | None = None
-
-    def text(self, digits: int = 3) -> str:
-        """e.g. "train loss 2.412 (smoothed) · validation loss 2.370"; "" before the first loss."""
-        parts = []
-        if self.train_loss is not None:
-            parts.append(f"train loss {self.train_loss:.{digits}f} (smoothed)")
-        if self.validation_loss is not None:
-            parts.append(f"validation loss {self.validation_loss:.{digits}f}")
-        return " · ".join(parts)
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def headline_of(entries: list[dict[str, Any]]) -> Headline:
-    """The headline of a run's metrics: the last smoothed training loss and the last validation loss."""
-    train = training_losses(entries)
-    validation = [entry["eval_loss"] for entry in entries if _number(entry.get("eval_loss")) is not None]
-    return Headline(train[-1][2] if train else None, float(validation[-1]) if validation else None)
-
-
 def asked(sample: dict[str, Any]) -> str:
     """A held-out sample's question (`RunFolder.samples`): its prompt's last user message, or "" when it has none."""
     users = [m["content"] for m in sample["prompt"] if m["role"] == "user"]
@@ -251,8 +209,8 @@ class RunFolder:
         return self.path / RUN_FILE
 
     @property
-    def metrics_path(self) -> Path:
-        return self.path / METRICS_FILE
+    def events_path(self) -> Path:
+        return self.path / events.EVENTS_FILE
 
     @property
     def adapter_path(self) -> Path:
@@ -357,23 +315,13 @@ class RunFolder:
         self.write(record)
         return record
 
-    def append_metrics(self, entry: dict[str, Any]) -> None:
-        # One short line per write with the file opened in append mode: a reader never sees a partial
-        # line except during the write itself, and `read_metrics` skips a torn last line.
-        with self.metrics_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry) + "\n")
-            handle.flush()
+    def read_events(self) -> list[dict[str, Any]]:
+        """The run's events, every attempt's, in order (`events.read_file`)."""
+        return events.read_file(self.events_path)
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.is_file():
-            return []
-        entries = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return entries
+        """The step and evaluation events of the run's curve (`events.curve`)."""
+        return events.curve(self.read_events())
 
     def samples(self) -> list[dict[str, Any]]:
         """The held-out prompts and their answers before and after training (samples.json, as train writes it),
@@ -396,12 +344,13 @@ class RunFolder:
 
     def headline(self, record: dict[str, Any] | None = None) -> Headline:
         """The run's headline numbers (see `Headline`), for every view that names a run's loss: from the record's
-        final metrics once the run has ended, else (while it trains, or for a run recorded before the smoothed
-        loss was kept) from its metrics.jsonl. `record`: the run record when the caller has read it already."""
+        final metrics once the run has ended, else (while it trains) from its curve. `record`: the run record when
+        the caller has read it already."""
         final = (record if record is not None else self.read()).get("final_metrics") or {}
-        if _number(final.get("loss_smoothed")) is not None:
-            return Headline(_number(final["loss_smoothed"]), _number(final.get("eval_loss")))
-        return headline_of(self.read_metrics())
+        if is_number(final.get("loss_smoothed")):
+            validation = final.get("eval_loss")
+            return Headline(float(final["loss_smoothed"]), float(validation) if is_number(validation) else None)
+        return events.headline_of(self.read_metrics())
 
     def checkpoints(self) -> list[Path]:
         """Complete trainer checkpoints, oldest first."""

@@ -34,7 +34,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, NoReturn, TypeVar
 
-from . import catalog, data, distributed, models, runs, threads
+from . import catalog, data, distributed, events, models, runs, threads
 from .chat import generate_reply
 from .errors import UserError
 from .hardware import Hardware, TrainingPlan, detect_hardware, plan_training
@@ -75,8 +75,8 @@ class TrainRequest:
     resume: str | Path | None = None
     run_id: str | None = None
     stop_event: threading.Event = field(default_factory=threading.Event)
-    on_metrics: Callable[[dict[str, Any]], None] | None = None
-    on_status: Callable[[str], None] | None = None
+    # Where the run's events go (events.jsonl once the folder exists; the command line's also print them).
+    events: events.EventLog = field(default_factory=events.EventLog)
     # Called once the run folder exists (the inputs have passed their checks): where to watch the run.
     on_folder: Callable[[RunFolder], None] | None = None
     extra_callbacks: list[Any] = field(default_factory=list)
@@ -97,17 +97,28 @@ def train(request: TrainRequest) -> RunFolder:
     """
     with contextlib.ExitStack() as held:
         start = _start(request, held)
+        request.events.emit(events.Started(run_id=start.resumed.run_id if start.resumed else request.run_id,
+                                           processes=distributed.world_size(),
+                                           resumed_from=start.checkpoint.name if start.checkpoint else None))
         tokenizer, prepared, shape = _prepare(request, start.settings)
         plan, evaluation = _plan(start, prepared, shape, tokenizer)
+        request.events.emit(events.Plan(plan=plan.to_dict(), from_step=_step_of(start.checkpoint)))
         _stop_here_if_asked(request)
         if start.resumed is not None:
             folder = _reopen_run_folder(start, prepared, shape)
         else:
             folder = _create_run_folder(request, start, prepared, plan, shape, held)
+        if distributed.is_main():
+            request.events.attach(folder.path)
         if request.on_folder is not None:
             request.on_folder(folder)
         return _run_in_folder(_Run(request, folder, start.settings, plan, tokenizer, prepared, start.checkpoint,
                                    evaluation))
+
+
+def _step_of(checkpoint: Path | None) -> int:
+    """The step a checkpoint was saved at; 0 for none (a new run)."""
+    return int(checkpoint.name.removeprefix("checkpoint-")) if checkpoint else 0
 
 
 @dataclass
@@ -284,8 +295,9 @@ def _run_in_folder(run: _Run) -> RunFolder:
         stopped_before_training = True
     except KeyboardInterrupt:
         if main:
-            _record_end(run.folder, status=runs.STOPPED,
-                        error="Interrupted; resume continues from the last checkpoint.")
+            interrupted = "Interrupted; resume continues from the last checkpoint."
+            _record_end(run.folder, status=runs.STOPPED, error=interrupted)
+            _say_end(run.request, events.Stopped(reason=interrupted, run_dir=str(run.folder.path)))
         raise
     except Exception as err:
         failure = (out_of_memory_advice(run.plan) if is_out_of_memory(err)
@@ -335,7 +347,7 @@ def _load_model(run: _Run) -> None:
         gradient_accumulation=accumulation_per_process(run.settings.gradient_accumulation),
         evaluation=run.evaluation, stop_event=request.stop_event))
     run.monitor = RunMonitor(run.folder, token_count(run.trainer.train_dataset), request.stop_event,
-                             request.on_metrics)
+                             request.events)
     run.trainer.add_callback(run.monitor.callback)
     for callback in request.extra_callbacks:
         run.trainer.add_callback(callback)
@@ -364,9 +376,9 @@ def _shrink_after_out_of_memory(run: _Run, err: Exception) -> bool:
     del trainer
     run.model = run.trainer = None
     release_memory()
-    run.folder.metrics_path.unlink(missing_ok=True)
     run.folder.update(settings=asdict(run.settings), plan=run.plan.to_dict())
     _status(run.request, f"Out of memory: {change}; starting again.")
+    run.request.events.emit(events.Plan(plan=run.plan.to_dict(), from_step=0))
     return True
 
 
@@ -384,30 +396,32 @@ def _answer_held_out_prompts(run: _Run) -> None:
     if samples and not run.request.stop_event.is_set():
         _status(run.request, "Answering held-out prompts…")
         answer_before_and_after(run.trainer.model, run.tokenizer, samples, run.folder, run.request.stop_event)
+        run.request.events.emit(events.Samples(answers=sum("after" in sample for sample in samples)))
 
 
 def _record_finished(run: _Run) -> None:
     """Record the end of a run that trained: `finished` if every step was done (a stop while saving or answering
     included), else `stopped` at its step, with a checkpoint and the adapter saved; its final metrics."""
-    monitor, state = run.monitor, run.trainer.state
+    state = run.trainer.state
     # The headline is the smoothed loss (and the validation loss); the last step's raw loss is kept beside it.
-    final = monitor.final_metrics("loss_smoothed", "eval_loss", "loss", "step", "epoch", "tokens_per_second")
+    final = events.final_metrics(run.folder.read_metrics())
     final.update(train_runtime_seconds=round(run.output.metrics.get("train_runtime", 0.0), 1),
-                 evaluation_seconds=round(monitor.evaluation_seconds, 1),
                  train_loss=run.output.metrics.get("train_loss"))
     status = runs.FINISHED if state.global_step >= state.max_steps else runs.STOPPED
     run.folder.update(status=status, final_metrics=final, error=None)
-    if status == runs.STOPPED:
-        _status(run.request, f"Stopped at step {state.global_step} of {state.max_steps}: a checkpoint and the "
-                             "adapter are saved.")
+    run_dir = str(run.folder.path)
+    _say_end(run.request, events.Finished(run_dir=run_dir, final_metrics=final) if status == runs.FINISHED
+             else events.Stopped(reason=f"Stopped at step {state.global_step} of {state.max_steps}: a checkpoint "
+                                        "and the adapter are saved.", run_dir=run_dir, final_metrics=final))
 
 
 def _record_stopped_before_training(run: _Run) -> RunFolder:
     """Record a stop before the first step: a resumed run still has the checkpoint it resumed from; a new one has
     nothing to resume."""
     _record_end(run.folder, status=runs.STOPPED, error=None if run.checkpoint else STOPPED_BEFORE_FIRST_STEP)
-    _status(run.request, f"Stopped before training resumed; {run.checkpoint.name} is kept." if run.checkpoint
-            else STOPPED_BEFORE_FIRST_STEP)
+    reason = (f"Stopped before training resumed; {run.checkpoint.name} is kept." if run.checkpoint
+              else STOPPED_BEFORE_FIRST_STEP)
+    _say_end(run.request, events.Stopped(reason=reason, run_dir=str(run.folder.path)))
     return run.folder
 
 
@@ -416,8 +430,7 @@ def _record_failure(run: _Run, failure: str, details: str) -> NoReturn:
     and the command line read), then the traceback in failure.txt if there is room for it."""
     folder = run.folder
     unrecorded = _record_end(folder, status=runs.FAILED, error=failure,
-                             final_metrics=run.monitor.final_metrics("loss_smoothed", "eval_loss", "loss", "step")
-                             if run.monitor else {})
+                             final_metrics=events.final_metrics(folder.read_metrics()))
     if unrecorded is None:
         # The full traceback is for whoever debugs the tool.
         failure_file = folder.path / FAILURE_FILE
@@ -428,7 +441,17 @@ def _record_failure(run: _Run, failure: str, details: str) -> NoReturn:
     elif failure != DISK_FULL_ADVICE:
         failure += " Its run.json could not be updated either: " + (
             DISK_FULL_ADVICE if is_disk_full(unrecorded) else f"{unrecorded.strerror or unrecorded}.")
+    _say_end(run.request, events.Failed(reason=failure, run_dir=str(folder.path)))
     raise TrainingFailed(f"Run {folder.run_id} failed: {failure}")
+
+
+def _say_end(request: TrainRequest, ending: Any) -> None:
+    """The run's terminal event. On a full disk its line in events.jsonl may not fit: run.json has the outcome
+    already, and stdout still says it."""
+    try:
+        request.events.emit(ending)
+    except OSError:
+        pass
 
 
 def _record_end(folder: RunFolder, **changes: Any) -> OSError | None:
@@ -457,8 +480,7 @@ def _record_end(folder: RunFolder, **changes: Any) -> OSError | None:
 
 
 def _status(request: TrainRequest, message: str) -> None:
-    if request.on_status is not None:
-        request.on_status(message)
+    request.events.emit(events.Status(message=message))
 
 
 def _stop_here_if_asked(request: TrainRequest) -> None:

@@ -6,14 +6,15 @@ logged step to the run folder and hears a stop.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib.util
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
-from . import distributed, models, runs
+from . import distributed, events, models, runs
 from .errors import UserError
 from .hardware import TrainingPlan
 from .planning import KEEP_CHECKPOINTS, EvaluationPlan
@@ -122,7 +123,7 @@ def trainer_arguments(settings: RunSettings, plan: TrainingPlan, folder: RunFold
         seed=settings.seed,
         data_seed=settings.seed,
         **tracker_arguments(settings, folder),
-        # Progress goes to metrics.jsonl and `on_metrics` (the CLI's lines, the app's plot), not to tqdm.
+        # Progress goes to the run's events (the CLI's lines, the app's plot), not to tqdm.
         disable_tqdm=True,
         dataloader_pin_memory=plan.device == "cuda",
     )
@@ -230,11 +231,11 @@ def build_trainer(settings: RunSettings, plan: TrainingPlan, folder: RunFolder, 
 
 
 class RunMonitor:
-    """Writes each logged step to metrics.jsonl (and to `on_metrics`), with the smoothed training loss, and stops
-    the run on request."""
+    """Says each logged step and evaluation as an event (with the smoothed training loss), each checkpoint, and the
+    stop it hears, which it makes the trainer's: a checkpoint at the end of the step, then the end of training."""
 
     def __init__(self, folder: RunFolder, tokens_per_epoch: int, stop_event: threading.Event,
-                 on_metrics: Callable[[dict[str, Any]], None] | None):
+                 log: events.EventLog):
         from transformers import TrainerCallback
 
         monitor = self
@@ -267,6 +268,8 @@ class RunMonitor:
                     control.should_save = True
                     control.should_training_stop = True
                     control.should_evaluate = False
+                    if distributed.is_main():
+                        monitor.log.emit(events.Stopping(step=state.global_step))
                 if control.should_training_stop or state.global_step >= state.max_steps:
                     # The last step is logged whatever the logging interval (1% of the run): the curve, the page
                     # and the record end at the step the run ended at and its checkpoint holds, not up to 1% before.
@@ -277,20 +280,23 @@ class RunMonitor:
                 if distributed.is_main():
                     monitor.record(state, logs or {})
 
+            def on_save(self, args, state, control, **kwargs):
+                if distributed.is_main():
+                    monitor.log.emit(events.Checkpoint(step=state.global_step,
+                                                       name=f"checkpoint-{state.global_step}"))
+
         self.callback = Callback()
         self.folder = folder
         self.tokens_per_epoch = tokens_per_epoch
         self.stop_event = stop_event
-        self.on_metrics = on_metrics
+        self.log = log
         self.started = time.monotonic()
         self.first_step = 0
         self.first_epoch = 0.0
         self.smoother = runs.LossSmoother()
         self.elapsed_before = 0.0  # a resumed run's time up to its checkpoint
-        self.evaluation_seconds = 0.0
         self.step_started: float | None = None
         self.slowest_step = 0.0  # seconds, the longest optimizer step so far (evaluations and saves apart)
-        self.last: dict[str, Any] = {}
 
     def record(self, state: Any, logs: dict[str, Any]) -> None:
         import torch
@@ -308,7 +314,6 @@ class RunMonitor:
             entry["loss_smoothed"] = self.smoother.add(entry["loss"])
         if "eval_runtime" in logs:
             entry["eval_seconds"] = round(float(logs["eval_runtime"]), 2)
-            self.evaluation_seconds += float(logs["eval_runtime"])
         entry["elapsed_seconds"] = round(self.elapsed_before + elapsed, 2)
         steps_left = state.max_steps - state.global_step
         entry["eta_seconds"] = round(elapsed / steps_done * steps_left, 1) if steps_done else None
@@ -320,11 +325,6 @@ class RunMonitor:
             entry["tokens_per_second"] = round(tokens / elapsed, 1)
         if torch.cuda.is_available():
             entry["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
-        self.last.update(entry)
-        self.folder.append_metrics(entry)
-        if self.on_metrics is not None:
-            self.on_metrics(entry)
-
-    def final_metrics(self, *keys: str) -> dict[str, Any]:
-        """The last value of each key logged (the raw `loss` kept beside the headline `loss_smoothed`)."""
-        return {key: self.last.get(key) for key in keys}
+        kind = events.Evaluation if "eval_loss" in entry else events.Step
+        self.log.emit(kind(**{spec.name: entry[spec.name] for spec in dataclasses.fields(kind)
+                              if entry.get(spec.name) is not None}))

@@ -71,3 +71,27 @@ def running_server(args, cwd, env, log_path, timeout=120):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def step_event(step, loss, max_steps=10, **fields):
+    """A logged step of a run's curve (events.Step), the fields a test does not name filled in."""
+    from sft_space import events
+
+    fields = {"epoch": 0.0, "loss_smoothed": loss, "elapsed_seconds": float(step), **fields}
+    return events.Step(step=step, max_steps=max_steps, loss=loss, **fields)
+
+
+def evaluation_event(step, eval_loss, max_steps=10, **fields):
+    """A validation loss of a run's curve (events.Evaluation), the fields a test does not name filled in."""
+    from sft_space import events
+
+    fields = {"epoch": 0.0, "eval_seconds": 0.5, "elapsed_seconds": float(step), **fields}
+    return events.Evaluation(step=step, max_steps=max_steps, eval_loss=eval_loss, **fields)
+
+
+def write_events(folder, *said):
+    """Append events to a run folder's events.jsonl, as its training process does."""
+    from sft_space import events
+
+    for event in said:
+        events.append(folder.path, event)

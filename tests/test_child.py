@@ -13,36 +13,41 @@ import time
 
 import pytest
 
-from sft_space import child, jobs, runs
+from sft_space import child, events, jobs, runs
 from sft_space.jobs import JobState
 from sft_space.settings import RunSettings
 
 # What `python -m sft_space train` does, as far as the supervisor can see: a run folder with its owner and its
-# lock (a resume finds the folder there and marks it running again), status lines, and on SIGINT a stopped run
-# (exit 130). Modes: "train" (stops on SIGINT), "finish", "refuse" (fails before any folder, as bad data does),
+# lock (a resume finds the folder there and marks it running again), its events on stdout, and on SIGINT a stopped
+# run (exit 130). Modes: "train" (stops on SIGINT), "finish", "refuse" (fails before any folder, as bad data does),
 # "on-go" (says "Training…", then records the run only once the test creates the file <run>.go), "slow-save" (on
 # SIGINT says "Saving…" until the test creates <run>.saving, then "Still saving…" until it creates <run>.saved,
 # then records the stop: a save that takes as long as the test wants, unless a kill cuts it short).
 STAND_IN = r"""
 import os, signal, sys, time
-from sft_space import runs
+from sft_space import events, runs
 runs_dir, run_id, owner, mode = sys.argv[1:5]
+log = events.EventLog(echo=True)
+
+def say(message):
+    log.emit(events.Status(message=message))
 
 def wait_for(name, saying):
     # Said again and again: the page shows it whatever else set the job's message meanwhile.
     while not os.path.exists(os.path.join(runs_dir, f"{run_id}.{name}")):
-        print(saying, flush=True)
+        say(saying)
         time.sleep(0.05)
 
 if mode == "refuse":
-    print("Checking the data…", flush=True)
-    print("error: row 3: the last message is from the user.", flush=True)
+    say("Checking the data…")
+    print("error: row 3: the last message is from the user.", flush=True)  # for people: never read
+    log.emit(events.Failed(reason="row 3: the last message is from the user."))
     sys.exit(1)
 stop = []
 signal.signal(signal.SIGINT, lambda *_: stop.append(1))
-print("Checking the data…", flush=True)
+say("Checking the data…")
 if mode == "on-go":
-    print("Training…", flush=True)
+    say("Training…")
     wait_for("go", "Waiting for the go…")
 folder = runs.RunFolder(os.path.join(runs_dir, run_id))
 if folder.record_path.is_file():
@@ -50,20 +55,25 @@ if folder.record_path.is_file():
 else:
     folder = runs.RunFolder.create(runs_dir, run_id)
     folder.write({"run_id": run_id, "status": runs.RUNNING, "owner": owner or None, "created_at": runs.timestamp()})
+log.attach(folder.path)
 with folder.locked():
-    print("Loading the model…", flush=True)
-    print("Training…", flush=True)
+    say("Loading the model…")
+    say("Training…")
     for step in range(1, 100000):
-        print(f"█████··· step {step}/100000", flush=True)
+        print(f"█████··· step {step}/100000", flush=True)  # for people: never read
+        log.emit(events.Step(step=step, max_steps=100000, epoch=0.0, loss=2.0, loss_smoothed=2.0,
+                             elapsed_seconds=step * 0.05))
         if stop and mode == "slow-save":
             wait_for("saving", "Saving…")
             wait_for("saved", "Still saving…")
         if stop:
+            log.emit(events.Stopping(step=step))
             folder.update(status=runs.STOPPED, error=None)
-            print("Stopping: saving a checkpoint and the adapter…", flush=True)
+            log.emit(events.Stopped(reason="Stopped.", run_dir=folder.path.as_posix()))
             sys.exit(130)
         if mode == "finish" and step == 30:
             folder.update(status=runs.FINISHED)
+            log.emit(events.Finished(run_dir=folder.path.as_posix(), final_metrics={}))
             sys.exit(0)
         time.sleep(0.05)
 """
@@ -110,14 +120,42 @@ def start(manager, tmp_path, owner="alice"):
     return job
 
 
-def test_a_run_trains_in_its_own_process_group_and_its_status_lines_reach_the_page(tmp_path):
+def said_steps(tmp_path, job):
+    """The steps the run's events on its output said."""
+    log = child.log_file(tmp_path / "runs", job.job_id).read_text().splitlines()
+    return [event["step"] for event in events.read_lines(log) if event["event"] == "step"]
+
+
+def test_a_run_trains_in_its_own_process_group_and_its_events_reach_the_page(tmp_path):
     manager = manager_for("finish")
     job = start(manager, tmp_path)
     assert job.pid != os.getpid() and os.getpgid(job.pid) == job.pid  # its own group, not the app's
     assert wait_until(lambda: job.done)
     assert job.state == JobState.FINISHED and runs.RunFolder(job.run_dir).read()["owner"] == "alice"
-    log = child.log_file(tmp_path / "runs", job.job_id).read_text()
-    assert "Loading the model…" in log and "step 30/" in log
+    assert said_steps(tmp_path, job)[-1] == 30
+
+
+def test_the_page_hears_what_the_events_say_and_never_a_printed_line(tmp_path):
+    """The supervisor reads the child's output through the events' reader: its status is what the status events
+    say, a failure's reason is its failed event's; the command line's lines for people, its progress bars, its
+    `error:` line and a library's noise are never the page's words."""
+    folder = runs.RunFolder.create(tmp_path, "r1")
+    folder.write({"run_id": "r1", "status": runs.RUNNING})
+    output = tmp_path / "r1.log"
+    log = events.EventLog()
+    lines = ["python -m sft_space train --config x.json", "Loading checkpoint shards: 100%",
+             events.PREFIX + json.dumps(log.emit(events.Status(message="Loading the model…"))),
+             "█████··· step 3 of 10 · train loss 2.400 (smoothed)", "  adapter: /srv/runs/r1/adapter",
+             events.PREFIX + json.dumps(log.emit(events.Stopping(step=3))),
+             "Continue with: python -m sft_space train --resume runs/r1", "error: row 3 is bad",
+             events.PREFIX + json.dumps(log.emit(events.Failed(reason="Out of memory.")))]
+    output.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    heard = []
+    job = jobs.Job("r1", "alice", RunSettings())
+    errors, tail = child.Supervisor()._follow(job, folder, output, 0, lambda: False,
+                                              child.Listeners(heard.append, lambda path: None, lambda: None))
+    assert heard == ["Loading the model…", "Stopping at step 3: saving a checkpoint and the adapter…"]
+    assert errors == ["Out of memory."] and tail == [line + "\n" for line in lines]
 
 
 def test_with_warm_start_a_run_is_the_process_started_ahead_and_the_next_one_starts_after_it(tmp_path):
@@ -129,7 +167,7 @@ def test_with_warm_start_a_run_is_the_process_started_ahead_and_the_next_one_sta
     assert job.pid == waiting.pid and os.getpgid(job.pid) == job.pid  # not a new process, and its own group
     assert wait_until(lambda: job.done)
     assert job.state == JobState.FINISHED, job.error  # ("refuse" would have been a new process, not the one ahead)
-    assert "step 30/" in child.log_file(tmp_path / "runs", job.job_id).read_text()  # its output went to the run's log
+    assert said_steps(tmp_path, job)[-1] == 30  # its output went to the run's log
     following = supervisor.standby
     assert following is not None and following.pid != waiting.pid and following.poll() is None
     supervisor.close()
@@ -154,7 +192,8 @@ def test_stop_is_a_signal_the_run_answers_by_stopping_at_its_next_step(tmp_path)
     record = runs.RunFolder(job.run_dir).read()
     # Stopped by its own hand (its SIGINT handler), not killed: the record says so without an error.
     assert job.state == JobState.STOPPED and record["status"] == runs.STOPPED and record["error"] is None
-    assert "Stopping: saving a checkpoint" in child.log_file(tmp_path / "runs", job.job_id).read_text()
+    kinds = [event["event"] for event in runs.RunFolder(job.run_dir).read_events()]
+    assert kinds[-2:] == ["stopping", "stopped"]
     assert manager.current() is None
 
 
@@ -183,8 +222,8 @@ def test_the_grace_after_stop_covers_the_slowest_step_the_run_has_taken(tmp_path
     than the supervisor's own grace (here 0.5 s) to save, and its save ends as its own, not in a kill."""
     manager = manager_for("slow-save", grace=0.5)
     job = start(manager, tmp_path)
-    runs.RunFolder(job.run_dir).append_metrics({"step": 1, "max_steps": 10, "loss": 2.0, "elapsed_seconds": 5.0,
-                                                "slowest_step_seconds": 5.0})
+    events.append(job.run_dir, events.Step(step=1, max_steps=10, epoch=0.1, loss=2.0, loss_smoothed=2.0,
+                                           elapsed_seconds=5.0, slowest_step_seconds=5.0))
     manager.stop(job.job_id, "alice")
     assert wait_until(lambda: job.message == "Saving…", timeout=10), job.message
     time.sleep(1.5)  # three times the supervisor's grace
@@ -216,18 +255,10 @@ def test_a_run_killed_after_stop_keeps_the_adapter_of_its_last_checkpoint(tmp_pa
     record = folder.read()
     assert record["status"] == runs.STOPPED and folder.has_adapter
     assert "adapter of step 4" in record["error"] and "chat with it or publish it" in record["error"]
+    assert folder.read_events()[-1]["event"] == "stopped", "the supervisor ends the stream the child could not"
     kept = sorted(path.name for path in folder.adapter_path.iterdir())
     assert kept == sorted([runs.ADAPTER_CONFIG, runs.ADAPTER_WEIGHTS, "tokenizer.json"])  # no trainer state
     assert job.state == JobState.STOPPED and "adapter of step 4" in job.message
-
-
-def test_the_summary_lines_of_the_command_line_are_not_status_messages_of_the_page():
-    assert child.is_status("Training…") and child.is_status("Loading embedded:SmolLM2-135M-Instruct…")
-    for line in ("  adapter: /srv/runs/r1/adapter", "  chat with it: python -m sft_space chat runs/r1 --compare",
-                 "Continue with: python -m sft_space train --resume runs/r1", "Run finished: runs/r1",
-                 "█████··· step 3/10", "python -m sft_space train --config x.json", "", "   ",
-                 "  Warning: This machine trains about 10× slower than its usual figure for this model"):
-        assert not child.is_status(line), line
 
 
 @pytest.mark.slow
@@ -278,7 +309,10 @@ def test_a_child_that_dies_fails_its_run_and_the_app_goes_on(tmp_path, sig, name
     record = folder.read()
     assert job.state == JobState.FAILED and record["status"] == runs.FAILED
     assert named in record["error"] and named in job.error
-    assert "step " in (folder.path / "failure.txt").read_text()  # the tail of its output
+    tail = (folder.path / "failure.txt").read_text().splitlines()  # the tail of its output
+    assert any(event["event"] == "step" for event in events.read_lines(tail))
+    ending = folder.read_events()[-1]
+    assert ending["event"] == "failed" and named in ending["reason"]
     assert manager.current() is None
     following = start(manager, tmp_path, owner="bob")  # the next run starts normally
     manager.stop(following.job_id, "bob")
@@ -305,6 +339,7 @@ def test_a_restarted_app_re_attaches_to_a_child_still_training_and_marks_dead_on
     assert restarted.latest_for("alice").job_id == job.job_id and restarted.current() is adopted[0]
     record = dead.read()
     assert record["status"] == runs.FAILED and "ended without recording an outcome" in record["error"]
+    assert [event["event"] for event in dead.read_events()] == ["failed"]
     with pytest.raises(Exception, match="No such run of yours"):
         restarted.stop(job.job_id, "mallory")
     restarted.stop(job.job_id, "alice")

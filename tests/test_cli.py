@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from builders import SAMPLE_DATA, chat, distinct_chats, persona_chats
+from builders import SAMPLE_DATA, chat, distinct_chats, evaluation_event, persona_chats, step_event
 
-from sft_space import cli, runs
+from sft_space import cli, events, runs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,12 +112,18 @@ def test_train_then_chat_from_the_command_line(write_jsonl, tiny_model_dir, tmp_
     assert "--max-steps 3" in out and "--lora-r 4" in out
     assert "Run finished" in out
     assert "{'loss'" not in out, "the trainer's raw log dicts stay out of the output"
-    assert "step 3/3" in err  # our progress lines instead
+    assert "step 3 of 3" in err  # our progress lines instead
+    # What it said is the run's events, in its folder and on stdout alike, ending once.
+    said = events.read_lines(out.splitlines())
+    assert said == runs.RunFolder(runs_dir / "cli-run").read_events()
+    kinds = [event["event"] for event in said]
+    assert kinds[0] == "started" and "plan" in kinds and kinds.count("step") == 3 and kinds[-1] == "finished"
+    assert [kind for kind in kinds if kind in events.TERMINAL] == ["finished"]
     record = json.loads((runs_dir / "cli-run" / "run.json").read_text())
     assert record["settings"]["lora_r"] == 4 and record["status"] == "finished"
     # The headline at the end is the smoothed training loss and the validation loss, not the last step's loss.
     final = record["final_metrics"]
-    assert f"train loss {final['loss_smoothed']:.4f} (smoothed) · validation loss {final['eval_loss']:.4f}" in out
+    assert f"train loss {final['loss_smoothed']:.3f} (smoothed) · validation loss {final['eval_loss']:.3f}" in out
 
     assert cli.main(["chat", str(runs_dir / "cli-run"), "--prompt", "What is 2 plus 2?", "--compare",
                      "--max-new-tokens", "4"]) == 0
@@ -125,14 +131,21 @@ def test_train_then_chat_from_the_command_line(write_jsonl, tiny_model_dir, tmp_
     assert "base:" in out and "fine-tuned:" in out
 
 
-def test_the_progress_line_headlines_the_smoothed_loss_and_the_latest_validation_loss():
-    step = {"step": 30, "max_steps": 60, "loss": 3.9, "loss_smoothed": 2.2512, "tokens_per_second": 1234.5,
-            "eta_seconds": 40.0}
-    line = cli.progress_line(step, validation_loss=2.37)
-    assert "step 30/60 · train loss 2.2512 (smoothed) · validation loss 2.3700 · 1,234 tokens/s · ETA 40 s" in line
-    assert "3.9" not in line, "one step's raw loss is never the headline"
-    evaluation = cli.progress_line({"step": 30, "max_steps": 60, "eval_loss": 2.31, "eval_seconds": 4.26})
-    assert evaluation.endswith("step 30/60 · validation loss 2.3100 · evaluated in 4.3 s")
+def test_the_command_line_renders_each_event_and_its_progress_line_is_the_pages():
+    """The lines for people are the events rendered: a status event's words, a bar and the progress text the Train
+    tab shows (`events.progress_text`) for each step or evaluation, its headline over the steps so far."""
+    said, speeds = [], []
+    rendering = cli.Rendering(said.append, speeds.append)
+    log = events.EventLog(listeners=[rendering])
+    log.emit(events.Status(message="Loading the model…"))
+    log.emit(step_event(30, 3.9, 60, loss_smoothed=2.2512, eta_seconds=40.0, tokens_per_second=1234.5))
+    log.emit(evaluation_event(30, 2.37, 60, eval_seconds=4.26))
+    log.emit(events.Stopped(reason="Stopped at step 30 of 60."))
+    assert said[0] == "Loading the model…" and [event["step"] for event in speeds] == [30]
+    assert said[1].startswith("██████████·········· step 30 of 60 · train loss 2.251 (smoothed) · elapsed")
+    assert said[2].endswith(events.progress_text(rendering.points[-1], events.Headline(2.2512, 2.37)))
+    assert "3.9" not in said[1], "one step's raw loss is never the headline"
+    assert len(said) == 3 and rendering.end["reason"] == "Stopped at step 30 of 60.", "the ending is the summary's"
 
 
 def test_train_reports_bad_data_and_missing_runs_without_traceback(write_jsonl, tiny_model_dir, tmp_path, capsys):

@@ -1,8 +1,10 @@
 """Comparing runs: the curves of several runs on one frame, their settings side by side, only the visitor's runs."""
 
 import dataclasses
+import json
 
 import pytest
+from builders import evaluation_event, step_event, write_events
 
 from sft_space import compare, runs
 from sft_space.errors import UserError
@@ -21,11 +23,10 @@ def make_run(runs_dir, run_id, owner="alice", losses=(3.0, 2.5, 2.0), eval_losse
                            "fingerprint": "0123456789abcdef0123"},
                   "final_metrics": {"step": len(losses), "loss": losses[-1],
                                     "eval_loss": eval_losses[-1] if eval_losses else None}})
-    for step, loss in enumerate(losses, 1):
-        folder.append_metrics({"step": step, "max_steps": len(losses), "loss": loss})
-    for i, eval_loss in enumerate(eval_losses, 1):  # spread over the run, the last at its end
-        folder.append_metrics({"step": round(len(losses) * i / len(eval_losses)), "max_steps": len(losses),
-                               "eval_loss": eval_loss})
+    write_events(folder, *(step_event(step, loss, len(losses)) for step, loss in enumerate(losses, 1)))
+    # Spread over the run, the last at its end.
+    write_events(folder, *(evaluation_event(round(len(losses) * i / len(eval_losses)), eval_loss, len(losses))
+                           for i, eval_loss in enumerate(eval_losses, 1)))
     return folder
 
 
@@ -51,10 +52,11 @@ def test_the_curves_of_several_runs_share_one_frame_one_run_per_series(tmp_path)
 def test_a_metrics_line_that_is_not_a_loss_point_is_left_out(tmp_path):
     folder = make_run(tmp_path, "a", losses=(3.0,), eval_losses=())
     make_run(tmp_path, "b")
-    for entry in ({"step": 2, "loss": "high"}, {"step": 3, "loss": True}, {"step": None, "loss": 1.0},
-                  {"step": 4, "learning_rate": 0.1}):
-        folder.append_metrics(entry)
-    folder.metrics_path.open("a").write('{"step": 5, "lo')  # a line cut off while it was written
+    with folder.events_path.open("a") as written:
+        for entry in ({"step": 2, "loss": "high"}, {"step": 3, "loss": True}, {"step": None, "loss": 1.0},
+                      {"step": 4, "loss": None}):
+            written.write(json.dumps({**dataclasses.asdict(step_event(1, 1.0)), "event": "step", "time": 1.0, **entry}) + "\n")
+        written.write('{"step": 5, "lo')  # a line cut off while it was written
     frame = compare.curves(compare.open_runs(tmp_path, ["a"], "alice"))
     assert frame.values.tolist() == [[1, 3.0, "a", "train"]]
 

@@ -85,7 +85,7 @@ def test_the_reader_skips_noise_and_a_torn_line_in_a_log_and_in_the_file(tmp_pat
     step = said(EXAMPLES["step"])[0]
     line = events.PREFIX + json.dumps(step)
     log = ["Loading checkpoint shards: 100%|██████████| 2/2", "{'loss': 2.5, 'grad_norm': 1.1}",
-           line, "warning: something" + line,  # a library's text with no newline before ours
+           line, "warning: something" + line + " and more",  # another writer's text around ours
            events.PREFIX + '{"event": "step", "time": 1.0}',  # no step's fields: not an event of the schema
            json.dumps(step),  # an event without the prefix, in a log: not said by the run
            line[:-7]]  # cut off while it was written

@@ -1,15 +1,14 @@
 """What a newcomer reads first: the headline losses (smoothed training loss and validation loss, never
 one step's raw loss), the loss plot, a reloaded Train tab, and status words that are true."""
 
-import json
 import math
 from dataclasses import asdict
 
 import gradio as gr
 import pytest
 
-from builders import SAMPLE_DATA, distinct_chats
-from sft_space import access, checks, jobs, runs
+from builders import SAMPLE_DATA, distinct_chats, evaluation_event, step_event, write_events
+from sft_space import access, checks, events, jobs, runs
 from sft_space.settings import DataSettings, RunSettings
 from sft_space.ui import train_tab
 
@@ -31,10 +30,9 @@ def noisy_run(tmp_path, record=None):
     folder.write(record or {"run_id": "noisy", "status": runs.RUNNING, "data": {"validation_examples": 2}})
     smoother = runs.LossSmoother()
     for step, loss in enumerate(LOSSES, start=1):
-        folder.append_metrics({"step": step, "max_steps": 10, "loss": loss, "loss_smoothed": smoother.add(loss),
-                               "elapsed_seconds": step, "eta_seconds": 1.0})
+        write_events(folder, step_event(step, loss, loss_smoothed=smoother.add(loss), eta_seconds=1.0))
         if step == 4:
-            folder.append_metrics({"step": 4, "max_steps": 10, "eval_loss": 2.3})
+            write_events(folder, evaluation_event(4, 2.3))
     return folder
 
 
@@ -58,14 +56,10 @@ def test_the_headline_is_the_smoothed_and_validation_loss_never_the_last_raw_ste
     assert headline.train_loss == pytest.approx(tensorboard_smoothing(LOSSES, runs.SMOOTHING)[-1])
     assert headline.validation_loss == 2.3
     assert headline.text() == f"train loss {headline.train_loss:.3f} (smoothed) · validation loss 2.300"
-    # A finished run's record holds it (the raw loss beside it), and runs recorded before the smoothed loss was
-    # kept get it from their metrics.
+    # A finished run's record holds it (the raw loss beside it); a record without it, its curve.
     folder.update(status=runs.FINISHED, final_metrics={"loss": 3.9, "loss_smoothed": 2.25, "eval_loss": 2.1})
-    assert folder.headline() == runs.Headline(2.25, 2.1)
+    assert folder.headline() == events.Headline(2.25, 2.1)
     folder.update(final_metrics={"loss": 3.9, "step": 8})
-    assert folder.headline() == headline
-    (folder.metrics_path).write_text("".join(json.dumps({k: v for k, v in e.items() if k != "loss_smoothed"}) + "\n"
-                                             for e in folder.read_metrics()))
     assert folder.headline() == headline
     # The Train tab's status line shows the same, and not the raw 3.9.
     job = jobs.Job("noisy", "alice", RunSettings(source="a.jsonl"), state=jobs.JobState.RUNNING, message="Training…",
@@ -86,7 +80,7 @@ def test_the_plot_draws_raw_points_faint_the_smoothed_line_and_validation_and_a_
     assert list(by_split[train_tab.VALIDATION]["step"]) == pytest.approx([4 - 0.1, 4 + 0.1])
     first = runs.RunFolder.create(tmp_path, "first")
     first.write({"run_id": "first", "status": runs.RUNNING, "data": {"validation_examples": 2}})
-    first.append_metrics({"step": 1, "max_steps": 100, "loss": 3.489136, "loss_smoothed": 3.489136})
+    write_events(first, step_event(1, 3.489136, max_steps=100))
     curve = train_tab.loss_curve(first.path)
     drawn = curve[curve["split"] == train_tab.SMOOTHED]
     assert list(drawn["step"]) == [0.0, 2.0] and set(drawn["loss"]) == {3.489136}

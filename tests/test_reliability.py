@@ -38,7 +38,7 @@ def test_a_killed_run_resumes_losing_at_most_one_save_interval(tiny_model_dir, t
     folder = runs.RunFolder(runs_dir / "killed")
     deadline = time.time() + 240
     while time.time() < deadline:
-        steps = [m["step"] for m in folder.read_metrics() if "loss" in m] if folder.metrics_path.exists() else []
+        steps = [m["step"] for m in folder.read_metrics() if "loss" in m] if folder.events_path.exists() else []
         if steps and steps[-1] >= kill_at:
             break
         assert process.poll() is None, "training ended before it could be killed"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from builders import persona_chats
+from builders import persona_chats, step_event, write_events
 from sft_space import cli, planning, runs
 from sft_space.errors import UserError
 from sft_space.runs import RunFolder, RunLocked, UnreadableRun
@@ -155,7 +155,7 @@ def stopped_run(runs_dir, run_id="held"):
 
     folder.write({"run_id": run_id, "status": runs.STOPPED, "created_at": runs.timestamp(),
                   "settings": asdict(settings), "final_metrics": {"loss": 2.0, "step": 3}, "error": None})
-    folder.append_metrics({"step": 3, "loss": 2.0})
+    write_events(folder, step_event(3, 2.0))
     (folder.path / "checkpoint-3").mkdir()
     (folder.path / "checkpoint-3" / "trainer_state.json").write_text("{}")
     return folder
@@ -194,7 +194,7 @@ def test_the_command_line_prints_the_refusal(tmp_path, capsys):
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert folder.read_metrics() == [{"step": 3, "loss": 2.0}]
+    assert [(point["step"], point["loss"]) for point in folder.read_metrics()] == [(3, 2.0)]
 
 
 def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):

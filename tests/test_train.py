@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel, TrainerCallback
 
 from builders import SAMPLE_DATA, distinct_chats, persona_chats
-from sft_space import models, render, runs
+from sft_space import events, models, render, runs
 from sft_space.chat import load_chat_model
 from sft_space.hardware import detect_hardware, plan_training
 from sft_space.settings import GenerationSettings, run_settings
@@ -39,6 +39,30 @@ def tiny_settings(tiny_model_dir, tmp_path, write_jsonl):
     return make
 
 
+def listening(on_status=None, on_point=None):
+    """A run's event log that hands the test each status message, and each step or evaluation, as it is said."""
+    def hear(event):
+        if event["event"] == "status" and on_status is not None:
+            on_status(event["message"])
+        elif event["event"] in ("step", "evaluation") and on_point is not None:
+            on_point(event)
+    return events.EventLog(listeners=[hear])
+
+
+def attempts(folder):
+    """The kinds of a run's events, one list per attempt (each opens with `started`)."""
+    said = []
+    for event in folder.read_events():
+        if event["event"] == "started":
+            said.append([])
+        said[-1].append(event["event"])
+    return said
+
+
+def ends_once(kinds, ending):
+    return kinds[-1] == ending and sum(kind in events.TERMINAL for kind in kinds) == 1
+
+
 class RaiseAtStep(TrainerCallback):
     def __init__(self, step, error):
         self.step, self.error = step, error
@@ -54,14 +78,19 @@ def test_training_drives_the_loss_down_and_fills_the_run_folder(tiny_settings, m
     settings = tiny_settings(max_steps=24, packing=False, batch_size=4)
     seen_while_running = []
 
-    def on_metrics(entry):
-        # Called after the line is appended: the file must already hold it while training is under way.
-        folder = Path(settings.output_dir) / "overfit"
-        lines = (folder / runs.METRICS_FILE).read_text().splitlines()
-        seen_while_running.append((len(lines), json.loads((folder / runs.RUN_FILE).read_text())["status"]))
+    def on_point(entry):
+        # Told after the line is appended: the file must already hold it while training is under way.
+        folder = runs.RunFolder(Path(settings.output_dir) / "overfit")
+        seen_while_running.append((len(folder.read_metrics()), folder.read()["status"]))
 
     statuses = []
-    folder = train(TrainRequest(settings, on_metrics=on_metrics, on_status=statuses.append, run_id="overfit"))
+    folder = train(TrainRequest(settings, events=listening(statuses.append, on_point), run_id="overfit"))
+    # The run's events, in order: what it said before its folder existed included, one ending.
+    [kinds] = attempts(folder)
+    assert kinds[:2] == ["started", "status"] and kinds.index("plan") < kinds.index("step")
+    assert kinds.index("checkpoint") < kinds.index("samples") < len(kinds) - 1 and ends_once(kinds, "finished")
+    assert folder.read_events()[-1]["final_metrics"] == folder.read()["final_metrics"]
+    assert "Checking the data…" in statuses and "Training…" in statuses
 
     metrics = folder.read_metrics()
     losses = [m["loss"] for m in metrics if "loss" in m]
@@ -169,7 +198,8 @@ def test_stop_then_resume_continues_the_step_count(tiny_settings):
         if entry.get("step", 0) >= 4:
             stop.set()
 
-    folder = train(TrainRequest(settings, stop_event=stop, on_metrics=stop_after_four, run_id="stoppable"))
+    folder = train(TrainRequest(settings, stop_event=stop, events=listening(on_point=stop_after_four),
+                                run_id="stoppable"))
     record = folder.read()
     assert record["status"] == runs.STOPPED
     stopped_at = record["final_metrics"]["step"]
@@ -180,12 +210,17 @@ def test_stop_then_resume_continues_the_step_count(tiny_settings):
 
     resumed = train(TrainRequest(settings, resume=folder.path))
     assert resumed.path == folder.path
+    stopped, finished = attempts(folder)
+    assert "checkpoint" in stopped[stopped.index("stopping"):], "the stop is said, then the checkpoint at its step"
+    assert ends_once(stopped, "stopped") and ends_once(finished, "finished")
+    plans = [event for event in folder.read_events() if event["event"] == "plan"]
+    assert [plan["from_step"] for plan in plans] == [0, stopped_at], "the resume trains on from its checkpoint"
     record = resumed.read()
     assert record["status"] == runs.FINISHED and record["final_metrics"]["step"] == 10
     steps = [m["step"] for m in resumed.read_metrics() if "loss" in m]
     after = steps[steps.index(stopped_at) + 1:]
     assert after and after[0] == stopped_at + 1 and after[-1] == 10
-    # Elapsed time goes on from where the stopped run left it, not from zero.
+    # Elapsed time goes on from where the stopped run left it (before: it restarted from zero).
     metrics = resumed.read_metrics()
     before = [m["elapsed_seconds"] for m in metrics if m["step"] <= stopped_at]
     assert min(m["elapsed_seconds"] for m in metrics if m["step"] > stopped_at) > max(before)
@@ -203,14 +238,14 @@ def test_stop_then_resume_continues_the_step_count(tiny_settings):
 @pytest.mark.slow  # about 6 s: a hundred steps, then a resume
 def test_the_last_step_is_logged_whatever_the_logging_interval(tiny_settings):
     """A run logs every 1% of its steps; a stop or the end between two logs still logs its step, so the curve, the
-    page and the record end where the run and its checkpoint did (a run stopped at step 43 of 100,000 says step 43,
-    not its last logged step, 1)."""
+    page and the record end where the run and its checkpoint did (before: a run stopped at step 43 of 100,000 read
+    "step 1")."""
     settings = tiny_settings(max_steps=101, save_every=50, sample_prompts=0, validation_fraction=0)
     stop = threading.Event()
     # Logged at step 1, then every 2 steps (1% of 101, rounded up): stop once step 2 is logged, so the run stops at
     # step 3, between two logs.
     folder = train(TrainRequest(settings, stop_event=stop, run_id="odd",
-                                on_metrics=lambda entry: entry["step"] >= 2 and stop.set()))
+                                events=listening(on_point=lambda entry: entry["step"] >= 2 and stop.set())))
     record = folder.read()
     assert record["status"] == runs.STOPPED and record["final_metrics"]["step"] == 3
     assert folder.last_checkpoint().name == "checkpoint-3"
@@ -242,7 +277,7 @@ def test_out_of_memory_in_the_first_steps_halves_the_batch_and_keeps_the_example
     settings = tiny_settings(max_steps=4, batch_size=4, packing=False, gradient_accumulation=1)
     oom = OutOfMemoryAbove(batch=1)
     statuses = []
-    folder = train(TrainRequest(settings, extra_callbacks=[oom], on_status=statuses.append, run_id="shrinks"))
+    folder = train(TrainRequest(settings, extra_callbacks=[oom], events=listening(statuses.append), run_id="shrinks"))
     # 4 × 1, then 2 × 2, then 1 × 4 examples per optimizer step: the same 4 each time.
     assert oom.attempts == [(4, 1, False), (2, 2, False), (1, 4, False)]
     record = folder.read()
@@ -252,6 +287,8 @@ def test_out_of_memory_in_the_first_steps_halves_the_batch_and_keeps_the_example
     assert [m["step"] for m in folder.read_metrics() if "loss" in m] == [1, 2, 3, 4], (
         "one curve, from the attempt that ran")
     assert sum(s.startswith("Out of memory: batch size") for s in statuses) == 2
+    # Each attempt's plan starts the curve over: the events keep every attempt, the curve only the last.
+    assert [event["from_step"] for event in folder.read_events() if event["event"] == "plan"] == [0, 0, 0]
 
 
 @pytest.mark.slow
@@ -304,8 +341,8 @@ def evaluated_steps(max_steps, eval_steps):
 
 @pytest.mark.parametrize("preset, max_steps", [("balanced", 0), ("quick", 0), ("quick", 20)])
 def test_evaluation_takes_at_most_a_tenth_of_a_run_on_the_sample(preset, max_steps, tiny_model_dir, tmp_path):
-    """A few evaluations per run, as many as fit in its compute budget, the last at the last step: evaluating every
-    10% of the steps (every 2 steps of a 20-step run) takes half of a short run's time."""
+    """Before, validation loss ran every 10% of the steps: every 2 steps of a 20-step run, half its time. Now a
+    few evaluations per run, as many as fit in its compute budget, the last at the last step."""
     settings = run_settings(preset, source=str(SAMPLE_DATA), model=str(tiny_model_dir), max_steps=max_steps,
                             output_dir=str(tmp_path))
     tokenizer = models.load_tokenizer(settings.model)
@@ -424,7 +461,7 @@ STOP_IN_STAGE = {
 
 
 def stop_when(prefix, stop, stopped_at):
-    """An on_status that, once a stage whose line starts with `prefix` is reported, has another thread stop
+    """A status listener that, once a stage whose line starts with `prefix` is reported, has another thread stop
     the run (and notes when)."""
     def set_stop():
         stopped_at.append(time.monotonic())
@@ -451,7 +488,8 @@ def test_a_stop_in_each_stage_ends_the_run_at_once_with_what_it_has(tiny_setting
     prefix, outcome = STOP_IN_STAGE[stage]
     settings = tiny_settings(max_steps=8, save_every=100, sample_prompts=2)
     stop, stopped_at = threading.Event(), []
-    request = TrainRequest(settings, stop_event=stop, on_status=stop_when(prefix, stop, stopped_at), run_id="stopped")
+    request = TrainRequest(settings, stop_event=stop, events=listening(stop_when(prefix, stop, stopped_at)),
+                           run_id="stopped")
     folder = runs.RunFolder(Path(settings.output_dir) / "stopped")
     earlier = live_models()
     if outcome == "nothing":
@@ -469,6 +507,7 @@ def test_a_stop_in_each_stage_ends_the_run_at_once_with_what_it_has(tiny_setting
         return
     record = folder.read()
     assert not folder.lock_path.exists()
+    assert ends_once(attempts(folder)[-1], "finished" if outcome == "finished" else "stopped")
     if outcome == "before the first step":
         assert record["status"] == runs.STOPPED and record["error"] == STOPPED_BEFORE_FIRST_STEP
         assert "stopped before its first step; start it again" in record["error"]
@@ -548,7 +587,7 @@ def test_a_stop_while_a_large_dataset_is_checked_returns_at_once(tiny_settings):
 
     started = time.monotonic()
     with pytest.raises(TrainingStopped):
-        train(TrainRequest(settings, stop_event=stop, on_status=on_status))
+        train(TrainRequest(settings, stop_event=stop, events=listening(on_status)))
     assert stopped_at and time.monotonic() - stopped_at[0] < 1.0
     assert time.monotonic() - started < 2.0
     assert not Path(settings.output_dir).exists()
@@ -734,7 +773,7 @@ def test_the_app_prepares_the_built_in_model_in_the_background_once_and_the_page
 def test_a_run_that_must_prepare_the_built_in_model_says_so_with_its_stages(small_embedded_model, tiny_settings):
     said = []
     folder = train(TrainRequest(tiny_settings(model=models.EMBEDDED_MODEL, max_steps=1, sample_prompts=0),
-                                on_status=said.append))
+                                events=listening(said.append)))
     preparing = [message for message in said if message.startswith(models.PREPARATION_MESSAGE)]
     assert len(preparing) >= 3 and said.index(preparing[0]) < said.index(f"Loading {models.EMBEDDED_MODEL}…")
     assert any(message.startswith("The built-in model is prepared") for message in said)

@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 import gradio as gr
 import pytest
-from builders import SAMPLE_DATA
+from builders import SAMPLE_DATA, step_event, write_events
 from test_jobs import wait_until
 
 from sft_space import access, checks, child, compare, estimate, jobs, models, runs
@@ -35,15 +35,13 @@ def run_folder(runs_dir, run_id=RUN_ID, status=runs.RUNNING, metrics=(), **recor
                   "data": {"source": upload, "format": "openai", "rows": 48, "train_examples": 43,
                            "validation_examples": 5},
                   **record})
-    for entry in metrics:
-        folder.append_metrics(entry)
+    write_events(folder, *metrics)
     return folder
 
 
 def measured(step, tokens_per_second, max_steps=100, seconds_per_step=18.0):
-    return {"step": step, "max_steps": max_steps, "loss": 2.0, "loss_smoothed": 2.0,
-            "elapsed_seconds": step * seconds_per_step, "eta_seconds": (max_steps - step) * seconds_per_step,
-            "tokens_per_second": tokens_per_second}
+    return step_event(step, 2.0, max_steps, elapsed_seconds=step * seconds_per_step,
+                      eta_seconds=(max_steps - step) * seconds_per_step, tokens_per_second=tokens_per_second)
 
 
 def job_of(folder, state, message="Training…", error=None):
@@ -54,7 +52,7 @@ def job_of(folder, state, message="Training…", error=None):
 def test_the_estimate_becomes_the_runs_measured_speed_and_warns_when_the_machine_is_much_slower(tmp_path):
     slow = run_folder(tmp_path, "slow", metrics=[measured(1, 9.0)])
     assert train_tab.live_markdown(TWO_CORES, slow.path) is None  # one step says little: the estimate stands
-    slow.append_metrics(measured(5, 12.3))
+    write_events(slow, measured(5, 12.3))
     text = train_tab.live_markdown(TWO_CORES, slow.path)
     assert text == (
         "This app trains on **CPU, 2 cores, 24 GiB memory**. At this speed: about 30m 00s in all, 28m 30s left "
@@ -92,7 +90,7 @@ def app(tmp_path, monkeypatch, tiny_model_dir):
         folder = runs.RunFolder.create(job.settings.output_dir, job.job_id)
         folder.write({"run_id": job.job_id, "status": runs.RUNNING, "owner": job.owner, "plan": PLAN,
                       "base_model": models.EMBEDDED_MODEL, "settings": asdict(job.settings)})
-        folder.append_metrics(measured(5, 12.3))
+        write_events(folder, measured(5, 12.3))
         on_folder(folder.path)
         on_running()
         job.stop_event.wait(60)

@@ -2,17 +2,19 @@
 
 
 def test_loss_curve_names_the_validation_series_before_its_first_point(tmp_path):
+    from builders import evaluation_event, step_event, write_events
+
     from sft_space import runs
     from sft_space.ui import train_tab
     from sft_space.ui.train_tab import loss_curve
 
     folder = runs.RunFolder.create(tmp_path, "r")
     folder.write({"data": {"validation_examples": 3}})
-    folder.append_metrics({"step": 1, "loss": 2.0})
+    write_events(folder, step_event(1, 2.0))
     curve = loss_curve(folder.path)
     assert set(curve["split"]) == {train_tab.RAW, train_tab.SMOOTHED, train_tab.VALIDATION}
     assert curve["loss"].isna().sum() == 1
-    folder.append_metrics({"step": 1, "eval_loss": 2.5})
+    write_events(folder, evaluation_event(1, 2.5))
     assert not loss_curve(folder.path)["loss"].isna().any()
 
 

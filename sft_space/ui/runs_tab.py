@@ -11,7 +11,7 @@ from typing import Any, Callable
 import gradio as gr
 import pandas as pd
 
-from .. import compare, jobs, runs
+from .. import compare, events, jobs, runs
 from ..errors import UserError
 from ..settings import PRESET_NAMES, run_settings
 from .common import Gate, keep_choice
@@ -38,7 +38,8 @@ def runs_table(runs_dir: str, visitor: str | None) -> pd.DataFrame:
     """The visitor's runs, newest first; short enough to fit the page."""
     rows = []
     for folder, record in runs.visible_runs(runs_dir, visitor):
-        final = record.get("final_metrics") or {}
+        # A run still training has no summary in its record yet: its events say how far it is.
+        final = record.get("final_metrics") or events.final_metrics(folder.read_metrics())
         headline = folder.headline(record)
         data = record.get("data") or {}
         status = record.get("status")

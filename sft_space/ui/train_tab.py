@@ -15,7 +15,7 @@ from typing import Any, Callable
 import gradio as gr
 import pandas as pd
 
-from .. import access, checks, estimate, events, formats, hub_jobs, isolation, jobs, models, runs, storage
+from .. import access, checks, data, estimate, events, hub_jobs, isolation, jobs, models, runs, storage
 from ..errors import UserError
 from ..hardware import Hardware, detect_hardware
 from ..settings import (DEFAULT_PRESET, PRESET_NAMES, DataSettings, DoctorSettings, RunSettings, field_help, field_type,
@@ -77,11 +77,11 @@ def _run_length(entries: list[dict[str, Any]]) -> int:
 
 
 def _curve(folder: runs.RunFolder, entries: list[dict[str, Any]]) -> pd.DataFrame | None:
-    series: dict[str, list[tuple[float, float]]] = {RAW: [], SMOOTHED: [], VALIDATION: []}
-    for step, loss, smoothed in runs.training_losses(entries):
-        series[RAW].append((step, loss))
-        series[SMOOTHED].append((step, smoothed))
-    series[VALIDATION] = [(entry["step"], entry["eval_loss"]) for entry in entries if "eval_loss" in entry]
+    steps = [entry for entry in entries if entry["event"] == "step"]
+    series: dict[str, list[tuple[float, float]]] = {
+        RAW: [(entry["step"], entry["loss"]) for entry in steps],
+        SMOOTHED: [(entry["step"], entry["loss_smoothed"]) for entry in steps],
+        VALIDATION: [(entry["step"], entry["eval_loss"]) for entry in entries if entry["event"] == "evaluation"]}
     if not series[RAW] and not series[VALIDATION]:
         return EMPTY_CURVE
     half = LONE_POINT_WIDTH * _run_length(entries) / 2
@@ -130,8 +130,8 @@ def data_line(summary: dict[str, Any]) -> str:
     source = str(summary.get("source") or "")
     name = Path(source).name if Path(source).is_absolute() else source
     parts = [f"Data: **{name}**"]
-    if summary.get("format") in formats.FORMAT_NAMES:
-        parts.append(formats.FORMAT_NAMES[summary["format"]])
+    if summary.get("format") in data.FORMAT_NAMES:
+        parts.append(data.FORMAT_NAMES[summary["format"]])
     if isinstance(summary.get("rows"), int):
         parts.append(f"{summary['rows']:,} rows")
     if isinstance(summary.get("train_examples"), int):
@@ -192,19 +192,8 @@ def progress_markdown(job: jobs.Job | None, notice: str = "") -> str:
     lines.append(f"**{state}**" + ("" if (job.error and job.message == job.error) or repeats else f" · {job.message}"))
     if job.run_dir is not None and (Path(job.run_dir) / runs.RUN_FILE).is_file():
         folder = runs.RunFolder(Path(job.run_dir))
-        entries = folder.read_metrics()
-        steps = [entry for entry in entries if "loss" in entry]
-        if steps:
-            last = steps[-1]
-            parts = [f"step {last['step']} of {last['max_steps']}", runs.headline_of(entries).text(),
-                     f"elapsed {estimate.duration(last.get('elapsed_seconds'))}"]
-            if not job.done:
-                parts.append(f"ETA {estimate.duration(last.get('eta_seconds'))}")
-            if last.get("tokens_per_second"):
-                parts.append(f"{last['tokens_per_second']:,.0f} tokens/s")
-            if last.get("peak_gpu_memory_gib") is not None:
-                parts.append(f"GPU memory {last['peak_gpu_memory_gib']:.1f} GiB")
-            lines.append(" · ".join(parts))
+        if entries := folder.read_metrics():
+            lines.append(events.progress_text(entries[-1], events.headline_of(entries), ended=job.done))
         try:
             record = folder.read()
         except UserError:
@@ -282,7 +271,7 @@ def estimate_markdown(hardware: Hardware, settings: RunSettings | None, report: 
     passes = (f"{settings.max_steps:,} steps" if settings.max_steps > 0 else
               f"{settings.epochs:g} epoch{'' if settings.epochs == 1 else 's'}")
     first = " (the first look at the data: the whole of it takes longer)" if report.first_look else ""
-    return (f"{line} This run: about **{estimate.duration(length.seconds)}** of training{first} ({passes}, "
+    return (f"{line} This run: about **{events.duration(length.seconds)}** of training{first} ({passes}, "
             f"{length.tokens:,} tokens at ~{length.throughput.tokens_per_second:,.0f} tokens/s; "
             f"{length.throughput.source}), plus loading and the held-out answers.")
 
