@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from . import data, isolation
-from .data import Problem
+from . import data, formats, isolation
+from .formats import Problem
 from .render import Rendered, Renderer, TemplateError, Tokens, render_chat, render_example
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -69,7 +69,7 @@ PROBLEM_CODES = {
     "as plain text, never as the token that ends or opens a turn",
 }
 WARNING_CODES = {"few_examples", "all_tokens_trained", "duplicate", "same_prompt_different_answers",
-                 "same_answer_many_prompts", "text_split", "control_token_in_text", *data.READING_WARNINGS}
+                 "same_answer_many_prompts", "text_split", "control_token_in_text", *formats.READING_WARNINGS}
 
 # Rows with errors stop a run unless the person chooses to train on the valid ones: the app's checkbox, the command
 # line's flag (DataSettings.skip_invalid_rows), each named in its own skin's words.
@@ -132,7 +132,7 @@ class Report:
     format: str
     rows: int
     max_length: int
-    valid_examples: list[data.Example] = field(default_factory=list)
+    valid_examples: list[formats.Example] = field(default_factory=list)
     errors: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
     # Per valid example, in order: (messages or 1 for text, tokens, trained tokens).
@@ -218,7 +218,7 @@ def _content_problem(row: int, where: str, message: dict[str, Any]) -> Problem |
         return Problem(row, "missing_content", f"row {row}, {where}: has no content; add the text or remove the message.")
     content = message["content"]
     if isinstance(content, list):
-        # Text parts were joined when the data was read (data._joined_parts); what is left here is not all text.
+        # Text parts were joined when the data was read (formats._joined_parts); what is left here is not all text.
         kinds = sorted({_part_kind(p) for p in content}) or ["no"]
         return Problem(
             row, "non_string_content",
@@ -229,7 +229,7 @@ def _content_problem(row: int, where: str, message: dict[str, Any]) -> Problem |
     if not isinstance(content, str):
         return Problem(
             row, "non_string_content",
-            f"row {row}, {where}: content is a {data.type_name(content)}, not text; write it as a string.",
+            f"row {row}, {where}: content is a {formats.type_name(content)}, not text; write it as a string.",
         )
     if not content.strip():
         return Problem(row, "empty_content", f"row {row}, {where}: content is empty; write the text or remove the message.")
@@ -238,11 +238,11 @@ def _content_problem(row: int, where: str, message: dict[str, Any]) -> Problem |
 
 def _part_kind(part: Any) -> str:
     if not isinstance(part, dict):
-        return f"{data.type_name(part)} (not an object)"
+        return f"{formats.type_name(part)} (not an object)"
     kind = part.get("type", "text")
     if kind == "text":
         return "text (without one string under 'text', 'value' or 'content')"
-    return str(kind) if isinstance(kind, str) else data.shown(kind, 20)
+    return str(kind) if isinstance(kind, str) else formats.shown(kind, 20)
 
 
 def _invalid_text_problem(row: int, where: str, text: str) -> Problem | None:
@@ -257,8 +257,8 @@ def _invalid_text_problem(row: int, where: str, text: str) -> Problem | None:
 
 
 def _weight_problem(row: int, where: str, message: dict[str, Any], role: Any) -> Problem | None:
-    """Weights were read as our 0/1 `weight` when valid (data._weighted); any weight key left is not 0/1."""
-    present = [key for key in data.WEIGHT_KEYS if key in message]
+    """Weights were read as our 0/1 `weight` when valid (formats._weighted); any weight key left is not 0/1."""
+    present = [key for key in formats.WEIGHT_KEYS if key in message]
     if not present:
         return None
     if len(present) > 1:
@@ -266,11 +266,11 @@ def _weight_problem(row: int, where: str, message: dict[str, Any], role: Any) ->
                        "one weight per message.")
     key, value = present[0], message[present[0]]
     if key != "weight" or type(value) not in (bool, int, float) or value not in (0, 1):
-        return Problem(row, "invalid_weight", f"row {row}, {where}: {key} {data.shown(value)} on a {data.shown(role)} "
-                       f"message; a weight is 0 or 1 (also 0.0/1.0 or false/true), 0 = shown as context, not "
-                       "trained.")
+        return Problem(row, "invalid_weight", f"row {row}, {where}: {key} {formats.shown(value)} on a "
+                       f"{formats.shown(role)} message; a weight is 0 or 1 (also 0.0/1.0 or false/true), 0 = shown "
+                       "as context, not trained.")
     if value == 1 and role != "assistant":
-        return Problem(row, "invalid_weight", f"row {row}, {where}: weight 1 on a {data.shown(role)} message; only "
+        return Problem(row, "invalid_weight", f"row {row}, {where}: weight 1 on a {formats.shown(role)} message; only "
                        "assistant messages are trained, so put the weight on a reply.")
     return None
 
@@ -278,7 +278,8 @@ def _weight_problem(row: int, where: str, message: dict[str, Any], role: Any) ->
 def structure_problems(row: int, messages: Any, rules: TemplateRules) -> tuple[list[Problem], list[Problem]]:
     """(errors, warnings) about the shape of one conversation, before any rendering."""
     if not isinstance(messages, list):
-        return [Problem(row, "no_messages", f"row {row}: has no list of messages (found {data.type_name(messages)}); "
+        return [Problem(row, "no_messages", f"row {row}: has no list of messages (found "
+                        f"{formats.type_name(messages)}); "
                         'write it as "messages": [{"role": "user", "content": ...}, ...].')], []
     if not messages:
         return [Problem(row, "empty_messages", f"row {row}: the list of messages is empty; add the conversation or remove the row.")], []
@@ -287,15 +288,16 @@ def structure_problems(row: int, messages: Any, rules: TemplateRules) -> tuple[l
     for index, message in enumerate(messages, start=1):
         where = f"message {index}"
         if not isinstance(message, dict):
-            errors.append(Problem(row, "message_not_an_object", f"row {row}, {where}: is a {data.type_name(message)}, "
+            errors.append(Problem(row, "message_not_an_object", f"row {row}, {where}: is a "
+                                  f"{formats.type_name(message)}, "
                                   'not an object; write it as {"role": ..., "content": ...}.'))
             continue
         role = message.get("role")
         if not isinstance(role, str) or role not in ROLES:
-            alias = data.ROLE_ALIASES.get(role.lower()) if isinstance(role, str) else None
+            alias = formats.ROLE_ALIASES.get(role.lower()) if isinstance(role, str) else None
             guess = [alias] if alias else difflib.get_close_matches(role.lower(), ROLES, n=1) if isinstance(role, str) else []
             hint = f"did you mean {guess[0]!r}?" if guess else f"use one of {', '.join(ROLES)}."
-            errors.append(Problem(row, "unknown_role", f"row {row}, {where}: role {data.shown(role)} is not one of "
+            errors.append(Problem(row, "unknown_role", f"row {row}, {where}: role {formats.shown(role)} is not one of "
                                   f"{', '.join(ROLES)}; {hint}"))
         content_problem = _content_problem(row, where, message)
         if content_problem:
@@ -306,8 +308,8 @@ def structure_problems(row: int, messages: Any, rules: TemplateRules) -> tuple[l
         if message.get("tool_calls") is not None and not (role == "assistant"
                                                            and isinstance(message["tool_calls"], list)):
             errors.append(Problem(row, "wrong_type", f"row {row}, {where}: tool_calls is a "
-                                  f"{data.type_name(message['tool_calls'])} on a {data.shown(role)} message; tool "
-                                  "calls are a list on an assistant message."))
+                                  f"{formats.type_name(message['tool_calls'])} on a {formats.shown(role)} message; "
+                                  "tool calls are a list on an assistant message."))
         if role == "tool" and not rules.supports_tool_turns:
             errors.append(Problem(row, "tool_turn_unsupported", f"row {row}, {where}: a tool turn, but this model's "
                                   "chat template cannot show tool results; remove tool turns or pick a model with "
@@ -351,7 +353,7 @@ def structure_problems(row: int, messages: Any, rules: TemplateRules) -> tuple[l
 
 def _text_problems(row: int, text: Any) -> list[Problem]:
     if not isinstance(text, str):
-        return [Problem(row, "non_string_content", f"row {row}: 'text' is a {data.type_name(text)}, not text; write it as a string.")]
+        return [Problem(row, "non_string_content", f"row {row}: 'text' is a {formats.type_name(text)}, not text; write it as a string.")]
     if not text.strip():
         return [Problem(row, "empty_content", f"row {row}: 'text' is empty; write the text or remove the row.")]
     invalid = _invalid_text_problem(row, "'text'", text)
@@ -421,7 +423,7 @@ class _Repeats:
         self.prompts: dict[int, int | _Group] = {}
         self.answers: dict[int, int | _Group] = {}
 
-    def duplicate_of(self, example: data.Example) -> int | None:
+    def duplicate_of(self, example: formats.Example) -> int | None:
         """The row this example repeats exactly, or None (and it is remembered)."""
         if example.messages is None:
             key = _digest(example.text)
@@ -469,7 +471,7 @@ class _Repeats:
         return found
 
 
-def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int, keep_duplicates: bool = False,
+def build_report(loaded: formats.LoadedData, tokenizer: Any, max_length: int, keep_duplicates: bool = False,
                  on_progress: Callable[[int, int | None], None] | None = None, keep_tokens: bool = False,
                  keep_examples: int | None = None) -> Report:
     """Check every normalised example against structure, the model's template and tokenizer, and repeats.
@@ -490,14 +492,14 @@ def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int, keep_
     split_rows: list[int] = []
     pieces_made = 0
 
-    def keep(example: data.Example, counts: tuple[int, int, int], tokens: Tokens | None) -> None:
+    def keep(example: formats.Example, counts: tuple[int, int, int], tokens: Tokens | None) -> None:
         if keep_examples is None or len(report.valid_examples) < keep_examples:
             if tokens is not None:
                 example.tokens = tokens
             report.valid_examples.append(example)
         report.token_counts.append(counts)
 
-    def measured(examples: list[data.Example], results: list[Any]) -> None:
+    def measured(examples: list[formats.Example], results: list[Any]) -> None:
         nonlocal pieces_made
         for example, result in zip(examples, results):
             row = example.row
@@ -530,10 +532,10 @@ def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int, keep_
             report.valid_row_count += 1
             keep(example, (turns, n_tokens, n_trained), tokens)
 
-    def batches() -> Iterator[list[data.Example]]:
+    def batches() -> Iterator[list[formats.Example]]:
         """The examples that pass the structure checks, BATCH_ROWS at a time (a repeat of an earlier row is left
         out unless kept)."""
-        batch: list[data.Example] = []
+        batch: list[formats.Example] = []
         done = len(loaded.problems)
         # Taken from `loaded` one at a time, so an example not kept is freed once checked: a report alone
         # (keep_examples=0) never holds more than the loaded data.
@@ -582,7 +584,7 @@ def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int, keep_
                                        "only the last piece of each ends with the end-of-text token."))
     report.errors.sort(key=lambda p: (p.row or 0))
     report.warnings.sort(key=lambda p: (p.row or 0))
-    if loaded.format in (data.TEXT,) or any(e.text is not None for e in report.valid_examples):
+    if loaded.format in (formats.TEXT,) or any(e.text is not None for e in report.valid_examples):
         report.warnings.insert(0, Problem(None, "all_tokens_trained", "plain text data: every token is trained "
                                           "(language-model style); there are no assistant turns to single out."))
     if report.valid_rows < FEW_EXAMPLES:
@@ -593,7 +595,7 @@ def build_report(loaded: data.LoadedData, tokenizer: Any, max_length: int, keep_
     return report
 
 
-def _control_token_warnings(renderer: Renderer, example: data.Example) -> list[Problem]:
+def _control_token_warnings(renderer: Renderer, example: formats.Example) -> list[Problem]:
     """One warning for an example whose text holds any of the model's control tokens (the messages named): the
     renderer tokenizes it as text, but a rendered chat pasted into the data is usually a mistake."""
     holding = renderer.control_strings(example)
@@ -603,7 +605,7 @@ def _control_token_warnings(renderer: Renderer, example: data.Example) -> list[P
     where = f"row {example.row}" + (f", message{'s' if len(numbers) > 1 else ''} "
                                     f"{_rows_named(numbers, len(numbers))}" if numbers else "")
     strings = list(dict.fromkeys(string for _, found in holding for string in found))
-    shown = ", ".join(data.shown(string, 40) for string in strings[:LISTED_ROWS])
+    shown = ", ".join(formats.shown(string, 40) for string in strings[:LISTED_ROWS])
     return [Problem(example.row, "control_token_in_text", f"{where}: the text holds {shown}, this model's control "
                     "token(s) that mark where a turn begins or ends; it is trained as plain text, never as the "
                     "token itself (remove it if it was not meant to be there, e.g. a rendered chat pasted into the "
@@ -615,15 +617,15 @@ def _measures(result: tuple[int, int] | Tokens) -> tuple[int, int]:
     return (result.n_tokens, result.n_trained) if isinstance(result, Tokens) else result
 
 
-def _split_text(tokenizer: Any, renderer: Renderer, example: data.Example, max_length: int,
-                keep_tokens: bool = False) -> list[tuple[data.Example, tuple[int, int] | Tokens]] | None:
+def _split_text(tokenizer: Any, renderer: Renderer, example: formats.Example, max_length: int,
+                keep_tokens: bool = False) -> list[tuple[formats.Example, tuple[int, int] | Tokens]] | None:
     """A long plain text as pieces of at most `max_length` tokens, cut at token boundaries (the pieces joined are
     the text); only the last piece ends the document. None when a piece re-tokenizes over the limit."""
     offsets = tokenizer(example.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     step = max_length - 1  # room for the end-of-text token on the last piece (and the same size for every piece)
     cuts = [0] + [offsets[i][0] for i in range(step, len(offsets), step)] + [len(example.text)]
     cuts = sorted(set(cuts))
-    pieces = [data.Example(example.row, example.format, text=example.text[a:b], ends_document=b == len(example.text))
+    pieces = [formats.Example(example.row, example.format, text=example.text[a:b], ends_document=b == len(example.text))
               for a, b in zip(cuts, cuts[1:]) if b > a]
     measured = renderer.measure_many(pieces, keep_tokens)
     counts = [m if isinstance(m, TemplateError) else _measures(m) for m in measured]
@@ -686,7 +688,7 @@ def check_data_in_worker(settings: Any, tokenizer_of: Callable[[], Any], limits:
     return isolation.stream_in_worker(work, CHECK_TASK, limits, on_progress)
 
 
-def render_in_worker(tokenizer_of: Callable[[], Any], example: data.Example, limits: isolation.Limits) -> Rendered:
+def render_in_worker(tokenizer_of: Callable[[], Any], example: formats.Example, limits: isolation.Limits) -> Rendered:
     """One checked example as the model sees it (`render.render_example`), rendered in a worker process under
     `limits`: the template may be a stranger's."""
     return isolation.run_in_worker(lambda: render_example(tokenizer_of(), example), PREVIEW_TASK, limits)

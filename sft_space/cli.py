@@ -34,7 +34,7 @@ import threading
 import time
 from typing import Any, Iterator
 
-from . import checks, data, events, models, render
+from . import checks, data, events, formats, models, render
 from .errors import UserError
 from .settings import (DEFAULT_PRESET, BenchSettings, DataSettings, DoctorSettings, GenerationSettings, PublishSettings,
                        RunSettings, add_arguments, explicit_arguments, field_help, from_arguments, from_environment,
@@ -216,7 +216,7 @@ def _format_distribution(name: str, values: dict[str, Any]) -> str:
 def print_report(report: checks.Report, out: Any = None) -> None:
     out = out or sys.stdout
     stats = report.stats()
-    print(f"{report.source}: {data.FORMAT_NAMES[report.format]}, {report.rows} rows, "
+    print(f"{report.source}: {formats.FORMAT_NAMES[report.format]}, {report.rows} rows, "
           f"{report.valid_rows} valid, {report.invalid_rows} with errors", file=out)
     if report.errors:
         counts = ", ".join(f"{code} ×{n}" for code, n in sorted(report.error_counts().items()))

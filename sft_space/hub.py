@@ -76,6 +76,60 @@ def is_hub_name(text: str | None) -> bool:
     return is_repo_id(text) and not Path(str(text).partition("/")[0]).expanduser().exists()
 
 
+# The network errors of the HTTP clients under huggingface_hub and datasets (httpx2, httpx, requests, aiohttp), by
+# name: not all of them are ConnectionErrors or TimeoutErrors, and which library raises depends on the versions
+# installed.
+TIMEOUT_ERRORS = {"ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout", "TimeoutException"}
+NETWORK_ERRORS = {"ConnectError", "NetworkError", "ReadError", "RemoteProtocolError", "ConnectionError",
+                  "ClientConnectorError", "ServerDisconnectedError", "gaierror"}
+
+
+def _network_kind(err: BaseException) -> str | None:
+    """"offline", "timeout" or "network" when this one error (not its causes) says the Hub was not reached."""
+    import httpx
+    import httpx2
+
+    names = {cls.__name__ for cls in type(err).__mro__}
+    if "OfflineModeIsEnabled" in names:
+        return "offline"
+    # Before the network errors: httpx's timeouts are transport errors too.
+    if isinstance(err, (httpx2.TimeoutException, httpx.TimeoutException, TimeoutError)) or names & TIMEOUT_ERRORS:
+        return "timeout"
+    if isinstance(err, (httpx2.TransportError, httpx.TransportError, ConnectionError)) or names & NETWORK_ERRORS:
+        return "network"
+    return None
+
+
+def _chain(err: BaseException | None) -> list[BaseException]:
+    """The error and those it was raised from, in order, each once."""
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
+def failure_kind(err: BaseException) -> tuple[str, int | None]:
+    """What went wrong in a call to the Hub, looked for along the error's chain: ("offline" | "timeout" |
+    "network" | "http" | "other", the HTTP status or None). huggingface_hub 2.x raises httpx2's errors as they are
+    besides its own (OfflineModeIsEnabled, HfHubHTTPError and its kinds); datasets may raise others' (see
+    NETWORK_ERRORS)."""
+    for link in _chain(err):
+        kind = _network_kind(link)
+        if kind is not None:
+            return kind, None
+        status = getattr(getattr(link, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return "http", status
+    return "other", None
+
+
+def unreachable(err: BaseException) -> bool:
+    """Whether an error (or one it was raised from) means the network or the Hub did not answer: a network error,
+    or one that says the libraries are offline."""
+    return any(_network_kind(link) is not None or "offline" in str(link).lower() for link in _chain(err))
+
+
 # A model's size is asked once per this long: every event of a page names its model again.
 SIZE_KEPT_SECONDS = 600.0
 _sizes: dict[str, tuple[float, ModelSize]] = {}

@@ -469,39 +469,9 @@ def _scrub(text: str, token: str) -> str:
     return text.replace(token, "hf_***") if token else text
 
 
-def _hub_failure_kind(err: BaseException) -> tuple[str, int | None]:
-    """What went wrong, looked for along the error's chain: ("offline" | "timeout" | "network" | "http" |
-    "other", HTTP status or None).
-
-    huggingface_hub 2.x talks through httpx2 and raises its errors as they are (httpx2.ConnectError,
-    httpx2.ReadTimeout, ...) besides its own (OfflineModeIsEnabled, HfHubHTTPError and subclasses); httpx's
-    are accepted too, for clients built on it.
-    """
-    import httpx
-    import httpx2
-    from huggingface_hub import errors as hub_errors
-
-    timeouts = (httpx2.TimeoutException, httpx.TimeoutException, TimeoutError)
-    network = (httpx2.TransportError, httpx.TransportError, ConnectionError)
-    seen: list[BaseException] = []
-    while err is not None and err not in seen:
-        seen.append(err)
-        status = getattr(getattr(err, "response", None), "status_code", None)
-        if isinstance(err, hub_errors.OfflineModeIsEnabled):
-            return "offline", None
-        if isinstance(err, timeouts):  # before network: httpx's timeouts are transport errors too
-            return "timeout", None
-        if isinstance(err, network):
-            return "network", None
-        if isinstance(status, int):
-            return "http", status
-        err = err.__cause__ or err.__context__
-    return "other", None
-
-
 def explain_hub_error(err: BaseException, action: str, repo_id: str, token: str, in_app: bool = False) -> UserError:
     """One sentence a person can act on, for whatever the Hub (or the network) answered."""
-    kind, status = _hub_failure_kind(err)
+    kind, status = hub.failure_kind(err)
     namespace = repo_id.split("/")[0]
     if kind == "offline":
         message = (f"Could not reach the Hugging Face Hub to {action}: HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is "

@@ -599,7 +599,7 @@ def render_text(tokenizer: Any, text: str, ends_document: bool = True) -> Render
 
 
 def render_example(tokenizer: Any, example: Any) -> Rendered:
-    """Render a `data.Example` (chat messages or plain text)."""
+    """Render a `formats.Example` (chat messages or plain text)."""
     if example.messages is not None:
         return render_conversation(tokenizer, example.messages)
     return render_text(tokenizer, example.text, getattr(example, "ends_document", True))

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from array import array
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import checks, data, render
+from . import checks, formats, render
 from .errors import UserError
 from .hardware import TrainingPlan
 from .planning import EvaluationPlan, evaluation_plan
@@ -30,7 +31,7 @@ class InvalidRows(UserError):
         super().__init__(f"{problem} {checks.invalid_rows_advice(valid_rows)}")
 
 
-def example_tokens(tokenizer: Any, example: data.Example) -> render.Tokens:
+def example_tokens(tokenizer: Any, example: formats.Example) -> render.Tokens:
     """The example's tokens and trained flags: those the check kept, else rendered now."""
     return example.tokens if example.tokens is not None else _tokens_of(render_example(tokenizer, example))
 
@@ -38,8 +39,8 @@ def example_tokens(tokenizer: Any, example: data.Example) -> render.Tokens:
 @dataclass
 class PreparedData:
     report: checks.Report
-    train: list[data.Example]
-    validation: list[data.Example]
+    train: list[formats.Example]
+    validation: list[formats.Example]
 
     @property
     def fingerprint(self) -> str:
@@ -61,7 +62,7 @@ class PreparedData:
     def evaluation_plan(self, settings: RunSettings, plan: TrainingPlan, tokenizer: Any,
                         examples_per_step: int) -> EvaluationPlan | None:
         """`planning.evaluation_plan` for these examples; `examples_per_step` across every process."""
-        def tokens(examples: list[data.Example]) -> int:
+        def tokens(examples: list[formats.Example]) -> int:
             return sum(len(example_tokens(tokenizer, example).ids) for example in examples)
 
         return evaluation_plan(settings, plan, len(self.train), tokens(self.train), len(self.validation),
@@ -84,11 +85,27 @@ def prepare_data(settings: RunSettings, tokenizer: Any,
     # evaluation keeps growing (10% of 100,000 rows would be 10,000 examples each time).
     examples = report.valid_examples
     fraction = min(settings.validation_fraction, settings.max_validation_examples / len(examples))
-    train, validation = data.split_train_validation(examples, fraction, settings.seed)
+    train, validation = split_train_validation(examples, fraction, settings.seed)
     return PreparedData(report, train, validation)
 
 
-def tokenize_examples(tokenizer: Any, examples: list[data.Example]) -> Any:
+def split_train_validation(examples: list[formats.Example], validation_fraction: float,
+                           seed: int) -> tuple[list[formats.Example], list[formats.Example]]:
+    """A deterministic split: the same examples, fraction and seed always give the same two lists."""
+    if not 0 <= validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_validation = round(len(examples) * validation_fraction)
+    if validation_fraction > 0 and len(examples) >= 2:
+        n_validation = min(max(n_validation, 1), len(examples) - 1)
+    held_out = set(order[:n_validation])
+    train = [e for i, e in enumerate(examples) if i not in held_out]
+    validation = [e for i, e in enumerate(examples) if i in held_out]
+    return train, validation
+
+
+def tokenize_examples(tokenizer: Any, examples: list[formats.Example]) -> Any:
     """A datasets.Dataset of `input_ids` and `labels` (the id where the token is trained, -100 where not), rendered
     like the preview.
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sft_space import data
+from sft_space import data, formats, training_data
 from sft_space.errors import DataSourceError
 
 HELLO = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
@@ -15,39 +15,39 @@ def rows_of(loaded):
 
 
 @pytest.mark.parametrize("record, expected_format, expected_messages", [
-    pytest.param({"messages": HELLO}, data.OPENAI, HELLO, id="openai"),
+    pytest.param({"messages": HELLO}, formats.OPENAI, HELLO, id="openai"),
     pytest.param(
         {"messages": [{"role": "user", "content": [{"type": "text", "text": "H"}, {"type": "text", "text": "i"}]},
                       {"role": "assistant", "content": "Hello!", "weight": 1, "name": "bot"}]},
-        data.OPENAI,
+        formats.OPENAI,
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!", "weight": 1, "name": "bot"}],
         id="openai-text-parts-weight-name",
     ),
-    pytest.param({"conversations": HELLO}, data.OPENAI, HELLO, id="openai-under-conversations"),
+    pytest.param({"conversations": HELLO}, formats.OPENAI, HELLO, id="openai-under-conversations"),
     pytest.param(
         {"conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
-        data.SHAREGPT, [{"role": "system", "content": "Be kind."}] + HELLO, id="sharegpt",
+        formats.SHAREGPT, [{"role": "system", "content": "Be kind."}] + HELLO, id="sharegpt",
     ),
     pytest.param(
         {"conversations": [{"from": "human", "value": "Weather?"}, {"from": "function_call", "value": '{"name": "weather"}'},
                            {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "Sunny."}]},
-        data.SHAREGPT,
+        formats.SHAREGPT,
         [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": '{"name": "weather"}'},
          {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}],
         id="sharegpt-tools",
     ),
-    pytest.param({"instruction": "Hi", "input": "", "output": "Hello!"}, data.ALPACA, HELLO, id="alpaca"),
+    pytest.param({"instruction": "Hi", "input": "", "output": "Hello!"}, formats.ALPACA, HELLO, id="alpaca"),
     pytest.param(
         {"instruction": "Translate", "input": "chat", "output": "cat", "system": "You translate.", "history": [["Hi", "Hello!"]]},
-        data.ALPACA,
+        formats.ALPACA,
         [{"role": "system", "content": "You translate."}] + HELLO
         + [{"role": "user", "content": "Translate\n\nchat"}, {"role": "assistant", "content": "cat"}],
         id="alpaca-input-system-history",
     ),
-    pytest.param({"prompt": "Hi", "completion": "Hello!"}, data.PROMPT_COMPLETION, HELLO, id="prompt-completion"),
+    pytest.param({"prompt": "Hi", "completion": "Hello!"}, formats.PROMPT_COMPLETION, HELLO, id="prompt-completion"),
     pytest.param(
         {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello!"}]},
-        data.PROMPT_COMPLETION, HELLO, id="prompt-completion-conversational",
+        formats.PROMPT_COMPLETION, HELLO, id="prompt-completion-conversational",
     ),
 ])
 def test_each_format_normalises_to_messages(write_jsonl, record, expected_format, expected_messages):
@@ -59,22 +59,22 @@ def test_each_format_normalises_to_messages(write_jsonl, record, expected_format
 
 def test_plain_text_format(write_jsonl):
     loaded = data.load_data(str(write_jsonl([{"text": "Once upon a time."}])))
-    assert loaded.format == data.TEXT
+    assert loaded.format == formats.TEXT
     assert rows_of(loaded) == [(1, "Once upon a time.")]
 
 
 def test_column_mapping(write_jsonl):
     path = write_jsonl([{"q": "Hi", "a": "Hello!", "sys": "Be kind."}, {"q": "Hi", "a": "Hello!", "sys": ""}])
     loaded = data.load_data(str(path), columns="prompt=q,response=a,system=sys")
-    assert loaded.format == data.MAPPED
+    assert loaded.format == formats.MAPPED
     assert rows_of(loaded) == [(1, [{"role": "system", "content": "Be kind."}] + HELLO), (2, HELLO)]
     assert rows_of(data.load_data(str(write_jsonl([{"dialog": HELLO}], "m.jsonl")), columns="messages=dialog")) == [(1, HELLO)]
 
 
 def test_a_row_without_a_mapped_column_is_a_row_error_naming_it(write_jsonl):
-    mapping = data.ColumnMapping.parse("prompt=q,response=a")
-    with pytest.raises(data.RowError) as caught:
-        data.normalise({"q": "Hi"}, data.MAPPED, mapping)
+    mapping = formats.ColumnMapping.parse("prompt=q,response=a")
+    with pytest.raises(formats.RowError) as caught:
+        formats.normalise({"q": "Hi"}, formats.MAPPED, mapping)
     assert caught.value.code == "unknown_format" and "no column 'a'" in caught.value.detail
     loaded = data.load_data(str(write_jsonl([{"q": "Hi", "a": "Hello!"}, {"q": "Hi"}])), columns=mapping)
     assert [(p.row, p.code, p.message) for p in loaded.problems] == [
@@ -88,9 +88,9 @@ def test_reading_warnings_and_errors_are_one_kind_of_problem(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps([{"messages": HELLO}, 7]) + " trailing")
     loaded = data.load_data(str(path))
-    assert [(type(p), p.code) for p in loaded.warnings] == [(data.Problem, "trailing_data")]
-    assert [(type(p), p.code) for p in loaded.problems] == [(data.Problem, "not_an_object")]
-    assert checks.Problem is data.Problem and data.READING_WARNINGS <= checks.WARNING_CODES
+    assert [(type(p), p.code) for p in loaded.warnings] == [(formats.Problem, "trailing_data")]
+    assert [(type(p), p.code) for p in loaded.problems] == [(formats.Problem, "not_an_object")]
+    assert checks.Problem is formats.Problem and formats.READING_WARNINGS <= checks.WARNING_CODES
 
 
 def test_a_missing_file_is_named_and_the_skin_says_what_to_do():
@@ -108,7 +108,7 @@ def test_unknown_columns_without_mapping_says_how_to_map(write_jsonl):
 @pytest.mark.parametrize("spec", ["prompt=q", "nonsense", "colour=q,response=a"])
 def test_bad_column_mapping_is_explained(spec):
     with pytest.raises(DataSourceError, match="mapping"):
-        data.ColumnMapping.parse(spec)
+        formats.ColumnMapping.parse(spec)
 
 
 def test_json_array_rows_are_record_indexes(tmp_path):
@@ -129,7 +129,7 @@ def test_csv_with_prompt_response_and_json_messages(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text('instruction,input,output\nHi,,Hello!\n"Say ""a, b""",,"a, b"\n', encoding="utf-8")
     loaded = data.load_data(str(path))
-    assert loaded.format == data.ALPACA
+    assert loaded.format == formats.ALPACA
     assert rows_of(loaded)[1] == (2, [{"role": "user", "content": 'Say "a, b"'}, {"role": "assistant", "content": "a, b"}])
     path2 = tmp_path / "m.csv"
     path2.write_text("messages\n" + '"' + json.dumps(HELLO).replace('"', '""') + '"\n')
@@ -151,7 +151,7 @@ def test_parquet(tmp_path):
     path = tmp_path / "d.parquet"
     pq.write_table(pa.Table.from_pylist([{"messages": HELLO}, {"messages": HELLO}]), path)
     loaded = data.load_data(str(path))
-    assert loaded.format == data.OPENAI and rows_of(loaded) == [(1, HELLO), (2, HELLO)]
+    assert loaded.format == formats.OPENAI and rows_of(loaded) == [(1, HELLO), (2, HELLO)]
 
 
 def test_local_dataset_folder(tmp_path):
@@ -159,7 +159,7 @@ def test_local_dataset_folder(tmp_path):
 
     datasets.Dataset.from_list([{"instruction": "Hi", "input": "", "output": "Hello!"}]).save_to_disk(tmp_path / "ds")
     loaded = data.load_data(str(tmp_path / "ds"))
-    assert loaded.format == data.ALPACA and rows_of(loaded) == [(1, HELLO)]
+    assert loaded.format == formats.ALPACA and rows_of(loaded) == [(1, HELLO)]
     datasets.DatasetDict({"train": datasets.Dataset.from_list([{"messages": HELLO}])}).save_to_disk(tmp_path / "dd")
     with pytest.raises(DataSourceError, match="no split 'test'; it has train"):
         data.load_data(str(tmp_path / "dd"), hub_split="test")
@@ -205,16 +205,16 @@ def test_unsupported_and_empty_files(tmp_path):
 
 
 def test_split_is_deterministic_and_disjoint(write_jsonl):
-    examples = [data.Example(i, data.OPENAI, messages=HELLO) for i in range(1, 101)]
-    train, validation = data.split_train_validation(examples, 0.1, seed=7)
-    again = data.split_train_validation(examples, 0.1, seed=7)
-    other = data.split_train_validation(examples, 0.1, seed=8)
+    examples = [formats.Example(i, formats.OPENAI, messages=HELLO) for i in range(1, 101)]
+    train, validation = training_data.split_train_validation(examples, 0.1, seed=7)
+    again = training_data.split_train_validation(examples, 0.1, seed=7)
+    other = training_data.split_train_validation(examples, 0.1, seed=8)
     assert len(train) == 90 and len(validation) == 10
     assert {e.row for e in train} | {e.row for e in validation} == set(range(1, 101))
     assert [e.row for e in validation] == [e.row for e in again[1]]
     assert [e.row for e in validation] != [e.row for e in other[1]]
-    assert data.split_train_validation(examples[:3], 0.01, seed=1)[1]  # a tiny fraction still holds one out
-    assert data.split_train_validation(examples, 0.0, seed=1) == (examples, [])
+    assert training_data.split_train_validation(examples[:3], 0.01, seed=1)[1]  # a tiny fraction still holds one out
+    assert training_data.split_train_validation(examples, 0.0, seed=1) == (examples, [])
 
 
 # ------------------------------------------------------------------------------------- per-row bounds

@@ -16,7 +16,7 @@ import pytest
 from builders import chat, distinct_chats
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from sft_space import checks, data
+from sft_space import checks, data, formats
 from sft_space.errors import DataSourceError
 
 HELLO = chat(("Hi", "Hello!"))
@@ -26,7 +26,7 @@ REPO = Path(data.__file__).resolve().parent.parent
 READ_IN_A_CHILD = """
 import json, sys
 import numpy, pyarrow.parquet  # loaded before the baseline: the libraries are not the read
-from sft_space import data
+from sft_space import data, formats
 
 def peak_mb():
     with open("/proc/self/status") as status:
@@ -188,7 +188,7 @@ def test_parquet_rows_read_back_as_written_or_as_too_large(rows, group, batch, l
     read = list(data._read_parquet(path, limit_kb))
     assert [row for row, _ in read] == list(range(1, len(rows) + 1))
     for written, (row, record) in zip(rows, read):
-        if isinstance(record, data.Problem):
+        if isinstance(record, formats.Problem):
             assert record.code == "row_too_large" and limit_kb is not None
             if "row group" not in record.message:
                 assert len(json.dumps(written, ensure_ascii=False, separators=(",", ":")).encode()) > limit_kb * 1024

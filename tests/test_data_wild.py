@@ -9,7 +9,7 @@ import pytest
 from builders import chat, distinct_chats
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from sft_space import checks, data, render
+from sft_space import checks, data, formats, render
 from sft_space.settings import DataSettings
 
 U = {"role": "user", "content": "What is the weather in Paris?"}
@@ -212,7 +212,7 @@ def test_any_value_of_any_type_anywhere_gives_per_row_answers(records, embedded_
     from sft_space.errors import DataSourceError
 
     try:
-        loaded = data.load_records(enumerate(records, start=1), "fuzz")
+        loaded = formats.load_records(enumerate(records, start=1), "fuzz")
     except DataSourceError as err:
         assert "could not recognise the format" in str(err)
         return
@@ -388,7 +388,7 @@ def test_counts_per_code_are_complete_and_sample_rows_spreads_over_the_data(writ
 
 
 def test_on_progress_is_called_while_reading_and_checking(write_jsonl, embedded_tokenizer, monkeypatch):
-    monkeypatch.setattr(data, "PROGRESS_EVERY", 100)
+    monkeypatch.setattr(formats, "PROGRESS_EVERY", 100)
     monkeypatch.setattr(checks, "BATCH_ROWS", 64)
     calls = []
     path = write_jsonl(distinct_chats(300))

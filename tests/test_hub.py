@@ -122,3 +122,26 @@ def test_one_rule_for_a_hub_id_rather_than_a_path_here(monkeypatch, tmp_path):
     name = "HuggingFaceH4/no_robots"
     assert hub.is_hub_name(name) and data.is_hub_dataset(name) and card.hub_dataset(name) == name
     assert access.hub_id(name, "dataset") == name
+
+
+def test_one_rule_says_whether_a_failed_call_reached_the_hub():
+    """The data reader's "could not reach the Hub" and publishing's explanations read an error by the same rule,
+    whichever client raised it, along the chain of errors it was raised from."""
+    import socket
+
+    import httpx
+    import httpx2
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    class Answered(Exception):
+        response = type("Response", (), {"status_code": 404})()
+
+    wrapped = RuntimeError("loading the dataset failed")
+    wrapped.__cause__ = httpx2.ConnectError("[Errno -2] Name or service not known")
+    for err, kind in [(httpx2.ConnectError("refused"), "network"), (httpx.ConnectError("refused"), "network"),
+                      (socket.gaierror(-2, "Name or service not known"), "network"), (wrapped, "network"),
+                      (httpx2.ReadTimeout("timed out"), "timeout"), (TimeoutError(), "timeout"),
+                      (OfflineModeIsEnabled("offline mode is enabled"), "offline")]:
+        assert hub.failure_kind(err) == (kind, None) and hub.unreachable(err), err
+    assert hub.failure_kind(Answered()) == ("http", 404) and not hub.unreachable(Answered())
+    assert hub.failure_kind(ValueError("bad")) == ("other", None) and not hub.unreachable(ValueError("bad"))

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from sft_space import render
-from sft_space.data import Example
+from sft_space.formats import Example
 
 LLAMA3_STYLE = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"

@@ -12,7 +12,7 @@ from typing import Any, Iterator, NamedTuple
 import gradio as gr
 import spaces
 
-from .. import access, card, chat, data, isolation, runs
+from .. import access, card, chat, formats, isolation, runs
 from ..chat import chat_models
 from ..errors import UserError
 from ..settings import GenerationSettings, field_help
@@ -73,7 +73,7 @@ def message_text(content: Any) -> str:
         if isinstance(part, dict) and set(part) <= {"type", "text"} and part.get("type", "text") == "text":
             part = part.get("text")
         if not isinstance(part, str):
-            raise UserError(f"A message of this chat holds {data.shown(part, 40)}, not text; the chat answers text "
+            raise UserError(f"A message of this chat holds {formats.shown(part, 40)}, not text; the chat answers text "
                             "only. Press Clear to start a new chat.")
         texts.append(part)
     return "".join(texts)
@@ -86,7 +86,7 @@ def page_history(history: Any, chat_name: str) -> list[dict[str, str]]:
     if history is None:
         return []
     if not isinstance(history, (list, tuple)):
-        raise UserError(f"The {chat_name} chat's history is a {data.type_name(history)}, not a list of messages; "
+        raise UserError(f"The {chat_name} chat's history is a {formats.type_name(history)}, not a list of messages; "
                         "reload the page.")
     if len(history) > MAX_HISTORY_MESSAGES:
         raise UserError(f"The {chat_name} chat holds {len(history):,} messages, more than the "
@@ -95,14 +95,15 @@ def page_history(history: Any, chat_name: str) -> list[dict[str, str]]:
     for number, message in enumerate(history, start=1):
         where = f"Message {number} of the {chat_name} chat"
         if not isinstance(message, dict):
-            raise UserError(f"{where} is a {data.type_name(message)}, not a message; press Clear.")
+            raise UserError(f"{where} is a {formats.type_name(message)}, not a message; press Clear.")
         extra = [key for key, value in message.items()
                  if key not in ("role", "content") and value not in (None, {}, [])]
         if extra:
-            raise UserError(f"{where} carries {data.shown(extra[0], 40)}, which this chat never writes; press Clear.")
+            raise UserError(f"{where} carries {formats.shown(extra[0], 40)}, which this chat never writes; "
+                            "press Clear.")
         role = message.get("role")
         if not isinstance(role, str) or role not in HISTORY_ROLES:
-            raise UserError(f"{where} has the role {data.shown(role, 40)}; a chat's turns are the user's and the "
+            raise UserError(f"{where} has the role {formats.shown(role, 40)}; a chat's turns are the user's and the "
                             "assistant's. Press Clear.")
         messages.append({"role": role, "content": message_text(message.get("content"))})
     return messages

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import gradio as gr
 import pandas as pd
 
-from .. import access, catalog, checks, data, isolation
+from .. import access, catalog, checks, data, formats, isolation
 from ..errors import UserError
 from ..settings import DataSettings, field_help
 from .chatml_html import to_html
@@ -65,7 +65,7 @@ def summary_markdown(report: checks.Report) -> str:
         + checks.invalid_rows_advice(report.valid_rows, f"tick *{checks.SKIP_INVALID_LABEL}*")
     )
     lines = [
-        f"**{markdown_text(report.source)}** · {data.FORMAT_NAMES[report.format]} · {report.rows} rows",
+        f"**{markdown_text(report.source)}** · {formats.FORMAT_NAMES[report.format]} · {report.rows} rows",
         "",
         verdict,
         "",

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import gradio as gr
 import pandas as pd
 
-from .. import access, checks, data, estimate, events, hub_jobs, isolation, jobs, models, runs, storage
+from .. import access, checks, estimate, events, formats, hub_jobs, isolation, jobs, models, runs, storage
 from ..errors import UserError
 from ..hardware import Hardware, detect_hardware
 from ..settings import (DEFAULT_PRESET, PRESET_NAMES, DataSettings, DoctorSettings, RunSettings, field_help, field_type,
@@ -130,8 +130,8 @@ def data_line(summary: dict[str, Any]) -> str:
     source = str(summary.get("source") or "")
     name = Path(source).name if Path(source).is_absolute() else source
     parts = [f"Data: **{name}**"]
-    if summary.get("format") in data.FORMAT_NAMES:
-        parts.append(data.FORMAT_NAMES[summary["format"]])
+    if summary.get("format") in formats.FORMAT_NAMES:
+        parts.append(formats.FORMAT_NAMES[summary["format"]])
     if isinstance(summary.get("rows"), int):
         parts.append(f"{summary['rows']:,} rows")
     if isinstance(summary.get("train_examples"), int):
