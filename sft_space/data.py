@@ -32,8 +32,8 @@ FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
 def check_source_exists(source: str) -> None:
-    """Refuse, at once, a source named as a file that is not there (before a tokenizer or model is loaded for it:
-    that took 11-13 s to say "no such file"). Anything else is left to the reader."""
+    """Refuse, at once, a source named as a file that is not there, before a tokenizer or model is loaded for it
+    (which takes seconds). Anything else is left to the reader."""
     path = Path(source).expanduser()
     if not path.exists() and (path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~"))):
         raise DataSourceError(f"{source}: no such file; check the path.")
@@ -393,7 +393,7 @@ _ENDS_EARLY = "the file ends before its JSON is complete: cut short?"
 # How a value skipped unparsed is scanned (see _JsonText.scan): in one step, a run of strings, what lies between
 # them, and containers holding no container (a messages list's messages); then runs of opening or closing
 # brackets; the body of a string that goes on past what is read; the end of a bare number or literal. Possessive
-# (Python 3.11): with backtracking kept, one match over 1 MB of short strings took 142 MB.
+# (Python 3.11): with backtracking kept, one match over 1 MB of short strings takes 142 MB.
 _STRING = r'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
 _FLAT = rf'(?:[^"\[\]{{}}]++|{_STRING})*+'
 _PLAIN_RUN = re.compile(rf"(?:[^\"\[\]{{}}]++|{_STRING}|\[{_FLAT}\]|\{{{_FLAT}\}})*+", re.DOTALL)
@@ -418,11 +418,11 @@ def _cut_short(err: json.JSONDecodeError) -> bool:
 
 # Hand-written rather than ijson (3.6.0, its C backend), measured on the 2-core machine: ijson read a 70 MB array of
 # 60,000 chats in 0.11 s against 0.20 s here, but it builds every nesting level's path prefix, so one row nested
-# 30,000 levels deep (60 KB, far under the row limit) took it 5.9 s and 2.2 GB, and 100,000 levels (200 KB) were
+# 30,000 levels deep (60 KB, far under the row limit) takes it 5.9 s and 2.2 GB, and 100,000 levels (200 KB) are
 # killed for memory; here the decoder's RecursionError refuses any such file in under 5 ms.
 # A value is scanned past in steps of one regular expression each (see _JsonText.scan). Ordinary data takes one
 # step per run of strings and flat objects (chat messages with nested tool calls: a step per 20 to 30 characters, 16 MB
-# in 1.1 s); text built so that every few characters need a step of their own ("[[1]]," repeated: 16 MB took 6 s)
+# in 1.1 s); text built so that every few characters need a step of their own ("[[1]]," repeated: 16 MB takes 6 s)
 # is given up once past SCAN_STEPS_FREE steps at under SCAN_CHARACTERS_PER_STEP characters a step.
 SCAN_STEPS_FREE = 10_000
 SCAN_CHARACTERS_PER_STEP = 8

@@ -52,8 +52,8 @@ LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "
 # A few steps per plan: enough for a speed past the first step and a loss that moves, few enough that the quick
 # pass takes minutes. On a CPU every step is seconds, so fewer and shorter.
 GPU_STEPS, CPU_STEPS = 10, 3
-# Tokens per sequence: on a GPU the length the memory estimate was calibrated at (issue 15: 1,024); on a CPU short,
-# as its plan packs only short examples.
+# Tokens per sequence: on a GPU the length the memory estimate was calibrated at (1,024: docs/BENCHMARKS.md); on a
+# CPU short, as its plan packs only short examples.
 GPU_SEQUENCE_TOKENS, CPU_SEQUENCE_TOKENS = 1024, 128
 # Copies of the conversation: enough that a run of GPU_STEPS steps at the largest batch never runs out of them.
 REPEATS = 256

@@ -38,3 +38,10 @@ def test_every_numeric_setting_has_bounds_that_are_enforced():
             low, _ = spec.metadata["bounds"]
             with pytest.raises(UserError, match="out of range"):
                 settings_class(**{spec.name: low - 1})
+
+
+def test_comments_name_no_issue_of_a_tracker_outside_the_repository():
+    """History is git's: the code and its tests explain why, and point at docs/ for measurements."""
+    tests = {path.relative_to(ROOT).as_posix(): path.read_text(encoding="utf-8")
+             for path in sorted((ROOT / "tests").glob("*.py"))}
+    assert [name for name, text in {**SOURCES, **tests}.items() if re.search(r"\b[Ii]ssues? #?\d+", text)] == []
