@@ -7,7 +7,7 @@ of the whole conversation. The text between "history + generation prompt" and "h
 reply itself plus its end-of-turn marker; the tokens that overlap it are the trained tokens. Training uses
 this same function, so what the preview highlights is what the loss sees.
 
-Rendering every prefix costs time quadratic in the number of turns (4,000 short turns took over a minute), so
+Rendering every prefix costs time quadratic in the number of turns (4,000 short turns take over a minute), so
 `render_conversation` first tries a linear way to the same answer (`_block_layout`): it renders the conversation
 once more with a placeholder for each content, learns from a few short prefixes what the template writes between
 two messages, and checks that every gap in this conversation is exactly that. Only when a check fails (templates

@@ -133,7 +133,7 @@ class RunSettings(DataSettings):
                           group="lora", bounds=(1, 1024), card=True)
     lora_alpha: int = setting(32, "LoRA scaling (alpha); twice the rank is a good default.", group="lora",
                               bounds=(1, 8192), card=True)
-    # 0 by default, as in PEFT, LLaMA-Factory and Unsloth: on a CPU dropout took a fifth of a step (docs/BENCHMARKS.md).
+    # 0 by default, as in PEFT, LLaMA-Factory and Unsloth: on a CPU dropout takes a fifth of a step (docs/BENCHMARKS.md).
     lora_dropout: float = setting(0.0, "Dropout on the LoRA path: 0 is fastest (dropout copies the input of every "
                                   "adapted layer); 0.05-0.1 can help a small dataset generalise.", group="lora",
                                   bounds=(0, 0.9), card=True)

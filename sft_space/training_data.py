@@ -130,7 +130,7 @@ def tokenize_examples(tokenizer: Any, examples: list[formats.Example]) -> Any:
 
 def token_count(dataset: Any) -> int:
     """The tokens in a tokenized dataset, counted in Arrow (reading a large `input_ids` column into Python lists
-    took seconds)."""
+    takes seconds)."""
     import pyarrow.compute as pc
 
     return int(pc.sum(pc.list_value_length(dataset.data.column("input_ids"))).as_py() or 0)
