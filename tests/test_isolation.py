@@ -139,12 +139,21 @@ def tokenizer_folder(tmp_path, embedded_tokenizer, template, name):
     return str(folder)
 
 
+def gate_with_deadline(runs_dir, tiny_model_dir, seconds):
+    """The app's gate with local access on (a visitor may name a folder as the model), and low worker limits."""
+    settings = AccessSettings(local_paths=True, worker_memory_gb=0.5, worker_seconds=seconds, worker_wait_seconds=1)
+    return Gate(str(runs_dir), access.Identity.for_runs(runs_dir), settings, offered_models={str(tiny_model_dir)})
+
+
 @pytest.fixture
 def local_gate(tmp_path, tiny_model_dir):
-    """The app's gate with local access on (a visitor may name a folder as the model), and a low worker limit."""
-    runs_dir = tmp_path / "runs"
-    settings = AccessSettings(local_paths=True, worker_memory_gb=0.5, worker_seconds=3, worker_wait_seconds=1)
-    return Gate(str(runs_dir), access.Identity.for_runs(runs_dir), settings, offered_models={str(tiny_model_dir)})
+    return gate_with_deadline(tmp_path / "runs", tiny_model_dir, 3)
+
+
+@pytest.fixture
+def impatient_gate(tmp_path, tiny_model_dir):
+    """The same app with the shortest deadline, for work that never ends (the time it waits is spent in vain)."""
+    return gate_with_deadline(tmp_path / "runs", tiny_model_dir, 1)
 
 
 def check(gate, model, data_file):
@@ -157,20 +166,20 @@ def data_file(write_jsonl):
 
 
 def test_a_template_that_never_ends_is_stopped_at_the_deadline_and_the_next_check_works(
-        tmp_path, embedded_tokenizer, tiny_model_dir, local_gate, data_file):
+        tmp_path, embedded_tokenizer, tiny_model_dir, local_gate, impatient_gate, data_file):
     import gradio as gr
 
     endless = tokenizer_folder(tmp_path, embedded_tokenizer, ENDLESS_TEMPLATE, "endless")
     started = time.monotonic()
-    with pytest.raises(gr.Error, match="This check took longer than 3 s"):
-        check(local_gate, endless, data_file)
+    with pytest.raises(gr.Error, match="This check took longer than 1 s"):
+        check(impatient_gate, endless, data_file)
     assert time.monotonic() - started < 12
     report = check(local_gate, str(tiny_model_dir), data_file)[0]
     assert isinstance(report, checks.Report) and report.valid_rows == 12
     assert "Example 1 of 12" in data_tab.preview_html(report, str(tiny_model_dir), 1, local_gate)
     # The preview renders a template the app does not offer in a worker too.
-    with pytest.raises(UserError, match="This preview took longer than 3 s"):
-        data_tab.preview_html(report, endless, 1, local_gate)
+    with pytest.raises(UserError, match="This preview took longer than 1 s"):
+        data_tab.preview_html(report, endless, 1, impatient_gate)
 
 
 def test_a_template_that_takes_a_gigabyte_is_stopped_at_the_memory_limit_and_the_app_keeps_its_memory(
@@ -208,7 +217,7 @@ def test_a_hub_datasets_first_look_still_comes_first_through_the_worker(tmp_path
 
 
 def test_a_chat_template_the_app_does_not_ship_is_read_in_a_worker_first(tmp_path, embedded_tokenizer,
-                                                                          tiny_model_dir, local_gate):
+                                                                          tiny_model_dir, local_gate, impatient_gate):
     """The chat counts a conversation's tokens with the model's template before it answers; a template the app does
     not ship runs there in a worker first, so one that never ends is refused at the deadline, not run in the app."""
     from sft_space import models
@@ -221,8 +230,8 @@ def test_a_chat_template_the_app_does_not_ship_is_read_in_a_worker_first(tmp_pat
     settings = GenerationSettings()
     started = time.monotonic()
     with pytest.raises(UserError, match="Reading this conversation with the model's chat template took longer"):
-        chat_tab.conversation_prompts_bounded(local_gate, lambda: models.load_tokenizer(endless), False, "Hi", [], [],
-                                             settings)
+        chat_tab.conversation_prompts_bounded(impatient_gate, lambda: models.load_tokenizer(endless), False, "Hi", [],
+                                             [], settings)
     assert time.monotonic() - started < 12
     # A shipped template is read in the app, as before; a template that answers passes in a worker too.
     chat_tab.conversation_prompts_bounded(local_gate, lambda: embedded_tokenizer, True, "Hi", [], [], settings)
