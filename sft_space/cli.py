@@ -95,9 +95,21 @@ def _train_parser(commands: Any) -> None:
     train.add_argument("--processes", type=int, default=0, metavar="N",
                        help="Train with N processes on this machine, one per GPU (default: every CUDA GPU; 1 without "
                             "GPUs). On several machines, start this command with torchrun instead (see the README).")
+    _jobs_arguments(train)
     # Every other setting is a flag made from its field (the data is the positional DATA above).
     add_arguments(train, RunSettings, [name for name in RunSettings.__dataclass_fields__ if name != "source"],
                   explicit_only=True)
+
+
+def _jobs_arguments(train: argparse.ArgumentParser) -> None:
+    """Training on Hugging Face Jobs (see `hub_jobs`)."""
+    train.add_argument("--jobs", metavar="FLAVOR", help="Train on Hugging Face Jobs, on this hardware flavor (e.g. "
+                       "t4-small, l4x1, a100-large), billed by the second to the account of HF_TOKEN (or 'hf auth "
+                       "login'): the cost is said before the job starts. With --resume, the flavor of the new job.")
+    train.add_argument("--jobs-timeout", metavar="TIME", help="With --jobs: the longest the job may run (seconds, or "
+                       "e.g. 90m, 2h); default: the estimated length with a margin.")
+    # Inside a job: the stop request that Stop writes into the run's bucket folder.
+    train.add_argument("--stop-file", help=argparse.SUPPRESS)
 
 
 def _chat_parser(commands: Any) -> None:
@@ -389,10 +401,12 @@ def _prepare_model(name: str, say: Any) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) a run: 0 finished, 130 stopped, 1 failed or refused (UserError, see `main`)."""
-    from . import distributed, runs
+    from . import distributed, hub_jobs, runs
     from .train import TrainingStopped, train
     from .training_data import InvalidRows
 
+    if args.jobs or (args.resume and hub_jobs.is_job_run(runs.RunFolder.open(args.resume))):
+        return cmd_train_on_jobs(args)
     processes = distributed.processes_wanted(args.processes)
     if processes > 1 and not distributed.launched():
         return distributed.run_processes(processes, args.arguments)
@@ -405,6 +419,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         request = _train_request(args, main)
         request.stop_event = getattr(args, "stop_event", None) or request.stop_event
+        if args.stop_file:
+            hub_jobs.watch_stop_file(args.stop_file, request.stop_event)
         request.on_folder = started.append
         request.events = log
         train(request)
@@ -468,6 +484,74 @@ def print_outcome(end: dict[str, Any]) -> int:
         _after_stop(folder)
         return EXIT_STOPPED
     return 0
+
+
+def cmd_train_on_jobs(args: argparse.Namespace) -> int:
+    """Train (or resume, or follow again) a run in a Hugging Face Job: its cost first, then the job's events as they
+    come in its log, on stdout as a run here says them and rendered for people on stderr, and its record at the
+    end. The first Ctrl+C asks the run to save and stop; a second cancels the job."""
+    from . import hub_jobs, runs
+
+    rendering = Rendering(_status_line, lambda event: None)
+    log = events.EventLog(echo=True, listeners=[rendering])
+    try:
+        run, jobs = _start_on_jobs(args, lambda message: log.emit(events.Status(message)))
+    except UserError as err:
+        log.emit(events.Failed(reason=str(err)))
+        raise
+
+    def stop_when_asked() -> None:
+        args.stop_event.wait()
+        run.request_stop()
+
+    def relay(event: dict[str, Any]) -> None:
+        print(events.PREFIX + json.dumps(event, ensure_ascii=False), flush=True)
+        rendering(event)
+
+    threading.Thread(target=stop_when_asked, name="stop-job", daemon=True).start()
+    listener: Any = relay
+    while True:
+        try:
+            record = run.follow(listener, jobs, on_output=_status_line)
+            break
+        except KeyboardInterrupt:
+            _status_line("Cancelling the job…")
+            run.cancel()
+            listener = None
+    print(f"Run {record['status']}: {run.folder.path}")
+    print(f"  {hub_jobs.describe_job(record['job'])}")
+    if record.get("error"):
+        print(f"  {record['error']}")
+    if run.folder.has_adapter:
+        print(f"  adapter: {run.folder.adapter_path}")
+        print(f"  chat with it: python -m sft_space chat {shlex.quote(str(run.folder.path))} --compare")
+    if record["status"] == runs.FINISHED:
+        return 0
+    if record["status"] == runs.STOPPED:
+        _status_line(f"Continue with: python -m sft_space train --resume {shlex.quote(str(run.folder.path))}")
+        return EXIT_STOPPED
+    return 1
+
+
+def _start_on_jobs(args: argparse.Namespace, say: Any) -> tuple[Any, Any]:
+    """The run's job, started (or, for a resume, followed again or started anew), and the Jobs settings."""
+    from . import hub_jobs, publish, runs
+
+    jobs = hub_jobs.jobs_settings()
+    timeout = hub_jobs.parse_timeout(args.jobs_timeout)
+    token = publish.resolve_token()
+    if jobs.api == "hub" and not token:
+        raise UserError("Training on Hugging Face Jobs is billed to your account: set HF_TOKEN to a token that may "
+                        "start Jobs, or run 'hf auth login'.")
+    if args.resume:
+        folder = runs.RunFolder.open(args.resume)
+        api = hub_jobs.jobs_api(jobs, folder.path.parent, token)
+        return hub_jobs.resume_run(api, token, folder, jobs, args.jobs, timeout, on_status=say), jobs
+    settings = train_settings(args)
+    _status_line(f"{train_command(settings)} --jobs {shlex.quote(args.jobs)}")
+    api = hub_jobs.jobs_api(jobs, settings.output_dir, token)
+    return hub_jobs.start_run(api, token, settings, args.jobs, settings.output_dir, jobs, args.run_name, args.owner,
+                              timeout, on_status=say), jobs
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

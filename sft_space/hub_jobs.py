@@ -651,7 +651,10 @@ class JobRun:
                  "billed_seconds": None if seconds is None else round(seconds),
                  "cost_usd": None if seconds is None else round(seconds / 3600 * price, 6),
                  "ended_at": runs.timestamp()}
-        record = {**local, **{k: v for k, v in remote.items() if k not in ("owner", "job", "jobs")}, "job": ended,
+        # The job's record says how the run went; this machine's names the data and the model as they are here
+        # (the job's name its mounts) and whose the run is.
+        kept = ("owner", "job", "jobs", "settings", "base_model", "data")
+        record = {**local, **{k: v for k, v in remote.items() if k not in kept}, "job": ended,
                   "jobs": [*local.get("jobs", []), ended], "owner": local.get("owner")}
         record["cost_usd"] = round(sum(j.get("cost_usd") or 0.0 for j in record["jobs"]), 6)
         if record.get("status") == runs.RUNNING or not remote:
@@ -694,7 +697,7 @@ def start_run(api: Any, token: str | None, settings: RunSettings, flavor_name: s
               on_status: Callable[[str], None] = lambda message: None, in_app: bool = False) -> JobRun:
     """Check the data here, price the run, ship it and start its job; the local run folder records the job."""
     from . import models
-    from .train import prepare_data
+    from .training_data import prepare_data
 
     flavors = list_flavors(api, token)
     flavor = choose_flavor(flavors, flavor_name)
@@ -806,20 +809,21 @@ class LaunchedRun:
     run_id: str
     run_dir: Path
     flavor: str
-    process: subprocess.Popen = field(repr=False)
-    lines: list[str] = field(default_factory=list)
+    # None for a run found in the runs folder (started before the app restarted): Resume follows it again.
+    process: subprocess.Popen | None = field(repr=False)
+    said: list[str] = field(default_factory=list)  # what its events said, the latest last
     stops: int = 0
 
     @property
     def done(self) -> bool:
-        return self.process.poll() is not None
+        return self.process is None or self.process.poll() is not None
 
     @property
     def status(self) -> str:
-        """What the run says it is doing: its latest line that is a status (not its command or a progress bar)."""
-        from .child import is_status
-
-        return next((line for line in reversed(self.lines) if is_status(line)), "Starting…")
+        """What the run says it is doing: what its latest event that speaks to people said."""
+        if self.process is None:
+            return "Started before the app restarted: Resume on Jobs follows it again (or resumes it)."
+        return self.said[-1] if self.said else "Starting…"
 
 
 class JobsLauncher:
@@ -834,8 +838,17 @@ class JobsLauncher:
         self._lock = threading.Lock()
 
     def latest(self, owner: str) -> LaunchedRun | None:
+        """The visitor's latest Jobs run: one this app started, else (after a restart) their newest run folder
+        that names a job."""
         with self._lock:
-            return self._runs.get(owner)
+            if owner in self._runs:
+                return self._runs[owner]
+        found = [(record.get("created_at") or "", folder) for folder, record in runs.visible_runs(self.runs_dir, owner)
+                 if isinstance(record.get("job"), dict)]
+        if not found:
+            return None
+        folder = max(found, key=lambda pair: pair[0])[1]
+        return LaunchedRun(owner, folder.run_id, folder.path, folder.read()["job"].get("flavor", ""), None)
 
     def start(self, owner: str, token: str | None, flavor: str, settings: RunSettings | None = None,
               resume: Path | None = None) -> LaunchedRun:
@@ -858,7 +871,7 @@ class JobsLauncher:
         if token:
             environment["HF_TOKEN"] = token
         process = subprocess.Popen([sys.executable, "-m", "sft_space", "train", *arguments], env=environment,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                                    text=True, start_new_session=True)
         run = LaunchedRun(owner, run_id, Path(settings.output_dir if settings else resume.parent) / run_id, flavor,
                           process)
@@ -869,9 +882,14 @@ class JobsLauncher:
 
     @staticmethod
     def _read(run: LaunchedRun) -> None:
-        for line in run.process.stderr:
-            run.lines.append(line.rstrip("\n"))
-            del run.lines[:-STATUS_LINES]
+        """The child's events (its stdout): what they say is the run's status."""
+        from .events import from_log_line, said
+
+        for line in run.process.stdout:
+            event = from_log_line(line)
+            if event is not None and (text := said(event)) is not None:
+                run.said.append(text)
+                del run.said[:-STATUS_LINES]
 
     def stop(self, owner: str) -> LaunchedRun:
         """The first Stop asks the run to save and stop; the next cancels its job."""
