@@ -390,13 +390,17 @@ def _train_here(settings: RunSettings, hardware: Hardware, run_id: str) -> Any:
     return train(TrainRequest(settings, run_id=run_id, hardware=hardware))
 
 
+def processes_command(settings: RunSettings, processes: int, run_id: str) -> list[str]:
+    """The command line that trains `settings` as `processes` processes, one per GPU, into the run `run_id`."""
+    return [sys.executable, *shlex.split(train_command(settings))[1:], "--processes", str(processes),
+            "--run-name", run_id]
+
+
 def _train_in_processes(settings: RunSettings, processes: int, run_id: str) -> Any:
     """The run as `train --processes N` starts it (each process its own), its output kept for a failure."""
     from . import runs
 
-    command = [sys.executable, *shlex.split(train_command(settings))[1:], "--processes", str(processes),
-               "--run-name", run_id]
-    finished = subprocess.run(command, capture_output=True, text=True)
+    finished = subprocess.run(processes_command(settings, processes, run_id), capture_output=True, text=True)
     folder = Path(settings.output_dir) / run_id
     if not (folder / runs.RUN_FILE).is_file():
         tail = (finished.stderr or finished.stdout).strip().splitlines()[-3:]
@@ -468,7 +472,7 @@ def random_model_folder(spec: CatalogModel, tokenizer: Any, folder: Path, gpu: b
 
 
 def _release_memory() -> None:
-    from .train import release_memory
+    from .trainer import release_memory
 
     release_memory()
 
@@ -564,20 +568,22 @@ def run_doctor(settings: DoctorSettings, hardware: Hardware | None = None,
     model = settings.model or models.default_model()
     if models.needs_preparation(model):
         models.convert_embedded_model(lambda message: say(STATUS_PREFIX + message))
-    tokenizer = models.load_tokenizer(models.EMBEDDED_MODEL)
+    tokenizer = models.load_tokenizer(model)
     # Loaded before the first measurement, so that the first row's memory is its training's, not the libraries'.
     import peft  # noqa: F401
     import trl  # noqa: F401
 
     with tempfile.TemporaryDirectory(prefix="sft-space-doctor-") as workdir:
         work = Path(workdir)
-        quick_tokenizer = tokenizer if model == models.EMBEDDED_MODEL else models.load_tokenizer(model)
         name = "SmolLM2-135M, built-in" if model == models.EMBEDDED_MODEL else Path(model).name or model
         (work / "quick").mkdir()
-        quick = _prepare_pass(model, name, False, quick_tokenizer, sequence_tokens, steps, work / "quick")
+        quick = _prepare_pass(model, name, False, tokenizer, sequence_tokens, steps, work / "quick")
         _run_checks(CHECKS, quick, hardware, rows, say)
         if not settings.quick:
-            _shape_rows(hardware, tokenizer, sequence_tokens, steps, work, rows, say)
+            # The random-weight shapes speak with the default model's tokenizer: its 49,152 words fit every shape.
+            default = models.default_model()
+            shapes_tokenizer = tokenizer if model == default else models.load_tokenizer(default)
+            _shape_rows(hardware, shapes_tokenizer, sequence_tokens, steps, work, rows, say)
             _bench_rows(hardware, steps, rows, say)
     return {"machine": facts, "settings": asdict(settings), "steps": steps, "sequence_tokens": sequence_tokens,
             "seconds": round(time.monotonic() - started, 1), "rows": [asdict(row) for row in rows]}
@@ -591,8 +597,8 @@ def _shape_rows(hardware: Hardware, tokenizer: Any, sequence_tokens: int, steps:
     for name, spec in (GPU_SHAPES if gpu else CPU_SHAPES).items():
         shape = ModelShape.from_config(spec.config())
         label = _shape_label(name, shape, True)
-        # Saved in bf16 and loaded again: twice the weights' size on disk at most, with a margin.
-        needed = 2.5 * shape.parameters * 2 / GIB
+        # Saved once in bf16 (loading maps the file), with a margin for the adapter and the run's records.
+        needed = 1.25 * shape.parameters * 2 / GIB
         if _free_disk_gib(work) < needed:
             rows.append(Row("default", label, SKIPPED, f"its random weights need ~{needed:.0f} GiB of disk; "
                                                        f"{_free_disk_gib(work):.0f} GiB free"))

@@ -53,6 +53,15 @@ def test_two_gpus_train_the_two_process_row_and_a_missing_bitsandbytes_skips_4_b
     assert rows["4-bit QLoRA"].skipped == "bitsandbytes is not installed (pip install bitsandbytes)"
 
 
+def test_the_two_process_row_trains_the_same_settings_through_the_command_line_s_launcher():
+    item = planned(TWO_A10G)["2 processes"]
+    command = doctor.processes_command(item.settings, item.check.processes, "doctor-08")
+    assert command[:5] == [sys.executable, "-m", "sft_space", "train", "data.jsonl"]
+    assert command[-4:] == ["--processes", "2", "--run-name", "doctor-08"]
+    parsed = cli.build_parser().parse_args(command[3:])
+    assert cli.train_settings(parsed) == item.settings
+
+
 def test_a_cpu_skips_the_gpu_plans_saying_why():
     rows = planned(CPU, tokens=128)
     assert rows["fp16"].skipped == "fp16 mixed precision needs a CUDA GPU; this machine has none"
