@@ -103,7 +103,7 @@ def file_name(name: str, quant: str) -> str:
 # ---- the tokenizer -------------------------------------------------------------------------------------------
 
 
-def _split_rule(tokenizer_json: dict[str, Any]) -> str:
+def _pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
     """tokenizer.ggml.pre: llama.cpp's name for how the text is split before the merges apply. Read from the
     tokenizer's own pre-tokenizer, so that llama.cpp and transformers split text the same way."""
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
@@ -127,7 +127,7 @@ def _split_rule(tokenizer_json: dict[str, Any]) -> str:
                     f"supports the byte-level tokenizers of {SUPPORTED}.")
 
 
-def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, split_rule: str | None) -> None:
+def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre_tokenizer: str | None) -> None:
     """Vocabulary, token types, merges, special token ids, add-BOS/EOS and the chat template."""
     import gguf
 
@@ -159,7 +159,7 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, split_rule: str
             tokens.append(by_id[index])
             types.append(gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(split_rule or _split_rule(tokenizer_json))
+    writer.add_tokenizer_pre(pre_tokenizer or _pre_tokenizer_name(tokenizer_json))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     # Said outright, never left to a default: llama.cpp adds BOS to a byte-level vocabulary unless told not to,
@@ -286,9 +286,9 @@ def _add_architecture(writer: Any, config: Any, quant: str) -> None:
 
 def write_gguf(model: Any, tokenizer: Any, path: str | Path, quant: str = "q8_0", name: str = "",
                description: str = "", base_model: str | None = None, licence: str | None = None,
-               split_rule: str | None = None, on_progress: Progress | None = None) -> Path:
+               pre_tokenizer: str | None = None, on_progress: Progress | None = None) -> Path:
     """Write `model` (float32 weights, adapter merged in) and `tokenizer` to the GGUF file `path`, its matrices
-    in `quant`. `split_rule`: llama.cpp's pre-tokenizer name when the caller knows it better than the tokenizer
+    in `quant`. `pre_tokenizer`: llama.cpp's pre-tokenizer name when the caller knows it better than the tokenizer
     file says (a model that came from a GGUF file). Written beside `path` and renamed into place, so an
     interrupted export never leaves a file that looks finished."""
     import gguf
@@ -312,7 +312,7 @@ def write_gguf(model: Any, tokenizer: Any, path: str | Path, quant: str = "q8_0"
             writer.add_base_model_name(0, base_model.split("/")[-1])
             writer.add_base_model_repo_url(0, f"https://huggingface.co/{base_model}")
         _add_architecture(writer, model.config, quant)
-        _add_tokenizer(writer, tokenizer, model.config.vocab_size, split_rule)
+        _add_tokenizer(writer, tokenizer, model.config.vocab_size, pre_tokenizer)
         tensors = _tensors(model, arch)
         for number, (gguf_name, weights) in enumerate(tensors, start=1):
             stored = _stored_type(gguf_name, weights, wanted)

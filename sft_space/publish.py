@@ -156,7 +156,7 @@ def check_gguf_exportable(folder: RunFolder) -> None:
     gguf_export.check_supported(models.load_config(base, trust_remote_code))
 
 
-def _split_rule(base: str) -> str | None:
+def _embedded_pre_tokenizer_name(base: str) -> str | None:
     """The embedded default came from a GGUF file that names its pre-tokenizer (smollm: digits one by one);
     its converted tokenizer no longer says so, so the original file's word is kept."""
     if base != models.EMBEDDED_MODEL or models.embedded_gguf() is None:
@@ -184,7 +184,7 @@ def export_gguf(run_dir: str | Path, path: str | Path, quant: str = "q8_0", name
         return gguf_export.write_gguf(
             model, tokenizer, path, quant, name=name or folder.run_id, base_model=hub_id,
             description=f"Fine-tuned with SFT Space from {hub_id or 'a local base model'}",
-            split_rule=_split_rule(base), licence=licence or card.base_model_licence(hub_id),
+            pre_tokenizer=_embedded_pre_tokenizer_name(base), licence=licence or card.base_model_licence(hub_id),
             on_progress=lambda fraction, message: _progress(on_progress, 0.2 + 0.8 * fraction, message))
 
 

@@ -23,7 +23,7 @@ import json
 import re
 import weakref
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -141,45 +141,63 @@ def _end_of_turn_marker(tokenizer: Any) -> str:
 
 
 def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], full: str) -> list[tuple[int, int]]:
-    """Character spans of trained assistant replies (content plus end-of-turn marker) in `full`."""
-    spans = []
-    cursor = 0
+    """Character spans of trained assistant replies (content plus end-of-turn marker) in `full`, by rendering the
+    prefixes around each reply."""
     end_marker: str | None = None
-    for i, message in enumerate(messages):
-        if message.get("role") != "assistant" or message.get("weight", 1) == 0:
-            continue
+
+    def bounds(i: int) -> tuple[int, int] | None:
         if i == 0:
-            start, end = _opening_reply_span(tokenizer, messages, full)
-            if end > start:
-                spans.append((start, end))
-            cursor = max(cursor, end)
-            continue
+            return _opening_reply_bounds(tokenizer, messages, full)
         before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
         through = render_chat(tokenizer, messages[: i + 1])
-        if full.startswith(through) and through.startswith(before) and len(before) >= cursor:
-            start, end = len(before), len(through.rstrip())
+        return (len(before), len(through)) if full.startswith(through) and through.startswith(before) else None
+
+    def search(i: int, cursor: int) -> tuple[int, int]:
+        # Templates that rewrite earlier turns (e.g. dropping reasoning) break the prefix property;
+        # find the reply's own text instead and extend it over the end-of-turn marker.
+        nonlocal end_marker
+        content = messages[i].get("content") or ""
+        start = full.find(content, cursor) if content else -1
+        if start < 0:
+            raise TemplateError(
+                f"the chat template does not reproduce assistant message {i + 1} verbatim, so the tokens to "
+                "train cannot be located; use a model whose template renders replies as written"
+            )
+        end = start + len(content)
+        end_marker = _end_of_turn_marker(tokenizer) if end_marker is None else end_marker
+        if end_marker and full.startswith(end_marker, end):
+            end += len(end_marker)
+        return start, end
+
+    return _reply_spans(full, ((i, bounds(i)) for i, m in enumerate(messages) if _is_trained_reply(m)), search)
+
+
+def _reply_spans(full: str, replies: Iterable[tuple[int, tuple[int, int] | None]],
+                 search: Callable[[int, int], tuple[int, int]] | None = None) -> list[tuple[int, int]] | None:
+    """The one way a reply's span is read, whichever render gave its bounds: for each trained reply `i`, in order,
+    (start, through) are where the history with its generation prompt ends and where the conversation through the
+    reply ends; the span runs from the one to the other, trailing whitespace dropped (so it ends with the reply's
+    end-of-turn marker). A reply whose bounds are unknown (None), or that would start inside the reply before it, is
+    found by `search(i, where the reply before ends)`, or without a search makes the answer None."""
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for i, bounds in replies:
+        if bounds is not None and bounds[0] >= cursor:
+            start, end = bounds[0], bounds[1]
+            while end > 0 and full[end - 1].isspace():  # the prefix's text.rstrip(), without copying it
+                end -= 1
+        elif search is not None:
+            start, end = search(i, cursor)
         else:
-            # Templates that rewrite earlier turns (e.g. dropping reasoning) break the prefix property;
-            # find the reply's own text instead and extend it over the end-of-turn marker.
-            content = message.get("content") or ""
-            start = full.find(content, cursor) if content else -1
-            if start < 0:
-                raise TemplateError(
-                    f"the chat template does not reproduce assistant message {i + 1} verbatim, so the tokens to "
-                    "train cannot be located; use a model whose template renders replies as written"
-                )
-            end = start + len(content)
-            end_marker = _end_of_turn_marker(tokenizer) if end_marker is None else end_marker
-            if end_marker and full.startswith(end_marker, end):
-                end += len(end_marker)
+            return None
         if end > start:
             spans.append((start, end))
         cursor = max(cursor, end)
     return spans
 
 
-def _opening_reply_span(tokenizer: Any, messages: list[dict[str, Any]], full: str) -> tuple[int, int]:
-    """The span of a reply that opens the conversation. There is no history to add a generation prompt to
+def _opening_reply_bounds(tokenizer: Any, messages: list[dict[str, Any]], full: str) -> tuple[int, int]:
+    """The bounds of a reply that opens the conversation. There is no history to add a generation prompt to
     (templates refuse an empty conversation), so the span starts where the reply's content does, found by rendering
     it alone with a placeholder for its content, and runs to the end of that render (its end-of-turn marker)."""
     message, mark = messages[0], _placeholder(0)
@@ -189,7 +207,7 @@ def _opening_reply_span(tokenizer: Any, messages: list[dict[str, Any]], full: st
         marked = render_chat(tokenizer, [{**message, "content": mark}])
         at = marked.find(mark)
         if at >= 0 and marked.count(mark) == 1 and through == marked[:at] + content + marked[at + len(mark):]:
-            return at, len(through.rstrip())
+            return at, len(through)
     raise TemplateError("the chat template does not render the opening assistant message as written, so the tokens "
                         "to train cannot be located; start the conversation with the user's turn")
 
@@ -365,22 +383,14 @@ def _is_trained_reply(message: dict[str, Any]) -> bool:
 def _layout_spans(layout: _Layout, messages: list[dict[str, Any]], full: str) -> list[tuple[int, int]] | None:
     """`assistant_spans` read off the layout; None where a reply is not "prefix + generation prompt" (the
     prefix method then decides, as it always has)."""
-    spans = []
-    cursor = 0
-    for i, message in enumerate(messages):
-        if not _is_trained_reply(message):
-            continue
+
+    def bounds(i: int) -> tuple[int, int] | None:
         history_end = layout.prefix_ends[i - 1] if i else 0
-        start, through_end = history_end + len(layout.generation_prompt), layout.prefix_ends[i]
-        if not (full.startswith(layout.generation_prompt, history_end) and start <= through_end and start >= cursor):
-            return None
-        end = through_end
-        while end > 0 and full[end - 1].isspace():  # the prefix's text.rstrip(), without copying it
-            end -= 1
-        if end > start:
-            spans.append((start, end))
-        cursor = max(cursor, end)
-    return spans
+        start, through = history_end + len(layout.generation_prompt), layout.prefix_ends[i]
+        return (start, through) if full.startswith(layout.generation_prompt, history_end) and start <= through \
+            else None
+
+    return _reply_spans(full, ((i, bounds(i)) for i, m in enumerate(messages) if _is_trained_reply(m)))
 
 
 def _tokenize(tokenizer: Any, text: str,
@@ -558,8 +568,9 @@ def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
 
 
 def trained_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
-    """Whether each token overlaps a reply span: a token that merges the template's space with the reply's first
-    word still has to be predicted to produce the reply.
+    """Whether each token overlaps a reply span: the one rule for which tokens a reply trains. A token overlaps a
+    span when it starts before the span ends and ends after the span starts, so a token that merges the template's
+    space with the reply's first word is trained: it still has to be predicted to produce the reply.
 
     The spans are sorted and do not overlap (each starts at or after the previous one's end), so their ends
     are sorted too: one binary search per token finds the only span that can overlap it.
@@ -570,6 +581,31 @@ def trained_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -
         index = bisect.bisect_right(span_ends, start)  # the first span ending after the token starts
         trained.append(index < len(spans) and spans[index][0] < end)
     return trained
+
+
+def trained_token_ranges(spans: list[tuple[int, int]], n_tokens: int, token_chars: Callable[[int], tuple[int, int]],
+                         char_token: Callable[[int], int | None]) -> Iterator[tuple[int, int]]:
+    """The tokens `trained_mask` marks, as the (first, last) token overlapping each span (sorted, apart), for tokens
+    in text order (a tokenizer's), whose starts and ends are then sorted: the first token that ends after the span
+    starts and the last that starts before it ends. Found without reading every token's offsets: from the token
+    holding the span's first (last) character, `char_token`, and its neighbours that still overlap the span (the
+    bytes of one emoji are several tokens); by binary search over `token_chars` (a token's (start, end)) where no
+    token holds that character (a space the tokenizer trimmed). The ranges of two spans may touch or share a token.
+    """
+    tokens = range(n_tokens)
+    for start, end in spans:
+        first = char_token(start)
+        if first is None:
+            first = bisect.bisect_right(tokens, start, key=lambda token: token_chars(token)[1])
+        while first > 0 and token_chars(first - 1)[1] > start:
+            first -= 1
+        last = char_token(end - 1)
+        if last is None:
+            last = bisect.bisect_left(tokens, end, key=lambda token: token_chars(token)[0]) - 1
+        while last + 1 < n_tokens and token_chars(last + 1)[0] < end:
+            last += 1
+        if first <= last:
+            yield first, last
 
 
 def render_conversation(tokenizer: Any, messages: list[dict[str, Any]], by_prefixes: bool = False) -> Rendered:
@@ -825,7 +861,7 @@ class Renderer:
             trained = bytearray(b"\x01" * n_tokens)
         else:
             trained = bytearray(n_tokens)
-            for first, last in _token_ranges(encoding, spans, n_tokens):
+            for first, last in trained_token_ranges(spans, n_tokens, encoding.token_to_chars, encoding.char_to_token):
                 trained[first:last + 1] = b"\x01" * (last + 1 - first)
         if add_eos:
             ids.append(self.tokenizer.eos_token_id)
@@ -833,46 +869,15 @@ class Renderer:
         return Tokens(ids, bytes(trained))
 
 
-def _token_ranges(encoding: Any, spans: list[tuple[int, int]], n_tokens: int) -> Iterator[tuple[int, int]]:
-    """The (first, last) tokens overlapping each span (sorted, apart), ranges that may touch or overlap."""
-    for start, end in spans:
-        tokens = _tokens_overlapping(encoding, start, end, n_tokens)
-        if tokens is not None:
-            yield tokens
-
-
 def _trained_count(encoding: Any, spans: list[tuple[int, int]], n_tokens: int) -> int:
-    """How many tokens overlap any of the spans (sorted, apart): `sum(trained_mask(...))`, where a token that
-    overlaps two spans counts once."""
+    """How many tokens overlap any of the spans: `sum(trained_mask(...))`, where a token that overlaps two spans
+    counts once; from the encoding's own look-ups instead of every token's offsets."""
     count, counted_to = 0, -1
-    for first, last in _token_ranges(encoding, spans, n_tokens):
+    for first, last in trained_token_ranges(spans, n_tokens, encoding.token_to_chars, encoding.char_to_token):
         first = max(first, counted_to + 1)
         count += max(0, last - first + 1)
         counted_to = max(counted_to, last)
     return count
-
-
-def _tokens_overlapping(encoding: Any, start: int, end: int, n_tokens: int) -> tuple[int, int] | None:
-    """The first and last token that overlap the characters [start, end) (`trained_mask`'s rule), found from a
-    few of the encoding's own look-ups (tokens are in text order) instead of every token's offsets."""
-    first = None
-    for char in range(start, end):  # the first character a token covers (trimmed spaces are covered by none)
-        first = encoding.char_to_token(char)
-        if first is not None:
-            break
-    if first is None:
-        return None
-    last = None
-    for char in range(end - 1, start - 1, -1):
-        last = encoding.char_to_token(char)
-        if last is not None:
-            break
-    # Several tokens can share a character (the bytes of one emoji): take every token that overlaps the span.
-    while first > 0 and encoding.token_to_chars(first - 1)[1] > start:
-        first -= 1
-    while last + 1 < n_tokens and encoding.token_to_chars(last + 1)[0] < end:
-        last += 1
-    return first, last
 
 
 def _slow_layout(tokenizer: Any, messages: list[dict[str, Any]],
@@ -917,7 +922,7 @@ def _marked_layout(tokenizer: Any, messages: list[dict[str, Any]]) -> _Marked | 
             prefix_ends.append(end)
         replies, cursor = {}, 0
         for i, message in enumerate(messages):
-            if message.get("role") != "assistant" or message.get("weight", 1) == 0:
+            if not _is_trained_reply(message):
                 continue
             through = texts[i + 1]
             if i == 0:
@@ -963,17 +968,11 @@ def _apply_marked(shape: _Marked, messages: list[dict[str, Any]],
     def real(position: int) -> int:
         return position + shifts[bisect.bisect_right(mark_ends, position)]
 
-    spans, cursor = [], 0
-    for i in sorted(shape.replies):
-        start, through = shape.replies[i]
-        start, end = real(start), real(through)
-        if i and start < cursor:
-            return None  # the prefix method would search for this reply instead
-        while end > 0 and full[end - 1].isspace():
-            end -= 1
-        if end > start:
-            spans.append((start, end))
-        cursor = max(cursor, end)
+    # A reply that would start inside the one before: the prefix method would search for it instead.
+    spans = _reply_spans(full, ((i, (real(shape.replies[i][0]), real(shape.replies[i][1])))
+                                for i in sorted(shape.replies)))
+    if spans is None:
+        return None
     ends = [None if end is None else real(end) for end in shape.prefix_ends]
     # The inserted system turn lies before the first placeholder, where both texts are the same.
     return spans, _segments(messages, full, ends, shape.system_end)
