@@ -35,14 +35,13 @@ import time
 from typing import Any, Iterator
 
 from . import checks, data, events, formats, models, render
+from .distributed import EXIT_STOPPED
 from .errors import UserError
 from .settings import (DEFAULT_PRESET, BenchSettings, DataSettings, DoctorSettings, GenerationSettings, PublishSettings,
                        RunSettings, add_arguments, explicit_arguments, field_help, from_arguments, from_environment,
                        run_settings, settings_from_file, train_command)
 
 MAX_LISTED_PROBLEMS = 50
-# Exit status of `train` when the run was stopped (as a shell reports a process ended by Ctrl+C).
-EXIT_STOPPED = 130
 STOPPING_MESSAGE = "Stopping: saving a checkpoint and the adapter…"
 
 
@@ -92,13 +91,28 @@ def _train_parser(commands: Any) -> None:
     train.add_argument("--run-name", help="Name of the run folder (default: date, time and data file name).")
     # The app's supervisor names the visitor a new run belongs to; not for people.
     train.add_argument("--owner", help=argparse.SUPPRESS)
-    train.add_argument("--processes", type=int, default=0, metavar="N",
-                       help="Train with N processes on this machine, one per GPU (default: every CUDA GPU; 1 without "
-                            "GPUs). On several machines, start this command with torchrun instead (see the README).")
+    _launch_arguments(train)
     _jobs_arguments(train)
     # Every other setting is a flag made from its field (the data is the positional DATA above).
     add_arguments(train, RunSettings, [name for name in RunSettings.__dataclass_fields__ if name != "source"],
                   explicit_only=True)
+
+
+def _launch_arguments(train: argparse.ArgumentParser) -> None:
+    """torchrun's flags: the processes of a run, started through torch's launcher (see `distributed.launch`)."""
+    launch = train.add_argument_group("several processes (torchrun's flags)")
+    launch.add_argument("--nproc-per-node", type=int, default=0, metavar="N",
+                        help="Train with N processes on this machine, one per GPU (default: every CUDA GPU; 1 without "
+                             "GPUs; SFT_SPACE_PROCESSES sets another default).")
+    launch.add_argument("--nnodes", type=int, default=1, metavar="M",
+                        help="Machines training this run together; start the same command on each (default 1).")
+    launch.add_argument("--node-rank", type=int, default=None, metavar="R",
+                        help="This machine's number, 0 to M-1: the machines then meet at node 0's --rdzv-endpoint, "
+                             "which it hosts (without it, they meet in torch's c10d rendezvous and are numbered as "
+                             "they join).")
+    launch.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT",
+                        help="Where the machines meet: an address and free port of the first machine that every "
+                             "machine reaches.")
 
 
 def _jobs_arguments(train: argparse.ArgumentParser) -> None:
@@ -407,9 +421,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.jobs or (args.resume and hub_jobs.is_job_run(runs.RunFolder.open(args.resume))):
         return cmd_train_on_jobs(args)
-    processes = distributed.processes_wanted(args.processes)
-    if processes > 1 and not distributed.launched():
-        return distributed.run_processes(processes, args.arguments)
+    launch = distributed.Launch(distributed.processes_wanted(args.nproc_per_node), args.nnodes, args.node_rank,
+                                args.rdzv_endpoint)
+    if launch.needed and not distributed.started_by_a_launcher():
+        return distributed.launch(["-m", "sft_space", *args.arguments], launch)
     # With several processes the main one speaks for all.
     main = distributed.is_main()
     say = _status_line if main else (lambda message: None)
@@ -651,7 +666,10 @@ def main(argv: list[str] | None = None) -> int:
         args.stop_event = stack.enter_context(stop_on_signals()) if args.command == "train" else None
         code = _run_command(args)
     if args.command == "train":
+        from . import distributed
         from .train import stages_left_running
+
+        code = distributed.exit_status(code)
 
         if stages_left_running():
             # A stop left a stage (loading a model) running in native code, which aborts the interpreter's exit

@@ -392,19 +392,19 @@ def _train_here(settings: RunSettings, hardware: Hardware, run_id: str) -> Any:
 
 def processes_command(settings: RunSettings, processes: int, run_id: str) -> list[str]:
     """The command line that trains `settings` as `processes` processes, one per GPU, into the run `run_id`."""
-    return [sys.executable, *shlex.split(train_command(settings))[1:], "--processes", str(processes),
+    return [sys.executable, *shlex.split(train_command(settings))[1:], "--nproc-per-node", str(processes),
             "--run-name", run_id]
 
 
 def _train_in_processes(settings: RunSettings, processes: int, run_id: str) -> Any:
-    """The run as `train --processes N` starts it (each process its own), its output kept for a failure."""
+    """The run as `train --nproc-per-node N` starts it (each process its own), its output kept for a failure."""
     from . import runs
 
     finished = subprocess.run(processes_command(settings, processes, run_id), capture_output=True, text=True)
     folder = Path(settings.output_dir) / run_id
     if not (folder / runs.RUN_FILE).is_file():
         tail = (finished.stderr or finished.stdout).strip().splitlines()[-3:]
-        raise UserError(f"train --processes {processes} exited {finished.returncode}: {' / '.join(tail)}")
+        raise UserError(f"train --nproc-per-node {processes} exited {finished.returncode}: {' / '.join(tail)}")
     return runs.RunFolder(folder)
 
 

@@ -108,9 +108,16 @@ class TrainingPlan:
     estimated_peak_gib: float
     fits: bool
     reasons: list[str] = field(default_factory=list)
+    processes: int = 1  # training processes sharing each optimizer step; batch_size is each one's
+    examples_per_step: int = 0  # examples of one optimizer step, all processes together (see distributed.split_step)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def gradient_accumulation(self) -> int:
+        """Each process's gradient accumulation: the step's examples over the processes' batches."""
+        return max(1, self.examples_per_step // (self.batch_size * self.processes))
 
 
 def _precision(settings: RunSettings, hardware: Hardware, reasons: list[str]) -> str:
@@ -210,4 +217,4 @@ def plan_training(settings: RunSettings, hardware: Hardware, shape: ModelShape, 
         if not fits:
             reasons.append("may not fit: shorten the maximum length or choose a smaller model")
     return TrainingPlan(hardware.kind, precision, four_bit, checkpointing, batch, length, packing,
-                        round(peak, 2), fits, reasons)
+                        round(peak, 2), fits, reasons, examples_per_step=batch * settings.gradient_accumulation)

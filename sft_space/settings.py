@@ -312,7 +312,7 @@ class OperatorSettings(AccessSettings):
     default_model: str = setting("", "The model the app preselects (empty: the built-in one). The operator's "
                                      "choice, so it may be a local folder.")
     processes: int = setting(0, "Processes `train` runs on this machine, one per GPU (0: one per CUDA GPU, 1 without "
-                                "a GPU); the --processes flag wins.", bounds=(0, 4096))
+                                "a GPU); the --nproc-per-node flag wins.", bounds=(0, 4096))
     # Not in the repr: settings are shown in logs and tests' failures, the key never.
     secret: str = field(default="", repr=False, metadata={
         "help": "The key that signs visitor ids (empty: a random key kept in the runs folder as .visitor-secret, "

@@ -29,7 +29,7 @@ import contextlib
 import shutil
 import threading
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, NoReturn, TypeVar
@@ -137,7 +137,9 @@ def _start(request: TrainRequest, held: contextlib.ExitStack) -> _Start:
     run's name is chosen (`request.run_id`). Several processes (one per GPU) are joined first, so that they can
     agree on the run's folder."""
     hardware = request.hardware or detect_hardware()
-    distributed.setup(cpu=hardware.kind == "cpu")
+    distributed.setup(cpu=hardware.kind == "cpu", stop_event=request.stop_event,
+                      stopped=lambda: TrainingStopped(STOPPED_BEFORE_START))
+    held.callback(distributed.leave)
     if request.resume is not None:
         folder = RunFolder.open(request.resume)
         # Taken before the (slow) data checks: a second resume of the same run is refused at once.
@@ -147,8 +149,8 @@ def _start(request: TrainRequest, held: contextlib.ExitStack) -> _Start:
         return _Start(settings, hardware, folder, checkpoint)
     settings = RunSettings(**{**asdict(request.settings), "model": request.settings.model or models.default_model()})
     # Every process must name the same new folder: the main one's choice is everyone's.
-    request.run_id = distributed.main_first(lambda: _check_new_run_name(settings, request.run_id)
-                                            or request.run_id or runs.new_run_id(settings.source))
+    request.run_id = distributed.from_main(lambda: _check_new_run_name(settings, request.run_id)
+                                           or request.run_id or runs.new_run_id(settings.source))
     return _Start(settings, hardware)
 
 
@@ -165,9 +167,19 @@ def _resumable(folder: RunFolder) -> tuple[RunSettings, Path]:
 
 def _prepare(request: TrainRequest, settings: RunSettings) -> tuple[Any, PreparedData, ModelShape]:
     """Prepare data. Takes the settings; gives the tokenizer, the checked and split data, and the model's shape.
-    Runs in a helper thread, so that a stop returns at once (see `_unless_stopped`)."""
+    Runs in a helper thread, so that a stop returns at once (see `_unless_stopped`). With several processes the
+    main one checks and tokenizes, once, and the others receive its data and load only the tokenizer."""
     _status(request, "Checking the data…")
-    return _unless_stopped(request, lambda: _check_inputs(request, settings))
+    checked: list[Any] = []
+
+    def check() -> tuple[PreparedData, ModelShape]:
+        checked.extend(_unless_stopped(request, lambda: _check_inputs(request, settings)))
+        return checked[1], checked[2]
+
+    prepared, shape = distributed.from_main(check)
+    tokenizer = checked[0] if checked else _unless_stopped(
+        request, lambda: models.load_tokenizer(settings.model, settings.trust_remote_code))
+    return tokenizer, prepared, shape
 
 
 def _check_inputs(request: TrainRequest, settings: RunSettings) -> tuple[Any, PreparedData, ModelShape]:
@@ -205,16 +217,14 @@ def _plan(start: _Start, prepared: PreparedData, shape: ModelShape,
     stats = prepared.report.stats()
     plan = plan_training(settings, start.hardware, shape, stats["total_tokens"], stats["tokens_per_example"]["max"])
     if distributed.world_size() > 1:
-        plan.reasons.append(processes_reason(settings.gradient_accumulation, plan.batch_size))
-    evaluation = prepared.evaluation_plan(settings, plan, tokenizer, _examples_per_step(settings, plan))
+        split = distributed.split_step(plan.batch_size, settings.gradient_accumulation, distributed.world_size(),
+                                       batch_chosen=settings.batch_size > 0)
+        plan = replace(plan, batch_size=split.batch_size, processes=split.processes,
+                       reasons=[*plan.reasons, split.reason()])
+    evaluation = prepared.evaluation_plan(settings, plan, tokenizer, plan.examples_per_step)
     if evaluation is not None:
         plan.reasons.append(evaluation.reason())
     return plan, evaluation
-
-
-def _examples_per_step(settings: RunSettings, plan: TrainingPlan) -> int:
-    """The examples of one optimizer step, across every process."""
-    return plan.batch_size * accumulation_per_process(settings.gradient_accumulation) * distributed.world_size()
 
 
 def _reopen_run_folder(start: _Start, prepared: PreparedData, shape: ModelShape) -> RunFolder:
@@ -230,7 +240,7 @@ def _reopen_run_folder(start: _Start, prepared: PreparedData, shape: ModelShape)
         check_free_disk(folder.path, disk_needed(shape.lora_parameters(start.settings.lora_r), checkpoints_to_come))
         folder.update(status=runs.RUNNING, error=None, resumed_from=checkpoint.name)
 
-    distributed.main_first(restart)
+    distributed.main_only(restart)
     return folder
 
 
@@ -240,23 +250,25 @@ def _create_run_folder(request: TrainRequest, start: _Start, prepared: PreparedD
     library versions. Refused first if the disk has no room for the run's checkpoints and adapter."""
     settings = start.settings
 
-    def create() -> RunFolder:
+    created: list[RunFolder] = []
+
+    def create() -> None:
         check_free_disk(settings.output_dir, disk_needed(shape.lora_parameters(settings.lora_r)))
-        created = RunFolder.create(settings.output_dir, request.run_id)
-        held.enter_context(created.locked())
+        folder = RunFolder.create(settings.output_dir, request.run_id)
+        held.enter_context(folder.locked())
         record = {
-            "run_id": created.run_id, "status": runs.RUNNING, "created_at": runs.timestamp(),
+            "run_id": folder.run_id, "status": runs.RUNNING, "created_at": runs.timestamp(),
             "settings": asdict(settings), "plan": plan.to_dict(), "data": prepared.summary(),
             "hardware": start.hardware.to_dict(), "versions": library_versions(), "base_model": settings.model,
             "final_metrics": {}, "error": None,
         }
         if request.owner is not None:
             record["owner"] = request.owner
-        created.write(record)
-        return created
+        folder.write(record)
+        created.append(folder)
 
-    created = distributed.main_first(create)
-    return created if distributed.is_main() else RunFolder(Path(settings.output_dir) / request.run_id)
+    distributed.main_only(create)
+    return created[0] if created else RunFolder(Path(settings.output_dir) / request.run_id)
 
 
 @dataclass
@@ -344,7 +356,7 @@ def _load_model(run: _Run) -> None:
     run.model = _unless_stopped(request, lambda: load_model_for_training(run.settings, run.plan))
     run.trainer = _unless_stopped(request, lambda: build_trainer(
         run.settings, run.plan, run.folder, run.model, run.tokenizer, run.prepared,
-        gradient_accumulation=accumulation_per_process(run.settings.gradient_accumulation),
+        gradient_accumulation=run.plan.gradient_accumulation,
         evaluation=run.evaluation, stop_event=request.stop_event))
     run.monitor = RunMonitor(run.folder, token_count(run.trainer.train_dataset), request.stop_event,
                              request.events)
@@ -352,6 +364,27 @@ def _load_model(run: _Run) -> None:
     for callback in request.extra_callbacks:
         run.trainer.add_callback(callback)
     _stop_here_if_asked(request)
+    distributed.check_same_everywhere(training_summary(run))
+
+
+def training_summary(run: _Run) -> dict[str, Any]:
+    """What this process is about to train on, which every process must agree on before step 1: another machine's
+    data, tokenization (another library version) or plan would train something else, or wait in a collective."""
+    import pyarrow.compute as pc
+
+    table, parts = run.trainer.train_dataset.data, []
+    for name in ("input_ids", "labels", "completion_mask", "position_ids"):
+        if name in table.column_names:
+            column = table.column(name)
+            parts += [name, pc.list_value_length(column).to_numpy().tobytes(),
+                      pc.list_flatten(column).to_numpy().tobytes()]
+    settings, plan = run.settings, run.plan
+    return {"training data": distributed.fingerprint(*parts), "model": settings.model,
+            "examples per step": plan.examples_per_step, "batch size": plan.batch_size,
+            "gradient accumulation": plan.gradient_accumulation, "sequence length": plan.sequence_length,
+            "packing": plan.packing, "precision": plan.precision, "4-bit": plan.four_bit,
+            "schedule": (settings.epochs, settings.max_steps, settings.learning_rate, settings.lr_scheduler),
+            "seed": settings.seed, "LoRA": (settings.lora_r, settings.lora_alpha, settings.target_modules)}
 
 
 def _train_steps(run: _Run) -> None:
@@ -498,20 +531,6 @@ def _unless_stopped(request: TrainRequest, work: Callable[[], T]) -> T:
     _stop_here_if_asked(request)
     return threads.wait_for(work, STAGE_THREAD, give_up=lambda: _stop_here_if_asked(request),
                             poll_seconds=STOP_POLL_SECONDS)
-
-
-def accumulation_per_process(accumulation: int) -> int:
-    """Gradient accumulation for each of several processes, so that the batch of an optimizer step stays what
-    the settings make it on one device (each process contributes its own batch to every step)."""
-    return max(1, round(accumulation / distributed.world_size()))
-
-
-def processes_reason(accumulation: int, batch_size: int) -> str:
-    processes = distributed.world_size()
-    per_process = accumulation_per_process(accumulation)
-    return (f"{processes} processes, one per device: {processes} × batch {batch_size} × accumulation "
-            f"{per_process} = {processes * batch_size * per_process} examples per step (on one device: "
-            f"{batch_size} × {accumulation})")
 
 
 def stages_left_running() -> bool:

@@ -57,7 +57,7 @@ def test_the_two_process_row_trains_the_same_settings_through_the_command_line_s
     item = planned(TWO_A10G)["2 processes"]
     command = doctor.processes_command(item.settings, item.check.processes, "doctor-08")
     assert command[:5] == [sys.executable, "-m", "sft_space", "train", "data.jsonl"]
-    assert command[-4:] == ["--processes", "2", "--run-name", "doctor-08"]
+    assert command[-4:] == ["--nproc-per-node", "2", "--run-name", "doctor-08"]
     parsed = cli.build_parser().parse_args(command[3:])
     assert cli.train_settings(parsed) == item.settings
 
