@@ -45,3 +45,11 @@ def test_comments_name_no_issue_of_a_tracker_outside_the_repository():
     tests = {path.relative_to(ROOT).as_posix(): path.read_text(encoding="utf-8")
              for path in sorted((ROOT / "tests").glob("*.py"))}
     assert [name for name, text in {**SOURCES, **tests}.items() if re.search(r"\b[Ii]ssues? #?\d+", text)] == []
+
+
+def test_a_hub_id_rather_than_a_path_and_waiting_on_a_thread_have_one_home_each():
+    """hub.is_hub_name decides whether a name is the Hub's or a path here; threads.wait_for is the one way to wait
+    on work with a deadline or a stop."""
+    both = r"is_repo_id\(.*\b(exists|is_dir)\(|\b(exists|is_dir)\(.*is_repo_id\("
+    assert holders(both) == ["sft_space/hub.py"]
+    assert holders(r"outcome\[\"error\"\]|\.join\(\w*seconds\w*\)") == ["sft_space/threads.py"]
