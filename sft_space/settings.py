@@ -306,9 +306,10 @@ class OperatorSettings(AccessSettings):
 
     runs: str = setting(DEFAULT_RUNS_DIR, "The runs folder, for the app and the command line (where --output-dir "
                                           "wins); uploads are kept in its .uploads/, one folder per visitor. On a "
-                                          "Space with persistent storage it defaults to /data/runs.")
+                                          "Space with persistent storage the app makes it /data/runs, for itself "
+                                          "and the runs it starts, unless it is set.")
     cache: str = setting("", "Where the built-in model's converted checkpoint is kept (empty: ~/.cache/sft_space; "
-                             "on a Space with persistent storage, /data/.cache/sft_space).")
+                             "on a Space with persistent storage the app makes it /data/.cache/sft_space).")
     default_model: str = setting("", "The model the app preselects (empty: the built-in one). The operator's "
                                      "choice, so it may be a local folder.")
     processes: int = setting(0, "Processes `train` runs on this machine, one per GPU (0: one per CUDA GPU, 1 without "
