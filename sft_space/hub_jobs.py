@@ -600,16 +600,17 @@ class JobRun:
         settings = settings or JobsSettings()
         relay = threading.Thread(target=self._relay_log, args=(on_event, on_output), name="job-log", daemon=True)
         relay.start()
-        stop_seen_at = None
+        stop_seen_at, cancelled = None, False
         while True:
             info = self.inspect()
             self.copy_progress()
             if str(info.status.stage) in TERMINAL_STAGES:
                 break
-            if self.stop_requested.is_set():
+            if self.stop_requested.is_set() and not cancelled:
                 stop_seen_at = stop_seen_at or time.monotonic()
                 if time.monotonic() - stop_seen_at > settings.stop_grace_seconds:
                     self.cancel()
+                    cancelled = True
             time.sleep(poll_seconds)
         relay.join(LOG_END_SECONDS)
         return self.settle(info)
@@ -638,13 +639,20 @@ class JobRun:
         write the record: the job's own, the job's stage and its cost, and a failure's reason in words."""
         job = self.job
         local = self.record
+        remote_record = self.folder.path / f".job-{runs.RUN_FILE}"
         try:
             self.api.sync_bucket(f"hf://buckets/{job['bucket']}/{self.folder.run_id}", str(self.folder.path),
-                                 exclude=["checkpoint-*", "*/checkpoint-*", STOP_FILE, runs.LOCK_FILE],
+                                 exclude=["checkpoint-*", "*/checkpoint-*", STOP_FILE, runs.LOCK_FILE, runs.RUN_FILE],
                                  quiet=True, token=self.token)
+            self.api.download_bucket_files(job["bucket"], [(f"{self.folder.run_id}/{runs.RUN_FILE}", remote_record)],
+                                           token=self.token)
         except Exception as err:
             raise explain_error(err, "copy the run's results from your bucket") from None
-        remote = self.folder.read() if self.folder.record_path.is_file() else {}
+        try:
+            remote = runs.validate_record(self.folder.run_id, json.loads(remote_record.read_text(encoding="utf-8")))
+        except (OSError, ValueError, UserError):  # no record in the bucket (the job ended before its run began)
+            remote = {}
+        remote_record.unlink(missing_ok=True)
         seconds = billed_seconds(info)
         price = job.get("price_per_hour_usd") or 0.0
         ended = {**job, "stage": str(info.status.stage), "status_message": info.status.message,
