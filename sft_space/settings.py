@@ -362,8 +362,11 @@ def from_environment(environ: Mapping[str, str] | None = None, settings_class: t
 
 
 # Every settings class read from environment variables, by the variables' prefix (tests/test_operator_settings.py
-# checks that each SFT_SPACE_ name the package uses is one of theirs).
+# checks that each SFT_SPACE_ name the package uses is one of theirs, or one of INTERNAL_VARIABLES).
 ENVIRONMENT: dict[str, type] = {ENV_PREFIX: OperatorSettings}
+# Variables the package sets for processes of its own (distributed.py's launcher and the processes it starts):
+# messages between them, never settings anyone else sets.
+INTERNAL_VARIABLES = ("SFT_SPACE_OUTCOMES", "SFT_SPACE_LAUNCHER_PID")
 
 
 @dataclass
