@@ -354,3 +354,30 @@ def test_after_an_app_restart_a_visitor_finds_their_jobs_run_and_no_one_elses(tm
     assert launcher.latest("visitor-3") is None
     with pytest.raises(UserError, match="no Jobs run to stop"):
         launcher.stop("visitor-1")
+
+
+@pytest.mark.slow
+def test_on_a_space_any_visitor_signed_in_with_the_jobs_scope_may_start_on_jobs_and_no_one_else(
+        monkeypatch, tmp_path, tiny_model_dir):
+    """The Space's owner decides who trains on the Space's hardware, not on Jobs: a visitor who is not the owner
+    gets past the Jobs gate once their sign-in allowed 'jobs' (and is then asked for checked data); signed out, or
+    without the scope, they are told why and how to sign in."""
+    from types import SimpleNamespace
+
+    from test_ui import _profile, _space_app
+
+    from sft_space.ui import train_tab
+
+    app, handlers = _space_app(monkeypatch, tmp_path, tiny_model_dir)
+    token = handlers["on_load"]("", None)
+    form = (None, None, False, str(tiny_model_dir), "quick", "t4-small",
+            *(spec.default for spec in train_tab.advanced_fields()))
+    stranger = _profile("bob")
+    for oauth, said in ((None, "Sign in with Hugging Face"), (SimpleNamespace(token=TOKEN, scope="openid profile"),
+                                                              "allowing 'jobs'")):
+        with pytest.warns(UserWarning):
+            status = handlers["on_start_jobs"](stranger, oauth, token, *form)
+        assert said in status and TOKEN not in status
+    with pytest.warns(UserWarning, match="Check your data"):
+        status = handlers["on_start_jobs"](stranger, SimpleNamespace(token=TOKEN, scope="openid jobs"), token, *form)
+    assert "Only acme" not in status

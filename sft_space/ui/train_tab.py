@@ -430,22 +430,23 @@ def build_jobs(gate: Gate, session: gr.BrowserState, where: gr.Radio, local: lis
         return settings_from_form(data_value, skip, gate.model(model_name), preset_name, gate.runs_dir,
                                   dict(zip(names, advanced_values)), report_value)
 
-    def on_start(profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None, token, report_value,
+    def on_start_jobs(profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None, token, report_value,
                  data_value, skip, model_name, preset_name, flavor_name, *advanced_values):
         owner_id = gate.visitor(token)
         try:
             if flavor_name not in JOBS_FLAVORS:
                 raise UserError(f"Choose one of the GPUs offered, not {flavor_name!r}.")
+            visitor_token = token_of(profile, oauth_token)  # who pays comes first
             settings = settings_of(report_value, data_value, skip, model_name, preset_name, advanced_values)
-            run = launcher.start(owner_id, token_of(profile, oauth_token), flavor_name, settings)
+            run = launcher.start(owner_id, visitor_token, flavor_name, settings)
         except (gr.Error, UserError) as err:
             return jobs_progress_markdown(launcher.latest(owner_id), refusal("on_start_jobs", err))
         return jobs_progress_markdown(run)
 
-    start.click(on_start, inputs=[session, report, data_settings, skip_invalid, model, preset, flavor, *advanced],
+    start.click(on_start_jobs, inputs=[session, report, data_settings, skip_invalid, model, preset, flavor, *advanced],
                 outputs=status)
 
-    def on_stop(token):
+    def on_stop_jobs(token):
         owner_id = gate.visitor(token)
         try:
             run = launcher.stop(owner_id)
@@ -453,9 +454,9 @@ def build_jobs(gate: Gate, session: gr.BrowserState, where: gr.Radio, local: lis
             return jobs_progress_markdown(launcher.latest(owner_id), refusal("on_stop_jobs", err))
         return jobs_progress_markdown(run)
 
-    stop.click(on_stop, inputs=session, outputs=status)
+    stop.click(on_stop_jobs, inputs=session, outputs=status)
 
-    def on_resume(profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None, token, flavor_name):
+    def on_resume_jobs(profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None, token, flavor_name):
         owner_id = gate.visitor(token)
         latest = launcher.latest(owner_id)
         try:
@@ -466,18 +467,18 @@ def build_jobs(gate: Gate, session: gr.BrowserState, where: gr.Radio, local: lis
             return jobs_progress_markdown(latest, refusal("on_resume_jobs", err))
         return jobs_progress_markdown(run)
 
-    resume.click(on_resume, inputs=[session, flavor], outputs=status)
+    resume.click(on_resume_jobs, inputs=[session, flavor], outputs=status)
 
-    def refresh(token, chosen):
+    def refresh_jobs(token, chosen):
         if chosen != ON_JOBS:
             return gr.skip(), gr.skip()
         owner_id = gate.known_visitor(token)
         run = launcher.latest(owner_id) if owner_id else None
         return jobs_progress_markdown(run), loss_plot(run.run_dir if run else None)
 
-    timer.tick(refresh, inputs=[session, where], outputs=[status, curve], show_progress="hidden")
+    timer.tick(refresh_jobs, inputs=[session, where], outputs=[status, curve], show_progress="hidden")
 
-    def on_cost(oauth_token: gr.OAuthToken | None, chosen, report_value, data_value, model_name, preset_name,
+    def on_jobs_cost(oauth_token: gr.OAuthToken | None, chosen, report_value, data_value, model_name, preset_name,
                 flavor_name, *advanced_values):
         if chosen != ON_JOBS:
             return gr.skip()
@@ -491,7 +492,7 @@ def build_jobs(gate: Gate, session: gr.BrowserState, where: gr.Radio, local: lis
             return f"No cost yet: {err}"
 
     gr.on([where.change, flavor.change, report.change, model.change, preset.change,
-           *(component.change for component in advanced)], on_cost,
+           *(component.change for component in advanced)], on_jobs_cost,
           inputs=[where, report, data_settings, model, preset, flavor, *advanced], outputs=jobs_cost,
           show_progress="hidden", trigger_mode="always_last")
 
