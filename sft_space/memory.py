@@ -119,18 +119,24 @@ def estimate_memory(
     packed: bool = False,
     liger: bool = False,
     trained_fraction: float = 1.0,
+    shards: int = 1,
 ) -> MemoryEstimate:
     """Peak memory of one training step holding `tokens_per_step` tokens (batch × sequence length, padding
     included) in sequences of `sequence_length`; `packed` batches are flattened into one sequence (TRL's
-    padding-free packing), and `trained_fraction` of the tokens are trained (the LM head runs only there)."""
+    padding-free packing), and `trained_fraction` of the tokens are trained (the LM head runs only there).
+    `shards` > 1: on each of that many GPUs under FSDP, each decoder layer wrapped alone."""
     element = BYTES_PER_ELEMENT[precision]
-    if four_bit:
-        weights = (shape.parameters - shape.embedding_parameters) * NF4_BYTES_PER_PARAMETER
-        weights += shape.embedding_parameters * 2
-    else:
-        weights = shape.parameters * element
+    embeddings = shape.embedding_parameters * (2 if four_bit else element)
+    layers = (shape.parameters - shape.embedding_parameters) * (NF4_BYTES_PER_PARAMETER if four_bit else element)
     # fp32 master weights, gradients and two Adam moments for every adapter parameter.
     adapter = shape.lora_parameters(lora_rank) * 16
+    if shards > 1:
+        # Each GPU keeps its share of the layers, and gathers whole the layer it computes and the one it prefetches;
+        # the root (embeddings, final norm, head) stays gathered through the step. The adapter and its optimizer
+        # state are sharded with their layers.
+        layers = layers / shards + 2 * layers / shape.num_layers
+        adapter /= shards
+    weights = embeddings + layers
     per_layer = layer_activation_bytes(shape, element, sequence_length, packed, liger)
     if gradient_checkpointing:
         # Each layer's input, and one layer's full set while it is recomputed.

@@ -351,3 +351,33 @@ def test_a_stop_heard_by_one_process_before_step_1_ends_every_process(tmp_path, 
     for folder in (runs_dir.iterdir() if runs_dir.exists() else []):
         assert runs.RunFolder(folder).read()["status"] == runs.STOPPED
         assert not runs.RunFolder(folder).read_metrics()
+
+
+# ---- sharding (FSDP): the memory estimate ---------------------------------------------------------------------
+
+
+def test_the_memory_estimate_of_a_model_sharded_over_several_gpus():
+    """Each GPU holds its share of the decoder layers, two whole layers while it computes, and the root; the
+    adapter and its optimizer state are shared too; what a step's tokens take is each GPU's own."""
+    from sft_space.memory import GIB, ModelShape, estimate_memory
+
+    # Qwen2.5-7B's shape, written out (building it on the meta device takes seconds).
+    hidden, intermediate, kv, layers = 3584, 18944, 512, 28
+    linears = ((hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, intermediate),
+               (hidden, intermediate), (intermediate, hidden)) * layers
+    shape = ModelShape(7_615_616_512, 152064 * hidden, hidden, intermediate, layers, 152064, linears, kv)
+    step = {"tokens_per_step": 2048, "precision": "bf16", "gradient_checkpointing": True, "sequence_length": 2048,
+            "packed": True}
+    alone = estimate_memory(shape, **step)
+    assert estimate_memory(shape, **step, shards=1) == alone
+    four = estimate_memory(shape, **step, shards=4)
+    embeddings = shape.embedding_parameters * 2 / GIB
+    layers = alone.weights_gib - embeddings
+    assert four.weights_gib == pytest.approx(embeddings + layers / 4 + 2 * layers / shape.num_layers)
+    assert four.adapter_and_optimizer_gib == pytest.approx(alone.adapter_and_optimizer_gib / 4)
+    assert (four.activations_gib, four.logits_gib, four.masks_gib) == (
+        alone.activations_gib, alone.logits_gib, alone.masks_gib)
+    # A 7B model in 16 bit does not fit one 16 GB GPU, and does when 4 of them share it.
+    assert alone.total_gib > 16 > four.total_gib
+    eight = estimate_memory(shape, **step, shards=8)
+    assert eight.total_gib < four.total_gib
