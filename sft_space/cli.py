@@ -124,6 +124,9 @@ def _jobs_arguments(train: argparse.ArgumentParser) -> None:
                        "e.g. 90m, 2h); default: the estimated length with a margin.")
     # Inside a job: the stop request that Stop writes into the run's bucket folder.
     train.add_argument("--stop-file", help=argparse.SUPPRESS)
+    # The app hands a visitor's token to their Jobs run on stdin: never a command line, an environment or a file
+    # (on a Space, HF_TOKEN is the owner's).
+    train.add_argument("--token-on-stdin", action="store_true", help=argparse.SUPPRESS)
 
 
 def _chat_parser(commands: Any) -> None:
@@ -554,7 +557,7 @@ def _start_on_jobs(args: argparse.Namespace, say: Any) -> tuple[Any, Any]:
 
     jobs = hub_jobs.jobs_settings()
     timeout = hub_jobs.parse_timeout(args.jobs_timeout)
-    token = publish.resolve_token()
+    token = (sys.stdin.readline().strip() or None) if args.token_on_stdin else publish.resolve_token()
     if jobs.api == "hub" and not token:
         raise UserError("Training on Hugging Face Jobs is billed to your account: set HF_TOKEN to a token that may "
                         "start Jobs, or run 'hf auth login'.")

@@ -837,8 +837,9 @@ class LaunchedRun:
 class JobsLauncher:
     """The app's Jobs runs, one child process each (`python -m sft_space train --jobs FLAVOR`), so that the visitor's
     data is checked, and the job followed, outside the web server, as a local run's `train` is. The visitor's token
-    reaches the child in its environment (HF_TOKEN) only: never its command line, a file or the page. Stop sends it
-    SIGINT, which the command line turns into the run's stop request; a second Stop cancels the job."""
+    reaches the child on its stdin only: never its command line, its environment (which holds no HF_TOKEN: on a
+    Space that is the owner's), a file or the page. Stop sends it SIGINT, which the command line turns into the
+    run's stop request; a second Stop cancels the job."""
 
     def __init__(self, runs_dir: str | Path):
         self.runs_dir = Path(runs_dir)
@@ -874,13 +875,13 @@ class JobsLauncher:
             path = launch / f"{run_id}.json"
             runs.write_json_atomic(path, dataclasses.asdict(settings))
             arguments = ["--config", str(path), "--jobs", flavor, "--run-name", run_id, "--owner", owner]
-        environment = child_environment()
-        environment.pop("HF_TOKEN", None)  # the operator's token is never a visitor's
-        if token:
-            environment["HF_TOKEN"] = token
-        process = subprocess.Popen([sys.executable, "-m", "sft_space", "train", *arguments], env=environment,
-                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                                   text=True, start_new_session=True)
+        environment = {name: value for name, value in child_environment().items()
+                       if name not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+        process = subprocess.Popen([sys.executable, "-m", "sft_space", "train", *arguments, "--token-on-stdin"],
+                                   env=environment, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                   stdin=subprocess.PIPE, text=True, start_new_session=True)
+        process.stdin.write((token or "") + "\n")
+        process.stdin.close()
         run = LaunchedRun(owner, run_id, Path(settings.output_dir if settings else resume.parent) / run_id, flavor,
                           process)
         threading.Thread(target=self._read, args=(run,), name="jobs-run-output", daemon=True).start()

@@ -381,3 +381,21 @@ def test_on_a_space_any_visitor_signed_in_with_the_jobs_scope_may_start_on_jobs_
     with pytest.warns(UserWarning, match="Check your data"):
         status = handlers["on_start_jobs"](stranger, SimpleNamespace(token=TOKEN, scope="openid jobs"), token, *form)
     assert "Only acme" not in status
+
+
+def test_the_apps_jobs_run_is_the_command_line_in_a_child_that_gets_the_token_on_stdin(tmp_path, monkeypatch):
+    """The launcher's child is `train --jobs`: its refusal comes back as its events say it, and the visitor's token
+    is neither on its command line nor in its environment (on a Space, HF_TOKEN there is the owner's)."""
+    monkeypatch.setenv("SFT_SPACE_JOBS_API", "local")
+    monkeypatch.setenv("HF_TOKEN", "hf_TheOperatorsOwnToken")
+    launcher = hub_jobs.JobsLauncher(tmp_path / "runs")
+    settings = run_settings("quick", source=str(tmp_path / "data.jsonl"), output_dir=str(tmp_path / "runs"))
+    run = launcher.start("visitor-1", TOKEN, "t4-smal", settings)
+    assert run.process.wait(120) == 1
+    deadline = time.monotonic() + 10
+    while "is not a Hugging Face Jobs hardware flavor" not in run.status and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "'t4-smal' is not a Hugging Face Jobs hardware flavor" in run.status
+    assert TOKEN not in " ".join(run.process.args) and "--token-on-stdin" in run.process.args
+    assert launcher.latest("visitor-1") is run and run.done
+    assert files_holding(tmp_path, TOKEN) == []
