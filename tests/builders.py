@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -9,6 +10,13 @@ import urllib.request
 from pathlib import Path
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "sft_space" / "samples" / "captain_byte.jsonl"
+# The browser tests' Chromium (Debian: `apt-get install chromium`), None where it is not installed.
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+# The token the browser tests' app is given (never the developer's): it must show up nowhere, not in the page, not
+# in the server's log, not in a file it writes.
+PLANTED_APP_TOKEN = "hf_PlantedBrowserToken0123456789abcdef"
 
 
 def gpu(name, memory_gib, capability):

@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,25 @@ def private_model_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("sft-cache")
     os.environ["SFT_SPACE_CACHE"] = str(cache)
     return cache
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gguf_files_read_as_plain_arrays():
+    """gguf's reader (which transformers reads GGUF files with) maps a file as a numpy memmap and parses the
+    metadata as hundreds of thousands of small views of it; memmap's Python-level view hooks made that 70-80% of a
+    tiny model's read (10 s of CPU instead of 2, for the 49,152-token vocabulary). The same mapping, seen as a
+    plain array, reads the same bytes at C speed: the parse and its results are unchanged."""
+    import types
+
+    import numpy
+    from gguf import gguf_reader
+
+    plain = types.ModuleType("numpy")
+    plain.__dict__.update(vars(numpy))
+    plain.memmap = lambda *args, **kwargs: numpy.asarray(numpy.memmap(*args, **kwargs))
+    real, gguf_reader.np = gguf_reader.np, plain
+    yield
+    gguf_reader.np = real
 
 
 @pytest.fixture(scope="session")
@@ -81,3 +101,91 @@ def hub_online(monkeypatch):
     from sft_space import hub
 
     monkeypatch.setattr(hub, "reachable", lambda timeout=None: True)
+
+
+@pytest.fixture(scope="session")
+def app_url(tiny_model_dir, tmp_path_factory):
+    """One app (`python app.py`, on the tiny model) for all the browser tests of a session: (url, runs folder).
+    Each test is its own visitor (a browser context of its own), so they share it as strangers share a Space;
+    started once, it saves every test after the first the app's start-up. No warm start: a process started ahead
+    for the next run would cost a few seconds of CPU that no test uses (its own tests are in test_child)."""
+    import sys
+
+    from builders import PLANTED_APP_TOKEN, running_server
+
+    runs_dir = tmp_path_factory.mktemp("app-runs")
+    env = {"SFT_SPACE_RUNS": str(runs_dir), "SFT_SPACE_DEFAULT_MODEL": str(tiny_model_dir),
+           "HF_TOKEN": PLANTED_APP_TOKEN, "HF_HOME": str(runs_dir / "hf-home"), "SFT_SPACE_WARM_START": "0"}
+    root = Path(__file__).resolve().parent.parent
+    with running_server([sys.executable, "app.py"], root, env, runs_dir / "app.log") as url:
+        yield url, runs_dir
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Chromium for one module's browser tests (each test opens a context of its own: another visitor)."""
+    from playwright.sync_api import sync_playwright
+
+    from builders import CHROMIUM, CHROMIUM_ARGS
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_model_dir, tmp_path_factory):
+    """One real run on the tiny model, trained until its adapter changes the greedy answer (the publishing and GGUF
+    tests read it; a test that changes a run takes a copy, test_publish's run_copy)."""
+    from builders import persona_chats
+    from sft_space.settings import run_settings
+    from sft_space.train import TrainRequest, train
+
+    root = tmp_path_factory.mktemp("publish")
+    source = root / "persona.jsonl"
+    source.write_text("\n".join(json.dumps(r) for r in persona_chats(24)) + "\n", encoding="utf-8")
+    settings = run_settings("quick", source=str(source), model=str(tiny_model_dir), output_dir=str(root / "runs"),
+                            max_steps=24, learning_rate=5e-3, warmup_ratio=0.0, lr_scheduler="constant_with_warmup",
+                            sample_prompts=1, validation_fraction=0.1, seed=0, packing=False, batch_size=4)
+    return train(TrainRequest(settings, run_id="persona"))
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    """A private copy of the trained run, free to change."""
+    import shutil
+
+    from sft_space.runs import RunFolder
+
+    return RunFolder(Path(shutil.copytree(trained_run.path, tmp_path / "runs" / trained_run.run_id)))
+
+
+def pytest_collection_modifyitems(config, items):
+    """On several workers, each starts with its share of the slow tests and ends with quick ones.
+
+    pytest-xdist's worksteal (pytest.ini) hands each worker one contiguous part of the collection, and a worker that
+    runs out takes the end of another's part. Left in file order, the slow tests bunch in a few parts, and one
+    worker could still be in a minute-long test while the other has nothing left to take: the suite lasts as long
+    as that tail. Dealt out first in every part, they run side by side, and what is left to take at the end is
+    quick. Each module's slow tests stay together (their module fixtures are made once)."""
+    workers = getattr(config, "workerinput", {}).get("workercount", 0)
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if workers < 2 or not slow:
+        return
+    quick = [item for item in items if not item.get_closest_marker("slow")]
+    modules = {}
+    for item in slow:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    shares = [[] for _ in range(workers)]
+    for tests in sorted(modules.values(), key=len, reverse=True):
+        min(shares, key=len).extend(tests)
+    # The parts worksteal sends: each worker in turn gets an equal share of what is left.
+    ordered, left = [], len(items)
+    for number, share in enumerate(shares):
+        size = left // (workers - number)
+        filler = max(0, size - len(share))
+        ordered += share + quick[:filler]
+        quick = quick[filler:]
+        left -= size
+    items[:] = ordered + quick

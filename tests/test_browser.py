@@ -7,49 +7,38 @@ Needs Chromium (Debian: `apt-get install chromium`). Skipped without it, unless 
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from builders import CHROMIUM, SAMPLE_DATA, running_server
+from builders import PLANTED_APP_TOKEN as PLANTED_TOKEN
+
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLE_DATA = ROOT / "sft_space" / "samples" / "captain_byte.jsonl"
 # More steps than any test waits for: the run cannot end before its owner stops it, however fast the machine, so
 # the second visitor always acts while it is under way.
 STEPS = 100_000
-PLANTED_TOKEN = "hf_PlantedBrowserToken0123456789abcdef"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
 
 if CHROMIUM is None:
     if os.environ.get("SFT_SPACE_REQUIRE_BROWSER"):
         raise RuntimeError("The browser test needs Chromium: apt-get install chromium")
     pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
 
-from playwright.sync_api import expect, sync_playwright  # noqa: E402
+from playwright.sync_api import expect  # noqa: E402
 
-from builders import running_server  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def app_url(tiny_model_dir, tmp_path_factory):
-    runs_dir = tmp_path_factory.mktemp("app-runs")
-    # A planted token (never the developer's): it must show up nowhere, not in the page, not in the server log.
-    env = {"SFT_SPACE_RUNS": str(runs_dir), "SFT_SPACE_DEFAULT_MODEL": str(tiny_model_dir), "HF_TOKEN": PLANTED_TOKEN,
-           "HF_HOME": str(runs_dir / "hf-home")}
-    with running_server([sys.executable, "app.py"], ROOT, env, runs_dir / "app.log") as url:
-        yield url, runs_dir
+# The app (conftest's app_url, with the planted HF_TOKEN) and Chromium (conftest's browser) are shared by the
+# browser tests; each test is a visitor of its own, and finds in the runs folder only what it made itself.
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+def run_folders(runs_dir):
+    return {p for p in runs_dir.iterdir() if (p / "run.json").is_file()}
+
+
+def kept_uploads(runs_dir):
+    """The data files the app has kept (moved into a visitor's folder), of every visitor."""
+    return set((runs_dir / ".uploads").rglob("*.jsonl"))
 
 
 def open_as_visitor(page, url):
@@ -88,6 +77,7 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     context = browser.new_context(viewport={"width": 1280, "height": 1000})
     page = context.new_page()
     open_as_visitor(page, url)
+    uploads_before, runs_before = kept_uploads(runs_dir), run_folders(runs_dir)
 
     # Data: the sample dataset, uploaded as a user's JSONL, is checked and previewed with trained tokens highlighted.
     page.set_input_files("#data-upload input[type=file]", str(SAMPLE_DATA))
@@ -96,7 +86,7 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     # The page shows the file before the server has kept it (moved it into this visitor's folder, the handle Check
     # reads); a Check pressed in between is refused ("Upload a file … first"; seen once in CI). Wait for the kept copy.
     deadline = time.monotonic() + 30
-    while not list((runs_dir / ".uploads").rglob("*.jsonl")):
+    while not kept_uploads(runs_dir) - uploads_before:
         assert time.monotonic() < deadline, "the upload was never kept"
         time.sleep(0.1)
     page.click("#check-data")
@@ -127,7 +117,7 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     stranger = stranger_context.new_page()
     open_as_visitor(stranger, url)
     # The first visitor's upload sits on this server: typed as a "Hub dataset", its path is not read.
-    uploads = [p for p in (runs_dir / ".uploads").rglob("*.jsonl")]
+    uploads = sorted(kept_uploads(runs_dir) - uploads_before)
     assert len(uploads) == 1 and not any(PLANTED_TOKEN in str(p) for p in uploads)
     stranger.get_by_label("Hub dataset id").fill(str(uploads[0]))
     stranger.click("#check-data")
@@ -152,24 +142,24 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     expect(stranger.locator("#train-progress")).to_contain_text("Removed from the queue", timeout=10_000)
 
     # The stranger's Stop and Start left the run alone: it is still training, and only its owner stops it.
-    run_folders = [p for p in runs_dir.iterdir() if (p / "run.json").is_file()]
-    assert len(run_folders) == 1
-    assert json.loads((run_folders[0] / "run.json").read_text())["status"] == "running", \
+    started = sorted(run_folders(runs_dir) - runs_before)
+    assert len(started) == 1
+    assert json.loads((started[0] / "run.json").read_text())["status"] == "running", \
         "the second visitor stopped or disturbed the run"
     expect(page.locator("#train-progress")).to_contain_text("Running", timeout=10_000)
     page.click("#stop-training")
     expect(page.locator("#train-progress")).to_contain_text("Stopped", timeout=120_000)
     page.screenshot(path=str(tmp_path / "train.png"), full_page=True)
-    record = json.loads((run_folders[0] / "run.json").read_text())
+    record = json.loads((started[0] / "run.json").read_text())
     assert record["status"] == "stopped" and record["settings"]["max_steps"] == STEPS
     assert 0 < record["final_metrics"]["step"] < STEPS
-    assert (run_folders[0] / "adapter" / "adapter_model.safetensors").is_file(), "a stop keeps the adapter"
+    assert (started[0] / "adapter" / "adapter_model.safetensors").is_file(), "a stop keeps the adapter"
 
     # A reload re-attaches to this visitor's run (the browser keeps the visitor id), and the form shows that run's
     # preset and settings, not the defaults.
     page.reload()
     page.get_by_role("tab", name="Train").click()
-    expect(page.locator("#train-progress")).to_contain_text(run_folders[0].name, timeout=15_000)
+    expect(page.locator("#train-progress")).to_contain_text(started[0].name, timeout=15_000)
     expect(page.get_by_label("quick")).to_be_checked(timeout=10_000)
     page.get_by_text("Advanced").click()
     expect(page.get_by_label("Max steps")).to_have_value(str(STEPS), timeout=10_000)
@@ -178,7 +168,7 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     page.get_by_role("tab", name="Chat").click()
     page.get_by_role("button", name="↻ Runs").click()
     page.locator("#chat-run input").click()
-    page.get_by_role("option", name=run_folders[0].name, exact=False).first.click()
+    page.get_by_role("option", name=started[0].name, exact=False).first.click()
     page.locator("#chat-message textarea").fill("Ahoy! What is the capital of France?")
     page.click("#chat-send")
     expect(page.locator("#chat-tuned .bot, #chat-tuned [data-testid='bot']").first).to_be_visible(timeout=60_000)
@@ -189,17 +179,17 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     # redraw the run picker below while it is open); its summary line is written by that refresh.
     page.get_by_role("tab", name="Runs").click()
     expect(page.locator("#runs-summary")).to_contain_text("1 run, newest first", timeout=15_000)
-    expect(page.locator("#runs-table")).to_contain_text(run_folders[0].name)
+    expect(page.locator("#runs-table")).to_contain_text(started[0].name)
     page.screenshot(path=str(tmp_path / "runs.png"), full_page=True)
 
     # Publish, opened from the Runs tab: the adapter downloads as a zip; a push (with the planted HF_TOKEN, and
     # no Hub here) says what went wrong.
     page.locator("#runs-run input").click()
-    page.get_by_role("option", name=run_folders[0].name).click()
+    page.get_by_role("option", name=started[0].name).click()
     page.click("#open-in-publish")
-    expect(page.locator("#publish-run input")).to_have_value(re.compile(run_folders[0].name), timeout=10_000)
+    expect(page.locator("#publish-run input")).to_have_value(re.compile(started[0].name), timeout=10_000)
     page.click("#publish-zip")
-    expect(page.locator("#publish-file")).to_contain_text(re.compile(rf"{run_folders[0].name}-adapter\s*\.zip"),
+    expect(page.locator("#publish-file")).to_contain_text(re.compile(rf"{started[0].name}-adapter\s*\.zip"),
                                                           timeout=60_000)
     page.locator("#publish-repo textarea, #publish-repo input").first.fill("alice/captain-byte")
     page.click("#publish-push")
@@ -213,9 +203,9 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     stranger.get_by_role("button", name="↻ Refresh").click()
     # An absence cannot be waited for; the refresh's answer can: the line saying this visitor has no runs.
     expect(stranger.locator("#runs-summary")).to_contain_text("No runs of yours", timeout=10_000)
-    expect(stranger.locator("#runs-table")).not_to_contain_text(run_folders[0].name)
+    expect(stranger.locator("#runs-table")).not_to_contain_text(started[0].name)
     # Nor can they chat with its adapter by naming its folder as the model.
-    stranger.locator("#model-picker input").fill(str(run_folders[0] / "adapter"))
+    stranger.locator("#model-picker input").fill(str(started[0] / "adapter"))
     stranger.locator("#model-picker input").press("Enter")
     stranger.get_by_role("tab", name="Data").click()
     stranger.click("#check-data")

@@ -16,7 +16,7 @@ from sft_space.chat import generate_reply
 from sft_space.errors import UserError
 from sft_space.settings import GenerationSettings, PublishSettings
 from sft_space.ui import publish_tab
-from test_publish import PLANTED_TOKEN, PROMPT, FakeHub, run_copy, trained_run  # noqa: F401
+from test_publish import PLANTED_TOKEN, PROMPT, FakeHub
 
 # How far the GGUF model's logits may stray from the merged float32 model's, on the tiny trained model:
 # the largest difference of any logit, and the relative error ||Δ|| / ||logits|| over the whole prompt.

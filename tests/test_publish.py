@@ -1,14 +1,13 @@
 """Publishing a run: the files, the model card, the Hub checks, the merged export and the demo Space.
 
 The Hub is replaced at its boundary (`FakeHub` stands in for HfApi); everything else is real: a tiny model is
-trained once for the module, and the demo Space's own app.py is started and asked a question.
+trained once for the session (conftest.py), and the demo Space's own app.py is started and asked a question.
 """
 
 import dataclasses
 import json
 import logging
 import re
-import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -19,13 +18,12 @@ import pytest
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 
-from builders import persona_chats, running_server
+from builders import running_server
 from sft_space import cli, models, publish
 from sft_space.chat import load_chat_model
 from sft_space.errors import UserError
 from sft_space.runs import RunFolder
-from sft_space.settings import GenerationSettings, PublishSettings, RunSettings, run_settings
-from sft_space.train import TrainRequest, train
+from sft_space.settings import GenerationSettings, PublishSettings, RunSettings
 
 PLANTED_TOKEN = "hf_PlantedPublishToken0123456789abcdef"
 ADAPTER_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
@@ -82,24 +80,6 @@ class FakeHub:
         for name, content in self.files(repo_id, repo_type).items():
             (target / name).write_bytes(content)
         return target
-
-
-@pytest.fixture(scope="module")
-def trained_run(tiny_model_dir, tmp_path_factory):
-    """One real run on the tiny model, trained until its adapter changes the greedy answer."""
-    root = tmp_path_factory.mktemp("publish")
-    source = root / "persona.jsonl"
-    source.write_text("\n".join(json.dumps(r) for r in persona_chats(24)) + "\n", encoding="utf-8")
-    settings = run_settings("quick", source=str(source), model=str(tiny_model_dir), output_dir=str(root / "runs"),
-                            max_steps=24, learning_rate=5e-3, warmup_ratio=0.0, lr_scheduler="constant_with_warmup",
-                            sample_prompts=1, validation_fraction=0.1, seed=0, packing=False, batch_size=4)
-    return train(TrainRequest(settings, run_id="persona"))
-
-
-@pytest.fixture
-def run_copy(trained_run, tmp_path):
-    """A private copy of the trained run, free to change."""
-    return RunFolder(Path(shutil.copytree(trained_run.path, tmp_path / "runs" / trained_run.run_id)))
 
 
 def as_embedded_run(folder):
