@@ -559,6 +559,11 @@ def _start_on_jobs(args: argparse.Namespace, say: Any) -> tuple[Any, Any]:
     timeout = hub_jobs.parse_timeout(args.jobs_timeout)
     token = (sys.stdin.readline().strip() or None) if args.token_on_stdin else publish.resolve_token()
     if jobs.api == "hub" and not token:
+        from .access import running_on_space
+
+        if running_on_space():  # a run the app resumes from its Runs tab: the owner's HF_TOKEN is never used
+            raise UserError("A run on Hugging Face Jobs is resumed with your own sign-in: use the Train tab's "
+                            "Hugging Face Jobs, Resume on Jobs.")
         raise UserError("Training on Hugging Face Jobs is billed to your account: set HF_TOKEN to a token that may "
                         "start Jobs, or run 'hf auth login'.")
     if args.resume:
