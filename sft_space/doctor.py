@@ -701,9 +701,11 @@ def check_in_child(settings: DoctorSettings, seconds: float = CHILD_SECONDS) -> 
             tail: list[str] = []
             try:
                 for line in process.stderr:
-                    tail = [*tail[-4:], line.strip()]
-                    if line.startswith(STATUS_PREFIX):
-                        yield line[len(STATUS_PREFIX):].strip()
+                    # Progress bars of the libraries redraw themselves with carriage returns on the same line.
+                    for part in line.split("\r"):
+                        tail = [*tail[-4:], part.strip()] if part.strip() else tail
+                        if part.startswith(STATUS_PREFIX):
+                            yield part[len(STATUS_PREFIX):].strip()
                 process.wait()
             finally:
                 watchdog.cancel()

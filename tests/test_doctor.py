@@ -224,3 +224,19 @@ def test_the_hardware_is_not_checked_while_a_run_trains(tmp_path):
     training = SimpleNamespace(current=lambda: SimpleNamespace(done=False))
     with pytest.raises(UserError, match="A run is training on this machine"):
         list(check_hardware(button(tmp_path, {}), training, None, lambda: pytest.fail("the check ran")))
+
+
+def test_the_app_s_check_runs_in_a_child_and_says_why_it_did_not_finish(tmp_path):
+    checking = doctor.check_in_child(DoctorSettings(quick=True, model=str(tmp_path / "no-such-model")))
+    with pytest.raises(UserError, match=r"did not finish: it exited with status 1: .*no-such-model"):
+        next(checking)
+
+
+def test_one_check_at_a_time():
+    first = doctor.check_in_child(DoctorSettings(quick=True))
+    doctor._ONE_CHECK.acquire()
+    try:
+        with pytest.raises(UserError, match="already running"):
+            next(first)
+    finally:
+        doctor._ONE_CHECK.release()
