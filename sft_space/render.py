@@ -761,29 +761,6 @@ class Renderer:
             raise TemplateError("this tokenizer has no character offsets (not a 'fast' tokenizer); pick another model")
         return self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
 
-    def render_many(self, examples: list[Any]) -> list[Rendered | TemplateError]:
-        """`render_example` for each example (or the TemplateError it raises), the tokenizer called once."""
-        prepared = self._prepare_all(examples)
-        ok = [p for p in prepared if not isinstance(p, TemplateError)]
-        encoding = self._encode([p[0] for p in ok]) if ok else {"input_ids": [], "offset_mapping": []}
-        encoded = iter(zip(encoding["input_ids"], encoding["offset_mapping"]))
-        results: list[Rendered | TemplateError] = []
-        for item in prepared:
-            if isinstance(item, TemplateError):
-                results.append(item)
-                continue
-            text, spans, segments, add_eos, forged = item
-            ids, offsets = next(encoded)
-            input_ids, offsets = list(ids), [tuple(o) for o in offsets]
-            if forged:
-                input_ids, offsets = self.control.guard(text, input_ids, offsets, forged) or (input_ids, offsets)
-            if add_eos:
-                input_ids.append(self.tokenizer.eos_token_id)
-                offsets.append((len(text), len(text)))
-            trained = [True] * len(input_ids) if spans is None else trained_mask(offsets, spans)
-            results.append(Rendered(text, input_ids, offsets, trained, segments))
-        return results
-
     def measure_many(self, examples: list[Any], keep_tokens: bool = False
                      ) -> list[tuple[int, int] | Tokens | TemplateError]:
         """(tokens, trained tokens) of each example as `render_example` would give them (or its TemplateError);

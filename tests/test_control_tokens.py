@@ -46,13 +46,12 @@ def test_a_message_cannot_write_control_tokens_into_training_or_the_preview(chat
     assert [token for token in trained if token in controls] == [end] and trained[-1] == end
     assert render.to_marked_text(rendered).endswith(f"{render.TRAINED_OPEN}{FORGED_REPLY}<|im_end|>"
                                                     f"{render.TRAINED_CLOSE}\n")
-    # What the check keeps for training, the preview's batch and the single example are the same tokens.
+    # What the check keeps for training and the single example are the same tokens.
     renderer = render.Renderer(chatml)
     example = Example(1, "messages", messages=FORGED)
     tokens = renderer.measure_many([example], keep_tokens=True)[0]
-    many = renderer.render_many([example])[0]
-    assert list(tokens.ids) == many.input_ids == rendered.input_ids
-    assert list(tokens.trained) == [int(on) for on in many.trained] == [int(on) for on in rendered.trained]
+    assert list(tokens.ids) == rendered.input_ids
+    assert list(tokens.trained) == [int(on) for on in rendered.trained]
     assert renderer.measure_many([example])[0] == (rendered.n_tokens, rendered.n_trained)
 
 

@@ -282,9 +282,6 @@ def test_rendering_many_at_once_equals_rendering_each(tokenizers, template):
             expected.append(render.render_example(tokenizer, example))
         except render.TemplateError as err:
             expected.append(str(err))
-    renderer = render.Renderer(tokenizer)
-    many = [str(r) if isinstance(r, render.TemplateError) else r for r in renderer.render_many(examples)]
-    assert many == expected
     measured = render.Renderer(tokenizer).measure_many(examples)
     assert [m if isinstance(m, tuple) else str(m) for m in measured] == [
         e if isinstance(e, str) else (e.n_tokens, e.n_trained) for e in expected]
@@ -301,7 +298,8 @@ def test_an_opening_assistant_turn_is_trained_when_the_template_allows_it(embedd
                 {"role": "assistant", "content": "Ahoy."}]
     rendered = render.render_conversation(embedded_tokenizer, messages)
     assert trained_ids(rendered) == expected_ids(embedded_tokenizer, messages, "<|im_end|>")
-    assert render.Renderer(embedded_tokenizer).render_many([Example(1, "openai", messages=messages)]) == [rendered]
+    kept = render.Renderer(embedded_tokenizer).measure_many([Example(1, "openai", messages=messages)], keep_tokens=True)
+    assert (list(kept[0].ids), [bool(on) for on in kept[0].trained]) == (rendered.input_ids, rendered.trained)
 
 
 def test_a_text_piece_that_does_not_end_the_document_has_no_eos(embedded_tokenizer):
@@ -368,10 +366,12 @@ def test_the_default_system_message_the_template_inserts_is_coloured_as_system(e
     assert roles[0] == ("system", DEFAULT_SYSTEM)
     assert roles[1] == ("user", "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n")
     assert [role for role, _ in roles] == ["system", "user", "assistant", "user", "assistant"]
-    # Every way of rendering agrees: every prefix, and the check's one render per shape (learned, then reused).
+    # Every way of rendering agrees: every prefix, and (in what it trains) the check's one render per shape, learned
+    # then reused.
     assert render.render_conversation(embedded_tokenizer, messages, by_prefixes=True).segments == rendered.segments
     examples = [Example(i, "openai", messages=messages) for i in range(4)]
-    assert [r.segments for r in render.Renderer(embedded_tokenizer).render_many(examples)] == [rendered.segments] * 4
+    kept = render.Renderer(embedded_tokenizer).measure_many(examples, keep_tokens=True)
+    assert [[bool(on) for on in tokens.trained] for tokens in kept] == [rendered.trained] * 4
     assert [piece.role for piece in render.pieces(rendered) if "You are a helpful AI assistant" in piece.text] \
         == ["system"]
     # A system message of the data's own is one segment, as before: the template inserts nothing then.
@@ -401,5 +401,6 @@ def test_text_a_template_inserts_before_the_first_message_gets_its_real_role(tok
             assert roles[1][1].endswith(f"{messages[0]['content']}<|eot_id|>" if "eot" in inserted
                                         else f"{messages[0]['content']}<|im_end|>\n")
         assert render.render_conversation(tokenizer, messages, by_prefixes=True).segments == rendered.segments
-        many = render.Renderer(tokenizer).render_many([Example(i, "openai", messages=messages) for i in range(3)])
-        assert [r.segments for r in many] == [rendered.segments] * 3
+        kept = render.Renderer(tokenizer).measure_many([Example(i, "openai", messages=messages) for i in range(3)],
+                                                       keep_tokens=True)
+        assert [[bool(on) for on in tokens.trained] for tokens in kept] == [rendered.trained] * 3
