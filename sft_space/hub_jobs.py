@@ -925,18 +925,32 @@ def jobs_api(settings: JobsSettings, runs_dir: str | Path, token: str | None = N
 # ------------------------------------------------------------------------------------------------ the stand-in
 
 
-# The stand-in's flavors: the Hub's names and GPUs, at prices near the Hub's (its own come from list_jobs_hardware).
+# The stand-in's flavors: every Jobs flavor huggingface_hub names with a GPU (and one CPU flavor), with its GPU, their
+# count and their memory in all, at prices per hour near the Hub's (the Hub's own come from list_jobs_hardware).
 LOCAL_FLAVORS = (
-    ("cpu-basic", "CPU Basic", "2 vCPU", None, 0.0),
+    ("cpu-basic", "CPU Basic", "2 vCPU", None, 0.01),
     ("t4-small", "Nvidia T4 - small", "4 vCPU", ("T4", "1", "16 GB"), 0.40),
     ("t4-medium", "Nvidia T4 - medium", "8 vCPU", ("T4", "1", "16 GB"), 0.60),
     ("l4x1", "1x Nvidia L4", "8 vCPU", ("L4", "1", "24 GB"), 0.80),
+    ("l4x4", "4x Nvidia L4", "48 vCPU", ("L4", "4", "96 GB"), 3.80),
+    ("l40sx1", "1x Nvidia L40S", "8 vCPU", ("L40S", "1", "48 GB"), 1.80),
+    ("l40sx4", "4x Nvidia L40S", "48 vCPU", ("L40S", "4", "192 GB"), 8.30),
+    ("l40sx8", "8x Nvidia L40S", "192 vCPU", ("L40S", "8", "384 GB"), 23.50),
     ("a10g-small", "Nvidia A10G - small", "4 vCPU", ("A10G", "1", "24 GB"), 1.00),
     ("a10g-large", "Nvidia A10G - large", "12 vCPU", ("A10G", "1", "24 GB"), 1.50),
-    ("l40sx1", "1x Nvidia L40S", "8 vCPU", ("L40S", "1", "48 GB"), 1.80),
+    ("a10g-largex2", "2x Nvidia A10G - large", "24 vCPU", ("A10G", "2", "48 GB"), 3.00),
+    ("a10g-largex4", "4x Nvidia A10G - large", "48 vCPU", ("A10G", "4", "96 GB"), 5.00),
     ("a100-large", "Nvidia A100 - large", "12 vCPU", ("A100", "1", "80 GB"), 2.50),
+    ("a100x4", "4x Nvidia A100", "48 vCPU", ("A100", "4", "320 GB"), 10.00),
+    ("a100x8", "8x Nvidia A100", "96 vCPU", ("A100", "8", "640 GB"), 20.00),
     ("h200", "Nvidia H200", "23 vCPU", ("H200", "1", "141 GB"), 5.00),
+    ("h200x2", "2x Nvidia H200", "46 vCPU", ("H200", "2", "282 GB"), 10.00),
+    ("h200x4", "4x Nvidia H200", "92 vCPU", ("H200", "4", "564 GB"), 20.00),
     ("h200x8", "8x Nvidia H200", "184 vCPU", ("H200", "8", "1128 GB"), 40.00),
+    ("rtx-pro-6000", "Nvidia RTX PRO 6000", "12 vCPU", ("RTX PRO 6000", "1", "96 GB"), 2.50),
+    ("rtx-pro-6000x2", "2x Nvidia RTX PRO 6000", "24 vCPU", ("RTX PRO 6000", "2", "192 GB"), 5.00),
+    ("rtx-pro-6000x4", "4x Nvidia RTX PRO 6000", "48 vCPU", ("RTX PRO 6000", "4", "384 GB"), 10.00),
+    ("rtx-pro-6000x8", "8x Nvidia RTX PRO 6000", "96 vCPU", ("RTX PRO 6000", "8", "768 GB"), 20.00),
 )
 LOCAL_USER = "local-user"
 # What the stand-in's cancel does, as container platforms do: SIGTERM, then SIGKILL after this grace.

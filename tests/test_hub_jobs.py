@@ -204,7 +204,7 @@ def test_on_a_space_the_visitor_pays_with_their_own_sign_in_and_its_jobs_scope()
 
 def test_out_of_memory_suggests_the_next_flavor_up(flavors):
     assert hub_jobs.next_flavor_up(flavors, "t4-small").name == "l4x1"
-    assert hub_jobs.next_flavor_up(flavors, "a100-large").name == "h200"
+    assert hub_jobs.next_flavor_up(flavors, "a100-large").name == "rtx-pro-6000"  # 96 GB, cheaper than an H200
     assert "next flavor up, l4x1" in hub_jobs.out_of_memory_message("t4-small", flavors)
 
 
@@ -399,3 +399,10 @@ def test_the_apps_jobs_run_is_the_command_line_in_a_child_that_gets_the_token_on
     assert TOKEN not in " ".join(run.process.args) and "--token-on-stdin" in run.process.args
     assert launcher.latest("visitor-1") is run and run.done
     assert files_holding(tmp_path, TOKEN) == []
+
+
+def test_the_stand_in_offers_every_gpu_the_train_tab_offers(flavors):
+    from sft_space.ui import train_tab
+
+    assert set(train_tab.JOBS_FLAVORS) == {flavor.name for flavor in hub_jobs.gpu_flavors(flavors)}
+    assert flavors["h200x8"].gpus == 8 and 131 < flavors["h200x8"].gpu_memory_gib < 132  # 141 GB each
