@@ -333,8 +333,8 @@ def explain_error(err: BaseException, action: str, flavor: str = "", in_app: boo
                          "start again.")
     if status == 403:
         how = ("Sign out and sign in again, allowing the app to start Jobs for you." if in_app else
-               f"Use a token that may start Jobs (a write token, or a fine-grained one with the Jobs permission, "
-               f"from https://huggingface.co/settings/tokens) in HF_TOKEN or 'hf auth login'.")
+               "Use a token that may start Jobs (a write token, or a fine-grained one with the Jobs permission, "
+               "from https://huggingface.co/settings/tokens) in HF_TOKEN or 'hf auth login'.")
         return JobsError(f"Your sign-in may not {action}: it lacks the '{JOBS_SCOPE}' permission. {how}")
     if status in (400, 404, 409, 422, 503) and flavor and "flavor" in server.lower() + str(err).lower():
         return JobsError(f"The Hub refused the hardware {flavor} ({status}: {server or err}). It may be "
@@ -371,7 +371,7 @@ def refuse_without_scope(scope: str | None) -> None:
 @dataclass
 class JobPlan:
     """Everything `run_job` is called with for one run, and what the run folder says of it. The token is in
-    `secrets` only, which nothing writes down (`describe` and `to_record` leave it out)."""
+    `secrets` only, which nothing writes down (the repr and `to_record` leave it out)."""
 
     run_id: str
     namespace: str
@@ -437,7 +437,9 @@ def stage_package(target: Path) -> str:
 
 
 def example_row(example: Any) -> dict[str, Any]:
-    """One checked example as the job reads it back: its normalised messages (OpenAI style), or its text."""
+    """One checked example as the job reads it back: its normalised messages (OpenAI style, loss weights and tool
+    calls kept), or its text. A plain text the check split at the maximum length is shipped as its pieces, each of
+    which the job then ends with the end-of-text token (here only the last piece does)."""
     return {"messages": example.messages} if example.messages is not None else {"text": example.text}
 
 
