@@ -406,3 +406,37 @@ def test_the_stand_in_offers_every_gpu_the_train_tab_offers(flavors):
 
     assert set(train_tab.JOBS_FLAVORS) == {flavor.name for flavor in hub_jobs.gpu_flavors(flavors)}
     assert flavors["h200x8"].gpus == 8 and 131 < flavors["h200x8"].gpu_memory_gib < 132  # 141 GB each
+
+
+@pytest.mark.slow
+def test_the_train_tab_runs_a_jobs_run_through_the_stand_in_with_its_cost_status_and_curve(
+        monkeypatch, tmp_path, tiny_model_dir, write_jsonl, embedded_tokenizer):
+    """The app on this machine (the operator's): Hugging Face Jobs chosen, the cost beside Start, Start on Jobs,
+    then the status and the loss curve of the run as the stand-in's job trains it, to its end and its cost."""
+    from sft_space import checks, jobs as local_jobs
+    from sft_space.settings import DataSettings
+    from sft_space.ui import build_app, train_tab
+
+    monkeypatch.setenv("SFT_SPACE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("SFT_SPACE_JOBS_API", "local")
+    app = build_app(local_jobs.JobManager(), default_model=str(tiny_model_dir))
+    handlers = {f.fn.__name__: f.fn for f in app.fns.values() if f.fn is not None}
+    token = handlers["on_load"]("")
+    data_settings = DataSettings(source=str(write_jsonl(distinct_chats(12))))
+    report = checks.check_data(data_settings, embedded_tokenizer)
+    values = {spec.name: spec.default for spec in train_tab.advanced_fields()}
+    values.update(max_steps=3, lora_r=4, sample_prompts=0)
+    form = (report, data_settings, str(tiny_model_dir), "quick", "t4-small", *values.values())
+    cost = handlers["on_jobs_cost"](None, train_tab.ON_JOBS, *form)
+    assert cost.startswith("Hugging Face Jobs, t4-small (T4, $0.40/hour): about") and "at most $" in cost
+    status = handlers["on_start_jobs"](None, None, token, report, data_settings, False, *form[2:])
+    assert "Refused" not in status, status
+    deadline = time.monotonic() + 240
+    while "**Ended**" not in (status := handlers["refresh_jobs"](token, train_tab.ON_JOBS)[0]):
+        assert time.monotonic() < deadline, status
+        time.sleep(1)
+    assert "step 3 of 3" in status and "billed" in status, status
+    curve = handlers["refresh_jobs"](token, train_tab.ON_JOBS)[1]["value"]
+    assert set(curve["split"]) >= {train_tab.RAW}
+    record = runs.list_runs(tmp_path / "runs")[0][1]
+    assert record["status"] == "finished" and record["job"]["cost_usd"] is not None
