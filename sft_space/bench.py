@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -39,7 +40,7 @@ EMBEDDED = "embedded"
 # against them.
 GPU_MEMORY_RECIPE_REPLY_WORDS = (5.3, 0.8, 1400)
 # Dense bf16 (fp16 on the T4) tensor-core peaks, TFLOP/s, for MFU.
-PEAK_TFLOPS = {"T4": 65.0, "L4": 121.0, "A10G": 125.0, "A100": 312.0, "H100": 989.0, "H200": 989.0}
+PEAK_TFLOPS = {"T4": 65.0, "L4": 121.0, "L40S": 362.0, "A10G": 125.0, "A100": 312.0, "H100": 989.0, "H200": 989.0}
 WORDS = ("the ship sails north at dawn while the crew checks ropes maps and the weather report before "
          "lunch a captain writes down every course change so that the log stays honest and clear").split()
 
@@ -120,8 +121,10 @@ def _window_timer(warmup_steps: int) -> Any:
 
 
 def peak_tflops(hardware: Hardware) -> float | None:
-    """The GPU's dense 16-bit tensor peak, when it is one we know."""
-    return next((peak for name, peak in PEAK_TFLOPS.items() if name in hardware.name), None)
+    """The GPU's dense 16-bit tensor peak, when it is one we know (by the model's whole name: "L4" is not the
+    "L40S")."""
+    return next((peak for name, peak in PEAK_TFLOPS.items()
+                 if re.search(rf"\b{re.escape(name)}\b", hardware.name)), None)
 
 
 def _measure(name: str, trainer: Any, settings: BenchSettings, hardware: Hardware, shape: ModelShape,

@@ -75,3 +75,18 @@ def test_a_smaller_model_or_another_precision_is_said_to_be_derived():
     assert speed.tokens_per_second == 200.0  # the bf16 figure, for a bf16 plan
     assert speed.source == ("derived from SmolLM2-135M on a 2-core CPU, bf16 (the project's benchmarks), taken as is for "
                             "this smaller model (3M parameters)")
+
+
+def test_a_gpus_peak_is_found_by_its_whole_name():
+    """An L40S is not an L4 (its run would be estimated three times too long), nor an A100 an A10G."""
+    from sft_space.bench import peak_tflops
+
+    def gpu(name):
+        return Hardware("cuda", name, 44.0, (8, 9))
+
+    assert peak_tflops(gpu("NVIDIA L40S")) == 362.0
+    assert peak_tflops(gpu("NVIDIA L4")) == 121.0
+    assert peak_tflops(gpu("NVIDIA A100-SXM4-80GB")) == 312.0
+    assert peak_tflops(gpu("NVIDIA A10G")) == 125.0
+    assert peak_tflops(gpu("NVIDIA H100 80GB HBM3")) == 989.0
+    assert peak_tflops(gpu("Some GPU")) is None
