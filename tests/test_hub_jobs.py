@@ -1,7 +1,7 @@
 """Training on Hugging Face Jobs, through the local stand-in of the Jobs API (no Hub, no GPU): the plan of a job,
 its cost before Start, the errors people read, Stop and cancel, and the token written nowhere.
 
-The stand-in (`hub_jobs.LocalJobsApi`) has huggingface_hub's own method names and signatures (checked here against
+The stand-in (`jobs_stand_in.LocalJobsApi`) has huggingface_hub's own method names and signatures (checked here against
 the installed HfApi) and runs a job's real command as a process, each volume a folder.
 """
 
@@ -20,7 +20,7 @@ from huggingface_hub import HfApi, JobHardwareInfo
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import hf_raise_for_status
 
-from sft_space import cli, hub_jobs, runs
+from sft_space import cli, hub_jobs, jobs_stand_in, runs
 from sft_space.errors import UserError
 from sft_space.settings import JobsSettings, run_settings
 
@@ -30,7 +30,7 @@ STATS = {"total_tokens": 600_000, "tokens_per_example": {"max": 512}, "examples"
 
 @pytest.fixture
 def stand_in(tmp_path):
-    return hub_jobs.LocalJobsApi(tmp_path / "hub")
+    return jobs_stand_in.LocalJobsApi(tmp_path / "hub")
 
 
 @pytest.fixture
@@ -52,13 +52,13 @@ def hub_answer(status, message="refused"):
 # ---------------------------------------------------------------------------------------------- the stand-in
 
 
-@pytest.mark.parametrize("name", hub_jobs.STAND_IN_METHODS)
+@pytest.mark.parametrize("name", jobs_stand_in.STAND_IN_METHODS)
 def test_the_stand_in_has_huggingface_hubs_method_names_and_signatures(name):
     """An upstream rename or a changed parameter fails here, not on the Hub."""
     def shape(method):
         return [(p.name, p.kind, p.default) for p in inspect.signature(method).parameters.values()]
 
-    assert shape(getattr(hub_jobs.LocalJobsApi, name)) == shape(getattr(HfApi, name))
+    assert shape(getattr(jobs_stand_in.LocalJobsApi, name)) == shape(getattr(HfApi, name))
 
 
 def test_the_stand_in_is_ignored_on_a_space():
@@ -221,7 +221,7 @@ def test_a_job_that_ends_before_its_run_says_why(stand_in, tmp_path):
 
 
 def test_a_402_when_the_job_starts_refuses_the_run_and_writes_no_run(tmp_path, tiny_model_dir, write_jsonl):
-    class NoPaymentMethod(hub_jobs.LocalJobsApi):
+    class NoPaymentMethod(jobs_stand_in.LocalJobsApi):
         def run_job(self, **kwargs):
             raise hub_answer(402, "Payment required")
 
@@ -305,7 +305,7 @@ def test_stop_saves_the_run_in_the_bucket_and_a_new_job_resumes_it_and_a_restart
     restarted) follows again instead of starting another."""
     import threading
 
-    api, jobs = hub_jobs.LocalJobsApi(tmp_path / "hub"), JobsSettings(stop_grace_seconds=600)
+    api, jobs = jobs_stand_in.LocalJobsApi(tmp_path / "hub"), JobsSettings(stop_grace_seconds=600)
     settings = run_settings("quick", source=str(write_jsonl(distinct_chats(24))), model=str(tiny_model_dir),
                             max_steps=400, lora_r=4, sample_prompts=0, save_every=1000)
     run = hub_jobs.start_run(api, TOKEN, settings, "t4-small", tmp_path / "runs", jobs, run_id="stop-me")
@@ -329,7 +329,7 @@ def test_stop_saves_the_run_in_the_bucket_and_a_new_job_resumes_it_and_a_restart
     second = run.folder.read()["job"]
     assert second["id"] != ended["job"]["id"] and second["flavor"] == "l4x1"
     # An app that restarted: another API object, the same job followed, no third job.
-    again = hub_jobs.resume_run(hub_jobs.LocalJobsApi(tmp_path / "hub"), TOKEN, run.folder, jobs)
+    again = hub_jobs.resume_run(jobs_stand_in.LocalJobsApi(tmp_path / "hub"), TOKEN, run.folder, jobs)
     assert again.folder.read()["job"]["id"] == second["id"]
     record = again.follow(settings=jobs, poll_seconds=0.5)
     assert record["status"] == "finished", record.get("error")
