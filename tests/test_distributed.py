@@ -218,7 +218,7 @@ def in_every_member(members, work, timeout=10):
     for thread in threads:
         thread.join(timeout)
         assert not thread.is_alive(), "a process was left waiting"
-    for member in members:
+    for member in reversed(members):  # as processes end: the main one, which may host the store, last
         member.close()
     return outcomes
 
