@@ -28,6 +28,13 @@ def test_every_variable_the_package_names_is_a_field_of_the_operators_settings()
     assert {name for _, name in named} <= known, sorted(pair for pair in named if pair[1] not in known)
 
 
+
+def test_the_readmes_table_lists_every_variable():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("| environment variable | what it sets |", 1)[1].split("\n\n", 1)[0]
+    assert set(re.findall(r"`(SFT_SPACE_[A-Z0-9_]+)`", table)) == VARIABLES
+
+
 def test_only_the_settings_module_reads_the_variables():
     reading = re.compile(r"environ(\.get\(|\[)\s*[\"']SFT_SPACE_")
     readers = [path.name for path in SOURCES if reading.search(path.read_text(encoding="utf-8"))]
