@@ -216,5 +216,11 @@ def plan_training(settings: RunSettings, hardware: Hardware, shape: ModelShape, 
         reasons.append(f"estimated peak {peak:.1f} GiB of {hardware.memory_gib:.0f} GiB")
         if not fits:
             reasons.append("may not fit: shorten the maximum length or choose a smaller model")
+            if hardware.device_count > 1:
+                sharded = estimate_memory(shape, batch * length, precision, four_bit, checkpointing, settings.lora_r,
+                                          sequence_length=length, packed=packing,
+                                          shards=hardware.device_count).total_gib
+                reasons.append(f"sharded across the {hardware.device_count} GPUs (FSDP) it would take about "
+                               f"{sharded:.1f} GiB on each, but runs are not sharded yet: each GPU holds the model")
     return TrainingPlan(hardware.kind, precision, four_bit, checkpointing, batch, length, packing,
                         round(peak, 2), fits, reasons, examples_per_step=batch * settings.gradient_accumulation)

@@ -383,3 +383,24 @@ def test_the_memory_estimate_of_a_model_sharded_over_several_gpus():
     assert alone.total_gib > 16 > four.total_gib
     eight = estimate_memory(shape, **step, shards=8)
     assert eight.total_gib < four.total_gib
+
+
+def test_the_plan_says_what_sharding_would_take_when_the_model_fits_no_single_gpu():
+    from sft_space.hardware import Hardware, plan_training
+    from sft_space.memory import ModelShape
+    from sft_space.settings import RunSettings
+
+    # A 70B model (Llama 3.1 70B's shape) on four 24 GB GPUs: no plan fits one of them, even in 4 bit.
+    hidden, intermediate, kv, layers = 8192, 28672, 1024, 80
+    linears = ((hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, intermediate),
+               (hidden, intermediate), (intermediate, hidden)) * layers
+    shape = ModelShape(70_553_706_496, 128256 * hidden, hidden, intermediate, layers, 128256, linears, kv)
+    plan = plan_training(RunSettings(max_length=1024), Hardware("cuda", "NVIDIA A10G", 22.0, (8, 6), device_count=4),
+                         shape, 100_000, 1024)
+    assert not plan.fits
+    sharded = [reason for reason in plan.reasons if reason.startswith("sharded across the 4 GPUs (FSDP)")]
+    assert len(sharded) == 1 and sharded[0].endswith("but runs are not sharded yet: each GPU holds the model")
+    assert 0 < float(sharded[0].split("about ")[1].split(" GiB")[0]) < 22
+    one_gpu = plan_training(RunSettings(max_length=1024), Hardware("cuda", "NVIDIA A10G", 22.0, (8, 6)), shape,
+                            100_000, 1024)
+    assert not any(reason.startswith("sharded") for reason in one_gpu.reasons)
