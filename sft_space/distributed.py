@@ -55,6 +55,7 @@ RENDEZVOUS_ID = "sft-space"
 # to say so too before leaving alone (the main one hears it within POLL_SECONDS unless it is gone).
 POLL_SECONDS = 0.2
 STOP_WAIT_SECONDS = 60.0
+# How long the main process, at its end, waits for the others to have read what it left in the store it may host.
 LEAVE_WAIT_SECONDS = 30.0
 # The store's largest value is 8 MiB: what the main process shares goes in pieces.
 STORE_PIECE_BYTES = 4 * 1024**2
