@@ -10,6 +10,7 @@ disturbs the running job. Only the visitor who started a job can stop or resume 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import threading
@@ -18,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import child, runs
 from .access import SIGNED_IN
@@ -112,6 +113,21 @@ class JobManager:
         self._queue: list[Job] = []
         self._current: Job | None = None
         self._jobs: dict[str, Job] = {}
+        self._held_because: str | None = None
+
+    @contextlib.contextmanager
+    def machine_held(self, why: str, refused: str) -> Iterator[None]:
+        """Keep runs off the machine while other work trains on it (the hardware check): meanwhile a Start or a
+        Resume is refused with `why`. Refused itself with `refused` (UserError) while a run trains or waits."""
+        with self._lock:
+            if self._held_because is not None or any(not job.done for job in self._jobs.values()):
+                raise UserError(refused)
+            self._held_because = why
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held_because = None
 
     def submit(self, settings: RunSettings, owner: str, client: str | None = None) -> Job:
         """Start a new run of `settings` for `owner`, or queue it while another run trains. `client`: the address
@@ -138,6 +154,8 @@ class JobManager:
         return self._anonymous_run_seconds if anonymous(owner) else 0.0
 
     def _check_may_queue(self, owner: str, client: str | None) -> None:
+        if self._held_because is not None:
+            raise UserError(self._held_because)
         if any(j.owner == owner and not j.done for j in self._jobs.values()):
             raise UserError("You already have a run in progress or waiting; stop it before starting another.")
         # A new anonymous id is free, so one address gets one place for all of its anonymous ids.

@@ -1,9 +1,11 @@
 """The doctor: its quick pass trains for real on this CPU (a tiny model), and every GPU-only plan is planned as a
 GPU would train it, on stand-in hardware: the plan chosen, the dtype, the 4-bit config handed to transformers."""
 
+import contextlib
 import json
 import math
 import sys
+import time
 
 import pytest
 
@@ -185,8 +187,11 @@ SPACE = {"SYSTEM": "spaces", "SPACE_ID": "acme/sft-space", "SPACE_AUTHOR_NAME": 
 
 
 class NoRun:
-    def current(self):
-        return None
+    """A JobManager with no run: the machine is the check's."""
+
+    @contextlib.contextmanager
+    def machine_held(self, why, refused):
+        yield
 
 
 def button(tmp_path, environ, who="anyone"):
@@ -216,14 +221,34 @@ def test_on_a_space_only_its_owner_may_check_the_hardware_whoever_may_train(tmp_
     assert list(check_hardware(button(tmp_path, {}), NoRun(), None, lambda: iter([result])))
 
 
-def test_the_hardware_is_not_checked_while_a_run_trains(tmp_path):
-    from types import SimpleNamespace
+def test_the_hardware_is_not_checked_while_a_run_trains_and_no_run_starts_while_it_is(tmp_path, monkeypatch):
+    import threading
 
+    from sft_space import jobs
+    from sft_space.settings import run_settings
     from sft_space.ui.train_tab import check_hardware
 
-    training = SimpleNamespace(current=lambda: SimpleNamespace(done=False))
-    with pytest.raises(UserError, match="A run is training on this machine"):
-        list(check_hardware(button(tmp_path, {}), training, None, lambda: pytest.fail("the check ran")))
+    release = threading.Event()
+    manager = jobs.JobManager(runner=lambda job, *args, **kwargs: release.wait(10))
+    settings = run_settings("quick", output_dir=str(tmp_path / "runs"))
+    manager.submit(settings, "alice")
+    with pytest.raises(UserError, match="A run is training or waiting on this machine"):
+        list(check_hardware(button(tmp_path, {}), manager, None, lambda: pytest.fail("the check ran")))
+    release.set()
+    while manager.current() is not None and not manager.current().done:
+        time.sleep(0.05)
+
+    def a_check_that_starts():
+        yield "Training the default plan"
+        # While the check trains, a visitor's Start (or Resume) is refused with what to do.
+        with pytest.raises(UserError, match="being checked"):
+            manager.submit(settings, "bob")
+        yield {"rows": [vars(row(status="passed"))], "machine": doctor.machine_facts(CPU), "steps": 3,
+               "sequence_tokens": 128, "seconds": 5.0}
+
+    assert list(check_hardware(button(tmp_path, {}), manager, None, a_check_that_starts))[-1].startswith("**Checked**")
+    manager.submit(settings, "bob")  # once it has ended, runs start again
+    release.set()
 
 
 def test_the_app_s_check_runs_in_a_child_and_says_why_it_did_not_finish(tmp_path):

@@ -313,6 +313,12 @@ def hardware_check_access(gate: Gate, profile: Any) -> access.TrainingAccess:
     return access.training_access(level, gate.environ, profile)
 
 
+# The check and a run would share the machine's memory and slow each other: one waits for the other.
+RUN_ON_THE_MACHINE = ("A run is training or waiting on this machine: check the hardware once it has ended (the check "
+                      "trains too, and would slow the run or take the memory it needs).")
+CHECKING_HARDWARE = "This machine's hardware is being checked (a few minutes): start the run once the check has ended."
+
+
 def check_hardware(gate: Gate, manager: jobs.JobManager, profile: Any,
                    run_check: Callable[[], Any] | None = None) -> Any:
     """The "Check this hardware" button: the doctor's quick pass in a child process, its progress as it comes,
@@ -322,20 +328,17 @@ def check_hardware(gate: Gate, manager: jobs.JobManager, profile: Any,
     decision = hardware_check_access(gate, profile)
     if not decision.allowed:
         raise gr.Error(decision.reason.replace("may train or publish here", "may check this hardware"))
-    current = manager.current()
-    if current is not None and not current.done:
-        raise UserError("A run is training on this machine: check the hardware once it has ended (the check trains "
-                        "too, and would slow the run or take the memory it needs).")
     lines: list[str] = []
-    for item in (run_check or (lambda: doctor.check_in_child(DoctorSettings(quick=True))))():
-        if isinstance(item, dict):
-            counts = {status: sum(row["status"] == status for row in item["rows"])
-                      for status in (doctor.PASSED, doctor.FAILED, doctor.SKIPPED)}
-            yield (f"**Checked** · {counts[doctor.PASSED]} passed, {counts[doctor.FAILED]} failed, "
-                   f"{counts[doctor.SKIPPED]} skipped\n\n" + doctor.markdown_table(item))
-            return
-        lines = [*lines[-5:], f"- {markdown_text(item)}"]
-        yield "**Checking this hardware** (a few minutes)…\n\n" + "\n".join(lines)
+    with manager.machine_held(CHECKING_HARDWARE, RUN_ON_THE_MACHINE):
+        for item in (run_check or (lambda: doctor.check_in_child(DoctorSettings(quick=True))))():
+            if isinstance(item, dict):
+                counts = {status: sum(row["status"] == status for row in item["rows"])
+                          for status in (doctor.PASSED, doctor.FAILED, doctor.SKIPPED)}
+                yield (f"**Checked** · {counts[doctor.PASSED]} passed, {counts[doctor.FAILED]} failed, "
+                       f"{counts[doctor.SKIPPED]} skipped\n\n" + doctor.markdown_table(item))
+                return
+            lines = [*lines[-5:], f"- {markdown_text(item)}"]
+            yield "**Checking this hardware** (a few minutes)…\n\n" + "\n".join(lines)
 
 
 def visitor_job(manager: jobs.JobManager, owner: str, job_id: str) -> jobs.Job | None:
