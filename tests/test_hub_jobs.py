@@ -401,6 +401,31 @@ def test_the_apps_jobs_run_is_the_command_line_in_a_child_that_gets_the_token_on
     assert files_holding(tmp_path, TOKEN) == []
 
 
+def test_the_runs_table_and_details_show_a_jobs_runs_flavor_and_billed_cost_and_compare_takes_it(tmp_path):
+    """A Jobs run's row says where it trained and what it cost (billed, all its jobs; expected while its first runs),
+    its details list each job, and comparing it with a run of this machine works."""
+    from sft_space.ui import runs_tab
+
+    first = {"id": "local-1", "flavor": "t4-small", "billed_seconds": 300, "cost_usd": 0.033333,
+             "estimated_cost_usd": 0.05}
+    second = {"id": "local-2", "flavor": "l4x1", "billed_seconds": 600, "cost_usd": 0.133333}
+    for run_id, extra in (("here", {}), ("resumed", {"job": second, "jobs": [first, second], "cost_usd": 0.166666}),
+                          ("starting", {"job": {"id": "local-3", "flavor": "h200", "estimated_cost_usd": 1.5},
+                                        "jobs": []})):
+        folder = runs.RunFolder.create(tmp_path, run_id)
+        folder.write({"run_id": run_id, "status": "finished", "owner": "alice", "settings": {"preset": "quick"},
+                      "created_at": "2026-12-03T10:00:00+0000", "final_metrics": {"step": 3, "loss": 2.0}, **extra})
+    table = runs_tab.runs_table(str(tmp_path), "alice").set_index("run")
+    assert table.loc["here", "status"] == "finished"
+    assert table.loc["resumed", "status"] == "finished on l4x1, $0.17"
+    assert table.loc["starting", "status"] == "finished on h200, about $1.50"
+    details, _ = runs_tab.run_details(str(tmp_path), "resumed", "alice")
+    assert "Trained on Hugging Face Jobs: $0.17 billed in all" in details
+    assert "job local-1 on t4-small: 5m 00s billed, $0.03" in details and "job local-2 on l4x1" in details
+    note, *_, settings = runs_tab.compare_view(str(tmp_path), ["here", "resumed", "starting"], False, "alice")
+    assert "rows differ" in note and {"here", "resumed", "starting"} <= set(settings.data.columns)
+
+
 def test_the_stand_in_offers_every_gpu_the_train_tab_offers(flavors):
     from sft_space.ui import train_tab
 

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import gradio as gr
 import pandas as pd
 
-from .. import compare, events, jobs, runs
+from .. import compare, events, hub_jobs, jobs, runs
 from ..errors import UserError
 from ..settings import PRESET_NAMES, run_settings
 from .common import Gate, keep_choice
@@ -23,8 +23,9 @@ def _rounded(value: float | None) -> float | None:
 
 
 # Each column's width in px, in order: run, status, model, data, examples, steps, train loss, validation loss,
-# started. Together 1,200 px: the table fits a 1,280 px window, and a narrower one scrolls it sideways.
-RUNS_COLUMNS = [262, 90, 205, 175, 88, 60, 80, 80, 160]
+# started. Together 1,214 px: the table fits a 1,280 px window, and a narrower one scrolls it sideways. The status
+# column is wide enough for a Jobs flavor's name, which its cell wraps onto a line of its own.
+RUNS_COLUMNS = [262, 104, 205, 175, 88, 60, 80, 80, 160]
 
 
 def _short_model(model: Any) -> str:
@@ -45,6 +46,8 @@ def runs_table(runs_dir: str, visitor: str | None) -> pd.DataFrame:
         status = record.get("status")
         if status == runs.UNREADABLE:
             status = f"{status}: {record.get('error')}"
+        elif isinstance(record.get("job"), dict):
+            status = f"{status} {jobs_cell(record)}"
         source = str(data.get("source") or "")
         # To the minute, without the zone: the full time is in the run's details.
         started = str(record.get("created_at") or "")[:16].replace("T", " ")
@@ -54,6 +57,26 @@ def runs_table(runs_dir: str, visitor: str | None) -> pd.DataFrame:
                      started))
     return pd.DataFrame(rows, columns=["run", "status", "model", "data", "examples", "steps", "train loss",
                                        "val. loss", "started"])
+
+
+def jobs_cell(record: dict[str, Any]) -> str:
+    """Where a Jobs run trained and what it cost, for its status cell: the flavor of its latest job and the billed
+    cost of all its jobs (a resume is a new job), or, while its first job runs, the cost expected."""
+    job = record["job"]
+    cost = record.get("cost_usd")
+    if cost is None and job.get("estimated_cost_usd") is not None:
+        return f"on {job.get('flavor')}, about ${job['estimated_cost_usd']:.2f}"
+    return f"on {job.get('flavor')}" + ("" if cost is None else f", ${cost:.2f}")
+
+
+def jobs_markdown(record: dict[str, Any]) -> str:
+    """A Jobs run's jobs for its details: each with its flavor and billed time and cost, then their total."""
+    ended = [job for job in record.get("jobs") or [] if isinstance(job, dict)]
+    current = record["job"]
+    listed = ended + ([] if any(job.get("id") == current.get("id") for job in ended) else [current])
+    lines = [f"- {hub_jobs.describe_job(job)}" for job in listed if job.get("id") and job.get("flavor")]
+    total = "" if record.get("cost_usd") is None else f": ${record['cost_usd']:.2f} billed in all"
+    return f"Trained on Hugging Face Jobs{total}\n" + "\n".join(lines)
 
 
 def runs_summary(table: pd.DataFrame) -> str:
@@ -83,6 +106,8 @@ def details_markdown(folder: runs.RunFolder, record: dict[str, Any]) -> str:
         lines.append(f"Started {started}")
     if reasons := (record.get("plan") or {}).get("reasons"):
         lines.append("Plan: " + "; ".join(map(str, reasons)))
+    if isinstance(record.get("job"), dict):
+        lines.append(jobs_markdown(record))
     preset = str((record.get("settings") or {}).get("preset") or "")
     defaults = dataclasses.asdict(run_settings(preset)) if preset in PRESET_NAMES else {}
     rows = [(name, compare.shown(value)) for name, value in compare.run_rows(folder, record).items()
