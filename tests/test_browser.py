@@ -94,25 +94,9 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     expect(page.locator("#chatml-preview mark.sft-trained").first).to_be_visible()
     page.screenshot(path=str(tmp_path / "data.png"), full_page=True)
 
-    # Train: a run of the quick preset and the Advanced settings; the loss plot draws from the first steps while
-    # it runs.
-    page.get_by_role("tab", name="Train").click()
-    page.get_by_label("quick").check()
-    page.get_by_text("Advanced").click()
-    max_steps = page.get_by_label("Max steps")
-    # Typed key by key, as a person does: a programmatic fill() of Gradio's number box is sometimes not taken
-    # up (measured: 5 of 16 fills lost, 0 of 16 typed values), and the run then trains for whole epochs.
-    max_steps.click()
-    max_steps.press("Control+a")
-    max_steps.press_sequentially(str(STEPS))
-    max_steps.press("Tab")
-    page.click("#start-training")
-    expect(page.locator("#train-progress")).to_contain_text("step ", timeout=120_000)
-    # The legend of drawn lines, by their names (not only its title, clipped by the plot's box).
-    expect(page.locator("#loss-plot")).to_contain_text("train (smoothed)", timeout=10_000)
-
-    # Meanwhile a second visitor (another browser profile, so another visitor id) cannot stop it, and their
-    # own Start waits in the queue instead of disturbing it.
+    # A second visitor (another browser profile, so another visitor id) comes along; once the first visitor's run is
+    # under way, they cannot stop it, and their own Start waits in the queue instead of disturbing it. (What needs no
+    # run is done first: the run trains no longer than the test needs it.)
     stranger_context = browser.new_context(viewport={"width": 1280, "height": 1000})
     stranger = stranger_context.new_page()
     open_as_visitor(stranger, url)
@@ -132,6 +116,25 @@ def test_data_train_reload_and_chat(app_url, browser, tmp_path):
     expect(stranger.locator("#data-summary")).to_contain_text("All 160 rows are valid", timeout=60_000)
     stranger.get_by_role("tab", name="Train").click()
     expect(stranger.locator("#train-progress")).to_contain_text("No run yet")
+
+    # Train: a run of the quick preset and the Advanced settings; the loss plot draws from the first steps while
+    # it runs.
+    page.get_by_role("tab", name="Train").click()
+    page.get_by_label("quick").check()
+    page.get_by_text("Advanced").click()
+    max_steps = page.get_by_label("Max steps")
+    # Typed key by key, as a person does: a programmatic fill() of Gradio's number box is sometimes not taken
+    # up (measured: 5 of 16 fills lost, 0 of 16 typed values), and the run then trains for whole epochs.
+    max_steps.click()
+    max_steps.press("Control+a")
+    max_steps.press_sequentially(str(STEPS))
+    max_steps.press("Tab")
+    page.click("#start-training")
+    expect(page.locator("#train-progress")).to_contain_text("step ", timeout=120_000)
+    # The legend of drawn lines, by their names (not only its title, clipped by the plot's box).
+    expect(page.locator("#loss-plot")).to_contain_text("train (smoothed)", timeout=10_000)
+
+    # Meanwhile the second visitor's Stop and Start.
     stranger.click("#stop-training")
     # A refusal is said in the status line (and a toast), once, as a refusal.
     expect(stranger.locator("#train-progress")).to_contain_text("Refused · You have no run to stop.", timeout=10_000)
