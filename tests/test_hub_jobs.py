@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import httpx2
@@ -260,6 +261,158 @@ def test_the_plan_ships_the_checked_examples_the_package_and_the_model_and_the_t
     assert not list(code.rglob("__pycache__"))
     assert plan.command[-6:] == ["--output-dir", "/runs", "--run-name", "run-1", "--stop-file",
                                  "/runs/run-1/stop-requested"]
+
+
+# ---------------------------------------------------------------------------------------------- stop and resume
+
+
+def job_folder(tmp_path, run_id, job_id, flavor="t4-small"):
+    """A run folder whose run.json names a job of the stand-in's, as start_run writes it."""
+    folder = runs.RunFolder.create(tmp_path / "runs", run_id)
+    folder.write({"run_id": run_id, "status": "running", "settings": {}, "owner": None,
+                  "job": {"id": job_id, "namespace": "local-user", "bucket": "local-user/sft-space-runs",
+                          "flavor": flavor, "price_per_hour_usd": 0.4}})
+    return folder
+
+
+def test_a_job_that_does_not_stop_when_asked_is_cancelled_after_the_grace_and_a_second_stop_cancels_at_once(
+        stand_in, tmp_path):
+    """Stop asks first (the stop request in the run's bucket folder) and cancels the job only when it is still
+    running after the grace; a second Stop cancels at once. The run is then stopped, from its last checkpoint."""
+    for second_stop, grace in ((False, 1.0), (True, 600.0)):
+        info = stand_in.run_job(image="x", command=["sh", "-c", "while :; do sleep 0.1; done"])
+        folder = job_folder(tmp_path, f"deaf-{second_stop}", info.id)
+        run = hub_jobs.JobRun(stand_in, folder)
+        assert run.request_stop() is False
+        request = stand_in.root / "buckets" / "local-user" / "sft-space-runs" / folder.run_id / hub_jobs.STOP_FILE
+        assert request.is_file() and "stop_requested_at" in folder.read()["job"]
+        assert stand_in.inspect_job(job_id=info.id).status.stage == "RUNNING"  # asked, not cancelled
+        if second_stop:
+            assert run.request_stop() is True
+        started = time.monotonic()
+        record = run.follow(settings=JobsSettings(stop_grace_seconds=grace), poll_seconds=0.1)
+        waited = time.monotonic() - started
+        assert record["job"]["stage"] == "CANCELED" and record["status"] == "stopped", record
+        assert "resume it from its last checkpoint" in record["error"]
+        assert waited < 5 if second_stop else 1.0 <= waited < 10, waited
+
+
+class StandInJobRun:
+    """What cmd_train_on_jobs uses of a JobRun, recording the calls; its follow presses Ctrl+C twice."""
+
+    def __init__(self, folder):
+        self.folder, self.calls, self.listeners = folder, [], []
+
+    def request_stop(self):
+        self.calls.append("request_stop")
+        return False
+
+    def cancel(self):
+        self.calls.append("cancel")
+
+    def follow(self, on_event, settings, on_output=None):
+        self.listeners.append(on_event)
+        if len(self.listeners) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl+C: the run is asked to stop
+            deadline = time.monotonic() + 10
+            while "request_stop" not in self.calls and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert self.calls == ["request_stop"]
+            os.kill(os.getpid(), signal.SIGINT)  # the second: interrupts this follow
+            time.sleep(10)
+            raise AssertionError("the second Ctrl+C did not interrupt following the job")
+        return {"status": "stopped", "error": "The job was cancelled before the run could save.",
+                "job": {"id": "local-1", "flavor": "t4-small", "billed_seconds": 60, "cost_usd": 0.0067}}
+
+
+def test_ctrl_c_on_train_jobs_asks_the_job_to_save_and_a_second_ctrl_c_cancels_it(tmp_path, monkeypatch, capfd):
+    """The command line's signals reach the job: the first Ctrl+C is JobRun.request_stop (the run saves, and the
+    job is cancelled after the grace), the second cancels at once; the run is then followed to its end (its
+    record), without relaying its events again."""
+    run = StandInJobRun(runs.RunFolder.create(tmp_path, "on-jobs"))
+    monkeypatch.setattr(cli, "_start_on_jobs", lambda args, say: (run, JobsSettings()))
+    assert cli.main(["train", str(tmp_path / "data.jsonl"), "--jobs", "t4-small"]) == cli.EXIT_STOPPED
+    assert run.calls == ["request_stop", "cancel"] and run.listeners[1] is None
+    out, err = capfd.readouterr()
+    assert "Cancelling the job" in err and f"python -m sft_space train --resume {run.folder.path}" in err
+    assert "Run stopped" in out and "job local-1 on t4-small: 1m 00s billed, $0.01" in out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+
+
+FAKE_TRAIN = """import json, os, signal, sys, time
+calls = os.environ["FAKE_TRAIN_CALLS"]
+def note(**what):
+    with open(calls, "a") as handle:
+        handle.write(json.dumps(what) + "\\n")
+note(argv=sys.argv[1:], token=sys.stdin.readline().strip(), pid=os.getpid())
+stops = []
+def on_sigint(number, frame):
+    stops.append(number)
+    note(signal="SIGINT")
+    if len(stops) == 2:
+        sys.exit(130)
+signal.signal(signal.SIGINT, on_sigint)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_the_train_tabs_stop_and_resume_on_jobs_reach_the_command_lines_run(monkeypatch, tmp_path, tiny_model_dir,
+                                                                          write_jsonl, embedded_tokenizer):
+    """The Train tab's Jobs run is `train --jobs` in a child: Stop is its Ctrl+C (the run saves), a second Stop its
+    second (the job is cancelled), and Resume on Jobs, once it has ended, is `train --resume RUN --jobs FLAVOR` with
+    the visitor's token on its stdin. A stand-in of `train` records what it is started with and the signals."""
+    from sft_space import checks, jobs as local_jobs
+    from sft_space.settings import DataSettings
+    from sft_space.ui import build_app, train_tab
+
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!{sys.executable}\n{FAKE_TRAIN}")
+    fake.chmod(0o755)
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_TRAIN_CALLS", str(calls))
+    monkeypatch.setenv("SFT_SPACE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("SFT_SPACE_JOBS_API", "local")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)  # the operator's own, on their machine
+    app = build_app(local_jobs.JobManager(), default_model=str(tiny_model_dir))
+    handlers = {f.fn.__name__: f.fn for f in app.fns.values() if f.fn is not None}
+    token = handlers["on_load"]("")
+    data_settings = DataSettings(source=str(write_jsonl(distinct_chats(12))))
+    report = checks.check_data(data_settings, embedded_tokenizer)
+    form = (str(tiny_model_dir), "quick", "t4-small", *(spec.default for spec in train_tab.advanced_fields()))
+
+    def recorded(count):
+        deadline = time.monotonic() + 20
+        while len(lines := calls.read_text().splitlines() if calls.is_file() else []) < count:
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.05)
+        return [json.loads(line) for line in lines]
+
+    monkeypatch.setattr(sys, "executable", str(fake))
+    status = handlers["on_start_jobs"](None, None, token, report, data_settings, False, *form)
+    assert "Refused" not in status, status
+    started = recorded(1)[0]
+    assert started["argv"][:3] == ["-m", "sft_space", "train"] and started["token"] == TOKEN
+    assert started["argv"][started["argv"].index("--jobs") + 1] == "t4-small", started["argv"]
+    with pytest.warns(UserWarning, match="Nothing to resume"):
+        handlers["on_resume_jobs"](None, None, token, "l4x1")  # not while it runs
+    handlers["on_stop_jobs"](token)
+    assert recorded(2)[1] == {"signal": "SIGINT"}
+    handlers["on_stop_jobs"](token)
+    assert recorded(3)[2] == {"signal": "SIGINT"}
+    # The child ends on its second Ctrl+C, as train --jobs does once its job is cancelled; then Resume starts anew.
+    deadline = time.monotonic() + 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        while "Nothing to resume" in (status := handlers["on_resume_jobs"](None, None, token, "l4x1")):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.1)
+    resumed = recorded(4)[3]
+    run_id = started["argv"][started["argv"].index("--run-name") + 1]
+    assert resumed["argv"][3:] == ["--resume", str(tmp_path / "runs" / run_id), "--jobs", "l4x1",
+                                   "--token-on-stdin"]
+    assert resumed["token"] == TOKEN
+    os.kill(resumed["pid"], signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------- whole runs
