@@ -8,6 +8,7 @@ the installed HfApi) and runs a job's real command as a process, each volume a f
 import inspect
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -423,74 +424,76 @@ def files_holding(root, secret):
 
 
 @pytest.mark.slow
-def test_train_on_jobs_from_the_command_line_through_the_stand_in(write_jsonl, tiny_model_dir, tmp_path,
-                                                                  monkeypatch, capsys):
-    """The issue's done-when: `SFT_SPACE_JOBS_API=local train DATA --jobs t4-small` finishes a run whose run.json
-    names the job and its cost, with the adapter in the run folder, and no file written holds the token."""
-    monkeypatch.setenv("SFT_SPACE_JOBS_API", "local")
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    runs_dir = tmp_path / "runs"
-    data = write_jsonl(distinct_chats(12))
-    code = cli.main(["train", str(data), "--jobs", "t4-small", "--model", str(tiny_model_dir), "--output",
-                     str(runs_dir), "--preset", "quick", "--max-steps", "3", "--lora-r", "4", "--sample-prompts", "0",
-                     "--run-name", "on-jobs"])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    assert "Hugging Face Jobs, t4-small (T4, $0.40/hour): about" in err
-    assert "step 3 of 3" in err  # the job's events, rendered as a run here renders them
-    record = json.loads((runs_dir / "on-jobs" / "run.json").read_text())
-    assert record["status"] == "finished" and record["job"]["id"].startswith("local-")
-    assert record["job"]["flavor"] == "t4-small" and record["job"]["cost_usd"] is not None
-    assert record["job"]["estimated_cost_usd"] > 0 and record["cost_usd"] == record["job"]["cost_usd"]
-    assert (runs_dir / "on-jobs" / "adapter" / "adapter_model.safetensors").is_file()
-    # The model and the data as this machine names them (the job's record names its mounts): chat and publish work.
-    assert record["settings"]["model"] == str(tiny_model_dir) and record["data"]["source"] == data.name
-    assert not list((runs_dir / "on-jobs").glob("checkpoint-*")), "checkpoints stay in the bucket"
-    assert f"Run finished: {runs_dir / 'on-jobs'}" in out
-    assert files_holding(tmp_path, TOKEN) == [] and TOKEN not in out + err
-
-
-@pytest.mark.slow
-def test_stop_saves_the_run_in_the_bucket_and_a_new_job_resumes_it_and_a_restarted_app_follows_it_again(
-        write_jsonl, tiny_model_dir, tmp_path):
-    """Stop asks the job's run to save (a stop request in its bucket folder), the run stops with its adapter and a
-    checkpoint; a resume is a new job going on from the bucket's checkpoint, which a new API object (an app that
-    restarted) follows again instead of starting another."""
+def test_train_on_jobs_from_the_command_line_stopped_by_ctrl_c_and_resumed_in_a_new_job_to_its_end(
+        write_jsonl, tiny_model_dir, tmp_path, monkeypatch, capfd):
+    """The issue's done-when, through the stand-in: `SFT_SPACE_JOBS_API=local train DATA --jobs t4-small`, with its
+    cost said first; Ctrl+C asks the job's run to save (a stop request in its bucket folder), and it stops with its
+    adapter and a checkpoint in the bucket; `train --resume` goes on in a new job from that checkpoint, which an app
+    that restarted (another API object) follows again instead of starting another; the run finishes with both
+    jobs and their cost in run.json, the adapter in the run folder, and no file written holds the token."""
     import threading
 
-    api, jobs = jobs_stand_in.LocalJobsApi(tmp_path / "hub"), JobsSettings(stop_grace_seconds=600)
-    settings = run_settings("quick", source=str(write_jsonl(distinct_chats(24))), model=str(tiny_model_dir),
-                            max_steps=400, lora_r=4, sample_prompts=0, save_every=1000)
-    run = hub_jobs.start_run(api, TOKEN, settings, "t4-small", tmp_path / "runs", jobs, run_id="stop-me")
-    ended = {}
-    follower = threading.Thread(target=lambda: ended.update(run.follow(settings=jobs, poll_seconds=0.5)))
-    follower.start()
-    bucket_events = tmp_path / "hub" / "buckets" / "local-user" / "sft-space-runs" / "stop-me" / "events.jsonl"
-    deadline = time.monotonic() + 240
-    while '"event": "step"' not in (bucket_events.read_text() if bucket_events.is_file() else ""):
-        assert time.monotonic() < deadline, "no step in four minutes"
-        time.sleep(0.5)
-    assert run.request_stop() is False  # the first Stop asks; it does not cancel
-    follower.join(240)
-    assert ended["status"] == "stopped", ended.get("error")
-    assert ended["job"]["stage"] in ("ERROR", "COMPLETED") and "stop_requested_at" in ended["job"]
-    assert (run.folder.adapter_path / "adapter_model.safetensors").is_file()
-    stopped_at = ended["final_metrics"]["step"]
-    assert 0 < stopped_at < 400 and list(bucket_events.parent.glob("checkpoint-*"))
+    monkeypatch.setenv("SFT_SPACE_JOBS_API", "local")
+    monkeypatch.setenv("SFT_SPACE_JOBS_STOP_GRACE_SECONDS", "600")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    runs_dir, data = tmp_path / "runs", write_jsonl(distinct_chats(24))
+    hub = runs_dir / ".hub-jobs-local"
+    bucket_events = hub / "buckets" / "local-user" / "sft-space-runs" / "on-jobs" / "events.jsonl"
 
-    resumed = hub_jobs.resume_run(api, TOKEN, run.folder, jobs, "l4x1")
-    second = run.folder.read()["job"]
-    assert second["id"] != ended["job"]["id"] and second["flavor"] == "l4x1"
-    # An app that restarted: another API object, the same job followed, no third job.
-    again = hub_jobs.resume_run(jobs_stand_in.LocalJobsApi(tmp_path / "hub"), TOKEN, run.folder, jobs)
-    assert again.folder.read()["job"]["id"] == second["id"]
-    record = again.follow(settings=jobs, poll_seconds=0.5)
-    assert record["status"] == "finished", record.get("error")
-    assert record["final_metrics"]["step"] == 400
-    assert [job["id"] for job in record["jobs"]] == [ended["job"]["id"], second["id"]]
+    def ctrl_c_at_the_first_step():
+        deadline = time.monotonic() + 240
+        while '"event": "step"' not in (bucket_events.read_text() if bucket_events.is_file() else ""):
+            if time.monotonic() > deadline:
+                return  # the main thread's run then trains to its end, and the test fails there
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_at_the_first_step, daemon=True).start()
+    code = cli.main(["train", str(data), "--jobs", "t4-small", "--model", str(tiny_model_dir), "--output",
+                     str(runs_dir), "--preset", "quick", "--max-steps", "400", "--lora-r", "4", "--sample-prompts",
+                     "0", "--save-every", "1000", "--run-name", "on-jobs"])
+    out, err = capfd.readouterr()
+    assert code == cli.EXIT_STOPPED, err
+    assert "Hugging Face Jobs, t4-small (T4, $0.40/hour): about" in err
+    assert re.search(r"step \d+ of 400", err)  # the job's events, rendered as a run here renders them
+    folder = runs.RunFolder.open(runs_dir / "on-jobs")
+    stopped = folder.read()
+    assert stopped["status"] == "stopped", stopped.get("error")
+    first = stopped["job"]
+    assert first["id"].startswith("local-") and "stop_requested_at" in first and first["stage"] != "CANCELED"
+    assert (folder.adapter_path / "adapter_model.safetensors").is_file()
+    stopped_at = stopped["final_metrics"]["step"]
+    assert 0 < stopped_at < 400 and list(bucket_events.parent.glob("checkpoint-*"))
+    assert f"train --resume {folder.path}" in err
+
+    followed_again = {}
+
+    def restarted_app_follows_the_new_job():
+        deadline = time.monotonic() + 120
+        while folder.read()["job"]["id"] == first["id"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        again = hub_jobs.resume_run(jobs_stand_in.LocalJobsApi(hub), TOKEN, folder, JobsSettings())
+        followed_again["id"] = again.job["id"]
+
+    follower = threading.Thread(target=restarted_app_follows_the_new_job, daemon=True)
+    follower.start()
+    code = cli.main(["train", "--resume", str(folder.path), "--jobs", "l4x1"])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    follower.join(10)
+    record = folder.read()
+    second = record["job"]
+    assert second["id"] != first["id"] and second["flavor"] == "l4x1" and followed_again["id"] == second["id"]
+    assert [job["id"] for job in record["jobs"]] == [first["id"], second["id"]]  # no third job
+    assert record["status"] == "finished" and record["final_metrics"]["step"] == 400, record.get("error")
+    assert second["cost_usd"] is not None and second["estimated_cost_usd"] > 0
     assert record["cost_usd"] == pytest.approx(sum(job["cost_usd"] for job in record["jobs"]), abs=1e-6)
-    assert resumed.folder.path == run.folder.path
-    assert files_holding(tmp_path, TOKEN) == []
+    assert (folder.adapter_path / "adapter_model.safetensors").is_file()
+    # The model and the data as this machine names them (the job's record names its mounts): chat and publish work.
+    assert record["settings"]["model"] == str(tiny_model_dir) and record["data"]["source"] == data.name
+    assert not list(folder.path.glob("checkpoint-*")), "checkpoints stay in the bucket"
+    assert f"Run finished: {folder.path}" in out and f"job {second['id']} on l4x1" in out
+    assert files_holding(tmp_path, TOKEN) == [] and TOKEN not in out + err
 
 
 def test_after_an_app_restart_a_visitor_finds_their_jobs_run_and_no_one_elses(tmp_path):
