@@ -3,7 +3,8 @@
 It says what the machine is (GPUs, memory, compute capability, driver and CUDA, library versions, bf16 / fp16 /
 TF32, SDPA and flash attention), then trains with the recipe people run (`train.train`), a few steps per plan:
 the default plan, fp16 forced (a T4's path, tested on any GPU), 4-bit QLoRA, gradient checkpointing on and off,
-packing on and off, and 2 processes where there are 2 GPUs. Each becomes a row: tokens/s, the peak memory
+packing on and off, and 2 processes where there are 2 GPUs, data-parallel and sharded (FSDP: the adapter saved
+whole and the held-out prompts answered by the processes together). Each becomes a row: tokens/s, the peak memory
 measured beside the memory estimator's figure for the same plan (`memory.estimate_memory`), the loss before and
 after, and passed, failed or skipped with the reason. The quick pass trains the built-in SmolLM2-135M (or the
 model named); the full pass adds model shapes with random weights (speed and memory need no real weights) up to
@@ -84,7 +85,6 @@ class Check:
     processes: int = 1
     needs_gpu: bool = False
     needs_bitsandbytes: bool = False
-    built: bool = True
 
 
 CHECKS = (
@@ -97,7 +97,8 @@ CHECKS = (
     Check("packing", (("packing", True),)),
     Check("no packing", (("packing", False),)),
     Check("2 processes", processes=2, needs_gpu=True),
-    Check("FSDP", built=False),
+    # The sharded path's every part: training, the adapter gathered from both processes, answers given together.
+    Check("FSDP", (("shard", "on"), ("sample_prompts", 2)), processes=2, needs_gpu=True),
 )
 
 
@@ -197,9 +198,6 @@ def describe_machine(facts: dict[str, Any]) -> list[str]:
 
 def skip_reason(check: Check, hardware: Hardware, bitsandbytes_installed: bool) -> str:
     """Why this machine cannot train `check` ("" when it can)."""
-    if not check.built:
-        return ("not built yet: several GPUs train data-parallel (one copy of the model each), without FSDP's "
-                "sharding")
     gpus = hardware.device_count if hardware.kind == "cuda" else 0
     if check.processes > 1 and check.processes > gpus:
         return f"needs {check.processes} GPUs, one per process; this machine has {gpus or 'none'}"
@@ -217,7 +215,7 @@ def check_settings(check: Check, base: RunSettings) -> RunSettings:
 
 def _same_plan_key(plan: TrainingPlan, processes: int) -> tuple:
     return (plan.device, plan.precision, plan.four_bit, plan.gradient_checkpointing, plan.batch_size,
-            plan.sequence_length, plan.packing, processes)
+            plan.sequence_length, plan.packing, plan.sharded, processes)
 
 
 def plan_summary(plan: TrainingPlan) -> str:
@@ -225,7 +223,7 @@ def plan_summary(plan: TrainingPlan) -> str:
     parts = [plan.precision, "4-bit weights" if plan.four_bit else "16-bit weights" if plan.precision != "fp32"
              else "fp32 weights", f"checkpointing {'on' if plan.gradient_checkpointing else 'off'}",
              f"batch {plan.batch_size}", f"{'packed' if plan.packing else 'unpacked'} sequences of "
-             f"{plan.sequence_length}"]
+             f"{plan.sequence_length}"] + (["sharded (FSDP)"] if plan.sharded else [])
     return ", ".join(parts)
 
 
@@ -253,7 +251,7 @@ def plan_checks(checks: tuple[Check, ...], base: RunSettings, hardware: Hardware
             continue
         settings = check_settings(check, base)
         try:
-            plan = plan_training(settings, hardware, shape, total_tokens, longest_example)
+            plan = plan_training(settings, hardware, shape, total_tokens, longest_example, check.processes)
         except UserError as err:
             planned.append(Planned(check, settings, skipped=str(err)))
             continue
@@ -272,12 +270,14 @@ def plan_checks(checks: tuple[Check, ...], base: RunSettings, hardware: Hardware
     return planned
 
 
-def estimated_allocated_gib(plan: TrainingPlan, shape: ModelShape, lora_rank: int) -> float:
+def estimated_allocated_gib(plan: TrainingPlan, shape: ModelShape, lora_rank: int, processes: int = 1) -> float:
     """The estimator's figure for what the peak-memory measure reports: on a GPU what max_memory_allocated counts
-    (the runtime's own overhead left out), on a CPU the same sum. The same terms the planner weighed."""
+    (the runtime's own overhead left out), on a CPU the same sum. The same terms the planner weighed; a sharded
+    plan's, each GPU's."""
     estimate = estimate_memory(shape, plan.batch_size * plan.sequence_length, plan.precision, plan.four_bit,
                                plan.gradient_checkpointing, lora_rank, gpu=plan.device == "cuda",
-                               sequence_length=plan.sequence_length, packed=plan.packing)
+                               sequence_length=plan.sequence_length, packed=plan.packing,
+                               shards=processes if plan.sharded else 1)
     return estimate.allocated_gib
 
 
@@ -384,6 +384,36 @@ def judge(row: Row, planned_steps: int, record: dict[str, Any], plan: TrainingPl
     return row
 
 
+def sharded_problems(folder: Any, record: dict[str, Any], settings: RunSettings, shape: ModelShape) -> list[str]:
+    """What a sharded run got wrong beyond training: it trained unsharded, its adapter was not saved whole (each
+    process holds a share of each weight), or its held-out prompts were not all answered (the processes answer
+    them together)."""
+    from safetensors import safe_open
+
+    from .runs import ADAPTER_WEIGHTS
+
+    problems = []
+    if not (record.get("plan") or {}).get("sharded"):
+        problems.append("the run did not shard the model (its plan in run.json says so)")
+    adapter = folder.adapter_path / ADAPTER_WEIGHTS
+    if not adapter.is_file():
+        problems.append("no adapter was saved")
+    else:
+        with safe_open(str(adapter), "pt") as weights:
+            saved = sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+        if saved != shape.lora_parameters(settings.lora_r):
+            problems.append(f"the saved adapter is not whole: {saved:,} weights of the "
+                            f"{shape.lora_parameters(settings.lora_r):,} its layers have")
+    try:
+        samples = json.loads(folder.samples_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        samples = []
+    answered = sum(1 for sample in samples if "after" in sample and "before" in sample)
+    if answered < settings.sample_prompts:
+        problems.append(f"{answered} of {settings.sample_prompts} held-out prompts were answered before and after")
+    return problems
+
+
 def _train_here(settings: RunSettings, hardware: Hardware, run_id: str) -> Any:
     from .train import TrainRequest, train
 
@@ -414,7 +444,7 @@ def train_row(planned: Planned, shape_name: str, shape: ModelShape, hardware: Ha
 
     settings, plan, check = planned.settings, planned.plan, planned.check
     row = Row(check.plan, shape_name, FAILED, "", estimated_memory_gib=round(
-        estimated_allocated_gib(plan, shape, settings.lora_r), 3))
+        estimated_allocated_gib(plan, shape, settings.lora_r, check.processes), 3))
     memory = PeakMemory(hardware.kind == "cuda")
     run_id = f"doctor-{number:02d}"
     started = time.monotonic()
@@ -445,6 +475,8 @@ def train_row(planned: Planned, shape_name: str, shape: ModelShape, hardware: Ha
         row.ratio = round(row.peak_memory_gib / row.estimated_memory_gib, 2)
     row.loss_before, row.loss_after = _losses(entries)
     judge(row, settings.max_steps, record, plan)
+    if plan.sharded and row.status == PASSED and (problems := sharded_problems(folder, record, settings, shape)):
+        row.status, row.reason = FAILED, "; ".join(problems)
     if failure and row.status == PASSED:
         row.status, row.reason = FAILED, failure
     return row

@@ -2,7 +2,8 @@
 
 Every "auto" setting is resolved by `plan_training`, and each decision comes with the reason the user sees:
 precision (bf16 raises on a T4 and is emulated, slowly, on CPUs without bf16 instructions: chosen, never
-assumed), 4-bit loading, gradient checkpointing (~2x slower, so only when memory needs it) and the batch size.
+assumed), 4-bit loading, gradient checkpointing (~2x slower, so only when memory needs it), the batch size, and
+whether the model is sharded across the GPUs (FSDP: only when it fits no single one, or when asked).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import UserError
-from .memory import ModelShape, estimate_memory
+from .memory import RUNTIME_OVERHEAD_GIB, ModelShape, estimate_memory
 from .settings import AUTO, RunSettings
 
 # Keep this share of the device free for fragmentation and the evaluation pass.
@@ -110,6 +111,8 @@ class TrainingPlan:
     reasons: list[str] = field(default_factory=list)
     processes: int = 1  # training processes sharing each optimizer step; batch_size is each one's
     examples_per_step: int = 0  # examples of one optimizer step, all processes together (see distributed.split_step)
+    # The model sharded across the processes (FSDP), one GPU each; estimated_peak_gib is then each GPU's.
+    sharded: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,20 +158,45 @@ def sequence_length(settings: RunSettings, packing: bool, total_tokens: int | No
     return max(longest_example, min(settings.max_length, target))
 
 
+def check_sharding(settings: RunSettings, hardware: Hardware, processes: int) -> None:
+    """Refuse sharding asked of a run that cannot shard: transformers' Trainer shards only on GPUs (on a CPU,
+    accelerate turns its FSDP plugin on for GPU-type process groups alone, and the run would silently train
+    data-parallel), and one process has no one to share the model with."""
+    if settings.shard != "on":
+        return
+    if hardware.kind != "cuda":
+        raise UserError("Sharding the model (shard = on) needs CUDA GPUs, one process each; on a CPU "
+                        "transformers trains data-parallel only. Set shard to 'auto' or 'off'.")
+    if processes < 2:
+        raise UserError(f"Sharding the model (shard = on) shares it among several processes, one per GPU; this run "
+                        f"has {processes} ({hardware.describe()}). Set shard to 'auto' or 'off', or train on a "
+                        "machine with several GPUs (train --nproc-per-node N).")
+
+
 def plan_training(settings: RunSettings, hardware: Hardware, shape: ModelShape, total_tokens: int | None = None,
-                  longest_example: int | None = None) -> TrainingPlan:
-    """Resolve every "auto" in `settings` for `hardware`, this model shape and (when known) the data's size."""
+                  longest_example: int | None = None, processes: int | None = None) -> TrainingPlan:
+    """Resolve every "auto" in `settings` for `hardware`, this model shape and (when known) the data's size.
+    `processes`: how many train together (default: one per GPU of this machine, one on a CPU); the model is sharded
+    across them when the settings ask, or (shard = auto) when it fits no single GPU but fits shared."""
     reasons: list[str] = []
     precision = _precision(settings, hardware, reasons)
     gpu = hardware.kind == "cuda"
+    processes = processes or (hardware.device_count if gpu else 1)
+    check_sharding(settings, hardware, processes)
     budget = hardware.memory_gib * USABLE_MEMORY_FRACTION
     short_examples = longest_example is not None and longest_example <= CPU_PACK_LENGTH
     packing = settings.packing and (gpu or short_examples)
     length = sequence_length(settings, packing, total_tokens, longest_example, None if gpu else CPU_PACK_LENGTH)
 
-    def estimate(batch: int, four_bit: bool, checkpointing: bool) -> float:
-        return estimate_memory(shape, batch * length, precision, four_bit, checkpointing, settings.lora_r, gpu=gpu,
-                               sequence_length=length, packed=packing).total_gib
+    def estimate(batch: int, four_bit: bool, checkpointing: bool, shards: int = 1) -> float:
+        peak = estimate_memory(shape, batch * length, precision, four_bit, checkpointing, settings.lora_r, gpu=gpu,
+                               sequence_length=length, packed=packing, shards=shards).total_gib
+        if shards > 1 and four_bit:
+            # transformers quantizes a model as it loads it onto each process's GPU (its bitsandbytes quantizer sets
+            # the device map), whole, before FSDP shares it out.
+            whole = estimate_memory(shape, 0, precision, four_bit, lora_rank=settings.lora_r).weights_gib
+            peak = max(peak, whole + RUNTIME_OVERHEAD_GIB)
+        return peak
 
     if settings.quantization == "4bit" and not gpu:
         raise UserError("4-bit (QLoRA) loading needs a CUDA GPU; set quantization to 'none' or 'auto' on CPU.")
@@ -177,24 +205,27 @@ def plan_training(settings: RunSettings, hardware: Hardware, shape: ModelShape, 
     batch_options = [settings.batch_size] if settings.batch_size > 0 else (
         [CPU_BATCH_SIZE] if not gpu else [b for b in (16, 8, 4, 2, 1) if b <= MAX_AUTO_BATCH_SIZE])
 
-    # Prefer full-precision weights, then no checkpointing, then the largest batch: in that order they cost
-    # quality (barely), ~2x speed, and a few percent.
-    chosen = None
-    for four_bit in four_bit_options:
-        for checkpointing in checkpointing_options:
-            for batch in batch_options:
-                if estimate(batch, four_bit, checkpointing) <= budget or not gpu:
-                    chosen = (four_bit, checkpointing, batch)
-                    break
-            if chosen:
-                break
-        if chosen:
-            break
+    def choose(shards: int) -> tuple[bool, bool, int] | None:
+        # Prefer full-precision weights, then no checkpointing, then the largest batch: in that order they cost
+        # quality (barely), ~2x speed, and a few percent.
+        for four_bit in four_bit_options:
+            for checkpointing in checkpointing_options:
+                for batch in batch_options:
+                    if estimate(batch, four_bit, checkpointing, shards) <= budget or not gpu:
+                        return four_bit, checkpointing, batch
+        return None
+
+    # Sharding costs every layer's weights a gather on each step: only when asked, or when nothing else fits.
+    sharded = settings.shard == "on"
+    chosen = choose(processes if sharded else 1)
+    if chosen is None and settings.shard == AUTO and gpu and processes > 1:
+        chosen = choose(processes)
+        sharded = chosen is not None
     fits = chosen is not None
     if chosen is None:
         chosen = (four_bit_options[-1], checkpointing_options[-1], batch_options[-1])
     four_bit, checkpointing, batch = chosen
-    peak = estimate(batch, four_bit, checkpointing)
+    peak = estimate(batch, four_bit, checkpointing, processes if sharded else 1)
 
     if four_bit:
         reasons.append("4-bit QLoRA weights" + (" as chosen" if settings.quantization == "4bit" else
@@ -213,14 +244,22 @@ def plan_training(settings: RunSettings, hardware: Hardware, shape: ModelShape, 
         reasons.append(f"no packing on CPU: with examples up to {longest_example} tokens a pack costs more there "
                        "than its examples one by one")
     if gpu:
-        reasons.append(f"estimated peak {peak:.1f} GiB of {hardware.memory_gib:.0f} GiB")
+        if sharded:
+            whole = estimate(batch, four_bit, checkpointing)
+            why = " as chosen" if settings.shard == "on" else " (the model fits no single GPU)"
+            reasons.append(f"sharded across the {processes} GPUs with FSDP{why}: each holds a share of the weights, "
+                           f"about {peak:.1f} GiB per GPU instead of {whole:.1f} GiB for a whole copy")
+        elif processes > 1:
+            reasons.append("not sharded: " + ("off as chosen" if settings.shard == "off" else
+                                              "each GPU holds the whole model (it fits, and needs no gathers)"))
+        each = " on each GPU" if processes > 1 else ""
+        reasons.append(f"estimated peak {peak:.1f} GiB of {hardware.memory_gib:.0f} GiB{each}")
         if not fits:
             reasons.append("may not fit: shorten the maximum length or choose a smaller model")
-            if hardware.device_count > 1:
-                sharded = estimate_memory(shape, batch * length, precision, four_bit, checkpointing, settings.lora_r,
-                                          sequence_length=length, packed=packing,
-                                          shards=hardware.device_count).total_gib
-                reasons.append(f"sharded across the {hardware.device_count} GPUs (FSDP) it would take about "
-                               f"{sharded:.1f} GiB on each, but runs are not sharded yet: each GPU holds the model")
+            if processes > 1 and not sharded and settings.shard != "off":
+                shared = estimate(batch, four_bit, checkpointing, processes)
+                whole = " (4-bit weights are quantized whole on each GPU as they load)" if four_bit else ""
+                reasons.append(f"sharded across the {processes} GPUs with FSDP it would still take about "
+                               f"{shared:.1f} GiB on each{whole}")
     return TrainingPlan(hardware.kind, precision, four_bit, checkpointing, batch, length, packing,
-                        round(peak, 2), fits, reasons, examples_per_step=batch * settings.gradient_accumulation)
+                        round(peak, 2), fits, reasons, examples_per_step=batch * settings.gradient_accumulation, sharded=sharded)

@@ -166,6 +166,11 @@ class RunSettings(DataSettings):
     gradient_checkpointing: str = setting(AUTO, "Recompute activations to save memory at ~2x the compute: 'auto' "
                                           "turns it on only when memory requires it.", choices=(AUTO, "on", "off"),
                                           group="hardware")
+    shard: str = setting(AUTO, "Shard the model across the GPUs (FSDP), each holding a share of its weights instead "
+                         "of a whole copy: 'auto' shards only a model that fits no single GPU but fits shared "
+                         "among the processes; 'on' always shards (it needs several GPUs, one process each); "
+                         "'off' never does (each GPU then holds the whole model).", choices=(AUTO, "on", "off"),
+                         group="hardware")
     save_every: int = setting(0, "Save a resumable checkpoint every this many steps (0: about every 10% of the run).",
                               group="schedule", bounds=(0, 2_147_483_647))
     eval_every: int = setting(0, "Compute validation loss every this many steps (0: as often as fits in "

@@ -215,7 +215,8 @@ def _plan(start: _Start, prepared: PreparedData, shape: ModelShape,
     each with its reason) and when validation loss is measured (None without validation examples)."""
     settings = start.settings
     stats = prepared.report.stats()
-    plan = plan_training(settings, start.hardware, shape, stats["total_tokens"], stats["tokens_per_example"]["max"])
+    plan = plan_training(settings, start.hardware, shape, stats["total_tokens"], stats["tokens_per_example"]["max"],
+                         processes=distributed.world_size())
     if distributed.world_size() > 1:
         split = distributed.split_step(plan.batch_size, settings.gradient_accumulation, distributed.world_size(),
                                        batch_chosen=settings.batch_size > 0)
@@ -293,15 +294,18 @@ class _Run:
 
 def _run_in_folder(run: _Run) -> RunFolder:
     """Load, train, save and answer the held-out prompts; record how the run ended (a stop, an interruption or a
-    failure included). With several processes every one trains; only the main one saves and records."""
+    failure included). With several processes every one trains; only the main one saves and records. A sharded
+    model's weights are spread over every process, so each takes part in saving the adapter and in every token of
+    the held-out answers; the main one writes them."""
     main = distributed.is_main()
     failure = details = None
     stopped_before_training = False
     try:
         _load_and_train(run)
-        if main:
+        if main or run.plan.sharded:
             _save_adapter(run)
             _answer_held_out_prompts(run)
+        if main:
             _record_finished(run)
     except TrainingStopped:
         stopped_before_training = True
@@ -382,7 +386,7 @@ def training_summary(run: _Run) -> dict[str, Any]:
     return {"training data": distributed.fingerprint(*parts), "model": settings.model,
             "examples per step": plan.examples_per_step, "batch size": plan.batch_size,
             "gradient accumulation": plan.gradient_accumulation, "sequence length": plan.sequence_length,
-            "packing": plan.packing, "precision": plan.precision, "4-bit": plan.four_bit,
+            "packing": plan.packing, "precision": plan.precision, "4-bit": plan.four_bit, "sharded": plan.sharded,
             "schedule": (settings.epochs, settings.max_steps, settings.learning_rate, settings.lr_scheduler),
             "seed": settings.seed, "LoRA": (settings.lora_r, settings.lora_alpha, settings.target_modules)}
 
@@ -416,19 +420,41 @@ def _shrink_after_out_of_memory(run: _Run, err: Exception) -> bool:
 
 
 def _save_adapter(run: _Run) -> None:
-    """Save: the trained adapter and the tokenizer, into the run folder's adapter/."""
+    """Save: the trained adapter and the tokenizer, into the run folder's adapter/. A sharded adapter is gathered
+    whole first, every process sending its shares; the main process writes it, once."""
     _status(run.request, "Saving the adapter…")
-    run.trainer.model.save_pretrained(run.folder.adapter_path, safe_serialization=True)
-    run.tokenizer.save_pretrained(run.folder.adapter_path)
+    model = run.trainer.model
+    state = gathered_adapter(model) if run.plan.sharded else None
+    if distributed.is_main():
+        model.save_pretrained(run.folder.adapter_path, state_dict=state, safe_serialization=True)
+        run.tokenizer.save_pretrained(run.folder.adapter_path)
+
+
+def gathered_adapter(model: Any) -> dict[str, Any]:
+    """The trained (adapter) weights whole, on the CPU, by name: a sharded weight (FSDP2's DTensor) is gathered
+    from every process, which must all call this, in the same order (the model's). Only the adapter: gathering
+    the base model's weights as well would put the whole model in one process's memory."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: (weight.full_tensor() if isinstance(weight, DTensor) else weight).detach().cpu()
+            for name, weight in model.named_parameters() if weight.requires_grad}
 
 
 def _answer_held_out_prompts(run: _Run) -> None:
     """Answer samples: a few held-out prompts answered after and before training, into samples.json (skipped
     after a stop)."""
     samples = sample_prompts(run.prepared, run.settings.sample_prompts)
-    if samples and not run.request.stop_event.is_set():
+    together = run.plan.sharded
+    if together:
+        # Every process computes every token of each answer (each holds a share of every layer), so each must
+        # make as many forward passes as the others: generation runs on, finished or not, until all are done
+        # (transformers' synced generation, which it turns on for the FSDP-managed models it marks this way;
+        # accelerate's sharding does not mark them).
+        run.trainer.model.get_base_model()._is_fsdp_managed_module = True
+    if samples and not _stop_asked(run.request.stop_event, together):
         _status(run.request, "Answering held-out prompts…")
-        answer_before_and_after(run.trainer.model, run.tokenizer, samples, run.folder, run.request.stop_event)
+        answer_before_and_after(run.trainer.model, run.tokenizer, samples, run.folder, run.request.stop_event,
+                                together)
         run.request.events.emit(events.Samples(answers=sum("after" in sample for sample in samples)))
 
 
@@ -567,20 +593,26 @@ def sample_prompts(prepared: PreparedData, count: int) -> list[dict[str, Any]]:
     return samples
 
 
+def _stop_asked(stop_event: threading.Event, together: bool) -> bool:
+    """Whether to stop answering; `together`: every process answers in step, so all must stop at the same answer
+    (a collective, which each reaches at the same point)."""
+    return distributed.any_process(stop_event.is_set()) if together else stop_event.is_set()
+
+
 def answer_samples(model: Any, tokenizer: Any, samples: list[dict[str, Any]], key: str,
-                   stop_event: threading.Event | None = None) -> bool:
+                   stop_event: threading.Event | None = None, together: bool = False) -> bool:
     """Answer each sample's prompt into `sample[key]`; False if `stop_event` cut the answers short (a reply cut
-    off mid-way is not kept)."""
+    off mid-way is not kept). `together`: every process answers each sample with a share of the model."""
     settings = GenerationSettings(max_new_tokens=SAMPLE_MAX_NEW_TOKENS)
     stop_event = stop_event or threading.Event()
     was_training = model.training
     model.eval()
     try:
         for sample in samples:
-            if stop_event.is_set():
+            if _stop_asked(stop_event, together):
                 return False
             reply = generate_reply(model, tokenizer, sample["prompt"], settings, stop_event=stop_event)
-            if stop_event.is_set():
+            if _stop_asked(stop_event, together):
                 return False
             sample[key] = reply
         return True
@@ -589,14 +621,16 @@ def answer_samples(model: Any, tokenizer: Any, samples: list[dict[str, Any]], ke
 
 
 def answer_before_and_after(model: Any, tokenizer: Any, samples: list[dict[str, Any]], folder: RunFolder,
-                            stop_event: threading.Event) -> None:
+                            stop_event: threading.Event, together: bool = False) -> None:
     """Each sample answered by the trained adapter ("after") and by the base model ("before"), written to the run's
     samples.json. The base model's answers come from the same weights with the adapter switched off (LoRA leaves
     the base untouched), after training: nothing delays the first step. A stop skips the answers left; the ones
-    given are kept."""
-    if not answer_samples(model, tokenizer, samples, "after", stop_event):
+    given are kept. `together`: every process answers (see `answer_samples`); the main one writes."""
+    write = not together or distributed.is_main()
+    if not answer_samples(model, tokenizer, samples, "after", stop_event, together):
         return
-    runs.write_json_atomic(folder.samples_path, samples)
+    if write:
+        runs.write_json_atomic(folder.samples_path, samples)
     with model.disable_adapter():
-        if answer_samples(model, tokenizer, samples, "before", stop_event):
+        if answer_samples(model, tokenizer, samples, "before", stop_event, together) and write:
             runs.write_json_atomic(folder.samples_path, samples)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import importlib.util
+import os
 import sys
 import threading
 import time
@@ -55,23 +56,76 @@ def leave_out_bitsandbytes() -> None:
         sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # the import system's "not installed"
 
 
-def load_model_for_training(settings: RunSettings, plan: TrainingPlan) -> Any:
-    import torch
+def quantized_storage_precision(plan: TrainingPlan) -> str | None:
+    """The float type a sharded 4-bit model packs its 4-bit weights in (None unsharded: bitsandbytes' uint8). FSDP
+    shards floating-point tensors only; bf16 training stores them in bf16, and fp16 training in fp32, which PEFT's
+    FSDP guide gives for stable fp16 mixed precision. The model loads in the same type, so that every weight FSDP
+    shares out has one type."""
+    if not (plan.sharded and plan.four_bit):
+        return None
+    return "bf16" if plan.precision == "bf16" else "fp32"
 
-    if not plan.four_bit:
-        leave_out_bitsandbytes()
 
-    kwargs: dict[str, Any] = {"dtype": torch_dtype(plan.precision), "attn_implementation": "sdpa",
+def load_model_kwargs(settings: RunSettings, plan: TrainingPlan) -> dict[str, Any]:
+    """from_pretrained's arguments for the plan: the dtype, 4-bit quantization, and where the weights go."""
+    storage = quantized_storage_precision(plan)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(storage or plan.precision), "attn_implementation": "sdpa",
                               "trust_remote_code": settings.trust_remote_code}
     if plan.four_bit:
         from transformers import BitsAndBytesConfig
 
+        extra = {"bnb_4bit_quant_storage": torch_dtype(storage)} if storage else {}
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch_dtype(plan.precision if plan.precision != "fp32" else "fp16"))
-    if plan.device == "cuda":
+            bnb_4bit_compute_dtype=torch_dtype(plan.precision if plan.precision != "fp32" else "fp16"), **extra)
+    if plan.device == "cuda" and not plan.sharded:
+        import torch
+
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    return models.load_causal_lm(settings.model, **kwargs)
+    return kwargs
+
+
+def load_model_for_training(settings: RunSettings, plan: TrainingPlan) -> Any:
+    if not plan.four_bit:
+        leave_out_bitsandbytes()
+    if plan.sharded and not plan.four_bit:
+        # Read by transformers as it loads: only the first process of each machine reads the weights, the others
+        # build the model empty and receive their shares when FSDP shards it (accelerate broadcasts them). A 4-bit
+        # model is quantized whole on every process's GPU either way (transformers loads quantized models there).
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
+    return models.load_causal_lm(settings.model, **load_model_kwargs(settings, plan))
+
+
+def fsdp_arguments(plan: TrainingPlan, layer_classes: list[str]) -> dict[str, Any]:
+    """TrainingArguments' FSDP settings for a sharded plan (none otherwise), for accelerate's FSDP plugin: FSDP2
+    (torch's fully_shard, which shards each parameter, so that LoRA's trainable weights and the frozen base share a
+    layer without FSDP1's use_orig_params), each decoder layer wrapped alone (transformers' class names; PEFT's wrap
+    policy, which the Trainer puts in place for an adapter, also wraps the adapter's layers), activation
+    checkpointing through FSDP's own setting (the model's would gather every layer's weights once more in the
+    backward pass; transformers refuses both), and checkpoints saved with a full, gathered state dict."""
+    if not plan.sharded:
+        return {}
+    return {"fsdp": True, "fsdp_config": {
+        "version": 2,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "transformer_layer_cls_to_wrap": layer_classes,
+        "reshard_after_forward": True,
+        "activation_checkpointing": plan.gradient_checkpointing,
+        "state_dict_type": "FULL_STATE_DICT",
+        "cpu_ram_efficient_loading": not plan.four_bit,
+    }}
+
+
+def decoder_layer_classes(model: Any) -> list[str]:
+    """The class names of the model's decoder layers: what transformers keeps whole when it splits a model across
+    devices (`_no_split_modules`), under PEFT's wrapper when there is one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = list(getattr(base, "_no_split_modules", None) or [])
+    if not names:
+        raise UserError(f"{type(base).__name__} does not name its decoder layers (transformers' _no_split_modules), "
+                        "so it cannot be sharded layer by layer. Set shard to 'off'.")
+    return names
 
 
 def lora_config(settings: RunSettings) -> Any:
@@ -85,8 +139,10 @@ def lora_config(settings: RunSettings) -> Any:
 
 
 def trainer_arguments(settings: RunSettings, plan: TrainingPlan, folder: RunFolder,
-                      evaluation: EvaluationPlan | None, gradient_accumulation: int) -> Any:
-    """TRL's SFTConfig for the run; `gradient_accumulation` is each process's (see `build_trainer`)."""
+                      evaluation: EvaluationPlan | None, gradient_accumulation: int,
+                      layer_classes: list[str] | None = None) -> Any:
+    """TRL's SFTConfig for the run; `gradient_accumulation` is each process's (see `build_trainer`);
+    `layer_classes`: the model's decoder layers, which a sharded plan wraps one by one."""
     from trl import SFTConfig
 
     return SFTConfig(
@@ -112,7 +168,8 @@ def trainer_arguments(settings: RunSettings, plan: TrainingPlan, folder: RunFold
         bf16=plan.precision == "bf16",
         fp16=plan.precision == "fp16",
         use_cpu=plan.device == "cpu",
-        activation_checkpointing=plan.gradient_checkpointing,
+        activation_checkpointing=plan.gradient_checkpointing and not plan.sharded,
+        **fsdp_arguments(plan, layer_classes or []),
         logging_steps=LOG_EVERY_FRACTION,
         logging_first_step=True,
         eval_strategy="steps" if evaluation else "no",
@@ -217,9 +274,15 @@ def build_trainer(settings: RunSettings, plan: TrainingPlan, folder: RunFolder, 
 
     train_dataset = tokenize_examples(tokenizer, prepared.train)
     eval_dataset = tokenize_examples(tokenizer, prepared.validation[:evaluation.examples]) if evaluation else None
-    args = trainer_arguments(settings, plan, folder, evaluation, gradient_accumulation)
+    args = trainer_arguments(settings, plan, folder, evaluation, gradient_accumulation,
+                             decoder_layer_classes(model) if plan.sharded else None)
     trainer = StoppableSFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                                   processing_class=tokenizer, peft_config=lora_config(settings))
+    if plan.sharded and not trainer.is_fsdp_enabled:
+        # accelerate turns FSDP on for GPU process groups only; anywhere else the Trainer would quietly train a
+        # whole copy of the model in every process.
+        raise UserError("The plan shards the model (FSDP), but the trainer set up no sharding: that needs CUDA GPUs "
+                        "and several processes (train --nproc-per-node N). Set shard to 'off' to train unsharded.")
     # Without tqdm the trainer prints every log as a raw dict on stdout; RunMonitor reports progress instead.
     trainer.remove_callback(PrinterCallback)
     if plan.precision == "fp16":

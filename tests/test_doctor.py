@@ -35,7 +35,7 @@ def test_a_t4_trains_in_fp16_so_the_forced_fp16_row_is_the_default_one():
     assert rows["4-bit QLoRA"].plan.four_bit and rows["4-bit QLoRA"].plan.precision == "fp16"
     assert rows["checkpointing on"].plan.gradient_checkpointing and not rows["checkpointing on"].skipped
     assert rows["2 processes"].skipped == "needs 2 GPUs, one per process; this machine has 1"
-    assert rows["FSDP"].skipped.startswith("not built yet")
+    assert rows["FSDP"].skipped == "needs 2 GPUs, one per process; this machine has 1"
 
 
 def test_a_bf16_gpu_also_trains_the_t4_path_and_each_plan_it_supports():
@@ -170,7 +170,7 @@ def test_the_quick_pass_trains_each_cpu_plan_for_real_and_says_why_the_others_ar
     for covered in ("checkpointing off", "packing"):
         assert "the same plan as the 'default' row" in rows[covered]["reason"]
     assert rows["2 processes"]["reason"] == "needs 2 GPUs, one per process; this machine has none"
-    assert rows["FSDP"]["reason"].startswith("not built yet")
+    assert rows["FSDP"]["reason"] == "needs 2 GPUs, one per process; this machine has none"
     assert {item["status"] for name, item in rows.items() if name not in ("default", "checkpointing on",
                                                                           "no packing")} == {"skipped"}
     written = json.loads((tmp_path / "doctor.json").read_text())

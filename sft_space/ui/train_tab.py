@@ -262,10 +262,13 @@ def estimate_markdown(hardware: Hardware, settings: RunSettings | None, report: 
         return line + " No checked data: check your data (Data tab) to see how long a run of it would take here."
     stats = report.stats()
     try:
-        _, length = estimate.estimate_run(settings, hardware, stats["total_tokens"],
-                                          stats["tokens_per_example"]["max"], stats["examples"], limits)
+        plan, length = estimate.estimate_run(settings, hardware, stats["total_tokens"],
+                                             stats["tokens_per_example"]["max"], stats["examples"], limits)
     except UserError as err:
         return f"{line} No estimate of the run's length: {err}"
+    if plan.sharded:
+        line += (f" The model is sharded across the {hardware.device_count} GPUs (FSDP): about "
+                 f"**{plan.estimated_peak_gib:.1f} GiB on each GPU**.")
     if length is None:
         return f"{line} No estimate of the run's length: no speed was measured or derived for this GPU."
     passes = (f"{settings.max_steps:,} steps" if settings.max_steps > 0 else
