@@ -247,3 +247,22 @@ def test_the_doctor_fails_a_sharded_run_whose_adapter_is_a_share_or_whose_answer
         "the run did not shard the model (its plan in run.json says so)",
         "the saved adapter is not whole: 64 weights of the 80 its layers have",
         "1 of 2 held-out prompts were answered before and after"]
+
+
+# ---- the Train tab ---------------------------------------------------------------------------------------------
+
+
+def test_the_train_tab_says_each_gpu_s_memory_when_the_model_is_sharded(embedded_tokenizer):
+    from sft_space import checks
+    from sft_space.ui import train_tab
+
+    from builders import SAMPLE_DATA
+
+    settings = RunSettings(source=str(SAMPLE_DATA), model=models.EMBEDDED_MODEL, shard="on")
+    report = checks.check_data(settings, embedded_tokenizer)
+    text = train_tab.estimate_markdown(gpus(H100, 2), settings, report)
+    each = plan_training(settings, gpus(H100, 2), SMALL, report.stats()["total_tokens"],
+                         report.stats()["tokens_per_example"]["max"]).estimated_peak_gib
+    assert f"The model is sharded across the 2 GPUs (FSDP): about **{each:.1f} GiB on each GPU**." in text
+    assert "sharded" not in train_tab.estimate_markdown(gpus(H100, 2), dataclasses.replace(settings, shard="auto"),
+                                                        report)
