@@ -122,6 +122,9 @@ def _jobs_arguments(train: argparse.ArgumentParser) -> None:
                        "login'): the cost is said before the job starts. With --resume, the flavor of the new job.")
     train.add_argument("--jobs-timeout", metavar="TIME", help="With --jobs: the longest the job may run (seconds, or "
                        "e.g. 90m, 2h); default: the estimated length with a margin.")
+    train.add_argument("--jobs-nodes", type=int, default=1, metavar="N", help="With --jobs: train on N machines of "
+                       "that flavor, one job each in one network group, all billed (default 1). A resume keeps the "
+                       "run's number of machines.")
     # Inside a job: the stop request that Stop writes into the run's bucket folder.
     train.add_argument("--stop-file", help=argparse.SUPPRESS)
     # The app hands a visitor's token to their Jobs run on stdin: never a command line, an environment or a file
@@ -571,10 +574,11 @@ def _start_on_jobs(args: argparse.Namespace, say: Any) -> tuple[Any, Any]:
         api = hub_jobs.jobs_api(jobs, folder.path.parent, token)
         return hub_jobs.resume_run(api, token, folder, jobs, args.jobs, timeout, on_status=say), jobs
     settings = train_settings(args)
-    _status_line(f"{train_command(settings)} --jobs {shlex.quote(args.jobs)}")
+    nodes = f" --jobs-nodes {args.jobs_nodes}" if args.jobs_nodes != 1 else ""
+    _status_line(f"{train_command(settings)} --jobs {shlex.quote(args.jobs)}{nodes}")
     api = hub_jobs.jobs_api(jobs, settings.output_dir, token)
     return hub_jobs.start_run(api, token, settings, args.jobs, settings.output_dir, jobs, args.run_name, args.owner,
-                              timeout, on_status=say), jobs
+                              timeout, on_status=say, nodes=hub_jobs.check_nodes(args.jobs_nodes)), jobs
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

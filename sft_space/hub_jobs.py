@@ -22,11 +22,17 @@ is cancelled (`cancel_job`). The Jobs documentation does not say what a cancelle
 other container platforms it is taken to be SIGTERM, then SIGKILL after a grace, which is what the local stand-in
 does (and what `train` already treats as a Stop).
 
+A run on several machines (`--jobs-nodes N`) is N jobs of one flavor in one network group, each the same `train`
+with torch's launcher flags (--nnodes N, its --node-rank, and the first job's alias in the group as
+--rdzv-endpoint); run.json's job is the first's, which speaks for the run, and names them all (`node_jobs`): Stop
+cancels them all, their time is billed together, and each has the run's timeout.
+
 `SFT_SPACE_JOBS_API=local` (ignored on a Space) replaces the Hub's API by jobs_stand_in.py's `LocalJobsApi`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -71,6 +77,12 @@ PACKAGE_FILES = ("sft_space", "requirements.txt")
 SKIPPED_IN_PACKAGE = ("__pycache__", "*.pyc", ".DS_Store")
 # Dependencies of `train` the job checks for before installing the requirements (a prepared image skips it).
 TRAINING_MODULES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
+# A run on several machines is that many jobs in one network group; they meet (torch's rendezvous) at the first
+# job's alias, on this port. A member reaches an alias at ${HF_NETWORK_GROUP_PREFIX}<alias>, which only the job's
+# own network knows: the job's script adds the endpoint from RENDEZVOUS_VARIABLE ("alias:port").
+RENDEZVOUS_ALIAS, RENDEZVOUS_PORT, RENDEZVOUS_VARIABLE = "rendezvous", 29500, "JOB_RENDEZVOUS"
+NODE_LABEL = "sft-space-node"
+MAX_NODES = 16
 
 # The job's entry: install the pinned requirements unless the image has them, then this package's `train`. The
 # arguments follow the script ("$1" the code's folder, the rest `train`'s), so that nothing but plain arguments
@@ -83,6 +95,9 @@ then
   if command -v uv >/dev/null; then install="uv pip install --system --quiet"; else install="pip install --quiet"; fi
   $install -r requirements.txt
   {embedded}
+fi
+if [ -n "${{JOB_RENDEZVOUS:-}}" ]; then
+  set -- "$@" --rdzv-endpoint "${{HF_NETWORK_GROUP_PREFIX:-}}$JOB_RENDEZVOUS"
 fi
 exec python -m sft_space train "$@"
 """
@@ -132,12 +147,13 @@ class Flavor:
     def price_per_hour_usd(self) -> float:
         return self.price_per_minute_usd * 60
 
-    def hardware(self) -> Hardware:
-        """The machine a job of this flavor trains on, as the planner and the estimator take it."""
+    def hardware(self, nodes: int = 1) -> Hardware:
+        """The machine a job of this flavor trains on, as the planner and the estimator take it; with `nodes`
+        machines, their GPUs together (the estimate takes their speeds as adding up)."""
         if not self.gpu:
             return Hardware("cpu", "CPU", 0.0, None, self.cpus)
         return Hardware("cuda", f"NVIDIA {self.gpu}", self.gpu_memory_gib, GPU_CAPABILITY.get(self.gpu, (8, 0)),
-                        self.cpus, self.gpus)
+                        self.cpus, self.gpus * nodes)
 
     def describe(self) -> str:
         what = f"{self.gpus} × {self.gpu}" if self.gpus > 1 else (self.gpu or "CPU only")
@@ -210,6 +226,7 @@ class CostEstimate:
     training_seconds: float | None  # None: no speed is known for this GPU
     startup_seconds: float
     timeout_seconds: int
+    nodes: int = 1  # machines, one job each, every one billed
 
     @property
     def seconds(self) -> float | None:
@@ -217,16 +234,17 @@ class CostEstimate:
 
     @property
     def cost_usd(self) -> float | None:
-        return None if self.seconds is None else self.seconds / 60 * self.flavor.price_per_minute_usd
+        return None if self.seconds is None else self.seconds / 60 * self.flavor.price_per_minute_usd * self.nodes
 
     @property
     def most_usd(self) -> float:
-        return self.timeout_seconds / 60 * self.flavor.price_per_minute_usd
+        return self.timeout_seconds / 60 * self.flavor.price_per_minute_usd * self.nodes
 
     def describe(self) -> str:
         from .estimate import duration
 
-        price = f"Hugging Face Jobs, {self.flavor.describe()}"
+        machines = f"{self.nodes} machines, one job each, of " if self.nodes > 1 else ""
+        price = f"Hugging Face Jobs, {machines}{self.flavor.describe()}"
         bound = (f"the job stops itself after {duration(self.timeout_seconds)} (its timeout), so it can cost at "
                  f"most ${self.most_usd:.2f}")
         if self.seconds is None:
@@ -238,7 +256,7 @@ class CostEstimate:
         return {"flavor": self.flavor.name, "price_per_hour_usd": round(self.flavor.price_per_hour_usd, 4),
                 "estimated_seconds": None if self.seconds is None else round(self.seconds),
                 "estimated_cost_usd": None if self.cost_usd is None else round(self.cost_usd, 4),
-                "timeout_seconds": self.timeout_seconds}
+                "timeout_seconds": self.timeout_seconds, "nodes": self.nodes}
 
 
 def parse_timeout(text: str | None) -> int | None:
@@ -269,15 +287,16 @@ def job_timeout(training_seconds: float | None, settings: JobsSettings, chosen: 
 
 
 def estimate_cost(run_settings: RunSettings, flavor: Flavor, stats: dict[str, Any], settings: JobsSettings,
-                  timeout: int | None = None) -> CostEstimate:
-    """The run's cost on `flavor`: its estimated length on that hardware (estimate.py, from the checked data's
-    `stats`) plus the job's start-up, at the flavor's price; and its timeout."""
+                  timeout: int | None = None, nodes: int = 1) -> CostEstimate:
+    """The run's cost on `nodes` machines of `flavor`: its estimated length on that hardware (estimate.py, from the
+    checked data's `stats`) plus the job's start-up, at the flavor's price for each; and its timeout."""
     from . import estimate
 
-    _, length = estimate.estimate_run(run_settings, flavor.hardware(), stats["total_tokens"],
+    _, length = estimate.estimate_run(run_settings, flavor.hardware(nodes), stats["total_tokens"],
                                       stats["tokens_per_example"]["max"], stats["examples"])
     training = None if length is None else length.seconds
-    return CostEstimate(flavor, training, settings.startup_minutes * 60, job_timeout(training, settings, timeout))
+    return CostEstimate(flavor, training, settings.startup_minutes * 60, job_timeout(training, settings, timeout),
+                        nodes)
 
 
 # The Hub's flavors and prices, asked at most this often by the app (they change rarely; every form change asks).
@@ -380,6 +399,8 @@ class JobPlan:
     volumes: list[Any]
     labels: dict[str, str]
     secrets: dict[str, str] = field(default_factory=dict, repr=False)
+    network_group: str | None = None  # several machines: the group their jobs share
+    network_aliases: list[str] | None = None  # the first machine's: where the others meet it
 
     @property
     def bucket(self) -> str:
@@ -499,23 +520,71 @@ def job_command(arguments: list[str]) -> list[str]:
     return ["bash", "-c", job_script(), "sft-space-job", CODE_MOUNT, *arguments]
 
 
+def check_nodes(nodes: int) -> int:
+    if not 1 <= nodes <= MAX_NODES:
+        raise JobsError(f"--jobs-nodes {nodes}: a run trains on 1 to {MAX_NODES} machines.")
+    return nodes
+
+
+def network_group_name(run_id: str) -> str:
+    """A network group of its own for each start of a run: lowercase letters, digits and dashes, at most 46."""
+    slug = "".join(c if c.isalnum() and c.isascii() else "-" for c in f"sft-space-{run_id}".lower())
+    return f"{slug[:39].strip('-')}-{os.urandom(3).hex()}"
+
+
+def node_plans(plan: JobPlan, nodes: int) -> list[JobPlan]:
+    """The run's jobs on `nodes` machines: each the same `train` with torch's launcher flags (--nnodes, its
+    --node-rank; the job's script adds --rdzv-endpoint, the first job's alias in their network group), in one
+    network group, the first job claiming the alias the others meet it at. One machine: the plan itself."""
+    if check_nodes(nodes) == 1:
+        return [plan]
+    group = network_group_name(plan.run_id)
+    return [dataclasses.replace(
+        plan, command=[*plan.command, "--nnodes", str(nodes), "--node-rank", str(rank)],
+        env={**plan.env, RENDEZVOUS_VARIABLE: f"{RENDEZVOUS_ALIAS}:{RENDEZVOUS_PORT}"},
+        labels={**plan.labels, NODE_LABEL: str(rank)}, network_group=group,
+        network_aliases=[RENDEZVOUS_ALIAS] if rank == 0 else None) for rank in range(nodes)]
+
+
 def start_job(api: Any, plan: JobPlan, token: str | None, in_app: bool = False) -> Any:
     """run_job with the plan; the token goes in `secrets` and as the call's credential, nowhere else."""
+    node = plan.labels.get(NODE_LABEL)
     try:
         return api.run_job(image=plan.image, command=plan.command, env=plan.env, secrets=plan.secrets or None,
                            flavor=plan.flavor, timeout=plan.timeout, labels=plan.labels, volumes=plan.volumes,
-                           name=f"sft-space-{plan.run_id}"[:60], namespace=plan.namespace, token=token)
+                           name=f"sft-space-{plan.run_id}"[:60 - len(f"-{node}" if node else "")] +
+                           (f"-{node}" if node else ""), network_group=plan.network_group,
+                           network_aliases=plan.network_aliases, namespace=plan.namespace, token=token)
     except Exception as err:
         raise explain_error(err, f"start a job on {plan.flavor}", plan.flavor, in_app) from None
+
+
+def start_jobs(api: Any, plans: list[JobPlan], token: str | None, in_app: bool = False) -> list[Any]:
+    """Every machine's job; when one cannot start, those started already are cancelled (none bills alone)."""
+    started: list[Any] = []
+    try:
+        for plan in plans:
+            started.append(start_job(api, plan, token, in_app))
+    except UserError:
+        for info in started:
+            with contextlib.suppress(Exception):
+                api.cancel_job(job_id=info.id, namespace=plans[0].namespace, token=token)
+        raise
+    return started
 
 
 # ------------------------------------------------------------------------------------------------ a run on Jobs
 
 
-def job_entry(info: Any, cost: CostEstimate, plan: JobPlan) -> dict[str, Any]:
-    """What run.json says of a job: which one, where, and what it was expected to cost."""
-    return {"id": info.id, "url": getattr(info, "url", ""), "stage": str(info.status.stage), **plan.to_record(),
-            **cost.to_record(), "started_at": runs.timestamp()}
+def job_entry(infos: list[Any], cost: CostEstimate, plans: list[JobPlan]) -> dict[str, Any]:
+    """What run.json says of a run's job (the first machine's, on several): which one, where, what it was
+    expected to cost, and on several machines every machine's job and their network group."""
+    info = infos[0]
+    entry = {"id": info.id, "url": getattr(info, "url", ""), "stage": str(info.status.stage), **plans[0].to_record(),
+             **cost.to_record(), "started_at": runs.timestamp()}
+    if len(infos) > 1:
+        entry.update(node_jobs=[i.id for i in infos], network_group=plans[0].network_group)
+    return entry
 
 
 @dataclass
@@ -585,11 +654,31 @@ class JobRun:
         return False
 
     def cancel(self) -> None:
+        """Cancel the run's job: on several machines, every machine's."""
         job = self.job
-        try:
-            self.api.cancel_job(job_id=job["id"], namespace=job["namespace"], token=self.token)
-        except Exception as err:
-            raise explain_error(err, "cancel the job") from None
+        for job_id in job.get("node_jobs") or [job["id"]]:
+            try:
+                self.api.cancel_job(job_id=job_id, namespace=job["namespace"], token=self.token)
+            except Exception as err:
+                raise explain_error(err, "cancel the job") from None
+
+    def other_machines(self) -> list[Any]:
+        """On several machines, the state of every machine's job but the first's (which speaks for the run), each
+        cancelled when it still runs after the first has ended (it would bill, for nothing, to its timeout)."""
+        job = self.job
+        others = []
+        for job_id in (job.get("node_jobs") or [])[1:]:
+            try:
+                info = self.api.inspect_job(job_id=job_id, namespace=job["namespace"], token=self.token)
+                if str(info.status.stage) not in TERMINAL_STAGES:
+                    self.api.cancel_job(job_id=job_id, namespace=job["namespace"], token=self.token)
+                    with contextlib.suppress(TimeoutError):  # billed as it then stands
+                        info = self.api.wait_for_job(job_id, timeout=LOG_END_SECONDS, namespace=job["namespace"],
+                                                     token=self.token)
+            except Exception as err:
+                raise explain_error(err, "read the state of the run's other machines") from None
+            others.append(info)
+        return others
 
     def follow(self, on_event: Callable[[dict[str, Any]], None] | None = None, settings: JobsSettings | None = None,
                on_output: Callable[[str], None] | None = None, poll_seconds: float = POLL_SECONDS) -> dict[str, Any]:
@@ -652,7 +741,8 @@ class JobRun:
         except (OSError, ValueError, UserError):  # no record in the bucket (the job ended before its run began)
             remote = {}
         remote_record.unlink(missing_ok=True)
-        seconds = billed_seconds(info)
+        each = [billed_seconds(i) for i in [info, *self.other_machines()]]
+        seconds = None if None in each else sum(each)
         price = job.get("price_per_hour_usd") or 0.0
         ended = {**job, "stage": str(info.status.stage), "status_message": info.status.message,
                  "billed_seconds": None if seconds is None else round(seconds),
@@ -701,11 +791,14 @@ def out_of_memory_message(flavor: str, flavors: dict[str, Flavor] | None) -> str
 
 def start_run(api: Any, token: str | None, settings: RunSettings, flavor_name: str, runs_dir: str | Path,
               jobs: JobsSettings, run_id: str | None = None, owner: str | None = None, timeout: int | None = None,
-              on_status: Callable[[str], None] = lambda message: None, in_app: bool = False) -> JobRun:
-    """Check the data here, price the run, ship it and start its job; the local run folder records the job."""
+              on_status: Callable[[str], None] = lambda message: None, in_app: bool = False,
+              nodes: int = 1) -> JobRun:
+    """Check the data here, price the run, ship it and start its job (on `nodes` machines, one job each); the
+    local run folder records the job."""
     from . import models
     from .training_data import prepare_data
 
+    check_nodes(nodes)
     flavors = list_flavors(api, token)
     flavor = choose_flavor(flavors, flavor_name)
     run_id = runs.validate_run_id(run_id or runs.new_run_id(settings.source))
@@ -714,7 +807,7 @@ def start_run(api: Any, token: str | None, settings: RunSettings, flavor_name: s
     on_status("Checking the data…")
     tokenizer = models.load_tokenizer(settings.model or models.default_model(), settings.trust_remote_code)
     prepared = prepare_data(settings, tokenizer)
-    cost = estimate_cost(settings, flavor, prepared.report.stats(), jobs, timeout)
+    cost = estimate_cost(settings, flavor, prepared.report.stats(), jobs, timeout, nodes)
     on_status(cost.describe())
     on_status("Shipping the checked data and the code to your Hugging Face account…")
     try:
@@ -724,13 +817,15 @@ def start_run(api: Any, token: str | None, settings: RunSettings, flavor_name: s
         raise
     except Exception as err:
         raise explain_error(err, "ship the run's data and code to your account", in_app=in_app) from None
-    info = start_job(api, plan, token, in_app)
+    plans = node_plans(plan, nodes)
+    infos = start_jobs(api, plans, token, in_app)
+    info = infos[0]
     folder = runs.RunFolder.create(runs_dir, run_id)
     now = runs.timestamp()
     folder.write({"run_id": run_id, "status": runs.RUNNING, "created_at": now, "updated_at": now,
                   "settings": dataclasses.asdict(settings), "owner": owner, "error": None,
                   "base_model": settings.model or models.default_model(), "data": prepared.summary(),
-                  "job": job_entry(info, cost, plan), "jobs": []})
+                  "job": job_entry(infos, cost, plans), "jobs": []})
     on_status(f"Job {info.id} started on {flavor.name}: {getattr(info, 'url', '')}")
     return JobRun(api, folder, token)
 
@@ -759,12 +854,15 @@ def resume_run(api: Any, token: str | None, folder: runs.RunFolder, jobs: JobsSe
     training_left = None
     if previous.get("estimated_seconds") is not None:
         training_left = max(0.0, previous["estimated_seconds"] - jobs.startup_minutes * 60)
+    nodes = int(previous.get("nodes") or 1)
     cost = CostEstimate(flavor, training_left, jobs.startup_minutes * 60,
-                        job_timeout(training_left, jobs, timeout))
+                        job_timeout(training_left, jobs, timeout), nodes)
     on_status(cost.describe())
     plan = plan_job(api, token, settings, [], folder.run_id, flavor.name, cost.timeout_seconds, jobs, previous)
-    new = start_job(api, plan, token, in_app)
-    folder.update(status=runs.RUNNING, error=None, job=job_entry(new, cost, plan))
+    plans = node_plans(plan, nodes)
+    infos = start_jobs(api, plans, token, in_app)
+    new = infos[0]
+    folder.update(status=runs.RUNNING, error=None, job=job_entry(infos, cost, plans))
     on_status(f"Job {new.id} resumes the run on {flavor.name}: {getattr(new, 'url', '')}")
     return run
 

@@ -61,7 +61,9 @@ class LocalJobsApi:
     """huggingface_hub's HfApi job and bucket methods, same names and signatures, on this machine: a bucket is a
     folder under `root/buckets`, and a job is its command run as a process (in its own process group) whose
     volumes are folders; each argument that names a mount path names the folder instead. The job's secrets
-    reach its environment only, as on the Hub. For tests and demos: prices are near the Hub's, not its own."""
+    reach its environment only, as on the Hub. A job's network group and aliases are recorded (job.json), not
+    made: its jobs share this machine's network, where the aliases name nothing. For tests and demos: prices are
+    near the Hub's, not its own."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -172,6 +174,8 @@ class LocalJobsApi:
                 ssh: bool = False, network_group: str | None = None, network_aliases: list[str] | None = None,
                 resource_group_id: str | None = None, namespace: str | None = None,
                 token: bool | str | None = None) -> Any:
+        if network_aliases and not network_group:
+            raise ValueError("network_aliases requires network_group")
         mounts = {v.mount_path: self._local_path(v) for v in volumes or []}
         for path in mounts.values():
             path.mkdir(parents=True, exist_ok=True)
@@ -196,7 +200,8 @@ class LocalJobsApi:
         now = _now()
         state = {"id": job_id, "pid": process.pid, "created_at": now, "started_at": now, "flavor": str(flavor),
                  "image": image, "command": command, "labels": labels or {}, "namespace": namespace or LOCAL_USER,
-                 "timeout": timeout, "volumes": [v.to_dict() for v in volumes or []], "cancelled": False}
+                 "timeout": timeout, "volumes": [v.to_dict() for v in volumes or []], "cancelled": False,
+                 "network_group": network_group, "network_aliases": network_aliases or []}
         runs.write_json_atomic(folder / "job.json", state)
         self._processes[job_id] = process
         threading.Thread(target=self._reap, args=(process, folder), daemon=True).start()

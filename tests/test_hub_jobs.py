@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 import warnings
@@ -414,6 +415,78 @@ def test_the_train_tabs_stop_and_resume_on_jobs_reach_the_command_lines_run(monk
                                    "--token-on-stdin"]
     assert resumed["token"] == TOKEN
     os.kill(resumed["pid"], signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------- several machines
+
+
+def test_several_machines_are_jobs_in_one_network_group_that_meet_at_the_first_ones_alias_and_stop_and_bill_together(
+        tmp_path, tiny_model_dir, write_jsonl):
+    """--jobs-nodes 3: three run_job calls, the same `train` with torch's launcher flags (--nnodes 3, each its
+    --node-rank) in one network group, the first claiming the alias the others meet it at; the cost before Start
+    is three machines', a second Stop cancels every job, and the billed cost is the three jobs' time."""
+    class Recording(jobs_stand_in.LocalJobsApi):
+        def run_job(self, **kwargs):
+            calls.append(kwargs)  # the real command would train: a job that runs until cancelled stands for it
+            return super().run_job(**{**kwargs, "command": ["sh", "-c", "while :; do sleep 0.1; done"]})
+
+    calls = []
+    api, jobs = Recording(tmp_path / "hub"), JobsSettings()
+    settings = run_settings("quick", source=str(write_jsonl(distinct_chats(12))), model=str(tiny_model_dir))
+    said = []
+    run = hub_jobs.start_run(api, TOKEN, settings, "l4x4", tmp_path / "runs", jobs, run_id="Three_Machines",
+                             on_status=said.append, nodes=3)
+    assert len(calls) == 3
+    group = calls[0]["network_group"]
+    assert re.fullmatch(r"[a-z0-9-]{1,46}", group) and group.startswith("sft-space-three-machines-")
+    assert [call["network_group"] for call in calls] == [group] * 3
+    assert [call["network_aliases"] for call in calls] == [["rendezvous"], None, None]
+    for rank, call in enumerate(calls):
+        assert call["command"][-4:] == ["--nnodes", "3", "--node-rank", str(rank)]
+        assert call["command"][:-4] == calls[0]["command"][:-4]
+        assert call["env"]["JOB_RENDEZVOUS"] == "rendezvous:29500" and call["secrets"] == {"HF_TOKEN": TOKEN}
+        assert (call["flavor"], call["timeout"]) == ("l4x4", calls[0]["timeout"])
+        assert call["labels"]["sft-space-node"] == str(rank)
+    assert len({call["name"] for call in calls}) == 3
+    job = run.job
+    assert job["nodes"] == 3 and len(job["node_jobs"]) == 3 and job["node_jobs"][0] == job["id"]
+    assert "3 machines, one job each, of l4x4" in "".join(said)
+    l4x4 = hub_jobs.list_flavors(api, None)["l4x4"]
+    alone, three = (hub_jobs.estimate_cost(run_settings("quick"), l4x4, STATS, jobs, nodes=n) for n in (1, 3))
+    assert three.training_seconds == pytest.approx(alone.training_seconds / 3, rel=0.01)  # 12 GPUs, not 4
+    assert three.cost_usd == pytest.approx(three.seconds / 60 * l4x4.price_per_minute_usd * 3)
+    assert three.most_usd == pytest.approx(three.timeout_seconds / 60 * l4x4.price_per_minute_usd * 3)
+    assert run.request_stop() is False and run.request_stop() is True  # the second cancels every machine's job
+    record = run.follow(settings=jobs, poll_seconds=0.1)
+    stages = [api.wait_for_job(job_id, timeout=5).status.stage for job_id in job["node_jobs"]]
+    assert stages == ["CANCELED"] * 3 and record["status"] == "stopped"
+    each = [hub_jobs.billed_seconds(api.inspect_job(job_id=job_id)) for job_id in job["node_jobs"]]
+    assert record["job"]["billed_seconds"] == round(sum(each))
+    assert record["job"]["cost_usd"] == pytest.approx(sum(each) / 3600 * 3.80, abs=1e-3)
+
+
+def test_the_jobs_script_gives_train_the_rendezvous_at_the_first_jobs_alias_in_its_network(tmp_path):
+    """In each job, the script adds --rdzv-endpoint ${HF_NETWORK_GROUP_PREFIX}<alias>:<port> (only the job's network
+    knows the prefix) to `train`'s arguments, which the command line takes as torch's launcher flags."""
+    fake_python = tmp_path / "bin" / "python"
+    fake_python.parent.mkdir()
+    fake_python.write_text('#!/bin/sh\n[ "$1" = "-c" ] && exit 0\nprintf "%s\\n" "$@"\n')
+    fake_python.chmod(0o755)
+    plan = hub_jobs.JobPlan("r", "local-user", "image", hub_jobs.job_command(["--resume", "/runs/r"]), {}, "l4x4",
+                            3600, [], {})
+    second = hub_jobs.node_plans(plan, 2)[1]
+    environment = {"PATH": f"{fake_python.parent}:{os.environ['PATH']}", "HF_NETWORK_GROUP_PREFIX": "grp-7.",
+                   **second.env}
+    command = [tmp_path if part == "/code" else part for part in second.command]
+    printed = subprocess.run(command, env=environment, capture_output=True, text=True, check=True).stdout.split("\n")
+    arguments = printed[printed.index("train") + 1:-1]
+    assert arguments == ["--resume", "/runs/r", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint",
+                         "grp-7.rendezvous:29500"]
+    parsed = cli.build_parser().parse_args(["train", *arguments])
+    assert (parsed.nnodes, parsed.node_rank, parsed.rdzv_endpoint) == (2, 1, "grp-7.rendezvous:29500")
+    assert hub_jobs.node_plans(plan, 1) == [plan]
+    with pytest.raises(UserError, match="1 to 16 machines"):
+        hub_jobs.node_plans(plan, 0)
 
 
 # ---------------------------------------------------------------------------------------------- whole runs
