@@ -266,3 +266,15 @@ def test_the_train_tab_says_each_gpu_s_memory_when_the_model_is_sharded(embedded
     assert f"The model is sharded across the 2 GPUs (FSDP): about **{each:.1f} GiB on each GPU**." in text
     assert "sharded" not in train_tab.estimate_markdown(gpus(H100, 2), dataclasses.replace(settings, shard="auto"),
                                                         report)
+
+
+def test_the_setting_is_a_train_flag_and_a_field_of_the_train_tab_s_advanced_settings():
+    from sft_space import cli
+    from sft_space.ui import train_tab
+
+    parse = cli.build_parser().parse_args
+    assert cli.train_settings(parse(["train", "data.jsonl", "--shard", "on"])).shard == "on"
+    assert cli.train_settings(parse(["train", "data.jsonl"])).shard == "auto"
+    with pytest.raises(SystemExit):
+        parse(["train", "data.jsonl", "--shard", "always"])
+    assert "shard" in [spec.name for spec in train_tab.advanced_fields()]
