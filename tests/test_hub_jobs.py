@@ -235,6 +235,61 @@ def test_a_402_when_the_job_starts_refuses_the_run_and_writes_no_run(tmp_path, t
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_run_that_ran_out_of_gpu_memory_in_its_job_names_the_next_flavor_up(stand_in, tmp_path):
+    """The job's `train` caught the out-of-memory error and recorded it in the bucket: the run's error says which
+    flavor has more memory per GPU, as for a job the system killed."""
+    from huggingface_hub import Volume
+
+    record = json.dumps({"run_id": "oom", "status": "failed", "error": "CUDA out of memory. Tried to allocate 2 GiB"})
+    info = stand_in.run_job(image="x", command=["sh", "-c", f"mkdir -p \"$0/oom\" && echo '{record}' > "
+                                                            "\"$0/oom/run.json\"; exit 1", "/runs"],
+                            volumes=[Volume(type="bucket", source="local-user/sft-space-runs", mount_path="/runs")])
+    folder = job_folder(tmp_path, "oom", info.id)
+    ended = hub_jobs.JobRun(stand_in, folder).follow(poll_seconds=0.1)
+    assert ended["status"] == "failed" and "ran out of memory on t4-small" in ended["error"]
+    assert "next flavor up, l4x1" in ended["error"] and "CUDA" not in ended["error"]
+
+
+def test_a_run_its_job_refused_before_it_began_says_the_jobs_own_reason(stand_in, tmp_path):
+    """A job whose `train` ended before its run folder existed (its data or settings refused there) leaves no
+    record in the bucket: the reason comes from its log's failed event."""
+    failed = json.dumps({"event": "failed", "time": 1.0, "reason": "The model needs more memory than the GPU has."})
+    info = stand_in.run_job(image="x", command=["sh", "-c", f"echo 'Installing…'; echo '@sft-space-event {failed}'; "
+                                                            "exit 1"])
+    ended = hub_jobs.JobRun(stand_in, job_folder(tmp_path, "refused", info.id)).follow(poll_seconds=0.1)
+    assert (ended["status"], ended["error"]) == ("failed", "The model needs more memory than the GPU has.")
+
+
+def test_an_unreachable_hub_refuses_the_run_before_anything_is_started_or_written(tmp_path):
+    class Offline(jobs_stand_in.LocalJobsApi):
+        def list_jobs_hardware(self, token=None):
+            raise httpx2.ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    with pytest.raises(UserError, match="seems to be offline"):
+        hub_jobs.start_run(Offline(tmp_path / "hub"), TOKEN, run_settings("quick", source="x.jsonl"), "t4-small",
+                           tmp_path / "runs", JobsSettings())
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "hub").exists()
+
+
+def test_when_one_machines_job_cannot_start_the_jobs_started_are_cancelled_and_the_flavor_is_named(
+        tmp_path, tiny_model_dir, write_jsonl):
+    """A run on several machines bills for none when one of its jobs is refused (here its flavor, unavailable)."""
+    class SecondRefused(jobs_stand_in.LocalJobsApi):
+        def run_job(self, **kwargs):
+            if kwargs["labels"].get("sft-space-node") == "1":
+                raise hub_answer(400, "Flavor h200x8 is not available at the moment")
+            started.append(super().run_job(**{**kwargs, "command": ["sh", "-c", "while :; do sleep 0.1; done"]}))
+            return started[-1]
+
+    started = []
+    api = SecondRefused(tmp_path / "hub")
+    settings = run_settings("quick", source=str(write_jsonl(distinct_chats(12))), model=str(tiny_model_dir))
+    with pytest.raises(UserError, match="refused the hardware h200x8.*choose another flavor"):
+        hub_jobs.start_run(api, TOKEN, settings, "h200x8", tmp_path / "runs", JobsSettings(), nodes=2)
+    assert len(started) == 1 and api.wait_for_job(started[0].id, timeout=5).status.stage == "CANCELED"
+    assert not (tmp_path / "runs").exists()
+
+
 # ---------------------------------------------------------------------------------------------- the plan
 
 
@@ -457,9 +512,10 @@ def test_several_machines_are_jobs_in_one_network_group_that_meet_at_the_first_o
     assert three.cost_usd == pytest.approx(three.seconds / 60 * l4x4.price_per_minute_usd * 3)
     assert three.most_usd == pytest.approx(three.timeout_seconds / 60 * l4x4.price_per_minute_usd * 3)
     assert run.request_stop() is False and run.request_stop() is True  # the second cancels every machine's job
-    record = run.follow(settings=jobs, poll_seconds=0.1)
     stages = [api.wait_for_job(job_id, timeout=5).status.stage for job_id in job["node_jobs"]]
-    assert stages == ["CANCELED"] * 3 and record["status"] == "stopped"
+    assert stages == ["CANCELED"] * 3
+    record = run.follow(settings=jobs, poll_seconds=0.1)
+    assert record["status"] == "stopped"
     each = [hub_jobs.billed_seconds(api.inspect_job(job_id=job_id)) for job_id in job["node_jobs"]]
     assert record["job"]["billed_seconds"] == round(sum(each))
     assert record["job"]["cost_usd"] == pytest.approx(sum(each) / 3600 * 3.80, abs=1e-3)
