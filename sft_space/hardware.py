@@ -249,7 +249,7 @@ def plan_training(settings: RunSettings, hardware: Hardware, shape: ModelShape, 
             why = " as chosen" if settings.shard == "on" else " (the model fits no single GPU)"
             reasons.append(f"sharded across the {processes} GPUs with FSDP{why}: each holds a share of the weights, "
                            f"about {peak:.1f} GiB per GPU instead of {whole:.1f} GiB for a whole copy")
-        elif processes > 1:
+        elif processes > 1 and (fits or settings.shard == "off"):
             reasons.append("not sharded: " + ("off as chosen" if settings.shard == "off" else
                                               "each GPU holds the whole model (it fits, and needs no gathers)"))
         each = " on each GPU" if processes > 1 else ""
@@ -258,8 +258,9 @@ def plan_training(settings: RunSettings, hardware: Hardware, shape: ModelShape, 
             reasons.append("may not fit: shorten the maximum length or choose a smaller model")
             if processes > 1 and not sharded and settings.shard != "off":
                 shared = estimate(batch, four_bit, checkpointing, processes)
-                whole = " (4-bit weights are quantized whole on each GPU as they load)" if four_bit else ""
+                loading = " (4-bit weights are quantized whole on each GPU as they load)" if four_bit else ""
                 reasons.append(f"sharded across the {processes} GPUs with FSDP it would still take about "
-                               f"{shared:.1f} GiB on each{whole}")
+                               f"{shared:.1f} GiB on each{loading}")
     return TrainingPlan(hardware.kind, precision, four_bit, checkpointing, batch, length, packing,
-                        round(peak, 2), fits, reasons, examples_per_step=batch * settings.gradient_accumulation, sharded=sharded)
+                        round(peak, 2), fits, reasons, examples_per_step=batch * settings.gradient_accumulation,
+                        sharded=sharded)

@@ -60,6 +60,11 @@ def test_auto_keeps_a_whole_copy_on_each_gpu_when_it_fits_and_off_never_shards()
     assert not off.sharded and not off.fits
     assert "not sharded: off as chosen" in off.reasons
     assert not any("with FSDP" in reason for reason in off.reasons)
+    # Too large even shared: the plan says what sharding would take, and never that the model fits.
+    tight = plan(SIXTEEN_BIT, Hardware("cuda", "NVIDIA A2", 6.0, (8, 6), device_count=2))
+    assert not tight.fits and not tight.sharded and not any("it fits" in reason for reason in tight.reasons)
+    assert any(reason.startswith("sharded across the 2 GPUs with FSDP it would still take about")
+               for reason in tight.reasons)
     # A run of one process on a machine of several GPUs has no one to share with.
     assert not plan(SIXTEEN_BIT, gpus(T4, 4), processes=1).sharded
 
