@@ -826,7 +826,9 @@ def start_run(api: Any, token: str | None, settings: RunSettings, flavor_name: s
                   "settings": dataclasses.asdict(settings), "owner": owner, "error": None,
                   "base_model": settings.model or models.default_model(), "data": prepared.summary(),
                   "job": job_entry(infos, cost, plans), "jobs": []})
-    on_status(f"Job {info.id} started on {flavor.name}: {getattr(info, 'url', '')}")
+    others = f", with {nodes - 1} more machine{'s' if nodes > 2 else ''} ({', '.join(i.id for i in infos[1:])})" \
+        if nodes > 1 else ""
+    on_status(f"Job {info.id} started on {flavor.name}{others}: {getattr(info, 'url', '')}")
     return JobRun(api, folder, token)
 
 
@@ -872,6 +874,8 @@ def describe_job(job: dict[str, Any]) -> str:
     from .estimate import duration
 
     line = f"job {job['id']} on {job['flavor']}"
+    if (job.get("nodes") or 1) > 1:
+        line += f" (the first of {job['nodes']} machines, one job each)"
     if job.get("billed_seconds") is not None:
         return f"{line}: {duration(job['billed_seconds'])} billed, ${job.get('cost_usd') or 0:.2f}"
     if job.get("estimated_cost_usd") is not None:

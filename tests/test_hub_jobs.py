@@ -505,7 +505,8 @@ def test_several_machines_are_jobs_in_one_network_group_that_meet_at_the_first_o
     assert len({call["name"] for call in calls}) == 3
     job = run.job
     assert job["nodes"] == 3 and len(job["node_jobs"]) == 3 and job["node_jobs"][0] == job["id"]
-    assert "3 machines, one job each, of l4x4" in "".join(said)
+    assert "3 machines, one job each, of l4x4" in "".join(said) and "with 2 more machines" in said[-1]
+    assert "(the first of 3 machines, one job each)" in hub_jobs.describe_job(job)
     l4x4 = hub_jobs.list_flavors(api, None)["l4x4"]
     alone, three = (hub_jobs.estimate_cost(run_settings("quick"), l4x4, STATS, jobs, nodes=n) for n in (1, 3))
     assert three.training_seconds == pytest.approx(alone.training_seconds / 3, rel=0.01)  # 12 GPUs, not 4
