@@ -220,7 +220,7 @@ def test_stop_then_resume_continues_the_step_count(tiny_settings):
     steps = [m["step"] for m in resumed.read_metrics() if "loss" in m]
     after = steps[steps.index(stopped_at) + 1:]
     assert after and after[0] == stopped_at + 1 and after[-1] == 10
-    # Elapsed time goes on from where the stopped run left it (before: it restarted from zero).
+    # Elapsed time goes on from where the stopped run left it, not from zero.
     metrics = resumed.read_metrics()
     before = [m["elapsed_seconds"] for m in metrics if m["step"] <= stopped_at]
     assert min(m["elapsed_seconds"] for m in metrics if m["step"] > stopped_at) > max(before)
@@ -238,8 +238,8 @@ def test_stop_then_resume_continues_the_step_count(tiny_settings):
 @pytest.mark.slow  # about 6 s: a hundred steps, then a resume
 def test_the_last_step_is_logged_whatever_the_logging_interval(tiny_settings):
     """A run logs every 1% of its steps; a stop or the end between two logs still logs its step, so the curve, the
-    page and the record end where the run and its checkpoint did (before: a run stopped at step 43 of 100,000 read
-    "step 1")."""
+    page and the record end where the run and its checkpoint did (a run stopped at step 43 of 100,000 says step 43,
+    not its last logged step, 1)."""
     settings = tiny_settings(max_steps=101, save_every=50, sample_prompts=0, validation_fraction=0)
     stop = threading.Event()
     # Logged at step 1, then every 2 steps (1% of 101, rounded up): stop once step 2 is logged, so the run stops at
@@ -341,8 +341,8 @@ def evaluated_steps(max_steps, eval_steps):
 
 @pytest.mark.parametrize("preset, max_steps", [("balanced", 0), ("quick", 0), ("quick", 20)])
 def test_evaluation_takes_at_most_a_tenth_of_a_run_on_the_sample(preset, max_steps, tiny_model_dir, tmp_path):
-    """Before, validation loss ran every 10% of the steps: every 2 steps of a 20-step run, half its time. Now a
-    few evaluations per run, as many as fit in its compute budget, the last at the last step."""
+    """A few evaluations per run, as many as fit in its compute budget, the last at the last step: evaluating every
+    10% of the steps (every 2 steps of a 20-step run) takes half of a short run's time."""
     settings = run_settings(preset, source=str(SAMPLE_DATA), model=str(tiny_model_dir), max_steps=max_steps,
                             output_dir=str(tmp_path))
     tokenizer = models.load_tokenizer(settings.model)
