@@ -465,11 +465,17 @@ def _adopt_slurm_environment(where: Processes) -> None:
 
 
 def leave() -> None:
-    """The end of the run for this process: it no longer watches for a stop."""
+    """The end of the run for this process: it no longer watches for a stop, and leaves torch's process group (one
+    left standing at the interpreter's exit can abort it, "terminate called without an active exception", which the
+    launcher reads as a failed run)."""
     global _group
     if _group is not None:
         _group.close()
         _group = None
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def from_main(action: Callable[[], Any]) -> Any:

@@ -110,6 +110,7 @@ args = TrainingArguments(output_dir=out + ".trainer", per_device_train_batch_siz
 Trainer(model=model, args=args, train_dataset=Examples(), callbacks=[PerStep()]).train()
 if distributed.is_main():
     open(out, "w").write(json.dumps({"split": [split.batch_size, split.accumulation], "counts": counts}))
+dist.destroy_process_group()  # as distributed.leave does at the end of a run
 '''
 
 
