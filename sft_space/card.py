@@ -1,6 +1,6 @@
 """The model card of a published run: Hub metadata plus a page that says what the model is and how it was made.
 
-Everything on it comes from the run folder (run.json, metrics.jsonl, samples.json), so a card can be written
+Everything on it comes from the run folder (run.json, events.jsonl, samples.json), so a card can be written
 again for any past run, and it never holds anything the run folder does not (no tokens, no local paths).
 """
 

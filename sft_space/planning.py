@@ -32,7 +32,7 @@ MB = 1024**2
 CHECKPOINT_BYTES_PER_PARAMETER = 4 + 4 + 4
 ADAPTER_BYTES_PER_PARAMETER = 4
 SMALL_FILES_BYTES = 32 * MB
-# run.json, metrics.jsonl, samples.json and the slack a filesystem needs.
+# run.json, events.jsonl, samples.json and the slack a filesystem needs.
 DISK_MARGIN_BYTES = 64 * MB
 # Savers that are not Python (safetensors, torch's zip writer) report a full disk without an errno: a failed
 # write with less than this free is taken for one.
