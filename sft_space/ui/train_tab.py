@@ -407,7 +407,7 @@ def build_jobs(gate: Gate, session: gr.BrowserState, where: gr.Radio, local: lis
     starts one, billed to them (the Space's owner and who may train here are not involved)."""
     launcher = hub_jobs.JobsLauncher(gate.runs_dir)
     on_space = bool(gate.environ.get("SPACE_ID"))
-    with gr.Group(visible=False) as group:
+    with gr.Column(visible=False) as group:
         with gr.Row():
             flavor = gr.Dropdown(JOBS_FLAVORS, value="t4-small", label="GPU", elem_id="jobs-flavor", scale=1)
             jobs_cost = gr.Markdown(elem_id="jobs-cost")
@@ -539,10 +539,11 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
         resume = gr.Button("Resume", elem_id="resume-training")
     progress = gr.Markdown(progress_markdown(None), elem_id="train-progress")
     curve = gr.LinePlot(EMPTY_CURVE, label="Loss", elem_id="loss-plot", **LOSS_PLOT)
-    command = gr.Code(label="The same run from the command line", language="shell", interactive=False,
-                      elem_id="train-command")
     build_jobs(gate, session, where, [local_controls, progress, curve, cost], report, data_settings, skip_invalid,
                model, preset, [advanced[n] for n in names], names)
+    # Below the run's controls and curve wherever it trains.
+    command = gr.Code(label="The same run from the command line", language="shell", interactive=False,
+                      elem_id="train-command")
     # What this page's last Start, Stop or Resume was refused for (`refusal_notice`), shown in the status line
     # until the next action.
     notice = gr.State("")
