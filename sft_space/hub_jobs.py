@@ -287,13 +287,14 @@ def job_timeout(training_seconds: float | None, settings: JobsSettings, chosen: 
 
 
 def estimate_cost(run_settings: RunSettings, flavor: Flavor, stats: dict[str, Any], settings: JobsSettings,
-                  timeout: int | None = None, nodes: int = 1) -> CostEstimate:
+                  timeout: int | None = None, nodes: int = 1, limits: Any = None) -> CostEstimate:
     """The run's cost on `nodes` machines of `flavor`: its estimated length on that hardware (estimate.py, from the
-    checked data's `stats`) plus the job's start-up, at the flavor's price for each; and its timeout."""
+    checked data's `stats`) plus the job's start-up, at the flavor's price for each; and its timeout. `limits`
+    (isolation.Limits, the app's): a model a visitor named is laid out from its config in a worker under them."""
     from . import estimate
 
     _, length = estimate.estimate_run(run_settings, flavor.hardware(nodes), stats["total_tokens"],
-                                      stats["tokens_per_example"]["max"], stats["examples"])
+                                      stats["tokens_per_example"]["max"], stats["examples"], limits)
     training = None if length is None else length.seconds
     return CostEstimate(flavor, training, settings.startup_minutes * 60, job_timeout(training, settings, timeout),
                         nodes)
@@ -313,11 +314,12 @@ def known_flavors(api: Any, token: str | None) -> dict[str, Flavor]:
 
 
 def cost_line(runs_dir: str | Path, token: str | None, settings: RunSettings, flavor_name: str,
-              stats: dict[str, Any], environ: Mapping[str, str] | None = None) -> str:
-    """What the app says beside Start on Jobs: the run's cost on that flavor, and the timeout that bounds it."""
+              stats: dict[str, Any], environ: Mapping[str, str] | None = None, limits: Any = None) -> str:
+    """What the app says beside Start on Jobs: the run's cost on that flavor, and the timeout that bounds it;
+    `limits` as in `estimate_cost`."""
     jobs = jobs_settings(environ)
     flavor = choose_flavor(known_flavors(jobs_api(jobs, runs_dir, token), token), flavor_name)
-    return estimate_cost(settings, flavor, stats, jobs).describe()
+    return estimate_cost(settings, flavor, stats, jobs, limits=limits).describe()
 
 
 def billed_seconds(info: Any) -> float | None:

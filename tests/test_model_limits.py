@@ -163,3 +163,10 @@ def test_the_train_tabs_estimate_lays_out_a_visitors_model_config_in_a_worker(tm
     # The offered models are read from the catalogue, with no worker.
     offered = run_settings("quick", model=models.EMBEDDED_MODEL)
     assert "This run: about" in train_tab.estimate_markdown(CPU_16GB, offered, report, limits)
+    # The cost of the same run on Hugging Face Jobs reads it the same way.
+    from sft_space import hub_jobs
+
+    with pytest.raises(UserError, match="Reading this model's size from its config"):
+        hub_jobs.cost_line(tmp_path / "runs", None, settings, "t4-small", report.stats(),
+                           {"SFT_SPACE_JOBS_API": "local"}, limits)
+    assert isolation.running.count == 0

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import gradio as gr
 import pandas as pd
+from huggingface_hub import JobHardware
 
 from .. import access, checks, estimate, events, formats, hub_jobs, isolation, jobs, models, runs, storage
 from ..errors import UserError
@@ -372,8 +373,7 @@ class TrainTab:
 
 THIS_SPACE, ON_JOBS = "This Space", "Hugging Face Jobs"
 # The flavors offered: huggingface_hub's list of Jobs hardware with a GPU (their prices come from the Hub).
-JOBS_FLAVORS = [flavor.value for flavor in __import__("huggingface_hub").JobHardware
-                if not flavor.value.startswith("cpu")]
+JOBS_FLAVORS = [flavor.value for flavor in JobHardware if not flavor.value.startswith("cpu")]
 
 
 def jobs_progress_markdown(run: hub_jobs.LaunchedRun | None, notice: str = "") -> str:
@@ -417,11 +417,12 @@ def build_jobs(gate: Gate, session: gr.BrowserState, where: gr.Radio, local: lis
             resume = gr.Button("Resume on Jobs", elem_id="resume-jobs")
         status = gr.Markdown(jobs_progress_markdown(None), elem_id="jobs-progress")
         curve = gr.LinePlot(EMPTY_CURVE, label="Loss", elem_id="jobs-loss-plot", **LOSS_PLOT)
-    timer = gr.Timer(2.0, active=True)
+    # Polls the visitor's Jobs run only while the page shows Jobs: a page that never chose it asks nothing.
+    timer = gr.Timer(2.0, active=False)
 
-    where.change(lambda chosen: [gr.update(visible=chosen == ON_JOBS)] +
-                 [gr.update(visible=chosen != ON_JOBS) for _ in local], inputs=where, outputs=[group, *local],
-                 show_progress="hidden")
+    where.change(lambda chosen: [gr.update(visible=chosen == ON_JOBS), gr.Timer(active=chosen == ON_JOBS)] +
+                 [gr.update(visible=chosen != ON_JOBS) for _ in local], inputs=where,
+                 outputs=[group, timer, *local], show_progress="hidden")
 
     def token_of(profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None) -> str | None:
         from ..publish import resolve_token
@@ -493,7 +494,7 @@ def build_jobs(gate: Gate, session: gr.BrowserState, where: gr.Radio, local: lis
         try:
             settings = settings_of(report_value, data_value, True, model_name, preset_name, advanced_values)
             return hub_jobs.cost_line(gate.runs_dir, getattr(oauth_token, "token", None), settings, flavor_name,
-                                      report_value.stats(), gate.environ)
+                                      report_value.stats(), gate.environ, isolation.Limits.of(gate.settings))
         except (gr.Error, UserError) as err:
             return f"No cost yet: {err}"
 
