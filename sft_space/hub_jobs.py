@@ -360,27 +360,44 @@ def explain_error(err: BaseException, action: str, flavor: str = "", in_app: boo
     return explain_hub_error(err, action, f"you/{RUNS_BUCKET}", "", in_app=in_app)
 
 
-def visitor_token(on_space: bool, oauth_token: Any, own_token: str | None, stand_in: bool) -> str | None:
-    """The token a visitor's Jobs run is started and billed with. On a Space: their own sign-in, which must have
-    granted the `jobs` scope (the Space's owner and its HF_TOKEN are never involved). On this machine: the
-    operator's HF_TOKEN or saved login (`own_token`); the local stand-in needs none."""
-    if on_space:
+def page_token(environ: Mapping[str, str], oauth_token: Any, own_token: Callable[[], str | None]) -> str | None:
+    """The token a Jobs run started from the app's page is started and billed with, decided from this server's
+    environment and the sign-in Gradio reads from its own session cookie (`oauth_token`), never from a value the
+    page sends. On a Space: the visitor's own sign-in, which must have granted the `jobs` scope (the Space's owner
+    and its HF_TOKEN are never involved). Off a Space a visitor has no sign-in of their own (Gradio's sign-in there
+    is a stand-in for the machine's own login), so the run would be billed to the operator's token (`own_token()`:
+    HF_TOKEN or the saved login) whoever starts it: only when the operator allows it (JobsSettings.operator_pays).
+    The local stand-in needs no token. The command line is the operator's own and never asks this."""
+    settings = jobs_settings(environ)
+    if environ.get("SPACE_ID"):
         if oauth_token is None:
             raise JobsError("Training on Hugging Face Jobs runs on your own Hugging Face account and is billed to "
                             "it: press \"Sign in with Hugging Face\" (allowing 'jobs'), then Start again.")
         refuse_without_scope(getattr(oauth_token, "scope", None))
         return oauth_token.token
-    if own_token is None and not stand_in:
+    if not settings.operator_pays:
+        raise JobsError(OPERATOR_PAYS_OFF.format(variable=environment_variable("operator_pays", JOBS_ENV_PREFIX)))
+    token = own_token()
+    if token is None and settings.api != "local":
         raise JobsError("Training on Hugging Face Jobs needs a Hugging Face token that may start Jobs: start the app "
                         "with HF_TOKEN set, or after 'hf auth login'.")
-    return own_token
+    return token
+
+
+# Said on the page off a Space until the operator allows Jobs runs billed to their own token.
+OPERATOR_PAYS_OFF = ("Hugging Face Jobs is off in this app: here visitors cannot sign in with an account of their own, "
+                     "so every Jobs run started from this page would be billed to the operator's Hugging Face account, "
+                     "whoever starts it. The operator can allow that by starting the app with {variable}=1 (who may "
+                     "train here then decides who may), or train on Jobs from a shell: python -m sft_space train "
+                     "DATA --jobs t4-small.")
 
 
 def refuse_without_scope(scope: str | None) -> None:
     """A visitor signed in to the app may start Jobs only when their sign-in granted the `jobs` scope."""
     if scope is None or JOBS_SCOPE not in str(scope).split():
-        raise JobsError("Training on Hugging Face Jobs needs your permission to start Jobs for you, billed to your "
-                        "account: sign out and sign in with Hugging Face again, allowing 'jobs'.")
+        raise JobsError("Your sign-in with Hugging Face did not grant the 'jobs' scope, which lets this app start Jobs "
+                        "for you, billed to your account: sign out, then sign in with Hugging Face again, allowing "
+                        "'jobs'.")
 
 
 # ------------------------------------------------------------------------------------------------ the plan

@@ -620,6 +620,12 @@ class JobsSettings:
                                         bounds=(0, 86_400))
     local_folder: str = setting("", "Where the local stand-in keeps its buckets and jobs (empty: .hub-jobs-local in "
                                     "the runs folder).")
+    operator_pays: bool = setting(False, "Off a Space: let the app's page start Jobs runs billed to this machine's "
+                                         "own Hugging Face token (HF_TOKEN or the saved login), for whoever may train "
+                                         "here (who_may_train: anyone, unless set). Off by default, since anyone who "
+                                         "reaches the app could otherwise rent GPUs on your account; off a Space a "
+                                         "visitor has no sign-in of their own to pay with. Ignored on a Space, where "
+                                         "each visitor pays with their own sign-in; the command line never needs it.")
 
     def __post_init__(self) -> None:
         check_bounds(self)

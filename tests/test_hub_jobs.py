@@ -192,17 +192,81 @@ def test_a_visitor_must_have_granted_the_jobs_scope():
 def test_on_a_space_the_visitor_pays_with_their_own_sign_in_and_its_jobs_scope():
     from types import SimpleNamespace
 
+    # Even where the operator allows runs billed to their own token, a Space never uses it.
+    space = {"SPACE_ID": "acme/sft-space", "SFT_SPACE_JOBS_OPERATOR_PAYS": "1"}
+
+    def operators_own():
+        return "hf_operators_own"
+
     signed_in = SimpleNamespace(token=TOKEN, scope="openid profile jobs")
-    assert hub_jobs.visitor_token(True, signed_in, "hf_operators_own", stand_in=False) == TOKEN
+    assert hub_jobs.page_token(space, signed_in, operators_own) == TOKEN
     with pytest.raises(UserError, match="Sign in with Hugging Face"):
-        hub_jobs.visitor_token(True, None, "hf_operators_own", stand_in=True)  # never the operator's token
-    with pytest.raises(UserError, match="allowing 'jobs'"):
-        hub_jobs.visitor_token(True, SimpleNamespace(token=TOKEN, scope="openid profile"), None, stand_in=False)
-    # On the operator's own machine: their HF_TOKEN or saved login; the stand-in needs none.
-    assert hub_jobs.visitor_token(False, None, "hf_operators_own", stand_in=False) == "hf_operators_own"
-    assert hub_jobs.visitor_token(False, None, None, stand_in=True) is None
+        hub_jobs.page_token(space, None, operators_own)
+    with pytest.raises(UserError, match="did not grant the 'jobs' scope.*sign in with Hugging Face again"):
+        hub_jobs.page_token(space, SimpleNamespace(token=TOKEN, scope="openid profile"), operators_own)
+    # A token a client puts in its request's body reaches a handler with no scope (Gradio's
+    # route_utils.oauth_token_from_body): refused like a sign-in without 'jobs'.
+    with pytest.raises(UserError, match="'jobs'"):
+        hub_jobs.page_token(space, SimpleNamespace(token=TOKEN, scope=""), operators_own)
+
+
+def test_off_a_space_the_page_starts_jobs_on_the_operators_token_only_when_the_operator_allows_it():
+    """Off a Space anyone who reaches the app may train by default, and no visitor has a sign-in of their own:
+    without the operator's SFT_SPACE_JOBS_OPERATOR_PAYS=1 a Jobs run from the page (billed to the operator's
+    token) is refused with what the operator sets, and the operator's token is not even read."""
+    from types import SimpleNamespace
+
+    read = []
+
+    def operators_own():
+        read.append(True)
+        return "hf_operators_own"
+
+    # Gradio's sign-in off a Space stands in for the machine's own login: it is not a visitor's account.
+    mocked_sign_in = SimpleNamespace(token="mock-oauth-token-for-local-dev", scope="openid profile jobs")
+    for environ in ({}, {"SFT_SPACE_JOBS_API": "local"}, {"SFT_SPACE_JOBS_OPERATOR_PAYS": "0"}):
+        for oauth in (None, mocked_sign_in):
+            with pytest.raises(UserError, match=r"billed to the operator's .*SFT_SPACE_JOBS_OPERATOR_PAYS=1.*"
+                                                r"python -m sft_space train DATA --jobs"):
+                hub_jobs.page_token(environ, oauth, operators_own)
+    assert read == []
+    allowed = {"SFT_SPACE_JOBS_OPERATOR_PAYS": "1"}
+    assert hub_jobs.page_token(allowed, mocked_sign_in, operators_own) == "hf_operators_own"
     with pytest.raises(UserError, match="HF_TOKEN"):
-        hub_jobs.visitor_token(False, None, None, stand_in=False)
+        hub_jobs.page_token(allowed, None, lambda: None)
+    assert hub_jobs.page_token({**allowed, "SFT_SPACE_JOBS_API": "local"}, None, lambda: None) is None  # needs none
+
+
+def test_off_a_space_the_train_tab_says_jobs_is_off_until_the_operator_allows_it(monkeypatch, tmp_path,
+                                                                                 tiny_model_dir):
+    """Choosing Jobs says why it is unavailable and what the operator sets, as a message with Start disabled; Start
+    called as the endpoint it is (any client can) is refused the same, and starts nothing. Once the operator allows
+    it, the same choice offers Start."""
+    from sft_space import jobs as local_jobs
+    from sft_space.ui import build_app, train_tab
+
+    monkeypatch.setenv("SFT_SPACE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("SFT_SPACE_JOBS_API", "local")
+    monkeypatch.delenv("SFT_SPACE_JOBS_OPERATOR_PAYS", raising=False)
+    app = build_app(local_jobs.JobManager(), default_model=str(tiny_model_dir))
+    handlers = {f.fn.__name__: f.fn for f in app.fns.values() if f.fn is not None}
+    token = handlers["on_load"]("")
+    group, _, notice_row, notice, start, resume, *local = handlers["on_where"](None, None, train_tab.ON_JOBS)
+    assert group["visible"] and notice_row["visible"] and not start["interactive"] and not resume["interactive"]
+    assert notice.startswith("**Not available** · Hugging Face Jobs is off in this app")
+    assert "SFT_SPACE_JOBS_OPERATOR_PAYS=1 " in notice.replace("\\", "")  # Markdown that shows it as it is
+    form = (None, None, False, str(tiny_model_dir), "quick", "t4-small",
+            *(spec.default for spec in train_tab.advanced_fields()))
+    with pytest.warns(UserWarning, match="SFT_SPACE_JOBS_OPERATOR_PAYS=1"):
+        status = handlers["on_start_jobs"](None, None, token, *form)
+    assert "**Refused** · Hugging Face Jobs is off in this app" in status
+    assert not (tmp_path / "runs" / ".jobs-launch").exists()
+    # Back on this machine's own run, nothing of Jobs is said.
+    assert not handlers["on_where"](None, None, train_tab.THIS_SPACE)[2]["visible"]
+
+    monkeypatch.setenv("SFT_SPACE_JOBS_OPERATOR_PAYS", "1")
+    _, _, notice_row, notice, start, resume, *_ = handlers["on_where"](None, None, train_tab.ON_JOBS)
+    assert not notice_row["visible"] and notice == "" and start["interactive"] and resume["interactive"]
 
 
 def test_out_of_memory_suggests_the_next_flavor_up(flavors):
@@ -430,6 +494,7 @@ def test_the_train_tabs_stop_and_resume_on_jobs_reach_the_command_lines_run(monk
     monkeypatch.setenv("FAKE_TRAIN_CALLS", str(calls))
     monkeypatch.setenv("SFT_SPACE_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("SFT_SPACE_JOBS_API", "local")
+    monkeypatch.setenv("SFT_SPACE_JOBS_OPERATOR_PAYS", "1")  # off a Space, the page's runs are billed to them
     monkeypatch.setenv("HF_TOKEN", TOKEN)  # the operator's own, on their machine
     app = build_app(local_jobs.JobManager(), default_model=str(tiny_model_dir))
     handlers = {f.fn.__name__: f.fn for f in app.fns.values() if f.fn is not None}
@@ -730,6 +795,7 @@ def test_the_train_tab_runs_a_jobs_run_through_the_stand_in_with_its_cost_status
 
     monkeypatch.setenv("SFT_SPACE_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("SFT_SPACE_JOBS_API", "local")
+    monkeypatch.setenv("SFT_SPACE_JOBS_OPERATOR_PAYS", "1")
     app = build_app(local_jobs.JobManager(), default_model=str(tiny_model_dir))
     handlers = {f.fn.__name__: f.fn for f in app.fns.values() if f.fn is not None}
     token = handlers["on_load"]("")

@@ -404,10 +404,16 @@ def build_jobs(gate: Gate, session: gr.BrowserState, where: gr.Radio, local: lis
                preset: gr.Radio, advanced: list[gr.components.Component], names: list[str]) -> None:
     """The Train tab's Hugging Face Jobs part: a GPU flavor, the run's cost beside Start, Start / Stop / Resume, the
     status and the curve of the visitor's Jobs run. On a Space, only a visitor signed in with the `jobs` scope
-    starts one, billed to them (the Space's owner and who may train here are not involved)."""
+    starts one, billed to them (the Space's owner and who may train here are not involved); off a Space, only when
+    the operator allows runs billed to their own token (`hub_jobs.page_token`). Choosing Jobs says why a visitor
+    cannot start one, and what to do, before they try."""
     launcher = hub_jobs.JobsLauncher(gate.runs_dir)
     on_space = bool(gate.environ.get("SPACE_ID"))
     with gr.Column(visible=False) as group:
+        with gr.Row(visible=False, elem_id="jobs-unavailable") as unavailable_row:
+            unavailable = gr.Markdown(elem_id="jobs-access")
+            if access.sign_in_available(gate.environ):
+                gr.LoginButton(size="md", scale=0, min_width=240)
         with gr.Row():
             flavor = gr.Dropdown(JOBS_FLAVORS, value="t4-small", label="GPU", elem_id="jobs-flavor", scale=1)
             jobs_cost = gr.Markdown(elem_id="jobs-cost")
@@ -420,18 +426,31 @@ def build_jobs(gate: Gate, session: gr.BrowserState, where: gr.Radio, local: lis
     # Polls the visitor's Jobs run only while the page shows Jobs: a page that never chose it asks nothing.
     timer = gr.Timer(2.0, active=False)
 
-    where.change(lambda chosen: [gr.update(visible=chosen == ON_JOBS), gr.Timer(active=chosen == ON_JOBS)] +
-                 [gr.update(visible=chosen != ON_JOBS) for _ in local], inputs=where,
-                 outputs=[group, timer, *local], show_progress="hidden")
-
     def token_of(profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None) -> str | None:
+        """Who pays for this visitor's Jobs run: from this server's settings and Gradio's session, never from a
+        value the page sends; a refusal says why and what to do."""
         from ..publish import resolve_token
 
-        settings = hub_jobs.jobs_settings(gate.environ)
+        token = hub_jobs.page_token(gate.environ, oauth_token, resolve_token)
         if not on_space:
             gate.may_train(profile)
-        return hub_jobs.visitor_token(on_space, oauth_token, None if on_space else resolve_token(),
-                                      settings.api == "local")
+        return token
+
+    def on_where(profile: gr.OAuthProfile | None, oauth_token: gr.OAuthToken | None, chosen):
+        on_jobs = chosen == ON_JOBS
+        reason = ""
+        if on_jobs:
+            try:
+                token_of(profile, oauth_token)
+            except (gr.Error, UserError) as err:
+                reason = err.message if isinstance(err, gr.Error) else str(err)
+        return [gr.update(visible=on_jobs), gr.Timer(active=on_jobs), gr.update(visible=bool(reason)),
+                f"**Not available** · {markdown_text(reason)}" if reason else "",
+                gr.update(interactive=not reason), gr.update(interactive=not reason)] + \
+            [gr.update(visible=not on_jobs) for _ in local]
+
+    where.change(on_where, inputs=where, outputs=[group, timer, unavailable_row, unavailable, start, resume, *local],
+                 show_progress="hidden")
 
     def settings_of(report_value, data_value, skip, model_name, preset_name, advanced_values) -> RunSettings:
         return settings_from_form(data_value, skip, gate.model(model_name), preset_name, gate.runs_dir,
