@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from . import data, formats, isolation
+from .errors import Setting
 from .formats import Problem
 from .render import Rendered, Renderer, TemplateError, Tokens, render_chat, render_example
 
@@ -75,7 +76,7 @@ WARNING_CODES = {"few_examples", "all_tokens_trained", "duplicate", "same_prompt
 # line's flag (DataSettings.skip_invalid_rows), each named in its own skin's words.
 SKIP_INVALID_LABEL = "Skip invalid rows"
 SKIP_IN_APP = f"tick {SKIP_INVALID_LABEL}"
-SKIP_ON_COMMAND_LINE = "add --skip-invalid-rows"
+SKIP_ON_COMMAND_LINE = "add " + Setting("skip_invalid_rows").flag
 
 
 def invalid_rows_advice(valid_rows: int, skip: str = SKIP_IN_APP) -> str:

@@ -21,11 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from . import hub
-from .errors import DataSourceError
-from .formats import USED_COLUMNS, ColumnMapping, LoadedData, Problem, detect_row_format, load_records, shown
+from .errors import DataSourceError, Message, Setting
+from .formats import ROWS_LIMIT, USED_COLUMNS, ColumnMapping, LoadedData, Problem, detect_row_format, load_records, shown
 from .settings import DataSettings
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# The limit a refusal or problem names, the setting in each skin's words (errors.Setting): on the command line
+# "(the max_file_mb setting, --max-file-mb)", "(max_row_kb, --max-row-kb)".
+OVER_FILE_LIMIT = ("(the max_file_mb setting", Setting("max_file_mb", after_its_name=True),
+                   "); use a smaller sample or raise the limit.")
+ROW_LIMIT = ("(max_row_kb", Setting("max_row_kb", after_its_name=True), ")")
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -65,8 +70,8 @@ def read_records(source: str, hub_config: str | None = None, hub_split: str = "t
     if path.is_file():
         size_mb = path.stat().st_size / 2**20
         if max_file_mb is not None and size_mb > max_file_mb:
-            raise DataSourceError(f"{path.name}: {size_mb:,.1f} MB, over the limit of {max_file_mb:,g} MB (the "
-                                  "max_file_mb setting, --max-file-mb); use a smaller sample or raise the limit.")
+            raise DataSourceError(Message(f"{path.name}: {size_mb:,.1f} MB, over the limit of {max_file_mb:,g} MB ",
+                                          *OVER_FILE_LIMIT))
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".json", ".csv"):
             _refuse_binary(path)
@@ -150,8 +155,8 @@ def _row_bytes(max_row_kb: float | None) -> int | None:
 
 
 def _row_too_large(row: int, size: int, max_row_kb: float) -> Problem:
-    return Problem(row, "row_too_large", f"row {row} is {_size_shown(size)}, over the limit of {max_row_kb:,g} KB per "
-                                            "row (max_row_kb, --max-row-kb); split it or raise the limit.")
+    return Problem(row, "row_too_large", Message(f"row {row} is {_size_shown(size)}, over the limit of {max_row_kb:,g} "
+                                                 "KB per row ", *ROW_LIMIT, "; split it or raise the limit."))
 
 
 def _size_shown(size: float) -> str:
@@ -655,8 +660,9 @@ def _read_csv(path: Path, max_row_kb: float | None = None) -> Iterator[tuple[int
         except csv.Error as err:
             if "field larger than field limit" in str(err) and max_row_kb is not None:
                 # The csv module cannot skip the cell and carry on, so the file stops here, naming the row.
-                raise DataSourceError(f"{path.name}: row {index + 1} has a cell over the limit of {max_row_kb:,g} KB "
-                                      "per row (max_row_kb, --max-row-kb); split it or raise the limit.") from None
+                raise DataSourceError(Message(f"{path.name}: row {index + 1} has a cell over the limit of "
+                                              f"{max_row_kb:,g} KB per row ", *ROW_LIMIT,
+                                              "; split it or raise the limit.")) from None
             raise DataSourceError(f"{path.name}: not a readable CSV file ({err}).") from None
 
 
@@ -716,8 +722,8 @@ def _read_parquet(path: Path, max_row_kb: float | None = None, max_file_mb: floa
     except Exception as err:  # pyarrow raises several unrelated types for damaged files
         raise DataSourceError(f"{path.name}: not a readable Parquet file ({err}).") from None
     if max_rows is not None and metadata.num_rows > max_rows:
-        raise DataSourceError(f"{path.name}: more than {max_rows:,} rows, the limit (the max_rows setting, "
-                              f"--max-rows): it holds {metadata.num_rows:,}; train on a sample, or raise the limit.")
+        raise DataSourceError(Message(f"{path.name}: more than {max_rows:,} rows, the limit ", *ROWS_LIMIT,
+                                      f": it holds {metadata.num_rows:,}; train on a sample, or raise the limit."))
     groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
     # Decompressed size per row group, less what Parquet itself adds per column (page headers, a dictionary page's,
     # levels); a column of many values is at least a byte per value whatever its pages say.
@@ -725,9 +731,8 @@ def _read_parquet(path: Path, max_row_kb: float | None = None, max_file_mb: floa
                  for chunk in map(group.column, range(group.num_columns))) for group in groups]
     file_limit = None if max_file_mb is None else max_file_mb * 2**20
     if file_limit is not None and sum(sizes) > file_limit:
-        raise DataSourceError(f"{path.name}: {sum(sizes) / 2**20:,.1f} MB of data once decompressed, over the limit of "
-                              f"{max_file_mb:,g} MB (the max_file_mb setting, --max-file-mb); use a smaller sample "
-                              "or raise the limit.")
+        raise DataSourceError(Message(f"{path.name}: {sum(sizes) / 2**20:,.1f} MB of data once decompressed, over the "
+                                      f"limit of {max_file_mb:,g} MB ", *OVER_FILE_LIMIT))
     limit = _row_bytes(max_row_kb)
     row, made = 0, 0
     try:
@@ -747,10 +752,10 @@ def _read_parquet(path: Path, max_row_kb: float | None = None, max_file_mb: floa
                     made += int(row_sizes[row_sizes <= limit].sum())
                     over = (row_sizes > limit).tolist()
                     if file_limit is not None and made > file_limit:
-                        raise DataSourceError(
+                        raise DataSourceError(Message(
                             f"{path.name}: its rows add up to more than {max_file_mb:,g} MB once read (a value "
                             "stored once in the file's dictionary counts for every row that uses it), over the "
-                            "limit (the max_file_mb setting, --max-file-mb); use a smaller sample or raise the limit.")
+                            "limit ", *OVER_FILE_LIMIT))
                 # Rows made one by one when some are too large (slices, not RecordBatch.filter: that imports
                 # pyarrow.compute, ~40 MB of memory in each process that reads).
                 records = iter(batch.to_pylist()) if not any(over) else None
@@ -770,11 +775,11 @@ def _group_too_large(row: int, first: int, rows: int, size: int, max_row_kb: flo
     if rows == 1:
         return _row_too_large(row, size, max_row_kb)
     last = first + rows - 1
-    return Problem(row, "row_too_large", f"row {row} is in a Parquet row group (rows {first:,} to {last:,}) "
-                                         f"of {_size_shown(size)} decompressed, {_size_shown(size / rows)} per row on "
-                                         f"average, over the limit of {max_row_kb:,g} KB per row (max_row_kb, "
-                                         "--max-row-kb); the group was not read: split its large rows or raise the "
-                                         "limit.")
+    return Problem(row, "row_too_large", Message(f"row {row} is in a Parquet row group (rows {first:,} to {last:,}) "
+                                                 f"of {_size_shown(size)} decompressed, {_size_shown(size / rows)} per "
+                                                 f"row on average, over the limit of {max_row_kb:,g} KB per row ",
+                                                 *ROW_LIMIT, "; the group was not read: split its large rows or raise "
+                                                 "the limit."))
 
 
 def _value_sizes(array: Any) -> Any:
@@ -905,8 +910,9 @@ def _read_hub_dataset(dataset_id: str, config: str | None, split: str,
             raise failed(err) from None
         row += 1
         if max_rows is not None and row > max_rows:
-            yield None, Problem(None, "rows_not_read", f"{dataset_id}: only its first {max_rows:,} rows were read "
-                                   "(max_rows, --max-rows); the rest of the dataset is not checked or trained on.")
+            yield None, Problem(None, "rows_not_read", Message(
+                f"{dataset_id}: only its first {max_rows:,} rows were read (max_rows",
+                Setting("max_rows", after_its_name=True), "); the rest of the dataset is not checked or trained on."))
             return
         yield row, record
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import DataSourceError
+from .errors import DataSourceError, Message, Setting
 from .settings import DataSettings
 
 OPENAI = "openai"
@@ -105,9 +105,12 @@ class Problem:
 
     row: int | None
     code: str
-    message: str
+    message: str  # an errors.Message where it names a setting
 
 
+# The limit on rows as a refusal names it, the setting in each skin's words (errors.Setting): on the command line
+# "(the max_rows setting, --max-rows)".
+ROWS_LIMIT = ("(the max_rows setting", Setting("max_rows", after_its_name=True), ")")
 # Problems reading finds that leave the rows valid: what of the source was left out or ignored, never silently.
 READING_WARNINGS = frozenset({"trailing_data", "ignored_files", "rows_not_read", "ignored_column", "one_json_object"})
 
@@ -378,8 +381,8 @@ def load_records(records: Iterable[tuple[int | None, Any]], name: str, mapping: 
             continue
         row_count += 1
         if max_rows is not None and row_count > max_rows:
-            raise DataSourceError(f"{name}: more than {max_rows:,} rows, the limit (the max_rows setting, "
-                                  "--max-rows); train on a sample, or raise the limit.")
+            raise DataSourceError(Message(f"{name}: more than {max_rows:,} rows, the limit ", *ROWS_LIMIT,
+                                          "; train on a sample, or raise the limit."))
         if on_progress is not None and row_count % PROGRESS_EVERY == 0:
             on_progress(row_count, None)
         if isinstance(record, Problem):
@@ -409,11 +412,12 @@ def load_records(records: Iterable[tuple[int | None, Any]], name: str, mapping: 
     if row_count == 0:
         raise DataSourceError(f"{name}: contains no rows.")
     if not counts and seen:
-        raise DataSourceError(
+        raise DataSourceError(Message(
             f"{name}: could not recognise the format from the columns {', '.join(map(repr, sorted(unknown_keys)))}. "
             "Expected 'messages' (OpenAI chat), 'conversations' (ShareGPT), 'instruction'+'output' (Alpaca), "
-            "'prompt'+'completion' (or 'response'), or 'text'. Map your columns, e.g. --columns prompt=question,response=answer."
-        )
+            "'prompt'+'completion' (or 'response'), or 'text'. Map your columns, e.g. ",
+            Setting("columns", "prompt=question,response=answer"), "."
+        ))
     file_format = counts.most_common(1)[0][0] if counts else OPENAI
 
     examples = []
@@ -435,8 +439,9 @@ def load_records(records: Iterable[tuple[int | None, Any]], name: str, mapping: 
         elif max_messages is not None and isinstance(result.messages, list) and len(result.messages) > max_messages:
             problems.append(Problem(
                 row, "too_many_messages",
-                f"row {row} has {len(result.messages):,} messages, over the limit of {max_messages:,} per row "
-                "(max_messages, --max-messages); split the conversation or raise the limit.",
+                Message(f"row {row} has {len(result.messages):,} messages, over the limit of {max_messages:,} per row "
+                        "(max_messages", Setting("max_messages", after_its_name=True),
+                        "); split the conversation or raise the limit."),
             ))
         else:
             result.row = row
@@ -458,16 +463,18 @@ def _ignored_warnings(ignored: dict[tuple[str, str], list[int]], file_format: st
                     if row_format == file_format), key=lambda item: item[2])
     format_name = FORMAT_NAMES[file_format]
     if len(names) <= IGNORED_SHOWN:
-        return [Problem(None, "ignored_column", f"{column} is not read in the {format_name} format and was "
-                                                f"ignored ({n:,} row(s), the first row {first}); remove it, or map "
-                                                "your columns (--columns) if it holds the data.")
+        return [Problem(None, "ignored_column", Message(f"{column} is not read in the {format_name} format and was "
+                                                        f"ignored ({n:,} row(s), the first row {first}); remove it, or "
+                                                        "map your columns (", Setting("columns"),
+                                                        ") if it holds the data."))
                 for column, n, first in names]
     counted = f"{len(names):,} or more" if len(ignored) >= IGNORED_KEPT else f"{len(names):,}"
     shown_names = ", ".join(f"{column} ({n:,} row(s), the first row {first})"
                             for column, n, first in names[:IGNORED_SHOWN])
-    return [Problem(None, "ignored_column", f"{counted} columns or turn fields are not read in the {format_name} "
-                                            f"format and were ignored, among them {shown_names}; remove them, or map "
-                                            "your columns (--columns) if one of them holds the data.")]
+    return [Problem(None, "ignored_column", Message(f"{counted} columns or turn fields are not read in the "
+                                                    f"{format_name} format and were ignored, among them {shown_names}; "
+                                                    "remove them, or map your columns (", Setting("columns"),
+                                                    ") if one of them holds the data."))]
 
 
 def _count_ignored(record: dict[str, Any], row_format: str, mapping: ColumnMapping | None, row: int,

@@ -134,7 +134,7 @@ def _work_in_child(work: Callable[[Callable[..., None] | None], Iterable[Any]], 
     except MemoryError:
         writer.send_bytes(out_of_memory)
     except UserError as err:
-        writer.send((_REFUSED, str(err)))
+        writer.send((_REFUSED, err.message))  # a Message, whose settings the app names in its own words
     except BaseException as err:  # told to the app as text: the worker's objects end with it
         log.exception("a worker process failed")
         writer.send((_FAILED, f"{type(err).__name__}: {err}"))

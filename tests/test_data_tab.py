@@ -78,14 +78,62 @@ def test_text_from_data_is_shown_as_text_wherever_markdown_renders_it(write_json
         assert rendered(markdown_text(name)) == f"<p>{name.replace('<', '&lt;').replace('>', '&gt;')}</p>\n"
 
 
-def test_the_cores_flags_read_as_the_pages_boxes():
-    assert data_tab.page_words("Map your columns, e.g. --columns prompt=question,response=answer.") == \
-        "Map your columns, e.g. “Column mapping”: prompt=question,response=answer."
-    assert data_tab.page_words("remove it, or map your columns (--columns) if it holds the data.") == \
-        "remove it, or map your columns (“Column mapping”) if it holds the data."
-    # A limit the page has no box for: its name stays, the flag goes.
-    assert data_tab.page_words("over the limit (max_rows, --max-rows); the rest") == \
-        "over the limit (max_rows); the rest"
+def test_the_cores_messages_name_the_pages_boxes_never_a_flag(write_jsonl):
+    """The data step's messages that name a setting say it in the page's words: by the box that holds it, or by
+    the setting's own name where the page has none; the command line's flags are the command line's wording only."""
+    from sft_space import data
+    from sft_space.errors import DataSourceError
+
+    with pytest.raises(DataSourceError) as unknown:
+        data.load_data(str(write_jsonl([{"question": "q", "answer": "a"}], "odd.jsonl")))
+    assert str(unknown.value).endswith("Map your columns, e.g. --columns prompt=question,response=answer.")
+    assert data_tab.page_words(unknown.value.message).endswith(
+        "Map your columns, e.g. “Column mapping”: prompt=question,response=answer.")
+    long_chat = {"messages": chat(1)["messages"] * 2}
+    rows = [{**chat(0), "extra": "x"}, long_chat, {"messages": [{"role": "user", "content": "x" * 2000}]}]
+    loaded = data.load_data(str(write_jsonl(rows)), max_row_kb=1, max_messages=3)
+    shown = {p.code: data_tab.page_words(p.message) for p in loaded.problems + loaded.warnings}
+    assert {p.code: str(p.message) for p in loaded.problems + loaded.warnings} == {
+        "ignored_column": "column 'extra' is not read in the OpenAI chat (messages) format and was ignored (1 "
+                          "row(s), the first row 1); remove it, or map your columns (--columns) if it holds the data.",
+        "too_many_messages": "row 2 has 4 messages, over the limit of 3 per row (max_messages, --max-messages); split "
+                             "the conversation or raise the limit.",
+        "row_too_large": "row 3 is 2 KB, over the limit of 1 KB per row (max_row_kb, --max-row-kb); split it or raise "
+                         "the limit."}
+    assert shown == {
+        "ignored_column": "column 'extra' is not read in the OpenAI chat (messages) format and was ignored (1 "
+                          "row(s), the first row 1); remove it, or map your columns (“Column mapping”) if it holds the data.",
+        "too_many_messages": "row 2 has 4 messages, over the limit of 3 per row (max_messages); split the "
+                             "conversation or raise the limit.",
+        "row_too_large": "row 3 is 2 KB, over the limit of 1 KB per row (max_row_kb); split it or raise the limit."}
+    with pytest.raises(DataSourceError) as too_many:
+        data.load_data(str(write_jsonl([chat(n) for n in range(3)])), max_rows=2)
+    assert "(the max_rows setting, --max-rows)" in str(too_many.value)
+    assert "the limit (the max_rows setting); train on a sample" in data_tab.page_words(too_many.value.message)
+    assert data_tab.page_words("No flags here, -- nor settings.") == "No flags here, -- nor settings."
+
+
+def test_a_check_in_a_worker_process_comes_back_in_the_pages_words(write_jsonl, embedded_tokenizer):
+    """The check of a visitor's data runs in a worker process (checks.check_data_in_worker): its refusals and its
+    report's problems come back through a pipe still naming settings, which the page says by its boxes."""
+    from sft_space import isolation
+    from sft_space.errors import UserError
+
+    def checked(path, **limits):
+        return checks.check_data_in_worker(DataSettings(source=str(path), **limits), lambda: embedded_tokenizer,
+                                           isolation.Limits.of())
+
+    with pytest.raises(UserError) as refused:
+        list(checked(write_jsonl([{"question": "q", "answer": "a"}], "odd.jsonl")))
+    assert data_tab.page_words(refused.value.message).endswith("e.g. “Column mapping”: prompt=question,response=answer.")
+    with pytest.warns(UserWarning, match="“Column mapping”"):
+        assert "--" not in data_tab.refused_summary("check_data", refused.value)
+    rows = [{**chat(0), "extra": "x"}, chat(1), {"messages": [{"role": "user", "content": "x" * 2000}]}]
+    [report] = checked(write_jsonl(rows), max_row_kb=1)
+    summary, problems = data_tab.summary_markdown(report), data_tab.problem_rows_table(report)
+    assert "map your columns \\(“Column mapping”\\)" in summary  # Markdown-escaped, as the page shows text
+    assert "(max_row_kb); split it" in problems["what to do"].iloc[0]
+    assert "--" not in summary + "".join(problems["what to do"])
 
 
 def test_a_refused_check_clears_the_report_and_says_why_where_it_stays(app, tmp_path, tiny_model_dir, write_jsonl):

@@ -147,8 +147,9 @@ def _strings(node, constants):
     return found
 
 
-def human_text_readers(source):
-    """Where `source` compares text with the words of printed lines: (line number, the words)."""
+def human_text_readers(source, human_words=HUMAN_WORDS):
+    """Where `source` compares text with the words of printed lines (or others, `human_words`): (line number, the
+    words)."""
     tree = ast.parse(source)
     constants = {target.id: node.value for node in tree.body if isinstance(node, ast.Assign)
                  for target in node.targets if isinstance(target, ast.Name)}
@@ -159,7 +160,7 @@ def human_text_readers(source):
             compared = [text for argument in node.args for text in _strings(argument, constants)]
         elif isinstance(node, ast.Compare) and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops):
             compared = _strings(node.left, constants)
-        words = [text for text in compared if any(word in text for word in HUMAN_WORDS)]
+        words = [text for text in compared if any(word in text for word in human_words)]
         if words:
             found.append((node.lineno, words))
     return found
@@ -177,3 +178,13 @@ def test_no_module_reads_the_human_output_of_another():
     # Only events.py knows how an event is marked in a process's output; everyone else asks its reader.
     marked = [path.name for path in PACKAGE.rglob("*.py") if events.PREFIX.strip() in path.read_text(encoding="utf-8")]
     assert marked == ["events.py"]
+
+
+def test_no_page_rewrites_the_flags_in_the_cores_messages():
+    """A page says a setting that a message of the core names in its own words by asking the message
+    (errors.Message.said), never by matching the command line's flags in its text (as the Data tab once rewrote
+    `--columns` with a regular expression)."""
+    offenders = {str(path.relative_to(PACKAGE)): found for path in sorted((PACKAGE / "ui").rglob("*.py"))
+                 if (found := human_text_readers(path.read_text(encoding="utf-8"), ("--",)))}
+    assert offenders == {}
+    assert human_text_readers('FLAG = re.compile(r"(, )?--([a-z][a-z-]*)")\n', ("--",))

@@ -7,7 +7,6 @@ widgets and wires them to those functions.
 from __future__ import annotations
 
 import dataclasses
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -18,7 +17,7 @@ import gradio as gr
 import pandas as pd
 
 from .. import access, catalog, checks, data, formats, isolation
-from ..errors import UserError
+from ..errors import Setting, UserError, said
 from ..settings import DataSettings, field_help
 from .chatml_html import to_html
 from .common import Gate, markdown_text, refused_markdown, settings_component
@@ -34,11 +33,10 @@ HELP = {f.name: field_help(DataSettings, f.name) for f in dataclasses.fields(Dat
 UPLOAD, HUB, SAMPLE = "upload", "hub", "sample"
 SOURCE_CHOICES = [("Your file", UPLOAD), ("A Hub dataset", HUB),
                   ("Use the sample dataset (Captain Byte, 160 pirate-flavoured conversations)", SAMPLE)]
-# The boxes of this tab that the core's messages name by their command-line flag (`--columns`).
-PAGE_NAMES = {"columns": "“Column mapping”", "max_length": "“Maximum length”",
-              "skip_invalid_rows": f"“{checks.SKIP_INVALID_LABEL}”"}
-# A flag in a message: `, --max-rows`, or `--columns` and the value it is shown with (`--columns prompt=question`).
-FLAG = re.compile(r"(, )?--([a-z][a-z-]*)( (?=[a-z]+=))?")
+# This tab's boxes for settings, by the settings' names: where a message of the core names one of these settings
+# (errors.Setting), the page names its box.
+BOX_NAMES = {"columns": "Column mapping", "max_length": "Maximum length",
+             "skip_invalid_rows": checks.SKIP_INVALID_LABEL}
 TABLE_COLUMNS = {
     "counts": ["code", "severity", "rows", "meaning"],
     "problems": ["row", "severity", "code", "what to do"],
@@ -46,15 +44,18 @@ TABLE_COLUMNS = {
 }
 
 
+def box_name(setting: Setting) -> str | None:
+    """The page's name for `setting`: its box's, with the value the message shows (None where it has no box)."""
+    box = BOX_NAMES.get(setting.name)
+    if box is None:
+        return None
+    return f"“{box}”: {setting.value}" if setting.value else f"“{box}”"
+
+
 def page_words(message: str) -> str:
-    """A message of the core as this page says it: a setting the page has a box for by the box's name, not its
-    command-line flag; a flag the page has no box for is left out (`(max_rows, --max-rows)` → `(max_rows)`)."""
-    def name(match: re.Match) -> str:
-        field = match.group(2).replace("-", "_")
-        if field not in PAGE_NAMES:
-            return ""
-        return (match.group(1) or "") + PAGE_NAMES[field] + (": " if match.group(3) else "")
-    return FLAG.sub(name, message)
+    """A message of the core as this page says it: each setting it names by the page's box for it, or by the
+    setting's own name where the page has none; never by its command-line flag (`errors.Message.said`)."""
+    return said(message, box_name)
 
 
 def summary_markdown(report: checks.Report) -> str:
@@ -169,7 +170,7 @@ def check_source_in_stages(gate: Gate, visitor: str, upload: str | None, hub_id:
                                                   on_progress=_progress_bar(progress), keep_examples=PREVIEW_EXAMPLES):
             yield _outputs(report, settings, model, gate)
     except UserError as err:
-        raise gr.Error(str(err)) from None
+        raise gr.Error(page_words(err.message)) from None
 
 
 def check_source(*args: Any, **kwargs: Any) -> tuple:
@@ -318,9 +319,9 @@ def cleared_outputs(summary: str) -> tuple:
             None, gr.Number(value=1, minimum=1, maximum=1, label="Example"), preview_html(None, "", 1))
 
 
-def refused_summary(action: str, err: Exception) -> str:
+def refused_summary(action: str, err: gr.Error | UserError) -> str:
     """A refused action of this tab, for its summary line, in the page's words (`common.refused_markdown`)."""
-    return refused_markdown(action, page_words(err.message if isinstance(err, gr.Error) else str(err)))
+    return refused_markdown(action, page_words(err.message))
 
 
 def chosen_summary(choice: DataChoice) -> str:
@@ -403,12 +404,12 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> DataTab:
             hub_note = gr.Markdown(elem_id="hub-note")
         with gr.Column(scale=1):
             max_length = settings_component(DataSettings.__dataclass_fields__["max_length"],
-                                            label="Maximum length (tokens)")
-            with gr.Accordion("Column mapping", open=False):
-                columns = gr.Textbox(label="Column mapping", info=HELP["columns"])
+                                            label=f"{BOX_NAMES['max_length']} (tokens)")
+            with gr.Accordion(BOX_NAMES["columns"], open=False):
+                columns = gr.Textbox(label=BOX_NAMES["columns"], info=HELP["columns"])
             check = gr.Button("Check data", variant="primary", elem_id="check-data")
     summary = gr.Markdown(chosen_summary(DataChoice()), elem_id="data-summary")
-    skip_invalid = gr.Checkbox(label=checks.SKIP_INVALID_LABEL, value=DataSettings.skip_invalid_rows,
+    skip_invalid = gr.Checkbox(label=BOX_NAMES["skip_invalid_rows"], value=DataSettings.skip_invalid_rows,
                                info=HELP["skip_invalid_rows"])
     with gr.Row():
         # Empty tables with their headers until a check; widths that fit the headers ("severity" on one line).

@@ -1,0 +1,39 @@
+"""Messages that name settings: the command line's wording as a string, another skin's words on asking, and the
+mentions kept through pickling (a worker process sends its refusals through a pipe)."""
+
+import json
+import pickle
+
+from sft_space.errors import DataSourceError, Message, Setting, UserError, said
+
+LIMIT = Message("over the limit (max_rows", Setting("max_rows", after_its_name=True), "); map your columns (",
+                Setting("columns"), "), e.g. ", Setting("columns", "prompt=question"), ".")
+
+
+def boxes(setting):
+    """A page's namer: its one box, with the value the message shows in it."""
+    if setting.name != "columns":
+        return None
+    return f"“Column mapping”: {setting.value}" if setting.value else "“Column mapping”"
+
+
+def test_a_message_is_the_command_lines_wording_and_says_settings_in_other_words():
+    cli = "over the limit (max_rows, --max-rows); map your columns (--columns), e.g. --columns prompt=question."
+    assert LIMIT == cli and str(LIMIT) == cli and f"{LIMIT}" == cli and json.dumps(LIMIT) == json.dumps(cli)
+    # A setting the skin has a name for goes by it; one it has none for by its own name (beside the name already
+    # said, nothing).
+    assert LIMIT.said(boxes) == ("over the limit (max_rows); map your columns (“Column mapping”), e.g. "
+                                 "“Column mapping”: prompt=question.")
+    assert LIMIT.said(lambda setting: None) == ("over the limit (max_rows); map your columns (columns), e.g. columns "
+                                                "prompt=question.")
+    beside = Message("(max_rows", Setting("max_rows", after_its_name=True), ")")
+    assert beside.said(lambda setting: "“Rows”") == "(max_rows, “Rows”)"
+    assert said("plain --words", boxes) == "plain --words"
+
+
+def test_a_message_and_an_error_raised_with_it_keep_their_mentions_through_pickling():
+    assert pickle.loads(pickle.dumps(LIMIT)).parts == LIMIT.parts
+    error = pickle.loads(pickle.dumps(DataSourceError(LIMIT)))
+    assert type(error) is DataSourceError and str(error) == LIMIT
+    assert error.message.said(boxes) == LIMIT.said(boxes)
+    assert UserError("plain").message == "plain" and UserError("a", "b").message == str(UserError("a", "b"))
