@@ -47,6 +47,8 @@ class Message(str):
     parts: tuple[str | Setting, ...]
 
     def __new__(cls, *parts: str | Setting) -> Message:
+        # A Message among the parts keeps its mentions: a message that quotes another still names its settings.
+        parts = tuple(piece for part in parts for piece in (part.parts if isinstance(part, Message) else (part,)))
         message = super().__new__(cls, _joined(parts, command_line))
         message.parts = parts
         return message

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import checks, formats, render
-from .errors import UserError
+from .errors import Message, UserError
 from .hardware import TrainingPlan
 from .planning import EvaluationPlan, evaluation_plan
 from .render import render_example
@@ -28,7 +28,7 @@ class InvalidRows(UserError):
 
     def __init__(self, problem: str, valid_rows: int):
         self.problem, self.valid_rows = problem, valid_rows
-        super().__init__(f"{problem} {checks.invalid_rows_advice(valid_rows)}")
+        super().__init__(Message(problem, " ", checks.invalid_rows_advice(valid_rows)))
 
 
 def example_tokens(tokenizer: Any, example: formats.Example) -> render.Tokens:

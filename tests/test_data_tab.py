@@ -127,7 +127,7 @@ def test_a_check_in_a_worker_process_comes_back_in_the_pages_words(write_jsonl, 
         list(checked(write_jsonl([{"question": "q", "answer": "a"}], "odd.jsonl")))
     assert data_tab.page_words(refused.value.message).endswith("e.g. “Column mapping”: prompt=question,response=answer.")
     with pytest.warns(UserWarning, match="“Column mapping”"):
-        assert "--" not in data_tab.refused_summary("check_data", refused.value)
+        assert "--" not in refused_markdown("check_data", refused.value)
     rows = [{**chat(0), "extra": "x"}, chat(1), {"messages": [{"role": "user", "content": "x" * 2000}]}]
     [report] = checked(write_jsonl(rows), max_row_kb=1)
     summary, problems = data_tab.summary_markdown(report), data_tab.problem_rows_table(report)

@@ -4,6 +4,8 @@ mentions kept through pickling (a worker process sends its refusals through a pi
 import json
 import pickle
 
+import pytest
+
 from sft_space.errors import DataSourceError, Message, Setting, UserError, said
 
 LIMIT = Message("over the limit (max_rows", Setting("max_rows", after_its_name=True), "); map your columns (",
@@ -37,3 +39,19 @@ def test_a_message_and_an_error_raised_with_it_keep_their_mentions_through_pickl
     assert type(error) is DataSourceError and str(error) == LIMIT
     assert error.message.said(boxes) == LIMIT.said(boxes)
     assert UserError("plain").message == "plain" and UserError("a", "b").message == str(UserError("a", "b"))
+
+
+def test_a_message_quoting_another_keeps_its_mentions():
+    """InvalidRows quotes a row's problem in its own message: the page still names the problem's settings by its
+    boxes, never by flags."""
+    from sft_space.training_data import InvalidRows
+    from sft_space.ui.common import page_words, refused_markdown
+
+    quoted = Message("Row 3: ", LIMIT, " Then go on.")
+    assert str(quoted) == f"Row 3: {LIMIT} Then go on." and quoted.said(boxes).startswith("Row 3: over the limit")
+    refusal = InvalidRows(LIMIT, valid_rows=9)
+    assert "--columns" in str(refusal)
+    shown = page_words(refusal.message)
+    assert "--" not in shown and "“Column mapping”" in shown and shown.endswith("train on the 9 valid ones.")
+    with pytest.warns(UserWarning):
+        assert "--" not in refused_markdown("on_start", refusal)

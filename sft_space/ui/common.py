@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from .. import access, runs
-from ..errors import UserError
+from .. import access, checks, runs
+from ..errors import Setting, UserError, said
 from ..settings import AccessSettings, field_type
 
 log = logging.getLogger(__name__)
@@ -145,11 +145,36 @@ def markdown_text(text: Any) -> str:
     return MARKDOWN_PUNCTUATION.sub(r"\\\1", " ".join(str(text).split()))
 
 
+# The page's boxes for settings, by the settings' names: where a message of the core names one of these settings
+# (errors.Setting), the page names its box.
+BOX_NAMES = {"columns": "Column mapping", "max_length": "Maximum length",
+             "skip_invalid_rows": checks.SKIP_INVALID_LABEL}
+
+
+def box_name(setting: Setting) -> str | None:
+    """The page's name for `setting`: its box's, with the value the message shows (None where it has no box)."""
+    box = BOX_NAMES.get(setting.name)
+    if box is None:
+        return None
+    return f"“{box}”: {setting.value}" if setting.value else f"“{box}”"
+
+
+def page_words(message: str) -> str:
+    """A message of the core as the page says it: each setting it names by the page's box for it, or by the
+    setting's own name where the page has none; never by its command-line flag (`errors.Message.said`)."""
+    return said(message, box_name)
+
+
+def _refusal_words(err: Exception) -> str:
+    """What a refusal says on the page: a UserError's message in the page's words, a gr.Error's as it is."""
+    return page_words(err.message) if isinstance(err, (gr.Error, UserError)) else str(err)
+
+
 def refused_markdown(action: str, err: Exception | str) -> str:
     """A refused action, said where it happened: one line in the server's log, a toast, and "**Refused** · …" for
     the Markdown beside the action, which keeps saying it until the next action (a toast fades). The message may
     quote data or a visitor's typing, so the toast (HTML) and the line (Markdown) get it as text."""
-    message = err.message if isinstance(err, gr.Error) else str(err)
+    message = _refusal_words(err)
     log.warning("refused %s: %s", action, " ".join(str(message).split()))
     gr.Warning(html.escape(str(message), quote=False))
     return f"**Refused** · {markdown_text(message)}"
@@ -225,7 +250,7 @@ def refusals_as_messages(fn: Callable, outputs: int) -> Callable:
     was. Raised from a handler, gr.Error would also put a red "Error" badge on each output, which stays and looks
     like a crash; a refusal is a message."""
     def refuse(err: Exception) -> Any:
-        message = err.message if isinstance(err, gr.Error) else str(err)
+        message = _refusal_words(err)
         # One line in the server's log, not a traceback: the refusal is the visitor's to act on, not a fault.
         log.warning("refused %s: %s", fn.__name__, " ".join(str(message).split()))
         gr.Warning(html.escape(str(message), quote=False))  # a toast renders HTML; a refusal may quote data

@@ -17,10 +17,10 @@ import gradio as gr
 import pandas as pd
 
 from .. import access, catalog, checks, data, formats, isolation
-from ..errors import Setting, UserError, said
+from ..errors import UserError
 from ..settings import DataSettings, field_help
 from .chatml_html import to_html
-from .common import Gate, markdown_text, refused_markdown, settings_component
+from .common import BOX_NAMES, Gate, markdown_text, page_words, refused_markdown, settings_component
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "samples" / "captain_byte.jsonl"
 HISTOGRAM_BINS = 20
@@ -33,29 +33,11 @@ HELP = {f.name: field_help(DataSettings, f.name) for f in dataclasses.fields(Dat
 UPLOAD, HUB, SAMPLE = "upload", "hub", "sample"
 SOURCE_CHOICES = [("Your file", UPLOAD), ("A Hub dataset", HUB),
                   ("Use the sample dataset (Captain Byte, 160 pirate-flavoured conversations)", SAMPLE)]
-# This tab's boxes for settings, by the settings' names: where a message of the core names one of these settings
-# (errors.Setting), the page names its box.
-BOX_NAMES = {"columns": "Column mapping", "max_length": "Maximum length",
-             "skip_invalid_rows": checks.SKIP_INVALID_LABEL}
 TABLE_COLUMNS = {
     "counts": ["code", "severity", "rows", "meaning"],
     "problems": ["row", "severity", "code", "what to do"],
     "statistics": ["", "min", "p10", "median", "p90", "max"],
 }
-
-
-def box_name(setting: Setting) -> str | None:
-    """The page's name for `setting`: its box's, with the value the message shows (None where it has no box)."""
-    box = BOX_NAMES.get(setting.name)
-    if box is None:
-        return None
-    return f"“{box}”: {setting.value}" if setting.value else f"“{box}”"
-
-
-def page_words(message: str) -> str:
-    """A message of the core as this page says it: each setting it names by the page's box for it, or by the
-    setting's own name where the page has none; never by its command-line flag (`errors.Message.said`)."""
-    return said(message, box_name)
 
 
 def summary_markdown(report: checks.Report) -> str:
@@ -319,11 +301,6 @@ def cleared_outputs(summary: str) -> tuple:
             None, gr.Number(value=1, minimum=1, maximum=1, label="Example"), preview_html(None, "", 1))
 
 
-def refused_summary(action: str, err: gr.Error | UserError) -> str:
-    """A refused action of this tab, for its summary line, in the page's words (`common.refused_markdown`)."""
-    return refused_markdown(action, page_words(err.message))
-
-
 def chosen_summary(choice: DataChoice) -> str:
     """The summary while the data chosen is not checked yet: which data Check will read."""
     if choice.source == SAMPLE:
@@ -358,7 +335,7 @@ def check_choice(gate: Gate, visitor: str, handle: str | None, source: str, hub_
                                           hub_id if source == HUB else "", source == SAMPLE, model, columns,
                                           hub_config, hub_split, max_length, progress, limits)
     except (gr.Error, UserError) as err:
-        yield cleared_outputs(refused_summary("check_data", err))
+        yield cleared_outputs(refused_markdown("check_data", err))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,7 +430,7 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> DataTab:
             if visitor := gate.known_visitor(token):
                 choices.update(visitor, source=UPLOAD, upload=None, checked=False)
             # The box is an output for this: a refused file leaves it (what it shows is what Check would read).
-            return None, None, gr.skip(), UPLOAD, "", *cleared_outputs(refused_summary("upload", err))
+            return None, None, gr.skip(), UPLOAD, "", *cleared_outputs(refused_markdown("upload", err))
         choice = choices.update(gate.visitor(token), source=UPLOAD, upload=handle, checked=False)
         return gr.skip(), handle, token, UPLOAD, upload_note(handle), *cleared_outputs(chosen_summary(choice))
 
@@ -502,7 +479,7 @@ def build(gate: Gate, model: gr.Dropdown, session: gr.BrowserState) -> DataTab:
         try:
             visitor = gate.visitor(token)
         except gr.Error as err:
-            yield cleared_outputs(refused_summary("check_data", err))
+            yield cleared_outputs(refused_markdown("check_data", err))
             return
         yield from checked_and_kept(visitor, handle, model_name, progress,
                                     dict(zip(FORM_FIELDS, (source_value, hub, config, split, columns_value, length))))
