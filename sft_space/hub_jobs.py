@@ -372,7 +372,7 @@ def page_token(environ: Mapping[str, str], oauth_token: Any, own_token: Callable
     if environ.get("SPACE_ID"):
         if oauth_token is None:
             raise JobsError("Training on Hugging Face Jobs runs on your own Hugging Face account and is billed to "
-                            "it: press \"Sign in with Hugging Face\" (allowing 'jobs'), then Start again.")
+                            "it: press \"Sign in with Hugging Face\", allowing 'jobs'.")
         refuse_without_scope(getattr(oauth_token, "scope", None))
         return oauth_token.token
     if not settings.operator_pays:
