@@ -376,7 +376,7 @@ def page_token(environ: Mapping[str, str], oauth_token: Any, own_token: Callable
         refuse_without_scope(getattr(oauth_token, "scope", None))
         return oauth_token.token
     if not settings.operator_pays:
-        raise JobsError(OPERATOR_PAYS_OFF.format(variable=environment_variable("operator_pays", JOBS_ENV_PREFIX)))
+        raise JobsError(OPERATOR_PAYS_OFF)
     token = own_token()
     if token is None and settings.api != "local":
         raise JobsError("Training on Hugging Face Jobs needs a Hugging Face token that may start Jobs: start the app "
@@ -384,12 +384,12 @@ def page_token(environ: Mapping[str, str], oauth_token: Any, own_token: Callable
     return token
 
 
-# Said on the page off a Space until the operator allows Jobs runs billed to their own token.
-OPERATOR_PAYS_OFF = ("Hugging Face Jobs is off in this app: here visitors cannot sign in with an account of their own, "
-                     "so every Jobs run started from this page would be billed to the operator's Hugging Face account, "
-                     "whoever starts it. The operator can allow that by starting the app with {variable}=1 (who may "
-                     "train here then decides who may), or train on Jobs from a shell: python -m sft_space train "
-                     "DATA --jobs t4-small.")
+# Said on the page off a Space until the operator allows Jobs runs billed to their own token; in the page's words (the
+# README's section names the variable).
+OPERATOR_PAYS_OFF = ("Hugging Face Jobs is off in this app: visitors here cannot sign in with an account of their own, "
+                     "so a Jobs run started from this page would be billed to the operator's Hugging Face account, "
+                     "whoever started it. The app's operator can allow that (the Jobs setting \"operator pays\"; the "
+                     "README's \"Train on Hugging Face Jobs\" says how), or start Jobs runs from the command line.")
 
 
 def refuse_without_scope(scope: str | None) -> None:

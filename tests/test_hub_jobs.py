@@ -226,8 +226,7 @@ def test_off_a_space_the_page_starts_jobs_on_the_operators_token_only_when_the_o
     mocked_sign_in = SimpleNamespace(token="mock-oauth-token-for-local-dev", scope="openid profile jobs")
     for environ in ({}, {"SFT_SPACE_JOBS_API": "local"}, {"SFT_SPACE_JOBS_OPERATOR_PAYS": "0"}):
         for oauth in (None, mocked_sign_in):
-            with pytest.raises(UserError, match=r"billed to the operator's .*SFT_SPACE_JOBS_OPERATOR_PAYS=1.*"
-                                                r"python -m sft_space train DATA --jobs"):
+            with pytest.raises(UserError, match=r"billed to the operator's .*\"operator pays\".*command line"):
                 hub_jobs.page_token(environ, oauth, operators_own)
     assert read == []
     allowed = {"SFT_SPACE_JOBS_OPERATOR_PAYS": "1"}
@@ -242,6 +241,8 @@ def test_off_a_space_the_train_tab_says_jobs_is_off_until_the_operator_allows_it
     """Choosing Jobs says why it is unavailable and what the operator sets, as a message with Start disabled; Start
     called as the endpoint it is (any client can) is refused the same, and starts nothing. Once the operator allows
     it, the same choice offers Start."""
+    from test_train_tab import CODE_WORDS
+
     from sft_space import jobs as local_jobs
     from sft_space.ui import build_app, train_tab
 
@@ -254,10 +255,11 @@ def test_off_a_space_the_train_tab_says_jobs_is_off_until_the_operator_allows_it
     group, _, notice_row, notice, start, resume, *local = handlers["on_where"](None, None, train_tab.ON_JOBS)
     assert group["visible"] and notice_row["visible"] and not start["interactive"] and not resume["interactive"]
     assert notice.startswith("**Not available** · Hugging Face Jobs is off in this app")
-    assert "SFT_SPACE_JOBS_OPERATOR_PAYS=1 " in notice.replace("\\", "")  # Markdown that shows it as it is
+    # In the page's words: the setting by its name, the variable left to the README's section.
+    assert "the Jobs setting \"operator pays\"" in notice.replace("\\", "") and not CODE_WORDS.search(notice)
     form = (None, None, False, str(tiny_model_dir), "quick", "t4-small",
             *(spec.default for spec in train_tab.advanced_fields()))
-    with pytest.warns(UserWarning, match="SFT_SPACE_JOBS_OPERATOR_PAYS=1"):
+    with pytest.warns(UserWarning, match="operator pays"):
         status = handlers["on_start_jobs"](None, None, token, *form)
     assert "**Refused** · Hugging Face Jobs is off in this app" in status
     assert not (tmp_path / "runs" / ".jobs-launch").exists()
