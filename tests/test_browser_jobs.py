@@ -64,6 +64,7 @@ def space_app(tiny_model_dir, tmp_path_factory):
         # cannot choose on a Space (there every visitor's job is a real one), so this app is handed it directly.
         patch.setattr(hub_jobs, "jobs_api", lambda settings, runs_dir, token=None:
                       LocalJobsApi(Path(runs_dir) / ".hub-jobs-local"))
+        patch.setattr(hub_jobs, "_flavors_seen", None)  # the stand-in's prices, kept for this app only
         app = build_app(jobs.JobManager(), default_model=str(tiny_model_dir))
         port = free_port()
         launch(app, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
