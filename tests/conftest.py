@@ -1,6 +1,7 @@
 """Shared fixtures: no network, a private model cache, and tiny real models built in the session."""
 
 import os
+import sys
 
 # Set before any Hugging Face library is imported: the tests must never reach the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -10,6 +11,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The tests' models are tiny (width 64): torch's thread pool costs more than it gives on them, and on a busy
 # 2-core machine its waiting threads made one training test take 48 s instead of 5. Subprocesses inherit this.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Bytecode caches on, even where the environment turns them off (PYTHONDONTWRITEBYTECODE): the suite starts dozens
+# of Python processes of this package (command lines, runs, jobs, app servers), each of which would otherwise compile
+# it from source again, and pytest keeps its rewritten test modules in the same caches. Workers and subprocesses
+# inherit this.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 import json
 from pathlib import Path

@@ -251,6 +251,7 @@ def test_the_hardware_is_not_checked_while_a_run_trains_and_no_run_starts_while_
     release.set()
 
 
+@pytest.mark.slow
 def test_the_app_s_check_runs_in_a_child_and_says_why_it_did_not_finish(tmp_path):
     checking = doctor.check_in_child(DoctorSettings(quick=True, model=str(tmp_path / "no-such-model")))
     with pytest.raises(UserError, match=r"did not finish: it exited with status 1: .*no-such-model"):

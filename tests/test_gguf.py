@@ -100,6 +100,7 @@ def test_the_file_holds_what_llama_cpp_needs(trained_run, tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
 
+@pytest.mark.slow
 def test_a_merged_push_with_a_gguf_merges_once_and_quantizes_from_float32(trained_run, tmp_path, monkeypatch):
     """Both the merged weights (here bf16) and the GGUF file come from one merge; the GGUF file is the very file
     `export --gguf` writes on its own, so it was not made from the weights already rounded to bf16."""
@@ -227,6 +228,7 @@ def test_the_publish_tab_downloads_a_gguf_of_the_visitors_own_run(run_copy, tmp_
         publish_tab.gguf_run(runs_dir, run_copy.run_id, "mallory", "q8_0", downloads)
 
 
+@pytest.mark.slow
 def test_a_gguf_download_is_made_once_per_quantization_while_the_adapter_is_unchanged(run_copy, tmp_path,
                                                                                       monkeypatch):
     """Asked again (a page pressing the button over and over), the file already made is handed out: no second

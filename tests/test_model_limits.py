@@ -138,6 +138,7 @@ def test_offline_a_hub_model_is_not_sized_and_loads_as_before(monkeypatch):
     assert stand_in.asked == []
 
 
+@pytest.mark.slow
 def test_the_train_tabs_estimate_lays_out_a_visitors_model_config_in_a_worker(tmp_path, tiny_model_dir):
     """A config claiming two million layers would hold the web server for minutes laid out on the meta device: the
     estimate reads it in a worker under the operator's limits, and the page says why there is no estimate."""

@@ -483,6 +483,7 @@ def live_models(collect=False):
     return weakref.WeakSet(o for o in gc.get_objects() if issubclass(type(o), PreTrainedModel))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", list(STOP_IN_STAGE))
 def test_a_stop_in_each_stage_ends_the_run_at_once_with_what_it_has(tiny_settings, stage):
     prefix, outcome = STOP_IN_STAGE[stage]
