@@ -375,6 +375,12 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(number, handler)
 
 
+def events_for_a_program() -> bool:
+    """Whether `train` prints its event lines on stdout: for a program reading it (the app's supervisor, a Job's
+    log, a pipe or a file), not on a person's terminal, where the same events are the lines on stderr."""
+    return not sys.stdout.isatty()
+
+
 def _status_line(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -436,7 +442,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     say = _status_line if main else (lambda message: None)
     started: list[runs.RunFolder] = []
     rendering = Rendering(say, SpeedReport(say, lambda: started[0] if started else None))
-    log = events.EventLog(echo=main, listeners=[rendering] if main else [])
+    log = events.EventLog(echo=main and events_for_a_program(), listeners=[rendering] if main else [])
     try:
         request = _train_request(args, main)
         request.stop_event = getattr(args, "stop_event", None) or request.stop_event
@@ -514,7 +520,7 @@ def cmd_train_on_jobs(args: argparse.Namespace) -> int:
     from . import hub_jobs, runs
 
     rendering = Rendering(_status_line, lambda event: None)
-    log = events.EventLog(echo=True, listeners=[rendering])
+    log = events.EventLog(echo=events_for_a_program(), listeners=[rendering])
     try:
         run, jobs = _start_on_jobs(args, lambda message: log.emit(events.Status(message)))
     except UserError as err:
@@ -526,7 +532,8 @@ def cmd_train_on_jobs(args: argparse.Namespace) -> int:
         run.request_stop()
 
     def relay(event: dict[str, Any]) -> None:
-        print(events.PREFIX + json.dumps(event, ensure_ascii=False), flush=True)
+        if log.echo:
+            print(events.PREFIX + json.dumps(event, ensure_ascii=False), flush=True)
         rendering(event)
 
     threading.Thread(target=stop_when_asked, name="stop-job", daemon=True).start()

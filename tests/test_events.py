@@ -188,3 +188,22 @@ def test_no_page_rewrites_the_flags_in_the_cores_messages():
                  if (found := human_text_readers(path.read_text(encoding="utf-8"), ("--",)))}
     assert offenders == {}
     assert human_text_readers('FLAG = re.compile(r"(, )?--([a-z][a-z-]*)")\n', ("--",))
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_train_prints_its_event_lines_for_a_program_and_not_on_a_persons_terminal(tmp_path, monkeypatch, capsys,
+                                                                                  terminal):
+    """On a terminal a person reads the lines for people (stderr) alone; a program reading stdout (the app's
+    supervisor, a Job's log, a pipe) gets the event lines too. A refusal before the run says its `failed` event
+    either way."""
+    import sys
+
+    from sft_space import cli
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: terminal, raising=False)
+    code = cli.main(["train", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path / "runs")])
+    out, err = capsys.readouterr()
+    assert code == 1 and "no such file" in err
+    printed = events.read_lines(out.splitlines())
+    assert [event["event"] for event in printed][-1:] == ([] if terminal else ["failed"])
+    assert (events.PREFIX in out) != terminal
