@@ -58,8 +58,8 @@ SIGNAL_MEANING = {
 def arguments(job: Any, settings_path: Path | None) -> list[str]:
     """The command line's arguments that run `job`: a resume, or a new run with its settings file, name and owner."""
     if job.resume:
-        return ["train", "--resume", str(job.resume)]
-    return ["train", "--config", str(settings_path), "--run-name", job.job_id, "--owner", job.owner]
+        return ["train", "--resume", str(job.resume), "--events"]
+    return ["train", "--config", str(settings_path), "--run-name", job.job_id, "--owner", job.owner, "--events"]
 
 
 def command(job: Any, settings_path: Path | None) -> list[str]:

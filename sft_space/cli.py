@@ -130,6 +130,9 @@ def _jobs_arguments(train: argparse.ArgumentParser) -> None:
     # The app hands a visitor's token to their Jobs run on stdin: never a command line, an environment or a file
     # (on a Space, HF_TOKEN is the owner's).
     train.add_argument("--token-on-stdin", action="store_true", help=argparse.SUPPRESS)
+    # A program follows this run through its stdout (the app's supervisor, a Job's log): its event lines are printed
+    # even where stdout is a terminal (a container's log may be one).
+    train.add_argument("--events", action="store_true", help=argparse.SUPPRESS)
 
 
 def _chat_parser(commands: Any) -> None:
@@ -375,10 +378,11 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(number, handler)
 
 
-def events_for_a_program() -> bool:
-    """Whether `train` prints its event lines on stdout: for a program reading it (the app's supervisor, a Job's
-    log, a pipe or a file), not on a person's terminal, where the same events are the lines on stderr."""
-    return not sys.stdout.isatty()
+def events_for_a_program(args: argparse.Namespace) -> bool:
+    """Whether `train` prints its event lines on stdout: for a program reading it (`--events`, which the app's
+    supervisor and a Job's script pass; or a pipe or a file), not on a person's terminal, where the same events are
+    the lines on stderr."""
+    return args.events or not sys.stdout.isatty()
 
 
 def _status_line(message: str) -> None:
@@ -442,7 +446,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     say = _status_line if main else (lambda message: None)
     started: list[runs.RunFolder] = []
     rendering = Rendering(say, SpeedReport(say, lambda: started[0] if started else None))
-    log = events.EventLog(echo=main and events_for_a_program(), listeners=[rendering] if main else [])
+    log = events.EventLog(echo=main and events_for_a_program(args), listeners=[rendering] if main else [])
     try:
         request = _train_request(args, main)
         request.stop_event = getattr(args, "stop_event", None) or request.stop_event
@@ -520,7 +524,7 @@ def cmd_train_on_jobs(args: argparse.Namespace) -> int:
     from . import hub_jobs, runs
 
     rendering = Rendering(_status_line, lambda event: None)
-    log = events.EventLog(echo=events_for_a_program(), listeners=[rendering])
+    log = events.EventLog(echo=events_for_a_program(args), listeners=[rendering])
     try:
         run, jobs = _start_on_jobs(args, lambda message: log.emit(events.Status(message)))
     except UserError as err:

@@ -99,7 +99,7 @@ fi
 if [ -n "${{JOB_RENDEZVOUS:-}}" ]; then
   set -- "$@" --rdzv-endpoint "${{HF_NETWORK_GROUP_PREFIX:-}}$JOB_RENDEZVOUS"
 fi
-exec python -m sft_space train "$@"
+exec python -m sft_space train "$@" --events
 """
 
 
@@ -997,7 +997,7 @@ class JobsLauncher:
             arguments = ["--config", str(path), "--jobs", flavor, "--run-name", run_id, "--owner", owner]
         environment = {name: value for name, value in child_environment().items()
                        if name not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
-        process = subprocess.Popen([sys.executable, "-m", "sft_space", "train", *arguments, "--token-on-stdin"],
+        process = subprocess.Popen([sys.executable, "-m", "sft_space", "train", *arguments, "--token-on-stdin", "--events"],
                                    env=environment, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                    stdin=subprocess.PIPE, text=True, start_new_session=True)
         process.stdin.write((token or "") + "\n")

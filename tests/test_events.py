@@ -190,20 +190,25 @@ def test_no_page_rewrites_the_flags_in_the_cores_messages():
     assert human_text_readers('FLAG = re.compile(r"(, )?--([a-z][a-z-]*)")\n', ("--",))
 
 
-@pytest.mark.parametrize("terminal", [False, True])
+@pytest.mark.parametrize("terminal, asked", [(False, False), (True, False), (True, True)])
 def test_train_prints_its_event_lines_for_a_program_and_not_on_a_persons_terminal(tmp_path, monkeypatch, capsys,
-                                                                                  terminal):
-    """On a terminal a person reads the lines for people (stderr) alone; a program reading stdout (the app's
-    supervisor, a Job's log, a pipe) gets the event lines too. A refusal before the run says its `failed` event
-    either way."""
+                                                                                  terminal, asked):
+    """On a terminal a person reads the lines for people (stderr) alone; a program reading stdout (a pipe, or
+    `--events`, which the app's supervisor and a Job's script pass, a container's log being maybe a terminal) gets
+    the event lines too. A refusal before the run says its `failed` event there."""
     import sys
 
-    from sft_space import cli
+    from sft_space import child, cli, hub_jobs
 
     monkeypatch.setattr(sys.stdout, "isatty", lambda: terminal, raising=False)
-    code = cli.main(["train", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path / "runs")])
+    code = cli.main(["train", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path / "runs")]
+                    + (["--events"] if asked else []))
     out, err = capsys.readouterr()
     assert code == 1 and "no such file" in err
-    printed = events.read_lines(out.splitlines())
-    assert [event["event"] for event in printed][-1:] == ([] if terminal else ["failed"])
-    assert (events.PREFIX in out) != terminal
+    shown = asked or not terminal
+    assert [event["event"] for event in events.read_lines(out.splitlines())][-1:] == (["failed"] if shown else [])
+    assert (events.PREFIX in out) == shown
+    # Those who read a run's events from its stdout ask for them.
+    job = type("Job", (), {"resume": None, "job_id": "j", "owner": "o"})()
+    assert "--events" in child.arguments(job, tmp_path / "settings.json")
+    assert 'train "$@" --events' in hub_jobs.JOB_SCRIPT

@@ -534,7 +534,7 @@ def test_the_train_tabs_stop_and_resume_on_jobs_reach_the_command_lines_run(monk
     resumed = recorded(4)[3]
     run_id = started["argv"][started["argv"].index("--run-name") + 1]
     assert resumed["argv"][3:] == ["--resume", str(tmp_path / "runs" / run_id), "--jobs", "l4x1",
-                                   "--token-on-stdin"]
+                                   "--token-on-stdin", "--events"]
     assert resumed["token"] == TOKEN
     os.kill(resumed["pid"], signal.SIGKILL)
 
@@ -605,7 +605,7 @@ def test_the_jobs_script_gives_train_the_rendezvous_at_the_first_jobs_alias_in_i
     printed = subprocess.run(command, env=environment, capture_output=True, text=True, check=True).stdout.split("\n")
     arguments = printed[printed.index("train") + 1:-1]
     assert arguments == ["--resume", "/runs/r", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint",
-                         "grp-7.rendezvous:29500"]
+                         "grp-7.rendezvous:29500", "--events"]
     parsed = cli.build_parser().parse_args(["train", *arguments])
     assert (parsed.nnodes, parsed.node_rank, parsed.rdzv_endpoint) == (2, 1, "grp-7.rendezvous:29500")
     assert hub_jobs.node_plans(plan, 1) == [plan]
