@@ -128,9 +128,9 @@ def app_url(tiny_model_dir, tmp_path_factory):
         yield url, runs_dir
 
 
-@pytest.fixture(scope="module")
-def browser():
-    """Chromium for one module's browser tests (each test opens a context of its own: another visitor)."""
+@pytest.fixture(scope="session")
+def chromium():
+    """Chromium, started once for all the browser tests of a session (see `browser`)."""
     from playwright.sync_api import sync_playwright
 
     from builders import CHROMIUM, CHROMIUM_ARGS
@@ -139,6 +139,22 @@ def browser():
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+
+
+@pytest.fixture
+def browser(chromium, request, tmp_path):
+    """Chromium for one browser test, which opens a context of its own for each visitor. What a failed test leaves
+    open is kept as a screenshot of each page in its tmp_path (said in its report); then every context it left open
+    is closed."""
+    failures_before = request.session.testsfailed
+    yield chromium
+    failed = request.session.testsfailed > failures_before
+    for number, context in enumerate(chromium.contexts):
+        for index, page in enumerate(context.pages if failed else []):
+            path = tmp_path / f"page-{number}-{index}.png"
+            page.screenshot(path=str(path), full_page=True)
+            print(f"A page the test left open: {path}")
+        context.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
-"""The Train tab's Hugging Face Jobs choice in a real browser, on a Space with sign-in: a visitor signed in with the
-`jobs` scope sees the GPU, the cost and Start; one whose sign-in lacks the scope, or who has not signed in, is told
-why and how to sign in (again), Start disabled.
+"""The app in a real browser on a Space with sign-in, the original public Space that people duplicate: a visitor who
+has not signed in checks data, is refused Start and offered a Duplicate; on the Train tab's Hugging Face Jobs choice,
+a visitor signed in with the `jobs` scope sees the GPU, the cost and Start; one whose sign-in lacks the scope, or who
+has not signed in, is told why and how to sign in (again), Start disabled.
 
 Signing in needs the Hub. Here the browser is handed what the Space's sign-in leaves it: the session cookie of
 Gradio's own SessionMiddleware, signed with the running app's key, its `oauth_info` holding a profile and a token
@@ -12,9 +13,11 @@ Needs Chromium, as test_browser does: skipped without it, unless SFT_SPACE_REQUI
 
 import json
 import os
+import re
 import time
 from base64 import b64encode
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -29,7 +32,6 @@ from playwright.sync_api import expect  # noqa: E402
 
 # The sign-in's token: it must never reach the page.
 PLANTED_OAUTH_TOKEN = "hf_oauth_PlantedVisitorToken0123456789"
-SCREENSHOT = Path("/tmp/jobs_signin.png")
 # What Spaces set for a Space with `hf_oauth: true`, as Gradio (gradio.utils.get_space, gradio.oauth) and this app
 # (access.sign_in_available, SPACE_ID) read it.
 SPACE = {"SYSTEM": "spaces", "SPACE_ID": "acme/sft-space", "SPACE_AUTHOR_NAME": "acme", "SPACE_REPO_NAME": "sft-space",
@@ -38,11 +40,18 @@ SPACE = {"SYSTEM": "spaces", "SPACE_ID": "acme/sft-space", "SPACE_AUTHOR_NAME": 
          "OPENID_PROVIDER_URL": "https://huggingface.co"}
 
 
+class SpaceApp(NamedTuple):
+    url: str
+    secret: str  # the key its session cookies are signed with
+    runs_dir: Path
+
+
 @pytest.fixture(scope="module")
 def space_app(tiny_model_dir, tmp_path_factory):
-    """The app as a Space with sign-in builds and serves it, in this process: (url, the key its session cookies
-    are signed with). The Space's owner is acme; who may train on its hardware is left at the default (the owner),
-    which does not decide who may train on Jobs."""
+    """The app as a Space with sign-in builds and serves it, in this process. The Space's owner is acme; who may
+    train on its hardware is left at the default (the owner), which does not decide who may train on Jobs. The
+    operator names it the original Space (SFT_SPACE_ORIGINAL_SPACE), so a visitor who may not train is offered
+    their own copy."""
     from starlette.middleware.sessions import SessionMiddleware
 
     from sft_space import hub_jobs, jobs
@@ -51,8 +60,8 @@ def space_app(tiny_model_dir, tmp_path_factory):
 
     runs_dir = tmp_path_factory.mktemp("space-jobs-runs")
     with pytest.MonkeyPatch.context() as patch:
-        for name, value in {**SPACE, "SFT_SPACE_RUNS": str(runs_dir), "SFT_SPACE_DEFAULT_MODEL": str(tiny_model_dir),
-                            "SFT_SPACE_WARM_START": "0"}.items():
+        for name, value in {**SPACE, "SFT_SPACE_ORIGINAL_SPACE": SPACE["SPACE_ID"], "SFT_SPACE_RUNS": str(runs_dir),
+                            "SFT_SPACE_DEFAULT_MODEL": str(tiny_model_dir), "SFT_SPACE_WARM_START": "0"}.items():
             patch.setenv(name, value)
         # On a Space Gradio serves with its hot reloader, a server of the `spaces` package on port 7887: not the app,
         # and one port for every app of the machine. Left out of this one.
@@ -70,7 +79,7 @@ def space_app(tiny_model_dir, tmp_path_factory):
         launch(app, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
         try:
             secret = next(m.kwargs["secret_key"] for m in app.server_app.user_middleware if m.cls is SessionMiddleware)
-            yield f"http://127.0.0.1:{port}", secret
+            yield SpaceApp(f"http://127.0.0.1:{port}", secret, runs_dir)
         finally:
             app.close()
 
@@ -80,7 +89,7 @@ def signed_in_visitor(browser, space_app, username, scope):
     `scope` (None: not signed in), opened once the server has given it its visitor id."""
     import itsdangerous
 
-    url, secret = space_app
+    url, secret, _ = space_app
     context = browser.new_context(viewport={"width": 1280, "height": 1000})
     if scope is not None:
         oauth_info = {"access_token": PLANTED_OAUTH_TOKEN, "token_type": "bearer", "scope": scope,
@@ -116,26 +125,66 @@ def test_a_visitor_signed_in_with_the_jobs_scope_sees_the_gpu_the_cost_and_start
     expect(page.locator("#jobs-unavailable")).to_be_hidden()
     # Bob is not the Space's owner: its own hardware stays refused to him, Jobs (his account) does not.
     expect(page.locator("#train-refusal")).to_contain_text("you are signed in as bob")
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert PLANTED_OAUTH_TOKEN not in page.content()
+    page.context.close()
+
+
+def told_how_to_sign_in_for_jobs(page, said, button):
+    """Jobs chosen, the page says `said` beside the sign-in `button`, and Start on Jobs waits for a sign-in that
+    allows Jobs."""
+    choose_jobs(page)
+    notice = page.locator("#jobs-access")
+    expect(notice).to_contain_text(said, timeout=10_000)
+    # A message beside the sign-in button, not an output in error.
+    expect(notice).not_to_contain_text("Error")
+    expect(page.locator("#jobs-unavailable").get_by_role("button", name=button)).to_be_visible()
+    expect(page.locator("#start-jobs")).to_be_disabled()
+
+
+@pytest.mark.slow
+def test_a_visitor_whose_sign_in_lacks_the_jobs_scope_is_told_how_to_sign_in_again(space_app, browser):
+    page = signed_in_visitor(browser, space_app, "carol", "openid profile write-repos manage-repos")
+    told_how_to_sign_in_for_jobs(page, "did not grant the 'jobs' scope", "Logout (carol)")
+    expect(page.locator("#jobs-access")).to_contain_text(
+        "sign out, then sign in with Hugging Face again, allowing 'jobs'")
     assert PLANTED_OAUTH_TOKEN not in page.content()
     page.context.close()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scope, said, button", [
-    ("openid profile write-repos manage-repos", "did not grant the 'jobs' scope", "Logout (carol)"),
-    (None, "press \"Sign in with Hugging Face\", allowing 'jobs'", "Sign in with Hugging Face")])
-def test_a_visitor_whose_sign_in_lacks_the_jobs_scope_or_who_is_signed_out_is_told_how_to_sign_in(
-        space_app, browser, scope, said, button):
-    page = signed_in_visitor(browser, space_app, "carol", scope)
-    choose_jobs(page)
-    notice = page.locator("#jobs-access")
-    expect(notice).to_contain_text(said, timeout=10_000)
-    if scope is not None:
-        expect(notice).to_contain_text("sign out, then sign in with Hugging Face again, allowing 'jobs'")
-    # A message beside the sign-in button, not an output in error: Start waits for a sign-in that allows Jobs.
-    expect(notice).not_to_contain_text("Error")
-    expect(page.locator("#jobs-unavailable").get_by_role("button", name=button)).to_be_visible()
-    expect(page.locator("#start-jobs")).to_be_disabled()
-    assert PLANTED_OAUTH_TOKEN not in page.content()
+def test_an_anonymous_visitor_of_the_original_space_is_refused_and_offered_a_duplicate(space_app, browser, caplog,
+                                                                                        capfd):
+    """A visitor who has not signed in checks data freely, is refused Start in one sentence, and finds the
+    Duplicate button at the top of the page and beside the refusal; it opens Hugging Face's duplicate dialog.
+    Choosing Jobs, they are told how to sign in for it, Start disabled."""
+    page = signed_in_visitor(browser, space_app, None, None)
+    # No Hub here: the duplicate dialog's page is answered locally, so the address it opens can be read.
+    page.context.route("https://huggingface.co/**", lambda route: route.fulfill(body="duplicate dialog"))
+    top = page.locator("#duplicate-top")
+    expect(top).to_be_visible(timeout=30_000)
+    expect(top).to_contain_text("Duplicate this Space")
+
+    # Checking data stays open to every visitor.
+    page.get_by_label("Use the sample dataset").check()
+    page.click("#check-data")
+    expect(page.locator("#data-summary")).to_contain_text("All 160 rows are valid", timeout=60_000)
+
+    page.get_by_role("tab", name="Train").click()
+    expect(page.locator("#train-access")).to_contain_text("this Space's owner, acme")
+    refusal = "Only acme, who owns this Space (or a member, if that is an organisation), may train or publish here"
+    expect(page.locator("#train-refusal")).to_contain_text(refusal)
+    expect(page.locator("#duplicate-train")).to_be_visible()
+    expect(page.locator("#train-estimate")).to_be_hidden()
+    page.click("#start-training")
+    expect(page.locator("#train-progress")).to_contain_text(f"Refused · {refusal}", timeout=10_000)
+    told_how_to_sign_in_for_jobs(page, "press \"Sign in with Hugging Face\", allowing 'jobs'",
+                                 "Sign in with Hugging Face")
+
+    with page.context.expect_page() as dialog:
+        top.click()
+    assert dialog.value.url == "https://huggingface.co/spaces/acme/sft-space?duplicate=true"
     page.context.close()
+    # A refusal is one line in the log, never a traceback of ours (Gradio prints a handler's traceback to stderr).
+    assert "refused on_start: Only acme" in caplog.text
+    assert not re.search(r'File ".*sft_space', caplog.text + capfd.readouterr().err)
+    assert not [p for p in space_app.runs_dir.iterdir() if (p / "run.json").is_file()], "no run was started"

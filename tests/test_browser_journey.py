@@ -2,19 +2,17 @@
 mistakes (the sample left picked, a file in an unknown shape, a wrong file type, a check refused after a good one,
 a reload), and what the Train and Publish tabs say meanwhile.
 
-Needs Chromium, as tests/test_browser.py does (skipped without it). Screenshots go to /tmp/shots-datatab/.
+Needs Chromium, as tests/test_browser.py does (skipped without it).
 """
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 
 from test_browser import open_as_visitor  # (skips without Chromium)
 from playwright.sync_api import expect  # noqa: E402
 
-SHOTS = Path("/tmp/shots-datatab")
 # Nothing listens there: a request to it is only the browser obeying text from the data.
 TRACKER = "http://127.0.0.1:9/track.png"
 IMAGE_COLUMN = f"![t]({TRACKER})"
@@ -49,11 +47,6 @@ def upload(page, runs_dir, path):
     expect(page.locator("#upload-note")).to_contain_text(path.name, timeout=15_000)
 
 
-def shot(page, name):
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
-
-
 @pytest.mark.slow
 def test_what_the_data_tab_shows_is_what_start_trains(app_url, browser, tiny_model_dir, tmp_path):
     """On the browser tests' shared app (conftest's app_url), as a visitor of its own."""
@@ -69,7 +62,6 @@ def test_what_the_data_tab_shows_is_what_start_trains(app_url, browser, tiny_mod
                           ("#data-statistics", "median")):
         expect(page.locator(table)).to_contain_text(header)
     expect(page.locator("#data-summary")).to_contain_text("then press Check data")
-    shot(page, "1-empty")
 
     # The sample, checked.
     page.get_by_label("Use the sample dataset").check()
@@ -95,7 +87,6 @@ def test_what_the_data_tab_shows_is_what_start_trains(app_url, browser, tiny_mod
     expect(summary).to_contain_text("“Column mapping”")
     expect(summary).to_contain_text(IMAGE_COLUMN)
     expect(summary).not_to_contain_text("--columns")
-    shot(page, "2-refused-shape")
 
     # Mapped, it is checked: the ignored column is named as text, the problem row says what to do.
     page.get_by_text("Column mapping").first.click()
@@ -116,7 +107,6 @@ def test_what_the_data_tab_shows_is_what_start_trains(app_url, browser, tiny_mod
         return cells.map(cell => cell.getBoundingClientRect().right - right).filter(over => over > 1);
     }""")
     assert not overflow, overflow
-    shot(page, "3-checked")
     page.get_by_role("tab", name="Train").click()
     expect(page.locator("#train-estimate")).to_contain_text("This run: about", timeout=15_000)
 
@@ -137,7 +127,6 @@ def test_what_the_data_tab_shows_is_what_start_trains(app_url, browser, tiny_mod
     expect(page.locator("#train-estimate")).to_contain_text("No checked data", timeout=15_000)
     page.click("#start-training")
     expect(page.locator("#train-progress")).to_contain_text("Refused · Check your data", timeout=15_000)
-    shot(page, "4-train-no-checked-data")
 
     # Checked again; then the page is reloaded: the file (kept by the server), the mapping, Skip invalid rows
     # and the report come back, and the Train tab has its estimate again.
@@ -156,7 +145,6 @@ def test_what_the_data_tab_shows_is_what_start_trains(app_url, browser, tiny_mod
     page.get_by_text("Column mapping").first.click()
     expect(page.get_by_label("Column mapping")).to_have_value("messages=dialog")
     expect(page.locator("#chatml-preview mark.sft-trained").first).to_be_visible()
-    shot(page, "5-reloaded")
     page.get_by_role("tab", name="Train").click()
     expect(page.locator("#train-estimate")).to_contain_text("This run: about", timeout=15_000)
     page.get_by_role("tab", name="Data").click()
@@ -167,12 +155,10 @@ def test_what_the_data_tab_shows_is_what_start_trains(app_url, browser, tiny_mod
     wrong.write_text("not data")
     page.set_input_files("#data-upload input[type=file]", str(wrong))
     expect(page.locator("#data-upload")).to_contain_text("Error", timeout=10_000)
-    shot(page, "6-wrong-type")
     page.get_by_label("Use the sample dataset").check()
     expect(page.locator("#data-upload")).not_to_contain_text("Error", timeout=10_000)
     expect(summary).to_contain_text("The sample dataset is chosen (your file dialog.jsonl is set aside")
     expect(page.locator("#chatml-preview")).to_contain_text("No valid example")
-    shot(page, "7-sample-picked-after-wrong-type")
     upload(page, runs_dir, own)
     expect(page.get_by_label("Your file")).to_be_checked()
     expect(summary).to_contain_text("Your file dialog.jsonl is chosen")
@@ -181,7 +167,6 @@ def test_what_the_data_tab_shows_is_what_start_trains(app_url, browser, tiny_mod
     page.get_by_role("tab", name="Publish").click()
     page.click("#publish-zip")
     expect(page.locator("#publish-outcome")).to_contain_text("Refused · Pick a run first", timeout=15_000)
-    shot(page, "8-publish-refused")
 
     assert not fetched, f"the browser fetched what the data named: {fetched}"
     context.close()
