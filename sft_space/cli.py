@@ -436,11 +436,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training_data import InvalidRows
 
     if args.jobs or (args.resume and hub_jobs.is_job_run(runs.RunFolder.open(args.resume))):
+        _quiet_libraries()
         return cmd_train_on_jobs(args)
     launch = distributed.Launch(distributed.processes_wanted(args.nproc_per_node), args.nnodes, args.node_rank,
                                 args.rdzv_endpoint)
     if launch.needed and not distributed.started_by_a_launcher():
         return distributed.launch(["-m", "sft_space", *args.arguments], launch)
+    _quiet_libraries()
     # With several processes the main one speaks for all.
     main = distributed.is_main()
     say = _status_line if main else (lambda message: None)
@@ -706,7 +708,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_command(args: argparse.Namespace) -> int:
     try:
-        _quiet_libraries()
+        if args.command != "train":  # train quiets them once it knows it loads them (a launcher of processes does not)
+            _quiet_libraries()
         commands = {"validate": cmd_validate, "preview": cmd_preview, "train": cmd_train, "chat": cmd_chat,
                     "push": cmd_push, "export": cmd_export, "bench": cmd_bench,
                     "doctor": cmd_doctor}
