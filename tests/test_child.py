@@ -4,6 +4,7 @@ restarted app re-attaching to a child that is still training.
 Most tests run a stand-in child (a few lines of Python that keep a run folder as the command line does), so the
 supervisor is tested fast and exactly; the last ones run the real command line on the tiny model."""
 
+import io
 import json
 import os
 import signal
@@ -172,6 +173,17 @@ def test_with_warm_start_a_run_is_the_process_started_ahead_and_the_next_one_sta
     assert following is not None and following.pid != waiting.pid and following.poll() is None
     supervisor.close()
     assert following.wait(timeout=10) == 0  # ended by its closed input, quietly
+
+
+def test_a_process_started_ahead_ends_quietly_when_its_input_closes_before_an_order(monkeypatch):
+    """The app went away (or closed its supervisor) before a run: `python -m sft_space.standby`'s main, its
+    libraries loaded, finds its input closed and ends with status 0, taking no order. In this process: the real
+    process loads its libraries and becomes the run in the real child-process test below."""
+    from sft_space import standby
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert standby.main() == 0
+    assert set(standby.PRELOADED) <= set(sys.modules)
 
 
 def test_a_process_started_ahead_that_died_is_replaced_by_a_new_one(tmp_path):
@@ -368,7 +380,8 @@ def test_the_app_trains_stops_and_resumes_a_real_run_in_a_child_process(tmp_path
     from builders import distinct_chats
 
     data = write_jsonl(distinct_chats(40))
-    settings = RunSettings(source=str(data), model=str(tiny_model_dir), max_steps=40, save_every=5,
+    # No checkpoint but the Stop's and the last step's: the one found after Stop can only be the Stop's own.
+    settings = RunSettings(source=str(data), model=str(tiny_model_dir), max_steps=40, save_every=1000,
                            sample_prompts=0, output_dir=str(tmp_path / "runs"))
     # Warm, as the app runs it: the run is the real `python -m sft_space.standby`, started ahead.
     supervisor = child.Supervisor(warm=True)
@@ -388,14 +401,19 @@ def test_the_app_trains_stops_and_resumes_a_real_run_in_a_child_process(tmp_path
     assert folder.has_adapter and folder.last_checkpoint() is not None
     assert stopped_after < 20, stopped_after
 
+    # The resume is the process started ahead after the stop. None is started after it: a third would load its
+    # libraries only to be closed (a waiting process's quiet end when its input closes is tested above, the
+    # supervisor's with a stand-in and standby.main's own in this process).
+    following = supervisor.standby
+    assert following is not None and following.pid != waiting.pid and following.poll() is None
+    supervisor.warm = False
     resumed = manager.resume(settings.output_dir, folder.path, "alice")
     assert wait_until(lambda: resumed.done, timeout=300), resumed.message
     assert resumed.state == JobState.FINISHED, resumed.error
+    assert resumed.pid == following.pid and following.returncode == 0
     steps = [m["step"] for m in folder.read_metrics() if "loss" in m]
     assert steps[-1] == 40 and len(steps) == len(set(steps)), steps
-    following = supervisor.standby
-    supervisor.close()
-    assert following.wait(timeout=60) == 0
+    assert supervisor.standby is None
 
 
 def test_a_command_line_run_keeps_the_gpu_busy_for_the_app_and_no_visitor_may_stop_it(tmp_path):

@@ -22,18 +22,20 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "sft_space", *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow
-def test_validate_json_is_one_object_with_rows_codes_and_stats(write_jsonl, tiny_model_dir):
+def test_validate_json_is_one_object_with_rows_codes_and_stats(write_jsonl, tiny_model_dir, capfd):
+    """In this process (`cli.main`), its output read at the file descriptors, as a program reading the command's
+    stdout reads it (anything a library wrote there too); the real process's exit status is
+    test_a_missing_file_exits_1_without_traceback_from_the_real_process's."""
     path = write_jsonl(distinct_chats(10) + ['{"messages": [', {"messages": [{"role": "user", "content": "Hi"}]}])
-    result = run_cli("validate", path, "--model", tiny_model_dir, "--json")
-    assert result.returncode == 1
-    report = json.loads(result.stdout)  # fails unless stdout is exactly one JSON document
+    assert cli.main(["validate", str(path), "--model", str(tiny_model_dir), "--json"]) == 1
+    result = capfd.readouterr()
+    report = json.loads(result.out)  # fails unless stdout is exactly one JSON document
     assert report["format"] == "openai" and report["rows"] == 12 and report["valid_rows"] == 10
     assert [(e["row"], e["code"]) for e in report["errors"]] == [(11, "unreadable_row"), (12, "no_assistant_turn")]
     assert report["warnings"] == []
     assert set(report["stats"]) >= {"examples", "turns_per_example", "tokens_per_example",
                                      "trained_tokens_per_example", "rows_over_max_length", "total_trained_tokens"}
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.err
 
 
 def test_validate_exit_zero_and_readable_report(write_jsonl, tiny_model_dir, capsys):
@@ -80,12 +82,13 @@ def test_unknown_model_is_a_clear_error(write_jsonl, capsys):
     assert "Could not reach the Hugging Face Hub" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_preview_on_embedded_default_marks_assistant_spans(write_jsonl):
+@pytest.mark.slow  # seconds: the GGUF file's tokenizer, read again
+def test_preview_on_embedded_default_marks_assistant_spans(write_jsonl, capsys):
+    """In this process (`cli.main`): a process of its own would load the libraries again and read the GGUF file's
+    tokenizer at Python speed (conftest has this process read it at C speed), seconds more for the same output."""
     path = write_jsonl([chat(("What is 2+2?", "Four."), ("And 3+3?", "Six.")), chat(("Hi", "Hello!"), system="Be brief.")])
-    result = run_cli("preview", path, "-n", "2")
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
+    assert cli.main(["preview", str(path), "-n", "2"]) == 0
+    out = capsys.readouterr().out
     assert "── example 1 of 2 (row 1)" in out and "── example 2 of 2 (row 2)" in out
     assert "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n⟦Four.<|im_end|>⟧\n" in out
     assert "<|im_start|>assistant\n⟦Six.<|im_end|>⟧" in out
@@ -215,9 +218,10 @@ def is_progress(line):
 def test_ctrl_c_saves_a_checkpoint_and_the_adapter_and_the_printed_resume_finishes(write_jsonl, tiny_model_dir,
                                                                                 tmp_path):
     runs_dir = tmp_path / "runs"
+    # No checkpoint but the Ctrl+C's and the last step's: the one found after Ctrl+C can only be the Ctrl+C's own.
     training = Training(write_jsonl(persona_chats(24)), "--model", tiny_model_dir, "--output-dir", runs_dir,
                         "--run-name", "ctrl-c", "--owner", "visitor-7", "--preset", "quick", "--max-steps", 16,
-                        "--save-every", 5, "--sample-prompts", 0)
+                        "--save-every", 1000, "--sample-prompts", 0)
     training.wait_for(is_progress)
     training.process.send_signal(signal.SIGINT)
     sent = time.monotonic()
@@ -290,13 +294,13 @@ def test_a_second_ctrl_c_aborts_at_once(write_jsonl, tiny_model_dir, tmp_path):
     assert record["status"] == runs.STOPPED
 
 
-@pytest.mark.slow
-def test_train_refuses_a_taken_run_name_before_checking_the_data(write_jsonl, tiny_model_dir, tmp_path):
+def test_train_refuses_a_taken_run_name_before_checking_the_data(write_jsonl, tiny_model_dir, tmp_path, capsys):
     (tmp_path / "runs" / "taken").mkdir(parents=True)
-    result = run_cli("train", write_jsonl(distinct_chats(12)), "--model", tiny_model_dir, "--output-dir",
-                     tmp_path / "runs", "--run-name", "taken")
-    assert result.returncode == 1 and "A run named taken already exists" in result.stderr
-    assert "Checking the data" not in result.stderr
+    assert cli.main(["train", str(write_jsonl(distinct_chats(12))), "--model", str(tiny_model_dir), "--output-dir",
+                     str(tmp_path / "runs"), "--run-name", "taken"]) == 1
+    error = capsys.readouterr().err
+    assert "A run named taken already exists" in error
+    assert "Checking the data" not in error
 
 
 def test_train_takes_its_data_from_the_config_file_unless_named(tmp_path):
