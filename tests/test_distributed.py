@@ -343,9 +343,12 @@ def test_two_processes_train_one_run_stop_together_and_resume_on_two_machines(tm
     assert json.loads((folder.last_checkpoint() / "trainer_state.json").read_text())["global_step"] == step
 
     endpoint = f"127.0.0.1:{free_port()}"
+    # Each "machine" takes one of this host's 2 cores, as it would have its own (with 2 threads each, 4 threads
+    # share 2 cores and spin waiting for one another: seconds of CPU).
+    one_core = {**os.environ, "OMP_NUM_THREADS": "1"}
     machines = [subprocess.Popen([sys.executable, "-m", "sft_space", "train", "--resume", str(folder.path), "--nnodes",
                                   "2", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint],
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                 env=one_core, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for _ in range(2)]
     outputs = [machine.communicate(timeout=300)[0] for machine in machines]
     assert [machine.returncode for machine in machines] == [0, 0], "\n".join(o[-2000:] for o in outputs)
