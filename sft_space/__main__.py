@@ -1,7 +1,7 @@
-from .quiet import quiet_known_messages
+from . import startup
 
-quiet_known_messages()  # before the libraries load: bitsandbytes logs while it is imported
+startup.begin()  # before the libraries load
 
 from .cli import main  # noqa: E402
 
-raise SystemExit(main())
+raise SystemExit(startup.end(main()))

@@ -41,9 +41,9 @@ def take_order(line: str) -> list[str]:
 
 
 def main() -> int:
-    from .quiet import quiet_known_messages
+    from . import startup
 
-    quiet_known_messages()  # before the libraries load, as `python -m sft_space` does
+    startup.begin()  # before the libraries load, as `python -m sft_space` does
     preload()
     line = sys.stdin.readline()
     if not line.strip():
@@ -51,7 +51,7 @@ def main() -> int:
     arguments = take_order(line)
     from .cli import main as command_line
 
-    return command_line(arguments)
+    return startup.end(command_line(arguments))
 
 
 if __name__ == "__main__":
