@@ -113,8 +113,6 @@ def test_data_train_reload_and_chat(app_url, browser):
     stranger.get_by_label("Use the sample dataset").check()
     stranger.click("#check-data")
     expect(stranger.locator("#data-summary")).to_contain_text("All 160 rows are valid", timeout=60_000)
-    stranger.get_by_role("tab", name="Train").click()
-    expect(stranger.locator("#train-progress")).to_contain_text("No run yet")
 
     # Train: a run of the quick preset and the Advanced settings; the loss plot draws from the first steps while
     # it runs.
@@ -133,7 +131,9 @@ def test_data_train_reload_and_chat(app_url, browser):
     # The legend of drawn lines, by their names (not only its title, clipped by the plot's box).
     expect(page.locator("#loss-plot")).to_contain_text("train (smoothed)", timeout=10_000)
 
-    # Meanwhile the second visitor's Stop and Start.
+    # Meanwhile the second visitor's Train tab shows no run (not the first visitor's); their Stop and Start.
+    stranger.get_by_role("tab", name="Train").click()
+    expect(stranger.locator("#train-progress")).to_contain_text("No run yet")
     stranger.click("#stop-training")
     # A refusal is said in the status line (and a toast), once, as a refusal.
     expect(stranger.locator("#train-progress")).to_contain_text("Refused · You have no run to stop.", timeout=10_000)
