@@ -1,5 +1,6 @@
 """Shared fixtures: no network, a private model cache, and tiny real models built in the session."""
 
+import gc
 import os
 import sys
 
@@ -23,7 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from sft_space import models
+from sft_space import models, startup
+
+# As a command-line process does (sft_space/startup.py): the collector in larger batches while the test modules
+# import torch, transformers and Gradio, and what they loaded frozen once collected (pytest_collection_finish), so
+# that the tests' collections do not walk it again.
+gc.set_threshold(*startup.COLLECTOR_THRESHOLDS)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -182,6 +188,10 @@ def run_copy(trained_run, tmp_path):
     from sft_space.runs import RunFolder
 
     return RunFolder(Path(shutil.copytree(trained_run.path, tmp_path / "runs" / trained_run.run_id)))
+
+
+def pytest_collection_finish(session):
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(config, items):
