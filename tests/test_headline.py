@@ -5,6 +5,7 @@ import math
 from dataclasses import asdict
 
 import gradio as gr
+import pandas as pd
 import pytest
 
 from builders import SAMPLE_DATA, distinct_chats, evaluation_event, step_event, write_events
@@ -131,7 +132,7 @@ def test_a_reloaded_train_tab_shows_the_runs_preset_settings_command_line_and_da
     assert wait_until(lambda: job.done)
 
     # A reload: a new page, which follows no job yet. Its first refresh re-attaches and fills the form.
-    job_shown, status, _, model, preset, *rest = handlers["refresh"](token, "", "")
+    job_shown, status, _, model, preset, *rest, _ = handlers["refresh"](token, "", "")
     fields = dict(zip([spec.name for spec in train_tab.advanced_fields()], rest[:-1]))
     assert job_shown == job_id and model["value"] == str(tiny_model_dir) and preset["value"] == "quick"
     assert fields["max_steps"]["value"] == 30 and fields["lora_r"]["value"] == 4
@@ -139,10 +140,28 @@ def test_a_reloaded_train_tab_shows_the_runs_preset_settings_command_line_and_da
     assert ("Data: **captain_byte.jsonl** · OpenAI chat (messages) · 160 rows · 144 examples to train on, 16 held "
             "out for validation") in status
     # Once it follows that job, the visitor's own edits stay.
-    assert all(isinstance(value, type(gr.skip())) for value in handlers["refresh"](token, job_id, "")[3:])
+    assert all(isinstance(value, type(gr.skip())) for value in handlers["refresh"](token, job_id, "")[3:-1])
+    # What the page already shows is not sent again, each second: an open page costs the server and the browser
+    # nothing while nothing changes; a page that shows something else gets the run's status line and curve.
+    _, status, curve, *_, signature = handlers["refresh"](token, job_id, "")
+    assert signature == train_tab.curve_signature(curve)
+    again = handlers["refresh"](token, job_id, "", status, signature)
+    assert [isinstance(again[i], type(gr.skip())) for i in (1, 2, -1)] == [True, True, True]
+    other = handlers["refresh"](token, job_id, "", "an older status line", "an older curve")
+    assert other[1] == status and train_tab.curve_signature(other[2]) == signature == other[-1]
     # Another visitor's reload shows nothing of it.
     stranger = handlers["on_load"]("")
     assert "No run yet" in handlers["refresh"](stranger, "", "")[1]
+
+
+def test_a_curve_is_told_from_another_by_its_points_and_its_width():
+    points = pd.DataFrame({"step": [1, 2], "loss": [2.5, 2.1], "series": ["train (raw)"] * 2})
+    signature = train_tab.curve_signature(gr.update(value=points, x_lim=[0, 10]))
+    assert signature == train_tab.curve_signature(gr.update(value=points.copy(), x_lim=[0, 10]))
+    moved = points.assign(loss=[2.5, 2.0])
+    assert len({signature, train_tab.curve_signature(gr.update(value=moved, x_lim=[0, 10])),
+                train_tab.curve_signature(gr.update(value=points, x_lim=[0, 20])),
+                train_tab.curve_signature(train_tab.loss_plot(None))}) == 4
 
 
 def test_refusals_read_refused_once_never_failed(app, tiny_model_dir, embedded_tokenizer, write_jsonl):

@@ -8,6 +8,7 @@ settings, command line and data of that run, read from its run.json.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -124,6 +125,16 @@ def loss_plot(run_dir: str | Path | None) -> Any:
         return gr.update(value=EMPTY_CURVE)
     length = _run_length(entries)
     return gr.update(value=curve, x_lim=[0, length * (1 + LONE_POINT_WIDTH / 2)])
+
+
+def curve_signature(plot: Any) -> str:
+    """What tells one of `loss_plot`'s curves from another (its points and its width), short enough to keep per
+    page."""
+    value = plot.get("value") if isinstance(plot, dict) else None
+    if value is None:
+        return "empty"
+    digest = hashlib.blake2b(value.to_json(orient="values").encode(), digest_size=16).hexdigest()
+    return f"{digest} {plot.get('x_lim')}"
 
 
 def data_line(summary: dict[str, Any]) -> str:
@@ -636,7 +647,13 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
 
     form = [model, preset, *(advanced[n] for n in names), command]
 
-    def refresh(token, current, refused):
+    # The signature of the curve this page was last sent (`curve_signature`).
+    curve_shown = gr.State(None)
+
+    def refresh(token, current, refused, progress_shown=None, curve_shown_before=None):
+        """Every second: the page's run, its status line and its curve. What the page already shows (the status
+        line it sends, the curve it was last sent) is not sent again: an open page costs the server and the browser
+        nothing while nothing changes."""
         owner_id = gate.known_visitor(token)
         job = shown_job(owner_id, current) if owner_id else None
         # A page that follows no job yet (just loaded, or reloaded) re-attaches to the visitor's running or latest
@@ -644,11 +661,15 @@ def build(manager: jobs.JobManager, gate: Gate, session: gr.BrowserState, model:
         restored = form_values(job, gate.runs_dir) if job is not None and not current else None
         shown = [gr.update(value=restored[name]) for name in ("model", "preset", *names, "command")] if restored \
             else [gr.skip() for _ in form]
-        return ((job.job_id if job else current), progress_markdown(job, standing_refusal(refused, job)),
-                loss_plot(job.run_dir if job else None), *shown)
+        status = progress_markdown(job, standing_refusal(refused, job))
+        plot = loss_plot(job.run_dir if job else None)
+        signature = curve_signature(plot)
+        unchanged = signature == curve_shown_before
+        return ((job.job_id if job else current), gr.skip() if status == progress_shown else status,
+                gr.skip() if unchanged else plot, *shown, gr.skip() if unchanged else signature)
 
-    timer.tick(refresh, inputs=[session, job_id, notice], outputs=[job_id, progress, curve, *form],
-               show_progress="hidden")
+    timer.tick(refresh, inputs=[session, job_id, notice, progress, curve_shown],
+               outputs=[job_id, progress, curve, *form, curve_shown], show_progress="hidden")
     # A new check of the data is a next action too: a refusal for the data it had is no longer the news.
     report.change(lambda: "", outputs=notice, show_progress="hidden")
 
