@@ -8,7 +8,6 @@ import dataclasses
 import json
 import logging
 import re
-import sys
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +17,6 @@ import pytest
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 
-from builders import running_server
 from sft_space import cli, models, publish
 from sft_space.chat import load_chat_model
 from sft_space.errors import UserError
@@ -250,7 +248,9 @@ def test_cli_push_takes_the_token_from_the_environment(run_copy, monkeypatch, ca
 
 
 @pytest.mark.slow
-def test_the_demo_space_chats_with_the_pushed_adapter(trained_run, run_copy, tmp_path):
+def test_the_demo_space_chats_with_the_pushed_adapter(trained_run, run_copy, tmp_path, monkeypatch):
+    import runpy
+
     from gradio_client import Client
 
     hub = FakeHub()
@@ -268,10 +268,14 @@ def test_the_demo_space_chats_with_the_pushed_adapter(trained_run, run_copy, tmp
     model_dir = hub.download("alice/sailor", tmp_path / "model")
     space_dir = hub.download("alice/sailor-demo", tmp_path / "space", "space")
     expected = load_chat_model(trained_run.path).reply(PROMPT, GenerationSettings(max_new_tokens=16))
-    with running_server([sys.executable, "app.py"], space_dir, {"MODEL_REPO": str(model_dir)},
-                        tmp_path / "space.log") as url:
-        client = Client(url, verbose=False)
-        answer = client.predict(PROMPT[0]["content"], "", 0.0, 16, api_name="/chat")
+    # The Space's app.py as the Space runs it, served by this process (its libraries are loaded here already).
+    monkeypatch.setenv("MODEL_REPO", str(model_dir))
+    space = runpy.run_path(str(space_dir / "app.py"), run_name="demo_space")
+    _, url, _ = space["demo"].launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        answer = Client(url, verbose=False).predict(PROMPT[0]["content"], "", 0.0, 16, api_name="/chat")
+    finally:
+        space["demo"].close()
     assert answer.strip() == expected
 
 
