@@ -1,12 +1,13 @@
 """SFT Space: the Space's entry point (`python app.py`)."""
 
-from sft_space import quiet, storage
+from sft_space import startup, storage
 
 
 def prepare() -> None:
-    """What must come before the libraries load: their known harmless messages filtered, and on a Space with
-    persistent storage, the runs and caches kept there (huggingface_hub reads HF_HOME when it is imported)."""
-    quiet.quiet_known_messages()
+    """What must come before the libraries load: their known harmless messages filtered and the garbage collector
+    set for loading them (startup.py), and on a Space with persistent storage, the runs and caches kept there
+    (huggingface_hub reads HF_HOME when it is imported)."""
+    startup.begin()
     storage.use_persistent_storage()
 
 
@@ -14,7 +15,9 @@ def main() -> None:
     prepare()
     from sft_space.ui import build_app, launch
 
-    launch(build_app())
+    app = build_app()
+    startup.serving()
+    launch(app)
 
 
 if __name__ == "__main__":

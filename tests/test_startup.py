@@ -44,3 +44,21 @@ def test_the_end_collects_the_commands_garbage_before_freezing_the_rest():
     finally:
         gc.unfreeze()
         gc.enable()
+
+
+def test_the_app_loads_as_a_command_line_does_then_serves_with_pythons_thresholds(monkeypatch):
+    """app.py: the collector set for loading before the libraries load; once the app is built, what it loaded and
+    built frozen, and Python's thresholds back for the garbage of serving its visitors."""
+    import app
+    from sft_space import ui
+
+    said = []
+    monkeypatch.setattr(startup, "quiet_known_messages", lambda: said.append("quiet"))
+    monkeypatch.setattr(startup.gc, "set_threshold", lambda *thresholds: said.append(thresholds))
+    monkeypatch.setattr(startup.gc, "freeze", lambda: said.append("freeze"))
+    monkeypatch.setattr(app.storage, "use_persistent_storage", lambda: said.append("storage"))
+    monkeypatch.setattr(ui, "build_app", lambda: said.append("build") or "the app")
+    monkeypatch.setattr(ui, "launch", lambda built: said.append(f"launch {built}"))
+    app.main()
+    assert said == ["quiet", startup.COLLECTOR_THRESHOLDS, "storage", "build", "freeze", startup.PYTHON_THRESHOLDS,
+                    "launch the app"]
