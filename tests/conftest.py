@@ -201,16 +201,20 @@ def pytest_collection_modifyitems(config, items):
     runs out takes the end of another's part. Left in file order, the slow tests bunch in a few parts, and one
     worker could still be in a minute-long test while the other has nothing left to take: the suite lasts as long
     as that tail. Dealt out first in every part, they run side by side, and what is left to take at the end is
-    quick. Each module's slow tests stay together (their module fixtures are made once), and so do the slow tests
-    that share a costly session fixture (one app server for the browser tests, one trained run)."""
+    quick. Each module's slow tests stay together (their module fixtures are made once), and so do the tests, slow
+    or quick, that share a costly session fixture (one app server for the browser tests, one trained run): on two
+    workers each would make it."""
     workers = getattr(config, "workerinput", {}).get("workercount", 0)
-    slow = [item for item in items if item.get_closest_marker("slow")]
-    if workers < 2 or not slow:
+    shared_fixtures = ("app_url", "trained_run")
+    dealt = [item for item in items
+             if item.get_closest_marker("slow") or any(name in item.fixturenames for name in shared_fixtures)]
+    if workers < 2 or not dealt:
         return
-    quick = [item for item in items if not item.get_closest_marker("slow")]
+    dealt_ids = {id(item) for item in dealt}
+    quick = [item for item in items if id(item) not in dealt_ids]
     groups = {}
-    for item in slow:
-        shared = [name for name in ("app_url", "trained_run") if name in item.fixturenames]
+    for item in dealt:
+        shared = [name for name in shared_fixtures if name in item.fixturenames]
         groups.setdefault(shared[0] if shared else item.nodeid.split("::")[0], []).append(item)
     shares = [[] for _ in range(workers)]
     for tests in sorted(groups.values(), key=len, reverse=True):
