@@ -194,8 +194,12 @@ def pytest_collection_finish(session):
     gc.freeze()
 
 
+SLOW_TEST_COST = 30
+
+
 def pytest_collection_modifyitems(config, items):
-    """On several workers, each starts with its share of the slow tests and ends with quick ones.
+    """On several workers, each starts with its share of the slow tests (shared by their cost) and ends with quick
+    ones.
 
     pytest-xdist's worksteal (pytest.ini) hands each worker one contiguous part of the collection, and a worker that
     runs out takes the end of another's part. Left in file order, the slow tests bunch in a few parts, and one
@@ -216,10 +220,14 @@ def pytest_collection_modifyitems(config, items):
     for item in dealt:
         shared = [name for name in shared_fixtures if name in item.fixturenames]
         groups.setdefault(shared[0] if shared else item.nodeid.split("::")[0], []).append(item)
+
+    def cost(tests):  # in quick tests' time: a slow test takes some thirty times as long (median CPU, this suite)
+        return sum(SLOW_TEST_COST if item.get_closest_marker("slow") else 1 for item in tests)
+
     shares = [[] for _ in range(workers)]
-    for tests in sorted(groups.values(), key=len, reverse=True):
-        min(shares, key=len).extend(tests)
-    # The parts worksteal sends: each worker in turn gets an equal share of what is left.
+    for tests in sorted(groups.values(), key=cost, reverse=True):
+        min(shares, key=cost).extend(tests)
+    # The parts worksteal sends, of equal numbers of tests: each worker's share, then quick tests up to its number.
     ordered, left = [], len(items)
     for number, share in enumerate(shares):
         size = left // (workers - number)
