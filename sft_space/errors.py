@@ -12,6 +12,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 
+def flag(name: str, prefix: str = "--") -> str:
+    """The command line's flag of the setting `name` (`max_rows` → `--max-rows`; with `prefix="--no-"`, a boolean's
+    off form)."""
+    return prefix + name.replace("_", "-")
+
+
 @dataclass(frozen=True)
 class Setting:
     """A setting a message names: its field in the settings (`max_rows`), and the value it is shown with, if any
@@ -26,7 +32,7 @@ class Setting:
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return flag(self.name)
 
 
 # A skin's own name for a setting (its value included, when the mention has one), or None where it has none: the

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, flag
 
 
 def setting(default: Any, help: str, **extra: Any) -> Any:
@@ -551,7 +551,7 @@ def add_arguments(parser: argparse.ArgumentParser, settings_class: type, names: 
                 kwargs["choices"] = spec.metadata["choices"]
             else:
                 kwargs["metavar"] = spec.metadata.get("metavar", name.upper())
-        target.add_argument("--" + name.replace("_", "-"), *spec.metadata.get("aliases", ()), **kwargs)
+        target.add_argument(flag(name), *spec.metadata.get("aliases", ()), **kwargs)
 
 
 def explicit_arguments(settings_class: type, namespace: argparse.Namespace) -> dict[str, Any]:
@@ -574,11 +574,10 @@ def to_command_line(settings: Any, base: Any = None) -> list[str]:
         value = getattr(settings, spec.name)
         if spec.name in ("source", "preset") or value == getattr(base, spec.name):
             continue
-        flag = "--" + spec.name.replace("_", "-")
         if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + spec.name.replace("_", "-"))
+            flags.append(flag(spec.name) if value else flag(spec.name, "--no-"))
         else:
-            flags += [flag, str(value)]
+            flags += [flag(spec.name), str(value)]
     return flags
 
 

@@ -55,3 +55,22 @@ def test_a_message_quoting_another_keeps_its_mentions():
     assert "--" not in shown and "“Column mapping”" in shown and shown.endswith("train on the 9 valid ones.")
     with pytest.warns(UserWarning):
         assert "--" not in refused_markdown("on_start", refusal)
+
+
+def test_the_train_tabs_refusals_say_settings_in_the_pages_words_and_quote_as_text():
+    from sft_space.ui import train_tab
+
+    with pytest.warns(UserWarning) as toast:
+        said_there = train_tab.refusal("on_start", UserError(Message("<b>model</b>: map your columns (",
+                                                                     Setting("columns"), ")")))
+    assert said_there == "<b>model</b>: map your columns (“Column mapping”)"
+    assert str(toast[0].message) == "&lt;b&gt;model&lt;/b&gt;: map your columns (“Column mapping”)"
+
+
+def test_a_flag_is_the_settings_name_on_the_command_line():
+    from sft_space.errors import flag
+    from sft_space.settings import RunSettings, to_command_line
+
+    assert flag("max_rows") == "--max-rows" and flag("packing", "--no-") == "--no-packing"
+    assert Setting("skip_invalid_rows").flag == "--skip-invalid-rows"
+    assert to_command_line(RunSettings(max_steps=9, packing=False)) == ["--max-steps", "9", "--no-packing"]

@@ -165,7 +165,7 @@ def page_words(message: str) -> str:
     return said(message, box_name)
 
 
-def _refusal_words(err: Exception) -> str:
+def refusal_words(err: Exception) -> str:
     """What a refusal says on the page: a UserError's message in the page's words, a gr.Error's as it is."""
     return page_words(err.message) if isinstance(err, (gr.Error, UserError)) else str(err)
 
@@ -174,7 +174,7 @@ def refused_markdown(action: str, err: Exception | str) -> str:
     """A refused action, said where it happened: one line in the server's log, a toast, and "**Refused** · …" for
     the Markdown beside the action, which keeps saying it until the next action (a toast fades). The message may
     quote data or a visitor's typing, so the toast (HTML) and the line (Markdown) get it as text."""
-    message = _refusal_words(err)
+    message = refusal_words(err)
     log.warning("refused %s: %s", action, " ".join(str(message).split()))
     gr.Warning(html.escape(str(message), quote=False))
     return f"**Refused** · {markdown_text(message)}"
@@ -250,7 +250,7 @@ def refusals_as_messages(fn: Callable, outputs: int) -> Callable:
     was. Raised from a handler, gr.Error would also put a red "Error" badge on each output, which stays and looks
     like a crash; a refusal is a message."""
     def refuse(err: Exception) -> Any:
-        message = _refusal_words(err)
+        message = refusal_words(err)
         # One line in the server's log, not a traceback: the refusal is the visitor's to act on, not a fault.
         log.warning("refused %s: %s", fn.__name__, " ".join(str(message).split()))
         gr.Warning(html.escape(str(message), quote=False))  # a toast renders HTML; a refusal may quote data

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import html
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +23,7 @@ from ..errors import UserError
 from ..hardware import Hardware, detect_hardware
 from ..settings import (DEFAULT_PRESET, PRESET_NAMES, DataSettings, DoctorSettings, RunSettings, field_help, field_type,
                          run_settings, train_command)
-from .common import Gate, markdown_text, refused_markdown, settings_component
+from .common import Gate, markdown_text, refusal_words, refused_markdown, settings_component
 from .model_choices import picker_choices
 
 log = logging.getLogger(__name__)
@@ -259,10 +260,10 @@ def form_values(job: jobs.Job, runs_dir: str | Path) -> dict[str, Any] | None:
 def refusal(action: str, err: Exception) -> str:
     """A refused action of this tab: one line in the server's log, a toast, and the message, which the status
     line then keeps showing (a toast fades). Raising would leave a red "Error" badge on every output."""
-    message = err.message if isinstance(err, gr.Error) else str(err)
-    log.warning("refused %s: %s", action, " ".join(str(message).split()))
-    gr.Warning(message)
-    return str(message)
+    message = refusal_words(err)
+    log.warning("refused %s: %s", action, " ".join(message.split()))
+    gr.Warning(html.escape(message, quote=False))  # a toast renders HTML; a refusal may quote a visitor's typing
+    return message
 
 
 def estimate_markdown(hardware: Hardware, settings: RunSettings | None, report: checks.Report | None,
@@ -454,7 +455,7 @@ def build_jobs(gate: Gate, session: gr.BrowserState, where: gr.Radio, local: lis
             try:
                 token_of(profile, oauth_token)
             except (gr.Error, UserError) as err:
-                reason = err.message if isinstance(err, gr.Error) else str(err)
+                reason = refusal_words(err)
         return [gr.update(visible=on_jobs), gr.Timer(active=on_jobs), gr.update(visible=bool(reason)),
                 f"**Not available** · {markdown_text(reason)}" if reason else "",
                 gr.update(interactive=not reason), gr.update(interactive=not reason)] + \
