@@ -135,7 +135,8 @@ def curve_signature(plot: Any) -> str:
     if value is None:
         return "empty"
     # Row hashes in order, a few bytes a point: cheaper than writing the points out, every second of every page.
-    digest = hashlib.blake2b(pd.util.hash_pandas_object(value, index=False).values.tobytes(), digest_size=16).hexdigest()
+    rows = pd.util.hash_pandas_object(value, index=False).values.tobytes()
+    digest = hashlib.blake2b(rows, digest_size=16).hexdigest()
     return f"{digest} {plot.get('x_lim')}"
 
 
